@@ -1,0 +1,15 @@
+//! # switchyard-host
+//!
+//! The Switchyard host: it takes CloudEvents in, keeps them in a durable log and routes
+//! each one into the sandboxed WebAssembly handler plugins subscribed to its type.
+//!
+//! - [`event`]: the CloudEvents model and event-type rules.
+//! - [`pattern`]: subscription patterns (`order.*`, `payment.>`).
+//! - [`runtime`]: the wasmtime runtime that loads, validates and invokes plugins with
+//!   fuel, memory and time limits and transactional effects.
+//! - [`cli`]: the `switchyard` command line.
+
+pub mod cli;
+pub mod event;
+pub mod pattern;
+pub mod runtime;

@@ -1,0 +1,384 @@
+//! The host side of a plugin instance: its store data and the `host` imports.
+//!
+//! Invariants:
+//! - `emit` and `kv-*` writes go only into the [`EffectBuffer`] of the current call;
+//!   nothing leaves it unless the runtime turns a successful call into [`Effects`].
+//! - Reads (`kv-get`, `kv-keys`) see the call's own buffered writes over the committed
+//!   state from the [`KvSource`].
+//! - A call that breaks an [`EffectBounds`] rule or cannot reach the KV source is stopped
+//!   with a trap carrying a [`HostTrap`], so the plugin cannot ignore the failure.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{host, types};
+use super::limits::MemoryLimiter;
+use super::outcome::{Effects, KvWrite};
+use super::settings::EffectBounds;
+use super::stdio::StderrTail;
+use crate::event::{self, CAUSATION_ID, CORRELATION_ID, Event};
+
+/// Longest log line a plugin may write through `log`; longer ones are cut.
+const MAX_LOG_LINE: usize = 8192;
+
+/// Committed KV state of plugins, as the bus stores it.
+#[async_trait]
+pub trait KvSource: Send + Sync {
+    /// Reads one key of one plugin's store.
+    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Lists one plugin's keys that start with `prefix`, in ascending order.
+    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>>;
+}
+
+/// A KV source with nothing in it, for invocations that have no store behind them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EmptyKv;
+
+#[async_trait]
+impl KvSource for EmptyKv {
+    async fn get(&self, _plugin: &str, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    async fn keys(&self, _plugin: &str, _prefix: &str) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Why the host stopped a call from inside one of its imports.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum HostTrap {
+    /// The call broke an effects rule: a bound, or an invalid emitted event.
+    #[error("{0}")]
+    Effects(String),
+    /// The host failed to serve an import; the plugin is not at fault.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// What the host knows about the event being handled, to derive follow-up events.
+struct CallContext {
+    event_id: String,
+    event_source: String,
+    correlation_id: String,
+    kv: Arc<dyn KvSource>,
+    effects: EffectBuffer,
+}
+
+/// Effects buffered by the current call.
+#[derive(Default)]
+struct EffectBuffer {
+    emits: Vec<Event>,
+    emit_bytes: usize,
+    kv: BTreeMap<String, Option<Vec<u8>>>,
+    kv_write_count: usize,
+}
+
+/// Identity and settings shared by every instance of one plugin.
+pub(crate) struct PluginIdentity {
+    pub(crate) name: Arc<str>,
+    pub(crate) bounds: EffectBounds,
+    pub(crate) config: BTreeMap<String, String>,
+}
+
+/// The data of one plugin instance's store.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) stderr_tail: StderrTail,
+    identity: Arc<PluginIdentity>,
+    call: Option<CallContext>,
+}
+
+impl HostState {
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        limiter: MemoryLimiter,
+        stderr_tail: StderrTail,
+        identity: Arc<PluginIdentity>,
+    ) -> Self {
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter,
+            stderr_tail,
+            identity,
+            call: None,
+        }
+    }
+
+    /// Starts buffering effects for a call that handles `event`.
+    pub(crate) fn begin_call(&mut self, event: &Event, kv: Arc<dyn KvSource>) {
+        let correlation_id = event
+            .extension(CORRELATION_ID)
+            .unwrap_or(&event.id)
+            .to_owned();
+        self.call = Some(CallContext {
+            event_id: event.id.clone(),
+            event_source: event.source.clone(),
+            correlation_id,
+            kv,
+            effects: EffectBuffer::default(),
+        });
+    }
+
+    /// Ends the current call and hands back what it buffered.
+    pub(crate) fn end_call(&mut self) -> Effects {
+        let Some(call) = self.call.take() else {
+            return Effects::default();
+        };
+        Effects {
+            emits: call.effects.emits,
+            kv_writes: call
+                .effects
+                .kv
+                .into_iter()
+                .map(|(key, value)| KvWrite { key, value })
+                .collect(),
+        }
+    }
+
+    fn call(&mut self, import: &str) -> wasmtime::Result<&mut CallContext> {
+        self.call.as_mut().ok_or_else(|| {
+            wasmtime::Error::new(HostTrap::Effects(format!(
+                "`{import}` may only be called while handling an event, not from describe()"
+            )))
+        })
+    }
+
+    fn plugin(&self) -> &str {
+        &self.identity.name
+    }
+}
+
+fn effects_trap(message: String) -> wasmtime::Error {
+    wasmtime::Error::new(HostTrap::Effects(message))
+}
+
+fn host_trap(message: String) -> wasmtime::Error {
+    wasmtime::Error::new(HostTrap::Host(message))
+}
+
+/// The id of the `index`-th event emitted while handling one event: the same on every
+/// attempt, so a retried attempt cannot publish the same follow-up twice under two ids.
+fn emitted_event_id(plugin: &str, source: &str, id: &str, index: usize) -> String {
+    let name = format!("{plugin}\n{source}\n{id}\n{index}");
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes()).to_string()
+}
+
+/// The current time as an RFC 3339 timestamp with millisecond precision, in UTC.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    async fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
+        let message = truncate(&message, MAX_LOG_LINE);
+        let plugin = self.plugin();
+        match level {
+            types::LogLevel::Trace => {
+                tracing::trace!(target: "switchyard::plugin", plugin, "{message}")
+            }
+            types::LogLevel::Debug => {
+                tracing::debug!(target: "switchyard::plugin", plugin, "{message}")
+            }
+            types::LogLevel::Info => {
+                tracing::info!(target: "switchyard::plugin", plugin, "{message}")
+            }
+            types::LogLevel::Warn => {
+                tracing::warn!(target: "switchyard::plugin", plugin, "{message}")
+            }
+            types::LogLevel::Error => {
+                tracing::error!(target: "switchyard::plugin", plugin, "{message}")
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit(&mut self, outgoing: types::OutgoingEvent) -> wasmtime::Result<String> {
+        let plugin = Arc::clone(&self.identity.name);
+        let bounds = self.identity.bounds;
+        let call = self.call("emit")?;
+        event::validate_event_type(&outgoing.type_)
+            .map_err(|e| effects_trap(format!("emit: {e}")))?;
+        if call.effects.emits.len() >= bounds.max_emits {
+            return Err(effects_trap(format!(
+                "emit: more than {} events emitted in one call",
+                bounds.max_emits
+            )));
+        }
+        let bytes = call.effects.emit_bytes.saturating_add(outgoing.data.len());
+        if bytes > bounds.max_emit_bytes {
+            return Err(effects_trap(format!(
+                "emit: more than {} bytes of event data emitted in one call",
+                bounds.max_emit_bytes
+            )));
+        }
+        let mut extensions = BTreeMap::new();
+        for (name, value) in outgoing.extensions {
+            if !event::is_valid_extension_name(&name) {
+                return Err(effects_trap(format!(
+                    "emit: extension name `{name}` must be lower-case letters and digits"
+                )));
+            }
+            extensions.insert(name, value);
+        }
+        extensions.insert(CAUSATION_ID.to_owned(), call.event_id.clone());
+        extensions.insert(CORRELATION_ID.to_owned(), call.correlation_id.clone());
+        let id = emitted_event_id(
+            &plugin,
+            &call.event_source,
+            &call.event_id,
+            call.effects.emits.len(),
+        );
+        call.effects.emits.push(Event {
+            id: id.clone(),
+            source: format!("/switchyard/plugins/{plugin}"),
+            ty: outgoing.type_,
+            subject: outgoing.subject,
+            time: Some(now_rfc3339()),
+            datacontenttype: Some(
+                outgoing
+                    .datacontenttype
+                    .unwrap_or_else(|| "application/json".to_owned()),
+            ),
+            dataschema: None,
+            data: outgoing.data,
+            extensions,
+        });
+        call.effects.emit_bytes = bytes;
+        Ok(id)
+    }
+
+    async fn kv_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let plugin = Arc::clone(&self.identity.name);
+        let call = self.call("kv-get")?;
+        if let Some(buffered) = call.effects.kv.get(&key) {
+            return Ok(buffered.clone());
+        }
+        call.kv
+            .get(&plugin, &key)
+            .await
+            .map_err(|e| host_trap(format!("kv-get `{key}`: {e:#}")))
+    }
+
+    async fn kv_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        let bounds = self.identity.bounds;
+        if value.len() > bounds.max_kv_value_bytes {
+            return Err(effects_trap(format!(
+                "kv-set `{}`: value of {} bytes is larger than the limit of {} bytes",
+                truncate(&key, 64),
+                value.len(),
+                bounds.max_kv_value_bytes
+            )));
+        }
+        self.buffer_kv_write("kv-set", key, Some(value))
+    }
+
+    async fn kv_delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.buffer_kv_write("kv-delete", key, None)
+    }
+
+    async fn kv_keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
+        let plugin = Arc::clone(&self.identity.name);
+        let call = self.call("kv-keys")?;
+        let committed = call
+            .kv
+            .keys(&plugin, &prefix)
+            .await
+            .map_err(|e| host_trap(format!("kv-keys `{prefix}`: {e:#}")))?;
+        let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
+        for (key, value) in call.effects.kv.range(prefix.clone()..) {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if value.is_some() {
+                keys.insert(key.clone());
+            } else {
+                keys.remove(key);
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
+    async fn config_get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.identity.config.get(&key).cloned())
+    }
+}
+
+impl HostState {
+    fn buffer_kv_write(
+        &mut self,
+        import: &str,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> wasmtime::Result<()> {
+        let bounds = self.identity.bounds;
+        if key.is_empty() || key.len() > bounds.max_kv_key_bytes {
+            return Err(effects_trap(format!(
+                "{import}: key must be 1 to {} bytes long, not {}",
+                bounds.max_kv_key_bytes,
+                key.len()
+            )));
+        }
+        let call = self.call(import)?;
+        if call.effects.kv_write_count >= bounds.max_kv_writes {
+            return Err(effects_trap(format!(
+                "{import}: more than {} KV writes in one call",
+                bounds.max_kv_writes
+            )));
+        }
+        call.effects.kv_write_count += 1;
+        call.effects.kv.insert(key, value);
+        Ok(())
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emitted_ids_are_stable_per_event_and_index() {
+        let a = emitted_event_id("p", "/src", "e1", 0);
+        assert_eq!(a, emitted_event_id("p", "/src", "e1", 0));
+        assert_ne!(a, emitted_event_id("p", "/src", "e1", 1));
+        assert_ne!(a, emitted_event_id("q", "/src", "e1", 0));
+        assert_ne!(a, emitted_event_id("p", "/src", "e2", 0));
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,219 @@
+//! The sandboxed plugin runtime: wasmtime components with fuel, memory and time limits.
+//!
+//! - [`Runtime`] owns the wasmtime [`Engine`] (pooling allocator, fuel metering, epoch
+//!   interruption), the [`Linker`] with the host imports and WASI, and the thread that
+//!   advances epochs.
+//! - [`Runtime::load`] turns a file's bytes into a [`Plugin`]: header checks, compile
+//!   (on a blocking thread), world and import validation ([`validate`]), pre-instantiation
+//!   and a call to `describe()`. Every refusal is a [`LoadError`] naming the file.
+//! - [`Plugin::invoke`] runs one event and returns an [`Outcome`]; see [`plugin`] for the
+//!   instance lifecycle in each [`Isolation`] mode.
+//!
+//! The runtime never applies effects: emits and KV writes come back in the outcome for
+//! the caller to commit with the acknowledgement.
+
+mod bindings;
+mod host;
+mod limits;
+mod outcome;
+mod plugin;
+mod settings;
+mod stdio;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use self::host::{EmptyKv, KvSource, now_rfc3339};
+pub use self::outcome::{Effects, Failure, FailureKind, KvWrite, Outcome};
+pub use self::plugin::{Delivery, InstanceStats, Plugin, PluginInfo};
+pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
+pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS};
+
+use self::host::HostState;
+
+/// How often the epoch advances; the resolution of wall-clock timeouts.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Engine-wide settings, fixed for the life of a [`Runtime`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Component instances that may exist at once, over all plugins.
+    pub max_instances: u32,
+    /// Ceiling on any plugin's memory limit, in bytes; sizes the pooling allocator's slots.
+    pub max_memory_bytes: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 1000,
+            max_memory_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Errors setting up the runtime itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// wasmtime refused the engine configuration.
+    #[error("cannot configure the WebAssembly engine: {0}")]
+    Engine(String),
+    /// The host imports could not be linked.
+    #[error("cannot link host imports: {0}")]
+    Link(String),
+    /// The epoch thread could not be started.
+    #[error("cannot start the epoch thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Why a file could not be loaded as a plugin: the file (or other origin) and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {reason}")]
+pub struct LoadError {
+    /// Where the bytes came from, usually a file path.
+    pub origin: String,
+    /// What is wrong with them.
+    pub reason: LoadErrorReason,
+}
+
+/// The reasons a plugin file is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadErrorReason {
+    /// The file could not be read.
+    #[error("cannot read the file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file is empty.
+    #[error("the file is empty")]
+    Empty,
+    /// The bytes do not start with the WebAssembly header.
+    #[error("not a WebAssembly file (no `\\0asm` header)")]
+    NotWasm,
+    /// A core module rather than a component.
+    #[error(
+        "a core WebAssembly module, not a component; build the plugin for `wasm32-wasip2` with switchyard-sdk"
+    )]
+    CoreModule,
+    /// The component failed to parse, validate or compile.
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// The component does not export the handler interface.
+    #[error(
+        "not a Switchyard plugin: it must export `switchyard:plugin/handler@0.1.0` but exports {exports}"
+    )]
+    WrongWorld {
+        /// What the component does export.
+        exports: String,
+    },
+    /// Built against a contract version this host does not serve.
+    #[error(
+        "built against contract version {found} of `switchyard:plugin`; this host serves {}",
+        CONTRACT_VERSIONS.join(", ")
+    )]
+    UnsupportedVersion {
+        /// The version the component names.
+        found: String,
+    },
+    /// Imports an interface the host deliberately refuses.
+    #[error("imports `{import}`, which the host does not grant: {why}")]
+    RefusedImport {
+        /// The import's full name.
+        import: String,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// Imports an interface the host does not provide.
+    #[error("imports `{0}`, which the host does not provide")]
+    UnknownImport(String),
+    /// Linking against the host's imports failed.
+    #[error("cannot link: {0}")]
+    Link(String),
+    /// `describe()` failed.
+    #[error("describe() failed: {0}")]
+    Describe(Failure),
+    /// `describe()` returned a subscription that is not a valid pattern.
+    #[error("describe() returned {0}")]
+    Subscription(#[from] crate::pattern::PatternError),
+}
+
+/// The shared wasmtime engine and linker for all plugins.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+}
+
+impl Runtime {
+    /// Builds the engine, links the host imports and WASI, and starts the epoch thread.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        spawn_epoch_ticker(&engine)?;
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+            }),
+        })
+    }
+
+    /// The runtime's engine-wide settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub(crate) fn linker(&self) -> &Linker<HostState> {
+        &self.inner.linker
+    }
+}
+
+fn engine_config(config: &RuntimeConfig) -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(config.max_instances)
+        // A Rust component holds a few core instances (its code plus adapter shims) and
+        // one memory; leave headroom for components built by other toolchains.
+        .total_core_instances(config.max_instances.saturating_mul(4))
+        .total_memories(config.max_instances.saturating_mul(2))
+        .total_tables(config.max_instances.saturating_mul(4))
+        .total_stacks(config.max_instances)
+        .max_memory_size(usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX));
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wasm
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn spawn_epoch_ticker(engine: &Engine) -> Result<(), RuntimeError> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("switchyard-epoch".to_owned())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! What one invocation of a plugin produced.
+//!
+//! Invariant: effects exist only on success. A failed attempt's buffered emits and KV
+//! writes are dropped inside the runtime and cannot be reached through an [`Outcome`].
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::event::Event;
+
+/// The result of one invocation.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The effects to commit with the acknowledgement, or why the attempt failed.
+    pub result: Result<Effects, Failure>,
+    /// Fuel the invocation burned (including instantiation in `per-event` mode).
+    pub fuel_used: u64,
+    /// Wall-clock time of the invocation.
+    pub duration: Duration,
+}
+
+/// Effects a successful invocation asks the host to commit, in the order they were made.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Effects {
+    /// Follow-up events, complete with id, source, time, causation and correlation ids.
+    pub emits: Vec<Event>,
+    /// KV writes, the last write to each key winning; `None` deletes the key.
+    pub kv_writes: Vec<KvWrite>,
+}
+
+/// One buffered write to a plugin's KV store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvWrite {
+    /// The key.
+    pub key: String,
+    /// The new value, or `None` to delete the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Why an invocation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What kind of failure it was.
+    pub kind: FailureKind,
+    /// A human-readable explanation for operators.
+    pub message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The kinds of failure, each reported separately in status, metrics and dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The plugin returned `handler-error::retry`: a transient failure.
+    Retry,
+    /// The plugin returned `handler-error::reject`: redelivery will not help.
+    Reject,
+    /// The plugin trapped (a panic, `unreachable`, an out-of-bounds access, …).
+    Trap,
+    /// The invocation burned its whole fuel budget.
+    Fuel,
+    /// The instance tried to grow its memory past the plugin's cap.
+    Memory,
+    /// The invocation ran past the plugin's wall-clock timeout.
+    Timeout,
+    /// The invocation broke a rule on effects: too many or too large emits or KV
+    /// writes, or an invalid emitted event.
+    Effects,
+    /// The host could not serve the invocation (KV store unavailable, instance pool
+    /// exhausted); the plugin is not at fault.
+    Host,
+}
+
+impl FailureKind {
+    /// The name used in logs, metrics, status and dead letters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::Reject => "reject",
+            Self::Trap => "trap",
+            Self::Fuel => "fuel",
+            Self::Memory => "memory",
+            Self::Timeout => "timeout",
+            Self::Effects => "effects",
+            Self::Host => "host",
+        }
+    }
+
+    /// Whether another attempt may succeed. `reject` says it will not; an effects
+    /// violation is a deterministic breach of the host's rules, so retrying only repeats it.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, Self::Reject | Self::Effects)
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,462 @@
+//! A loaded plugin and the lifecycle of its instances.
+//!
+//! Lifecycle:
+//! - Load: the component is compiled once and pre-instantiated ([`PluginPre`]); a fresh
+//!   instance answers `describe()` and is dropped.
+//! - `per-event`: every invocation instantiates a fresh store and instance and drops
+//!   both afterwards, so nothing a handler does survives its event.
+//! - `reuse`: invocations take a warm instance from the pool (or make one) and put it
+//!   back afterwards, unless the invocation trapped or hit a limit (fuel, memory,
+//!   timeout, effects, host failure) or the instance has served `max_calls` events — then
+//!   it is dropped ("recycled") and the next invocation gets a fresh one. A handler that
+//!   returns `retry` or `reject` leaves a healthy instance and it is kept.
+//!
+//! Every invocation gets the plugin's full fuel budget and an epoch deadline; a tokio
+//! timeout over the whole invocation catches time spent waiting inside host calls (for
+//! example a guest sleeping), where epochs cannot interrupt it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+use wasmtime::component::Component;
+use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use super::bindings::{Plugin as PluginWorld, PluginPre, types};
+use super::host::{HostState, HostTrap, KvSource, PluginIdentity};
+use super::limits::MemoryLimiter;
+use super::outcome::{Effects, Failure, FailureKind, Outcome};
+use super::settings::{Isolation, PluginLimits, PluginSettings};
+use super::stdio::{PluginOutput, StderrTail};
+use super::{EPOCH_TICK, LoadError, LoadErrorReason, Runtime, validate};
+use crate::event::Event;
+use crate::pattern::Pattern;
+
+/// Where an invocation stands in the delivery of its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Which attempt this is, starting at 1.
+    pub attempt: u32,
+    /// How many attempts the retry policy allows.
+    pub max_attempts: u32,
+    /// The event's position in the log.
+    pub sequence: u64,
+}
+
+/// What a plugin said about itself in `describe()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// The plugin's own name for itself.
+    pub name: String,
+    /// The plugin's version string.
+    pub version: String,
+    /// Its default subscriptions.
+    pub subscriptions: Vec<Pattern>,
+}
+
+/// Counters of a plugin's instances, for status and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstanceStats {
+    /// Instances created for invocations.
+    pub created: u64,
+    /// Warm instances dropped after a failure or after `max_calls`.
+    pub recycled: u64,
+    /// Warm instances idle in the pool now.
+    pub idle: usize,
+}
+
+/// A compiled, validated plugin, ready to handle events. Cheap to share behind an `Arc`.
+pub struct Plugin {
+    runtime: Runtime,
+    identity: Arc<PluginIdentity>,
+    pre: PluginPre<HostState>,
+    info: PluginInfo,
+    settings: PluginSettings,
+    sha256: String,
+    warm: Mutex<Vec<Instance>>,
+    created: AtomicU64,
+    recycled: AtomicU64,
+}
+
+struct Instance {
+    store: Store<HostState>,
+    world: PluginWorld,
+    calls: u64,
+}
+
+impl Runtime {
+    /// Compiles, validates and describes a plugin.
+    ///
+    /// `name` is the plugin's identity in the host (its file stem); `origin` names the
+    /// bytes in errors (usually the file path). Compilation runs on a blocking thread.
+    pub async fn load(
+        &self,
+        name: &str,
+        origin: &str,
+        bytes: Vec<u8>,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        let fail = |reason| LoadError {
+            origin: origin.to_owned(),
+            reason,
+        };
+        validate::check_header(&bytes).map_err(fail)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let runtime = self.clone();
+        let pre = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
+            .await
+            .map_err(|e| {
+                fail(LoadErrorReason::Invalid(format!(
+                    "compiler thread failed: {e}"
+                )))
+            })?
+            .map_err(fail)?;
+        let identity = Arc::new(PluginIdentity {
+            name: Arc::from(name),
+            bounds: settings.bounds,
+            config: settings.config.clone(),
+        });
+        let mut plugin = Plugin {
+            runtime: self.clone(),
+            identity,
+            pre,
+            info: PluginInfo {
+                name: String::new(),
+                version: String::new(),
+                subscriptions: Vec::new(),
+            },
+            settings,
+            sha256,
+            warm: Mutex::new(Vec::new()),
+            created: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
+        };
+        plugin.info = plugin.describe().await.map_err(fail)?;
+        Ok(plugin)
+    }
+
+    /// Reads and loads a plugin file; its name is the file stem.
+    pub async fn load_file(
+        &self,
+        path: &std::path::Path,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        let origin = path.display().to_string();
+        let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
+            origin: origin.clone(),
+            reason: LoadErrorReason::Io(e),
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| origin.clone());
+        self.load(&name, &origin, bytes, settings).await
+    }
+
+    /// Compiles and checks a component; CPU-heavy, so callers run it off the async threads.
+    fn prepare(&self, bytes: &[u8]) -> Result<PluginPre<HostState>, LoadErrorReason> {
+        let component = Component::new(self.engine(), bytes)
+            .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}")))?;
+        validate::check_world(self.engine(), &component)?;
+        let pre = self
+            .linker()
+            .instantiate_pre(&component)
+            .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
+        PluginPre::new(pre).map_err(|e| LoadErrorReason::Link(format!("{e:#}")))
+    }
+}
+
+impl Plugin {
+    /// The plugin's name in the host.
+    pub fn name(&self) -> &str {
+        &self.identity.name
+    }
+
+    /// What `describe()` returned.
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+
+    /// The settings the plugin runs with.
+    pub fn settings(&self) -> &PluginSettings {
+        &self.settings
+    }
+
+    /// Hex SHA-256 of the plugin file.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Instance counters.
+    pub fn instance_stats(&self) -> InstanceStats {
+        InstanceStats {
+            created: self.created.load(Ordering::Relaxed),
+            recycled: self.recycled.load(Ordering::Relaxed),
+            idle: self.warm_pool().len(),
+        }
+    }
+
+    fn warm_pool(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        self.warm.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Handles one event. Effects are returned, never applied; see [`Outcome`].
+    pub async fn invoke(
+        &self,
+        event: &Event,
+        delivery: Delivery,
+        kv: Arc<dyn KvSource>,
+    ) -> Outcome {
+        let span = tracing::debug_span!(
+            "runtime.invoke",
+            plugin = %self.identity.name,
+            event_id = %event.id,
+            attempt = delivery.attempt
+        );
+        let started = Instant::now();
+        let limits = self.settings.limits;
+        let warm = match self.settings.isolation {
+            Isolation::Reuse { .. } => self.warm_pool().pop(),
+            Isolation::PerEvent => None,
+        };
+        let mut slot = warm;
+        let attempt = self
+            .attempt(&mut slot, event, delivery, kv)
+            .instrument(span);
+        let (result, timed_out) = match tokio::time::timeout(overall_timeout(limits), attempt).await
+        {
+            Ok(result) => (result, false),
+            Err(_) => (Err(timeout_failure(limits)), true),
+        };
+        let fuel_used = slot.as_ref().map_or(0, |instance| {
+            limits
+                .fuel
+                .saturating_sub(instance.store.get_fuel().unwrap_or(0))
+        });
+        if let Some(mut instance) = slot {
+            // A call cut off by the timeout leaves the store mid-call: never reuse it.
+            let healthy = !timed_out
+                && match &result {
+                    Ok(_) => true,
+                    Err(failure) => {
+                        matches!(failure.kind, FailureKind::Retry | FailureKind::Reject)
+                    }
+                };
+            instance.calls += 1;
+            self.release(instance, healthy);
+        }
+        Outcome {
+            result,
+            fuel_used,
+            duration: started.elapsed(),
+        }
+    }
+
+    async fn attempt(
+        &self,
+        slot: &mut Option<Instance>,
+        event: &Event,
+        delivery: Delivery,
+        kv: Arc<dyn KvSource>,
+    ) -> Result<Effects, Failure> {
+        let limits = self.settings.limits;
+        if slot.is_none() {
+            self.created.fetch_add(1, Ordering::Relaxed);
+            *slot = Some(self.instantiate().await?);
+        }
+        let Some(instance) = slot.as_mut() else {
+            return Err(Failure::new(FailureKind::Host, "no instance"));
+        };
+        arm(&mut instance.store, limits)?;
+        instance.store.data_mut().begin_call(event, kv);
+        let wit_event = to_wit_event(event);
+        let wit_delivery = types::Delivery {
+            attempt: delivery.attempt,
+            max_attempts: delivery.max_attempts,
+            sequence: delivery.sequence,
+        };
+        let called = instance
+            .world
+            .switchyard_plugin_handler()
+            .call_handle(&mut instance.store, &wit_event, wit_delivery)
+            .await;
+        // Ending the call drops the buffers whatever happened; only success keeps them.
+        let effects = instance.store.data_mut().end_call();
+        match called {
+            Ok(Ok(())) => Ok(effects),
+            Ok(Err(types::HandlerError::Retry(message))) => {
+                Err(Failure::new(FailureKind::Retry, message))
+            }
+            Ok(Err(types::HandlerError::Reject(message))) => {
+                Err(Failure::new(FailureKind::Reject, message))
+            }
+            Err(error) => Err(classify(&error, instance.store.data(), limits)),
+        }
+    }
+
+    /// Creates a fresh store and instance with the plugin's limits armed.
+    async fn instantiate(&self) -> Result<Instance, Failure> {
+        let limits = self.settings.limits;
+        let stderr_tail = StderrTail::default();
+        let wasi = WasiCtxBuilder::new()
+            .stdout(PluginOutput::stdout(Arc::clone(&self.identity.name)))
+            .stderr(PluginOutput::stderr(
+                Arc::clone(&self.identity.name),
+                stderr_tail.clone(),
+            ))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState::new(
+            wasi,
+            MemoryLimiter::new(limits.memory_bytes),
+            stderr_tail,
+            Arc::clone(&self.identity),
+        );
+        let mut store = Store::new(self.runtime.engine(), state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_trap();
+        arm(&mut store, limits)?;
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(world) => Ok(Instance {
+                store,
+                world,
+                calls: 0,
+            }),
+            Err(error) => Err(classify(&error, store.data(), limits)),
+        }
+    }
+
+    fn release(&self, instance: Instance, healthy: bool) {
+        if let Isolation::Reuse { max_calls } = self.settings.isolation {
+            if healthy && instance.calls < max_calls {
+                self.warm_pool().push(instance);
+            } else {
+                self.recycled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Calls `describe()` on a fresh instance and checks what it returns.
+    async fn describe(&self) -> Result<PluginInfo, LoadErrorReason> {
+        let limits = self.settings.limits;
+        let describe = async {
+            let mut instance = self.instantiate().await?;
+            let info = instance
+                .world
+                .switchyard_plugin_handler()
+                .call_describe(&mut instance.store)
+                .await
+                .map_err(|e| classify(&e, instance.store.data(), limits))?;
+            Ok::<_, Failure>(info)
+        };
+        let info = tokio::time::timeout(overall_timeout(limits), describe)
+            .await
+            .map_err(|_| LoadErrorReason::Describe(timeout_failure(limits)))?
+            .map_err(LoadErrorReason::Describe)?;
+        let subscriptions = info
+            .subscriptions
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PluginInfo {
+            name: info.name,
+            version: info.version,
+            subscriptions,
+        })
+    }
+}
+
+/// Gives a store a full fuel budget and a fresh epoch deadline.
+fn arm(store: &mut Store<HostState>, limits: PluginLimits) -> Result<(), Failure> {
+    store
+        .set_fuel(limits.fuel)
+        .map_err(|e| Failure::new(FailureKind::Host, format!("cannot set fuel: {e}")))?;
+    store.set_epoch_deadline(deadline_ticks(limits.timeout));
+    Ok(())
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+/// The tokio timeout sits two ticks past the epoch deadline, so CPU-bound guests are
+/// stopped by the epoch (leaving a clean trap) and only host-side waits hit this one.
+fn overall_timeout(limits: PluginLimits) -> Duration {
+    limits.timeout + EPOCH_TICK * 2
+}
+
+fn timeout_failure(limits: PluginLimits) -> Failure {
+    Failure::new(
+        FailureKind::Timeout,
+        format!(
+            "did not finish within {}",
+            humantime::format_duration(limits.timeout)
+        ),
+    )
+}
+
+/// Turns a wasmtime error from instantiation or a call into a failure kind and message.
+fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) -> Failure {
+    if state.limiter.hit() {
+        return Failure::new(
+            FailureKind::Memory,
+            format!(
+                "memory limit of {} bytes exceeded",
+                state.limiter.max_bytes()
+            ),
+        );
+    }
+    if let Some(trap) = error.downcast_ref::<HostTrap>() {
+        return match trap {
+            HostTrap::Effects(message) => Failure::new(FailureKind::Effects, message.clone()),
+            HostTrap::Host(message) => Failure::new(FailureKind::Host, message.clone()),
+        };
+    }
+    if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+        return Failure::new(FailureKind::Host, format!("no instance available: {error}"));
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Failure::new(
+            FailureKind::Fuel,
+            format!("fuel budget of {} exhausted", limits.fuel),
+        ),
+        Some(Trap::Interrupt) => timeout_failure(limits),
+        Some(trap) => Failure::new(FailureKind::Trap, with_stderr(trap.to_string(), state)),
+        None => Failure::new(FailureKind::Trap, with_stderr(format!("{error:#}"), state)),
+    }
+}
+
+/// Appends the last lines the plugin wrote to stderr, where a panic message lands.
+fn with_stderr(message: String, state: &HostState) -> String {
+    let tail = state.stderr_tail.take();
+    let last: Vec<&str> = tail.lines().rev().take(2).collect();
+    if last.is_empty() {
+        return message;
+    }
+    let last: Vec<&str> = last.into_iter().rev().collect();
+    format!("{message} (stderr: {})", last.join(" / "))
+}
+
+fn to_wit_event(event: &Event) -> types::Event {
+    types::Event {
+        id: event.id.clone(),
+        source: event.source.clone(),
+        type_: event.ty.clone(),
+        subject: event.subject.clone(),
+        time: event.time.clone(),
+        datacontenttype: event.datacontenttype.clone(),
+        dataschema: event.dataschema.clone(),
+        data: event.data.clone(),
+        extensions: event
+            .extensions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the example plugins in plugins/ for wasm32-wasip2 and copies each one to
+# DIR/NAME.wasm (default DIR: plugins.d), ready for `switchyard`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-plugins.d}
+
+names=()
+for manifest in plugins/*/Cargo.toml; do
+    names+=("$(basename "$(dirname "$manifest")")")
+done
+args=()
+for name in "${names[@]}"; do args+=(-p "$name"); done
+
+cargo build --quiet --target wasm32-wasip2 --profile guest --target-dir target/guests "${args[@]}"
+mkdir -p "$out"
+for name in "${names[@]}"; do
+    cp "target/guests/wasm32-wasip2/guest/${name//-/_}.wasm" "$out/$name.wasm"
+done
+echo "built ${#names[@]} plugins into $out/"

@@ -1,0 +1,12 @@
+//! The integration tests of Switchyard: one test binary, one module per area.
+//!
+//! Guest plugins are built once per test process (see `support::guests`).
+
+mod support;
+
+mod check_cli;
+mod examples;
+mod runtime_effects;
+mod runtime_failures;
+mod runtime_isolation;
+mod validation;

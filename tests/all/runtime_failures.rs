@@ -1,0 +1,182 @@
+//! A misbehaving plugin is contained, reported with its own failure kind and exact
+//! message, and the runtime serves the next invocation normally — in both isolation modes.
+
+use std::time::Duration;
+
+use switchyard_host::runtime::{Isolation, PluginLimits, PluginSettings};
+
+use crate::support::guests::Guest;
+use crate::support::{effects, event, failure, invoke, load, runtime};
+
+const MIB: u64 = 1024 * 1024;
+
+struct Case {
+    behaviour: &'static str,
+    limits: PluginLimits,
+    kind: &'static str,
+    message: &'static str,
+}
+
+fn limits(fuel: u64, memory_bytes: u64, timeout_ms: u64) -> PluginLimits {
+    PluginLimits {
+        fuel,
+        memory_bytes,
+        timeout: Duration::from_millis(timeout_ms),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let generous = limits(u64::MAX / 4, 64 * MIB, 10_000);
+    vec![
+        Case {
+            behaviour: "hostile.loop",
+            limits: limits(10_000_000, 64 * MIB, 10_000),
+            kind: "fuel",
+            message: "fuel budget of 10000000 exhausted",
+        },
+        Case {
+            behaviour: "hostile.loop",
+            limits: limits(u64::MAX / 4, 64 * MIB, 200),
+            kind: "timeout",
+            message: "did not finish within 200ms",
+        },
+        Case {
+            behaviour: "hostile.sleep",
+            limits: limits(u64::MAX / 4, 64 * MIB, 200),
+            kind: "timeout",
+            message: "did not finish within 200ms",
+        },
+        Case {
+            behaviour: "hostile.memory",
+            limits: limits(u64::MAX / 4, 16 * MIB, 10_000),
+            kind: "memory",
+            message: "memory limit of 16777216 bytes exceeded",
+        },
+        Case {
+            behaviour: "hostile.env",
+            limits: generous,
+            kind: "reject",
+            message: "environment is empty",
+        },
+        Case {
+            behaviour: "hostile.retry",
+            limits: generous,
+            kind: "retry",
+            message: "try again later",
+        },
+        Case {
+            behaviour: "hostile.reject",
+            limits: generous,
+            kind: "reject",
+            message: "bad event",
+        },
+        Case {
+            behaviour: "hostile.emit-flood",
+            limits: generous,
+            kind: "effects",
+            message: "emit: more than 100 events emitted in one call",
+        },
+        Case {
+            behaviour: "hostile.emit-huge",
+            limits: generous,
+            kind: "effects",
+            message: "emit: more than 1048576 bytes of event data emitted in one call",
+        },
+        Case {
+            behaviour: "hostile.kv-huge",
+            limits: generous,
+            kind: "effects",
+            message: "kv-set `big`: value of 10485760 bytes is larger than the limit of 1048576 bytes",
+        },
+    ]
+}
+
+async fn run_cases(isolation: Isolation) {
+    let runtime = runtime();
+    for case in cases() {
+        let settings = PluginSettings {
+            limits: case.limits,
+            isolation,
+            ..PluginSettings::default()
+        };
+        let plugin = load(&runtime, Guest::Hostile, settings).await;
+        let outcome = invoke(&plugin, &event(case.behaviour, serde_json::json!({}))).await;
+        assert_eq!(
+            failure(&outcome),
+            (case.kind, case.message),
+            "{} in {isolation:?}",
+            case.behaviour
+        );
+        // The same plugin keeps serving: the next event succeeds with no leftovers.
+        let next = invoke(&plugin, &event("hostile.ok", serde_json::json!({}))).await;
+        assert_eq!(
+            effects(&next),
+            &Default::default(),
+            "after {}",
+            case.behaviour
+        );
+    }
+}
+
+#[tokio::test]
+async fn failures_are_contained_per_event() {
+    run_cases(Isolation::PerEvent).await;
+}
+
+#[tokio::test]
+async fn failures_are_contained_with_reuse() {
+    run_cases(Isolation::Reuse { max_calls: 1000 }).await;
+}
+
+#[tokio::test]
+async fn a_panic_is_a_trap_that_carries_the_panic_message() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, PluginSettings::default()).await;
+    let outcome = invoke(&plugin, &event("hostile.panic", serde_json::json!({}))).await;
+    let (kind, message) = failure(&outcome);
+    assert_eq!(kind, "trap");
+    assert!(
+        message.starts_with("wasm trap: wasm `unreachable` instruction executed"),
+        "{message}"
+    );
+    assert!(
+        message.contains("hostile plugin panicked on purpose"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_sleeping_plugin_is_stopped_near_its_timeout() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        limits: limits(u64::MAX / 4, 64 * MIB, 300),
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let outcome = invoke(&plugin, &event("hostile.sleep", serde_json::json!({}))).await;
+    assert_eq!(failure(&outcome).0, "timeout");
+    // Bounded both ways: it waited for its timeout, and not for the hour it asked for.
+    assert!(
+        outcome.duration >= Duration::from_millis(300),
+        "{:?}",
+        outcome.duration
+    );
+    assert!(
+        outcome.duration < Duration::from_secs(30),
+        "{:?}",
+        outcome.duration
+    );
+}
+
+#[tokio::test]
+async fn fuel_use_is_reported() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, PluginSettings::default()).await;
+    let outcome = invoke(&plugin, &event("hostile.ok", serde_json::json!({}))).await;
+    effects(&outcome);
+    assert!(outcome.fuel_used > 0);
+    assert!(outcome.fuel_used < PluginSettings::default().limits.fuel);
+    let outcome = invoke(&plugin, &event("hostile.loop", serde_json::json!({}))).await;
+    assert_eq!(failure(&outcome).0, "fuel");
+    assert_eq!(outcome.fuel_used, PluginSettings::default().limits.fuel);
+}

@@ -1,0 +1,162 @@
+//! Test plugin that misbehaves on purpose; the event type picks the misbehaviour.
+//!
+//! Subscribes to `hostile.>`. The integration tests use it to check that the host contains
+//! runaway, crashing and greedy handlers and keeps its transactional promises. See
+//! [`handle`] for the list of behaviours.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use serde_json::json;
+use switchyard_sdk::{Delivery, Emit, Event, HandlerError, config, emit_json, handler, kv};
+
+const MIB: usize = 1024 * 1024;
+
+/// Does what the event type asks:
+///
+/// | type | behaviour |
+/// |---|---|
+/// | `hostile.ok` | `Ok(())` |
+/// | `hostile.loop` | spins forever |
+/// | `hostile.memory` | allocates and touches 1 MiB blocks forever |
+/// | `hostile.panic` | panics (a trap) |
+/// | `hostile.sleep` | sleeps for an hour |
+/// | `hostile.env` | rejects with `environment is empty` unless it sees environment variables |
+/// | `hostile.emit-flood` | emits 100 000 events |
+/// | `hostile.emit-huge` | emits one event with 10 MiB of data |
+/// | `hostile.kv-huge` | writes a 10 MiB KV value |
+/// | `hostile.retry` / `hostile.reject` | returns that error |
+/// | `hostile.effects-then-retry` | emits and writes KV, then asks for a retry |
+/// | `hostile.effects-then-trap` | emits and writes KV, then panics |
+/// | `hostile.kv-read-own-write` | checks that KV reads see the call's own writes |
+/// | `hostile.config` | rejects with `greeting=<config value of greeting as {:?}>` |
+/// | `hostile.stdout` | prints a line to stdout and one to stderr |
+/// | `hostile.fail-until` | asks for a retry on attempts 1 and 2, succeeds from 3 |
+#[handler(subscribe = ["hostile.>"])]
+fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
+    match event.type_.as_str() {
+        "hostile.ok" => Ok(()),
+        "hostile.loop" => spin(),
+        "hostile.memory" => hoard(),
+        "hostile.panic" => crash("hostile plugin panicked on purpose"),
+        "hostile.sleep" => {
+            std::thread::sleep(Duration::from_secs(3600));
+            Ok(())
+        }
+        "hostile.env" => Err(environment()),
+        "hostile.emit-flood" => {
+            for n in 0..100_000u32 {
+                emit_json("hostile.flood", &json!({ "n": n }))?;
+            }
+            Ok(())
+        }
+        "hostile.emit-huge" => {
+            Emit::new("hostile.huge")
+                .bytes("application/octet-stream", vec![b'x'; 10 * MIB])
+                .send();
+            Ok(())
+        }
+        "hostile.kv-huge" => {
+            kv::set("big", &vec![7u8; 10 * MIB]);
+            Ok(())
+        }
+        "hostile.retry" => Err(HandlerError::retry("try again later")),
+        "hostile.reject" => Err(HandlerError::reject("bad event")),
+        "hostile.effects-then-retry" => {
+            effects()?;
+            Err(HandlerError::retry("failed after effects"))
+        }
+        "hostile.effects-then-trap" => {
+            effects()?;
+            crash("trap after effects")
+        }
+        "hostile.kv-read-own-write" => kv_read_own_write(),
+        "hostile.config" => Err(HandlerError::reject(format!(
+            "greeting={:?}",
+            config::get("greeting")
+        ))),
+        "hostile.stdout" => {
+            println!("hello from stdout");
+            eprintln!("hello from stderr");
+            Ok(())
+        }
+        "hostile.fail-until" => {
+            if delivery.attempt < 3 {
+                Err(HandlerError::retry(format!(
+                    "attempt {} fails",
+                    delivery.attempt
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        other => Err(HandlerError::reject(format!(
+            "unknown hostile behaviour: {other}"
+        ))),
+    }
+}
+
+/// Loops forever in a way the optimiser cannot remove.
+fn spin() -> ! {
+    let mut counter = 0u64;
+    loop {
+        counter = black_box(counter.wrapping_add(1));
+    }
+}
+
+/// Allocates 1 MiB blocks, writes every byte of each, and never frees them.
+fn hoard() -> ! {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut block = Vec::with_capacity(MIB);
+        block.resize(MIB, black_box(0xA5u8));
+        blocks.push(black_box(block));
+    }
+}
+
+/// Traps the component with a panic.
+#[allow(clippy::panic)]
+fn crash(message: &str) -> ! {
+    panic!("{message}")
+}
+
+/// Says whether any environment variable is visible.
+fn environment() -> HandlerError {
+    let home = std::env::var("HOME");
+    let count = std::env::vars().count();
+    if home.is_ok() || count > 0 {
+        HandlerError::reject(format!(
+            "saw environment: HOME={home:?}, {count} variable(s)"
+        ))
+    } else {
+        HandlerError::reject("environment is empty")
+    }
+}
+
+/// Buffers one emitted event and one KV write.
+fn effects() -> Result<(), HandlerError> {
+    emit_json("hostile.emitted", &json!({ "n": 1 }))?;
+    kv::set("written", b"yes");
+    Ok(())
+}
+
+/// Checks that KV reads see the call's own buffered writes and deletes; leaves `k` = `v2`.
+fn kv_read_own_write() -> Result<(), HandlerError> {
+    let fail = |what: &str| Err(HandlerError::reject(format!("kv check failed: {what}")));
+    kv::set("k", b"v1");
+    if kv::get("k").as_deref() != Some(b"v1".as_slice()) {
+        return fail("get after set did not return v1");
+    }
+    if !kv::keys("").iter().any(|key| key == "k") {
+        return fail("keys(\"\") after set did not list k");
+    }
+    kv::delete("k");
+    if kv::get("k").is_some() {
+        return fail("get after delete still returned a value");
+    }
+    if kv::keys("").iter().any(|key| key == "k") {
+        return fail("keys(\"\") after delete still listed k");
+    }
+    kv::set("k", b"v2");
+    Ok(())
+}
