@@ -9,7 +9,12 @@
 //!   fuel, memory and time limits and transactional effects.
 //! - [`cli`]: the `switchyard` command line.
 
+pub mod bus;
 pub mod cli;
+pub mod config;
+pub mod dispatch;
 pub mod event;
+pub mod ingest;
 pub mod pattern;
+pub mod plugins;
 pub mod runtime;

@@ -1,4 +1,4 @@
-//! Write [Switchyard](https://github.com/) event-handler plugins in Rust.
+//! Write Switchyard event-handler plugins in Rust.
 //!
 //! A Switchyard plugin is a WebAssembly component that targets the `plugin` world of the
 //! WIT package `switchyard:plugin@0.1.0`. This crate hides the bindings: a plugin is one
@@ -96,8 +96,9 @@
 //!   its stdout and stderr go to the host's log.
 //!
 //! The SDK compiles on native targets too, so a plugin crate can be checked, linted and
-//! unit-tested with plain `cargo`; calling a host function outside the WebAssembly host
-//! panics there.
+//! unit-tested with plain `cargo`. There the host functions are stubs that abort the
+//! process, so unit tests should exercise the pure parts of a handler (decoding, deciding)
+//! rather than call [`emit`], [`kv`], [`config`] or the log macros.
 
 #![deny(missing_docs)]
 

@@ -149,19 +149,19 @@ async fn the_audit_trail_counts_every_type() {
     ] {
         let e = event(ty, serde_json::json!({}));
         let outcome = audit.invoke(&e, delivery(1), kv.clone()).await;
-        kv.commit("audit-trail", effects(&outcome));
+        kv.commit(audit.name(), effects(&outcome));
         last_id = e.id;
     }
     assert_eq!(
-        kv.text("audit-trail", "count/payment.completed").as_deref(),
+        kv.text(audit.name(), "count/payment.completed").as_deref(),
         Some("2")
     );
     assert_eq!(
-        kv.text("audit-trail", "count/tickets.generated").as_deref(),
+        kv.text(audit.name(), "count/tickets.generated").as_deref(),
         Some("1")
     );
-    assert_eq!(kv.text("audit-trail", "last-event-id"), Some(last_id));
-    assert_eq!(kv.len("audit-trail"), 3);
+    assert_eq!(kv.text(audit.name(), "last-event-id"), Some(last_id));
+    assert_eq!(kv.len(audit.name()), 3);
 }
 
 #[tokio::test]

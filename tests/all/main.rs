@@ -2,6 +2,9 @@
 //!
 //! Guest plugins are built once per test process (see `support::guests`).
 
+// A test binary: failing loudly is how helpers report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 mod check_cli;

@@ -29,9 +29,10 @@ impl Default for PluginLimits {
 }
 
 /// How instances are used across invocations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Isolation {
     /// A fresh store and instance for every event: no state leaks between events.
+    #[default]
     PerEvent,
     /// Warm instances serve many events. An instance is dropped after any trap or limit
     /// hit, and after `max_calls` invocations.
@@ -39,12 +40,6 @@ pub enum Isolation {
         /// Invocations one instance serves before it is recycled.
         max_calls: u64,
     },
-}
-
-impl Default for Isolation {
-    fn default() -> Self {
-        Self::PerEvent
-    }
 }
 
 /// What one invocation may buffer in effects before it is stopped.

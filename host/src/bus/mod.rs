@@ -1,0 +1,259 @@
+//! The bus: the durable log of events, each plugin's consumer position, retries, dead
+//! letters and plugin KV — behind one [`Bus`] trait so that ingest, the dispatcher and
+//! the operator tools never know which backend runs.
+//!
+//! Contract every backend keeps:
+//! - [`Bus::append`] returns only once the events are durable; a batch is all-or-nothing;
+//!   an event whose `(source, id)` was appended before is not stored again and answers
+//!   with its original sequence.
+//! - A [`Consumer`] hands out each matching event at least once, and again after a
+//!   crash unless it was settled. [`Consumer::settle`] commits, in ONE transaction, the
+//!   plugin's effects (emitted events, KV writes) with the acknowledgement — or the retry
+//!   schedule entry, or the dead letter. A settled delivery is never handed out again.
+//! - KV reads ([`KvSource`]) see only committed state.
+
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+use crate::pattern::Pattern;
+use crate::runtime::{Effects, KvSource};
+
+/// Errors of a bus backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Too many appends are waiting for the writer; try again later.
+    #[error("the log writer is saturated ({pending} events waiting)")]
+    Saturated {
+        /// Events waiting when the append was refused.
+        pending: usize,
+    },
+    /// The storage failed (disk full, read-only, I/O error).
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The bus is shutting down.
+    #[error("the bus is shut down")]
+    Closed,
+    /// The thing asked for does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// Where an appended event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Appended {
+    /// The event's position in the log.
+    pub sequence: u64,
+    /// Whether the event had been appended before (same `source` and `id`).
+    pub duplicate: bool,
+}
+
+/// An event in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Position in the log.
+    pub sequence: u64,
+    /// When the host made it durable, in milliseconds since the Unix epoch.
+    pub ingested_at_ms: i64,
+    /// The event.
+    pub event: Event,
+}
+
+/// A query over the log for `GET /v1/events`.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    /// Only events after this sequence.
+    pub after: u64,
+    /// Only events whose type matches this pattern.
+    pub pattern: Option<Pattern>,
+    /// Only events with this subject.
+    pub subject: Option<String>,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+/// Where a new consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPosition {
+    /// Only events appended after the consumer was first created.
+    #[default]
+    Latest,
+    /// Every event in the log.
+    Earliest,
+}
+
+/// The error of one failed attempt, as dead letters and status keep it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// Which attempt failed, from 1.
+    pub attempt: u32,
+    /// The failure kind (`retry`, `trap`, `fuel`, …).
+    pub kind: String,
+    /// The failure message.
+    pub message: String,
+    /// When it failed, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// One event handed to a plugin's dispatcher.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The event and its log position.
+    pub stored: StoredEvent,
+    /// Which attempt this is, from 1.
+    pub attempt: u32,
+    /// Errors of the earlier attempts, oldest first.
+    pub errors: Vec<AttemptError>,
+}
+
+/// Why a delivery ends in the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadLetterReason {
+    /// The plugin rejected the event.
+    Rejected,
+    /// Every attempt the retry policy allows failed.
+    Exhausted,
+    /// The event grew older than the policy's maximum age.
+    Expired,
+    /// An attempt broke the host's rules on effects (too many or too large emits or
+    /// KV writes); retrying would repeat it.
+    Effects,
+}
+
+impl DeadLetterReason {
+    /// The reason's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::Exhausted => "exhausted",
+            Self::Expired => "expired",
+            Self::Effects => "effects",
+        }
+    }
+}
+
+/// How a delivery ends.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Success: commit these effects with the acknowledgement.
+    Ack(Effects),
+    /// A retryable failure: try again after `delay`.
+    Retry {
+        /// How long to wait before the next attempt.
+        delay: Duration,
+        /// Every attempt's error so far, the latest last.
+        errors: Vec<AttemptError>,
+    },
+    /// A final failure: move the event to the dead letters.
+    DeadLetter {
+        /// Why.
+        reason: DeadLetterReason,
+        /// Every attempt's error, the latest last.
+        errors: Vec<AttemptError>,
+    },
+}
+
+/// A dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The dead letter's id.
+    pub id: u64,
+    /// The plugin that could not handle the event.
+    pub plugin: String,
+    /// The event and its log position.
+    pub stored: StoredEvent,
+    /// Why it is here.
+    pub reason: DeadLetterReason,
+    /// Every attempt's error, oldest first.
+    pub errors: Vec<AttemptError>,
+    /// When it was dead-lettered, in milliseconds since the Unix epoch.
+    pub dead_at_ms: i64,
+}
+
+/// A page query over dead letters.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    /// Only this plugin's.
+    pub plugin: Option<String>,
+    /// Only ids after this one.
+    pub after: u64,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// Counters of one plugin's consumer, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConsumerStats {
+    /// The consumer's committed position: every event up to it is settled.
+    pub cursor: u64,
+    /// Events in the log after the cursor (not all of them need match).
+    pub lag: u64,
+    /// Deliveries waiting for a retry.
+    pub pending_retries: u64,
+    /// Dead letters of this plugin.
+    pub dead_letters: u64,
+}
+
+/// One plugin's view of the log.
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// The next deliveries for this plugin: new matching events and retries that are due,
+    /// at most `max`. Waits until at least one is available, or returns an empty batch
+    /// after a short while so the caller can check for shutdown.
+    async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError>;
+
+    /// Ends a delivery; see the module docs for the transaction it commits.
+    async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError>;
+}
+
+/// The bus.
+#[async_trait]
+pub trait Bus: KvSource + Send + Sync + 'static {
+    /// Appends events durably, all-or-nothing, deduplicating on `(source, id)`.
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;
+
+    /// Reads the log.
+    async fn read_log(&self, query: LogQuery) -> Result<Vec<StoredEvent>, BusError>;
+
+    /// The sequence of the last event in the log (0 when empty).
+    async fn head(&self) -> Result<u64, BusError>;
+
+    /// Opens (creating on first use) the consumer of `plugin` for events matching
+    /// `patterns`. The position, retries and dead letters belong to the plugin's name.
+    async fn consumer(
+        &self,
+        plugin: &str,
+        patterns: Vec<Pattern>,
+        start: StartPosition,
+    ) -> Result<Box<dyn Consumer>, BusError>;
+
+    /// Counters of one plugin's consumer.
+    async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError>;
+
+    /// Lists dead letters.
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// One dead letter.
+    async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError>;
+
+    /// Moves dead letters back into their plugins' retry schedules, due now, with a fresh
+    /// attempt count; returns how many moved. `Some(id)` replays one, `None` with a
+    /// plugin replays all of that plugin's.
+    async fn replay_dead_letters(
+        &self,
+        id: Option<u64>,
+        plugin: Option<&str>,
+    ) -> Result<u64, BusError>;
+
+    /// Deletes a dead letter.
+    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError>;
+
+    /// Makes everything committed so far durable and stops the writer.
+    async fn close(&self) -> Result<(), BusError>;
+}

@@ -1,0 +1,902 @@
+//! The host config file, `switchyard.toml`: what [`Config`] holds, its defaults, and the
+//! checks a config must pass before the host uses it.
+//!
+//! Every key is optional and has a default, so an empty file (or none) is a working
+//! loopback-only setup. An unknown key at any level is an error naming it, as is a value
+//! of the wrong type or unit. The doc comment of each field is the reference for its key.
+//!
+//! Invariant: [`Config::parse`] and [`Config::load`] return only configs that pass
+//! [`Config::validate`]; in particular the host never listens beyond loopback without
+//! both ingest and admin tokens. Code that changes a config afterwards (a command-line
+//! override, say) must call [`Config::validate`] again.
+//!
+//! Durations are humantime strings (`"200ms"`, `"10s"`, `"24h"`); sizes are a number of
+//! bytes or a string with a unit (`"4MiB"`, `"1GB"`), see
+//! [`parse_size`](crate::plugins::manifest::parse_size). Relative paths are relative to
+//! the host's working directory.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! data_dir = "./data"
+//! plugins_dir = "./plugins.d"
+//! shutdown_grace = "10s"
+//!
+//! [auth]
+//! ingest_tokens = []
+//! admin_tokens = []
+//!
+//! [ingest]
+//! max_body_bytes = "4MiB"
+//! max_event_bytes = "1MiB"
+//! max_batch_events = 10000
+//! max_pending_events = 100000
+//! retry_after = "1s"
+//!
+//! [log]
+//! group_commit_max_events = 4096
+//! group_commit_max_delay = "0ms"
+//! synchronous = "full"
+//!
+//! [runtime]
+//! max_instances = 1000
+//! max_memory = "1GiB"
+//!
+//! [plugin_defaults]
+//! concurrency = 4
+//! ordering = "none"
+//! start = "latest"
+//! instance = "per-event"
+//! max_calls = 10000
+//! [plugin_defaults.retry]
+//! max_attempts = 5
+//! [plugin_defaults.limits]
+//! fuel = 50_000_000
+//! [plugin_defaults.effects]
+//! max_emits = 100
+//! ```
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::retry::RetryPolicy;
+use crate::plugins::manifest::{InstanceMode, ManifestError, Ordering, PolicyTable, Start, deser};
+use crate::runtime::{EffectBounds, Isolation, PluginLimits, RuntimeConfig};
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type or unit. The message
+    /// is toml's: it names the key and shows the line.
+    #[error("{0}")]
+    Syntax(String),
+    /// A value that parsed but is not allowed.
+    #[error("`{key}` {reason}")]
+    Invalid {
+        /// The key, dotted for keys in tables (`auth.ingest_tokens`).
+        key: String,
+        /// What is wrong, and what to set instead.
+        reason: String,
+    },
+    /// A [`ConfigError::Syntax`] or [`ConfigError::Invalid`] in a file.
+    #[error("config file {}: {error}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        error: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The host configuration (`switchyard.toml`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address and port the HTTP server (ingest, admin, metrics) listens on. Listening
+    /// beyond loopback (for example `"0.0.0.0:8080"`) requires both `[auth]` token lists.
+    ///
+    /// Default: `"127.0.0.1:8080"`.
+    pub listen: SocketAddr,
+
+    /// Directory for the host's own state: the event log, cursors, retry schedule, dead
+    /// letters and plugin KV. Created if missing.
+    ///
+    /// Default: `"./data"`.
+    pub data_dir: PathBuf,
+
+    /// Directory watched for plugins: `NAME.wasm` with an optional sidecar `NAME.toml`.
+    ///
+    /// Default: `"./plugins.d"`.
+    pub plugins_dir: PathBuf,
+
+    /// On shutdown, how long in-flight invocations and pending commits may take to finish
+    /// before the host exits anyway. Unfinished deliveries are redelivered on restart.
+    ///
+    /// Default: `"10s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub shutdown_grace: Duration,
+
+    /// `[auth]`: bearer tokens for the HTTP API.
+    pub auth: AuthSection,
+
+    /// `[ingest]`: limits and backpressure for `POST /v1/events`.
+    pub ingest: IngestSection,
+
+    /// `[log]`: how the embedded event log commits appends.
+    pub log: LogSection,
+
+    /// `[runtime]`: engine-wide limits of the WebAssembly runtime.
+    pub runtime: RuntimeSection,
+
+    /// `[plugin_defaults]`: the policy of every plugin whose sidecar does not set a key.
+    /// Takes the keys of a sidecar except `subscribe` and `[config]`:
+    /// `concurrency`, `ordering`, `start`, `instance`, `max_calls` and the tables
+    /// `[plugin_defaults.retry]`, `[plugin_defaults.limits]`, `[plugin_defaults.effects]`
+    /// (see [`crate::plugins::manifest`] for each key).
+    pub plugin_defaults: PluginDefaults,
+}
+
+/// `[auth]`: bearer tokens (`Authorization: Bearer TOKEN`) for the HTTP API. With both
+/// lists empty there is no authentication, which is allowed only when `listen` is a
+/// loopback address.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// Tokens accepted on the ingest routes (`POST /v1/events…`). Any one of them is
+    /// enough. Empty means ingest needs no token.
+    ///
+    /// Default: `[]`.
+    pub ingest_tokens: Vec<String>,
+
+    /// Tokens accepted on the admin routes (`/v1/plugins…`, `/v1/dlq…`). Any one of them is
+    /// enough. Empty means admin routes need no token.
+    ///
+    /// Default: `[]`.
+    pub admin_tokens: Vec<String>,
+}
+
+impl fmt::Debug for AuthSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens are secrets: never print them.
+        f.debug_struct("AuthSection")
+            .field("ingest_tokens", &Redacted(self.ingest_tokens.len()))
+            .field("admin_tokens", &Redacted(self.admin_tokens.len()))
+            .finish()
+    }
+}
+
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} redacted>", self.0)
+    }
+}
+
+/// `[ingest]`: limits and backpressure for `POST /v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSection {
+    /// Largest request body: bytes, or a size such as `"4MiB"`. Bigger requests get `413`.
+    ///
+    /// Default: `"4MiB"`.
+    #[serde(deserialize_with = "deser::size_usize")]
+    pub max_body_bytes: usize,
+
+    /// Largest single event (its `data` plus attributes): bytes, or a size such as
+    /// `"1MiB"`. A bigger event gets `413`.
+    ///
+    /// Default: `"1MiB"`.
+    #[serde(deserialize_with = "deser::size_usize")]
+    pub max_event_bytes: usize,
+
+    /// Most events in one batch-mode request. At least 1.
+    ///
+    /// Default: 10000.
+    pub max_batch_events: usize,
+
+    /// Most events waiting for the log writer. Above this, ingest answers `503` with
+    /// `Retry-After` instead of queueing more. At least 1.
+    ///
+    /// Default: 100000.
+    pub max_pending_events: usize,
+
+    /// How long a refused producer is told to wait (the `Retry-After` header) under
+    /// backpressure.
+    ///
+    /// Default: `"1s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub retry_after: Duration,
+}
+
+/// How durable a commit of the embedded log is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync at every commit: an acknowledged event survives power loss.
+    #[default]
+    Full,
+    /// fsync only at checkpoints: faster; an acknowledged event survives a crash of the
+    /// host process, but the last commits may be lost on power loss or an OS crash.
+    Normal,
+}
+
+/// `[log]`: how the embedded event log commits appends. Producers get `202` only after
+/// the commit that holds their event.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Most appends in one commit (group commit). At least 1.
+    ///
+    /// Default: 4096.
+    pub group_commit_max_events: usize,
+
+    /// How long the writer may wait for more appends before committing a group. `"0ms"`
+    /// commits as soon as the writer is free; a few milliseconds trade latency for fewer
+    /// fsyncs under light load.
+    ///
+    /// Default: `"0ms"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub group_commit_max_delay: Duration,
+
+    /// `"full"`: fsync at every commit. `"normal"`: fsync only at checkpoints (faster, but
+    /// the last commits may be lost on power loss).
+    ///
+    /// Default: `"full"`.
+    pub synchronous: Synchronous,
+}
+
+/// `[runtime]`: engine-wide limits of the WebAssembly runtime, fixed while the host runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Plugin instances that may exist at once over all plugins; sizes the instance pool.
+    /// At least 1.
+    ///
+    /// Default: 1000.
+    pub max_instances: u32,
+
+    /// Ceiling on any plugin's `limits.memory`: bytes, or a size such as `"1GiB"`. Sizes
+    /// the pool's memory slots (virtual address space, not resident memory).
+    ///
+    /// Default: `"1GiB"`.
+    #[serde(deserialize_with = "deser::size")]
+    pub max_memory: u64,
+}
+
+/// The policy every plugin gets for the keys its sidecar does not set: the resolved
+/// `[plugin_defaults]` table. Always valid (checked like a sidecar when parsed).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "PolicyTable")]
+pub struct PluginDefaults {
+    /// Invocations in flight per plugin; at least 1. Default: 4.
+    pub concurrency: usize,
+    /// Ordering of deliveries. Default: `"none"`.
+    pub ordering: Ordering,
+    /// Where a new plugin starts reading the log. Default: `"latest"`.
+    pub start: Start,
+    /// Instance mode. Default: `"per-event"`.
+    pub instance: InstanceMode,
+    /// Calls per instance in reuse mode; at least 1. Default: 10000.
+    pub max_calls: u64,
+    /// `[plugin_defaults.retry]`. Default: [`RetryPolicy::default`].
+    pub retry: RetryPolicy,
+    /// `[plugin_defaults.limits]`. Default: [`PluginLimits::default`].
+    pub limits: PluginLimits,
+    /// `[plugin_defaults.effects]`. Default: [`EffectBounds::default`].
+    pub effects: EffectBounds,
+}
+
+impl PluginDefaults {
+    /// The runtime's isolation mode for `instance` and `max_calls`.
+    pub fn isolation(&self) -> Isolation {
+        match self.instance {
+            InstanceMode::PerEvent => Isolation::PerEvent,
+            InstanceMode::Reuse => Isolation::Reuse {
+                max_calls: self.max_calls,
+            },
+        }
+    }
+}
+
+impl Default for PluginDefaults {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            ordering: Ordering::None,
+            start: Start::Latest,
+            instance: InstanceMode::PerEvent,
+            max_calls: 10_000,
+            retry: RetryPolicy::default(),
+            limits: PluginLimits::default(),
+            effects: EffectBounds::default(),
+        }
+    }
+}
+
+impl TryFrom<PolicyTable> for PluginDefaults {
+    type Error = ManifestError;
+
+    fn try_from(table: PolicyTable) -> Result<Self, ManifestError> {
+        table
+            .apply_to(&PluginDefaults::default())
+            .map_err(|error| match error {
+                ManifestError::Invalid { key, reason } => ManifestError::Invalid {
+                    key: format!("plugin_defaults.{key}"),
+                    reason,
+                },
+                other => other,
+            })
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+            data_dir: PathBuf::from("./data"),
+            plugins_dir: PathBuf::from("./plugins.d"),
+            shutdown_grace: Duration::from_secs(10),
+            auth: AuthSection::default(),
+            ingest: IngestSection::default(),
+            log: LogSection::default(),
+            runtime: RuntimeSection::default(),
+            plugin_defaults: PluginDefaults::default(),
+        }
+    }
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_event_bytes: 1 << 20,
+            max_batch_events: 10_000,
+            max_pending_events: 100_000,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            group_commit_max_events: 4096,
+            group_commit_max_delay: Duration::ZERO,
+            synchronous: Synchronous::Full,
+        }
+    }
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        let engine = RuntimeConfig::default();
+        Self {
+            max_instances: engine.max_instances,
+            max_memory: engine.max_memory_bytes,
+        }
+    }
+}
+
+impl RuntimeSection {
+    /// The runtime's engine-wide settings.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            max_instances: self.max_instances,
+            max_memory_bytes: self.max_memory,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::parse(&text).map_err(|error| ConfigError::InFile {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })
+    }
+
+    /// Parses and validates a config file's text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Whether the listen address is beyond loopback, so the API must be guarded by tokens.
+    pub fn requires_tokens(&self) -> bool {
+        !is_loopback(self.listen.ip())
+    }
+
+    /// Checks the rules no single key can: the host refuses to listen beyond loopback
+    /// unless both token lists are set, and limits must be usable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.requires_tokens() {
+            for (key, tokens) in [
+                ("auth.ingest_tokens", &self.auth.ingest_tokens),
+                ("auth.admin_tokens", &self.auth.admin_tokens),
+            ] {
+                if tokens.is_empty() {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!(
+                            "is empty, but `listen` ({}) is not a loopback address: set both \
+                             `ingest_tokens` and `admin_tokens` under [auth], or listen on \
+                             127.0.0.1 or [::1]",
+                            self.listen
+                        ),
+                    ));
+                }
+            }
+        }
+        for (key, tokens) in [
+            ("auth.ingest_tokens", &self.auth.ingest_tokens),
+            ("auth.admin_tokens", &self.auth.admin_tokens),
+        ] {
+            if tokens.iter().any(|t| t.trim().is_empty()) {
+                return Err(ConfigError::invalid(key, "holds an empty token"));
+            }
+            if tokens.iter().any(|t| t.chars().any(char::is_whitespace)) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "holds a token with whitespace, which no `Authorization` header can carry",
+                ));
+            }
+        }
+        for (key, value) in [
+            ("ingest.max_body_bytes", self.ingest.max_body_bytes),
+            ("ingest.max_event_bytes", self.ingest.max_event_bytes),
+            ("ingest.max_batch_events", self.ingest.max_batch_events),
+            ("ingest.max_pending_events", self.ingest.max_pending_events),
+            (
+                "log.group_commit_max_events",
+                self.log.group_commit_max_events,
+            ),
+            ("runtime.max_instances", self.runtime.max_instances as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        if self.plugin_defaults.limits.memory_bytes > self.runtime.max_memory {
+            return Err(ConfigError::invalid(
+                "plugin_defaults.limits.memory",
+                format!(
+                    "({} bytes) is above `runtime.max_memory` ({} bytes)",
+                    self.plugin_defaults.limits.memory_bytes, self.runtime.max_memory
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    // `::ffff:127.0.0.1` is loopback too.
+    ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::retry::Backoff;
+
+    fn syntax_error(text: &str) -> String {
+        match Config::parse(text) {
+            Err(ConfigError::Syntax(message)) => message,
+            other => panic!("expected a syntax error for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.data_dir, Path::new("./data"));
+        assert_eq!(config.plugins_dir, Path::new("./plugins.d"));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+        assert!(config.auth.ingest_tokens.is_empty() && config.auth.admin_tokens.is_empty());
+        assert_eq!(config.ingest.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(config.ingest.max_event_bytes, 1024 * 1024);
+        assert_eq!(config.ingest.max_batch_events, 10_000);
+        assert_eq!(config.ingest.max_pending_events, 100_000);
+        assert_eq!(config.ingest.retry_after, Duration::from_secs(1));
+        assert_eq!(config.log.group_commit_max_events, 4096);
+        assert_eq!(config.log.group_commit_max_delay, Duration::ZERO);
+        assert_eq!(config.log.synchronous, Synchronous::Full);
+        assert_eq!(config.runtime.max_instances, 1000);
+        assert_eq!(config.runtime.max_memory, 1 << 30);
+        assert_eq!(config.runtime.runtime_config(), RuntimeConfig::default());
+        let defaults = &config.plugin_defaults;
+        assert_eq!(defaults.concurrency, 4);
+        assert_eq!(defaults.ordering, Ordering::None);
+        assert_eq!(defaults.start, Start::Latest);
+        assert_eq!(defaults.isolation(), Isolation::PerEvent);
+        assert_eq!(defaults.max_calls, 10_000);
+        assert_eq!(defaults.retry, RetryPolicy::default());
+        assert_eq!(defaults.limits, PluginLimits::default());
+        assert_eq!(defaults.effects, EffectBounds::default());
+        assert!(!config.requires_tokens());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn full_file() {
+        let config = Config::parse(
+            r#"
+            listen = "0.0.0.0:9000"
+            data_dir = "/var/lib/switchyard"
+            plugins_dir = "/etc/switchyard/plugins"
+            shutdown_grace = "30s"
+
+            [auth]
+            ingest_tokens = ["in-1", "in-2"]
+            admin_tokens = ["admin"]
+
+            [ingest]
+            max_body_bytes = "8MiB"
+            max_event_bytes = 65536
+            max_batch_events = 500
+            max_pending_events = 1000
+            retry_after = "2s"
+
+            [log]
+            group_commit_max_events = 128
+            group_commit_max_delay = "2ms"
+            synchronous = "normal"
+
+            [runtime]
+            max_instances = 50
+            max_memory = "512MiB"
+
+            [plugin_defaults]
+            concurrency = 16
+            ordering = "key"
+            start = "earliest"
+            instance = "reuse"
+            max_calls = 500
+
+            [plugin_defaults.retry]
+            max_attempts = 3
+            backoff = "constant"
+            initial = "1s"
+            max = "10s"
+            jitter = false
+            max_age = "none"
+
+            [plugin_defaults.limits]
+            fuel = 1_000_000
+            memory = "16MiB"
+            timeout = "1s"
+
+            [plugin_defaults.effects]
+            max_emits = 5
+            max_emit_bytes = "64KiB"
+            max_kv_writes = 10
+            max_kv_key_bytes = 128
+            max_kv_value_bytes = "4KiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.data_dir, Path::new("/var/lib/switchyard"));
+        assert_eq!(config.plugins_dir, Path::new("/etc/switchyard/plugins"));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.auth.ingest_tokens, ["in-1", "in-2"]);
+        assert_eq!(config.auth.admin_tokens, ["admin"]);
+        assert_eq!(
+            config.ingest,
+            IngestSection {
+                max_body_bytes: 8 << 20,
+                max_event_bytes: 65536,
+                max_batch_events: 500,
+                max_pending_events: 1000,
+                retry_after: Duration::from_secs(2),
+            }
+        );
+        assert_eq!(
+            config.log,
+            LogSection {
+                group_commit_max_events: 128,
+                group_commit_max_delay: Duration::from_millis(2),
+                synchronous: Synchronous::Normal,
+            }
+        );
+        assert_eq!(
+            config.runtime.runtime_config(),
+            RuntimeConfig {
+                max_instances: 50,
+                max_memory_bytes: 512 << 20,
+            }
+        );
+        assert_eq!(
+            config.plugin_defaults,
+            PluginDefaults {
+                concurrency: 16,
+                ordering: Ordering::Key,
+                start: Start::Earliest,
+                instance: InstanceMode::Reuse,
+                max_calls: 500,
+                retry: RetryPolicy {
+                    max_attempts: 3,
+                    backoff: Backoff::Constant,
+                    initial: Duration::from_secs(1),
+                    max: Duration::from_secs(10),
+                    jitter: false,
+                    max_age: None,
+                },
+                limits: PluginLimits {
+                    fuel: 1_000_000,
+                    memory_bytes: 16 << 20,
+                    timeout: Duration::from_secs(1),
+                },
+                effects: EffectBounds {
+                    max_emits: 5,
+                    max_emit_bytes: 64 << 10,
+                    max_kv_writes: 10,
+                    max_kv_key_bytes: 128,
+                    max_kv_value_bytes: 4 << 10,
+                },
+            }
+        );
+        assert_eq!(
+            config.plugin_defaults.isolation(),
+            Isolation::Reuse { max_calls: 500 }
+        );
+        assert!(config.requires_tokens());
+    }
+
+    #[test]
+    fn partial_plugin_defaults_keep_the_other_defaults() {
+        let config = Config::parse("[plugin_defaults.retry]\nmax_attempts = 2").unwrap();
+        assert_eq!(
+            config.plugin_defaults,
+            PluginDefaults {
+                retry: RetryPolicy {
+                    max_attempts: 2,
+                    ..RetryPolicy::default()
+                },
+                ..PluginDefaults::default()
+            }
+        );
+    }
+
+    #[test]
+    fn sidecars_resolve_over_the_configured_defaults() {
+        use crate::plugins::manifest::Manifest;
+        let config = Config::parse(
+            "[plugin_defaults]\nconcurrency = 12\n[plugin_defaults.limits]\nfuel = 99",
+        )
+        .unwrap();
+        let policy = Manifest::parse("[limits]\ntimeout = \"1s\"")
+            .unwrap()
+            .resolve(&config.plugin_defaults)
+            .unwrap();
+        assert_eq!(policy.concurrency, 12);
+        assert_eq!(policy.settings.limits.fuel, 99);
+        assert_eq!(policy.settings.limits.timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_at_every_level() {
+        for (text, key) in [
+            ("lisen = \"127.0.0.1:1\"", "lisen"),
+            ("[auth]\ningest_token = []", "ingest_token"),
+            ("[ingest]\nmax_body = 1", "max_body"),
+            ("[log]\nsync = \"full\"", "sync"),
+            ("[runtime]\nmax_instance = 1", "max_instance"),
+            ("[plugin_defaults]\nsubscribe = [\"a\"]", "subscribe"),
+            ("[plugin_defaults.retry]\nattempts = 1", "attempts"),
+            ("[plugin_defaults.limits]\nmem = 1", "mem"),
+            ("[plugin_defaults.effects]\nemits = 1", "emits"),
+            ("[plugin_defaults.config]\na = 1", "config"),
+            ("[metrics]\nenabled = true", "metrics"),
+        ] {
+            let message = syntax_error(text);
+            assert!(message.contains(&format!("`{key}`")), "{text:?}: {message}");
+            assert!(message.contains("unknown field"), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, needle) in [
+            ("shutdown_grace = \"10\"", "invalid duration `10`"),
+            ("shutdown_grace = 10", "a duration string"),
+            (
+                "[ingest]\nretry_after = \"1 fortnight\"",
+                "invalid duration",
+            ),
+            (
+                "[log]\ngroup_commit_max_delay = \"-1ms\"",
+                "invalid duration",
+            ),
+            ("[ingest]\nmax_body_bytes = \"4 MiBs\"", "unknown unit"),
+            ("[ingest]\nmax_event_bytes = \"1.5MiB\"", "fractions"),
+            ("[runtime]\nmax_memory = -1", "a number of bytes"),
+            ("[log]\nsynchronous = \"off\"", "off"),
+            ("listen = \"localhost\"", "listen"),
+            ("[plugin_defaults.retry]\nbackoff = \"random\"", "random"),
+        ] {
+            let message = syntax_error(text);
+            assert!(message.contains(needle), "{text:?}: {message}");
+            assert!(
+                message.contains("line"),
+                "{text:?} should name the line: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_plugin_defaults_name_the_key() {
+        for (text, key) in [
+            (
+                "[plugin_defaults]\nconcurrency = 0",
+                "`plugin_defaults.concurrency`",
+            ),
+            (
+                "[plugin_defaults.retry]\nmax_attempts = 0",
+                "`plugin_defaults.retry.max_attempts`",
+            ),
+            (
+                "[plugin_defaults.retry]\ninitial = \"2m\"",
+                "`plugin_defaults.retry.initial`",
+            ),
+            (
+                "[plugin_defaults.limits]\ntimeout = \"0s\"",
+                "`plugin_defaults.limits.timeout`",
+            ),
+        ] {
+            let message = syntax_error(text);
+            assert!(message.contains(key), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (text, key) in [
+            ("[ingest]\nmax_batch_events = 0", "ingest.max_batch_events"),
+            (
+                "[ingest]\nmax_pending_events = 0",
+                "ingest.max_pending_events",
+            ),
+            (
+                "[log]\ngroup_commit_max_events = 0",
+                "log.group_commit_max_events",
+            ),
+            ("[runtime]\nmax_instances = 0", "runtime.max_instances"),
+            (
+                "[runtime]\nmax_memory = \"32MiB\"",
+                "plugin_defaults.limits.memory",
+            ),
+            ("[auth]\ningest_tokens = [\"\"]", "auth.ingest_tokens"),
+            ("[auth]\nadmin_tokens = [\"a b\"]", "auth.admin_tokens"),
+        ] {
+            match Config::parse(text) {
+                Err(ConfigError::Invalid { key: found, .. }) => assert_eq!(found, key, "{text:?}"),
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_both_token_lists() {
+        for listen in [
+            "0.0.0.0:8080",
+            "10.1.2.3:80",
+            "[::]:8080",
+            "[2001:db8::1]:80",
+        ] {
+            let bare = format!("listen = \"{listen}\"");
+            let error = Config::parse(&bare).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                matches!(&error, ConfigError::Invalid { key, .. } if key == "auth.ingest_tokens"),
+                "{listen}: {message}"
+            );
+            assert!(
+                message.contains("ingest_tokens") && message.contains("admin_tokens"),
+                "{message}"
+            );
+            assert!(message.contains(listen), "{message}");
+
+            let only_ingest = format!("{bare}\n[auth]\ningest_tokens = [\"t\"]");
+            assert!(
+                matches!(Config::parse(&only_ingest), Err(ConfigError::Invalid { key, .. }) if key == "auth.admin_tokens")
+            );
+            let only_admin = format!("{bare}\n[auth]\nadmin_tokens = [\"t\"]");
+            assert!(
+                matches!(Config::parse(&only_admin), Err(ConfigError::Invalid { key, .. }) if key == "auth.ingest_tokens")
+            );
+
+            let both = format!("{bare}\n[auth]\ningest_tokens = [\"i\"]\nadmin_tokens = [\"a\"]");
+            let config = Config::parse(&both).unwrap();
+            assert!(config.requires_tokens());
+        }
+    }
+
+    #[test]
+    fn loopback_listen_needs_no_tokens() {
+        for listen in [
+            "127.0.0.1:8080",
+            "127.9.9.9:1",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let config = Config::parse(&format!("listen = \"{listen}\"")).unwrap();
+            assert!(!config.requires_tokens(), "{listen}");
+        }
+    }
+
+    #[test]
+    fn validate_rechecks_a_changed_config() {
+        let mut config = Config::default();
+        config.listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(config.validate().is_err());
+        config.auth.ingest_tokens = vec!["i".into()];
+        config.auth.admin_tokens = vec!["a".into()];
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn tokens_are_not_printed() {
+        let config = Config::parse("[auth]\ningest_tokens = [\"s3cret\"]").unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("<1 redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchyard.toml");
+
+        let missing = Config::load(&path).unwrap_err().to_string();
+        assert!(missing.contains("switchyard.toml"), "{missing}");
+
+        std::fs::write(&path, "[log]\nsynchronus = \"full\"\n").unwrap();
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("switchyard.toml"), "{message}");
+        assert!(message.contains("`synchronus`"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+
+        std::fs::write(&path, "listen = \"0.0.0.0:1\"").unwrap();
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("switchyard.toml") && message.contains("auth"),
+            "{message}"
+        );
+
+        std::fs::write(&path, "shutdown_grace = \"1m\"").unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap().shutdown_grace,
+            Duration::from_secs(60)
+        );
+    }
+}
