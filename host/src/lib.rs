@@ -15,6 +15,7 @@ pub mod config;
 pub mod dispatch;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod pattern;
 pub mod plugins;
 pub mod runtime;

@@ -14,6 +14,7 @@
 
 pub mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -200,6 +201,18 @@ pub struct ConsumerStats {
     pub dead_letters: u64,
 }
 
+/// What a consumer delivers.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Event-type patterns; an event matching any of them is delivered once.
+    pub patterns: Vec<Pattern>,
+    /// Where a consumer created now starts.
+    pub start: StartPosition,
+    /// Most new events handed out and not yet settled; bounds the dispatcher's memory.
+    /// Retries are handed out regardless, so a full window never blocks them.
+    pub window: usize,
+}
+
 /// One plugin's view of the log.
 #[async_trait]
 pub trait Consumer: Send + Sync {
@@ -224,14 +237,13 @@ pub trait Bus: KvSource + Send + Sync + 'static {
     /// The sequence of the last event in the log (0 when empty).
     async fn head(&self) -> Result<u64, BusError>;
 
-    /// Opens (creating on first use) the consumer of `plugin` for events matching
-    /// `patterns`. The position, retries and dead letters belong to the plugin's name.
+    /// Opens (creating on first use) the consumer of `plugin`. The position, retries and
+    /// dead letters belong to the plugin's name, so a new version of the plugin resumes.
     async fn consumer(
         &self,
         plugin: &str,
-        patterns: Vec<Pattern>,
-        start: StartPosition,
-    ) -> Result<Box<dyn Consumer>, BusError>;
+        spec: ConsumerSpec,
+    ) -> Result<Arc<dyn Consumer>, BusError>;
 
     /// Counters of one plugin's consumer.
     async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError>;

@@ -24,8 +24,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Appended, AttemptError, Bus, BusError, Consumer, ConsumerStats, DeadLetter, DeadLetterQuery,
-    DeadLetterReason, Delivery, LogQuery, Settlement, StartPosition, StoredEvent,
+    Appended, AttemptError, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter,
+    DeadLetterQuery, DeadLetterReason, Delivery, LogQuery, Settlement, StartPosition, StoredEvent,
 };
 use crate::event::Event;
 use crate::pattern::Pattern;
@@ -195,7 +195,8 @@ fn storage(error: impl std::fmt::Display) -> BusError {
     BusError::Storage(error.to_string())
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -812,10 +813,10 @@ impl Bus for SqliteBus {
     async fn consumer(
         &self,
         plugin: &str,
-        patterns: Vec<Pattern>,
-        start: StartPosition,
-    ) -> Result<Box<dyn Consumer>, BusError> {
+        spec: ConsumerSpec,
+    ) -> Result<Arc<dyn Consumer>, BusError> {
         let name = plugin.to_owned();
+        let start = spec.start;
         let cursor = self
             .submit(|reply| Job::OpenCursor {
                 plugin: name,
@@ -834,10 +835,12 @@ impl Bus for SqliteBus {
                 rows.collect()
             })
             .await?;
-        Ok(Box::new(SqliteConsumer {
+        Ok(Arc::new(SqliteConsumer {
             bus: self.clone(),
             plugin: plugin.to_owned(),
-            patterns,
+            patterns: spec.patterns,
+            window: spec.window.max(1),
+            room: tokio::sync::Notify::new(),
             state: Mutex::new(ConsumerState {
                 read_position: cursor,
                 persisted_cursor: cursor,
@@ -1011,7 +1014,10 @@ struct SqliteConsumer {
     bus: SqliteBus,
     plugin: String,
     patterns: Vec<Pattern>,
+    window: usize,
     state: Mutex<ConsumerState>,
+    /// Signalled when a settlement frees room in the window.
+    room: tokio::sync::Notify,
 }
 
 impl SqliteConsumer {
@@ -1063,7 +1069,13 @@ impl SqliteConsumer {
     }
 
     async fn new_events(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
-        let after = self.state().read_position;
+        let after = {
+            let state = self.state();
+            if state.outstanding.len() >= self.window {
+                return Ok(Vec::new());
+            }
+            state.read_position
+        };
         let rows = self
             .bus
             .read(move |conn| {
@@ -1079,9 +1091,10 @@ impl SqliteConsumer {
             // Another call moved on meanwhile; this one's view is stale.
             return Ok(Vec::new());
         }
+        let room = max.min(self.window.saturating_sub(state.outstanding.len()));
         let mut taken = Vec::new();
         for stored in rows {
-            if taken.len() == max {
+            if taken.len() == room {
                 break;
             }
             state.read_position = stored.sequence;
@@ -1141,6 +1154,7 @@ impl Consumer for SqliteConsumer {
                         return Err(BusError::Closed);
                     }
                 }
+                () = self.room.notified() => {}
                 () = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
             }
         }
@@ -1173,6 +1187,8 @@ impl Consumer for SqliteConsumer {
                 })))
                 .map_err(|_| BusError::Closed)?;
         }
-        answer.await.map_err(|_| BusError::Closed)?
+        let result = answer.await.map_err(|_| BusError::Closed)?;
+        self.room.notify_one();
+        result
     }
 }

@@ -1,2 +1,395 @@
-//! placeholder
+//! The dispatcher: one consumer per plugin, feeding its events into the runtime and
+//! settling each attempt on the bus.
+//!
+//! Per plugin, a fetch task pulls deliveries from the plugin's [`Consumer`] into a
+//! bounded channel, and the dispatch loop runs each in its own task, at most
+//! `concurrency` at once (a semaphore). Plugins never share a consumer, a channel or a
+//! semaphore, so a slow or failing plugin holds back no other.
+//!
+//! With `ordering = "key"`, the loop keeps one delivery per key in flight and parks
+//! later events of that key in log order; a delivery waiting for its retry keeps its key
+//! held, so a later event of the key cannot overtake it. (A retry pending from before a
+//! restart does not hold its key: the restarted dispatcher learns of it when it is due.)
+//!
+//! Each attempt ends in exactly one settlement: success commits the effects with the
+//! acknowledgement; a retryable failure schedules a retry with the plugin's backoff, or
+//! dead-letters the event when attempts or age run out; `reject` and effects violations
+//! dead-letter at once. A settlement the bus cannot store is retried until it is, or
+//! until shutdown (the event is then delivered again after restart: at-least-once).
+
 pub mod retry;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use self::retry::RetryDecision;
+use crate::bus::{
+    AttemptError, Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery,
+    Settlement, StartPosition,
+};
+use crate::event::PARTITION_KEY;
+use crate::metrics::Metrics;
+use crate::pattern::Pattern;
+use crate::plugins::manifest::{Ordering, PluginPolicy, Start};
+use crate::runtime::{self, FailureKind, KvSource, Plugin};
+
+/// Live state of one plugin's dispatcher, for status and metrics.
+#[derive(Debug, Default)]
+pub struct DispatchState {
+    in_flight: AtomicU64,
+    last_error: Mutex<Option<AttemptError>>,
+}
+
+impl DispatchState {
+    /// Deliveries being handled now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(AtomicOrdering::Relaxed)
+    }
+
+    /// The most recent failed attempt.
+    pub fn last_error(&self) -> Option<AttemptError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What one plugin's dispatcher needs.
+pub struct Target {
+    /// The plugin's name; its consumer, retries, dead letters and KV belong to it.
+    pub name: String,
+    /// The loaded plugin.
+    pub plugin: Arc<Plugin>,
+    /// Its policy.
+    pub policy: PluginPolicy,
+    /// The patterns it receives.
+    pub subscriptions: Vec<Pattern>,
+    /// Shared live state.
+    pub state: Arc<DispatchState>,
+}
+
+/// A running dispatcher of one plugin.
+pub struct Dispatcher {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Dispatcher {
+    /// Starts dispatching to `target`.
+    pub fn spawn(bus: Arc<dyn Bus>, metrics: Arc<Metrics>, target: Target) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(bus, metrics, target, stopped));
+        Self { stop, task }
+    }
+
+    /// Stops fetching, lets in-flight deliveries finish within `grace` and settles them.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn ordering_key(delivery: &Delivery) -> String {
+    let event = &delivery.stored.event;
+    event
+        .extension(PARTITION_KEY)
+        .or(event.subject.as_deref())
+        .unwrap_or("")
+        .to_owned()
+}
+
+async fn open_consumer(
+    bus: &Arc<dyn Bus>,
+    target: &Target,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<Arc<dyn Consumer>> {
+    let spec = ConsumerSpec {
+        patterns: target.subscriptions.clone(),
+        start: match target.policy.start {
+            Start::Latest => StartPosition::Latest,
+            Start::Earliest => StartPosition::Earliest,
+        },
+        window: target.policy.concurrency.saturating_mul(4).max(16),
+    };
+    loop {
+        match bus.consumer(&target.name, spec.clone()).await {
+            Ok(consumer) => return Some(consumer),
+            Err(BusError::Closed) => return None,
+            Err(error) => {
+                tracing::error!(plugin = %target.name, %error, "cannot open the plugin's consumer; retrying");
+                tokio::select! {
+                    _ = stopped.changed() => return None,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Which key, if any, a finished delivery held, and whether it released it.
+struct Finished {
+    key: Option<String>,
+    sequence: u64,
+    released: bool,
+}
+
+async fn run(
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    target: Target,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let Some(consumer) = open_consumer(&bus, &target, &mut stopped).await else {
+        return;
+    };
+    let concurrency = target.policy.concurrency.max(1);
+    let (deliveries, mut incoming) = mpsc::channel::<Delivery>(concurrency * 2);
+    let fetcher = tokio::spawn(fetch(
+        Arc::clone(&consumer),
+        deliveries,
+        concurrency,
+        stopped.clone(),
+        target.name.clone(),
+    ));
+
+    let context = Arc::new(Context {
+        kv: Arc::new(BusKv(Arc::clone(&bus))),
+        consumer,
+        metrics,
+        plugin: Arc::clone(&target.plugin),
+        policy: target.policy.clone(),
+        name: target.name.clone(),
+        state: Arc::clone(&target.state),
+        permits: Arc::new(Semaphore::new(concurrency)),
+    });
+    let by_key = target.policy.ordering == Ordering::Key;
+    // Keys with a delivery in flight or waiting for its retry: the holder's sequence and
+    // the later deliveries parked behind it.
+    let mut held: HashMap<String, (u64, VecDeque<Delivery>)> = HashMap::new();
+    let mut tasks: JoinSet<Finished> = JoinSet::new();
+
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            received = incoming.recv() => {
+                let Some(delivery) = received else { break };
+                if by_key {
+                    let key = ordering_key(&delivery);
+                    match held.get_mut(&key) {
+                        Some((holder, parked)) if *holder != delivery.stored.sequence => {
+                            parked.push_back(delivery);
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => {
+                            held.insert(key.clone(), (delivery.stored.sequence, VecDeque::new()));
+                        }
+                    }
+                    tasks.spawn(handle(Arc::clone(&context), delivery, Some(key)));
+                } else {
+                    tasks.spawn(handle(Arc::clone(&context), delivery, None));
+                }
+            }
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok(Finished { key: Some(key), sequence, released }) = finished else { continue };
+                if !released {
+                    continue;
+                }
+                if let Some((holder, parked)) = held.get_mut(&key) {
+                    if *holder != sequence {
+                        continue;
+                    }
+                    match parked.pop_front() {
+                        Some(next) => {
+                            *holder = next.stored.sequence;
+                            tasks.spawn(handle(Arc::clone(&context), next, Some(key)));
+                        }
+                        None => {
+                            held.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    fetcher.abort();
+    // Let the deliveries in flight finish and settle; the caller bounds how long.
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn fetch(
+    consumer: Arc<dyn Consumer>,
+    deliveries: mpsc::Sender<Delivery>,
+    batch: usize,
+    mut stopped: watch::Receiver<bool>,
+    plugin: String,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stopped.changed() => return,
+            next = consumer.next(batch) => next,
+        };
+        match next {
+            Ok(batch) => {
+                for delivery in batch {
+                    if deliveries.send(delivery).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(BusError::Closed) => return,
+            Err(error) => {
+                tracing::error!(%plugin, %error, "cannot read the plugin's next events; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+struct Context {
+    kv: Arc<dyn KvSource>,
+    consumer: Arc<dyn Consumer>,
+    metrics: Arc<Metrics>,
+    plugin: Arc<Plugin>,
+    policy: PluginPolicy,
+    name: String,
+    state: Arc<DispatchState>,
+    permits: Arc<Semaphore>,
+}
+
+/// Runs one attempt and settles it.
+async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
+    let sequence = delivery.stored.sequence;
+    let Ok(_permit) = Arc::clone(&context.permits).acquire_owned().await else {
+        return Finished { key, sequence, released: false };
+    };
+    context.state.in_flight.fetch_add(1, AtomicOrdering::Relaxed);
+    let outcome = context
+        .plugin
+        .invoke(
+            &delivery.stored.event,
+            runtime::Delivery {
+                attempt: delivery.attempt,
+                max_attempts: context.policy.retry.max_attempts,
+                sequence,
+            },
+            Arc::clone(&context.kv),
+        )
+        .await;
+    let outcome_name = match &outcome.result {
+        Ok(_) => "ok",
+        Err(failure) => failure.kind.as_str(),
+    };
+    context
+        .metrics
+        .delivery(&context.name, outcome_name, outcome.duration, outcome.fuel_used);
+
+    let settlement = match outcome.result {
+        Ok(effects) => Settlement::Ack(effects),
+        Err(failure) => {
+            let mut errors = delivery.errors.clone();
+            let error = AttemptError {
+                attempt: delivery.attempt,
+                kind: failure.kind.as_str().to_owned(),
+                message: failure.message,
+                at_ms: now_ms(),
+            };
+            tracing::warn!(
+                plugin = %context.name,
+                event_id = %delivery.stored.event.id,
+                attempt = delivery.attempt,
+                kind = %error.kind,
+                "{}",
+                error.message
+            );
+            *context
+                .state
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
+            errors.push(error);
+            decide(&context, &delivery, failure.kind, errors)
+        }
+    };
+    let released = !matches!(settlement, Settlement::Retry { .. });
+    match &settlement {
+        Settlement::Retry { .. } => context.metrics.retry_scheduled(&context.name),
+        Settlement::DeadLetter { reason, .. } => {
+            context.metrics.dead_lettered(&context.name, reason.as_str());
+        }
+        Settlement::Ack(_) => {}
+    }
+    settle(&context, &delivery, settlement).await;
+    context.state.in_flight.fetch_sub(1, AtomicOrdering::Relaxed);
+    Finished { key, sequence, released }
+}
+
+fn decide(
+    context: &Context,
+    delivery: &Delivery,
+    kind: FailureKind,
+    errors: Vec<AttemptError>,
+) -> Settlement {
+    if kind == FailureKind::Reject {
+        return Settlement::DeadLetter { reason: DeadLetterReason::Rejected, errors };
+    }
+    if kind == FailureKind::Effects {
+        return Settlement::DeadLetter { reason: DeadLetterReason::Effects, errors };
+    }
+    let age_ms = now_ms().saturating_sub(delivery.stored.ingested_at_ms).max(0);
+    let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
+    match context
+        .policy
+        .retry
+        .decide(delivery.attempt, age, &mut rand::rng())
+    {
+        RetryDecision::RetryAfter(delay) => Settlement::Retry { delay, errors },
+        RetryDecision::Exhausted => Settlement::DeadLetter { reason: DeadLetterReason::Exhausted, errors },
+        RetryDecision::Expired => Settlement::DeadLetter { reason: DeadLetterReason::Expired, errors },
+    }
+}
+
+async fn settle(context: &Context, delivery: &Delivery, settlement: Settlement) {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match context.consumer.settle(delivery, settlement.clone()).await {
+            Ok(()) => return,
+            Err(BusError::Closed) => return,
+            Err(error) => {
+                tracing::error!(plugin = %context.name, event_id = %delivery.stored.event.id, %error, "cannot settle; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// KV reads through the bus, for the runtime.
+struct BusKv(Arc<dyn Bus>);
+
+#[async_trait::async_trait]
+impl KvSource for BusKv {
+    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.0.get(plugin, key).await
+    }
+
+    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+        self.0.keys(plugin, prefix).await
+    }
+}

@@ -464,7 +464,7 @@ fn validate(policy: &PluginDefaults) -> Result<(), ManifestError> {
         return Err(ManifestError::invalid(
             "retry.initial",
             format!(
-                "({}) must not be longer than `retry.max` ({})",
+                "({}) must not be longer than `max` ({})",
                 humantime::format_duration(policy.retry.initial),
                 humantime::format_duration(policy.retry.max),
             ),
@@ -580,7 +580,9 @@ pub(crate) mod deser {
             if v.trim().eq_ignore_ascii_case("none") {
                 Ok(None)
             } else {
-                parse_duration(v).map(Some).map_err(E::custom)
+                parse_duration(v)
+                    .map(Some)
+                    .map_err(|e| E::custom(format!("{e}, or \"none\" for no limit")))
             }
         }
     }
@@ -915,10 +917,7 @@ mod tests {
             ("[retry]\nbackoff = \"fibonacci\"", "fibonacci"),
             ("[retry]\ninitial = \"soon\"", "invalid duration `soon`"),
             ("[retry]\ninitial = 200", "a duration string"),
-            (
-                "[retry]\nmax_age = \"forever\"",
-                "invalid duration `forever`",
-            ),
+            ("[retry]\nmax_age = \"forever\"", "or \"none\" for no limit"),
             ("[limits]\nmemory = \"64 megs\"", "unknown unit"),
             ("[limits]\nmemory = -5", "a number of bytes"),
             ("[limits]\nmemory = true", "a number of bytes"),
@@ -961,7 +960,7 @@ mod tests {
             .to_string();
         assert_eq!(
             message,
-            "`retry.initial` (2s) must not be longer than `retry.max` (1s)"
+            "`retry.initial` (2s) must not be longer than `max` (1s)"
         );
         assert_eq!(
             resolve("concurrency = 0").unwrap_err().to_string(),

@@ -1,2 +1,141 @@
-//! placeholder
+//! The plugins of a host: loading the plugin directory (`NAME.wasm` plus an optional
+//! operator sidecar `NAME.toml`) into a table of loaded and failed plugins.
+//!
+//! A plugin's identity is its NAME (the file stem); its consumer position, retries, dead
+//! letters and KV belong to that name. A file that fails to load is kept in the table as
+//! failed, with its error, so status shows it; it never takes down the others.
+
 pub mod manifest;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::PluginDefaults;
+use crate::dispatch::DispatchState;
+use crate::pattern::Pattern;
+use crate::runtime::{Plugin, Runtime};
+
+use self::manifest::{Manifest, PluginPolicy};
+
+/// A plugin that loaded and is serving.
+pub struct LoadedPlugin {
+    /// The compiled plugin.
+    pub plugin: Arc<Plugin>,
+    /// Its resolved policy.
+    pub policy: PluginPolicy,
+    /// What it receives: the sidecar's `subscribe`, else what `describe()` returned.
+    pub subscriptions: Vec<Pattern>,
+    /// Live dispatch state.
+    pub state: Arc<DispatchState>,
+}
+
+/// One entry of the plugin table.
+pub struct PluginEntry {
+    /// The plugin's name.
+    pub name: String,
+    /// Its `.wasm` file.
+    pub file: PathBuf,
+    /// When the entry was made, in milliseconds since the Unix epoch.
+    pub loaded_at_ms: i64,
+    /// The plugin, or why it failed to load.
+    pub status: Result<LoadedPlugin, String>,
+}
+
+/// Whether a file stem may name a plugin: 1 to 64 of `[A-Za-z0-9_-]`.
+pub fn is_valid_plugin_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Loads one plugin: its sidecar (if any), then its component.
+pub async fn load_plugin(
+    runtime: &Runtime,
+    name: &str,
+    file: &Path,
+    defaults: &PluginDefaults,
+) -> Result<LoadedPlugin, String> {
+    if !is_valid_plugin_name(name) {
+        return Err(format!(
+            "{}: a plugin name must be 1 to 64 of A-Z, a-z, 0-9, `_` and `-`",
+            file.display()
+        ));
+    }
+    let sidecar = file.with_extension("toml");
+    let manifest = match tokio::fs::read_to_string(&sidecar).await {
+        Ok(text) => Manifest::parse(&text).map_err(|e| format!("{}: {e}", sidecar.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
+        Err(e) => return Err(format!("{}: cannot read: {e}", sidecar.display())),
+    };
+    let policy = manifest
+        .resolve(defaults)
+        .map_err(|e| format!("{}: {e}", sidecar.display()))?;
+    let plugin = runtime
+        .load(
+            name,
+            &file.display().to_string(),
+            tokio::fs::read(file)
+                .await
+                .map_err(|e| format!("{}: cannot read the file: {e}", file.display()))?,
+            policy.settings.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let subscriptions = policy
+        .subscribe
+        .clone()
+        .unwrap_or_else(|| plugin.info().subscriptions.clone());
+    Ok(LoadedPlugin {
+        plugin: Arc::new(plugin),
+        policy,
+        subscriptions,
+        state: Arc::new(DispatchState::default()),
+    })
+}
+
+/// Loads every `*.wasm` in `dir`. A missing directory is created empty.
+pub async fn load_directory(
+    runtime: &Runtime,
+    dir: &Path,
+    defaults: &PluginDefaults,
+) -> std::io::Result<BTreeMap<String, PluginEntry>> {
+    tokio::fs::create_dir_all(dir).await?;
+    let mut files = Vec::new();
+    let mut entries = tokio::fs::read_dir(dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "wasm") && entry.file_type().await?.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut table = BTreeMap::new();
+    for file in files {
+        let name = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let status = load_plugin(runtime, &name, &file, defaults).await;
+        match &status {
+            Ok(loaded) => tracing::info!(
+                plugin = %name,
+                version = %loaded.plugin.info().version,
+                subscriptions = ?loaded.subscriptions.iter().map(Pattern::as_str).collect::<Vec<_>>(),
+                "plugin loaded"
+            ),
+            Err(error) => tracing::error!(plugin = %name, "plugin failed to load: {error}"),
+        }
+        table.insert(
+            name.clone(),
+            PluginEntry {
+                name,
+                file,
+                loaded_at_ms: crate::bus::sqlite::now_ms(),
+                status,
+            },
+        );
+    }
+    Ok(table)
+}

@@ -1,0 +1,174 @@
+//! Ingest (`POST /v1/events`, `POST /v1/events/{type}`) and reading the log
+//! (`GET /v1/events`).
+//!
+//! Invariant: `202` is sent only after the bus says the events are durable. A body over
+//! the limit is refused before it is read whole; a refused request stores nothing.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::cloudevents::{self, ParseLimits};
+use super::{ApiError, AppState, rfc3339_ms};
+use crate::bus::{BusError, LogQuery};
+use crate::event::Event;
+use crate::pattern::Pattern;
+
+/// Reads a request body up to the configured limit.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let limit = state.config.ingest.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large = std::iter::successors(
+            Some(&error as &(dyn std::error::Error + 'static)),
+            |e| e.source(),
+        )
+        .any(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request("bad_body", format!("cannot read the request body: {error}"))
+        }
+    })
+}
+
+fn limits(state: &AppState) -> ParseLimits {
+    ParseLimits {
+        max_event_bytes: state.config.ingest.max_event_bytes,
+        max_batch_events: state.config.ingest.max_batch_events,
+    }
+}
+
+/// Maps a bus failure on the ingest path to a 503 that tells the producer when to retry.
+fn unavailable(state: &AppState, error: BusError) -> ApiError {
+    let retry_after = state.config.ingest.retry_after.as_secs().max(1);
+    match error {
+        BusError::Saturated { .. } => ApiError::unavailable(
+            "the log writer is saturated; retry later",
+            retry_after,
+        ),
+        BusError::Closed => ApiError::unavailable("the host is shutting down", retry_after),
+        other => {
+            tracing::error!(error = %other, "append failed");
+            ApiError::unavailable("the log cannot store events right now", retry_after)
+        }
+    }
+}
+
+async fn append(state: &AppState, events: Vec<Event>) -> Result<Response, ApiError> {
+    let ids: Vec<(String, String)> = events.iter().map(|e| (e.id.clone(), e.source.clone())).collect();
+    let appended = state
+        .bus
+        .append(events)
+        .await
+        .map_err(|e| {
+            state.metrics.ingest_rejected("unavailable");
+            unavailable(state, e)
+        })?;
+    let fresh = appended.iter().filter(|a| !a.duplicate).count();
+    state.metrics.events_ingested(fresh as u64);
+    let accepted: Vec<serde_json::Value> = ids
+        .into_iter()
+        .zip(appended)
+        .map(|((id, source), a)| {
+            json!({"id": id, "source": source, "sequence": a.sequence, "duplicate": a.duplicate})
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response())
+}
+
+fn counted(state: &AppState, error: ApiError) -> ApiError {
+    state.metrics.ingest_rejected(error.code());
+    error
+}
+
+/// `POST /v1/events`: binary, structured or batched CloudEvents.
+pub(super) async fn ingest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&state, &headers, body)
+        .await
+        .map_err(|e| counted(&state, e))?;
+    let events = cloudevents::parse_events(&headers, &body, &limits(&state))
+        .map_err(|e| counted(&state, e))?;
+    append(&state, events).await
+}
+
+/// `POST /v1/events/{type}`: a plain JSON body as the data of one event.
+pub(super) async fn ingest_typed(
+    State(state): State<Arc<AppState>>,
+    Path(ty): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&state, &headers, body)
+        .await
+        .map_err(|e| counted(&state, e))?;
+    let event = cloudevents::parse_typed_event(&ty, &headers, &body, &limits(&state))
+        .map_err(|e| counted(&state, e))?;
+    append(&state, vec![event]).await
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LogParams {
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    subject: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Most events one `GET /v1/events` returns.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /v1/events?type=&subject=&after=&limit=`.
+pub(super) async fn read_log(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<LogParams>,
+) -> Result<Response, ApiError> {
+    let pattern = params
+        .ty
+        .as_deref()
+        .map(Pattern::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("`type`: {e}")))?;
+    let limit = params.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let events = state
+        .bus
+        .read_log(LogQuery {
+            after: params.after.unwrap_or(0),
+            pattern,
+            subject: params.subject,
+            limit,
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    let next_after = events.last().map(|e| e.sequence);
+    let events: Vec<serde_json::Value> = events
+        .iter()
+        .map(|stored| {
+            json!({
+                "sequence": stored.sequence,
+                "ingested_at": rfc3339_ms(stored.ingested_at_ms),
+                "event": cloudevents::to_json(&stored.event),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "events": events, "next_after": next_after })).into_response())
+}

@@ -1,0 +1,239 @@
+//! Prometheus metrics of the host, rendered as text for `GET /metrics`.
+//!
+//! Counters live in memory and start from zero at every start, as Prometheus expects;
+//! gauges that the bus knows (lag, pending retries) are read at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+/// Upper bounds of the handler duration histogram, in seconds.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; DURATION_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+struct PluginCounters {
+    deliveries: BTreeMap<&'static str, u64>,
+    duration: Histogram,
+    fuel: u64,
+    retries: u64,
+    dead_letters: BTreeMap<&'static str, u64>,
+}
+
+/// A per-plugin gauge value read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PluginGauges {
+    /// Events in the log after the plugin's cursor.
+    pub lag: u64,
+    /// Deliveries waiting for a retry.
+    pub pending_retries: u64,
+    /// Deliveries being handled now.
+    pub in_flight: u64,
+}
+
+/// The host's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    events_ingested: AtomicU64,
+    ingest_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    plugins: Mutex<BTreeMap<String, PluginCounters>>,
+}
+
+impl Metrics {
+    /// Counts events made durable by ingest (duplicates not included).
+    pub fn events_ingested(&self, n: u64) {
+        self.events_ingested.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts an ingest request refused with `code`.
+    pub fn ingest_rejected(&self, code: &'static str) {
+        let mut map = self
+            .ingest_rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *map.entry(code).or_default() += 1;
+    }
+
+    fn with_plugin(&self, plugin: &str, update: impl FnOnce(&mut PluginCounters)) {
+        let mut plugins = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
+        match plugins.get_mut(plugin) {
+            Some(counters) => update(counters),
+            None => update(plugins.entry(plugin.to_owned()).or_default()),
+        }
+    }
+
+    /// Records one invocation: its outcome (`ok` or a failure kind), duration and fuel.
+    pub fn delivery(&self, plugin: &str, outcome: &'static str, duration: Duration, fuel: u64) {
+        self.with_plugin(plugin, |c| {
+            *c.deliveries.entry(outcome).or_default() += 1;
+            let seconds = duration.as_secs_f64();
+            for (bucket, bound) in c.duration.buckets.iter_mut().zip(DURATION_BUCKETS) {
+                if seconds <= bound {
+                    *bucket += 1;
+                }
+            }
+            c.duration.count += 1;
+            c.duration.sum += seconds;
+            c.fuel = c.fuel.saturating_add(fuel);
+        });
+    }
+
+    /// Counts a retry scheduled for a plugin.
+    pub fn retry_scheduled(&self, plugin: &str) {
+        self.with_plugin(plugin, |c| c.retries += 1);
+    }
+
+    /// Counts a dead letter of a plugin.
+    pub fn dead_lettered(&self, plugin: &str, reason: &'static str) {
+        self.with_plugin(plugin, |c| *c.dead_letters.entry(reason).or_default() += 1);
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self, gauges: &BTreeMap<String, PluginGauges>) -> String {
+        let mut out = String::new();
+        let _ = self.render_into(&mut out, gauges);
+        out
+    }
+
+    fn render_into(
+        &self,
+        out: &mut String,
+        gauges: &BTreeMap<String, PluginGauges>,
+    ) -> std::fmt::Result {
+        writeln!(out, "# HELP switchyard_events_ingested_total Events made durable by ingest.")?;
+        writeln!(out, "# TYPE switchyard_events_ingested_total counter")?;
+        writeln!(
+            out,
+            "switchyard_events_ingested_total {}",
+            self.events_ingested.load(Ordering::Relaxed)
+        )?;
+        writeln!(out, "# HELP switchyard_ingest_rejected_total Ingest requests refused, by error code.")?;
+        writeln!(out, "# TYPE switchyard_ingest_rejected_total counter")?;
+        for (code, n) in self
+            .ingest_rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            writeln!(out, "switchyard_ingest_rejected_total{{code=\"{code}\"}} {n}")?;
+        }
+
+        let plugins = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
+        writeln!(out, "# HELP switchyard_deliveries_total Handler invocations by plugin and outcome.")?;
+        writeln!(out, "# TYPE switchyard_deliveries_total counter")?;
+        for (plugin, c) in plugins.iter() {
+            for (outcome, n) in &c.deliveries {
+                writeln!(
+                    out,
+                    "switchyard_deliveries_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}} {n}"
+                )?;
+            }
+        }
+        writeln!(out, "# HELP switchyard_handler_duration_seconds Duration of handler invocations.")?;
+        writeln!(out, "# TYPE switchyard_handler_duration_seconds histogram")?;
+        for (plugin, c) in plugins.iter() {
+            for (bound, n) in DURATION_BUCKETS.iter().zip(c.duration.buckets) {
+                writeln!(
+                    out,
+                    "switchyard_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"{bound}\"}} {n}"
+                )?;
+            }
+            writeln!(
+                out,
+                "switchyard_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {}",
+                c.duration.count
+            )?;
+            writeln!(
+                out,
+                "switchyard_handler_duration_seconds_sum{{plugin=\"{plugin}\"}} {}",
+                c.duration.sum
+            )?;
+            writeln!(
+                out,
+                "switchyard_handler_duration_seconds_count{{plugin=\"{plugin}\"}} {}",
+                c.duration.count
+            )?;
+        }
+        writeln!(out, "# HELP switchyard_fuel_used_total Fuel burned by handler invocations.")?;
+        writeln!(out, "# TYPE switchyard_fuel_used_total counter")?;
+        for (plugin, c) in plugins.iter() {
+            writeln!(out, "switchyard_fuel_used_total{{plugin=\"{plugin}\"}} {}", c.fuel)?;
+        }
+        writeln!(out, "# HELP switchyard_retries_scheduled_total Retries scheduled.")?;
+        writeln!(out, "# TYPE switchyard_retries_scheduled_total counter")?;
+        for (plugin, c) in plugins.iter() {
+            writeln!(
+                out,
+                "switchyard_retries_scheduled_total{{plugin=\"{plugin}\"}} {}",
+                c.retries
+            )?;
+        }
+        writeln!(out, "# HELP switchyard_dead_letters_total Events moved to the dead letters.")?;
+        writeln!(out, "# TYPE switchyard_dead_letters_total counter")?;
+        for (plugin, c) in plugins.iter() {
+            for (reason, n) in &c.dead_letters {
+                writeln!(
+                    out,
+                    "switchyard_dead_letters_total{{plugin=\"{plugin}\",reason=\"{reason}\"}} {n}"
+                )?;
+            }
+        }
+        drop(plugins);
+
+        writeln!(out, "# HELP switchyard_plugin_lag_events Events in the log after the plugin's cursor.")?;
+        writeln!(out, "# TYPE switchyard_plugin_lag_events gauge")?;
+        for (plugin, g) in gauges {
+            writeln!(out, "switchyard_plugin_lag_events{{plugin=\"{plugin}\"}} {}", g.lag)?;
+        }
+        writeln!(out, "# HELP switchyard_plugin_pending_retries Deliveries waiting for a retry.")?;
+        writeln!(out, "# TYPE switchyard_plugin_pending_retries gauge")?;
+        for (plugin, g) in gauges {
+            writeln!(
+                out,
+                "switchyard_plugin_pending_retries{{plugin=\"{plugin}\"}} {}",
+                g.pending_retries
+            )?;
+        }
+        writeln!(out, "# HELP switchyard_plugin_in_flight Deliveries being handled now.")?;
+        writeln!(out, "# TYPE switchyard_plugin_in_flight gauge")?;
+        for (plugin, g) in gauges {
+            writeln!(out, "switchyard_plugin_in_flight{{plugin=\"{plugin}\"}} {}", g.in_flight)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let metrics = Metrics::default();
+        metrics.events_ingested(3);
+        metrics.delivery("ticketing", "ok", Duration::from_micros(300), 1000);
+        metrics.delivery("ticketing", "trap", Duration::from_millis(2), 500);
+        metrics.dead_lettered("ticketing", "rejected");
+        let mut gauges = BTreeMap::new();
+        gauges.insert("ticketing".to_owned(), PluginGauges { lag: 7, ..Default::default() });
+        let text = metrics.render(&gauges);
+        assert!(text.contains("switchyard_events_ingested_total 3\n"));
+        assert!(text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"ok\"} 1\n"));
+        assert!(text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"trap\"} 1\n"));
+        assert!(text.contains("switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"0.0005\"} 1\n"));
+        assert!(text.contains("switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"+Inf\"} 2\n"));
+        assert!(text.contains("switchyard_fuel_used_total{plugin=\"ticketing\"} 1500\n"));
+        assert!(text.contains("switchyard_dead_letters_total{plugin=\"ticketing\",reason=\"rejected\"} 1\n"));
+        assert!(text.contains("switchyard_plugin_lag_events{plugin=\"ticketing\"} 7\n"));
+    }
+}
