@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::config::Config;
 use crate::event::{self, Event};
 use crate::runtime::{Delivery, EmptyKv, Failure, Plugin, PluginSettings, Runtime, RuntimeConfig};
 
@@ -21,9 +22,107 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the client commands find a running host.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Base URL of the host.
+    #[arg(long, env = "SWITCHYARD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Bearer token (ingest token for `send`, admin token otherwise).
+    #[arg(long, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Dead-letter subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this plugin's.
+        #[arg(long)]
+        plugin: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one dead letter with its event and every attempt's error.
+    Show {
+        /// The dead letter's id.
+        id: u64,
+    },
+    /// Replay one dead letter, or every dead letter of a plugin.
+    Replay {
+        /// The dead letter's id.
+        #[arg(conflicts_with = "plugin", required_unless_present = "plugin")]
+        id: Option<u64>,
+        /// Replay all of this plugin's dead letters.
+        #[arg(long)]
+        plugin: Option<String>,
+    },
+    /// Delete a dead letter.
+    Delete {
+        /// The dead letter's id.
+        id: u64,
+    },
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the host: ingest over HTTP, the embedded log, and the plugins of the plugin
+    /// directory.
+    Serve {
+        /// The config file; defaults apply when it is absent.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the config (`127.0.0.1:0` picks a free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Plugin directory, overriding the config.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+        /// Data directory, overriding the config.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Send an event with JSON data to a running host.
+    Send {
+        /// The event type, such as `payment.completed`.
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        /// The event data, as JSON.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// The event id (default: a new UUIDv7); resending the same id is deduplicated.
+        #[arg(long)]
+        id: Option<String>,
+        /// The event source.
+        #[arg(long)]
+        source: Option<String>,
+        /// The event subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Where the host is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show the plugins of a running host, or one of them.
+    Plugins {
+        /// One plugin's name.
+        name: Option<String>,
+        /// Where the host is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inspect, replay and delete dead letters of a running host.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        command: DlqCommand,
+        /// Where the host is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Validate plugin files and print each one's name, version and subscriptions.
     Check {
         /// Plugin files (`.wasm` components).
@@ -50,6 +149,64 @@ pub enum Command {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            plugins,
+            data,
+        } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(plugins) = plugins {
+                config.plugins_dir = plugins;
+            }
+            if let Some(data) = data {
+                config.data_dir = data;
+            }
+            crate::server::serve(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send {
+            ty,
+            data,
+            id,
+            source,
+            subject,
+            client,
+        } => send(&client, &ty, &data, id, source, subject).await,
+        Command::Plugins { name, client } => {
+            let path = match name {
+                Some(name) => format!("/v1/plugins/{name}"),
+                None => "/v1/plugins".to_owned(),
+            };
+            request(&client, reqwest::Method::GET, &path, None).await
+        }
+        Command::Dlq { command, client } => {
+            let (method, path) = match command {
+                DlqCommand::List { plugin, limit } => (
+                    reqwest::Method::GET,
+                    match plugin {
+                        Some(p) => format!("/v1/dlq?plugin={p}&limit={limit}"),
+                        None => format!("/v1/dlq?limit={limit}"),
+                    },
+                ),
+                DlqCommand::Show { id } => (reqwest::Method::GET, format!("/v1/dlq/{id}")),
+                DlqCommand::Replay { id: Some(id), .. } => {
+                    (reqwest::Method::POST, format!("/v1/dlq/{id}/replay"))
+                }
+                DlqCommand::Replay { plugin, .. } => (
+                    reqwest::Method::POST,
+                    format!("/v1/dlq/replay?plugin={}", plugin.unwrap_or_default()),
+                ),
+                DlqCommand::Delete { id } => (reqwest::Method::DELETE, format!("/v1/dlq/{id}")),
+            };
+            request(&client, method, &path, None).await
+        }
         Command::Check { files } => check(&files).await,
         Command::Invoke {
             file,
@@ -58,6 +215,77 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             attempt,
         } => invoke(&file, ty, &data, attempt).await,
     }
+}
+
+/// Sends one request to a running host and prints the answer: JSON pretty-printed on
+/// success, the API error's message on failure.
+async fn request(
+    client: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<(Vec<(&str, String)>, Vec<u8>)>,
+) -> anyhow::Result<ExitCode> {
+    let url = format!("{}{path}", client.url.trim_end_matches('/'));
+    let mut builder = reqwest::Client::new().request(method, &url);
+    if let Some(token) = &client.token {
+        builder = builder.bearer_auth(token);
+    }
+    if let Some((headers, bytes)) = body {
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        builder = builder.body(bytes);
+    }
+    let response = builder
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    if status.is_success() {
+        match json {
+            Some(json) => println!("{}", serde_json::to_string_pretty(&json)?),
+            None if text.is_empty() => println!("{status}"),
+            None => println!("{text}"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let message = json
+        .as_ref()
+        .and_then(|j| j["error"]["message"].as_str())
+        .map_or(text.clone(), str::to_owned);
+    eprintln!("error: {status}: {message}");
+    Ok(ExitCode::FAILURE)
+}
+
+async fn send(
+    client: &ClientArgs,
+    ty: &str,
+    data: &str,
+    id: Option<String>,
+    source: Option<String>,
+    subject: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let json: serde_json::Value =
+        serde_json::from_str(data).context("--data is not valid JSON")?;
+    let mut headers = vec![("content-type", "application/json".to_owned())];
+    if let Some(id) = id {
+        headers.push(("ce-id", id));
+    }
+    if let Some(source) = source {
+        headers.push(("ce-source", source));
+    }
+    if let Some(subject) = subject {
+        headers.push(("ce-subject", subject));
+    }
+    request(
+        client,
+        reqwest::Method::POST,
+        &format!("/v1/events/{ty}"),
+        Some((headers, serde_json::to_vec(&json)?)),
+    )
+    .await
 }
 
 fn runtime() -> anyhow::Result<Runtime> {

@@ -856,8 +856,10 @@ mod tests {
 
     #[test]
     fn validate_rechecks_a_changed_config() {
-        let mut config = Config::default();
-        config.listen = "0.0.0.0:8080".parse().unwrap();
+        let mut config = Config {
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            ..Config::default()
+        };
         assert!(config.validate().is_err());
         config.auth.ingest_tokens = vec!["i".into()];
         config.auth.admin_tokens = vec!["a".into()];

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod pattern;
 pub mod plugins;
 pub mod runtime;
+pub mod server;

@@ -56,6 +56,12 @@ const RESERVED_NAMES: [&str; 10] = [
     "data",
     "data_base64",
 ];
+/// What `POST /v1/events` accepts, as listed in its `415` message.
+const EVENTS_ACCEPTED: [&str; 3] = [
+    STRUCTURED_CONTENT_TYPE,
+    BATCH_CONTENT_TYPE,
+    "any type with a ce-specversion header (binary mode)",
+];
 /// Longest attribute value quoted back in an error message, in characters.
 const QUOTE_MAX_CHARS: usize = 64;
 
@@ -78,7 +84,7 @@ pub fn parse_events(
     body: &[u8],
     limits: &ParseLimits,
 ) -> Result<Vec<Event>, ApiError> {
-    let content_type = content_type(headers)?;
+    let content_type = content_type(headers, &EVENTS_ACCEPTED)?;
     let media = content_type.map(media_type);
     if media.is_some_and(|m| m.eq_ignore_ascii_case(STRUCTURED_CONTENT_TYPE)) {
         return parse_structured(body, limits).map(|event| vec![event]);
@@ -95,11 +101,7 @@ pub fn parse_events(
     }
     Err(ApiError::unsupported_media_type(
         content_type,
-        &[
-            STRUCTURED_CONTENT_TYPE,
-            BATCH_CONTENT_TYPE,
-            "any type with a ce-specversion header (binary mode)",
-        ],
+        &EVENTS_ACCEPTED,
     ))
 }
 
@@ -119,7 +121,7 @@ pub fn parse_typed_event(
     limits: &ParseLimits,
 ) -> Result<Event, ApiError> {
     validate_event_type(ty).map_err(|e| invalid(format!("attribute `type`: {e}")))?;
-    if let Some(ct) = content_type(headers)?
+    if let Some(ct) = content_type(headers, &[JSON_CONTENT_TYPE])?
         && !media_type(ct).eq_ignore_ascii_case(JSON_CONTENT_TYPE)
     {
         return Err(ApiError::unsupported_media_type(
@@ -152,9 +154,7 @@ pub fn parse_typed_event(
         )));
     }
     let event = Event {
-        id: attrs
-            .id
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        id: attrs.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         source: attrs.source.unwrap_or_else(|| DEFAULT_SOURCE.to_owned()),
         ty: ty.to_owned(),
         subject: attrs.subject,
@@ -211,10 +211,7 @@ pub fn to_json(event: &Event) -> Value {
             .and_then(|_| serde_json::from_slice::<Value>(&event.data).ok());
         let as_text = || {
             media
-                .filter(|m| {
-                    m.get(..5)
-                        .is_some_and(|p| p.eq_ignore_ascii_case("text/"))
-                })
+                .filter(|m| m.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/")))
                 .and_then(|_| std::str::from_utf8(&event.data).ok())
         };
         if let Some(value) = as_json {
@@ -244,7 +241,11 @@ pub fn encoded_size(event: &Event) -> usize {
         + event.id.len()
         + event.source.len()
         + event.ty.len()
-        + optional.iter().filter_map(|v| v.as_ref()).map(String::len).sum::<usize>()
+        + optional
+            .iter()
+            .filter_map(|v| v.as_ref())
+            .map(String::len)
+            .sum::<usize>()
         + event
             .extensions
             .iter()
@@ -266,11 +267,7 @@ pub fn is_rfc3339(s: &str) -> bool {
     };
     let at = |i: usize, allowed: &[u8]| b.get(i).is_some_and(|c| allowed.contains(c));
     let fields = (|| {
-        let fixed = at(4, b"-")
-            && at(7, b"-")
-            && at(10, b"Tt")
-            && at(13, b":")
-            && at(16, b":");
+        let fixed = at(4, b"-") && at(7, b"-") && at(10, b"Tt") && at(13, b":") && at(16, b":");
         fixed.then_some(())?;
         Some((
             num(0..4)?,
@@ -284,7 +281,7 @@ pub fn is_rfc3339(s: &str) -> bool {
     let Some((year, month, day, hour, minute, second)) = fields else {
         return false;
     };
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
     let days_in_month = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
@@ -396,7 +393,8 @@ fn parse_batch(body: &[u8], limits: &ParseLimits) -> Result<Vec<Event>, ApiError
             ),
         ));
     }
-    let spans = raw::array_elements(body);
+    // Raw spans are only trusted when the scanner agrees with serde_json on the count.
+    let spans = raw::array_elements(body).filter(|spans| spans.len() == items.len());
     items
         .into_iter()
         .enumerate()
@@ -418,7 +416,10 @@ fn batch_element(
     let Value::Object(obj) = item else {
         return Err(ApiError::bad_request(
             code::INVALID_EVENT,
-            format!("a batch element must be a JSON object, got {}", describe(&item)),
+            format!(
+                "a batch element must be a JSON object, got {}",
+                describe(&item)
+            ),
         ));
     };
     let raw_data = || body.get(raw::object_member(body, start?, "data")?);
@@ -491,9 +492,7 @@ fn event_from_object<'a>(
         }
         (None, Some(Value::String(encoded)), ct) => {
             let bytes = base64_decode(&encoded).ok_or_else(|| {
-                invalid(
-                    "attribute `data_base64` is not valid base64 (RFC 4648, standard alphabet)",
-                )
+                invalid("attribute `data_base64` is not valid base64 (RFC 4648, standard alphabet)")
             })?;
             (bytes, ct)
         }
@@ -717,16 +716,18 @@ fn quote(s: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // Encodings
 
-/// The `Content-Type` header as a string, if present. A value that is not UTF-8 is `415`.
-fn content_type(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+/// The `Content-Type` header as a string, if present. A value that is not UTF-8 is `415`
+/// listing `accepted`.
+fn content_type<'h>(
+    headers: &'h HeaderMap,
+    accepted: &[&str],
+) -> Result<Option<&'h str>, ApiError> {
     headers
         .get(header::CONTENT_TYPE)
         .map(|value| {
             std::str::from_utf8(value.as_bytes()).map_err(|_| {
-                ApiError::unsupported_media_type(
-                    Some(&String::from_utf8_lossy(value.as_bytes())),
-                    &[STRUCTURED_CONTENT_TYPE, BATCH_CONTENT_TYPE, JSON_CONTENT_TYPE],
-                )
+                let lossy = String::from_utf8_lossy(value.as_bytes());
+                ApiError::unsupported_media_type(Some(&lossy), accepted)
             })
         })
         .transpose()
@@ -807,7 +808,11 @@ fn base64_encode(bytes: &[u8]) -> String {
         let group = (b(0) << 16) | (b(1) << 8) | b(2);
         out.push(symbol(group >> 18));
         out.push(symbol(group >> 12));
-        out.push(if chunk.len() > 1 { symbol(group >> 6) } else { '=' });
+        out.push(if chunk.len() > 1 {
+            symbol(group >> 6)
+        } else {
+            '='
+        });
         out.push(if chunk.len() > 2 { symbol(group) } else { '=' });
     }
     out
@@ -821,7 +826,7 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         .strip_suffix(b"==")
         .or_else(|| bytes.strip_suffix(b"="))
         .unwrap_or(bytes);
-    if unpadded.len() != bytes.len() && bytes.len() % 4 != 0 {
+    if unpadded.len() != bytes.len() && !bytes.len().is_multiple_of(4) {
         return None;
     }
     if unpadded.len() % 4 == 1 {
@@ -913,10 +918,9 @@ mod raw {
             }
             _ => {
                 let mut j = i;
-                while b
-                    .get(j)
-                    .is_some_and(|c| !matches!(c, b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r'))
-                {
+                while b.get(j).is_some_and(|c| {
+                    !matches!(c, b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r')
+                }) {
                     j += 1;
                 }
                 (j > i).then_some(j)
@@ -982,7 +986,9 @@ mod raw {
 
     /// Whether the quoted JSON string `quoted` spells `key`, escapes included.
     fn key_matches(quoted: &[u8], key: &str) -> bool {
-        let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
+        let inner = quoted
+            .get(1..quoted.len().saturating_sub(1))
+            .unwrap_or_default();
         if inner.contains(&b'\\') {
             serde_json::from_slice::<String>(quoted).is_ok_and(|k| k == key)
         } else {
@@ -1079,7 +1085,11 @@ mod tests {
         let e = err(result);
         assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{e}");
         assert_eq!(e.code(), code::INVALID_ATTRIBUTE, "{e}");
-        assert!(e.message().contains(needle), "{:?} lacks {needle:?}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            e.message()
+        );
     }
 
     // ---- binary mode -----------------------------------------------------------------
@@ -1123,8 +1133,8 @@ mod tests {
             ("CE-CorrelationId", "abc%20def"),
             ("ce-partitionkey", "caf%C3%A9"),
             ("ce-subject", "100%25%20sure"),
-            ("ce-source", "/a%2Fb"),
-        ]);
+        ])
+        .tap_insert("ce-source", "/a%2Fb");
         let event = parse_events(&h, b"x", &LIMITS).expect("parses").remove(0);
         assert_eq!(event.extension("correlationid"), Some("abc def"));
         assert_eq!(event.extension("partitionkey"), Some("café"));
@@ -1147,6 +1157,24 @@ mod tests {
             parse_events(&binary(&[("ce-traceid", "%FF%FE")]), b"", &LIMITS),
             "attribute `traceid` (header `ce-traceid`): the percent-decoded value is not valid UTF-8",
         );
+    }
+
+    #[test]
+    fn binary_mode_accepts_raw_utf8_header_values() {
+        let mut h = binary(&[]);
+        h.insert(
+            "ce-subject",
+            HeaderValue::from_bytes("café".as_bytes()).expect("value"),
+        );
+        let event = parse_events(&h, b"", &LIMITS).expect("parses").remove(0);
+        assert_eq!(event.subject.as_deref(), Some("café"));
+
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_bytes(b"text/\xff").expect("value"),
+        );
+        let e = err(parse_events(&h, b"", &LIMITS));
+        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[test]
@@ -1208,7 +1236,10 @@ mod tests {
             &LIMITS,
         ));
         assert_eq!(e.code(), code::INVALID_ATTRIBUTE);
-        assert_eq!(e.message(), r#"attribute `specversion` must be "1.0", got "0.3""#);
+        assert_eq!(
+            e.message(),
+            r#"attribute `specversion` must be "1.0", got "0.3""#
+        );
         let e = err(parse_events(
             &binary(&[]).tap_insert("ce-type", "a..b"),
             b"",
@@ -1273,12 +1304,19 @@ mod tests {
             );
         }
         let e = err(parse_events(&headers(&[]), b"{}", &LIMITS));
-        assert!(e.message().starts_with("missing Content-Type"), "{}", e.message());
+        assert!(
+            e.message().starts_with("missing Content-Type"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]
     fn structured_content_type_wins_over_ce_headers() {
-        let h = binary(&[("content-type", "Application/CloudEvents+JSON; charset=UTF-8")]);
+        let h = binary(&[(
+            "content-type",
+            "Application/CloudEvents+JSON; charset=UTF-8",
+        )]);
         let body = with(minimal(), "id", json!("from-body"));
         let events = parse_events(&h, body.to_string().as_bytes(), &LIMITS).expect("parses");
         assert_eq!(events[0].id, "from-body");
@@ -1302,7 +1340,10 @@ mod tests {
         assert_eq!(event.subject.as_deref(), Some("order-42"));
         assert_eq!(event.time.as_deref(), Some("2024-02-29T23:59:60Z"));
         assert_eq!(event.datacontenttype.as_deref(), Some("application/json"));
-        assert_eq!(event.dataschema.as_deref(), Some("https://example.com/schema"));
+        assert_eq!(
+            event.dataschema.as_deref(),
+            Some("https://example.com/schema")
+        );
         // Stored exactly as sent: member order and the big integer survive.
         assert_eq!(
             std::str::from_utf8(&event.data).expect("utf-8"),
@@ -1324,7 +1365,11 @@ mod tests {
     #[test]
     fn structured_string_data_with_text_type_is_raw_utf8() {
         let body = with(
-            with(minimal(), "datacontenttype", json!("text/plain; charset=utf-8")),
+            with(
+                minimal(),
+                "datacontenttype",
+                json!("text/plain; charset=utf-8"),
+            ),
             "data",
             json!("héllo \"world\"\n"),
         );
@@ -1332,7 +1377,11 @@ mod tests {
         assert_eq!(event.data, "héllo \"world\"\n".as_bytes());
         // A JSON type keeps the string as JSON.
         let body = with(
-            with(minimal(), "datacontenttype", json!("application/vnd.foo+json")),
+            with(
+                minimal(),
+                "datacontenttype",
+                json!("application/vnd.foo+json"),
+            ),
             "data",
             json!("hi"),
         );
@@ -1342,7 +1391,11 @@ mod tests {
     #[test]
     fn structured_data_base64_is_decoded() {
         let body = with(
-            with(minimal(), "datacontenttype", json!("application/octet-stream")),
+            with(
+                minimal(),
+                "datacontenttype",
+                json!("application/octet-stream"),
+            ),
             "data_base64",
             json!("AAEC/w=="),
         );
@@ -1360,7 +1413,11 @@ mod tests {
 
     #[test]
     fn structured_data_errors() {
-        let both = with(with(minimal(), "data", json!(1)), "data_base64", json!("AA=="));
+        let both = with(
+            with(minimal(), "data", json!(1)),
+            "data_base64",
+            json!("AA=="),
+        );
         assert_invalid(
             structured_value(&both),
             "attributes `data` and `data_base64` are mutually exclusive",
@@ -1442,7 +1499,15 @@ mod tests {
                 &format!("attribute `{name}` must not be empty"),
             );
         }
-        for name in ["id", "source", "type", "subject", "time", "datacontenttype", "dataschema"] {
+        for name in [
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "datacontenttype",
+            "dataschema",
+        ] {
             assert_invalid(
                 structured_value(&with(minimal(), name, json!(5))),
                 &format!("attribute `{name}` must be a string, got 5"),
@@ -1452,10 +1517,24 @@ mod tests {
 
     #[test]
     fn structured_specversion_type_and_time() {
-        let e = err(structured_value(&with(minimal(), "specversion", json!("0.3"))));
-        assert_eq!(e.message(), r#"attribute `specversion` must be "1.0", got "0.3""#);
-        let e = err(structured_value(&with(minimal(), "specversion", json!(1.0))));
-        assert_eq!(e.message(), r#"attribute `specversion` must be "1.0", got 1.0"#);
+        let e = err(structured_value(&with(
+            minimal(),
+            "specversion",
+            json!("0.3"),
+        )));
+        assert_eq!(
+            e.message(),
+            r#"attribute `specversion` must be "1.0", got "0.3""#
+        );
+        let e = err(structured_value(&with(
+            minimal(),
+            "specversion",
+            json!(1.0),
+        )));
+        assert_eq!(
+            e.message(),
+            r#"attribute `specversion` must be "1.0", got 1.0"#
+        );
         let e = err(structured_value(&with(minimal(), "type", json!("a..b"))));
         assert_eq!(e.code(), code::INVALID_ATTRIBUTE);
         assert_eq!(
@@ -1494,7 +1573,7 @@ mod tests {
         let e = err(structured(b"{\n  \"id\": \"x\",\n"));
         assert_eq!(
             e.message(),
-            "malformed JSON at line 3, column 0: EOF while parsing an object"
+            "malformed JSON at line 3, column 0: EOF while parsing a value"
         );
         let e = err(parse_events(&batch_headers(), b"[{}, ", &LIMITS));
         assert_eq!(e.code(), code::MALFORMED_JSON);
@@ -1528,7 +1607,10 @@ mod tests {
             numbered(1),
             with(minimal(), "id", json!("evt-2"))
         );
-        let h = headers(&[("content-type", "application/cloudevents-batch+json; charset=utf-8")]);
+        let h = headers(&[(
+            "content-type",
+            "application/cloudevents-batch+json; charset=utf-8",
+        )]);
         let events = parse_events(&h, body.as_bytes(), &LIMITS).expect("parses");
         assert_eq!(events.len(), 3);
         assert_eq!(events[0].id, "evt-0");
@@ -1562,7 +1644,11 @@ mod tests {
         let body = json!([numbered(0), big]).to_string();
         let e = err(parse_events(&batch_headers(), body.as_bytes(), &LIMITS));
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        assert!(e.message().starts_with("event 1: the event is"), "{}", e.message());
+        assert!(
+            e.message().starts_with("event 1: the event is"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]
@@ -1576,12 +1662,13 @@ mod tests {
         let e = err(parse_events(&batch_headers(), body.as_bytes(), &LIMITS));
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(e.code(), code::PAYLOAD_TOO_LARGE);
-        assert_eq!(
-            e.message(),
-            "the batch has 4 events; at most 3 are allowed"
-        );
+        assert_eq!(e.message(), "the batch has 4 events; at most 3 are allowed");
 
-        let e = err(parse_events(&batch_headers(), minimal().to_string().as_bytes(), &LIMITS));
+        let e = err(parse_events(
+            &batch_headers(),
+            minimal().to_string().as_bytes(),
+            &LIMITS,
+        ));
         assert_eq!(e.code(), code::INVALID_EVENT);
         assert!(e.message().contains("JSON array"), "{}", e.message());
     }
@@ -1591,8 +1678,8 @@ mod tests {
     #[test]
     fn typed_event_fills_defaults() {
         let body = br#" {"amount": 10.50} "#;
-        let event = parse_typed_event("payment.completed", &headers(&[]), body, &LIMITS)
-            .expect("parses");
+        let event =
+            parse_typed_event("payment.completed", &headers(&[]), body, &LIMITS).expect("parses");
         assert_eq!(event.ty, "payment.completed");
         assert_eq!(event.source, DEFAULT_SOURCE);
         assert_eq!(event.data, body);
@@ -1642,7 +1729,8 @@ mod tests {
         let e = err(parse_typed_event("a", &headers(&[]), b"{\"a\":}", &LIMITS));
         assert_eq!(e.code(), code::MALFORMED_JSON);
         assert!(
-            e.message().starts_with("malformed JSON at line 1, column 6: "),
+            e.message()
+                .starts_with("malformed JSON at line 1, column 6: "),
             "{}",
             e.message()
         );
@@ -1657,7 +1745,12 @@ mod tests {
             e.message(),
             "unsupported content type `text/plain`; accepted: application/json"
         );
-        let e = err(parse_typed_event("a", &headers(&[]), &[b' '; 1025], &LIMITS));
+        let e = err(parse_typed_event(
+            "a",
+            &headers(&[]),
+            &[b' '; 1025],
+            &LIMITS,
+        ));
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_invalid(
             parse_typed_event("a", &headers(&[("ce-type", "b")]), b"1", &LIMITS),
@@ -1829,7 +1922,9 @@ mod tests {
         }
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
-        for bad in ["A", "AAAAA", "AA=", "A===", "AA==AA==", "AA AA", "-_-_", "AA=A"] {
+        for bad in [
+            "A", "AAAAA", "AA=", "A===", "AA==AA==", "AA AA", "-_-_", "AA=A",
+        ] {
             assert_eq!(base64_decode(bad), None, "{bad:?}");
         }
     }

@@ -1,0 +1,129 @@
+//! `switchyard serve`: wires the runtime, the bus, the plugins, their dispatchers and
+//! the HTTP API together, and takes them down in order on SIGINT/SIGTERM.
+//!
+//! Shutdown order: stop accepting HTTP requests and finish the ones in flight (their
+//! appends commit), stop the dispatchers and let in-flight invocations finish and settle
+//! within `shutdown_grace`, then close the bus so the last commits are durable.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+
+use crate::bus::Bus;
+use crate::bus::sqlite::{Durability, SqliteBus, SqliteOptions};
+use crate::config::{Config, Synchronous};
+use crate::dispatch::{Dispatcher, Target};
+use crate::ingest::{AppState, router};
+use crate::metrics::Metrics;
+use crate::plugins::load_directory;
+use crate::runtime::Runtime;
+
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "switchyard.db";
+
+/// Runs the host until a shutdown signal.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let runtime = Runtime::new(config.runtime.runtime_config())
+        .context("starting the WebAssembly runtime")?;
+    let bus = SqliteBus::open(SqliteOptions {
+        path: config.data_dir.join(DATABASE_FILE),
+        durability: match config.log.synchronous {
+            Synchronous::Full => Durability::Full,
+            Synchronous::Normal => Durability::Normal,
+        },
+        group_commit_max_events: config.log.group_commit_max_events,
+        max_pending_events: config.ingest.max_pending_events,
+    })
+    .context("opening the embedded log")?;
+    let bus: Arc<dyn Bus> = Arc::new(bus);
+    let metrics = Arc::new(Metrics::default());
+
+    let table = load_directory(&runtime, &config.plugins_dir, &config.plugin_defaults)
+        .await
+        .with_context(|| format!("reading the plugin directory {}", config.plugins_dir.display()))?;
+    let mut dispatchers = Vec::new();
+    for entry in table.values() {
+        if let Ok(loaded) = &entry.status {
+            dispatchers.push(Dispatcher::spawn(
+                Arc::clone(&bus),
+                Arc::clone(&metrics),
+                Target {
+                    name: entry.name.clone(),
+                    plugin: Arc::clone(&loaded.plugin),
+                    policy: loaded.policy.clone(),
+                    subscriptions: loaded.subscriptions.clone(),
+                    state: Arc::clone(&loaded.state),
+                },
+            ));
+        }
+    }
+    let loaded = dispatchers.len();
+    let failed = table.len() - loaded;
+
+    let state = Arc::new(AppState {
+        bus: Arc::clone(&bus),
+        plugins: Arc::new(RwLock::new(table)),
+        metrics,
+        config: Arc::clone(&config),
+        ready: AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address: SocketAddr = listener.local_addr()?;
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%address, plugins = loaded, failed, "switchyard is serving");
+    // Scripts and tests read this line to learn the port (`--listen 127.0.0.1:0`).
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "switchyard listening on http://{address}");
+    let _ = stdout.flush();
+
+    axum::serve(listener, router(Arc::clone(&state)))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+
+    state.ready.store(false, Ordering::Release);
+    tracing::info!("shutting down: finishing in-flight deliveries");
+    let grace = config.shutdown_grace;
+    let stops: Vec<_> = dispatchers.into_iter().map(|d| d.shutdown(grace)).collect();
+    futures_join_all(stops).await;
+    bus.close().await.context("closing the log")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn futures_join_all(futures: Vec<impl Future<Output = ()> + Send + 'static>) {
+    let mut set = tokio::task::JoinSet::new();
+    for future in futures {
+        set.spawn(future);
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
