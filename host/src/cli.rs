@@ -217,13 +217,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Headers and bytes of a request body.
+type RequestBody<'a> = (Vec<(&'a str, String)>, Vec<u8>);
+
 /// Sends one request to a running host and prints the answer: JSON pretty-printed on
 /// success, the API error's message on failure.
 async fn request(
     client: &ClientArgs,
     method: reqwest::Method,
     path: &str,
-    body: Option<(Vec<(&str, String)>, Vec<u8>)>,
+    body: Option<RequestBody<'_>>,
 ) -> anyhow::Result<ExitCode> {
     let url = format!("{}{path}", client.url.trim_end_matches('/'));
     let mut builder = reqwest::Client::new().request(method, &url);
@@ -267,8 +270,7 @@ async fn send(
     source: Option<String>,
     subject: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let json: serde_json::Value =
-        serde_json::from_str(data).context("--data is not valid JSON")?;
+    let json: serde_json::Value = serde_json::from_str(data).context("--data is not valid JSON")?;
     let mut headers = vec![("content-type", "application/json".to_owned())];
     if let Some(id) = id {
         headers.push(("ce-id", id));

@@ -110,14 +110,20 @@ impl Metrics {
         out: &mut String,
         gauges: &BTreeMap<String, PluginGauges>,
     ) -> std::fmt::Result {
-        writeln!(out, "# HELP switchyard_events_ingested_total Events made durable by ingest.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_events_ingested_total Events made durable by ingest."
+        )?;
         writeln!(out, "# TYPE switchyard_events_ingested_total counter")?;
         writeln!(
             out,
             "switchyard_events_ingested_total {}",
             self.events_ingested.load(Ordering::Relaxed)
         )?;
-        writeln!(out, "# HELP switchyard_ingest_rejected_total Ingest requests refused, by error code.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_ingest_rejected_total Ingest requests refused, by error code."
+        )?;
         writeln!(out, "# TYPE switchyard_ingest_rejected_total counter")?;
         for (code, n) in self
             .ingest_rejected
@@ -125,11 +131,17 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
         {
-            writeln!(out, "switchyard_ingest_rejected_total{{code=\"{code}\"}} {n}")?;
+            writeln!(
+                out,
+                "switchyard_ingest_rejected_total{{code=\"{code}\"}} {n}"
+            )?;
         }
 
         let plugins = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
-        writeln!(out, "# HELP switchyard_deliveries_total Handler invocations by plugin and outcome.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_deliveries_total Handler invocations by plugin and outcome."
+        )?;
         writeln!(out, "# TYPE switchyard_deliveries_total counter")?;
         for (plugin, c) in plugins.iter() {
             for (outcome, n) in &c.deliveries {
@@ -139,7 +151,10 @@ impl Metrics {
                 )?;
             }
         }
-        writeln!(out, "# HELP switchyard_handler_duration_seconds Duration of handler invocations.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_handler_duration_seconds Duration of handler invocations."
+        )?;
         writeln!(out, "# TYPE switchyard_handler_duration_seconds histogram")?;
         for (plugin, c) in plugins.iter() {
             for (bound, n) in DURATION_BUCKETS.iter().zip(c.duration.buckets) {
@@ -164,12 +179,22 @@ impl Metrics {
                 c.duration.count
             )?;
         }
-        writeln!(out, "# HELP switchyard_fuel_used_total Fuel burned by handler invocations.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_fuel_used_total Fuel burned by handler invocations."
+        )?;
         writeln!(out, "# TYPE switchyard_fuel_used_total counter")?;
         for (plugin, c) in plugins.iter() {
-            writeln!(out, "switchyard_fuel_used_total{{plugin=\"{plugin}\"}} {}", c.fuel)?;
+            writeln!(
+                out,
+                "switchyard_fuel_used_total{{plugin=\"{plugin}\"}} {}",
+                c.fuel
+            )?;
         }
-        writeln!(out, "# HELP switchyard_retries_scheduled_total Retries scheduled.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_retries_scheduled_total Retries scheduled."
+        )?;
         writeln!(out, "# TYPE switchyard_retries_scheduled_total counter")?;
         for (plugin, c) in plugins.iter() {
             writeln!(
@@ -178,7 +203,10 @@ impl Metrics {
                 c.retries
             )?;
         }
-        writeln!(out, "# HELP switchyard_dead_letters_total Events moved to the dead letters.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_dead_letters_total Events moved to the dead letters."
+        )?;
         writeln!(out, "# TYPE switchyard_dead_letters_total counter")?;
         for (plugin, c) in plugins.iter() {
             for (reason, n) in &c.dead_letters {
@@ -190,12 +218,22 @@ impl Metrics {
         }
         drop(plugins);
 
-        writeln!(out, "# HELP switchyard_plugin_lag_events Events in the log after the plugin's cursor.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_plugin_lag_events Events in the log after the plugin's cursor."
+        )?;
         writeln!(out, "# TYPE switchyard_plugin_lag_events gauge")?;
         for (plugin, g) in gauges {
-            writeln!(out, "switchyard_plugin_lag_events{{plugin=\"{plugin}\"}} {}", g.lag)?;
+            writeln!(
+                out,
+                "switchyard_plugin_lag_events{{plugin=\"{plugin}\"}} {}",
+                g.lag
+            )?;
         }
-        writeln!(out, "# HELP switchyard_plugin_pending_retries Deliveries waiting for a retry.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_plugin_pending_retries Deliveries waiting for a retry."
+        )?;
         writeln!(out, "# TYPE switchyard_plugin_pending_retries gauge")?;
         for (plugin, g) in gauges {
             writeln!(
@@ -204,10 +242,17 @@ impl Metrics {
                 g.pending_retries
             )?;
         }
-        writeln!(out, "# HELP switchyard_plugin_in_flight Deliveries being handled now.")?;
+        writeln!(
+            out,
+            "# HELP switchyard_plugin_in_flight Deliveries being handled now."
+        )?;
         writeln!(out, "# TYPE switchyard_plugin_in_flight gauge")?;
         for (plugin, g) in gauges {
-            writeln!(out, "switchyard_plugin_in_flight{{plugin=\"{plugin}\"}} {}", g.in_flight)?;
+            writeln!(
+                out,
+                "switchyard_plugin_in_flight{{plugin=\"{plugin}\"}} {}",
+                g.in_flight
+            )?;
         }
         Ok(())
     }
@@ -225,15 +270,31 @@ mod tests {
         metrics.delivery("ticketing", "trap", Duration::from_millis(2), 500);
         metrics.dead_lettered("ticketing", "rejected");
         let mut gauges = BTreeMap::new();
-        gauges.insert("ticketing".to_owned(), PluginGauges { lag: 7, ..Default::default() });
+        gauges.insert(
+            "ticketing".to_owned(),
+            PluginGauges {
+                lag: 7,
+                ..Default::default()
+            },
+        );
         let text = metrics.render(&gauges);
         assert!(text.contains("switchyard_events_ingested_total 3\n"));
-        assert!(text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"ok\"} 1\n"));
-        assert!(text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"trap\"} 1\n"));
-        assert!(text.contains("switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"0.0005\"} 1\n"));
-        assert!(text.contains("switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"+Inf\"} 2\n"));
+        assert!(
+            text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"ok\"} 1\n")
+        );
+        assert!(
+            text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"trap\"} 1\n")
+        );
+        assert!(text.contains(
+            "switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"0.0005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"+Inf\"} 2\n"
+        ));
         assert!(text.contains("switchyard_fuel_used_total{plugin=\"ticketing\"} 1500\n"));
-        assert!(text.contains("switchyard_dead_letters_total{plugin=\"ticketing\",reason=\"rejected\"} 1\n"));
+        assert!(text.contains(
+            "switchyard_dead_letters_total{plugin=\"ticketing\",reason=\"rejected\"} 1\n"
+        ));
         assert!(text.contains("switchyard_plugin_lag_events{plugin=\"ticketing\"} 7\n"));
     }
 }

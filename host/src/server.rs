@@ -45,7 +45,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let table = load_directory(&runtime, &config.plugins_dir, &config.plugin_defaults)
         .await
-        .with_context(|| format!("reading the plugin directory {}", config.plugins_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "reading the plugin directory {}",
+                config.plugins_dir.display()
+            )
+        })?;
     let mut dispatchers = Vec::new();
     for entry in table.values() {
         if let Ok(loaded) = &entry.status {

@@ -12,4 +12,8 @@ mod examples;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;
+mod serve_flow;
+mod serve_http;
+mod serve_recovery;
+mod serve_retries;
 mod validation;

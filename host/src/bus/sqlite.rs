@@ -697,10 +697,8 @@ fn replay(conn: &Connection, id: Option<u64>, plugin: Option<&str>) -> Result<u6
             .map_err(storage)?;
         rows.collect::<rusqlite::Result<_>>().map_err(storage)?
     };
-    if rows.is_empty() {
-        if let Some(id) = id {
-            return Err(BusError::NotFound(format!("dead letter {id}")));
-        }
+    if let (true, Some(id)) = (rows.is_empty(), id) {
+        return Err(BusError::NotFound(format!("dead letter {id}")));
     }
     let now = now_ms();
     for (dead_id, plugin, seq) in &rows {
@@ -1008,6 +1006,14 @@ impl ConsumerState {
             None => self.read_position,
         }
     }
+
+    /// The cursor once `settled` is no longer outstanding.
+    fn cursor_without(&self, settled: u64) -> u64 {
+        match self.outstanding.iter().find(|&&seq| seq != settled) {
+            Some(lowest) => lowest - 1,
+            None => self.read_position,
+        }
+    }
 }
 
 struct SqliteConsumer {
@@ -1163,14 +1169,18 @@ impl Consumer for SqliteConsumer {
     async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
         let seq = delivery.stored.sequence;
         let (reply, answer) = oneshot::channel();
-        {
+        let is_retry = {
             // Compute and enqueue under the lock so cursor moves reach the writer in order.
+            // The delivery stays marked outstanding (or in flight) until its settlement
+            // commits: a failed commit is retried by the caller, and a retry row that is
+            // still due is not handed out twice meanwhile.
             let mut state = self.state();
-            let is_retry = state.retries_in_flight.remove(&seq);
-            if !is_retry {
-                state.outstanding.remove(&seq);
-            }
-            let cursor = state.cursor();
+            let is_retry = state.retries_in_flight.contains(&seq);
+            let cursor = if is_retry {
+                state.cursor()
+            } else {
+                state.cursor_without(seq)
+            };
             if !is_retry {
                 state.persisted_cursor = state.persisted_cursor.max(cursor);
             }
@@ -1186,8 +1196,17 @@ impl Consumer for SqliteConsumer {
                     reply,
                 })))
                 .map_err(|_| BusError::Closed)?;
-        }
+            is_retry
+        };
         let result = answer.await.map_err(|_| BusError::Closed)?;
+        if result.is_ok() {
+            let mut state = self.state();
+            if is_retry {
+                state.retries_in_flight.remove(&seq);
+            } else {
+                state.outstanding.remove(&seq);
+            }
+        }
         self.room.notify_one();
         result
     }

@@ -29,8 +29,8 @@ use tokio::task::JoinSet;
 
 use self::retry::RetryDecision;
 use crate::bus::{
-    AttemptError, Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery,
-    Settlement, StartPosition,
+    AttemptError, Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement,
+    StartPosition,
 };
 use crate::event::PARTITION_KEY;
 use crate::metrics::Metrics;
@@ -277,9 +277,16 @@ struct Context {
 async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
     let sequence = delivery.stored.sequence;
     let Ok(_permit) = Arc::clone(&context.permits).acquire_owned().await else {
-        return Finished { key, sequence, released: false };
+        return Finished {
+            key,
+            sequence,
+            released: false,
+        };
     };
-    context.state.in_flight.fetch_add(1, AtomicOrdering::Relaxed);
+    context
+        .state
+        .in_flight
+        .fetch_add(1, AtomicOrdering::Relaxed);
     let outcome = context
         .plugin
         .invoke(
@@ -296,9 +303,12 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         Ok(_) => "ok",
         Err(failure) => failure.kind.as_str(),
     };
-    context
-        .metrics
-        .delivery(&context.name, outcome_name, outcome.duration, outcome.fuel_used);
+    context.metrics.delivery(
+        &context.name,
+        outcome_name,
+        outcome.duration,
+        outcome.fuel_used,
+    );
 
     let settlement = match outcome.result {
         Ok(effects) => Settlement::Ack(effects),
@@ -331,13 +341,22 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
     match &settlement {
         Settlement::Retry { .. } => context.metrics.retry_scheduled(&context.name),
         Settlement::DeadLetter { reason, .. } => {
-            context.metrics.dead_lettered(&context.name, reason.as_str());
+            context
+                .metrics
+                .dead_lettered(&context.name, reason.as_str());
         }
         Settlement::Ack(_) => {}
     }
     settle(&context, &delivery, settlement).await;
-    context.state.in_flight.fetch_sub(1, AtomicOrdering::Relaxed);
-    Finished { key, sequence, released }
+    context
+        .state
+        .in_flight
+        .fetch_sub(1, AtomicOrdering::Relaxed);
+    Finished {
+        key,
+        sequence,
+        released,
+    }
 }
 
 fn decide(
@@ -347,12 +366,20 @@ fn decide(
     errors: Vec<AttemptError>,
 ) -> Settlement {
     if kind == FailureKind::Reject {
-        return Settlement::DeadLetter { reason: DeadLetterReason::Rejected, errors };
+        return Settlement::DeadLetter {
+            reason: DeadLetterReason::Rejected,
+            errors,
+        };
     }
     if kind == FailureKind::Effects {
-        return Settlement::DeadLetter { reason: DeadLetterReason::Effects, errors };
+        return Settlement::DeadLetter {
+            reason: DeadLetterReason::Effects,
+            errors,
+        };
     }
-    let age_ms = now_ms().saturating_sub(delivery.stored.ingested_at_ms).max(0);
+    let age_ms = now_ms()
+        .saturating_sub(delivery.stored.ingested_at_ms)
+        .max(0);
     let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
     match context
         .policy
@@ -360,8 +387,14 @@ fn decide(
         .decide(delivery.attempt, age, &mut rand::rng())
     {
         RetryDecision::RetryAfter(delay) => Settlement::Retry { delay, errors },
-        RetryDecision::Exhausted => Settlement::DeadLetter { reason: DeadLetterReason::Exhausted, errors },
-        RetryDecision::Expired => Settlement::DeadLetter { reason: DeadLetterReason::Expired, errors },
+        RetryDecision::Exhausted => Settlement::DeadLetter {
+            reason: DeadLetterReason::Exhausted,
+            errors,
+        },
+        RetryDecision::Expired => Settlement::DeadLetter {
+            reason: DeadLetterReason::Expired,
+            errors,
+        },
     }
 }
 

@@ -47,13 +47,21 @@ fn entry_view(entry: &PluginEntry) -> EntryView {
         "loaded_at": rfc3339_ms(entry.loaded_at_ms),
     });
     let Value::Object(mut map) = base else {
-        return EntryView { json: Value::Null, loaded: false, in_flight: 0 };
+        return EntryView {
+            json: Value::Null,
+            loaded: false,
+            in_flight: 0,
+        };
     };
     match &entry.status {
         Err(error) => {
             map.insert("status".into(), json!("failed"));
             map.insert("error".into(), json!(error));
-            EntryView { json: Value::Object(map), loaded: false, in_flight: 0 }
+            EntryView {
+                json: Value::Object(map),
+                loaded: false,
+                in_flight: 0,
+            }
         }
         Ok(loaded) => {
             let plugin = &loaded.plugin;
@@ -72,7 +80,13 @@ fn entry_view(entry: &PluginEntry) -> EntryView {
             map.insert("version".into(), json!(plugin.info().version));
             map.insert(
                 "subscriptions".into(),
-                json!(loaded.subscriptions.iter().map(|p| p.as_str()).collect::<Vec<_>>()),
+                json!(
+                    loaded
+                        .subscriptions
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                ),
             );
             map.insert(
                 "limits".into(),
@@ -104,9 +118,17 @@ fn entry_view(entry: &PluginEntry) -> EntryView {
             map.insert("in_flight".into(), json!(in_flight));
             map.insert(
                 "last_error".into(),
-                loaded.state.last_error().as_ref().map_or(Value::Null, attempt_json),
+                loaded
+                    .state
+                    .last_error()
+                    .as_ref()
+                    .map_or(Value::Null, attempt_json),
             );
-            EntryView { json: Value::Object(map), loaded: true, in_flight }
+            EntryView {
+                json: Value::Object(map),
+                loaded: true,
+                in_flight,
+            }
         }
     }
 }
@@ -123,7 +145,11 @@ fn views(state: &AppState, name: Option<&str>) -> Vec<(String, EntryView)> {
         .collect()
 }
 
-async fn with_consumer_stats(state: &AppState, name: &str, mut view: EntryView) -> Result<Value, ApiError> {
+async fn with_consumer_stats(
+    state: &AppState,
+    name: &str,
+    mut view: EntryView,
+) -> Result<Value, ApiError> {
     let stats = state.bus.consumer_stats(name).await.map_err(bus_error)?;
     if let Value::Object(map) = &mut view.json {
         if view.loaded {
@@ -303,7 +329,10 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         );
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(&gauges),
     )
         .into_response()

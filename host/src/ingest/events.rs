@@ -21,7 +21,11 @@ use crate::event::Event;
 use crate::pattern::Pattern;
 
 /// Reads a request body up to the configured limit.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
     let limit = state.config.ingest.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -31,11 +35,11 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         return Err(ApiError::payload_too_large(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let too_large = std::iter::successors(
-            Some(&error as &(dyn std::error::Error + 'static)),
-            |e| e.source(),
-        )
-        .any(|e| e.is::<http_body_util::LengthLimitError>());
+        let too_large =
+            std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
         if too_large {
             ApiError::payload_too_large(limit)
         } else {
@@ -55,10 +59,9 @@ fn limits(state: &AppState) -> ParseLimits {
 fn unavailable(state: &AppState, error: BusError) -> ApiError {
     let retry_after = state.config.ingest.retry_after.as_secs().max(1);
     match error {
-        BusError::Saturated { .. } => ApiError::unavailable(
-            "the log writer is saturated; retry later",
-            retry_after,
-        ),
+        BusError::Saturated { .. } => {
+            ApiError::unavailable("the log writer is saturated; retry later", retry_after)
+        }
         BusError::Closed => ApiError::unavailable("the host is shutting down", retry_after),
         other => {
             tracing::error!(error = %other, "append failed");
@@ -68,15 +71,14 @@ fn unavailable(state: &AppState, error: BusError) -> ApiError {
 }
 
 async fn append(state: &AppState, events: Vec<Event>) -> Result<Response, ApiError> {
-    let ids: Vec<(String, String)> = events.iter().map(|e| (e.id.clone(), e.source.clone())).collect();
-    let appended = state
-        .bus
-        .append(events)
-        .await
-        .map_err(|e| {
-            state.metrics.ingest_rejected("unavailable");
-            unavailable(state, e)
-        })?;
+    let ids: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (e.id.clone(), e.source.clone()))
+        .collect();
+    let appended = state.bus.append(events).await.map_err(|e| {
+        state.metrics.ingest_rejected("unavailable");
+        unavailable(state, e)
+    })?;
     let fresh = appended.iter().filter(|a| !a.duplicate).count();
     state.metrics.events_ingested(fresh as u64);
     let accepted: Vec<serde_json::Value> = ids

@@ -94,9 +94,9 @@ fn authorized(request: &Request, tokens: &[String]) -> bool {
     else {
         return false;
     };
-    tokens
-        .iter()
-        .fold(false, |ok, token| ok | constant_time_eq(token.as_bytes(), presented.as_bytes()))
+    tokens.iter().fold(false, |ok, token| {
+        ok | constant_time_eq(token.as_bytes(), presented.as_bytes())
+    })
 }
 
 async fn require_ingest_token(
@@ -126,7 +126,8 @@ async fn require_admin_token(
 
 /// Milliseconds since the Unix epoch as an RFC 3339 timestamp.
 fn rfc3339_ms(ms: i64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let time =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(time).to_string()
 }
 

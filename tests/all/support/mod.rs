@@ -2,6 +2,7 @@
 //! process), runtimes, events and an in-memory KV store that commits effects.
 
 pub mod guests;
+pub mod host;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,10 @@
 //! Subscribes to `hostile.>`. The integration tests use it to check that the host contains
 //! runaway, crashing and greedy handlers and keeps its transactional promises. See
 //! [`handle`] for the list of behaviours.
+//!
+//! Two sidecar `[config]` keys let a test aim one behaviour at any event type:
+//! `behaviour` replaces the event type when picking the behaviour, and `sleep_ms` makes
+//! every call sleep that long first (a slow but healthy plugin).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -31,10 +35,16 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.kv-read-own-write` | checks that KV reads see the call's own writes |
 /// | `hostile.config` | rejects with `greeting=<config value of greeting as {:?}>` |
 /// | `hostile.stdout` | prints a line to stdout and one to stderr |
-/// | `hostile.fail-until` | asks for a retry on attempts 1 and 2, succeeds from 3 |
+/// | `hostile.fail-until` | asks for a retry on attempts 1 and 2; from attempt 3 records `recovered/<id>` = the attempt in KV and emits `hostile.recovered` |
+/// | `hostile.needs-fix` | asks for a retry unless config `fixed` is `true`; then records `fixed/<id>` in KV |
+/// | `hostile.count` | records `seen/<id>` in KV and emits `hostile.counted` |
 #[handler(subscribe = ["hostile.>"])]
 fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
-    match event.type_.as_str() {
+    if let Some(ms) = config::get_parsed::<u64>("sleep_ms")? {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let behaviour = config::get("behaviour").unwrap_or_else(|| event.type_.clone());
+    match behaviour.as_str() {
         "hostile.ok" => Ok(()),
         "hostile.loop" => spin(),
         "hostile.memory" => hoard(),
@@ -82,13 +92,29 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
         }
         "hostile.fail-until" => {
             if delivery.attempt < 3 {
-                Err(HandlerError::retry(format!(
+                return Err(HandlerError::retry(format!(
                     "attempt {} fails",
                     delivery.attempt
-                )))
-            } else {
-                Ok(())
+                )));
             }
+            kv::set(
+                &format!("recovered/{}", event.id),
+                delivery.attempt.to_string().as_bytes(),
+            );
+            emit_json("hostile.recovered", &json!({ "id": event.id }))?;
+            Ok(())
+        }
+        "hostile.needs-fix" => {
+            if config::get("fixed").as_deref() != Some("true") {
+                return Err(HandlerError::retry("not fixed yet"));
+            }
+            kv::set(&format!("fixed/{}", event.id), b"yes");
+            Ok(())
+        }
+        "hostile.count" => {
+            kv::set(&format!("seen/{}", event.id), b"1");
+            emit_json("hostile.counted", &json!({ "id": event.id }))?;
+            Ok(())
         }
         other => Err(HandlerError::reject(format!(
             "unknown hostile behaviour: {other}"

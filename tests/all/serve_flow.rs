@@ -1,0 +1,103 @@
+//! End to end through the real binary: a payment flows from POST to `ticketing`, whose
+//! emitted event reaches `notifier`, with causation and correlation ids right; a slow
+//! plugin does not hold back a fast one.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::guests::Guest;
+use crate::support::host::Host;
+
+#[tokio::test]
+async fn a_payment_becomes_tickets_and_a_notification() {
+    let mut host = Host::new();
+    host.plugin("ticketing", Guest::Ticketing, None)
+        .plugin("notifier", Guest::Notifier, None)
+        .plugin("audit-trail", Guest::AuditTrail, None);
+    host.start();
+
+    let status = host
+        .send(
+            "payment.completed",
+            "pay-1",
+            json!({"order_id": "A-1", "amount_cents": 900, "email": "fan@example.com", "quantity": 2}),
+        )
+        .await;
+    assert_eq!(status, 202);
+
+    let notified = host
+        .wait_for("the notification", Duration::from_secs(20), || async {
+            host.kv("notifier", "notified/A-1").await
+        })
+        .await;
+    let notified: serde_json::Value = serde_json::from_str(&notified).unwrap();
+    assert_eq!(notified["email"], "fan@example.com");
+    assert_eq!(notified["tickets"], 2);
+
+    let log = host.log().await;
+    assert_eq!(log.len(), 2, "{log:#?}");
+    let payment = &log[0]["event"];
+    let tickets = &log[1]["event"];
+    assert_eq!(tickets["type"], "tickets.generated");
+    assert_eq!(tickets["causationid"], payment["id"]);
+    assert_eq!(tickets["correlationid"], payment["id"]);
+    assert_eq!(tickets["data"]["tickets"], json!(["A-1-1", "A-1-2"]));
+
+    // The audit trail saw both, each exactly once.
+    host.wait_for("the audit trail", Duration::from_secs(20), || async {
+        let tickets = host.kv("audit-trail", "count/tickets.generated").await?;
+        (tickets == "1").then_some(())
+    })
+    .await;
+    assert_eq!(
+        host.kv("audit-trail", "count/payment.completed")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+
+    let status = host.get_json("/v1/plugins/ticketing").await;
+    assert_eq!(status["status"], "running");
+    assert_eq!(status["subscriptions"], json!(["payment.completed"]));
+    assert_eq!(
+        status["cursor"], 2,
+        "the cursor passed the event it does not match"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_plugin_does_not_hold_back_a_fast_one() {
+    let mut host = Host::new();
+    host.plugin(
+        "slow",
+        Guest::Hostile,
+        Some("subscribe = [\"load.tick\"]\nconcurrency = 1\n[config]\nbehaviour = \"hostile.count\"\nsleep_ms = \"300\"\n"),
+    )
+    .plugin("fast", Guest::Hostile, Some("subscribe = [\"load.tick\"]\n[config]\nbehaviour = \"hostile.count\"\n"));
+    host.start();
+
+    let events = 40;
+    for n in 0..events {
+        assert_eq!(
+            host.send("load.tick", &format!("tick-{n}"), json!({"n": n}))
+                .await,
+            202
+        );
+    }
+    // The fast plugin handles every event while the slow one (one at a time, 300 ms
+    // each) is still far behind: its lag does not hold the fast one back.
+    host.wait_for("the fast plugin", Duration::from_secs(30), || async {
+        let status = host.get_json("/v1/plugins/fast").await;
+        (status["cursor"].as_u64()? >= events).then_some(())
+    })
+    .await;
+    for n in 0..events {
+        assert!(host.kv("fast", &format!("seen/tick-{n}")).await.is_some());
+    }
+    let slow = host.get_json("/v1/plugins/slow").await;
+    assert!(
+        slow["cursor"].as_u64().unwrap() < events / 2,
+        "the slow plugin should still be behind: {slow}"
+    );
+}

@@ -1,0 +1,369 @@
+//! The HTTP API driven without a socket (`Router::oneshot`) over a real embedded log:
+//! ingest modes, validation errors with their statuses, auth, limits, dedupe and
+//! all-or-nothing batches.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use serde_json::{Value, json};
+use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
+use switchyard_host::config::Config;
+use switchyard_host::ingest::{AppState, router};
+use switchyard_host::metrics::Metrics;
+use tower::ServiceExt;
+
+struct Api {
+    state: Arc<AppState>,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    fn new(config: Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap();
+        let state = Arc::new(AppState {
+            bus: Arc::new(bus),
+            plugins: Arc::new(RwLock::new(BTreeMap::new())),
+            metrics: Arc::new(Metrics::default()),
+            config: Arc::new(config),
+            ready: AtomicBool::new(true),
+        });
+        Self { state, _dir: dir }
+    }
+
+    async fn call(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let response = router(Arc::clone(&self.state))
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> (StatusCode, Value) {
+        self.call(
+            Request::post(path)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(body.into())
+                .unwrap(),
+        )
+        .await
+    }
+
+    async fn stored(&self) -> u64 {
+        self.state.bus.head().await.unwrap()
+    }
+}
+
+fn structured(id: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "order.created", "data": {"n": 1}})
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn binary_structured_and_batch_modes_are_accepted() {
+    let api = Api::new(Config::default());
+    let (status, body) = api
+        .call(
+            Request::post("/v1/events")
+                .header("ce-specversion", "1.0")
+                .header("ce-id", "b-1")
+                .header("ce-source", "/shop")
+                .header("ce-type", "order.created")
+                .header("ce-partitionkey", "customer-9")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"n":1}"#))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["accepted"][0]["sequence"], 1);
+
+    let (status, _) = api
+        .post(
+            "/v1/events",
+            "application/cloudevents+json; charset=utf-8",
+            structured("s-1").to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let batch = json!([structured("k-1"), structured("k-2")]);
+    let (status, body) = api
+        .post(
+            "/v1/events",
+            "application/cloudevents-batch+json",
+            batch.to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["accepted"].as_array().unwrap().len(), 2);
+    assert_eq!(api.stored().await, 4);
+
+    let (status, log) = api
+        .call(
+            Request::get("/v1/events?type=order.*&limit=10")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(log["events"][0]["event"]["partitionkey"], "customer-9");
+    assert_eq!(log["events"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn the_same_source_and_id_is_stored_once() {
+    let api = Api::new(Config::default());
+    let body = structured("dup-1").to_string();
+    let (_, first) = api
+        .post("/v1/events", "application/cloudevents+json", body.clone())
+        .await;
+    let (status, second) = api
+        .post("/v1/events", "application/cloudevents+json", body)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(second["accepted"][0]["duplicate"], true);
+    assert_eq!(
+        second["accepted"][0]["sequence"],
+        first["accepted"][0]["sequence"]
+    );
+    assert_eq!(api.stored().await, 1);
+}
+
+#[tokio::test]
+async fn invalid_events_are_400_naming_the_attribute_and_store_nothing() {
+    let api = Api::new(Config::default());
+    let cases = [
+        (
+            json!({"specversion": "1.0", "source": "/s", "type": "a.b"}),
+            "`id`",
+        ),
+        (
+            json!({"specversion": "1.0", "id": "x", "type": "a.b"}),
+            "`source`",
+        ),
+        (
+            json!({"specversion": "0.3", "id": "x", "source": "/s", "type": "a.b"}),
+            "`specversion`",
+        ),
+        (
+            json!({"specversion": "1.0", "id": "x", "source": "/s", "type": "a..b"}),
+            "`type`",
+        ),
+        (
+            json!({"specversion": "1.0", "id": "x", "source": "/s"}),
+            "`type`",
+        ),
+    ];
+    for (event, attribute) in cases {
+        let (status, body) = api
+            .post(
+                "/v1/events",
+                "application/cloudevents+json",
+                event.to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{event}");
+        assert_eq!(error_code(&body), "invalid_attribute", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(attribute),
+            "{body}"
+        );
+    }
+    let (status, body) = api
+        .post(
+            "/v1/events",
+            "application/cloudevents+json",
+            r#"{"specversion": "1.0", "id": }"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "malformed_json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1, column"),
+        "{body}"
+    );
+    assert_eq!(api.stored().await, 0);
+}
+
+#[tokio::test]
+async fn a_batch_with_one_bad_event_stores_nothing() {
+    let api = Api::new(Config::default());
+    let mut bad = structured("bad");
+    bad["specversion"] = json!("2.0");
+    let batch = json!([structured("ok-1"), bad, structured("ok-2")]);
+    let (status, body) = api
+        .post(
+            "/v1/events",
+            "application/cloudevents-batch+json",
+            batch.to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("event 1: "),
+        "{body}"
+    );
+    assert_eq!(api.stored().await, 0);
+}
+
+#[tokio::test]
+async fn unknown_content_types_are_415() {
+    let api = Api::new(Config::default());
+    let (status, body) = api.post("/v1/events", "text/plain", "hello").await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(error_code(&body), "unsupported_media_type");
+    let (status, _) = api
+        .post("/v1/events/order.created", "text/plain", "hello")
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(api.stored().await, 0);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413() {
+    let mut config = Config::default();
+    config.ingest.max_body_bytes = 1024;
+    let api = Api::new(config);
+    let big = json!({"blob": "x".repeat(4096)}).to_string();
+    let (status, body) = api
+        .post("/v1/events/order.created", "application/json", big.clone())
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(&body), "payload_too_large");
+    // Without a Content-Length the limit still holds while streaming.
+    let stream = Body::new(Unsized(Some(bytes::Bytes::from(big))));
+    let (status, _) = api
+        .call(
+            Request::post("/v1/events/order.created")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(stream)
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(api.stored().await, 0);
+}
+
+/// A body that arrives as one chunk with no declared length.
+struct Unsized(Option<bytes::Bytes>);
+
+impl http_body::Body for Unsized {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(self.0.take().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn tokens_guard_ingest_and_admin_routes() {
+    let mut config = Config::default();
+    config.auth.ingest_tokens = vec!["in-secret".to_owned()];
+    config.auth.admin_tokens = vec!["admin-secret".to_owned()];
+    let api = Api::new(config);
+    let event = structured("auth-1").to_string();
+    for token in [None, Some("wrong"), Some("admin-secret")] {
+        let mut request = Request::post("/v1/events")
+            .header(header::CONTENT_TYPE, "application/cloudevents+json");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let (status, body) = api
+            .call(request.body(Body::from(event.clone())).unwrap())
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert_eq!(error_code(&body), "unauthorized");
+    }
+    let (status, _) = api
+        .call(
+            Request::post("/v1/events")
+                .header(header::CONTENT_TYPE, "application/cloudevents+json")
+                .header(header::AUTHORIZATION, "Bearer in-secret")
+                .body(Body::from(event))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    for path in ["/v1/plugins", "/v1/dlq", "/v1/events"] {
+        let (status, _) = api
+            .call(Request::get(path).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        let (status, _) = api
+            .call(
+                Request::get(path)
+                    .header(header::AUTHORIZATION, "Bearer admin-secret")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    let (status, _) = api
+        .call(Request::get("/healthz").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_count_ingest_and_unknown_routes_are_json_404() {
+    let api = Api::new(Config::default());
+    api.post("/v1/events/order.created", "application/json", "{}")
+        .await;
+    api.post("/v1/events", "text/plain", "x").await;
+    let response = router(Arc::clone(&api.state))
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("switchyard_events_ingested_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("switchyard_ingest_rejected_total{code=\"unsupported_media_type\"} 1\n"),
+        "{text}"
+    );
+    let (status, body) = api
+        .call(Request::get("/nope").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body), "not_found");
+}

@@ -1,0 +1,205 @@
+//! Retries, backoff and dead letters through the real binary.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::guests::Guest;
+use crate::support::host::Host;
+
+const FAST_RETRY: &str = "[retry]\nbackoff = \"constant\"\ninitial = \"100ms\"\njitter = false\n";
+
+async fn dead_letters(host: &Host, plugin: &str) -> Vec<serde_json::Value> {
+    host.get_json(&format!("/v1/dlq?plugin={plugin}")).await["dead_letters"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once() {
+    let mut host = Host::new();
+    host.plugin(
+        "flaky",
+        Guest::Hostile,
+        Some(&format!(
+            "subscribe = [\"hostile.fail-until\"]\n{FAST_RETRY}max_attempts = 5\n"
+        )),
+    );
+    host.start();
+    assert_eq!(
+        host.send("hostile.fail-until", "flaky-1", json!({})).await,
+        202
+    );
+    let attempt = host
+        .wait_for("the third attempt", Duration::from_secs(20), || async {
+            host.kv("flaky", "recovered/flaky-1").await
+        })
+        .await;
+    assert_eq!(attempt, "3");
+
+    let log = host.log().await;
+    let recovered: Vec<_> = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.recovered")
+        .collect();
+    assert_eq!(recovered.len(), 1, "the success's emit committed once");
+    // Two waits of the constant 100 ms backoff separate the first and third attempts.
+    let ingested = humantime::parse_rfc3339_weak(log[0]["ingested_at"].as_str().unwrap()).unwrap();
+    let emitted =
+        humantime::parse_rfc3339_weak(recovered[0]["ingested_at"].as_str().unwrap()).unwrap();
+    assert!(
+        emitted.duration_since(ingested).unwrap() >= Duration::from_millis(200),
+        "retries waited for the backoff"
+    );
+    assert!(dead_letters(&host, "flaky").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_plugin_that_always_fails_is_dead_lettered_after_max_attempts() {
+    let mut host = Host::new();
+    host.plugin(
+        "doomed",
+        Guest::Hostile,
+        Some(&format!(
+            "subscribe = [\"hostile.effects-then-retry\"]\n{FAST_RETRY}max_attempts = 3\n"
+        )),
+    );
+    host.start();
+    assert_eq!(
+        host.send("hostile.effects-then-retry", "doomed-1", json!({}))
+            .await,
+        202
+    );
+    let letters = host
+        .wait_for("the dead letter", Duration::from_secs(20), || async {
+            let letters = dead_letters(&host, "doomed").await;
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "exhausted");
+    assert_eq!(letter["event"]["id"], "doomed-1");
+    let errors = letter["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3, "{letter}");
+    for (n, error) in errors.iter().enumerate() {
+        assert_eq!(error["attempt"], n + 1);
+        assert_eq!(error["kind"], "retry");
+        assert_eq!(error["message"], "failed after effects");
+    }
+    // None of the failed attempts' emits or KV writes exist anywhere.
+    assert!(host.kv("doomed", "written").await.is_none());
+    assert!(
+        host.log()
+            .await
+            .iter()
+            .all(|e| e["event"]["type"] != "hostile.emitted")
+    );
+    let status = host.get_json("/v1/plugins/doomed").await;
+    assert_eq!(status["dead_letters"], 1);
+    assert_eq!(status["last_error"]["message"], "failed after effects");
+}
+
+#[tokio::test]
+async fn reject_dead_letters_after_one_attempt() {
+    let mut host = Host::new();
+    host.plugin(
+        "picky",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.reject\"]\n"),
+    );
+    host.start();
+    assert_eq!(host.send("hostile.reject", "picky-1", json!({})).await, 202);
+    let letters = host
+        .wait_for("the dead letter", Duration::from_secs(20), || async {
+            let letters = dead_letters(&host, "picky").await;
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+    assert_eq!(letters[0]["reason"], "rejected");
+    assert_eq!(letters[0]["errors"].as_array().unwrap().len(), 1);
+    assert_eq!(letters[0]["errors"][0]["kind"], "reject");
+    assert_eq!(letters[0]["errors"][0]["message"], "bad event");
+
+    // Show and delete.
+    let id = letters[0]["id"].as_u64().unwrap();
+    let shown = host.get_json(&format!("/v1/dlq/{id}")).await;
+    assert_eq!(shown["event"]["type"], "hostile.reject");
+    let deleted = host
+        .http
+        .delete(host.url(&format!("/v1/dlq/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let gone = host
+        .http
+        .get(host.url(&format!("/v1/dlq/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+}
+
+#[tokio::test]
+async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry() {
+    let mut host = Host::new();
+    let broken = format!("subscribe = [\"hostile.needs-fix\"]\n{FAST_RETRY}max_attempts = 2\n");
+    host.plugin("mender", Guest::Hostile, Some(&broken));
+    host.start();
+    for id in ["fix-1", "fix-2"] {
+        assert_eq!(host.send("hostile.needs-fix", id, json!({})).await, 202);
+    }
+    host.wait_for("two dead letters", Duration::from_secs(20), || async {
+        (dead_letters(&host, "mender").await.len() == 2).then_some(())
+    })
+    .await;
+
+    // Fix the plugin (its config) and restart the host.
+    host.stop();
+    host.sidecar(
+        "mender",
+        Some(&format!("{broken}[config]\nfixed = \"true\"\n")),
+    );
+    host.start();
+
+    let first = dead_letters(&host, "mender")
+        .await
+        .iter()
+        .find(|l| l["event"]["id"] == "fix-1")
+        .and_then(|l| l["id"].as_u64())
+        .unwrap();
+    let replay = host
+        .http
+        .post(host.url(&format!("/v1/dlq/{first}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 202);
+    let fixed = host
+        .wait_for("the replayed event", Duration::from_secs(20), || async {
+            host.kv("mender", "fixed/fix-1").await
+        })
+        .await;
+    assert_eq!(fixed, "yes");
+    assert_eq!(dead_letters(&host, "mender").await.len(), 1);
+
+    // Replay all of a plugin's.
+    let replay = host
+        .http
+        .post(host.url("/v1/dlq/replay?plugin=mender"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 202);
+    assert_eq!(
+        replay.json::<serde_json::Value>().await.unwrap()["replayed"],
+        1
+    );
+    host.wait_for("the second replay", Duration::from_secs(20), || async {
+        host.kv("mender", "fixed/fix-2").await
+    })
+    .await;
+    assert!(dead_letters(&host, "mender").await.is_empty());
+}

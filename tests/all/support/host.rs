@@ -1,0 +1,201 @@
+//! A real `switchyard serve` process for end-to-end tests: its own plugin and data
+//! directories, a free loopback port, and kill/restart.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::guests::{self, Guest};
+
+/// A running host and the directories it owns.
+pub struct Host {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    url: String,
+    /// An HTTP client for talking to the host.
+    pub http: reqwest::Client,
+}
+
+impl Host {
+    /// A host with no plugins yet; call [`Host::plugin`] then [`Host::start`].
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        Self {
+            child: None,
+            dir,
+            url: String::new(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A handle on a host started elsewhere, for sending from another task.
+    pub fn attach(url: String, http: reqwest::Client) -> Self {
+        Self {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            url,
+            http,
+        }
+    }
+
+    /// The plugin directory.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    /// Installs `guest` as plugin `name`, with a sidecar if given.
+    pub fn plugin(&self, name: &str, guest: Guest, sidecar: Option<&str>) -> &Self {
+        std::fs::copy(
+            guests::path(guest),
+            self.plugins_dir().join(format!("{name}.wasm")),
+        )
+        .unwrap();
+        self.sidecar(name, sidecar);
+        self
+    }
+
+    /// Writes (or removes) the sidecar of plugin `name`.
+    pub fn sidecar(&self, name: &str, sidecar: Option<&str>) {
+        let path = self.plugins_dir().join(format!("{name}.toml"));
+        match sidecar {
+            Some(text) => std::fs::write(path, text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Starts the host and waits until it listens.
+    pub fn start(&mut self) -> &mut Self {
+        assert!(self.child.is_none(), "already running");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--plugins")
+            .arg(self.plugins_dir())
+            .arg("--data")
+            .arg(self.dir.path().join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("the switchyard binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("switchyard listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
+        self.url = url.to_owned();
+        self.child = Some(child);
+        self
+    }
+
+    /// The base URL, such as `http://127.0.0.1:43121`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (status 0).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+            assert!(status.success());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "serve exited with {status}");
+                    return;
+                }
+                assert!(Instant::now() < deadline, "serve did not stop within 30s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// POSTs JSON data as an event of `ty` with the given id; returns the status.
+    pub async fn send(&self, ty: &str, id: &str, data: serde_json::Value) -> reqwest::StatusCode {
+        self.http
+            .post(self.url(&format!("/v1/events/{ty}")))
+            .header("ce-id", id)
+            .json(&data)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// GETs a JSON document, asserting 200.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.json().await.unwrap()
+    }
+
+    /// Reads a plugin's KV value as text, if present.
+    pub async fn kv(&self, plugin: &str, key: &str) -> Option<String> {
+        let response = self
+            .http
+            .get(self.url(&format!("/v1/plugins/{plugin}/kv/{key}")))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => Some(response.text().await.unwrap()),
+            404 => None,
+            other => panic!("GET kv {plugin}/{key}: {other}"),
+        }
+    }
+
+    /// Every event in the log, in order.
+    pub async fn log(&self) -> Vec<serde_json::Value> {
+        let mut events = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let page = self
+                .get_json(&format!("/v1/events?after={after}&limit=1000"))
+                .await;
+            let batch = page["events"].as_array().unwrap().clone();
+            if batch.is_empty() {
+                return events;
+            }
+            after = batch.last().unwrap()["sequence"].as_u64().unwrap();
+            events.extend(batch);
+        }
+    }
+
+    /// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
