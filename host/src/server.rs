@@ -37,6 +37,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             Synchronous::Normal => Durability::Normal,
         },
         group_commit_max_events: config.log.group_commit_max_events,
+        group_commit_max_delay: config.log.group_commit_max_delay,
         max_pending_events: config.ingest.max_pending_events,
     })
     .context("opening the embedded log")?;

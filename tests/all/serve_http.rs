@@ -285,6 +285,58 @@ impl http_body::Body for Unsized {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_writer_answers_503_with_retry_after_and_stores_nothing_it_refused() {
+    let mut config = Config::default();
+    config.ingest.max_pending_events = 1000;
+    let api = Api::new(config);
+    // Keep the writer busy with one large append (admitted because nothing was waiting)...
+    let big: Vec<_> = (0..100_000)
+        .map(|n| switchyard_host::event::Event {
+            id: format!("big-{n}"),
+            source: "/load".to_owned(),
+            ty: "load.big".to_owned(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            data: b"{}".to_vec(),
+            extensions: BTreeMap::new(),
+        })
+        .collect();
+    let bus = Arc::clone(&api.state.bus);
+    let writing = tokio::spawn(async move { bus.append(big).await.unwrap().len() });
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // ...so a producer arriving meanwhile is told to come back later.
+    let response = router(Arc::clone(&api.state))
+        .oneshot(
+            Request::post("/v1/events/load.tick")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(error_code(&body), "unavailable");
+    assert_eq!(writing.await.unwrap(), 100_000);
+    assert_eq!(
+        api.stored().await,
+        100_000,
+        "the refused event was not stored"
+    );
+    // Once the writer has caught up, the same request is accepted.
+    let (status, _) = api
+        .post("/v1/events/load.tick", "application/json", "{}")
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}
+
 #[tokio::test]
 async fn tokens_guard_ingest_and_admin_routes() {
     let mut config = Config::default();

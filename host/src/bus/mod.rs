@@ -15,7 +15,7 @@
 pub mod sqlite;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,15 @@ use serde::{Deserialize, Serialize};
 use crate::event::Event;
 use crate::pattern::Pattern;
 use crate::runtime::{Effects, KvSource};
+
+/// Milliseconds since the Unix epoch: the bus's clock for ingest, retry and dead-letter
+/// times.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
 
 /// Errors of a bus backend.
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     Appended, AttemptError, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter,
     DeadLetterQuery, DeadLetterReason, Delivery, LogQuery, Settlement, StartPosition, StoredEvent,
+    now_ms,
 };
 use crate::event::Event;
 use crate::pattern::Pattern;
@@ -104,6 +105,9 @@ pub struct SqliteOptions {
     pub durability: Durability,
     /// Most events one group commit takes.
     pub group_commit_max_events: usize,
+    /// How long the writer waits for more jobs after the first one of a group; zero
+    /// commits as soon as the writer is free.
+    pub group_commit_max_delay: Duration,
     /// Appends that may wait for the writer before new ones are refused.
     pub max_pending_events: usize,
 }
@@ -115,6 +119,7 @@ impl SqliteOptions {
             path: path.into(),
             durability: Durability::Full,
             group_commit_max_events: 4096,
+            group_commit_max_delay: Duration::ZERO,
             max_pending_events: 100_000,
         }
     }
@@ -195,14 +200,6 @@ fn storage(error: impl std::fmt::Display) -> BusError {
     BusError::Storage(error.to_string())
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -255,6 +252,7 @@ impl SqliteBus {
             conn,
             inner: Arc::clone(&inner),
             max_events: options.group_commit_max_events.max(1),
+            max_delay: options.group_commit_max_delay,
         };
         std::thread::Builder::new()
             .name("switchyard-log-writer".to_owned())
@@ -349,6 +347,7 @@ struct Writer {
     conn: Connection,
     inner: Arc<Inner>,
     max_events: usize,
+    max_delay: Duration,
 }
 
 /// What a job will answer once the group commits.
@@ -394,6 +393,9 @@ impl Writer {
         while let Some(first) = receiver.blocking_recv() {
             let mut weight = first.weight();
             let mut batch = vec![first];
+            if !self.max_delay.is_zero() && weight < self.max_events {
+                std::thread::sleep(self.max_delay);
+            }
             while weight < self.max_events {
                 match receiver.try_recv() {
                     Ok(job) => {

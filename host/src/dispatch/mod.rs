@@ -22,7 +22,7 @@ pub mod retry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use self::retry::RetryDecision;
 use crate::bus::{
     AttemptError, Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement,
-    StartPosition,
+    StartPosition, now_ms,
 };
 use crate::event::PARTITION_KEY;
 use crate::metrics::Metrics;
@@ -96,13 +96,6 @@ impl Dispatcher {
             task.abort();
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn ordering_key(delivery: &Delivery) -> String {
@@ -229,7 +222,9 @@ async fn run(
         }
     }
     fetcher.abort();
-    // Let the deliveries in flight finish and settle; the caller bounds how long.
+    // Deliveries still waiting for a permit never start; the ones in flight finish and
+    // settle (the caller bounds how long). Unsettled ones are delivered after restart.
+    context.permits.close();
     while tasks.join_next().await.is_some() {}
 }
 

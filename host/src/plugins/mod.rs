@@ -132,7 +132,7 @@ pub async fn load_directory(
             PluginEntry {
                 name,
                 file,
-                loaded_at_ms: crate::bus::sqlite::now_ms(),
+                loaded_at_ms: crate::bus::now_ms(),
                 status,
             },
         );
