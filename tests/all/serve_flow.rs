@@ -101,3 +101,85 @@ async fn a_slow_plugin_does_not_hold_back_a_fast_one() {
         "the slow plugin should still be behind: {slow}"
     );
 }
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .expect("the switchyard binary runs")
+}
+
+#[tokio::test]
+async fn the_client_commands_talk_to_a_running_host() {
+    let mut host = Host::new();
+    host.plugin(
+        "picky",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.reject\"]\n"),
+    );
+    host.start();
+    let url = host.url("");
+
+    let sent = cli(&[
+        "send",
+        "hostile.reject",
+        "--data",
+        "{\"n\":1}",
+        "--id",
+        "cli-1",
+        "--url",
+        &url,
+    ]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(answer["accepted"][0]["id"], "cli-1");
+
+    host.wait_for("the dead letter", Duration::from_secs(20), || async {
+        let list = host.get_json("/v1/dlq").await;
+        (!list["dead_letters"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let listed = cli(&["dlq", "list", "--plugin", "picky", "--url", &url]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["dead_letters"][0]["event"]["id"], "cli-1");
+    let id = listed["dead_letters"][0]["id"].to_string();
+
+    let plugins = cli(&["plugins", "picky", "--url", &url]);
+    let plugins: serde_json::Value = serde_json::from_slice(&plugins.stdout).unwrap();
+    assert_eq!(plugins["dead_letters"], 1);
+
+    assert!(cli(&["dlq", "delete", &id, "--url", &url]).status.success());
+    let missing = cli(&["dlq", "show", &id, "--url", &url]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("404 Not Found: dead letter"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+
+    let bad = cli(&["send", "no..type", "--url", &url]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("400 Bad Request"));
+}
+
+#[test]
+fn serve_refuses_a_public_address_without_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = cli(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--data",
+        dir.path().join("data").to_str().unwrap(),
+        "--plugins",
+        dir.path().join("plugins").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("token"), "{stderr}");
+    assert!(output.stdout.is_empty(), "it never listened");
+}
