@@ -55,17 +55,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut dispatchers = Vec::new();
     for entry in table.values() {
         if let Ok(loaded) = &entry.status {
-            dispatchers.push(Dispatcher::spawn(
-                Arc::clone(&bus),
-                Arc::clone(&metrics),
-                Target {
-                    name: entry.name.clone(),
-                    plugin: Arc::clone(&loaded.plugin),
-                    policy: loaded.policy.clone(),
-                    subscriptions: loaded.subscriptions.clone(),
-                    state: Arc::clone(&loaded.state),
-                },
-            ));
+            let target = Target {
+                name: entry.name.clone(),
+                plugin: Arc::clone(&loaded.plugin),
+                policy: loaded.policy.clone(),
+                subscriptions: loaded.subscriptions.clone(),
+                state: Arc::clone(&loaded.state),
+            };
+            // Consumers exist before the host accepts events, so `start = "latest"`
+            // means every event ingested from now on.
+            let dispatcher = Dispatcher::start(Arc::clone(&bus), Arc::clone(&metrics), target)
+                .await
+                .with_context(|| format!("opening the consumer of plugin `{}`", entry.name))?;
+            dispatchers.push(dispatcher);
         }
     }
     let loaded = dispatchers.len();

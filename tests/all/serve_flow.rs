@@ -183,3 +183,123 @@ fn serve_refuses_a_public_address_without_tokens() {
     assert!(stderr.contains("token"), "{stderr}");
     assert!(output.stdout.is_empty(), "it never listened");
 }
+
+#[tokio::test]
+async fn ordering_by_key_keeps_log_order_per_key_even_across_a_retry() {
+    let mut host = Host::new();
+    host.plugin(
+        "sequencer",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"order.step\"]\nconcurrency = 8\nordering = \"key\"\n\
+             [retry]\nbackoff = \"constant\"\ninitial = \"200ms\"\njitter = false\n\
+             [config]\nbehaviour = \"hostile.sequence\"\n",
+        ),
+    );
+    host.start();
+    let keys = ["a", "b", "c"];
+    let per_key = 12u64;
+    for n in 0..per_key {
+        for key in keys {
+            let response = host
+                .http
+                .post(host.url("/v1/events/order.step"))
+                .header("ce-id", format!("{key}-{n}"))
+                .header("ce-partitionkey", key)
+                // The third event of key `a` fails once; the later `a` events must wait.
+                .json(&json!({"n": n, "fail_once": key == "a" && n == 2}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+        }
+    }
+    let expected: Vec<u64> = (0..per_key).collect();
+    for key in keys {
+        let list = host
+            .wait_for("every step of the key", Duration::from_secs(30), || async {
+                let text = host.kv("sequencer", &format!("order/{key}")).await?;
+                let list: Vec<u64> = serde_json::from_str(&text).unwrap();
+                (list.len() as u64 == per_key).then_some(list)
+            })
+            .await;
+        assert_eq!(list, expected, "key {key}");
+    }
+}
+
+#[tokio::test]
+async fn a_new_plugin_starts_at_the_end_of_the_log_unless_told_earliest() {
+    let mut host = Host::new();
+    host.plugin("first", Guest::AuditTrail, None);
+    host.start();
+    for n in 0..5 {
+        assert_eq!(
+            host.send("early.event", &format!("early-{n}"), json!({}))
+                .await,
+            202
+        );
+    }
+    host.stop();
+    host.plugin(
+        "replayer",
+        Guest::AuditTrail,
+        Some("start = \"earliest\"\n"),
+    )
+    .plugin("newcomer", Guest::AuditTrail, None);
+    host.start();
+    assert_eq!(host.send("late.event", "late-0", json!({})).await, 202);
+    host.wait_for(
+        "the replayer to see the whole log",
+        Duration::from_secs(20),
+        || async {
+            let early = host.kv("replayer", "count/early.event").await?;
+            let late = host.kv("replayer", "count/late.event").await?;
+            (early == "5" && late == "1").then_some(())
+        },
+    )
+    .await;
+    host.wait_for(
+        "the newcomer to see the late event",
+        Duration::from_secs(20),
+        || async { host.kv("newcomer", "count/late.event").await },
+    )
+    .await;
+    assert_eq!(host.kv("newcomer", "count/early.event").await, None);
+}
+
+#[tokio::test]
+async fn concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates() {
+    let mut host = Host::new();
+    // Every call reads and rewrites the same counter, eight at a time.
+    host.plugin("audit", Guest::AuditTrail, Some("concurrency = 8\n"));
+    host.start();
+    let events = 120;
+    let mut tasks = Vec::new();
+    for n in 0..events {
+        let http = host.http.clone();
+        let url = host.url("/v1/events/hot.counter");
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .header("ce-id", format!("hot-{n}"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 202);
+    }
+    let count = host
+        .wait_for("the counter to settle", Duration::from_secs(60), || async {
+            let status = host.get_json("/v1/plugins/audit").await;
+            let settled = status["cursor"].as_u64()? >= events
+                && status["in_flight"] == 0
+                && status["pending_retries"] == 0;
+            settled.then_some(())?;
+            host.kv("audit", "count/hot.counter").await
+        })
+        .await;
+    assert_eq!(count, events.to_string());
+}

@@ -51,6 +51,10 @@ pub enum BusError {
     /// The thing asked for does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// A settlement's KV reads no longer hold: another attempt of the same plugin
+    /// committed a change to what this one read. Nothing was committed; run it again.
+    #[error("KV conflict on `{0}`: the value changed since the attempt read it")]
+    Conflict(String),
 }
 
 /// Where an appended event landed.

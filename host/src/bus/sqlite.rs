@@ -30,7 +30,7 @@ use super::{
 };
 use crate::event::Event;
 use crate::pattern::Pattern;
-use crate::runtime::{Effects, KvSource};
+use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 
 /// Rows scanned per read when looking for a consumer's next events.
 const SCAN_CHUNK: i64 = 512;
@@ -191,7 +191,7 @@ struct Inner {
     pending_events: AtomicUsize,
     max_pending_events: usize,
     readers: Mutex<Vec<Connection>>,
-    /// Bumped after every commit that adds events or due retries.
+    /// A counter bumped after every commit that adds events or due retries.
     generation: watch::Sender<u64>,
     closed: AtomicBool,
 }
@@ -234,11 +234,8 @@ impl SqliteBus {
             BusError::Storage(format!("cannot open {}: {e}", options.path.display()))
         })?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
-        let head: i64 = conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
-            .map_err(storage)?;
         let (jobs, receiver) = mpsc::unbounded_channel();
-        let (generation, _) = watch::channel(to_u64(head));
+        let (generation, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             path: options.path.clone(),
             jobs,
@@ -487,7 +484,7 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: Job, wake: &mut bool) -> Answ
             let result = settle(&savepoint, &plugin, seq, is_retry, cursor, settlement);
             let ok = result.is_ok();
             *wake |= ok && adds_events;
-            (Answer::Done(reply, result.map_err(storage)), ok)
+            (Answer::Done(reply, result), ok)
         }
         Job::MoveCursor { plugin, cursor } => {
             let ok = move_cursor(&savepoint, &plugin, cursor).is_ok();
@@ -631,7 +628,59 @@ fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> rusqlite
     Ok(())
 }
 
+/// Checks that what an attempt read of its plugin's KV is still what is committed.
+fn check_reads(conn: &Connection, plugin: &str, reads: &[KvRead]) -> Result<(), BusError> {
+    let mut value = conn
+        .prepare_cached("SELECT value FROM kv WHERE plugin = ?1 AND key = ?2")
+        .map_err(storage)?;
+    let mut keys = conn
+        .prepare_cached("SELECT key FROM kv WHERE plugin = ?1 AND key >= ?2 ORDER BY key")
+        .map_err(storage)?;
+    for read in reads {
+        match read {
+            KvRead::Value { key, digest } => {
+                let current: Option<Vec<u8>> = value
+                    .query_row(params![plugin, key], |r| r.get(0))
+                    .optional()
+                    .map_err(storage)?;
+                if current.as_deref().map(value_digest) != *digest {
+                    return Err(BusError::Conflict(key.clone()));
+                }
+            }
+            KvRead::Keys { prefix, digest } => {
+                let mut rows = keys.query(params![plugin, prefix]).map_err(storage)?;
+                let mut current = Vec::new();
+                while let Some(row) = rows.next().map_err(storage)? {
+                    let key: String = row.get(0).map_err(storage)?;
+                    if !key.starts_with(prefix.as_str()) {
+                        break;
+                    }
+                    current.push(key);
+                }
+                if keys_digest(current.iter().map(String::as_str)) != *digest {
+                    return Err(BusError::Conflict(format!("{prefix}*")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn settle(
+    conn: &Connection,
+    plugin: &str,
+    seq: u64,
+    is_retry: bool,
+    cursor: u64,
+    settlement: Settlement,
+) -> Result<(), BusError> {
+    if let Settlement::Ack(effects) = &settlement {
+        check_reads(conn, plugin, &effects.kv_reads)?;
+    }
+    settle_checked(conn, plugin, seq, is_retry, cursor, settlement).map_err(storage)
+}
+
+fn settle_checked(
     conn: &Connection,
     plugin: &str,
     seq: u64,
@@ -1141,6 +1190,7 @@ impl Consumer for SqliteConsumer {
         let max = max.max(1);
         let mut generation = self.bus.inner.generation.subscribe();
         let deadline = tokio::time::Instant::now() + IDLE_WAIT;
+        let mut before = self.state().read_position;
         loop {
             generation.borrow_and_update();
             let mut batch = self.due_retries(max).await?;
@@ -1150,11 +1200,14 @@ impl Consumer for SqliteConsumer {
             if !batch.is_empty() {
                 return Ok(batch);
             }
-            let caught_up = self.state().read_position;
-            let head = *generation.borrow();
-            if caught_up >= head || head == 0 {
-                self.persist_idle_cursor();
+            let scanned = self.state().read_position;
+            if scanned > before {
+                // The scan moved over events this plugin does not match: keep scanning
+                // at once rather than waiting for the next commit.
+                before = scanned;
+                continue;
             }
+            self.persist_idle_cursor();
             // Sleep until new events are committed, or re-check retries shortly.
             tokio::select! {
                 changed = generation.changed() => {

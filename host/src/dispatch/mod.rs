@@ -11,6 +11,11 @@
 //! held, so a later event of the key cannot overtake it. (A retry pending from before a
 //! restart does not hold its key: the restarted dispatcher learns of it when it is due.)
 //!
+//! KV is optimistic: an acknowledgement commits only if what the attempt read is still
+//! committed. When another call of the same plugin changed it first, the attempt runs
+//! again on the new state (up to a bound, then it counts as a failed attempt), so
+//! concurrent calls never lose each other's updates.
+//!
 //! Each attempt ends in exactly one settlement: success commits the effects with the
 //! acknowledgement; a retryable failure schedules a retry with the plugin's backoff, or
 //! dead-letters the event when attempts or age run out; `reject` and effects violations
@@ -81,11 +86,26 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Starts dispatching to `target`.
-    pub fn spawn(bus: Arc<dyn Bus>, metrics: Arc<Metrics>, target: Target) -> Self {
+    /// Opens the plugin's consumer, then starts dispatching to it. Returns once the
+    /// consumer exists, so a plugin that starts at the `latest` event sees every event
+    /// appended after this returns.
+    pub async fn start(
+        bus: Arc<dyn Bus>,
+        metrics: Arc<Metrics>,
+        target: Target,
+    ) -> Result<Self, BusError> {
+        let spec = ConsumerSpec {
+            patterns: target.subscriptions.clone(),
+            start: match target.policy.start {
+                Start::Latest => StartPosition::Latest,
+                Start::Earliest => StartPosition::Earliest,
+            },
+            window: target.policy.concurrency.saturating_mul(4).max(16),
+        };
+        let consumer = bus.consumer(&target.name, spec).await?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(bus, metrics, target, stopped));
-        Self { stop, task }
+        let task = tokio::spawn(run(bus, consumer, metrics, target, stopped));
+        Ok(Self { stop, task })
     }
 
     /// Stops fetching, lets in-flight deliveries finish within `grace` and settles them.
@@ -107,34 +127,6 @@ fn ordering_key(delivery: &Delivery) -> String {
         .to_owned()
 }
 
-async fn open_consumer(
-    bus: &Arc<dyn Bus>,
-    target: &Target,
-    stopped: &mut watch::Receiver<bool>,
-) -> Option<Arc<dyn Consumer>> {
-    let spec = ConsumerSpec {
-        patterns: target.subscriptions.clone(),
-        start: match target.policy.start {
-            Start::Latest => StartPosition::Latest,
-            Start::Earliest => StartPosition::Earliest,
-        },
-        window: target.policy.concurrency.saturating_mul(4).max(16),
-    };
-    loop {
-        match bus.consumer(&target.name, spec.clone()).await {
-            Ok(consumer) => return Some(consumer),
-            Err(BusError::Closed) => return None,
-            Err(error) => {
-                tracing::error!(plugin = %target.name, %error, "cannot open the plugin's consumer; retrying");
-                tokio::select! {
-                    _ = stopped.changed() => return None,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    }
-}
-
 /// Which key, if any, a finished delivery held, and whether it released it.
 struct Finished {
     key: Option<String>,
@@ -144,13 +136,11 @@ struct Finished {
 
 async fn run(
     bus: Arc<dyn Bus>,
+    consumer: Arc<dyn Consumer>,
     metrics: Arc<Metrics>,
     target: Target,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let Some(consumer) = open_consumer(&bus, &target, &mut stopped).await else {
-        return;
-    };
     let concurrency = target.policy.concurrency.max(1);
     let (deliveries, mut incoming) = mpsc::channel::<Delivery>(concurrency * 2);
     let fetcher = tokio::spawn(fetch(
@@ -170,6 +160,7 @@ async fn run(
         name: target.name.clone(),
         state: Arc::clone(&target.state),
         permits: Arc::new(Semaphore::new(concurrency)),
+        rerun_turn: tokio::sync::Mutex::new(()),
     });
     let by_key = target.policy.ordering == Ordering::Key;
     // Keys with a delivery in flight or waiting for its retry: the holder's sequence and
@@ -266,6 +257,7 @@ struct Context {
     name: String,
     state: Arc<DispatchState>,
     permits: Arc<Semaphore>,
+    rerun_turn: tokio::sync::Mutex<()>,
 }
 
 /// Runs one attempt and settles it.
@@ -282,67 +274,54 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         .state
         .in_flight
         .fetch_add(1, AtomicOrdering::Relaxed);
-    let outcome = context
-        .plugin
-        .invoke(
-            &delivery.stored.event,
-            runtime::Delivery {
-                attempt: delivery.attempt,
-                max_attempts: context.policy.retry.max_attempts,
-                sequence,
-            },
-            Arc::clone(&context.kv),
-        )
-        .await;
-    let outcome_name = match &outcome.result {
-        Ok(_) => "ok",
-        Err(failure) => failure.kind.as_str(),
-    };
-    context.metrics.delivery(
-        &context.name,
-        outcome_name,
-        outcome.duration,
-        outcome.fuel_used,
-    );
-
-    let settlement = match outcome.result {
-        Ok(effects) => Settlement::Ack(effects),
-        Err(failure) => {
-            let mut errors = delivery.errors.clone();
-            let error = AttemptError {
-                attempt: delivery.attempt,
-                kind: failure.kind.as_str().to_owned(),
-                message: failure.message,
-                at_ms: now_ms(),
-            };
-            tracing::warn!(
-                plugin = %context.name,
-                event_id = %delivery.stored.event.id,
-                attempt = delivery.attempt,
-                kind = %error.kind,
-                "{}",
-                error.message
-            );
-            *context
-                .state
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
-            errors.push(error);
-            decide(&context, &delivery, failure.kind, errors)
+    let mut runs = 0;
+    let released = loop {
+        runs += 1;
+        // Reruns after a conflict take turns, so a hot key cannot starve them.
+        let _turn = if runs > 1 {
+            Some(context.rerun_turn.lock().await)
+        } else {
+            None
+        };
+        let (settlement, outcome_name, duration, fuel) = attempt(&context, &delivery).await;
+        let released = !matches!(settlement, Settlement::Retry { .. });
+        match settle(&context, &delivery, &settlement).await {
+            Err(conflict) if runs < MAX_CONFLICT_RUNS => {
+                // Another call of this plugin changed what this one read: its effects
+                // were not committed; run the same attempt again on the new state.
+                context
+                    .metrics
+                    .delivery(&context.name, "conflict", duration, fuel);
+                tracing::debug!(plugin = %context.name, event_id = %delivery.stored.event.id, %conflict, "rerunning after a KV conflict");
+                continue;
+            }
+            Err(conflict) => {
+                context
+                    .metrics
+                    .delivery(&context.name, "conflict", duration, fuel);
+                let mut errors = delivery.errors.clone();
+                errors.push(record_error(
+                    &context,
+                    &delivery,
+                    FailureKind::Host,
+                    format!("{conflict}; still conflicting after {runs} runs"),
+                ));
+                let settlement = decide(&context, &delivery, FailureKind::Host, errors);
+                let released = !matches!(settlement, Settlement::Retry { .. });
+                count_settlement(&context, &settlement);
+                // A retry or dead letter reads nothing, so it cannot conflict.
+                let _ = settle(&context, &delivery, &settlement).await;
+                break released;
+            }
+            Ok(()) => {
+                context
+                    .metrics
+                    .delivery(&context.name, outcome_name, duration, fuel);
+                count_settlement(&context, &settlement);
+                break released;
+            }
         }
     };
-    let released = !matches!(settlement, Settlement::Retry { .. });
-    match &settlement {
-        Settlement::Retry { .. } => context.metrics.retry_scheduled(&context.name),
-        Settlement::DeadLetter { reason, .. } => {
-            context
-                .metrics
-                .dead_lettered(&context.name, reason.as_str());
-        }
-        Settlement::Ack(_) => {}
-    }
-    settle(&context, &delivery, settlement).await;
     context
         .state
         .in_flight
@@ -351,6 +330,84 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         key,
         sequence,
         released,
+    }
+}
+
+/// Times one attempt may run again after KV conflicts before it counts as failed.
+const MAX_CONFLICT_RUNS: u32 = 8;
+
+/// Invokes the plugin once and decides how the attempt ends.
+async fn attempt(
+    context: &Context,
+    delivery: &Delivery,
+) -> (Settlement, &'static str, Duration, u64) {
+    let outcome = context
+        .plugin
+        .invoke(
+            &delivery.stored.event,
+            runtime::Delivery {
+                attempt: delivery.attempt,
+                max_attempts: context.policy.retry.max_attempts,
+                sequence: delivery.stored.sequence,
+            },
+            Arc::clone(&context.kv),
+        )
+        .await;
+    let (settlement, name) = match outcome.result {
+        Ok(effects) => (Settlement::Ack(effects), "ok"),
+        Err(failure) => {
+            let name = failure.kind.as_str();
+            let mut errors = delivery.errors.clone();
+            errors.push(record_error(
+                context,
+                delivery,
+                failure.kind,
+                failure.message,
+            ));
+            (decide(context, delivery, failure.kind, errors), name)
+        }
+    };
+    (settlement, name, outcome.duration, outcome.fuel_used)
+}
+
+/// Logs a failed attempt, remembers it as the plugin's last error and returns its record.
+fn record_error(
+    context: &Context,
+    delivery: &Delivery,
+    kind: FailureKind,
+    message: String,
+) -> AttemptError {
+    let error = AttemptError {
+        attempt: delivery.attempt,
+        kind: kind.as_str().to_owned(),
+        message,
+        at_ms: now_ms(),
+    };
+    tracing::warn!(
+        plugin = %context.name,
+        event_id = %delivery.stored.event.id,
+        attempt = delivery.attempt,
+        kind = %error.kind,
+        "{}",
+        error.message
+    );
+    *context
+        .state
+        .last_error
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
+    error
+}
+
+fn count_settlement(context: &Context, settlement: &Settlement) {
+    match settlement {
+        Settlement::Retry { .. } => context.metrics.retry_scheduled(&context.name),
+        Settlement::DeadLetter { reason, .. } => {
+            context
+                .metrics
+                .dead_lettered(&context.name, reason.as_str());
+        }
+        Settlement::Ack(_) => {}
     }
 }
 
@@ -393,12 +450,18 @@ fn decide(
     }
 }
 
-async fn settle(context: &Context, delivery: &Delivery, settlement: Settlement) {
+/// Stores a settlement, retrying storage failures until it is stored or the bus closes.
+/// A KV conflict is returned to the caller: nothing was stored.
+async fn settle(
+    context: &Context,
+    delivery: &Delivery,
+    settlement: &Settlement,
+) -> Result<(), BusError> {
     let mut wait = Duration::from_millis(50);
     loop {
         match context.consumer.settle(delivery, settlement.clone()).await {
-            Ok(()) => return,
-            Err(BusError::Closed) => return,
+            Ok(()) | Err(BusError::Closed) => return Ok(()),
+            Err(conflict @ BusError::Conflict(_)) => return Err(conflict),
             Err(error) => {
                 tracing::error!(plugin = %context.name, event_id = %delivery.stored.event.id, %error, "cannot settle; retrying");
                 tokio::time::sleep(wait).await;

@@ -18,7 +18,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{host, types};
 use super::limits::MemoryLimiter;
-use super::outcome::{Effects, KvWrite};
+use super::outcome::{Effects, KvRead, KvWrite, keys_digest, value_digest};
 use super::settings::EffectBounds;
 use super::stdio::StderrTail;
 use crate::event::{self, CAUSATION_ID, CORRELATION_ID, Event};
@@ -70,13 +70,14 @@ struct CallContext {
     effects: EffectBuffer,
 }
 
-/// Effects buffered by the current call.
+/// Effects buffered by the current call, and what it read of the committed state.
 #[derive(Default)]
 struct EffectBuffer {
     emits: Vec<Event>,
     emit_bytes: usize,
     kv: BTreeMap<String, Option<Vec<u8>>>,
     kv_write_count: usize,
+    reads: Vec<KvRead>,
 }
 
 /// Identity and settings shared by every instance of one plugin.
@@ -141,6 +142,7 @@ impl HostState {
                 .into_iter()
                 .map(|(key, value)| KvWrite { key, value })
                 .collect(),
+            kv_reads: call.effects.reads,
         }
     }
 
@@ -273,10 +275,16 @@ impl host::Host for HostState {
         if let Some(buffered) = call.effects.kv.get(&key) {
             return Ok(buffered.clone());
         }
-        call.kv
+        let committed = call
+            .kv
             .get(&plugin, &key)
             .await
-            .map_err(|e| host_trap(format!("kv-get `{key}`: {e:#}")))
+            .map_err(|e| host_trap(format!("kv-get `{key}`: {e:#}")))?;
+        call.effects.reads.push(KvRead::Value {
+            key,
+            digest: committed.as_deref().map(value_digest),
+        });
+        Ok(committed)
     }
 
     async fn kv_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
@@ -304,6 +312,10 @@ impl host::Host for HostState {
             .keys(&plugin, &prefix)
             .await
             .map_err(|e| host_trap(format!("kv-keys `{prefix}`: {e:#}")))?;
+        call.effects.reads.push(KvRead::Keys {
+            prefix: prefix.clone(),
+            digest: keys_digest(committed.iter().map(String::as_str)),
+        });
         let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
         for (key, value) in call.effects.kv.range(prefix.clone()..) {
             if !key.starts_with(&prefix) {

@@ -28,7 +28,9 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use self::host::{EmptyKv, KvSource, now_rfc3339};
-pub use self::outcome::{Effects, Failure, FailureKind, KvWrite, Outcome};
+pub use self::outcome::{
+    Effects, Failure, FailureKind, KvRead, KvWrite, Outcome, keys_digest, value_digest,
+};
 pub use self::plugin::{Delivery, InstanceStats, Plugin, PluginInfo};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
 pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS};

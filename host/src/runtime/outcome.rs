@@ -28,6 +28,46 @@ pub struct Effects {
     pub emits: Vec<Event>,
     /// KV writes, the last write to each key winning; `None` deletes the key.
     pub kv_writes: Vec<KvWrite>,
+    /// What the call read from the committed KV state. The bus commits the effects only
+    /// if these still hold, so concurrent calls of one plugin cannot lose each other's
+    /// updates (optimistic concurrency); otherwise the attempt runs again.
+    pub kv_reads: Vec<KvRead>,
+}
+
+/// A fingerprint of committed KV state that one call observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvRead {
+    /// `kv-get` of `key` saw a value with this SHA-256 digest, or no value.
+    Value {
+        /// The key.
+        key: String,
+        /// Digest of the value seen, `None` when the key was absent.
+        digest: Option<[u8; 32]>,
+    },
+    /// `kv-keys` of `prefix` saw a key list with this SHA-256 digest.
+    Keys {
+        /// The prefix.
+        prefix: String,
+        /// Digest of the keys seen, in order, each followed by a NUL byte.
+        digest: [u8; 32],
+    },
+}
+
+/// SHA-256 of a KV value, as [`KvRead::Value`] records it.
+pub fn value_digest(value: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(value).into()
+}
+
+/// SHA-256 of a key list, as [`KvRead::Keys`] records it.
+pub fn keys_digest<'a>(keys: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for key in keys {
+        hasher.update(key.as_bytes());
+        hasher.update([0u8]);
+    }
+    hasher.finalize().into()
 }
 
 /// One buffered write to a plugin's KV store.

@@ -38,6 +38,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.fail-until` | asks for a retry on attempts 1 and 2; from attempt 3 records `recovered/<id>` = the attempt in KV and emits `hostile.recovered` |
 /// | `hostile.needs-fix` | asks for a retry unless config `fixed` is `true`; then records `fixed/<id>` in KV |
 /// | `hostile.count` | records `seen/<id>` in KV and emits `hostile.counted` |
+/// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
 #[handler(subscribe = ["hostile.>"])]
 fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
     if let Some(ms) = config::get_parsed::<u64>("sleep_ms")? {
@@ -111,6 +112,7 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             kv::set(&format!("fixed/{}", event.id), b"yes");
             Ok(())
         }
+        "hostile.sequence" => sequence(&event, &delivery),
         "hostile.count" => {
             kv::set(&format!("seen/{}", event.id), b"1");
             emit_json("hostile.counted", &json!({ "id": event.id }))?;
@@ -120,6 +122,19 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             "unknown hostile behaviour: {other}"
         ))),
     }
+}
+
+/// Appends `n` to the per-key list, by read-modify-write: only correct when the host
+/// keeps one event per key in flight.
+fn sequence(event: &Event, delivery: &Delivery) -> Result<(), HandlerError> {
+    let data: serde_json::Value = event.json()?;
+    if data["fail_once"] == json!(true) && delivery.attempt == 1 {
+        return Err(HandlerError::retry("failing the first attempt on purpose"));
+    }
+    let key = format!("order/{}", event.partition_key().unwrap_or("none"));
+    let mut list: Vec<u64> = kv::get_json(&key)?.unwrap_or_default();
+    list.push(data["n"].as_u64().unwrap_or(u64::MAX));
+    kv::set_json(&key, &list)
 }
 
 /// Loops forever in a way the optimiser cannot remove.
