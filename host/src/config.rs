@@ -41,6 +41,11 @@
 //! max_instances = 1000
 //! max_memory = "1GiB"
 //!
+//! [watch]
+//! mode = "events"
+//! poll_interval = "2s"
+//! quiet_period = "250ms"
+//!
 //! [plugin_defaults]
 //! concurrency = 4
 //! ordering = "none"
@@ -147,6 +152,9 @@ pub struct Config {
 
     /// `[runtime]`: engine-wide limits of the WebAssembly runtime.
     pub runtime: RuntimeSection,
+
+    /// `[watch]`: how the host notices plugin files being added, replaced or removed.
+    pub watch: WatchSection,
 
     /// `[plugin_defaults]`: the policy of every plugin whose sidecar does not set a key.
     /// Takes the keys of a sidecar except `subscribe` and `[config]`:
@@ -361,7 +369,56 @@ impl Default for Config {
             ingest: IngestSection::default(),
             log: LogSection::default(),
             runtime: RuntimeSection::default(),
+            watch: WatchSection::default(),
             plugin_defaults: PluginDefaults::default(),
+        }
+    }
+}
+
+/// How plugin-directory changes are noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// File-system events (inotify and the like), with `poll_interval` as a safety net.
+    #[default]
+    Events,
+    /// Scan the directory every `poll_interval`: for file systems without events
+    /// (network mounts, some containers).
+    Poll,
+    /// Load the directory once at start only.
+    Off,
+}
+
+/// The `[watch]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchSection {
+    /// `"events"`, `"poll"` or `"off"`.
+    ///
+    /// Default: `"events"`.
+    pub mode: WatchMode,
+
+    /// How often the directory is scanned in `poll` mode (and, as a safety net, in
+    /// `events` mode).
+    ///
+    /// Default: `"2s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub poll_interval: Duration,
+
+    /// How long the directory must be quiet after a change before it is scanned, so a
+    /// deploy that writes several files is taken as one change.
+    ///
+    /// Default: `"250ms"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub quiet_period: Duration,
+}
+
+impl Default for WatchSection {
+    fn default() -> Self {
+        Self {
+            mode: WatchMode::Events,
+            poll_interval: Duration::from_secs(2),
+            quiet_period: Duration::from_millis(250),
         }
     }
 }
@@ -404,6 +461,7 @@ impl RuntimeSection {
         RuntimeConfig {
             max_instances: self.max_instances,
             max_memory_bytes: self.max_memory,
+            compile_cache: None,
         }
     }
 }
@@ -633,6 +691,7 @@ mod tests {
             RuntimeConfig {
                 max_instances: 50,
                 max_memory_bytes: 512 << 20,
+                compile_cache: None,
             }
         );
         assert_eq!(

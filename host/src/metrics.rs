@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::runtime::CacheStats;
+
 /// Upper bounds of the handler duration histogram, in seconds.
 const DURATION_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
@@ -23,6 +25,8 @@ struct Histogram {
 
 #[derive(Default)]
 struct PluginCounters {
+    loads: u64,
+    load_failures: u64,
     deliveries: BTreeMap<&'static str, u64>,
     duration: Histogram,
     fuel: u64,
@@ -88,6 +92,16 @@ impl Metrics {
         });
     }
 
+    /// Counts a version of a plugin that loaded and took over.
+    pub fn plugin_loaded(&self, plugin: &str) {
+        self.with_plugin(plugin, |c| c.loads += 1);
+    }
+
+    /// Counts a plugin file that failed to load.
+    pub fn plugin_load_failed(&self, plugin: &str) {
+        self.with_plugin(plugin, |c| c.load_failures += 1);
+    }
+
     /// Counts a retry scheduled for a plugin.
     pub fn retry_scheduled(&self, plugin: &str) {
         self.with_plugin(plugin, |c| c.retries += 1);
@@ -99,9 +113,9 @@ impl Metrics {
     }
 
     /// Renders every metric in the Prometheus text format.
-    pub fn render(&self, gauges: &BTreeMap<String, PluginGauges>) -> String {
+    pub fn render(&self, gauges: &BTreeMap<String, PluginGauges>, cache: CacheStats) -> String {
         let mut out = String::new();
-        let _ = self.render_into(&mut out, gauges);
+        let _ = self.render_into(&mut out, gauges, cache);
         out
     }
 
@@ -109,7 +123,24 @@ impl Metrics {
         &self,
         out: &mut String,
         gauges: &BTreeMap<String, PluginGauges>,
+        cache: CacheStats,
     ) -> std::fmt::Result {
+        writeln!(
+            out,
+            "# HELP switchyard_compile_cache_hits_total Plugins loaded from the compiled-code cache."
+        )?;
+        writeln!(out, "# TYPE switchyard_compile_cache_hits_total counter")?;
+        writeln!(out, "switchyard_compile_cache_hits_total {}", cache.hits)?;
+        writeln!(
+            out,
+            "# HELP switchyard_compile_cache_misses_total Plugins compiled."
+        )?;
+        writeln!(out, "# TYPE switchyard_compile_cache_misses_total counter")?;
+        writeln!(
+            out,
+            "switchyard_compile_cache_misses_total {}",
+            cache.misses
+        )?;
         writeln!(
             out,
             "# HELP switchyard_events_ingested_total Events made durable by ingest."
@@ -277,7 +308,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let text = metrics.render(&gauges);
+        let text = metrics.render(&gauges, CacheStats { hits: 2, misses: 1 });
         assert!(text.contains("switchyard_events_ingested_total 3\n"));
         assert!(
             text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"ok\"} 1\n")
@@ -296,5 +327,6 @@ mod tests {
             "switchyard_dead_letters_total{plugin=\"ticketing\",reason=\"rejected\"} 1\n"
         ));
         assert!(text.contains("switchyard_plugin_lag_events{plugin=\"ticketing\"} 7\n"));
+        assert!(text.contains("switchyard_compile_cache_hits_total 2\n"));
     }
 }

@@ -7,29 +7,35 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 
 use crate::bus::Bus;
 use crate::bus::sqlite::{Durability, SqliteBus, SqliteOptions};
 use crate::config::{Config, Synchronous};
-use crate::dispatch::{Dispatcher, Target};
 use crate::ingest::{AppState, router};
 use crate::metrics::Metrics;
-use crate::plugins::load_directory;
-use crate::runtime::Runtime;
+use crate::plugins::Registry;
+use crate::runtime::{Runtime, RuntimeConfig};
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "switchyard.db";
+/// The compiled-code cache inside the data directory.
+pub const COMPILE_CACHE_DIR: &str = "compile-cache";
 
 /// Runs the host until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let config = Arc::new(config);
-    let runtime = Runtime::new(config.runtime.runtime_config())
-        .context("starting the WebAssembly runtime")?;
+    let cache_dir = std::path::absolute(config.data_dir.join(COMPILE_CACHE_DIR))
+        .context("locating the data directory")?;
+    let runtime = Runtime::new(RuntimeConfig {
+        compile_cache: Some(cache_dir),
+        ..config.runtime.runtime_config()
+    })
+    .context("starting the WebAssembly runtime")?;
     let bus = SqliteBus::open(SqliteOptions {
         path: config.data_dir.join(DATABASE_FILE),
         durability: match config.log.synchronous {
@@ -44,40 +50,44 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(bus);
     let metrics = Arc::new(Metrics::default());
 
-    let table = load_directory(&runtime, &config.plugins_dir, &config.plugin_defaults)
-        .await
-        .with_context(|| {
-            format!(
-                "reading the plugin directory {}",
-                config.plugins_dir.display()
-            )
-        })?;
-    let mut dispatchers = Vec::new();
-    for entry in table.values() {
-        if let Ok(loaded) = &entry.status {
-            let target = Target {
-                name: entry.name.clone(),
-                plugin: Arc::clone(&loaded.plugin),
-                policy: loaded.policy.clone(),
-                subscriptions: loaded.subscriptions.clone(),
-                state: Arc::clone(&loaded.state),
-            };
-            // Consumers exist before the host accepts events, so `start = "latest"`
-            // means every event ingested from now on.
-            let dispatcher = Dispatcher::start(Arc::clone(&bus), Arc::clone(&metrics), target)
-                .await
-                .with_context(|| format!("opening the consumer of plugin `{}`", entry.name))?;
-            dispatchers.push(dispatcher);
-        }
-    }
-    let loaded = dispatchers.len();
-    let failed = table.len() - loaded;
+    let registry = Arc::new(Registry::new(
+        runtime.clone(),
+        Arc::clone(&bus),
+        Arc::clone(&metrics),
+        config.plugin_defaults.clone(),
+        config.plugins_dir.clone(),
+        config.shutdown_grace,
+    ));
+    // Consumers exist before the host accepts events, so `start = "latest"` means every
+    // event ingested from now on.
+    registry.load_all().await.with_context(|| {
+        format!(
+            "reading the plugin directory {}",
+            config.plugins_dir.display()
+        )
+    })?;
+    let (stop_watching, watching) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(crate::plugins::watch(
+        Arc::clone(&registry),
+        config.plugins_dir.clone(),
+        config.watch.clone(),
+        watching,
+    ));
+    let (loaded, failed) = {
+        let table = registry.table();
+        let table = table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let loaded = table.values().filter(|e| e.status.is_ok()).count();
+        (loaded, table.len() - loaded)
+    };
 
     let state = Arc::new(AppState {
         bus: Arc::clone(&bus),
-        plugins: Arc::new(RwLock::new(table)),
+        plugins: registry.table(),
         metrics,
         config: Arc::clone(&config),
+        runtime: Some(runtime),
         ready: AtomicBool::new(false),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -98,20 +108,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     state.ready.store(false, Ordering::Release);
     tracing::info!("shutting down: finishing in-flight deliveries");
-    let grace = config.shutdown_grace;
-    let stops: Vec<_> = dispatchers.into_iter().map(|d| d.shutdown(grace)).collect();
-    futures_join_all(stops).await;
+    let _ = stop_watching.send(true);
+    let _ = watcher.await;
+    registry.shutdown().await;
     bus.close().await.context("closing the log")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn futures_join_all(futures: Vec<impl Future<Output = ()> + Send + 'static>) {
-    let mut set = tokio::task::JoinSet::new();
-    for future in futures {
-        set.spawn(future);
-    }
-    while set.join_next().await.is_some() {}
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -4,6 +4,12 @@
 //! Writes ([`set`], [`delete`], [`set_json`]) are buffered during the call and committed
 //! only if the handler returns `Ok(())`; reads see the call's own buffered writes. The host
 //! bounds the size of keys and values: going past a bound stops the call.
+//!
+//! The store is transactional per call: the host commits a call's writes only if what it
+//! read ([`get`], [`keys`]) is still unchanged. When another call of the same plugin
+//! changed it first, the host runs the handler again on the new state, so a
+//! read-modify-write such as a counter never loses an update — and a handler may run
+//! more than once for one event, with only the last run's effects committed.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -9,6 +9,7 @@ mod support;
 
 mod check_cli;
 mod examples;
+mod hot_reload;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;

@@ -29,6 +29,7 @@ impl Api {
             plugins: Arc::new(RwLock::new(BTreeMap::new())),
             metrics: Arc::new(Metrics::default()),
             config: Arc::new(config),
+            runtime: None,
             ready: AtomicBool::new(true),
         });
         Self { state, _dir: dir }

@@ -53,6 +53,7 @@ fn entry_view(entry: &PluginEntry) -> EntryView {
             in_flight: 0,
         };
     };
+    map.insert("load_error".into(), json!(entry.load_error));
     match &entry.status {
         Err(error) => {
             map.insert("status".into(), json!("failed"));
@@ -333,7 +334,14 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&gauges),
+        state.metrics.render(
+            &gauges,
+            state
+                .runtime
+                .as_ref()
+                .map(|r| r.cache_stats())
+                .unwrap_or_default(),
+        ),
     )
         .into_response()
 }

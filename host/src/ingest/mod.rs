@@ -11,9 +11,8 @@ pub mod cloudevents;
 pub mod error;
 mod events;
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -26,18 +25,21 @@ pub use self::error::ApiError;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::plugins::PluginEntry;
+use crate::plugins::PluginTable;
 
 /// Everything the HTTP handlers share.
 pub struct AppState {
     /// The bus.
     pub bus: Arc<dyn Bus>,
     /// The plugin table.
-    pub plugins: Arc<RwLock<BTreeMap<String, PluginEntry>>>,
+    pub plugins: PluginTable,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// The host's config.
     pub config: Arc<Config>,
+    /// The WebAssembly runtime, for its compile-cache counters (absent in tests that
+    /// run the API alone).
+    pub runtime: Option<crate::runtime::Runtime>,
     /// Whether plugins are loaded and dispatching.
     pub ready: AtomicBool,
 }

@@ -6,8 +6,12 @@
 //! failed, with its error, so status shows it; it never takes down the others.
 
 pub mod manifest;
+mod registry;
+mod watcher;
 
-use std::collections::BTreeMap;
+pub use self::registry::{PluginTable, Registry};
+pub use self::watcher::watch;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,6 +44,9 @@ pub struct PluginEntry {
     pub loaded_at_ms: i64,
     /// The plugin, or why it failed to load.
     pub status: Result<LoadedPlugin, String>,
+    /// Why the latest load of its files failed, when it did (a working version may
+    /// still be serving).
+    pub load_error: Option<String>,
 }
 
 /// Whether a file stem may name a plugin: 1 to 64 of `[A-Za-z0-9_-]`.
@@ -93,49 +100,4 @@ pub async fn load_plugin(
         subscriptions,
         state: Arc::new(DispatchState::default()),
     })
-}
-
-/// Loads every `*.wasm` in `dir`. A missing directory is created empty.
-pub async fn load_directory(
-    runtime: &Runtime,
-    dir: &Path,
-    defaults: &PluginDefaults,
-) -> std::io::Result<BTreeMap<String, PluginEntry>> {
-    tokio::fs::create_dir_all(dir).await?;
-    let mut files = Vec::new();
-    let mut entries = tokio::fs::read_dir(dir).await?;
-    while let Some(entry) = entries.next_entry().await? {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "wasm") && entry.file_type().await?.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    let mut table = BTreeMap::new();
-    for file in files {
-        let name = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let status = load_plugin(runtime, &name, &file, defaults).await;
-        match &status {
-            Ok(loaded) => tracing::info!(
-                plugin = %name,
-                version = %loaded.plugin.info().version,
-                subscriptions = ?loaded.subscriptions.iter().map(Pattern::as_str).collect::<Vec<_>>(),
-                "plugin loaded"
-            ),
-            Err(error) => tracing::error!(plugin = %name, "plugin failed to load: {error}"),
-        }
-        table.insert(
-            name.clone(),
-            PluginEntry {
-                name,
-                file,
-                loaded_at_ms: crate::bus::now_ms(),
-                status,
-            },
-        );
-    }
-    Ok(table)
 }

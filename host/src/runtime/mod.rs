@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
 
 pub use self::host::{EmptyKv, KvSource, now_rfc3339};
 pub use self::outcome::{
@@ -41,12 +43,15 @@ use self::host::HostState;
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Engine-wide settings, fixed for the life of a [`Runtime`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
     /// Component instances that may exist at once, over all plugins.
     pub max_instances: u32,
     /// Ceiling on any plugin's memory limit, in bytes; sizes the pooling allocator's slots.
     pub max_memory_bytes: u64,
+    /// Directory of the compiled-code cache, keyed by the file's bytes and the engine's
+    /// settings, so a restart or the same bytes again do not recompile. `None`: no cache.
+    pub compile_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -54,8 +59,18 @@ impl Default for RuntimeConfig {
         Self {
             max_instances: 1000,
             max_memory_bytes: 1024 * 1024 * 1024,
+            compile_cache: None,
         }
     }
+}
+
+/// Hits and misses of the compiled-code cache since the runtime started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Components loaded from the cache without compiling.
+    pub hits: u64,
+    /// Components compiled (and stored in the cache).
+    pub misses: u64,
 }
 
 /// Errors setting up the runtime itself.
@@ -151,13 +166,26 @@ struct RuntimeInner {
     engine: Engine,
     linker: Linker<HostState>,
     config: RuntimeConfig,
+    cache: Option<Cache>,
 }
 
 impl Runtime {
     /// Builds the engine, links the host imports and WASI, and starts the epoch thread.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
-        let engine = Engine::new(&engine_config(&config))
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let cache = match &config.compile_cache {
+            Some(dir) => {
+                let mut cache_config = CacheConfig::new();
+                cache_config.with_directory(dir);
+                Some(Cache::new(cache_config).map_err(|e| {
+                    RuntimeError::Engine(format!("compile cache in {}: {e:#}", dir.display()))
+                })?)
+            }
+            None => None,
+        };
+        let mut wasm_config = engine_config(&config);
+        wasm_config.cache(cache.clone());
+        let engine =
+            Engine::new(&wasm_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
@@ -169,6 +197,7 @@ impl Runtime {
                 engine,
                 linker,
                 config,
+                cache,
             }),
         })
     }
@@ -176,6 +205,17 @@ impl Runtime {
     /// The runtime's engine-wide settings.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// Hits and misses of the compiled-code cache.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner
+            .cache
+            .as_ref()
+            .map_or_else(CacheStats::default, |cache| CacheStats {
+                hits: cache.cache_hits() as u64,
+                misses: cache.cache_misses() as u64,
+            })
     }
 
     pub(crate) fn engine(&self) -> &Engine {

@@ -67,6 +67,47 @@ impl Host {
         }
     }
 
+    /// Replaces a file in the plugin directory the way deploy tools do: write a hidden
+    /// temporary file, then rename it over the target.
+    pub fn deploy(&self, file: &str, bytes: &[u8]) {
+        let temporary = self.plugins_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&temporary, bytes).unwrap();
+        std::fs::rename(&temporary, self.plugins_dir().join(file)).unwrap();
+    }
+
+    /// The status of one plugin, or `None` when the host does not list it.
+    pub async fn status(&self, name: &str) -> Option<serde_json::Value> {
+        let response = self
+            .http
+            .get(self.url(&format!("/v1/plugins/{name}")))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => Some(response.json().await.unwrap()),
+            404 => None,
+            other => panic!("GET /v1/plugins/{name}: {other}"),
+        }
+    }
+
+    /// The value of an unlabelled metric.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+            .parse()
+            .unwrap()
+    }
+
     /// Starts the host and waits until it listens.
     pub fn start(&mut self) -> &mut Self {
         assert!(self.child.is_none(), "already running");

@@ -37,7 +37,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.stdout` | prints a line to stdout and one to stderr |
 /// | `hostile.fail-until` | asks for a retry on attempts 1 and 2; from attempt 3 records `recovered/<id>` = the attempt in KV and emits `hostile.recovered` |
 /// | `hostile.needs-fix` | asks for a retry unless config `fixed` is `true`; then records `fixed/<id>` in KV |
-/// | `hostile.count` | records `seen/<id>` in KV and emits `hostile.counted` |
+/// | `hostile.count` | records `seen/<id>` = config `tag` (default `1`) in KV, adds one to the counter `total/<0-15>` and emits `hostile.counted` with the id and tag |
 /// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
 #[handler(subscribe = ["hostile.>"])]
 fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
@@ -113,11 +113,7 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             Ok(())
         }
         "hostile.sequence" => sequence(&event, &delivery),
-        "hostile.count" => {
-            kv::set(&format!("seen/{}", event.id), b"1");
-            emit_json("hostile.counted", &json!({ "id": event.id }))?;
-            Ok(())
-        }
+        "hostile.count" => count(&event),
         other => Err(HandlerError::reject(format!(
             "unknown hostile behaviour: {other}"
         ))),
@@ -135,6 +131,23 @@ fn sequence(event: &Event, delivery: &Delivery) -> Result<(), HandlerError> {
     let mut list: Vec<u64> = kv::get_json(&key)?.unwrap_or_default();
     list.push(data["n"].as_u64().unwrap_or(u64::MAX));
     kv::set_json(&key, &list)
+}
+
+/// Records the event once per successful attempt: an idempotent marker, a counter that
+/// would show a second commit, and a follow-up event naming the plugin version's tag.
+fn count(event: &Event) -> Result<(), HandlerError> {
+    let tag = config::get("tag").unwrap_or_else(|| "1".to_owned());
+    kv::set(&format!("seen/{}", event.id), tag.as_bytes());
+    let shard = event
+        .id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % 16;
+    let key = format!("total/{shard}");
+    let total: u64 = kv::get_json(&key)?.unwrap_or(0);
+    kv::set_json(&key, &(total + 1))?;
+    emit_json("hostile.counted", &json!({ "id": event.id, "tag": tag }))?;
+    Ok(())
 }
 
 /// Loops forever in a way the optimiser cannot remove.

@@ -1,0 +1,293 @@
+//! The live plugin table: brings what runs in line with what is in the plugin directory.
+//!
+//! [`Registry::reconcile`] scans the directory and, for every `NAME.wasm` whose file or
+//! sidecar changed since it was last seen, loads it (compiling off the async threads)
+//! and swaps it in:
+//! - the new version loaded: the old dispatcher stops taking events, its in-flight calls
+//!   finish on the old version and settle (within the shutdown grace), then a new
+//!   dispatcher resumes from the plugin's durable cursor with the new version and policy.
+//!   Every event is handled by exactly one version; none is skipped, because the cursor
+//!   only passes settled events.
+//! - the load failed: a working version keeps serving and the error is shown in its
+//!   status (`load_error`); a plugin that never loaded is listed as failed.
+//! - the file is gone: its dispatcher drains and stops; the cursor, retries, dead letters
+//!   and KV stay in the bus under its name, so adding it back resumes where it stopped.
+//!
+//! A file written within the last moment is left for the next round, so a copy in
+//! progress is not picked up half-way (and a truncated component fails validation anyway).
+//! One reconcile runs at a time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use super::{LoadedPlugin, PluginEntry, load_plugin};
+use crate::bus::{Bus, now_ms};
+use crate::config::PluginDefaults;
+use crate::dispatch::{Dispatcher, Target};
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+
+/// How recently a file may have changed and still be left for the next round.
+const SETTLE_TIME: Duration = Duration::from_millis(100);
+
+/// What was seen of one plugin's files: size and modification time of each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    wasm: (u64, SystemTime),
+    sidecar: Option<(u64, SystemTime)>,
+}
+
+impl Stamp {
+    fn newest(&self) -> SystemTime {
+        match self.sidecar {
+            Some((_, sidecar)) => sidecar.max(self.wasm.1),
+            None => self.wasm.1,
+        }
+    }
+}
+
+/// The plugin table shared with the HTTP API.
+pub type PluginTable = Arc<RwLock<BTreeMap<String, PluginEntry>>>;
+
+#[derive(Default)]
+struct Running {
+    dispatchers: HashMap<String, Dispatcher>,
+    stamps: HashMap<String, Stamp>,
+}
+
+/// The plugins of a running host.
+pub struct Registry {
+    runtime: Runtime,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    defaults: PluginDefaults,
+    dir: PathBuf,
+    grace: Duration,
+    table: PluginTable,
+    running: tokio::sync::Mutex<Running>,
+}
+
+fn stamp_of(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    meta.is_file().then(|| {
+        (
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        )
+    })
+}
+
+/// The `NAME.wasm` files of `dir` and their stamps.
+fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, Stamp>> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "wasm") {
+            continue;
+        }
+        let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        // Editors' and copy tools' temporary files (`.name.wasm`, `name.wasm~`) are not plugins.
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(wasm) = stamp_of(&path) {
+            let sidecar = stamp_of(&path.with_extension("toml"));
+            found.insert(name, Stamp { wasm, sidecar });
+        }
+    }
+    Ok(found)
+}
+
+impl Registry {
+    /// An empty registry over `dir`; call [`Registry::reconcile`] to load it.
+    pub fn new(
+        runtime: Runtime,
+        bus: Arc<dyn Bus>,
+        metrics: Arc<Metrics>,
+        defaults: PluginDefaults,
+        dir: PathBuf,
+        grace: Duration,
+    ) -> Self {
+        Self {
+            runtime,
+            bus,
+            metrics,
+            defaults,
+            dir,
+            grace,
+            table: Arc::default(),
+            running: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The plugin table.
+    pub fn table(&self) -> PluginTable {
+        Arc::clone(&self.table)
+    }
+
+    /// The runtime plugins are loaded into.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Loads every plugin of the directory as it is now; for start-up, before the host
+    /// accepts events (a plugin that starts at the `latest` event must not miss any).
+    pub async fn load_all(&self) -> std::io::Result<()> {
+        self.scan_and_apply(Duration::ZERO).await
+    }
+
+    /// Loads, swaps and stops plugins until the table matches the directory, leaving
+    /// files written in the last moment for the next round.
+    pub async fn reconcile(&self) -> std::io::Result<()> {
+        self.scan_and_apply(SETTLE_TIME).await
+    }
+
+    async fn scan_and_apply(&self, settle_time: Duration) -> std::io::Result<()> {
+        let mut running = self.running.lock().await;
+        tokio::fs::create_dir_all(&self.dir).await?;
+        let dir = self.dir.clone();
+        let found = tokio::task::spawn_blocking(move || scan(&dir))
+            .await
+            .map_err(std::io::Error::other)??;
+        let now = SystemTime::now();
+        for (name, stamp) in &found {
+            if running.stamps.get(name) == Some(stamp) {
+                continue;
+            }
+            let age = now.duration_since(stamp.newest()).unwrap_or_default();
+            if age < settle_time {
+                continue; // still being written: the next round takes it
+            }
+            self.apply(&mut running, name, stamp.clone()).await;
+        }
+        let gone: Vec<String> = running
+            .stamps
+            .keys()
+            .filter(|name| !found.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove(&mut running, &name).await;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, running: &mut Running, name: &str, stamp: Stamp) {
+        let file = self.dir.join(format!("{name}.wasm"));
+        running.stamps.insert(name.to_owned(), stamp);
+        let loaded = load_plugin(&self.runtime, name, &file, &self.defaults).await;
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                self.metrics.plugin_load_failed(name);
+                let mut table = self
+                    .table
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match table.get_mut(name) {
+                    Some(entry) if entry.status.is_ok() => {
+                        tracing::error!(plugin = %name, "new version failed to load; the running version keeps serving: {error}");
+                        entry.load_error = Some(error);
+                    }
+                    _ => {
+                        tracing::error!(plugin = %name, "plugin failed to load: {error}");
+                        table.insert(
+                            name.to_owned(),
+                            PluginEntry {
+                                name: name.to_owned(),
+                                file,
+                                loaded_at_ms: now_ms(),
+                                status: Err(error.clone()),
+                                load_error: Some(error),
+                            },
+                        );
+                    }
+                }
+                return;
+            }
+        };
+        let replacing = running.dispatchers.remove(name);
+        if let Some(old) = replacing {
+            old.shutdown(self.grace).await;
+        }
+        let status = match Dispatcher::start(
+            Arc::clone(&self.bus),
+            Arc::clone(&self.metrics),
+            target(name, &loaded),
+        )
+        .await
+        {
+            Ok(dispatcher) => {
+                running.dispatchers.insert(name.to_owned(), dispatcher);
+                tracing::info!(
+                    plugin = %name,
+                    version = %loaded.plugin.info().version,
+                    sha256 = %loaded.plugin.sha256(),
+                    "plugin serving"
+                );
+                self.metrics.plugin_loaded(name);
+                Ok(loaded)
+            }
+            Err(error) => {
+                let error = format!("cannot open the plugin's consumer: {error}");
+                tracing::error!(plugin = %name, "{error}");
+                Err(error)
+            }
+        };
+        let load_error = status.as_ref().err().cloned();
+        self.table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                name.to_owned(),
+                PluginEntry {
+                    name: name.to_owned(),
+                    file,
+                    loaded_at_ms: now_ms(),
+                    status,
+                    load_error,
+                },
+            );
+    }
+
+    async fn remove(&self, running: &mut Running, name: &str) {
+        running.stamps.remove(name);
+        if let Some(dispatcher) = running.dispatchers.remove(name) {
+            dispatcher.shutdown(self.grace).await;
+        }
+        self.table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        tracing::info!(plugin = %name, "plugin removed; its cursor, retries, dead letters and KV are kept");
+    }
+
+    /// Stops every dispatcher, letting in-flight calls finish within the grace.
+    pub async fn shutdown(&self) {
+        let mut running = self.running.lock().await;
+        let stops: Vec<_> = running
+            .dispatchers
+            .drain()
+            .map(|(_, dispatcher)| dispatcher.shutdown(self.grace))
+            .collect();
+        let mut set = tokio::task::JoinSet::new();
+        for stop in stops {
+            set.spawn(stop);
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
+
+fn target(name: &str, loaded: &LoadedPlugin) -> Target {
+    Target {
+        name: name.to_owned(),
+        plugin: Arc::clone(&loaded.plugin),
+        policy: loaded.policy.clone(),
+        subscriptions: loaded.subscriptions.clone(),
+        state: Arc::clone(&loaded.state),
+    }
+}

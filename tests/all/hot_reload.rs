@@ -1,0 +1,322 @@
+//! Hot reload through the real binary: plugin files dropped, replaced, broken, deleted
+//! and half-copied while the host runs, sidecar changes applied live, swaps under load,
+//! and a warm compile cache on restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::guests::{self, Guest};
+use crate::support::host::Host;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn bytes(guest: Guest) -> Vec<u8> {
+    std::fs::read(guests::path(guest)).unwrap()
+}
+
+/// The same component with a custom section appended: different bytes, same behaviour.
+fn variant(guest: Guest, label: &str) -> Vec<u8> {
+    let mut component = bytes(guest);
+    let name = b"switchyard-test";
+    let mut payload = vec![u8::try_from(name.len()).unwrap()];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(label.as_bytes());
+    component.push(0); // custom section id
+    component.push(u8::try_from(payload.len()).unwrap()); // LEB128 size (< 128)
+    component.extend_from_slice(&payload);
+    component
+}
+
+async fn wait_serving(host: &Host, name: &str, sha256: Option<&str>) -> serde_json::Value {
+    host.wait_for(&format!("{name} to serve"), WAIT, || async {
+        let status = host.status(name).await?;
+        let serving =
+            status["status"] == "running" && sha256.is_none_or(|sha| status["sha256"] == sha);
+        serving.then_some(status)
+    })
+    .await
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+async fn count(host: &Host, plugin: &str, ty: &str) -> Option<u64> {
+    host.kv(plugin, &format!("count/{ty}")).await?.parse().ok()
+}
+
+#[tokio::test]
+async fn dropped_plugins_serve_removed_ones_stop_and_re_added_ones_resume() {
+    let mut host = Host::new();
+    host.start();
+    host.deploy("audit.wasm", &bytes(Guest::AuditTrail));
+    wait_serving(&host, "audit", None).await;
+    for n in 0..3 {
+        assert_eq!(
+            host.send("tick.one", &format!("one-{n}"), json!({})).await,
+            202
+        );
+    }
+    host.wait_for("three counted", WAIT, || async {
+        (count(&host, "audit", "tick.one").await? == 3).then_some(())
+    })
+    .await;
+
+    std::fs::remove_file(host.plugins_dir().join("audit.wasm")).unwrap();
+    host.wait_for("the plugin to go", WAIT, || async {
+        host.status("audit").await.is_none().then_some(())
+    })
+    .await;
+    // Events keep arriving while it is gone; they wait in the log at its cursor.
+    for n in 3..6 {
+        assert_eq!(
+            host.send("tick.one", &format!("one-{n}"), json!({})).await,
+            202
+        );
+    }
+    assert_eq!(count(&host, "audit", "tick.one").await, Some(3));
+
+    host.deploy("audit.wasm", &bytes(Guest::AuditTrail));
+    host.wait_for("the missed events, once each", WAIT, || async {
+        (count(&host, "audit", "tick.one").await? == 6).then_some(())
+    })
+    .await;
+    let status = wait_serving(&host, "audit", None).await;
+    assert_eq!(status["lag"], 0);
+}
+
+#[tokio::test]
+async fn a_broken_file_over_a_working_plugin_leaves_it_serving() {
+    let mut host = Host::new();
+    host.plugin("audit", Guest::AuditTrail, None);
+    host.start();
+    let working = wait_serving(&host, "audit", None).await;
+
+    host.deploy("audit.wasm", b"\0asm\x0d\0\x01\0 this is not a component");
+    let status = host
+        .wait_for("the load error", WAIT, || async {
+            let status = host.status("audit").await?;
+            status["load_error"].is_string().then_some(status)
+        })
+        .await;
+    assert_eq!(status["status"], "running");
+    assert_eq!(
+        status["sha256"], working["sha256"],
+        "the old version still serves"
+    );
+    assert!(
+        status["load_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid component"),
+        "{status}"
+    );
+    assert_eq!(host.send("still.served", "s-1", json!({})).await, 202);
+    host.wait_for("the old version to handle it", WAIT, || async {
+        count(&host, "audit", "still.served").await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_half_copied_file_is_never_loaded() {
+    let mut host = Host::new();
+    host.plugin("audit", Guest::AuditTrail, None);
+    host.start();
+    let old = wait_serving(&host, "audit", None).await;
+    let full = variant(Guest::AuditTrail, "v2");
+    let half = &full[..full.len() / 2];
+
+    // A copy in progress, over a working plugin and as a new one.
+    std::fs::write(host.plugins_dir().join("audit.wasm"), half).unwrap();
+    std::fs::write(host.plugins_dir().join("fresh.wasm"), half).unwrap();
+    host.wait_for("the half file to be looked at", WAIT, || async {
+        let fresh = host.status("fresh").await?;
+        (fresh["status"] == "failed").then_some(())
+    })
+    .await;
+    let status = host.status("audit").await.unwrap();
+    assert_eq!(
+        status["sha256"], old["sha256"],
+        "the half file did not replace it"
+    );
+
+    // The copy completes.
+    std::fs::write(host.plugins_dir().join("audit.wasm"), &full).unwrap();
+    std::fs::write(host.plugins_dir().join("fresh.wasm"), &full).unwrap();
+    let sha = sha256_hex(&full);
+    wait_serving(&host, "audit", Some(&sha)).await;
+    wait_serving(&host, "fresh", Some(&sha)).await;
+}
+
+#[tokio::test]
+async fn sidecar_changes_to_concurrency_and_retry_policy_apply_live() {
+    let mut host = Host::new();
+    host.plugin(
+        "picky",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.retry\"]\nconcurrency = 1\n[retry]\nmax_attempts = 5\ninitial = \"1h\"\nmax = \"1h\"\n"),
+    );
+    host.start();
+    let status = wait_serving(&host, "picky", None).await;
+    assert_eq!(status["policy"]["concurrency"], 1);
+
+    host.deploy(
+        "picky.toml",
+        b"subscribe = [\"hostile.retry\"]\nconcurrency = 3\n[retry]\nmax_attempts = 2\nbackoff = \"constant\"\ninitial = \"50ms\"\njitter = false\n",
+    );
+    host.wait_for("the new policy", WAIT, || async {
+        let status = host.status("picky").await?;
+        (status["policy"]["concurrency"] == 3 && status["policy"]["retry"]["max_attempts"] == 2)
+            .then_some(())
+    })
+    .await;
+    // The new retry policy is the one deliveries follow: two attempts, 50 ms apart.
+    assert_eq!(host.send("hostile.retry", "live-1", json!({})).await, 202);
+    let letter = host
+        .wait_for("the dead letter", WAIT, || async {
+            let list = host.get_json("/v1/dlq?plugin=picky").await;
+            list["dead_letters"].as_array()?.first().cloned()
+        })
+        .await;
+    assert_eq!(letter["reason"], "exhausted");
+    assert_eq!(letter["errors"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_warm_compile_cache_loads_plugins_without_compiling() {
+    let mut host = Host::new();
+    host.plugin("audit", Guest::AuditTrail, None)
+        .plugin("ticketing", Guest::Ticketing, None)
+        .plugin("notifier", Guest::Notifier, None);
+    host.start();
+    assert_eq!(
+        host.metric("switchyard_compile_cache_misses_total").await,
+        3.0
+    );
+    assert_eq!(
+        host.metric("switchyard_compile_cache_hits_total").await,
+        0.0
+    );
+    host.stop();
+    host.start();
+    assert_eq!(
+        host.metric("switchyard_compile_cache_hits_total").await,
+        3.0
+    );
+    assert_eq!(
+        host.metric("switchyard_compile_cache_misses_total").await,
+        0.0
+    );
+    // Dropping the same bytes again under another name does not compile either.
+    host.deploy("audit-copy.wasm", &bytes(Guest::AuditTrail));
+    wait_serving(&host, "audit-copy", None).await;
+    assert_eq!(
+        host.metric("switchyard_compile_cache_misses_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_versions_under_load_handles_every_event_exactly_once() {
+    const EVENTS: usize = 20_000;
+    let mut host = Host::new();
+    let sidecar = |tag: &str| {
+        format!(
+            "subscribe = [\"load.>\"]\nconcurrency = 4\n[config]\nbehaviour = \"hostile.count\"\ntag = \"{tag}\"\n"
+        )
+    };
+    host.plugin("swap", Guest::Hostile, Some(&sidecar("v1")));
+    host.start();
+    let v1 = bytes(Guest::Hostile);
+    let v2 = variant(Guest::Hostile, "v2");
+
+    let sender = {
+        let url = host.url("/v1/events/load.tick");
+        let http = host.http.clone();
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for client in 0..8 {
+                let (url, http) = (url.clone(), http.clone());
+                tasks.push(tokio::spawn(async move {
+                    for n in (client..EVENTS).step_by(8) {
+                        let status = http
+                            .post(&url)
+                            .header("ce-id", format!("swap-{n}"))
+                            .json(&json!({}))
+                            .send()
+                            .await
+                            .unwrap()
+                            .status();
+                        assert_eq!(status, 202);
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+        })
+    };
+    // v1 -> v2 -> v1 -> v2 -> v1, each swap replacing the component and its sidecar.
+    let mut swaps = 0;
+    for (tag, component) in [("v2", &v2), ("v1", &v1), ("v2", &v2), ("v1", &v1)] {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        host.deploy("swap.toml", sidecar(tag).as_bytes());
+        host.deploy("swap.wasm", component);
+        wait_serving(&host, "swap", Some(&sha256_hex(component))).await;
+        swaps += 1;
+    }
+    sender.await.unwrap();
+
+    let head = host.log().await.last().unwrap()["sequence"]
+        .as_u64()
+        .unwrap();
+    host.wait_for(
+        "every event to be handled",
+        Duration::from_secs(120),
+        || async {
+            let status = host.status("swap").await?;
+            (status["cursor"].as_u64()? >= head
+                && status["in_flight"] == 0
+                && status["pending_retries"] == 0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let log = host.log().await;
+    let mut tags: BTreeMap<String, String> = BTreeMap::new();
+    for event in log
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+    {
+        let id = event["event"]["data"]["id"].as_str().unwrap().to_owned();
+        let tag = event["event"]["data"]["tag"].as_str().unwrap().to_owned();
+        assert!(tags.insert(id, tag).is_none(), "one follow-up per event");
+    }
+    let sent: BTreeSet<String> = (0..EVENTS).map(|n| format!("swap-{n}")).collect();
+    let handled: BTreeSet<String> = tags.keys().cloned().collect();
+    let missing: Vec<&String> = sent.difference(&handled).take(5).collect();
+    let extra: Vec<&String> = handled.difference(&sent).take(5).collect();
+    let dead = host.get_json("/v1/dlq?plugin=swap&limit=3").await;
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "every event handled, by exactly one version: {} of {} handled; missing {missing:?}, extra {extra:?}; dead letters {dead}",
+        handled.len(),
+        sent.len()
+    );
+    let versions: BTreeSet<&str> = tags.values().map(String::as_str).collect();
+    assert_eq!(versions, BTreeSet::from(["v1", "v2"]));
+    // The counters prove each event's KV effect committed exactly once.
+    let mut total = 0;
+    for shard in 0..16 {
+        if let Some(n) = host.kv("swap", &format!("total/{shard}")).await {
+            total += n.parse::<usize>().unwrap();
+        }
+    }
+    assert_eq!(total, EVENTS, "exactly one committed effect per event");
+    assert_eq!(swaps, 4);
+}
