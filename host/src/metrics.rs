@@ -171,6 +171,30 @@ impl Metrics {
         let plugins = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
         writeln!(
             out,
+            "# HELP switchyard_plugin_loads_total Plugin versions loaded and serving."
+        )?;
+        writeln!(out, "# TYPE switchyard_plugin_loads_total counter")?;
+        for (plugin, c) in plugins.iter() {
+            writeln!(
+                out,
+                "switchyard_plugin_loads_total{{plugin=\"{plugin}\"}} {}",
+                c.loads
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP switchyard_plugin_load_failures_total Plugin files that failed to load."
+        )?;
+        writeln!(out, "# TYPE switchyard_plugin_load_failures_total counter")?;
+        for (plugin, c) in plugins.iter() {
+            writeln!(
+                out,
+                "switchyard_plugin_load_failures_total{{plugin=\"{plugin}\"}} {}",
+                c.load_failures
+            )?;
+        }
+        writeln!(
+            out,
             "# HELP switchyard_deliveries_total Handler invocations by plugin and outcome."
         )?;
         writeln!(out, "# TYPE switchyard_deliveries_total counter")?;

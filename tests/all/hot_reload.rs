@@ -89,6 +89,26 @@ async fn dropped_plugins_serve_removed_ones_stop_and_re_added_ones_resume() {
 }
 
 #[tokio::test]
+async fn polling_finds_changes_where_file_events_are_off() {
+    let mut host = Host::new();
+    host.config("[watch]\nmode = \"poll\"\npoll_interval = \"200ms\"\n");
+    host.start();
+    host.deploy("audit.wasm", &bytes(Guest::AuditTrail));
+    wait_serving(&host, "audit", None).await;
+    // A rename is a removal and an addition.
+    std::fs::rename(
+        host.plugins_dir().join("audit.wasm"),
+        host.plugins_dir().join("ledger.wasm"),
+    )
+    .unwrap();
+    wait_serving(&host, "ledger", None).await;
+    host.wait_for("the old name to go", WAIT, || async {
+        host.status("audit").await.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_broken_file_over_a_working_plugin_leaves_it_serving() {
     let mut host = Host::new();
     host.plugin("audit", Guest::AuditTrail, None);
@@ -113,6 +133,16 @@ async fn a_broken_file_over_a_working_plugin_leaves_it_serving() {
             .unwrap()
             .contains("invalid component"),
         "{status}"
+    );
+    assert_eq!(
+        host.metric("switchyard_plugin_load_failures_total{plugin=\"audit\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        host.metric("switchyard_plugin_loads_total{plugin=\"audit\"}")
+            .await,
+        1.0
     );
     assert_eq!(host.send("still.served", "s-1", json!({})).await, 202);
     host.wait_for("the old version to handle it", WAIT, || async {

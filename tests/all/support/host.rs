@@ -13,6 +13,7 @@ pub struct Host {
     child: Option<Child>,
     dir: tempfile::TempDir,
     url: String,
+    config: Option<String>,
     /// An HTTP client for talking to the host.
     pub http: reqwest::Client,
 }
@@ -26,6 +27,7 @@ impl Host {
             child: None,
             dir,
             url: String::new(),
+            config: None,
             http: reqwest::Client::new(),
         }
     }
@@ -36,6 +38,7 @@ impl Host {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             url,
+            config: None,
             http,
         }
     }
@@ -90,7 +93,8 @@ impl Host {
         }
     }
 
-    /// The value of an unlabelled metric.
+    /// The value of a metric series, named with its labels as in the exposition text
+    /// (`switchyard_plugin_loads_total{plugin="audit"}`).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self
             .http
@@ -108,6 +112,12 @@ impl Host {
             .unwrap()
     }
 
+    /// Uses this text as the host's `switchyard.toml`.
+    pub fn config(&mut self, text: &str) -> &mut Self {
+        self.config = Some(text.to_owned());
+        self
+    }
+
     /// Starts the host and waits until it listens.
     pub fn start(&mut self) -> &mut Self {
         assert!(self.child.is_none(), "already running");
@@ -123,6 +133,11 @@ impl Host {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Some(text) = &self.config {
+            let path = self.dir.path().join("switchyard.toml");
+            std::fs::write(&path, text).unwrap();
+            command.arg("--config").arg(path);
+        }
         let mut child = command.spawn().expect("the switchyard binary starts");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
