@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the example plugins in plugins/ for wasm32-wasip2 and copies each one to
-# DIR/NAME.wasm (default DIR: plugins.d), ready for `switchyard`.
+# DIR/NAME.wasm (default DIR: plugins.d), ready for `switchyard`, with its example
+# sidecar plugins/NAME/sidecar.toml as DIR/NAME.toml when there is one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-plugins.d}
@@ -16,5 +17,8 @@ cargo build --quiet --target wasm32-wasip2 --profile guest --target-dir target/g
 mkdir -p "$out"
 for name in "${names[@]}"; do
     cp "target/guests/wasm32-wasip2/guest/${name//-/_}.wasm" "$out/$name.wasm"
+    if [ -f "plugins/$name/sidecar.toml" ]; then
+        cp "plugins/$name/sidecar.toml" "$out/$name.toml"
+    fi
 done
 echo "built ${#names[@]} plugins into $out/"

@@ -16,6 +16,9 @@ pub const MAX_EVENT_TYPE_LEN: usize = 255;
 pub const CAUSATION_ID: &str = "causationid";
 /// Extension attribute shared by every event of one flow.
 pub const CORRELATION_ID: &str = "correlationid";
+/// Extension attribute the host sets on emitted events: how many emits away from a
+/// producer's event this one is (a producer's event counts as 0).
+pub const CAUSATION_DEPTH: &str = "causationdepth";
 /// Extension attribute that groups events that must be handled in order.
 pub const PARTITION_KEY: &str = "partitionkey";
 

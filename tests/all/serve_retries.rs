@@ -203,3 +203,45 @@ async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry() {
     .await;
     assert!(dead_letters(&host, "mender").await.is_empty());
 }
+
+#[tokio::test]
+async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop() {
+    let mut host = Host::new();
+    host.plugin(
+        "echo",
+        Guest::Hostile,
+        Some("subscribe = [\"echo.ping\"]\n[effects]\nmax_causation_depth = 5\n[config]\nbehaviour = \"hostile.echo\"\n"),
+    );
+    host.start();
+    assert_eq!(host.send("echo.ping", "echo-0", json!({})).await, 202);
+    let letters = host
+        .wait_for(
+            "the loop to be stopped",
+            Duration::from_secs(20),
+            || async {
+                let letters = dead_letters(&host, "echo").await;
+                (!letters.is_empty()).then_some(letters)
+            },
+        )
+        .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["reason"], "loop");
+    assert_eq!(
+        letters[0]["errors"].as_array().unwrap().len(),
+        1,
+        "not retried"
+    );
+    assert_eq!(letters[0]["errors"][0]["kind"], "loop");
+    assert_eq!(letters[0]["event"]["causationdepth"], "5");
+    let pings: Vec<_> = host
+        .log()
+        .await
+        .into_iter()
+        .filter(|e| e["event"]["type"] == "echo.ping")
+        .collect();
+    assert_eq!(pings.len(), 6, "the producer's event and five follow-ups");
+    for (depth, ping) in pings.iter().enumerate().skip(1) {
+        assert_eq!(ping["event"]["causationdepth"], depth.to_string());
+        assert_eq!(ping["event"]["correlationid"], "echo-0");
+    }
+}

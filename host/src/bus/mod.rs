@@ -138,6 +138,8 @@ pub enum DeadLetterReason {
     /// An attempt broke the host's rules on effects (too many or too large emits or
     /// KV writes); retrying would repeat it.
     Effects,
+    /// An attempt emitted past the causation-depth limit: an endless chain of follow-ups.
+    Loop,
 }
 
 impl DeadLetterReason {
@@ -148,6 +150,7 @@ impl DeadLetterReason {
             Self::Exhausted => "exhausted",
             Self::Expired => "expired",
             Self::Effects => "effects",
+            Self::Loop => "loop",
         }
     }
 }

@@ -1024,6 +1024,7 @@ fn dead_letter(
         "rejected" => DeadLetterReason::Rejected,
         "expired" => DeadLetterReason::Expired,
         "effects" => DeadLetterReason::Effects,
+        "loop" => DeadLetterReason::Loop,
         _ => DeadLetterReason::Exhausted,
     };
     DeadLetter {

@@ -423,6 +423,12 @@ fn decide(
             errors,
         };
     }
+    if kind == FailureKind::Loop {
+        return Settlement::DeadLetter {
+            reason: DeadLetterReason::Loop,
+            errors,
+        };
+    }
     if kind == FailureKind::Effects {
         return Settlement::DeadLetter {
             reason: DeadLetterReason::Effects,

@@ -43,6 +43,7 @@
 //! max_emit_bytes = "1MiB"
 //! max_kv_writes = 1000
 //! max_kv_value_bytes = "1MiB"
+//! max_causation_depth = 16
 //!
 //! [config]
 //! greeting = "hello"
@@ -294,6 +295,13 @@ pub struct EffectsTable {
     /// Default: `"1MiB"`.
     #[serde(default, deserialize_with = "deser::opt_size_usize")]
     pub max_kv_value_bytes: Option<usize>,
+
+    /// Longest chain of follow-up events: an emit from a handler of an event that is
+    /// already this many emits away from a producer's event is stopped, and the event is
+    /// dead-lettered as a `loop` (a plugin re-emitting what it subscribes to).
+    ///
+    /// Default: 16.
+    pub max_causation_depth: Option<u32>,
 }
 
 /// The policy keys a sidecar shares with the host's `[plugin_defaults]` table: everything
@@ -431,6 +439,7 @@ impl EffectsTable {
             max_kv_writes: self.max_kv_writes.unwrap_or(base.max_kv_writes),
             max_kv_key_bytes: self.max_kv_key_bytes.unwrap_or(base.max_kv_key_bytes),
             max_kv_value_bytes: self.max_kv_value_bytes.unwrap_or(base.max_kv_value_bytes),
+            max_causation_depth: self.max_causation_depth.unwrap_or(base.max_causation_depth),
         }
     }
 }
@@ -830,6 +839,7 @@ mod tests {
                 max_kv_writes: 0,
                 max_kv_key_bytes: 64,
                 max_kv_value_bytes: 1024,
+                max_causation_depth: 16,
             }
         );
         let config: Vec<(&str, &str)> = policy

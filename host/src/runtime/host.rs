@@ -21,7 +21,7 @@ use super::limits::MemoryLimiter;
 use super::outcome::{Effects, KvRead, KvWrite, keys_digest, value_digest};
 use super::settings::EffectBounds;
 use super::stdio::StderrTail;
-use crate::event::{self, CAUSATION_ID, CORRELATION_ID, Event};
+use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
 
 /// Longest log line a plugin may write through `log`; longer ones are cut.
 const MAX_LOG_LINE: usize = 8192;
@@ -56,6 +56,9 @@ pub(crate) enum HostTrap {
     /// The call broke an effects rule: a bound, or an invalid emitted event.
     #[error("{0}")]
     Effects(String),
+    /// The call emitted past the causation-depth limit.
+    #[error("{0}")]
+    Loop(String),
     /// The host failed to serve an import; the plugin is not at fault.
     #[error("{0}")]
     Host(String),
@@ -66,6 +69,8 @@ struct CallContext {
     event_id: String,
     event_source: String,
     correlation_id: String,
+    /// Causation depth of the emits of this call.
+    depth: u32,
     kv: Arc<dyn KvSource>,
     effects: EffectBuffer,
 }
@@ -120,10 +125,16 @@ impl HostState {
             .extension(CORRELATION_ID)
             .unwrap_or(&event.id)
             .to_owned();
+        let depth = event
+            .extension(CAUSATION_DEPTH)
+            .and_then(|d| d.parse::<u32>().ok())
+            .unwrap_or(0)
+            .saturating_add(1);
         self.call = Some(CallContext {
             event_id: event.id.clone(),
             event_source: event.source.clone(),
             correlation_id,
+            depth,
             kv,
             effects: EffectBuffer::default(),
         });
@@ -220,6 +231,12 @@ impl host::Host for HostState {
         let call = self.call("emit")?;
         event::validate_event_type(&outgoing.type_)
             .map_err(|e| effects_trap(format!("emit: {e}")))?;
+        if call.depth > bounds.max_causation_depth {
+            return Err(wasmtime::Error::new(HostTrap::Loop(format!(
+                "emit: `{}` would be {} emits away from the producer's event; the limit is {}",
+                outgoing.type_, call.depth, bounds.max_causation_depth
+            ))));
+        }
         if call.effects.emits.len() >= bounds.max_emits {
             return Err(effects_trap(format!(
                 "emit: more than {} events emitted in one call",
@@ -244,6 +261,7 @@ impl host::Host for HostState {
         }
         extensions.insert(CAUSATION_ID.to_owned(), call.event_id.clone());
         extensions.insert(CORRELATION_ID.to_owned(), call.correlation_id.clone());
+        extensions.insert(CAUSATION_DEPTH.to_owned(), call.depth.to_string());
         let id = emitted_event_id(
             &plugin,
             &call.event_source,

@@ -124,6 +124,9 @@ pub enum FailureKind {
     /// The invocation broke a rule on effects: too many or too large emits or KV
     /// writes, or an invalid emitted event.
     Effects,
+    /// The call emitted an event past the causation-depth limit: a chain of follow-ups
+    /// that does not end (a plugin re-emitting what it subscribes to).
+    Loop,
     /// The host could not serve the invocation (KV store unavailable, instance pool
     /// exhausted); the plugin is not at fault.
     Host,
@@ -140,6 +143,7 @@ impl FailureKind {
             Self::Memory => "memory",
             Self::Timeout => "timeout",
             Self::Effects => "effects",
+            Self::Loop => "loop",
             Self::Host => "host",
         }
     }
@@ -147,7 +151,7 @@ impl FailureKind {
     /// Whether another attempt may succeed. `reject` says it will not; an effects
     /// violation is a deterministic breach of the host's rules, so retrying only repeats it.
     pub fn is_retryable(self) -> bool {
-        !matches!(self, Self::Reject | Self::Effects)
+        !matches!(self, Self::Reject | Self::Effects | Self::Loop)
     }
 }
 

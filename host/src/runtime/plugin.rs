@@ -415,6 +415,7 @@ fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) ->
     if let Some(trap) = error.downcast_ref::<HostTrap>() {
         return match trap {
             HostTrap::Effects(message) => Failure::new(FailureKind::Effects, message.clone()),
+            HostTrap::Loop(message) => Failure::new(FailureKind::Loop, message.clone()),
             HostTrap::Host(message) => Failure::new(FailureKind::Host, message.clone()),
         };
     }

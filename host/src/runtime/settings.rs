@@ -55,6 +55,9 @@ pub struct EffectBounds {
     pub max_kv_key_bytes: usize,
     /// Largest KV value, in bytes.
     pub max_kv_value_bytes: usize,
+    /// Longest causation chain: an event emitted while handling an event that is already
+    /// this many emits away from a producer's event stops the call as a loop.
+    pub max_causation_depth: u32,
 }
 
 impl Default for EffectBounds {
@@ -65,6 +68,7 @@ impl Default for EffectBounds {
             max_kv_writes: 1000,
             max_kv_key_bytes: 512,
             max_kv_value_bytes: 1024 * 1024,
+            max_causation_depth: 16,
         }
     }
 }
