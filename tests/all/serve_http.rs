@@ -420,3 +420,46 @@ async fn metrics_count_ingest_and_unknown_routes_are_json_404() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(error_code(&body), "not_found");
 }
+
+#[tokio::test]
+async fn paging_a_sparse_filter_walks_the_whole_log() {
+    let api = Api::new(Config::default());
+    let filler: Vec<_> = (0..12_000)
+        .map(|n| switchyard_host::event::Event {
+            id: format!("fill-{n}"),
+            source: "/load".to_owned(),
+            ty: "load.filler".to_owned(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            data: Vec::new(),
+            extensions: BTreeMap::new(),
+        })
+        .collect();
+    api.state.bus.append(filler).await.unwrap();
+    api.post("/v1/events/rare.event", "application/json", "{}")
+        .await;
+
+    let (mut after, mut found, mut pages) = (0u64, Vec::new(), 0);
+    loop {
+        let (status, page) = api
+            .call(
+                Request::get(format!("/v1/events?type=rare.*&after={after}&limit=10"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        found.extend(page["events"].as_array().unwrap().iter().cloned());
+        pages += 1;
+        assert!(pages < 10, "paging must reach the end");
+        match page["next_after"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["event"]["type"], "rare.event");
+    assert_eq!(found[0]["sequence"], 12_001);
+}

@@ -90,6 +90,16 @@ pub struct LogQuery {
     pub limit: usize,
 }
 
+/// A page of the log.
+#[derive(Debug, Clone, Default)]
+pub struct LogPage {
+    /// The matching events, in log order.
+    pub events: Vec<StoredEvent>,
+    /// The last sequence the read looked at, matching or not: where the next page starts.
+    /// Equal to the query's `after` when the read reached the end of the log.
+    pub scanned_to: u64,
+}
+
 /// Where a new consumer starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -248,7 +258,7 @@ pub trait Bus: KvSource + Send + Sync + 'static {
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;
 
     /// Reads the log.
-    async fn read_log(&self, query: LogQuery) -> Result<Vec<StoredEvent>, BusError>;
+    async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError>;
 
     /// The sequence of the last event in the log (0 when empty).
     async fn head(&self) -> Result<u64, BusError>;

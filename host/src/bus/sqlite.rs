@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Appended, AttemptError, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter,
-    DeadLetterQuery, DeadLetterReason, Delivery, LogQuery, Settlement, StartPosition, StoredEvent,
-    now_ms,
+    DeadLetterQuery, DeadLetterReason, Delivery, LogPage, LogQuery, Settlement, StartPosition,
+    StoredEvent, now_ms,
 };
 use crate::event::Event;
 use crate::pattern::Pattern;
@@ -820,10 +820,10 @@ impl Bus for SqliteBus {
         answer.await.map_err(|_| BusError::Closed)?
     }
 
-    async fn read_log(&self, query: LogQuery) -> Result<Vec<StoredEvent>, BusError> {
+    async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {
         self.read(move |conn| {
             let limit = query.limit.max(1);
-            let mut found = Vec::new();
+            let mut events = Vec::new();
             let mut after = to_i64(query.after);
             let mut select = conn.prepare_cached(&format!(
                 "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 AND (?2 IS NULL OR subject = ?2) ORDER BY seq LIMIT ?3"
@@ -837,14 +837,15 @@ impl Bus for SqliteBus {
                 after = to_i64(last.sequence);
                 for stored in chunk {
                     if query.pattern.as_ref().is_none_or(|p| p.matches(&stored.event.ty)) {
-                        found.push(stored);
-                        if found.len() == limit {
-                            return Ok(found);
+                        let sequence = stored.sequence;
+                        events.push(stored);
+                        if events.len() == limit {
+                            return Ok(LogPage { events, scanned_to: sequence });
                         }
                     }
                 }
             }
-            Ok(found)
+            Ok(LogPage { events, scanned_to: to_u64(after) })
         })
         .await
     }

@@ -139,7 +139,9 @@ pub(super) struct LogParams {
 /// Most events one `GET /v1/events` returns.
 const MAX_PAGE: usize = 1000;
 
-/// `GET /v1/events?type=&subject=&after=&limit=`.
+/// `GET /v1/events?type=&subject=&after=&limit=`: a page of matching events and
+/// `next_after`, the `after` of the next page (`null` at the end of the log). A sparse
+/// filter may return fewer events than `limit`, even none, with a `next_after` to go on.
 pub(super) async fn read_log(
     State(state): State<Arc<AppState>>,
     Query(params): Query<LogParams>,
@@ -151,18 +153,22 @@ pub(super) async fn read_log(
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_query", format!("`type`: {e}")))?;
     let limit = params.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let events = state
+    let after = params.after.unwrap_or(0);
+    let page = state
         .bus
         .read_log(LogQuery {
-            after: params.after.unwrap_or(0),
+            after,
             pattern,
             subject: params.subject,
             limit,
         })
         .await
         .map_err(ApiError::internal)?;
-    let next_after = events.last().map(|e| e.sequence);
-    let events: Vec<serde_json::Value> = events
+    // Where to continue: past everything this read looked at, matching or not; `null`
+    // once the end of the log is reached.
+    let next_after = (page.scanned_to > after).then_some(page.scanned_to);
+    let events: Vec<serde_json::Value> = page
+        .events
         .iter()
         .map(|stored| {
             json!({
