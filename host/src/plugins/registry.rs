@@ -129,11 +129,6 @@ impl Registry {
         Arc::clone(&self.table)
     }
 
-    /// The runtime plugins are loaded into.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
     /// Loads every plugin of the directory as it is now; for start-up, before the host
     /// accepts events (a plugin that starts at the `latest` event must not miss any).
     pub async fn load_all(&self) -> std::io::Result<()> {

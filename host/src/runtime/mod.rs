@@ -165,7 +165,6 @@ pub struct Runtime {
 struct RuntimeInner {
     engine: Engine,
     linker: Linker<HostState>,
-    config: RuntimeConfig,
     cache: Option<Cache>,
 }
 
@@ -196,15 +195,9 @@ impl Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
-                config,
                 cache,
             }),
         })
-    }
-
-    /// The runtime's engine-wide settings.
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.inner.config
     }
 
     /// Hits and misses of the compiled-code cache.
