@@ -14,6 +14,7 @@ mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;
 mod serve_flow;
+mod serve_hostile;
 mod serve_http;
 mod serve_recovery;
 mod serve_retries;

@@ -1,0 +1,162 @@
+//! Misbehaving plugins and bad plugin files inside the running host: each is contained
+//! and reported, and a well-behaved plugin beside them handles every one of its events.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::guests::{self, Guest};
+use crate::support::host::Host;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn hostile_plugins_are_contained_while_a_good_one_handles_everything() {
+    let mut host = Host::new();
+    let hostile = |behaviour: &str, extra: &str| {
+        format!(
+            "subscribe = [\"work.item\"]\n[retry]\nmax_attempts = 2\nbackoff = \"constant\"\ninitial = \"10ms\"\njitter = false\n[limits]\nmemory = \"32MiB\"\n{extra}[config]\nbehaviour = \"{behaviour}\"\n"
+        )
+    };
+    // Fuel high enough that the loop meets its timeout and the hoarder its memory cap; only
+    // the plugins that are meant to run out of time get a short timeout.
+    let unmetered = "fuel = 100_000_000_000\n";
+    let short = "fuel = 100_000_000_000\ntimeout = \"300ms\"\n";
+    for (name, behaviour, extra) in [
+        ("looper", "hostile.loop", short),
+        ("hoarder", "hostile.memory", unmetered),
+        ("crasher", "hostile.panic", ""),
+        ("sleeper", "hostile.sleep", short),
+        ("flooder", "hostile.emit-flood", ""),
+        ("bloater", "hostile.emit-huge", ""),
+        ("kv-hog", "hostile.kv-huge", ""),
+        ("snoop", "hostile.env", ""),
+    ] {
+        host.plugin(name, Guest::Hostile, Some(&hostile(behaviour, extra)));
+    }
+    host.plugin(
+        "good",
+        Guest::AuditTrail,
+        Some("subscribe = [\"work.item\"]\nconcurrency = 1\n"),
+    );
+    host.start();
+
+    let events = 30;
+    for n in 0..events {
+        assert_eq!(
+            host.send("work.item", &format!("work-{n}"), json!({"n": n}))
+                .await,
+            202
+        );
+    }
+    host.wait_for("the good plugin to handle every event", WAIT, || async {
+        let count: u64 = host.kv("good", "count/work.item").await?.parse().ok()?;
+        (count == events).then_some(())
+    })
+    .await;
+
+    // Every hostile plugin ends every event in its dead letters, with its own kind.
+    for (name, reason, kind) in [
+        ("looper", "exhausted", "timeout"),
+        ("hoarder", "exhausted", "memory"),
+        ("crasher", "exhausted", "trap"),
+        ("sleeper", "exhausted", "timeout"),
+        ("flooder", "effects", "effects"),
+        ("bloater", "effects", "effects"),
+        ("kv-hog", "effects", "effects"),
+        ("snoop", "rejected", "reject"),
+    ] {
+        let letters = host
+            .wait_for(&format!("{name}'s dead letters"), WAIT, || async {
+                let list = host
+                    .get_json(&format!("/v1/dlq?plugin={name}&limit=1000"))
+                    .await;
+                let letters = list["dead_letters"].as_array()?.clone();
+                (letters.len() as u64 == events).then_some(letters)
+            })
+            .await;
+        for letter in &letters {
+            assert_eq!(letter["reason"], reason, "{name}: {letter}");
+            let last = letter["errors"].as_array().unwrap().last().unwrap().clone();
+            assert_eq!(last["kind"], kind, "{name}: {letter}");
+        }
+    }
+    // The sandbox held: the plugin saw no environment.
+    let snoop = host.get_json("/v1/dlq?plugin=snoop&limit=1").await;
+    assert_eq!(
+        snoop["dead_letters"][0]["errors"][0]["message"],
+        "environment is empty"
+    );
+    // Nothing a hostile plugin emitted reached the log.
+    let log = host.log().await;
+    assert!(
+        log.iter().all(|e| e["event"]["type"] == "work.item"),
+        "only the producer's events"
+    );
+    assert_eq!(host.get_json("/healthz").await["status"], "ok");
+}
+
+#[tokio::test]
+async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_serving() {
+    let mut host = Host::new();
+    host.plugin("good", Guest::AuditTrail, None);
+    host.start();
+    let noop = std::fs::read(guests::path(Guest::Noop)).unwrap();
+    let other_world = wat::parse_str(
+        r#"(component (instance $i) (export "wasi:http/incoming-handler@0.2.0" (instance $i)))"#,
+    )
+    .unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "the file is empty"),
+        (
+            "truncated",
+            noop[..noop.len() / 3].to_vec(),
+            "invalid component",
+        ),
+        (
+            "random",
+            (0..2048u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+                .collect(),
+            "not a WebAssembly file",
+        ),
+        (
+            "core",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "a core WebAssembly module",
+        ),
+        ("other-world", other_world, "not a Switchyard plugin"),
+        (
+            "files",
+            std::fs::read(guests::path(Guest::FsReader)).unwrap(),
+            "no filesystem access",
+        ),
+        (
+            "sockets",
+            std::fs::read(guests::path(Guest::TcpConnect)).unwrap(),
+            "no network access",
+        ),
+    ];
+    for (name, bytes, _) in &cases {
+        host.deploy(&format!("{name}.wasm"), bytes);
+    }
+    for (name, _, reason) in &cases {
+        let status = host
+            .wait_for(&format!("{name} to be refused"), WAIT, || async {
+                let status = host.status(name).await?;
+                (status["status"] == "failed").then_some(status)
+            })
+            .await;
+        let error = status["error"].as_str().unwrap();
+        assert!(error.contains(reason), "{name}: {error}");
+        assert!(
+            error.contains(&format!("{name}.wasm")),
+            "the error names the file: {error}"
+        );
+    }
+    assert_eq!(host.send("still.serving", "s-1", json!({})).await, 202);
+    host.wait_for("the good plugin", WAIT, || async {
+        host.kv("good", "count/still.serving").await
+    })
+    .await;
+}
