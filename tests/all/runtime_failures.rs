@@ -143,6 +143,7 @@ async fn a_panic_is_a_trap_that_carries_the_panic_message() {
         message.contains("hostile plugin panicked on purpose"),
         "{message}"
     );
+    assert!(!message.contains("RUST_BACKTRACE"), "{message}");
 }
 
 #[tokio::test]

@@ -436,7 +436,13 @@ fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) ->
 /// Appends the last lines the plugin wrote to stderr, where a panic message lands.
 fn with_stderr(message: String, state: &HostState) -> String {
     let tail = state.stderr_tail.take();
-    let last: Vec<&str> = tail.lines().rev().take(2).collect();
+    // Rust's panic hook adds a hint about RUST_BACKTRACE, which means nothing in a plugin.
+    let last: Vec<&str> = tail
+        .lines()
+        .rev()
+        .filter(|line| !line.starts_with("note: run with `RUST_BACKTRACE"))
+        .take(2)
+        .collect();
     if last.is_empty() {
         return message;
     }
