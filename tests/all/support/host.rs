@@ -32,17 +32,6 @@ impl Host {
         }
     }
 
-    /// A handle on a host started elsewhere, for sending from another task.
-    pub fn attach(url: String, http: reqwest::Client) -> Self {
-        Self {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            url,
-            config: None,
-            http,
-        }
-    }
-
     /// The plugin directory.
     pub fn plugins_dir(&self) -> PathBuf {
         self.dir.path().join("plugins")
