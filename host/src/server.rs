@@ -94,6 +94,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address: SocketAddr = listener.local_addr()?;
+    let shutdown = shutdown_signal()?;
     state.ready.store(true, Ordering::Release);
     tracing::info!(%address, plugins = loaded, failed, "switchyard is serving");
     // Scripts and tests read this line to learn the port (`--listen 127.0.0.1:0`).
@@ -102,7 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = stdout.flush();
 
     axum::serve(listener, router(Arc::clone(&state)))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
         .context("serving HTTP")?;
 
@@ -116,24 +117,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers the shutdown signals (SIGINT, SIGTERM) at once, so that a signal arriving
+/// right after the host announces its address stops it gracefully rather than by the
+/// default action; the returned future resolves when one arrives.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
+        })
     }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -13,6 +13,7 @@ mod hot_reload;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;
+mod serve_disk;
 mod serve_flow;
 mod serve_hostile;
 mod serve_http;

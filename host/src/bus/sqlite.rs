@@ -196,8 +196,16 @@ struct Inner {
     closed: AtomicBool,
 }
 
-fn storage(error: impl std::fmt::Display) -> BusError {
-    BusError::Storage(error.to_string())
+/// Names the storage failures an operator can act on (a full disk, read-only storage) in
+/// words, keeping SQLite's own message after them.
+fn storage(error: rusqlite::Error) -> BusError {
+    let condition = match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => "the disk holding the log is full",
+        Some(rusqlite::ErrorCode::ReadOnly) => "the log's storage is read-only",
+        Some(rusqlite::ErrorCode::SystemIoFailure) => "the log's storage failed an I/O",
+        _ => return BusError::Storage(error.to_string()),
+    };
+    BusError::Storage(format!("{condition} ({error})"))
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -223,6 +231,28 @@ fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Conn
     Ok(conn)
 }
 
+/// Fails with a clear message when the log's directory cannot take writes, which SQLite
+/// would otherwise report as "unable to open database file" or only at the first append.
+fn check_writable(dir: &Path) -> Result<(), BusError> {
+    let probe = dir.join(".switchyard-write-probe");
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            Err(BusError::Storage(format!(
+                "the data directory {} is on read-only storage",
+                dir.display()
+            )))
+        }
+        Err(e) => Err(BusError::Storage(format!(
+            "the data directory {} is not writable: {e}",
+            dir.display()
+        ))),
+    }
+}
+
 impl SqliteBus {
     /// Opens (creating if needed) the database and starts the writer thread.
     pub fn open(options: SqliteOptions) -> Result<Self, BusError> {
@@ -230,9 +260,20 @@ impl SqliteBus {
             std::fs::create_dir_all(dir)
                 .map_err(|e| BusError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
+        if let Some(dir) = options.path.parent() {
+            check_writable(dir)?;
+        }
         let conn = open_connection(&options.path, options.durability).map_err(|e| {
             BusError::Storage(format!("cannot open {}: {e}", options.path.display()))
         })?;
+        // SQLite falls back to a read-only open when it cannot write; refuse that up front
+        // rather than failing every append later.
+        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+            return Err(BusError::Storage(format!(
+                "cannot open {} for writing: its storage is read-only",
+                options.path.display()
+            )));
+        }
         conn.execute_batch(SCHEMA).map_err(storage)?;
         let (jobs, receiver) = mpsc::unbounded_channel();
         let (generation, _) = watch::channel(0);
@@ -358,7 +399,10 @@ enum Answer {
 
 impl Answer {
     fn fail(self, error: &BusError) -> Self {
-        let again = || BusError::Storage(error.to_string());
+        let again = || match error {
+            BusError::Storage(message) => BusError::Storage(message.clone()),
+            other => BusError::Storage(other.to_string()),
+        };
         match self {
             Answer::Appended(reply, _, n) => Answer::Appended(reply, Err(again()), n),
             Answer::Position(reply, _) => Answer::Position(reply, Err(again())),
@@ -494,7 +538,7 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: Job, wake: &mut bool) -> Answ
             let result = replay(&savepoint, id, plugin.as_deref());
             let ok = result.is_ok();
             *wake |= ok;
-            (Answer::Count(reply, result.map_err(storage)), ok)
+            (Answer::Count(reply, result), ok)
         }
         Job::DeleteDeadLetter { id, reply } => {
             let result = savepoint

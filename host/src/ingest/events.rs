@@ -63,6 +63,13 @@ fn unavailable(state: &AppState, error: BusError) -> ApiError {
             ApiError::unavailable("the log writer is saturated; retry later", retry_after)
         }
         BusError::Closed => ApiError::unavailable("the host is shutting down", retry_after),
+        BusError::Storage(cause) => {
+            tracing::error!(error = %cause, "append failed");
+            ApiError::unavailable(
+                format!("the log cannot store events right now: {cause}"),
+                retry_after,
+            )
+        }
         other => {
             tracing::error!(error = %other, "append failed");
             ApiError::unavailable("the log cannot store events right now", retry_after)

@@ -37,6 +37,11 @@ impl Host {
         self.dir.path().join("plugins")
     }
 
+    /// The data directory the host is started with.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// Installs `guest` as plugin `name`, with a sidecar if given.
     pub fn plugin(&self, name: &str, guest: Guest, sidecar: Option<&str>) -> &Self {
         std::fs::copy(
@@ -118,7 +123,7 @@ impl Host {
             .arg("--plugins")
             .arg(self.plugins_dir())
             .arg("--data")
-            .arg(self.dir.path().join("data"))
+            .arg(self.data_dir())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
