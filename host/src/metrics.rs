@@ -16,11 +16,63 @@ const DURATION_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; DURATION_BUCKETS.len()],
+/// Upper bounds of the delivery latency histograms (from ingest to handler start, and to
+/// the commit of the outcome), in seconds: fine steps up to 5 ms, where the target sits.
+const LATENCY_BUCKETS: [f64; 20] = [
+    0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// A cumulative histogram over the fixed upper bounds `BOUNDS`.
+struct Histogram<const N: usize> {
+    buckets: [u64; N],
     count: u64,
     sum: f64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Self {
+            buckets: [0; N],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&mut self, bounds: &[f64; N], value: Duration) {
+        let seconds = value.as_secs_f64();
+        for (bucket, bound) in self.buckets.iter_mut().zip(bounds) {
+            if seconds <= *bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn render(
+        &self,
+        out: &mut String,
+        name: &str,
+        plugin: &str,
+        bounds: &[f64; N],
+    ) -> std::fmt::Result {
+        for (bound, n) in bounds.iter().zip(self.buckets) {
+            writeln!(
+                out,
+                "{name}_bucket{{plugin=\"{plugin}\",le=\"{bound}\"}} {n}"
+            )?;
+        }
+        writeln!(
+            out,
+            "{name}_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {}",
+            self.count
+        )?;
+        writeln!(out, "{name}_sum{{plugin=\"{plugin}\"}} {}", self.sum)?;
+        writeln!(out, "{name}_count{{plugin=\"{plugin}\"}} {}", self.count)
+    }
 }
 
 #[derive(Default)]
@@ -28,7 +80,9 @@ struct PluginCounters {
     loads: u64,
     load_failures: u64,
     deliveries: BTreeMap<&'static str, u64>,
-    duration: Histogram,
+    duration: Histogram<{ DURATION_BUCKETS.len() }>,
+    start_latency: Histogram<{ LATENCY_BUCKETS.len() }>,
+    commit_latency: Histogram<{ LATENCY_BUCKETS.len() }>,
     fuel: u64,
     retries: u64,
     dead_letters: BTreeMap<&'static str, u64>,
@@ -80,15 +134,17 @@ impl Metrics {
     pub fn delivery(&self, plugin: &str, outcome: &'static str, duration: Duration, fuel: u64) {
         self.with_plugin(plugin, |c| {
             *c.deliveries.entry(outcome).or_default() += 1;
-            let seconds = duration.as_secs_f64();
-            for (bucket, bound) in c.duration.buckets.iter_mut().zip(DURATION_BUCKETS) {
-                if seconds <= bound {
-                    *bucket += 1;
-                }
-            }
-            c.duration.count += 1;
-            c.duration.sum += seconds;
+            c.duration.observe(&DURATION_BUCKETS, duration);
             c.fuel = c.fuel.saturating_add(fuel);
+        });
+    }
+
+    /// Records how long after ingest a first attempt started, and when its outcome was
+    /// committed.
+    pub fn delivery_latency(&self, plugin: &str, start: Duration, commit: Duration) {
+        self.with_plugin(plugin, |c| {
+            c.start_latency.observe(&LATENCY_BUCKETS, start);
+            c.commit_latency.observe(&LATENCY_BUCKETS, commit);
         });
     }
 
@@ -212,26 +268,45 @@ impl Metrics {
         )?;
         writeln!(out, "# TYPE switchyard_handler_duration_seconds histogram")?;
         for (plugin, c) in plugins.iter() {
-            for (bound, n) in DURATION_BUCKETS.iter().zip(c.duration.buckets) {
-                writeln!(
-                    out,
-                    "switchyard_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"{bound}\"}} {n}"
-                )?;
-            }
-            writeln!(
+            c.duration.render(
                 out,
-                "switchyard_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {}",
-                c.duration.count
+                "switchyard_handler_duration_seconds",
+                plugin,
+                &DURATION_BUCKETS,
             )?;
-            writeln!(
+        }
+        writeln!(
+            out,
+            "# HELP switchyard_delivery_start_latency_seconds Time from ingest to the start of \
+             an event's first attempt."
+        )?;
+        writeln!(
+            out,
+            "# TYPE switchyard_delivery_start_latency_seconds histogram"
+        )?;
+        for (plugin, c) in plugins.iter() {
+            c.start_latency.render(
                 out,
-                "switchyard_handler_duration_seconds_sum{{plugin=\"{plugin}\"}} {}",
-                c.duration.sum
+                "switchyard_delivery_start_latency_seconds",
+                plugin,
+                &LATENCY_BUCKETS,
             )?;
-            writeln!(
+        }
+        writeln!(
+            out,
+            "# HELP switchyard_delivery_commit_latency_seconds Time from ingest to the commit of \
+             the outcome of an event's first attempt."
+        )?;
+        writeln!(
+            out,
+            "# TYPE switchyard_delivery_commit_latency_seconds histogram"
+        )?;
+        for (plugin, c) in plugins.iter() {
+            c.commit_latency.render(
                 out,
-                "switchyard_handler_duration_seconds_count{{plugin=\"{plugin}\"}} {}",
-                c.duration.count
+                "switchyard_delivery_commit_latency_seconds",
+                plugin,
+                &LATENCY_BUCKETS,
             )?;
         }
         writeln!(
@@ -324,6 +399,11 @@ mod tests {
         metrics.delivery("ticketing", "ok", Duration::from_micros(300), 1000);
         metrics.delivery("ticketing", "trap", Duration::from_millis(2), 500);
         metrics.dead_lettered("ticketing", "rejected");
+        metrics.delivery_latency(
+            "ticketing",
+            Duration::from_micros(700),
+            Duration::from_micros(2_200),
+        );
         let mut gauges = BTreeMap::new();
         gauges.insert(
             "ticketing".to_owned(),
@@ -345,6 +425,18 @@ mod tests {
         ));
         assert!(text.contains(
             "switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"+Inf\"} 2\n"
+        ));
+        assert!(text.contains(
+            "switchyard_delivery_start_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.0005\"} 0\n"
+        ));
+        assert!(text.contains(
+            "switchyard_delivery_start_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.00075\"} 1\n"
+        ));
+        assert!(text.contains(
+            "switchyard_delivery_commit_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.002\"} 0\n"
+        ));
+        assert!(text.contains(
+            "switchyard_delivery_commit_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.0025\"} 1\n"
         ));
         assert!(text.contains("switchyard_fuel_used_total{plugin=\"ticketing\"} 1500\n"));
         assert!(text.contains(

@@ -24,6 +24,14 @@ use crate::event::Event;
 use crate::pattern::Pattern;
 use crate::runtime::{Effects, KvSource};
 
+/// Microseconds since the Unix epoch: the clock of ingest times.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Milliseconds since the Unix epoch: the bus's clock for ingest, retry and dead-letter
 /// times.
 pub fn now_ms() -> i64 {
@@ -71,8 +79,9 @@ pub struct Appended {
 pub struct StoredEvent {
     /// Position in the log.
     pub sequence: u64,
-    /// When the host made it durable, in milliseconds since the Unix epoch.
-    pub ingested_at_ms: i64,
+    /// When the host made it durable, in microseconds since the Unix epoch (fine enough
+    /// to measure delivery latency).
+    pub ingested_at_us: i64,
     /// The event.
     pub event: Event,
 }

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     Appended, AttemptError, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter,
     DeadLetterQuery, DeadLetterReason, Delivery, LogPage, LogQuery, Settlement, StartPosition,
-    StoredEvent, now_ms,
+    StoredEvent, now_ms, now_us,
 };
 use crate::event::Event;
 use crate::pattern::Pattern;
@@ -36,6 +36,10 @@ use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 const SCAN_CHUNK: i64 = 512;
 /// Longest a consumer waits before returning an empty batch.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
+
+/// The layout version kept in `PRAGMA user_version`; a log of another version is refused
+/// rather than misread.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -49,7 +53,7 @@ CREATE TABLE IF NOT EXISTS events (
     dataschema TEXT,
     data BLOB NOT NULL,
     extensions TEXT NOT NULL,
-    ingested_at INTEGER NOT NULL
+    ingested_at_us INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_source_id ON events (source, id);
 CREATE TABLE IF NOT EXISTS cursors (
@@ -231,6 +235,30 @@ fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Conn
     Ok(conn)
 }
 
+/// Creates the tables of a new log, or checks that an existing one has this layout.
+fn check_schema(conn: &Connection, path: &Path) -> Result<(), BusError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(storage)?;
+    let existing: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(storage)?;
+    if existing > 0 && version != SCHEMA_VERSION {
+        return Err(BusError::Storage(format!(
+            "the log {} has layout version {version} and this host reads version \
+             {SCHEMA_VERSION}; start with an empty data directory",
+            path.display()
+        )));
+    }
+    conn.execute_batch(SCHEMA).map_err(storage)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(storage)
+}
+
 /// Fails with a clear message when the log's directory cannot take writes, which SQLite
 /// would otherwise report as "unable to open database file" or only at the first append.
 fn check_writable(dir: &Path) -> Result<(), BusError> {
@@ -274,7 +302,7 @@ impl SqliteBus {
                 options.path.display()
             )));
         }
-        conn.execute_batch(SCHEMA).map_err(storage)?;
+        check_schema(&conn, &options.path)?;
         let (jobs, receiver) = mpsc::unbounded_channel();
         let (generation, _) = watch::channel(0);
         let inner = Arc::new(Inner {
@@ -357,11 +385,11 @@ fn row_to_stored(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
             data: row.get(8)?,
             extensions: serde_json::from_str(&extensions).unwrap_or_default(),
         },
-        ingested_at_ms: row.get(10)?,
+        ingested_at_us: row.get(10)?,
     })
 }
 
-const EVENT_COLUMNS: &str = "seq, id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at";
+const EVENT_COLUMNS: &str = "seq, id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us";
 
 fn load_event(conn: &Connection, seq: u64) -> rusqlite::Result<Option<StoredEvent>> {
     conn.query_row(
@@ -580,10 +608,10 @@ fn answer_error(job: Job, error: BusError) -> Answer {
 }
 
 fn append_events(conn: &Connection, events: &[Event]) -> rusqlite::Result<Vec<Appended>> {
-    let now = now_ms();
+    let now = now_us();
     let mut find = conn.prepare_cached("SELECT seq FROM events WHERE source = ?1 AND id = ?2")?;
     let mut insert = conn.prepare_cached(
-        "INSERT INTO events (id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at)
+        "INSERT INTO events (id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     let mut appended = Vec::with_capacity(events.len());
@@ -1310,5 +1338,31 @@ impl Consumer for SqliteConsumer {
         }
         self.room.notify_one();
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_of_another_layout_version_is_refused_and_a_current_one_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE events (seq INTEGER PRIMARY KEY, ingested_at INTEGER)",
+            )
+            .unwrap();
+        }
+        let Err(BusError::Storage(message)) = SqliteBus::open(SqliteOptions::new(&path)) else {
+            panic!("an old layout opened");
+        };
+        assert!(message.contains("layout version 0"), "{message}");
+
+        let fresh = dir.path().join("fresh.db");
+        drop(SqliteBus::open(SqliteOptions::new(&fresh)).unwrap());
+        assert!(SqliteBus::open(SqliteOptions::new(&fresh)).is_ok());
     }
 }

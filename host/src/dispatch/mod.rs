@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 use self::retry::RetryDecision;
 use crate::bus::{
     AttemptError, Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement,
-    StartPosition, now_ms,
+    StartPosition, now_ms, now_us,
 };
 use crate::event::PARTITION_KEY;
 use crate::metrics::Metrics;
@@ -260,6 +260,11 @@ struct Context {
     rerun_turn: tokio::sync::Mutex<()>,
 }
 
+/// How long ago `at_us` (microseconds since the Unix epoch) was; zero if in the future.
+fn since(at_us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(now_us().saturating_sub(at_us)).unwrap_or(0))
+}
+
 /// Runs one attempt and settles it.
 async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
     let sequence = delivery.stored.sequence;
@@ -274,6 +279,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         .state
         .in_flight
         .fetch_add(1, AtomicOrdering::Relaxed);
+    let start_latency = since(delivery.stored.ingested_at_us);
     let mut runs = 0;
     let released = loop {
         runs += 1;
@@ -317,6 +323,14 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
                 context
                     .metrics
                     .delivery(&context.name, outcome_name, duration, fuel);
+                if delivery.attempt == 1 {
+                    // Later attempts wait out a backoff on purpose; only first attempts
+                    // say how quickly the host delivers.
+                    let commit_latency = since(delivery.stored.ingested_at_us);
+                    context
+                        .metrics
+                        .delivery_latency(&context.name, start_latency, commit_latency);
+                }
                 count_settlement(&context, &settlement);
                 break released;
             }
@@ -435,10 +449,7 @@ fn decide(
             errors,
         };
     }
-    let age_ms = now_ms()
-        .saturating_sub(delivery.stored.ingested_at_ms)
-        .max(0);
-    let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
+    let age = since(delivery.stored.ingested_at_us);
     match context
         .policy
         .retry

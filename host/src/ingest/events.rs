@@ -180,7 +180,7 @@ pub(super) async fn read_log(
         .map(|stored| {
             json!({
                 "sequence": stored.sequence,
-                "ingested_at": rfc3339_ms(stored.ingested_at_ms),
+                "ingested_at": rfc3339_ms(stored.ingested_at_us / 1000),
                 "event": cloudevents::to_json(&stored.event),
             })
         })
