@@ -1,6 +1,8 @@
 //! A misbehaving plugin is contained, reported with its own failure kind and exact
 //! message, and the runtime serves the next invocation normally — in both isolation modes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use switchyard_host::runtime::{Isolation, PluginLimits, PluginSettings};
@@ -180,4 +182,42 @@ async fn fuel_use_is_reported() {
     let outcome = invoke(&plugin, &event("hostile.loop", serde_json::json!({}))).await;
     assert_eq!(failure(&outcome).0, "fuel");
     assert_eq!(outcome.fuel_used, PluginSettings::default().limits.fuel);
+}
+
+/// A CPU-bound guest yields its thread: on a single-threaded runtime, another task keeps
+/// running while the loop burns its fuel. Without yielding, the ticker could not advance
+/// until the call ended.
+#[test]
+fn a_cpu_bound_guest_yields_its_thread_to_other_tasks() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let runtime = runtime();
+        let settings = PluginSettings {
+            limits: limits(200_000_000, 64 * MIB, 10_000),
+            ..PluginSettings::default()
+        };
+        let plugin = load(&runtime, Guest::Hostile, settings).await;
+        let ticks = Arc::new(AtomicU64::new(0));
+        let running = Arc::new(AtomicBool::new(true));
+        let ticker = {
+            let ticks = Arc::clone(&ticks);
+            let running = Arc::clone(&running);
+            tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let outcome = invoke(&plugin, &event("hostile.loop", serde_json::json!({}))).await;
+        running.store(false, Ordering::Relaxed);
+        ticker.await.unwrap();
+        assert_eq!(failure(&outcome).0, "fuel");
+        // 200 million fuel in slices of one million: the ticker ran between them.
+        let ticks = ticks.load(Ordering::Relaxed);
+        assert!(ticks >= 100, "the ticker ran {ticks} times during the loop");
+    });
 }

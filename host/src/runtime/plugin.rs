@@ -320,6 +320,12 @@ impl Plugin {
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
+        // Guests run on the host's async worker threads: a CPU-bound call must hand its
+        // thread back now and then, or two busy plugins would stall ingest and every
+        // other plugin on a two-core machine.
+        store
+            .fuel_async_yield_interval(Some(FUEL_PER_TIMESLICE))
+            .map_err(|e| Failure::new(FailureKind::Host, format!("cannot set yielding: {e}")))?;
         arm(&mut store, limits)?;
         match self.pre.instantiate_async(&mut store).await {
             Ok(world) => Ok(Instance {
@@ -372,6 +378,11 @@ impl Plugin {
 }
 
 /// Gives a store a full fuel budget and a fresh epoch deadline.
+/// Fuel a guest burns before it yields its worker thread: about a millisecond of
+/// compiled code, small enough that short calls of other plugins interleave, large enough
+/// that yielding costs nothing measurable.
+const FUEL_PER_TIMESLICE: u64 = 1_000_000;
+
 fn arm(store: &mut Store<HostState>, limits: PluginLimits) -> Result<(), Failure> {
     store
         .set_fuel(limits.fuel)

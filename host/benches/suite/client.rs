@@ -1,0 +1,242 @@
+//! A minimal HTTP/1.1 load client over keep-alive loopback connections. It builds each
+//! request into one buffer and parses only the status line and `Content-Length`, so the
+//! client spends little of the two cores that the server under test needs; the host and
+//! its bare baseline are driven by this same client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One keep-alive connection.
+pub struct Connection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    request: Vec<u8>,
+}
+
+impl Connection {
+    /// Connects to `address`.
+    pub async fn open(address: SocketAddr) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buffer: Vec::with_capacity(4096),
+            request: Vec::with_capacity(4096),
+        })
+    }
+
+    /// POSTs `body` to `path` with the given extra header lines (each ending in CRLF) and
+    /// returns the response status.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        headers: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<u16> {
+        self.request.clear();
+        self.request.extend_from_slice(
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: {content_type}\r\n\
+                 content-length: {}\r\n{headers}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        self.request.extend_from_slice(body);
+        self.stream.write_all(&self.request).await?;
+        self.read_response().await
+    }
+
+    async fn read_response(&mut self) -> anyhow::Result<u16> {
+        let head_end = loop {
+            if let Some(end) = find(&self.buffer, b"\r\n\r\n") {
+                break end + 4;
+            }
+            self.fill().await?;
+        };
+        let head = std::str::from_utf8(&self.buffer[..head_end]).context("response head")?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .context("status line")?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while self.buffer.len() < head_end + length {
+            self.fill().await?;
+        }
+        self.buffer.drain(..head_end + length);
+        Ok(status)
+    }
+
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the server closed the connection");
+        }
+        self.buffer.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// What one request of a load run is.
+pub trait Request: Send + Sync + 'static {
+    /// The `n`-th request: path, extra headers, content type, body.
+    fn build(&self, n: usize) -> (String, String, &'static str, Vec<u8>);
+    /// Events it carries.
+    fn events(&self) -> usize;
+}
+
+/// Single binary-mode events to `POST /v1/events/bench.tick`.
+pub struct Single {
+    /// Id prefix, unique per run so dedupe never hides work.
+    pub prefix: String,
+}
+
+impl Request for Single {
+    fn build(&self, n: usize) -> (String, String, &'static str, Vec<u8>) {
+        (
+            "/v1/events/bench.tick".to_owned(),
+            format!("ce-id: {}-{n}\r\n", self.prefix),
+            "application/json",
+            format!("{{\"n\":{n}}}").into_bytes(),
+        )
+    }
+
+    fn events(&self) -> usize {
+        1
+    }
+}
+
+/// Batches of `size` events in one `application/cloudevents-batch+json` request.
+pub struct Batch {
+    /// Id prefix, unique per run.
+    pub prefix: String,
+    /// Events per request.
+    pub size: usize,
+}
+
+impl Request for Batch {
+    fn build(&self, n: usize) -> (String, String, &'static str, Vec<u8>) {
+        let mut body = String::with_capacity(self.size * 100);
+        body.push('[');
+        for i in 0..self.size {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(&format!(
+                "{{\"specversion\":\"1.0\",\"id\":\"{}-{n}-{i}\",\"source\":\"/bench\",\
+                 \"type\":\"bench.batch\",\"data\":{{\"i\":{i}}}}}",
+                self.prefix
+            ));
+        }
+        body.push(']');
+        (
+            "/v1/events".to_owned(),
+            String::new(),
+            "application/cloudevents-batch+json",
+            body.into_bytes(),
+        )
+    }
+
+    fn events(&self) -> usize {
+        self.size
+    }
+}
+
+/// Sends `requests` requests as fast as `connections` connections allow, stopping early at
+/// `deadline`; every answer must be `202`. Returns events per second.
+pub async fn saturate(
+    address: SocketAddr,
+    connections: usize,
+    requests: usize,
+    deadline: Duration,
+    request: Arc<dyn Request>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let request = Arc::clone(&request);
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(address).await?;
+            let mut sent = 0usize;
+            for n in (c..requests).step_by(connections) {
+                if started.elapsed() > deadline {
+                    break;
+                }
+                let (path, headers, content_type, body) = request.build(n);
+                let status = connection
+                    .post(&path, &headers, content_type, &body)
+                    .await?;
+                anyhow::ensure!(status == 202, "status {status}");
+                sent += 1;
+            }
+            anyhow::Ok(sent)
+        }));
+    }
+    let mut sent = 0;
+    for task in tasks {
+        sent += task.await??;
+    }
+    Ok((sent * request.events()) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Sends single events at a fixed offered rate for `duration` from `connections`
+/// connections. Each request's latency runs from when it was due, not from when it went
+/// out, so a stalled server cannot hide its queueing. Returns the latencies.
+pub async fn paced(
+    address: SocketAddr,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    prefix: &str,
+) -> anyhow::Result<Vec<Duration>> {
+    let total = (rate * duration.as_secs_f64()) as usize;
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let request = Arc::new(Single {
+        prefix: prefix.to_owned(),
+    });
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let request = Arc::clone(&request);
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(address).await?;
+            let mut latencies = Vec::new();
+            // Stagger the connections across one interval.
+            let offset = interval.mul_f64(c as f64 / connections as f64);
+            for (k, n) in (c..total).step_by(connections).enumerate() {
+                let due = started + offset + interval * u32::try_from(k)?;
+                tokio::time::sleep_until(due).await;
+                let (path, headers, content_type, body) = request.build(n);
+                let status = connection
+                    .post(&path, &headers, content_type, &body)
+                    .await?;
+                anyhow::ensure!(status == 202, "status {status}");
+                latencies.push(due.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok(latencies)
+}

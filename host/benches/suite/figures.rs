@@ -1,0 +1,658 @@
+//! The figures of the suite, each measured beside its baseline in the same run.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
+use switchyard_host::bus::{
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
+    Delivery, LogPage, LogQuery, Settlement, StoredEvent,
+};
+use switchyard_host::config::PluginDefaults;
+use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
+use switchyard_host::event::Event;
+use switchyard_host::metrics::Metrics;
+use switchyard_host::pattern::Pattern;
+use switchyard_host::plugins::manifest::Manifest;
+use switchyard_host::runtime::{self, EmptyKv, KvSource, Runtime, RuntimeConfig};
+use tokio::sync::Notify;
+
+use crate::client::{self, Batch, Single};
+use crate::guests::{self, Guest};
+use crate::host::{self, Process};
+use crate::{Figure, Options, bare};
+
+/// Runs every figure the options select, in order.
+pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let wanted = |name: &str| {
+        options
+            .only
+            .as_deref()
+            .is_none_or(|only| name.contains(only))
+    };
+    let mut figures = Vec::new();
+    if wanted("dispatch") {
+        figures.extend(dispatch(options).await.context("dispatch")?);
+    }
+    if wanted("log") {
+        figures.extend(log_append(options).await.context("log")?);
+    }
+    if wanted("ingest") || wanted("memory") {
+        figures.extend(ingest(options).await.context("ingest")?);
+    }
+    if wanted("e2e") {
+        figures.extend(end_to_end(options).await.context("e2e")?);
+    }
+    if wanted("memory") {
+        figures.extend(idle_memory(options).await.context("memory")?);
+    }
+    if wanted("swap") {
+        figures.extend(hot_swap(options).await.context("swap")?);
+    }
+    if wanted("neighbours") {
+        figures.extend(neighbours(options).await.context("neighbours")?);
+    }
+    Ok(figures)
+}
+
+fn bench_event(n: u64) -> Event {
+    Event {
+        id: format!("e{n}"),
+        source: "/bench".into(),
+        ty: "bench.tick".into(),
+        subject: None,
+        time: None,
+        datacontenttype: Some("application/json".into()),
+        dataschema: None,
+        data: b"{}".to_vec(),
+        extensions: Default::default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Dispatch
+
+/// A bus that hands out a fixed set of deliveries and counts settlements, so the
+/// dispatcher and runtime are measured without storage.
+struct MemoryBus {
+    pending: Mutex<VecDeque<Delivery>>,
+    settled: AtomicUsize,
+    total: usize,
+    done: Notify,
+}
+
+struct MemoryConsumer(Arc<MemoryBus>);
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let batch: Vec<Delivery> = {
+            let mut pending = self.0.pending.lock().unwrap();
+            let n = max.min(pending.len());
+            pending.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(batch)
+    }
+
+    async fn settle(&self, _delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
+        if !matches!(settlement, Settlement::Ack(_)) {
+            return Err(BusError::Storage("a benchmark call failed".into()));
+        }
+        if self.0.settled.fetch_add(1, Ordering::AcqRel) + 1 == self.0.total {
+            self.0.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+struct SharedMemoryBus(Arc<MemoryBus>);
+
+#[async_trait]
+impl KvSource for SharedMemoryBus {
+    async fn get(&self, _plugin: &str, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    async fn keys(&self, _plugin: &str, _prefix: &str) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+#[async_trait]
+impl Bus for SharedMemoryBus {
+    async fn append(&self, _events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
+        Err(BusError::Storage(
+            "the benchmark bus takes no appends".into(),
+        ))
+    }
+    async fn read_log(&self, _query: LogQuery) -> Result<LogPage, BusError> {
+        Err(BusError::NotFound("log".into()))
+    }
+    async fn head(&self) -> Result<u64, BusError> {
+        Ok(self.0.total as u64)
+    }
+    async fn consumer(
+        &self,
+        _plugin: &str,
+        _spec: ConsumerSpec,
+    ) -> Result<Arc<dyn Consumer>, BusError> {
+        Ok(Arc::new(MemoryConsumer(Arc::clone(&self.0))))
+    }
+    async fn consumer_stats(&self, _plugin: &str) -> Result<ConsumerStats, BusError> {
+        Ok(ConsumerStats::default())
+    }
+    async fn dead_letters(&self, _query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(Vec::new())
+    }
+    async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError> {
+        Err(BusError::NotFound(format!("dead letter {id}")))
+    }
+    async fn replay_dead_letters(
+        &self,
+        _id: Option<u64>,
+        _plugin: Option<&str>,
+    ) -> Result<u64, BusError> {
+        Ok(0)
+    }
+    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
+        Err(BusError::NotFound(format!("dead letter {id}")))
+    }
+    async fn close(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+/// Calls per second through the dispatcher and runtime, one call at a time.
+async fn through_dispatcher(
+    runtime: &Runtime,
+    path: &Path,
+    sidecar: &str,
+    calls: usize,
+) -> anyhow::Result<f64> {
+    let policy = Manifest::parse(sidecar)?.resolve(&PluginDefaults::default())?;
+    let plugin = Arc::new(runtime.load_file(path, policy.settings.clone()).await?);
+    let pending = (1..=calls as u64)
+        .map(|n| Delivery {
+            stored: StoredEvent {
+                sequence: n,
+                ingested_at_us: switchyard_host::bus::now_us(),
+                event: bench_event(n),
+            },
+            attempt: 1,
+            errors: Vec::new(),
+        })
+        .collect();
+    let bus = Arc::new(MemoryBus {
+        pending: Mutex::new(pending),
+        settled: AtomicUsize::new(0),
+        total: calls,
+        done: Notify::new(),
+    });
+    let target = Target {
+        name: "bench".into(),
+        plugin,
+        policy,
+        subscriptions: vec![Pattern::parse(">")?],
+        state: Arc::new(DispatchState::default()),
+    };
+    let started = Instant::now();
+    let done = bus.done.notified();
+    let dispatcher = Dispatcher::start(
+        Arc::new(SharedMemoryBus(Arc::clone(&bus))),
+        Arc::new(Metrics::default()),
+        target,
+    )
+    .await?;
+    tokio::time::timeout(Duration::from_secs(120), done)
+        .await
+        .context("the dispatcher did not finish")?;
+    let elapsed = started.elapsed();
+    dispatcher.shutdown(Duration::from_secs(5)).await;
+    Ok(calls as f64 / elapsed.as_secs_f64())
+}
+
+/// Calls per second of `Plugin::invoke` in a plain loop: the runtime alone.
+async fn through_runtime(
+    runtime: &Runtime,
+    path: &Path,
+    sidecar: &str,
+    calls: usize,
+) -> anyhow::Result<f64> {
+    let policy = Manifest::parse(sidecar)?.resolve(&PluginDefaults::default())?;
+    let plugin = runtime.load_file(path, policy.settings).await?;
+    let kv: Arc<dyn KvSource> = Arc::new(EmptyKv);
+    let event = bench_event(0);
+    let started = Instant::now();
+    for n in 0..calls as u64 {
+        let delivery = runtime::Delivery {
+            attempt: 1,
+            max_attempts: 1,
+            sequence: n,
+        };
+        if let Err(failure) = plugin
+            .invoke(&event, delivery, Arc::clone(&kv))
+            .await
+            .result
+        {
+            anyhow::bail!("call {n} failed: {failure}");
+        }
+    }
+    Ok(calls as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn dispatch(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let path = guests::path(Guest::Noop);
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let mut figures = Vec::new();
+    for (mode, sidecar, calls) in [
+        (
+            "per-event",
+            "concurrency = 1\n",
+            options.pick(20_000, 3_000),
+        ),
+        (
+            "reuse",
+            "concurrency = 1\ninstance = \"reuse\"\nmax_calls = 1000000\n",
+            options.pick(200_000, 30_000),
+        ),
+    ] {
+        // Warm up code paths and the pooling allocator's slots.
+        bare::wasmtime_loop(&path, 200, mode == "per-event").await?;
+        let baseline = bare::wasmtime_loop(&path, calls as u32, mode == "per-event").await?;
+        let dispatched = through_dispatcher(&runtime, &path, sidecar, calls).await?;
+        let invoked = through_runtime(&runtime, &path, sidecar, calls).await?;
+        figures.push(Figure {
+            name: format!("dispatch.{mode}"),
+            value: dispatched,
+            unit: "calls/s",
+            baseline: Some(baseline),
+            baseline_name: "bare wasmtime loop",
+            target: "ratio >= 0.8",
+        });
+        figures.push(Figure {
+            name: format!("runtime.invoke.{mode}"),
+            value: invoked,
+            unit: "calls/s",
+            baseline: Some(baseline),
+            baseline_name: "bare wasmtime loop",
+            target: "",
+        });
+    }
+    Ok(figures)
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Log append
+
+async fn log_append(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let dir = tempfile::tempdir()?;
+    let payload = br#"{"amount":1200,"currency":"EUR","customer":"c-1042","order":"o-99"}"#;
+    let deadline = options.deadline();
+    let mut figures = Vec::new();
+    for (label, appenders, per_append, events) in [
+        ("log.append.single", 64, 1, options.pick(40_000, 8_000)),
+        ("log.append.batch100", 4, 100, options.pick(400_000, 60_000)),
+    ] {
+        let bare_dir = tempfile::tempdir_in(dir.path())?;
+        let bare_rows = if per_append == 1 {
+            options.pick(2_000, 500)
+        } else {
+            events
+        };
+        let baseline = {
+            let path = bare_dir.path().to_owned();
+            tokio::task::spawn_blocking(move || {
+                bare::sqlite_loop(&path, bare_rows, per_append, payload, deadline)
+            })
+            .await??
+        };
+        let bus = Arc::new(SqliteBus::open(SqliteOptions::new(
+            dir.path().join(format!("{label}.db")),
+        ))?);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for a in 0..appenders {
+            let bus = Arc::clone(&bus);
+            tasks.push(tokio::spawn(async move {
+                let mut appended = 0usize;
+                let mut n = a * per_append;
+                while n < events && started.elapsed() < deadline {
+                    let batch = (n..n + per_append)
+                        .map(|i| Event {
+                            data: payload.to_vec(),
+                            ..bench_event(i as u64)
+                        })
+                        .collect();
+                    appended += bus.append(batch).await?.len();
+                    n += appenders * per_append;
+                }
+                anyhow::Ok(appended)
+            }));
+        }
+        let mut appended = 0;
+        for task in tasks {
+            appended += task.await??;
+        }
+        let rate = appended as f64 / started.elapsed().as_secs_f64();
+        bus.close().await?;
+        figures.push(Figure {
+            name: label.to_owned(),
+            value: rate,
+            unit: "events/s",
+            baseline: Some(baseline),
+            baseline_name: if per_append == 1 {
+                "bare SQLite, 1 row per commit"
+            } else {
+                "bare SQLite, 100 rows per commit"
+            },
+            target: "",
+        });
+    }
+    Ok(figures)
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. HTTP ingest, and 5. memory under its load
+
+async fn ingest(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let deadline = options.deadline();
+    let single_requests = options.pick(120_000, 20_000);
+    let batch_requests = options.pick(4_000, 800);
+    let single = |prefix: &str| -> Arc<dyn client::Request> {
+        Arc::new(Single {
+            prefix: prefix.to_owned(),
+        })
+    };
+    let batch = |prefix: &str| -> Arc<dyn client::Request> {
+        Arc::new(Batch {
+            prefix: prefix.to_owned(),
+            size: 100,
+        })
+    };
+
+    let bare = Process::bare_http()?;
+    client::saturate(bare.address, 8, 2_000, deadline, single("warm")).await?;
+    let bare_single =
+        client::saturate(bare.address, 64, single_requests, deadline, single("s")).await?;
+    let bare_batch =
+        client::saturate(bare.address, 8, batch_requests, deadline, batch("b")).await?;
+    let (_, bare_peak) = bare.memory_mib()?;
+    drop(bare);
+
+    let host = Process::host(&[], None)?;
+    client::saturate(host.address, 8, 2_000, deadline, single("warm")).await?;
+    let host_single =
+        client::saturate(host.address, 64, single_requests, deadline, single("s")).await?;
+    let host_batch =
+        client::saturate(host.address, 8, batch_requests, deadline, batch("b")).await?;
+    let (_, host_peak) = host.memory_mib()?;
+
+    Ok(vec![
+        Figure {
+            name: "ingest.single".into(),
+            value: host_single,
+            unit: "events/s",
+            baseline: Some(bare_single),
+            baseline_name: "bare axum 202 route",
+            target: ">= 30000 events/s",
+        },
+        Figure {
+            name: "ingest.batch100".into(),
+            value: host_batch,
+            unit: "events/s",
+            baseline: Some(bare_batch),
+            baseline_name: "bare axum 202 route",
+            target: ">= 300000 events/s",
+        },
+        Figure {
+            name: "memory.peak_under_ingest".into(),
+            value: host_peak,
+            unit: "MiB",
+            baseline: Some(bare_peak),
+            baseline_name: "bare axum server, same load",
+            target: "",
+        },
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. End to end at a fixed offered rate
+
+fn quantile(sorted: &[Duration], q: f64) -> f64 {
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+async fn end_to_end(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    const RATE: f64 = 5_000.0;
+    let duration = options.pick(Duration::from_secs(10), Duration::from_secs(3));
+    let host = Process::host(&[("probe".into(), Guest::Noop, None)], None)?;
+    // Warm up the connections and the plugin's first instances.
+    client::paced(host.address, 16, RATE, Duration::from_millis(500), "warm").await?;
+    host.wait_caught_up("probe", Duration::from_secs(60))
+        .await?;
+    let warm_metrics = host.metrics().await?;
+    let mut acks = client::paced(host.address, 16, RATE, duration, "e2e").await?;
+    host.wait_caught_up("probe", Duration::from_secs(120))
+        .await?;
+    let metrics = host.metrics().await?;
+    acks.sort();
+    let mut figures = Vec::new();
+    for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+        figures.push(Figure {
+            name: format!("e2e.ack.{label}"),
+            value: quantile(&acks, q),
+            unit: "ms",
+            baseline: None,
+            baseline_name: "client: due time to 202",
+            target: "",
+        });
+    }
+    for (stage, series, target) in [
+        (
+            "start",
+            "switchyard_delivery_start_latency_seconds",
+            "p99 <= 5 ms",
+        ),
+        ("commit", "switchyard_delivery_commit_latency_seconds", ""),
+    ] {
+        let measured = subtract_histograms(&metrics, &warm_metrics, series);
+        for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+            figures.push(Figure {
+                name: format!("e2e.{stage}.{label}"),
+                value: host::histogram_quantile(&measured, series, q)? * 1000.0,
+                unit: "ms",
+                baseline: None,
+                baseline_name: "host histogram, ingest to stage",
+                target: if label == "p99" { target } else { "" },
+            });
+        }
+    }
+    Ok(figures)
+}
+
+/// The buckets of `series` in `after` minus those in `before`, as metrics text, so the
+/// warm-up is left out of the quantiles.
+fn subtract_histograms(after: &str, before: &str, series: &str) -> String {
+    let prefix = format!("{series}_bucket{{");
+    let counts = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    let earlier = counts(before);
+    counts(after)
+        .into_iter()
+        .map(|(name, value)| {
+            let old = earlier
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0.0, |(_, v)| *v);
+            format!("{name} {}\n", value - old)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Idle memory with 50 plugins
+
+async fn idle_memory(_options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let empty = Process::host(&[], None)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (empty_rss, _) = empty.memory_mib()?;
+    drop(empty);
+
+    let plugins: Vec<(String, Guest, Option<String>)> = (0..50)
+        .map(|n| (format!("p{n:02}"), Guest::Noop, None))
+        .collect();
+    let started = Instant::now();
+    let full = Process::host(&plugins, None)?;
+    let startup = started.elapsed();
+    let listed = full.get_json("/v1/plugins").await?;
+    let running = listed["plugins"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| p["status"] == "running").count());
+    anyhow::ensure!(running == 50, "{running} of 50 plugins running: {listed}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss, _) = full.memory_mib()?;
+    Ok(vec![
+        Figure {
+            name: "memory.idle_50_plugins".into(),
+            value: rss,
+            unit: "MiB",
+            baseline: Some(empty_rss),
+            baseline_name: "idle host, no plugins",
+            target: "<= 150 MiB",
+        },
+        Figure {
+            name: "startup.50_plugins".into(),
+            value: startup.as_secs_f64() * 1000.0,
+            unit: "ms",
+            baseline: None,
+            baseline_name: "spawn to listening, cold cache",
+            target: "",
+        },
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Hot swap
+
+async fn hot_swap(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let host = Process::host(&[("swap".into(), Guest::Noop, None)], None)?;
+    let versions = [
+        std::fs::read(guests::path(Guest::Hostile))?,
+        std::fs::read(guests::path(Guest::Noop))?,
+    ];
+    let mut latencies = Vec::new();
+    let mut current = host.get_json("/v1/plugins/swap").await?["sha256"].clone();
+    for round in 0..options.pick(6, 4) {
+        let started = Instant::now();
+        host::deploy(&host.plugins_dir(), "swap.wasm", &versions[round % 2])?;
+        loop {
+            let status = host.get_json("/v1/plugins/swap").await?;
+            if status["sha256"] != current && status["status"] == "running" {
+                current = status["sha256"].clone();
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "the swap did not happen: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    // The first two rounds compile; later ones hit the compile cache.
+    let median = latencies[latencies.len() / 2];
+    let quiet = 250.0;
+    Ok(vec![Figure {
+        name: "swap.median".into(),
+        value: median.as_secs_f64() * 1000.0,
+        unit: "ms",
+        baseline: Some(quiet),
+        baseline_name: "the watcher's quiet period",
+        target: "",
+    }])
+}
+
+// ---------------------------------------------------------------------------------------
+// Well-behaved plugin beside hostile ones (issue: reliability)
+
+async fn neighbours(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let events = options.pick(3_000, 600);
+    let good = (
+        "good".to_owned(),
+        Guest::Hostile,
+        Some("subscribe = [\"work.>\"]\n[config]\nbehaviour = \"hostile.ok\"\n".to_owned()),
+    );
+    let hostile = |behaviour: &str| {
+        (
+            behaviour.to_owned(),
+            Guest::Hostile,
+            Some(format!(
+                "subscribe = [\"work.>\"]\n[retry]\nmax_attempts = 1\n\
+                 [config]\nbehaviour = \"hostile.{behaviour}\"\n"
+            )),
+        )
+    };
+    let solo = handled_per_second(std::slice::from_ref(&good), events, options).await?;
+    let crowded = handled_per_second(
+        &[good, hostile("loop"), hostile("memory"), hostile("panic")],
+        events,
+        options,
+    )
+    .await?;
+    Ok(vec![Figure {
+        name: "neighbours.good_plugin".into(),
+        value: crowded,
+        unit: "events/s",
+        baseline: Some(solo),
+        baseline_name: "the same plugin alone",
+        target: "ratio >= 0.25",
+    }])
+}
+
+/// Sends `events` events of type `work.item` in batches and returns how many per second
+/// the plugin `good` handled, from the first send to its catching up.
+async fn handled_per_second(
+    plugins: &[(String, Guest, Option<String>)],
+    events: usize,
+    options: &Options,
+) -> anyhow::Result<f64> {
+    let host = Process::host(plugins, None)?;
+    let mut connection = client::Connection::open(host.address).await?;
+    let started = Instant::now();
+    for b in 0..events / 100 {
+        let body: Vec<serde_json::Value> = (0..100)
+            .map(|i| {
+                serde_json::json!({"specversion": "1.0", "id": format!("w{b}-{i}"),
+                    "source": "/bench", "type": "work.item", "data": {}})
+            })
+            .collect();
+        let status = connection
+            .post(
+                "/v1/events",
+                "",
+                "application/cloudevents-batch+json",
+                &serde_json::to_vec(&body)?,
+            )
+            .await?;
+        anyhow::ensure!(status == 202, "status {status}");
+    }
+    let done = host.wait_caught_up("good", options.deadline() * 4).await?;
+    Ok(events as f64 / (done - started).as_secs_f64())
+}
