@@ -174,8 +174,9 @@ pub fn parse_typed_event(
 /// `data` or `data_base64`:
 /// - JSON media types (`application/json`, `text/json`, `*/*+json`) whose bytes parse as
 ///   JSON: `data` is that JSON value;
-/// - `text/*` that is valid UTF-8: `data` is a JSON string;
-/// - anything else, including no `datacontenttype`: `data_base64`.
+/// - other `text/*` types that are valid UTF-8: `data` is a JSON string;
+/// - anything else, including no `datacontenttype` and a JSON media type whose bytes are
+///   not JSON: `data_base64`.
 ///
 /// Empty data is left out. Extensions whose names collide with core attributes (which
 /// [`parse_events`] never produces) are overwritten by the core attribute.
@@ -211,7 +212,11 @@ pub fn to_json(event: &Event) -> Value {
             .and_then(|_| serde_json::from_slice::<Value>(&event.data).ok());
         let as_text = || {
             media
-                .filter(|m| m.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/")))
+                .filter(|m| {
+                    // A string `data` with a JSON type would be read back as a JSON value.
+                    !is_json_media_type(m)
+                        && m.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"))
+                })
                 .and_then(|_| std::str::from_utf8(&event.data).ok())
         };
         if let Some(value) = as_json {
@@ -1853,6 +1858,31 @@ mod tests {
         assert_eq!(to_json(&event)["data"], json!("ünïcode"));
         let again = structured_value(&to_json(&event)).expect("parses");
         assert_eq!(again, event);
+    }
+
+    #[test]
+    fn to_json_keeps_non_json_bytes_of_a_text_json_type_as_base64() {
+        // Found by fuzzing (fuzz/fuzz_targets/cloudevents_http.rs): a `text/*` type that is
+        // also a JSON type, with data that is not JSON, was rendered as a string `data`,
+        // which structured mode reads back as the JSON string, quotes included.
+        for content_type in [
+            "text/json",
+            "text/plainapplication/cloudevents-batch+json; charset=utf-8",
+        ] {
+            let h = binary(&[("content-type", content_type)]);
+            let event = parse_events(&h, b"21.5 degrees", &LIMITS)
+                .expect("parses")
+                .remove(0);
+            let out = to_json(&event);
+            assert_eq!(
+                out["data_base64"],
+                json!("MjEuNSBkZWdyZWVz"),
+                "{content_type}"
+            );
+            assert!(out.get("data").is_none());
+            let again = structured_value(&out).expect("parses");
+            assert_eq!(again, event);
+        }
     }
 
     #[test]
