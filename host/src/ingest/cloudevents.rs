@@ -173,7 +173,8 @@ pub fn parse_typed_event(
 /// `"1.0"`, the attributes, the extensions as top-level string members, and the data as
 /// `data` or `data_base64`:
 /// - JSON media types (`application/json`, `text/json`, `*/*+json`) whose bytes parse as
-///   JSON: `data` is that JSON value;
+///   JSON other than `null` (which the JSON format reads as no data): `data` is that JSON
+///   value;
 /// - other `text/*` types that are valid UTF-8: `data` is a JSON string;
 /// - anything else, including no `datacontenttype` and a JSON media type whose bytes are
 ///   not JSON: `data_base64`.
@@ -209,7 +210,8 @@ pub fn to_json(event: &Event) -> Value {
         let media = event.datacontenttype.as_deref().map(media_type);
         let as_json = media
             .filter(|m| is_json_media_type(m))
-            .and_then(|_| serde_json::from_slice::<Value>(&event.data).ok());
+            .and_then(|_| serde_json::from_slice::<Value>(&event.data).ok())
+            .filter(|value| !value.is_null());
         let as_text = || {
             media
                 .filter(|m| {
@@ -1883,6 +1885,19 @@ mod tests {
             let again = structured_value(&out).expect("parses");
             assert_eq!(again, event);
         }
+    }
+
+    #[test]
+    fn to_json_keeps_json_null_data_as_base64() {
+        // Found by fuzzing (fuzz/fuzz_targets/cloudevents_http.rs): data that is JSON
+        // `null` was rendered as `"data": null`, which structured mode reads as no data.
+        let event =
+            parse_typed_event("signed", &HeaderMap::new(), b"\tnull\n", &LIMITS).expect("parses");
+        let out = to_json(&event);
+        assert_eq!(out["data_base64"], json!("CW51bGwK"));
+        assert!(out.get("data").is_none());
+        let again = structured_value(&out).expect("parses");
+        assert_eq!(again, event);
     }
 
     #[test]
