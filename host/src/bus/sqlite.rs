@@ -2,9 +2,17 @@
 //!
 //! Writes go through ONE writer thread that group-commits: it takes every job waiting
 //! (up to a bound), runs each inside its own savepoint of one transaction, commits once
-//! (an fsync with `synchronous = FULL`) and only then answers the jobs. So an append is
-//! acknowledged only after the commit that holds it, a job that fails rolls back alone,
-//! and a settlement's effects, cursor move, retry entry or dead letter land together.
+//! and only then answers the jobs. So an append is acknowledged only after the commit that
+//! holds it, a job that fails rolls back alone, and a settlement's effects, cursor move,
+//! retry entry or dead letter land together.
+//!
+//! With [`Durability::Full`], a group that holds an append or an operator's action is
+//! fsynced before it is answered. A group of settlements only is committed without waiting
+//! for the disk: it becomes durable with the next fsynced commit or checkpoint. Losing such
+//! a commit to a power cut loses an acknowledgement together with the effects committed
+//! beside it, so the event is delivered again and its effects are applied once; waiting
+//! for an fsync per settlement would instead cap a plugin at `concurrency` events per disk
+//! flush.
 //! Reads use a small pool of separate connections, which WAL lets run beside the writer.
 //!
 //! Consumer bookkeeping: a plugin's `cursor` is the highest sequence below which every
@@ -13,7 +21,7 @@
 //! letter settles the event for the main stream too; retries live in `retries` until
 //! they succeed or die.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +42,8 @@ use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 
 /// Rows scanned per read when looking for a consumer's next events.
 const SCAN_CHUNK: i64 = 512;
+/// Most event data a consumer keeps read ahead of its deliveries.
+const MAX_PREFETCH_BYTES: usize = 4 << 20;
 /// Longest a consumer waits before returning an empty batch.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 
@@ -171,6 +181,12 @@ struct SettleJob {
 }
 
 impl Job {
+    /// Whether the job's answer promises durability: appends (a `202`), operator actions
+    /// and closing. Settlements may be lost to a power cut and redelivered.
+    fn must_be_durable(&self) -> bool {
+        !matches!(self, Job::Settle(_) | Job::MoveCursor { .. })
+    }
+
     fn weight(&self) -> usize {
         match self {
             Job::Append { events, .. } => events.len(),
@@ -316,6 +332,8 @@ impl SqliteBus {
         });
         let writer = Writer {
             conn,
+            durability: options.durability,
+            syncing: options.durability == Durability::Full,
             inner: Arc::clone(&inner),
             max_events: options.group_commit_max_events.max(1),
             max_delay: options.group_commit_max_delay,
@@ -411,6 +429,9 @@ fn errors_json(errors: &[AttemptError]) -> String {
 /// The writer thread.
 struct Writer {
     conn: Connection,
+    durability: Durability,
+    /// Whether the connection is set to `synchronous = FULL` now.
+    syncing: bool,
     inner: Arc<Inner>,
     max_events: usize,
     max_delay: Duration,
@@ -484,6 +505,17 @@ impl Writer {
 
     /// Runs a group of jobs in one transaction; returns whether a close was asked for.
     fn commit_group(&mut self, batch: Vec<Job>) -> bool {
+        let sync = self.durability == Durability::Full && batch.iter().any(Job::must_be_durable);
+        if let Err(error) = self.set_syncing(sync) {
+            tracing::error!(error = %error, "cannot switch the log's fsync mode");
+            if sync {
+                // Committing without the fsync the answers promise is not an option.
+                for job in batch {
+                    answer_error(job, BusError::Storage(error.to_string())).send(&self.inner);
+                }
+                return false;
+            }
+        }
         let mut answers = Vec::with_capacity(batch.len());
         let mut closing = false;
         let mut wake = false;
@@ -518,6 +550,20 @@ impl Writer {
             }
         }
         closing
+    }
+}
+
+impl Writer {
+    /// Switches between fsyncing every commit and leaving it to the next one that does.
+    fn set_syncing(&mut self, sync: bool) -> Result<(), BusError> {
+        if self.syncing != sync {
+            let level = if sync { "FULL" } else { "NORMAL" };
+            self.conn
+                .pragma_update(None, "synchronous", level)
+                .map_err(storage)?;
+            self.syncing = sync;
+        }
+        Ok(())
     }
 }
 
@@ -969,6 +1015,7 @@ impl Bus for SqliteBus {
                 outstanding: BTreeSet::new(),
                 skip,
                 retries_in_flight: HashSet::new(),
+                prefetched: VecDeque::new(),
             }),
         }))
     }
@@ -1122,6 +1169,9 @@ struct ConsumerState {
     skip: BTreeSet<u64>,
     /// Retries handed out and not settled.
     retries_in_flight: HashSet<u64>,
+    /// Events read from the log after `read_position` and not yet looked at: one scan
+    /// feeds several calls instead of being read again for each window's worth.
+    prefetched: VecDeque<StoredEvent>,
 }
 
 impl ConsumerState {
@@ -1205,29 +1255,41 @@ impl SqliteConsumer {
             if state.outstanding.len() >= self.window {
                 return Ok(Vec::new());
             }
-            state.read_position
+            (state.prefetched.is_empty()).then_some(state.read_position)
         };
-        let rows = self
-            .bus
-            .read(move |conn| {
-                conn.prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
-                ))?
-                .query_map(params![to_i64(after), SCAN_CHUNK], row_to_stored)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .await?;
-        let mut state = self.state();
-        if state.read_position != after {
-            // Another call moved on meanwhile; this one's view is stale.
-            return Ok(Vec::new());
+        if let Some(after) = after {
+            let rows = self
+                .bus
+                .read(move |conn| {
+                    conn.prepare_cached(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                    ))?
+                    .query_map(params![to_i64(after), SCAN_CHUNK], row_to_stored)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .await?;
+            let mut state = self.state();
+            if state.read_position != after || !state.prefetched.is_empty() {
+                // Another call moved on meanwhile; this one's view is stale.
+                return Ok(Vec::new());
+            }
+            // Keep a bounded amount of event data per consumer; the rest is read again.
+            let mut bytes = 0;
+            state
+                .prefetched
+                .extend(rows.into_iter().take_while(|stored| {
+                    let first = bytes == 0;
+                    bytes += stored.event.data.len() + 256;
+                    first || bytes <= MAX_PREFETCH_BYTES
+                }));
         }
+        let mut state = self.state();
         let room = max.min(self.window.saturating_sub(state.outstanding.len()));
         let mut taken = Vec::new();
-        for stored in rows {
-            if taken.len() == room {
+        while taken.len() < room {
+            let Some(stored) = state.prefetched.pop_front() else {
                 break;
-            }
+            };
             state.read_position = stored.sequence;
             if state.skip.remove(&stored.sequence)
                 || !self.patterns.iter().any(|p| p.matches(&stored.event.ty))

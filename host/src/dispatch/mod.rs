@@ -100,7 +100,7 @@ impl Dispatcher {
                 Start::Latest => StartPosition::Latest,
                 Start::Earliest => StartPosition::Earliest,
             },
-            window: target.policy.concurrency.saturating_mul(4).max(16),
+            window: window(target.policy.concurrency),
         };
         let consumer = bus.consumer(&target.name, spec).await?;
         let (stop, stopped) = watch::channel(false);
@@ -116,6 +116,11 @@ impl Dispatcher {
             task.abort();
         }
     }
+}
+
+/// New deliveries a plugin's consumer may have out and unsettled.
+fn window(concurrency: usize) -> usize {
+    concurrency.saturating_mul(4).max(16)
 }
 
 fn ordering_key(delivery: &Delivery) -> String {
@@ -143,10 +148,12 @@ async fn run(
 ) {
     let concurrency = target.policy.concurrency.max(1);
     let (deliveries, mut incoming) = mpsc::channel::<Delivery>(concurrency * 2);
+    // Fetching a whole window at a time costs one log read per window rather than one
+    // per delivery; the channel still holds the fetcher back to what the calls absorb.
     let fetcher = tokio::spawn(fetch(
         Arc::clone(&consumer),
         deliveries,
-        concurrency,
+        window(concurrency),
         stopped.clone(),
         target.name.clone(),
     ));
