@@ -120,7 +120,8 @@ impl Dispatcher {
 
 /// New deliveries a plugin's consumer may have out and unsettled.
 fn window(concurrency: usize) -> usize {
-    concurrency.saturating_mul(4).max(16)
+    // Deep enough to keep calls busy while earlier settlements wait for a group commit.
+    concurrency.saturating_mul(8).max(64)
 }
 
 fn ordering_key(delivery: &Delivery) -> String {
@@ -275,18 +276,20 @@ fn since(at_us: i64) -> Duration {
 /// Runs one attempt and settles it.
 async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
     let sequence = delivery.stored.sequence;
-    let Ok(_permit) = Arc::clone(&context.permits).acquire_owned().await else {
-        return Finished {
-            key,
-            sequence,
-            released: false,
-        };
+    let unstarted = |key| Finished {
+        key,
+        sequence,
+        released: false,
+    };
+    let Ok(permit) = Arc::clone(&context.permits).acquire_owned().await else {
+        return unstarted(key);
     };
     context
         .state
         .in_flight
         .fetch_add(1, AtomicOrdering::Relaxed);
     let start_latency = since(delivery.stored.ingested_at_us);
+    let mut permit = Some(permit);
     let mut runs = 0;
     let released = loop {
         runs += 1;
@@ -296,7 +299,18 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         } else {
             None
         };
+        let call_permit = match permit.take() {
+            Some(permit) => permit,
+            None => match Arc::clone(&context.permits).acquire_owned().await {
+                Ok(permit) => permit,
+                // Shutting down: the delivery stays unsettled and comes back after a restart.
+                Err(_) => break None,
+            },
+        };
         let (settlement, outcome_name, duration, fuel) = attempt(&context, &delivery).await;
+        // `concurrency` bounds calls of the plugin, not settlements waiting for the log:
+        // the next call starts while this one commits (the consumer's window bounds those).
+        drop(call_permit);
         let released = !matches!(settlement, Settlement::Retry { .. });
         match settle(&context, &delivery, &settlement).await {
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
@@ -324,7 +338,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
                 count_settlement(&context, &settlement);
                 // A retry or dead letter reads nothing, so it cannot conflict.
                 let _ = settle(&context, &delivery, &settlement).await;
-                break released;
+                break Some(released);
             }
             Ok(()) => {
                 context
@@ -339,7 +353,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
                         .delivery_latency(&context.name, start_latency, commit_latency);
                 }
                 count_settlement(&context, &settlement);
-                break released;
+                break Some(released);
             }
         }
     };
@@ -347,10 +361,13 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         .state
         .in_flight
         .fetch_sub(1, AtomicOrdering::Relaxed);
-    Finished {
-        key,
-        sequence,
-        released,
+    match released {
+        Some(released) => Finished {
+            key,
+            sequence,
+            released,
+        },
+        None => unstarted(key),
     }
 }
 
