@@ -2,9 +2,11 @@
 //! settling each attempt on the bus.
 //!
 //! Per plugin, a fetch task pulls deliveries from the plugin's [`Consumer`] into a
-//! bounded channel, and the dispatch loop runs each in its own task, at most
-//! `concurrency` at once (a semaphore). Plugins never share a consumer, a channel or a
-//! semaphore, so a slow or failing plugin holds back no other.
+//! bounded channel, and the dispatch loop runs each in its own task, with at most
+//! `concurrency` calls of the plugin at once (a semaphore held for the call, not for the
+//! settlement that follows; the consumer's window bounds deliveries not yet settled).
+//! Plugins never share a consumer, a channel or a semaphore, so a slow or failing plugin
+//! holds back no other.
 //!
 //! With `ordering = "key"`, the loop keeps one delivery per key in flight and parks
 //! later events of that key in log order; a delivery waiting for its retry keeps its key
