@@ -150,17 +150,8 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_by_itself() {
     }
 
     // Every acknowledged event is handled once, and nothing refused was stored.
-    let log = host.log().await;
-    let head = log.last().map_or(0, |e| e["sequence"].as_u64().unwrap());
-    host.wait_for(
-        "the counter to catch up",
-        Duration::from_secs(60),
-        || async {
-            let status = host.get_json("/v1/plugins/counter").await;
-            (status["cursor"].as_u64()? >= head && status["in_flight"] == 0).then_some(())
-        },
-    )
-    .await;
+    host.wait_caught_up("counter", Duration::from_secs(60))
+        .await;
     let log = host.log().await;
     let stored: BTreeSet<String> = log
         .iter()

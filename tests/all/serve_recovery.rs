@@ -61,16 +61,8 @@ async fn assert_all_handled_once(host: &Host, acked: &BTreeSet<String>) {
         .iter()
         .filter(|e| e["event"]["type"] == "load.tick")
         .collect();
-    let head = log.last().map_or(0, |e| e["sequence"].as_u64().unwrap());
-    host.wait_for(
-        "the counter to catch up",
-        Duration::from_secs(60),
-        || async {
-            let status = host.get_json("/v1/plugins/counter").await;
-            (status["cursor"].as_u64()? >= head && status["in_flight"] == 0).then_some(())
-        },
-    )
-    .await;
+    host.wait_caught_up("counter", Duration::from_secs(60))
+        .await;
     let log = host.log().await;
     let stored: BTreeSet<String> = ticks
         .iter()
@@ -222,18 +214,8 @@ async fn repeated_sigkills_lose_and_duplicate_nothing_acknowledged() {
     }
 
     // Wait for both plugins to reach the head of the log, then count effects.
-    let log = host.log().await;
-    let head = log.last().map_or(0, |e| e["sequence"].as_u64().unwrap());
     for plugin in ["alpha", "beta"] {
-        host.wait_for(
-            "the plugins to catch up",
-            Duration::from_secs(120),
-            || async {
-                let status = host.get_json(&format!("/v1/plugins/{plugin}")).await;
-                (status["cursor"].as_u64()? >= head && status["in_flight"] == 0).then_some(())
-            },
-        )
-        .await;
+        host.wait_caught_up(plugin, Duration::from_secs(120)).await;
     }
     let log = host.log().await;
     let stored: Vec<String> = log

@@ -227,6 +227,21 @@ impl Host {
         }
     }
 
+    /// Waits until `plugin`'s cursor reaches what is now the head of the log and nothing
+    /// of it is in flight.
+    pub async fn wait_caught_up(&self, plugin: &str, limit: Duration) {
+        let head = self
+            .log()
+            .await
+            .last()
+            .map_or(0, |e| e["sequence"].as_u64().unwrap());
+        self.wait_for(&format!("{plugin} to catch up"), limit, || async {
+            let status = self.get_json(&format!("/v1/plugins/{plugin}")).await;
+            (status["cursor"].as_u64()? >= head && status["in_flight"] == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
     pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> T
     where
