@@ -26,7 +26,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use switchyard_host::event::{Event, is_valid_extension_name, validate_event_type};
 use switchyard_host::ingest::cloudevents::{
-    ParseLimits, STRUCTURED_CONTENT_TYPE, encoded_size, is_rfc3339, parse_events,
+    ParseLimits, RESERVED_NAMES, STRUCTURED_CONTENT_TYPE, encoded_size, is_rfc3339, parse_events,
     parse_typed_event, to_json,
 };
 
@@ -41,20 +41,6 @@ const NO_LIMITS: ParseLimits = ParseLimits {
     max_event_bytes: usize::MAX,
     max_batch_events: usize::MAX,
 };
-
-/// Core attribute names and `data` members, which no extension may take.
-const RESERVED: [&str; 10] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "subject",
-    "time",
-    "datacontenttype",
-    "dataschema",
-    "data",
-    "data_base64",
-];
 
 fuzz_target!(|input: &[u8]| {
     let (request_line, rest) = split_line(input);
@@ -122,7 +108,7 @@ fn check(event: &Event) {
     assert!(event.subject.as_deref().is_none_or(|s| !s.is_empty()));
     assert!(event.dataschema.as_deref().is_none_or(|s| !s.is_empty()));
     for name in event.extensions.keys() {
-        assert!(is_valid_extension_name(name) && !RESERVED.contains(&name.as_str()));
+        assert!(is_valid_extension_name(name) && !RESERVED_NAMES.contains(&name.as_str()));
     }
     assert!(encoded_size(event) <= LIMITS.max_event_bytes);
 

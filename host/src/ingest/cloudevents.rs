@@ -44,7 +44,7 @@ pub const DEFAULT_SOURCE: &str = "/switchyard/http";
 /// Header that switches `POST /v1/events` to binary mode.
 const CE_SPECVERSION: &str = "ce-specversion";
 /// Core attribute names, plus the `data` members; none of them can be an extension.
-const RESERVED_NAMES: [&str; 10] = [
+pub const RESERVED_NAMES: [&str; 10] = [
     "specversion",
     "id",
     "source",
