@@ -74,8 +74,8 @@ pub enum DlqCommand {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the host: ingest over HTTP, the embedded log, and the plugins of the plugin
-    /// directory.
+    /// Run the host: ingest over HTTP, the bus (the embedded log or NATS JetStream), and
+    /// the plugins of the plugin directory.
     Serve {
         /// The config file; defaults apply when it is absent.
         #[arg(long, short = 'c')]
@@ -89,6 +89,10 @@ pub enum Command {
         /// Data directory, overriding the config.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Run on NATS JetStream at these server URLs (`nats://HOST:PORT`, comma-separated)
+        /// instead of the config's `[bus]`.
+        #[arg(long, value_name = "NATS_URL")]
+        bus: Option<String>,
     },
     /// Send an event with JSON data to a running host.
     Send {
@@ -159,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             plugins,
             data,
+            bus,
         } => {
             let mut config = match config {
                 Some(path) => Config::load(&path)?,
@@ -172,6 +177,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(data) = data {
                 config.data_dir = data;
+            }
+            if let Some(url) = bus {
+                config.bus.kind = crate::config::BusKind::Nats;
+                config.bus.url = url;
             }
             crate::server::serve(config).await?;
             Ok(ExitCode::SUCCESS)

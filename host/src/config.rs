@@ -32,6 +32,14 @@
 //! max_pending_events = 100000
 //! retry_after = "1s"
 //!
+//! [bus]
+//! kind = "embedded"            # or "nats"
+//! url = "nats://127.0.0.1:4222"
+//! prefix = "switchyard"
+//! replicas = 1
+//! duplicate_window = "10m"
+//! ack_wait = "30s"
+//!
 //! [log]
 //! group_commit_max_events = 4096
 //! group_commit_max_delay = "0ms"
@@ -147,6 +155,9 @@ pub struct Config {
     /// `[ingest]`: limits and backpressure for `POST /v1/events`.
     pub ingest: IngestSection,
 
+    /// `[bus]`: where events, consumer positions, dead letters and plugin KV live.
+    pub bus: BusSection,
+
     /// `[log]`: how the embedded event log commits appends.
     pub log: LogSection,
 
@@ -247,6 +258,91 @@ pub enum Synchronous {
     /// fsync only at checkpoints: faster; an acknowledged event survives a crash of the
     /// host process, but the last commits may be lost on power loss or an OS crash.
     Normal,
+}
+
+/// Which backend holds the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// The embedded log: one SQLite file in `data_dir`, one host.
+    #[default]
+    Embedded,
+    /// NATS JetStream: many hosts share the streams, consumers and KV buckets.
+    Nats,
+}
+
+/// `[bus]`: the backend of the bus. The embedded log needs nothing more (see `[log]`);
+/// the other keys configure the NATS JetStream backend and are ignored by the embedded
+/// one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusSection {
+    /// `"embedded"` or `"nats"`. The command line's `--bus nats://HOST:PORT` sets
+    /// `"nats"` and `url`.
+    ///
+    /// Default: `"embedded"`.
+    pub kind: BusKind,
+
+    /// NATS server URLs, comma-separated (`"nats://10.0.0.1:4222,nats://10.0.0.2:4222"`);
+    /// the client reconnects to any of them.
+    ///
+    /// Default: `"nats://127.0.0.1:4222"`.
+    pub url: String,
+
+    /// Prefix of every stream, subject, consumer and KV bucket the hosts use, so several
+    /// deployments can share one NATS account. 1 to 32 of A-Z, a-z, 0-9, `_` and `-`.
+    ///
+    /// Default: `"switchyard"`.
+    pub prefix: String,
+
+    /// Copies JetStream keeps of the event stream, the dead-letter stream and the KV
+    /// buckets (1 to 5; more than 1 needs a JetStream cluster). Checked against existing
+    /// streams at start.
+    ///
+    /// Default: 1.
+    pub replicas: usize,
+
+    /// How long the event stream keeps events; absent keeps them until `max_bytes`.
+    ///
+    /// Default: absent.
+    #[serde(deserialize_with = "deser::opt_duration")]
+    pub max_age: Option<Duration>,
+
+    /// Most bytes the event stream keeps, dropping the oldest beyond it; absent: no limit.
+    ///
+    /// Default: absent.
+    #[serde(deserialize_with = "deser::opt_size")]
+    pub max_bytes: Option<u64>,
+
+    /// How long JetStream remembers an event's `(source, id)` to drop a resent copy
+    /// (`Nats-Msg-Id`). A copy resent later than this is stored again.
+    ///
+    /// Default: `"10m"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub duplicate_window: Duration,
+
+    /// How long a delivery may go without word from its host before JetStream hands it to
+    /// another host. Running hosts keep their deliveries alive, so this is how soon the
+    /// deliveries of a host that died are taken over.
+    ///
+    /// Default: `"30s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub ack_wait: Duration,
+}
+
+impl Default for BusSection {
+    fn default() -> Self {
+        Self {
+            kind: BusKind::Embedded,
+            url: "nats://127.0.0.1:4222".to_owned(),
+            prefix: "switchyard".to_owned(),
+            replicas: 1,
+            max_age: None,
+            max_bytes: None,
+            duplicate_window: Duration::from_secs(600),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[log]`: how the embedded event log commits appends. Producers get `202` only after
@@ -367,6 +463,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             auth: AuthSection::default(),
             ingest: IngestSection::default(),
+            bus: BusSection::default(),
             log: LogSection::default(),
             runtime: RuntimeSection::default(),
             watch: WatchSection::default(),
@@ -541,6 +638,7 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }
         }
+        self.validate_bus()?;
         if self.plugin_defaults.limits.memory_bytes > self.runtime.max_memory {
             return Err(ConfigError::invalid(
                 "plugin_defaults.limits.memory",
@@ -549,6 +647,46 @@ impl Config {
                     self.plugin_defaults.limits.memory_bytes, self.runtime.max_memory
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_bus(&self) -> Result<(), ConfigError> {
+        let bus = &self.bus;
+        let prefix_ok = (1..=32).contains(&bus.prefix.len())
+            && bus
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !prefix_ok {
+            return Err(ConfigError::invalid(
+                "bus.prefix",
+                "must be 1 to 32 of A-Z, a-z, 0-9, `_` and `-`",
+            ));
+        }
+        if !(1..=5).contains(&bus.replicas) {
+            return Err(ConfigError::invalid("bus.replicas", "must be 1 to 5"));
+        }
+        if bus.ack_wait < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("bus.ack_wait", "must be at least 1s"));
+        }
+        if bus.duplicate_window < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "bus.duplicate_window",
+                "must be at least 1s",
+            ));
+        }
+        if bus.kind == BusKind::Nats {
+            let urls: Vec<&str> = bus.url.split(',').map(str::trim).collect();
+            if urls.iter().any(|u| u.is_empty()) {
+                return Err(ConfigError::invalid(
+                    "bus.url",
+                    "must list NATS server URLs such as `nats://127.0.0.1:4222`, \
+                     separated by commas",
+                ));
+            }
         }
         Ok(())
     }

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 
 use crate::bus::Bus;
+use crate::bus::nats::{NatsBus, NatsOptions};
 use crate::bus::sqlite::{Durability, SqliteBus, SqliteOptions};
-use crate::config::{Config, Synchronous};
+use crate::config::{BusKind, Config, Synchronous};
 use crate::ingest::{AppState, router};
 use crate::metrics::Metrics;
 use crate::plugins::Registry;
@@ -36,18 +37,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ..config.runtime.runtime_config()
     })
     .context("starting the WebAssembly runtime")?;
-    let bus = SqliteBus::open(SqliteOptions {
-        path: config.data_dir.join(DATABASE_FILE),
-        durability: match config.log.synchronous {
-            Synchronous::Full => Durability::Full,
-            Synchronous::Normal => Durability::Normal,
-        },
-        group_commit_max_events: config.log.group_commit_max_events,
-        group_commit_max_delay: config.log.group_commit_max_delay,
-        max_pending_events: config.ingest.max_pending_events,
-    })
-    .context("opening the embedded log")?;
-    let bus: Arc<dyn Bus> = Arc::new(bus);
+    let bus = open_bus(&config).await?;
     let metrics = Arc::new(Metrics::default());
 
     let registry = Arc::new(Registry::new(
@@ -115,6 +105,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     bus.close().await.context("closing the log")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the configured backend of the bus.
+async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(match config.bus.kind {
+        BusKind::Embedded => Arc::new(
+            SqliteBus::open(SqliteOptions {
+                path: config.data_dir.join(DATABASE_FILE),
+                durability: match config.log.synchronous {
+                    Synchronous::Full => Durability::Full,
+                    Synchronous::Normal => Durability::Normal,
+                },
+                group_commit_max_events: config.log.group_commit_max_events,
+                group_commit_max_delay: config.log.group_commit_max_delay,
+                max_pending_events: config.ingest.max_pending_events,
+            })
+            .context("opening the embedded log")?,
+        ),
+        BusKind::Nats => {
+            let bus = &config.bus;
+            Arc::new(
+                NatsBus::connect(NatsOptions {
+                    url: bus.url.clone(),
+                    prefix: bus.prefix.clone(),
+                    replicas: bus.replicas,
+                    max_age: bus.max_age,
+                    max_bytes: bus.max_bytes,
+                    duplicate_window: bus.duplicate_window,
+                    ack_wait: bus.ack_wait,
+                })
+                .await
+                .context("opening the NATS JetStream bus")?,
+            )
+        }
+    })
 }
 
 /// Registers the shutdown signals (SIGINT, SIGTERM) at once, so that a signal arriving

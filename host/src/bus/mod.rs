@@ -12,6 +12,7 @@
 //!   schedule entry, or the dead letter. A settled delivery is never handed out again.
 //! - KV reads ([`KvSource`]) see only committed state.
 
+pub mod nats;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -246,6 +247,10 @@ pub struct ConsumerSpec {
     /// Most new events handed out and not yet settled; bounds the dispatcher's memory.
     /// Retries are handed out regardless, so a full window never blocks them.
     pub window: usize,
+    /// At most one delivery of the plugin unsettled at a time over every host sharing
+    /// the bus (`ordering = "key"` where hosts compete for deliveries). A backend with a
+    /// single host leaves ordering to the dispatcher and ignores this.
+    pub one_at_a_time: bool,
 }
 
 /// One plugin's view of the log.

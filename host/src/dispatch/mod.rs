@@ -103,6 +103,7 @@ impl Dispatcher {
                 Start::Earliest => StartPosition::Earliest,
             },
             window: window(target.policy.concurrency),
+            one_at_a_time: target.policy.ordering == Ordering::Key,
         };
         let consumer = bus.consumer(&target.name, spec).await?;
         let (stop, stopped) = watch::channel(false);

@@ -1,0 +1,146 @@
+//! Real `nats-server -js` processes for the distributed-mode tests: free loopback ports,
+//! a temporary store directory each, and kill/restart on the same port and store.
+//! `scripts/setup.sh` installs the server.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `nats-server` with JetStream, alone or as a node of a [`NatsCluster`].
+pub struct NatsServer {
+    child: Option<Child>,
+    store: tempfile::TempDir,
+    port: u16,
+    cluster: Option<(String, u16, Vec<u16>)>,
+    name: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NatsServer {
+    /// Starts a single JetStream server on a free loopback port.
+    pub fn start() -> Self {
+        let mut server = Self {
+            child: None,
+            store: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            cluster: None,
+            name: "solo".to_owned(),
+        };
+        server.run();
+        server
+    }
+
+    /// The client URL, such as `nats://127.0.0.1:4222`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn run(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-n", &self.name])
+            .args(["-p", &self.port.to_string()])
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((cluster_name, cluster_port, peers)) = &self.cluster {
+            let routes: Vec<String> = peers
+                .iter()
+                .map(|port| format!("nats://127.0.0.1:{port}"))
+                .collect();
+            command
+                .args(["--cluster_name", cluster_name])
+                .args(["--cluster", &format!("nats://127.0.0.1:{cluster_port}")])
+                .args(["--routes", &routes.join(",")]);
+        }
+        let child = command
+            .spawn()
+            .expect("nats-server is installed (scripts/setup.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on port {} within 20s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the server; its store stays for [`NatsServer::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.run();
+    }
+
+    /// The store directory.
+    pub fn store(&self) -> PathBuf {
+        self.store.path().to_owned()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A three-node JetStream cluster on loopback.
+pub struct NatsCluster {
+    /// The nodes.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes routed to each other and waits until JetStream has a leader.
+    pub fn start() -> Self {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes = (0..3)
+            .map(|index| {
+                let peers = cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(peer, _)| *peer != index)
+                    .map(|(_, port)| *port)
+                    .collect();
+                let mut node = NatsServer {
+                    child: None,
+                    store: tempfile::tempdir().unwrap(),
+                    port: free_port(),
+                    cluster: Some(("switchyard-test".to_owned(), cluster_ports[index], peers)),
+                    name: format!("node-{index}"),
+                };
+                node.run();
+                node
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Every node's client URL, comma-separated, as the host's `url` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
