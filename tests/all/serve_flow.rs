@@ -7,11 +7,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::guests::Guest;
-use crate::support::host::Host;
+use crate::support::host::{Backend, Host};
 
-#[tokio::test]
-async fn a_payment_becomes_tickets_and_a_notification() {
-    let mut host = Host::new();
+async fn a_payment_becomes_tickets_and_a_notification(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin("ticketing", Guest::Ticketing, None)
         .plugin("notifier", Guest::Notifier, None)
         .plugin("audit-trail", Guest::AuditTrail, None);
@@ -66,9 +65,8 @@ async fn a_payment_becomes_tickets_and_a_notification() {
     );
 }
 
-#[tokio::test]
-async fn a_slow_plugin_does_not_hold_back_a_fast_one() {
-    let mut host = Host::new();
+async fn a_slow_plugin_does_not_hold_back_a_fast_one(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "slow",
         Guest::Hostile,
@@ -109,9 +107,8 @@ fn cli(args: &[&str]) -> std::process::Output {
         .expect("the switchyard binary runs")
 }
 
-#[tokio::test]
-async fn the_client_commands_talk_to_a_running_host() {
-    let mut host = Host::new();
+async fn the_client_commands_talk_to_a_running_host(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "picky",
         Guest::Hostile,
@@ -184,9 +181,8 @@ fn serve_refuses_a_public_address_without_tokens() {
     assert!(output.stdout.is_empty(), "it never listened");
 }
 
-#[tokio::test]
-async fn ordering_by_key_keeps_log_order_per_key_even_across_a_retry() {
-    let mut host = Host::new();
+async fn ordering_by_key_keeps_log_order_per_key_even_across_a_retry(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "sequencer",
         Guest::Hostile,
@@ -227,9 +223,8 @@ async fn ordering_by_key_keeps_log_order_per_key_even_across_a_retry() {
     }
 }
 
-#[tokio::test]
-async fn a_new_plugin_starts_at_the_end_of_the_log_unless_told_earliest() {
-    let mut host = Host::new();
+async fn a_new_plugin_starts_at_the_end_of_the_log_unless_told_earliest(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin("first", Guest::AuditTrail, None);
     host.start();
     for n in 0..5 {
@@ -267,9 +262,8 @@ async fn a_new_plugin_starts_at_the_end_of_the_log_unless_told_earliest() {
     assert_eq!(host.kv("newcomer", "count/early.event").await, None);
 }
 
-#[tokio::test]
-async fn concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates() {
-    let mut host = Host::new();
+async fn concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates(backend: Backend) {
+    let mut host = Host::on(&backend);
     // Every call reads and rewrites the same counter, eight at a time.
     host.plugin("audit", Guest::AuditTrail, Some("concurrency = 8\n"));
     host.start();
@@ -303,3 +297,12 @@ async fn concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates() {
         .await;
     assert_eq!(count, events.to_string());
 }
+
+crate::on_both_backends!(
+    a_payment_becomes_tickets_and_a_notification,
+    a_slow_plugin_does_not_hold_back_a_fast_one,
+    the_client_commands_talk_to_a_running_host,
+    ordering_by_key_keeps_log_order_per_key_even_across_a_retry,
+    a_new_plugin_starts_at_the_end_of_the_log_unless_told_earliest,
+    concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates,
+);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::guests::Guest;
-use crate::support::host::Host;
+use crate::support::host::{Backend, Host};
 
 const FAST_RETRY: &str = "[retry]\nbackoff = \"constant\"\ninitial = \"100ms\"\njitter = false\n";
 
@@ -16,9 +16,8 @@ async fn dead_letters(host: &Host, plugin: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
-#[tokio::test]
-async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once() {
-    let mut host = Host::new();
+async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "flaky",
         Guest::Hostile,
@@ -55,9 +54,8 @@ async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appea
     assert!(dead_letters(&host, "flaky").await.is_empty());
 }
 
-#[tokio::test]
-async fn a_plugin_that_always_fails_is_dead_lettered_after_max_attempts() {
-    let mut host = Host::new();
+async fn a_plugin_that_always_fails_is_dead_lettered_after_max_attempts(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "doomed",
         Guest::Hostile,
@@ -101,9 +99,8 @@ async fn a_plugin_that_always_fails_is_dead_lettered_after_max_attempts() {
     assert_eq!(status["last_error"]["message"], "failed after effects");
 }
 
-#[tokio::test]
-async fn reject_dead_letters_after_one_attempt() {
-    let mut host = Host::new();
+async fn reject_dead_letters_after_one_attempt(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "picky",
         Guest::Hostile,
@@ -142,9 +139,8 @@ async fn reject_dead_letters_after_one_attempt() {
     assert_eq!(gone.status(), 404);
 }
 
-#[tokio::test]
-async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry() {
-    let mut host = Host::new();
+async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry(backend: Backend) {
+    let mut host = Host::on(&backend);
     let broken = format!("subscribe = [\"hostile.needs-fix\"]\n{FAST_RETRY}max_attempts = 2\n");
     host.plugin("mender", Guest::Hostile, Some(&broken));
     host.start();
@@ -204,9 +200,8 @@ async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry() {
     assert!(dead_letters(&host, "mender").await.is_empty());
 }
 
-#[tokio::test]
-async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop() {
-    let mut host = Host::new();
+async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop(backend: Backend) {
+    let mut host = Host::on(&backend);
     host.plugin(
         "echo",
         Guest::Hostile,
@@ -245,3 +240,11 @@ async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop() {
         assert_eq!(ping["event"]["correlationid"], "echo-0");
     }
 }
+
+crate::on_both_backends!(
+    a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once,
+    a_plugin_that_always_fails_is_dead_lettered_after_max_attempts,
+    reject_dead_letters_after_one_attempt,
+    replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry,
+    an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop,
+);

@@ -874,6 +874,7 @@ impl Bus for NatsBus {
             plugin: plugin.to_owned(),
             patterns: spec.patterns,
             window: spec.window.max(1),
+            one_at_a_time: spec.one_at_a_time,
             consumer,
             outstanding,
             keep_alive,
@@ -1036,12 +1037,51 @@ async fn keep_alive(outstanding: std::sync::Weak<Mutex<HashMap<u64, Message>>>, 
     }
 }
 
+/// Longest a pull that should answer at once may take.
+const PULL_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Collects the messages of one pull request into `into`, logging a failed pull (the
+/// caller tries again; the client reconnects by itself).
+async fn collect<E: Display, F>(request: F, into: &mut Vec<Message>)
+where
+    F: std::future::Future<Output = Result<pull::Batch, E>>,
+{
+    let mut batch = match request.await {
+        Ok(batch) => batch,
+        Err(error) => {
+            tracing::debug!(%error, "pull request failed");
+            return;
+        }
+    };
+    loop {
+        // The server sends what it has in one go; one that stopped at the consumer's
+        // `max_ack_pending` sends no end-of-batch status, so a pause also ends the pull.
+        let next = if into.is_empty() {
+            batch.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(20), batch.next()).await {
+                Ok(next) => next,
+                Err(_) => return,
+            }
+        };
+        match next {
+            Some(Ok(message)) => into.push(message),
+            Some(Err(error)) => {
+                tracing::debug!(%error, "pull ended with an error");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
 /// One plugin's consumer on one host.
 struct NatsConsumer {
     shared: Arc<Shared>,
     plugin: String,
     patterns: Vec<Pattern>,
     window: usize,
+    one_at_a_time: bool,
     consumer: PullConsumer,
     /// Deliveries handed out and not yet settled, by log position.
     outstanding: Arc<Mutex<HashMap<u64, Message>>>,
@@ -1062,30 +1102,20 @@ impl NatsConsumer {
     }
 
     async fn pull(&self, max: usize) -> Result<Vec<Message>, BusError> {
-        // Take what is there at once; only when nothing is, wait (briefly) for one.
+        // Take what is there at once; only when nothing is, wait (briefly) for one. Each
+        // pull is bounded in time as well: a server at the consumer's `max_ack_pending`
+        // may leave a no-wait pull unanswered.
         let mut messages = Vec::new();
-        let mut batch = self
-            .consumer
-            .fetch()
-            .max_messages(max)
-            .messages()
-            .await
-            .map_err(storage!("fetching deliveries"))?;
-        while let Some(message) = batch.next().await {
-            messages.push(message.map_err(storage!("fetching deliveries"))?);
-        }
+        let fetch = self.consumer.fetch().max_messages(max).messages();
+        let _ = tokio::time::timeout(PULL_TIMEOUT, collect(fetch, &mut messages)).await;
         if messages.is_empty() {
-            let mut batch = self
+            let wait = self
                 .consumer
                 .batch()
                 .max_messages(1)
                 .expires(Duration::from_secs(1))
-                .messages()
-                .await
-                .map_err(storage!("waiting for deliveries"))?;
-            while let Some(message) = batch.next().await {
-                messages.push(message.map_err(storage!("waiting for deliveries"))?);
-            }
+                .messages();
+            let _ = tokio::time::timeout(PULL_TIMEOUT * 2, collect(wait, &mut messages)).await;
         }
         Ok(messages)
     }
@@ -1219,7 +1249,10 @@ impl NatsConsumer {
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
-        let room = self.window.saturating_sub(self.held().len()).min(max);
+        let mut room = self.window.saturating_sub(self.held().len()).min(max);
+        if self.one_at_a_time {
+            room = room.min(1);
+        }
         if room == 0 {
             // The window is full: wait for settlements rather than take more.
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -8,9 +8,19 @@ use std::time::{Duration, Instant};
 
 use super::guests::{self, Guest};
 
+/// Which bus a host runs on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded log in the host's data directory.
+    Embedded,
+    /// NATS JetStream at this URL (a server the test started).
+    Nats(String),
+}
+
 /// A running host and the directories it owns.
 pub struct Host {
     child: Option<Child>,
+    backend: Backend,
     dir: tempfile::TempDir,
     url: String,
     config: Option<String>,
@@ -19,12 +29,19 @@ pub struct Host {
 }
 
 impl Host {
-    /// A host with no plugins yet; call [`Host::plugin`] then [`Host::start`].
+    /// A host on the embedded log with no plugins yet; call [`Host::plugin`] then
+    /// [`Host::start`].
     pub fn new() -> Self {
+        Self::on(&Backend::Embedded)
+    }
+
+    /// A host on the given bus with no plugins yet.
+    pub fn on(backend: &Backend) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
         Self {
             child: None,
+            backend: backend.clone(),
             dir,
             url: String::new(),
             config: None,
@@ -127,6 +144,9 @@ impl Host {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Backend::Nats(url) = &self.backend {
+            command.arg("--bus").arg(url);
+        }
         if let Some(text) = &self.config {
             let path = self.dir.path().join("switchyard.toml");
             std::fs::write(&path, text).unwrap();

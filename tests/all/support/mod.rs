@@ -3,6 +3,30 @@
 
 pub mod guests;
 pub mod host;
+pub mod nats;
+
+/// Turns each `async fn NAME(backend: Backend)` into two tests, `NAME::embedded` and
+/// `NAME::nats` (which starts its own `nats-server`), so both backends pass the same
+/// end-to-end checks.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn embedded() {
+                    super::$name($crate::support::host::Backend::Embedded).await;
+                }
+
+                #[tokio::test]
+                async fn nats() {
+                    let server = $crate::support::nats::NatsServer::start();
+                    super::$name($crate::support::host::Backend::Nats(server.url())).await;
+                }
+            }
+        )*
+    };
+}
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
