@@ -108,7 +108,7 @@ async fn a_graceful_restart_loses_and_repeats_nothing() {
 }
 
 /// The crash test's two subscribers: each records every `crash.*` event under its tag.
-fn crash_counter(tag: &str) -> String {
+pub(crate) fn crash_counter(tag: &str) -> String {
     format!(
         "subscribe = [\"crash.>\"]\nconcurrency = 8\n[config]\nbehaviour = \"hostile.count\"\ntag = \"{tag}\"\n"
     )
@@ -117,7 +117,7 @@ fn crash_counter(tag: &str) -> String {
 /// A producer that keeps going across host crashes: every event is retried with the same
 /// id until it gets `202` (dedupe makes that safe), following the host to its new address
 /// after each restart. Returns the ids that got `202`.
-async fn send_through_crashes(
+pub(crate) async fn send_through_crashes(
     http: reqwest::Client,
     mut url: watch::Receiver<String>,
     ids: Vec<String>,
@@ -148,10 +148,10 @@ async fn send_through_crashes(
 
 /// A small xorshift generator, seeded from the clock and printed, so a failing run's kill
 /// points can be told apart.
-struct Xorshift(u64);
+pub(crate) struct Xorshift(pub(crate) u64);
 
 impl Xorshift {
-    fn next_below(&mut self, bound: u64) -> u64 {
+    pub(crate) fn next_below(&mut self, bound: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -213,74 +213,106 @@ async fn repeated_sigkills_lose_and_duplicate_nothing_acknowledged() {
         acked.extend(sender.await.unwrap());
     }
 
-    // Wait for both plugins to reach the head of the log, then count effects.
-    for plugin in ["alpha", "beta"] {
-        host.wait_caught_up(plugin, Duration::from_secs(120)).await;
-    }
-    let log = host.log().await;
-    let stored: Vec<String> = log
-        .iter()
-        .filter(|e| e["event"]["type"] == "crash.tick")
-        .map(|e| e["event"]["id"].as_str().unwrap().to_owned())
-        .collect();
-    let stored_set: BTreeSet<&String> = stored.iter().collect();
-    let mut effects: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for event in log
-        .iter()
-        .filter(|e| e["event"]["type"] == "hostile.counted")
-    {
-        let data = &event["event"]["data"];
-        let key = (
-            data["tag"].as_str().unwrap().to_owned(),
-            data["id"].as_str().unwrap().to_owned(),
-        );
-        *effects.entry(key).or_default() += 1;
-    }
-    let mut lost = 0;
-    for id in &acked {
-        for plugin in ["alpha", "beta"] {
-            let handled = effects.contains_key(&(plugin.to_owned(), id.clone()))
-                && host.kv(plugin, &format!("seen/{id}")).await.is_some();
-            if !handled {
-                lost += 1;
-            }
-        }
-    }
-    let duplicated: usize =
-        effects.values().map(|n| n - 1).sum::<usize>() + (stored.len() - stored_set.len());
-    // An event stored without a 202 (the host died between commit and answer) must still
-    // be whole: handled by both plugins, like any other.
-    let half_appeared = stored_set
-        .iter()
-        .filter(|id| {
-            ["alpha", "beta"]
-                .iter()
-                .any(|plugin| !effects.contains_key(&((*plugin).to_owned(), (**id).clone())))
-        })
-        .count();
-    let mut counted_by_alpha = 0u64;
-    for shard in 0..16 {
-        if let Some(total) = host.kv("alpha", &format!("total/{shard}")).await {
-            counted_by_alpha += total.parse::<u64>().unwrap();
-        }
-    }
+    let audit = Audit::of(&host, &acked, &["alpha", "beta"]).await;
     println!(
-        "crash test (seed {seed}): sent {EVENTS}, acknowledged {}, kills {kills}, lost {lost}, \
-         duplicated effects {duplicated}, stored without a handler {half_appeared}",
+        "crash test (seed {seed}): sent {EVENTS}, acknowledged {}, kills {kills}, {audit}",
         acked.len()
     );
     assert_eq!(kills, KILLS);
-    assert_eq!(acked.len(), EVENTS, "every event eventually got 202");
-    assert_eq!(lost, 0, "acknowledged events were lost");
-    assert_eq!(duplicated, 0, "effects were committed twice");
-    assert_eq!(half_appeared, 0, "stored events were left unhandled");
-    assert_eq!(
-        stored_set.len(),
-        EVENTS,
-        "an event appeared that nobody sent"
-    );
-    assert_eq!(
-        counted_by_alpha, EVENTS as u64,
-        "the read-modify-write counters saw a repeat"
-    );
+    audit.assert_whole(EVENTS, &acked);
+}
+
+/// What the `crash.*` counters of some plugins committed, once they caught up.
+pub(crate) struct Audit {
+    lost: usize,
+    duplicated: usize,
+    half_appeared: usize,
+    stored: usize,
+    counted_by_first: u64,
+}
+
+impl std::fmt::Display for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "lost {}, duplicated effects {}, stored without a handler {}",
+            self.lost, self.duplicated, self.half_appeared
+        )
+    }
+}
+
+impl Audit {
+    /// Waits for every plugin to reach the head of the log, then counts effects.
+    pub(crate) async fn of(host: &Host, acked: &BTreeSet<String>, plugins: &[&str]) -> Self {
+        for plugin in plugins {
+            host.wait_caught_up(plugin, Duration::from_secs(120)).await;
+        }
+        let log = host.log().await;
+        let stored: Vec<String> = log
+            .iter()
+            .filter(|e| e["event"]["type"] == "crash.tick")
+            .map(|e| e["event"]["id"].as_str().unwrap().to_owned())
+            .collect();
+        let stored_set: BTreeSet<&String> = stored.iter().collect();
+        let mut effects: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for event in log
+            .iter()
+            .filter(|e| e["event"]["type"] == "hostile.counted")
+        {
+            let data = &event["event"]["data"];
+            let key = (
+                data["tag"].as_str().unwrap().to_owned(),
+                data["id"].as_str().unwrap().to_owned(),
+            );
+            *effects.entry(key).or_default() += 1;
+        }
+        let mut lost = 0;
+        for id in acked {
+            for plugin in plugins {
+                let handled = effects.contains_key(&((*plugin).to_owned(), id.clone()))
+                    && host.kv(plugin, &format!("seen/{id}")).await.is_some();
+                if !handled {
+                    lost += 1;
+                }
+            }
+        }
+        let duplicated: usize =
+            effects.values().map(|n| n - 1).sum::<usize>() + (stored.len() - stored_set.len());
+        // An event stored without a 202 (the host died between commit and answer) must
+        // still be whole: handled by every plugin, like any other.
+        let half_appeared = stored_set
+            .iter()
+            .filter(|id| {
+                plugins
+                    .iter()
+                    .any(|plugin| !effects.contains_key(&((*plugin).to_owned(), (**id).clone())))
+            })
+            .count();
+        let mut counted_by_first = 0u64;
+        for shard in 0..16 {
+            if let Some(total) = host.kv(plugins[0], &format!("total/{shard}")).await {
+                counted_by_first += total.parse::<u64>().unwrap();
+            }
+        }
+        Self {
+            lost,
+            duplicated,
+            half_appeared,
+            stored: stored_set.len(),
+            counted_by_first,
+        }
+    }
+
+    /// Asserts that all `sent` events were acknowledged, stored once and handled once.
+    pub(crate) fn assert_whole(&self, sent: usize, acked: &BTreeSet<String>) {
+        assert_eq!(acked.len(), sent, "every event eventually got 202");
+        assert_eq!(self.lost, 0, "acknowledged events were lost");
+        assert_eq!(self.duplicated, 0, "effects were committed twice");
+        assert_eq!(self.half_appeared, 0, "stored events were left unhandled");
+        assert_eq!(self.stored, sent, "an event appeared that nobody sent");
+        assert_eq!(
+            self.counted_by_first, sent as u64,
+            "the read-modify-write counters saw a repeat"
+        );
+    }
 }

@@ -1,0 +1,107 @@
+//! Distributed mode: several real hosts sharing one NATS JetStream, each test with its
+//! own `nats-server` (or three-node cluster) on free loopback ports. Hosts compete for
+//! each plugin's deliveries; the checks are those of the crash test: every acknowledged
+//! event handled by every plugin, each effect committed once, counters exact.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::serve_recovery::{Audit, crash_counter, send_through_crashes};
+use crate::support::guests::Guest;
+use crate::support::host::{Backend, Host};
+use crate::support::nats::{NatsCluster, NatsServer};
+
+/// A host on `url` with the crash test's two counting plugins. A short `ack_wait` lets
+/// the survivors take over a dead host's deliveries quickly.
+fn counting_host(url: &str, extra_bus_config: &str) -> Host {
+    let mut host = Host::on(&Backend::Nats(url.to_owned()));
+    host.plugin("alpha", Guest::Hostile, Some(&crash_counter("alpha")));
+    host.plugin("beta", Guest::Hostile, Some(&crash_counter("beta")));
+    host.config(&format!("[bus]\nack_wait = \"2s\"\n{extra_bus_config}"));
+    host.start();
+    host
+}
+
+/// Starts producers that spread `ids` over `clients` connections, all sending to the URL
+/// on the returned channel; each retries an id until it gets `202`.
+fn produce(
+    http: &reqwest::Client,
+    first_url: String,
+    ids: &[String],
+    clients: usize,
+) -> (
+    watch::Sender<String>,
+    Arc<AtomicUsize>,
+    Vec<tokio::task::JoinHandle<BTreeSet<String>>>,
+) {
+    let (publish_url, url) = watch::channel(first_url);
+    let acked_so_far = Arc::new(AtomicUsize::new(0));
+    let senders = (0..clients)
+        .map(|client| {
+            let ids = ids.iter().skip(client).step_by(clients).cloned().collect();
+            tokio::spawn(send_through_crashes(
+                http.clone(),
+                url.clone(),
+                ids,
+                Arc::clone(&acked_so_far),
+            ))
+        })
+        .collect();
+    (publish_url, acked_so_far, senders)
+}
+
+async fn acked(senders: Vec<tokio::task::JoinHandle<BTreeSet<String>>>) -> BTreeSet<String> {
+    let mut acked = BTreeSet::new();
+    for sender in senders {
+        acked.extend(sender.await.unwrap());
+    }
+    acked
+}
+
+async fn handled_ok(host: &Host, plugin: &str) -> f64 {
+    host.metric(&format!(
+        "switchyard_deliveries_total{{plugin=\"{plugin}\",outcome=\"ok\"}}"
+    ))
+    .await
+}
+
+async fn hosts_share_the_work(hosts: usize) {
+    const EVENTS: usize = 600;
+    let server = NatsServer::start();
+    let fleet: Vec<Host> = (0..hosts)
+        .map(|_| counting_host(&server.url(), ""))
+        .collect();
+    // Producers talk to every host: any host's ingest feeds the shared stream.
+    let mut senders = Vec::new();
+    for (index, host) in fleet.iter().enumerate() {
+        let ids: Vec<String> = (0..EVENTS / hosts).map(|n| format!("h{index}-{n}")).collect();
+        senders.extend(produce(&host.http, host.url(""), &ids, 2).2);
+    }
+    let acked = acked(senders).await;
+    let audit = Audit::of(&fleet[0], &acked, &["alpha", "beta"]).await;
+    let mut shares = Vec::new();
+    for host in &fleet {
+        shares.push(handled_ok(host, "alpha").await + handled_ok(host, "beta").await);
+    }
+    println!("{hosts} hosts: {audit}; deliveries per host {shares:?}");
+    audit.assert_whole(EVENTS, &acked);
+    assert!(
+        shares.iter().all(|&n| n > 0.0),
+        "every host took part: {shares:?}"
+    );
+    assert_eq!(shares.iter().sum::<f64>() as usize, 2 * EVENTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_one_jetstream_and_commit_each_effect_once() {
+    hosts_share_the_work(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_share_one_jetstream_and_commit_each_effect_once() {
+    hosts_share_the_work(3).await;
+}
