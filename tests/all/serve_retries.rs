@@ -16,7 +16,9 @@ async fn dead_letters(host: &Host, plugin: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
-async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once(backend: Backend) {
+async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once(
+    backend: Backend,
+) {
     let mut host = Host::on(&backend);
     host.plugin(
         "flaky",

@@ -30,10 +30,14 @@
 //!   writes first stores its intent (the writes, each with the revision it expects, and
 //!   the emits) under `P-intents/<plugin>.<sequence>`, then applies the writes with
 //!   compare-and-set on those revisions, publishes the emits (their ids derive from the
-//!   handled event, so `Nats-Msg-Id` absorbs a repeat), acknowledges, and deletes the
-//!   intent. A host that picks up a delivery with an intent left behind finishes the
-//!   intent instead of running the plugin again, so a crash mid-commit neither loses nor
-//!   repeats the effects. KV reads are checked like the embedded log's (optimistic
+//!   handled event, so `Nats-Msg-Id` absorbs a repeat) and acknowledges. The intent stays
+//!   for a day as the delivery's commit record: a host that gets the delivery again (the
+//!   first host died before its acknowledgement, or stalled past `ack_wait` and another
+//!   host ran the event too) finishes or re-confirms that commit instead of committing
+//!   the event a second time. Writes go key by key: when a host dies between two of them
+//!   and another event's commit changes a key not yet written before the intent is
+//!   finished, that key keeps the newer value and the dead host's write to it is dropped
+//!   (the embedded log commits all of an event's effects in one transaction). KV reads are checked like the embedded log's (optimistic
 //!   concurrency); a write that loses a race undoes the writes already applied and
 //!   reports a [`BusError::Conflict`].
 
@@ -143,33 +147,19 @@ impl NatsBus {
                 ))
             })?;
         let jetstream = jetstream::new(client.clone());
-        let prefix = &options.prefix;
-        let events = ensure_stream(
-            &jetstream,
-            stream::Config {
-                name: format!("{prefix}-events"),
-                subjects: vec![format!("{prefix}.events.>"), format!("{prefix}.replay.*")],
-                max_age: options.max_age.unwrap_or_default(),
-                max_bytes: options
-                    .max_bytes
-                    .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-                duplicate_window: options.duplicate_window,
-                ..stream_defaults(&options)
-            },
-        )
-        .await?;
-        let dead_letters = ensure_stream(
-            &jetstream,
-            stream::Config {
-                name: format!("{prefix}-dead-letters"),
-                subjects: vec![format!("{prefix}.dlq.*")],
-                duplicate_window: options.duplicate_window,
-                ..stream_defaults(&options)
-            },
-        )
-        .await?;
-        let attempts = ensure_bucket(&jetstream, &options, &format!("{prefix}-attempts")).await?;
-        let intents = ensure_bucket(&jetstream, &options, &format!("{prefix}-intents")).await?;
+        // A cluster that is still electing its JetStream leader (hosts started together
+        // with it) answers setup requests with errors for a while: wait for it, bounded.
+        let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+        let (events, dead_letters, attempts, intents) = loop {
+            match open_streams(&jetstream, &options).await {
+                Ok(opened) => break opened,
+                Err(Setup::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(%error, "JetStream is not ready; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(Setup::Unavailable(error) | Setup::Fatal(error)) => return Err(error),
+            }
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 client,
@@ -185,14 +175,105 @@ impl NatsBus {
     }
 }
 
+/// How long a commit record (an intent, kept after its commit) marks its delivery as
+/// committed: a copy of the delivery that turns up later than this (a host stalled for a
+/// day) would run again.
+const COMMIT_RECORD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long a starting host waits for JetStream to answer its setup requests.
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A setup step's failure: worth waiting out, or a misconfiguration.
+enum Setup {
+    Unavailable(BusError),
+    Fatal(BusError),
+}
+
+/// Creates or checks the streams and buckets every host shares.
+async fn open_streams(
+    jetstream: &JetStream,
+    options: &NatsOptions,
+) -> Result<(stream::Stream, stream::Stream, kv::Store, kv::Store), Setup> {
+    let prefix = &options.prefix;
+    // The server refuses a dedupe window longer than the stream keeps events.
+    let duplicate_window = match options.max_age {
+        Some(max_age) => options.duplicate_window.min(max_age),
+        None => options.duplicate_window,
+    };
+    let events = ensure_stream(
+        jetstream,
+        stream::Config {
+            name: format!("{prefix}-events"),
+            subjects: vec![format!("{prefix}.events.>"), format!("{prefix}.replay.*")],
+            max_age: options.max_age.unwrap_or_default(),
+            max_bytes: options
+                .max_bytes
+                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            duplicate_window,
+            ..stream_defaults(options)
+        },
+    )
+    .await?;
+    let dead_letters = ensure_stream(
+        jetstream,
+        stream::Config {
+            name: format!("{prefix}-dead-letters"),
+            subjects: vec![format!("{prefix}.dlq.*")],
+            duplicate_window: options.duplicate_window,
+            ..stream_defaults(options)
+        },
+    )
+    .await?;
+    let attempts = ensure_bucket(jetstream, options, &format!("{prefix}-attempts"))
+        .await
+        .map_err(Setup::Unavailable)?;
+    let intents = ensure_bucket_with_age(
+        jetstream,
+        options,
+        &format!("{prefix}-intents"),
+        COMMIT_RECORD_AGE,
+    )
+    .await
+    .map_err(Setup::Unavailable)?;
+    Ok((events, dead_letters, attempts, intents))
+}
+
 fn stream_defaults(options: &NatsOptions) -> stream::Config {
     stream::Config {
         retention: RetentionPolicy::Limits,
         discard: DiscardPolicy::Old,
         storage: StorageType::File,
         num_replicas: options.replicas,
-        allow_direct: true,
+        // With replicas, direct gets may be answered by a replica that is behind; reads
+        // then go to the leader instead (see `next_message`).
+        allow_direct: options.replicas == 1,
         ..Default::default()
+    }
+}
+
+/// The first message at or after `from` whose subject matches `subject`, or `None`:
+/// a direct get on a single copy, the stream leader's answer with replicas.
+async fn next_message(
+    stream: &stream::Stream,
+    direct: bool,
+    subject: &str,
+    from: u64,
+) -> Result<Option<jetstream::message::StreamMessage>, BusError> {
+    if direct {
+        match stream
+            .direct_get_next_for_subject(subject, Some(from))
+            .await
+        {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(nats_error("reading a stream")(&error)),
+        }
+    } else {
+        match stream.get_first_raw_message_by_subject(subject, from).await {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(nats_error("reading a stream")(&error)),
+        }
     }
 }
 
@@ -201,7 +282,7 @@ fn stream_defaults(options: &NatsOptions) -> stream::Config {
 async fn ensure_stream(
     jetstream: &JetStream,
     config: stream::Config,
-) -> Result<stream::Stream, BusError> {
+) -> Result<stream::Stream, Setup> {
     match jetstream.get_stream(&config.name).await {
         Ok(existing) => {
             let current = existing.cached_info().config.clone();
@@ -210,46 +291,46 @@ async fn ensure_stream(
             want.sort();
             have.sort();
             if want != have {
-                return Err(BusError::Storage(format!(
+                return Err(Setup::Fatal(BusError::Storage(format!(
                     "the NATS stream `{}` exists with subjects {:?}, not {:?}: another \
                      deployment uses this `[bus] prefix`",
                     config.name, current.subjects, config.subjects
-                )));
+                ))));
             }
             let differs = current.num_replicas != config.num_replicas
                 || current.max_age != config.max_age
                 || current.max_bytes != config.max_bytes
                 || current.duplicate_window != config.duplicate_window
-                || !current.allow_direct;
+                || current.allow_direct != config.allow_direct;
             if differs {
                 jetstream.update_stream(&config).await.map_err(|error| {
-                    BusError::Storage(format!(
+                    Setup::Fatal(BusError::Storage(format!(
                         "cannot update the NATS stream `{}` to the configured replicas and \
                          limits: {error}",
                         config.name
-                    ))
+                    )))
                 })?;
             }
             jetstream
                 .get_stream(&config.name)
                 .await
-                .map_err(storage!("opening the stream"))
+                .map_err(|error| Setup::Unavailable(nats_error("opening the stream")(&error)))
         }
         Err(error) if is_not_found(&error) => jetstream
             .create_stream(config.clone())
             .await
             .map_err(|error| {
-                BusError::Storage(format!(
+                Setup::Unavailable(BusError::Storage(format!(
                     "cannot create the NATS stream `{}` (is JetStream enabled, `nats-server \
                      -js`?): {error}",
                     config.name
-                ))
+                )))
             }),
-        Err(error) => Err(BusError::Storage(format!(
+        Err(error) => Err(Setup::Unavailable(BusError::Storage(format!(
             "cannot look up the NATS stream `{}` (is JetStream enabled, `nats-server -js`?): \
              {error}",
             config.name
-        ))),
+        )))),
     }
 }
 
@@ -269,6 +350,16 @@ async fn ensure_bucket(
     options: &NatsOptions,
     bucket: &str,
 ) -> Result<kv::Store, BusError> {
+    ensure_bucket_with_age(jetstream, options, bucket, Duration::ZERO).await
+}
+
+/// [`ensure_bucket`] whose entries expire after `max_age` (zero: never).
+async fn ensure_bucket_with_age(
+    jetstream: &JetStream,
+    options: &NatsOptions,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<kv::Store, BusError> {
     if let Ok(store) = jetstream.get_key_value(bucket).await {
         return Ok(store);
     }
@@ -276,9 +367,12 @@ async fn ensure_bucket(
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
+        max_age,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        // Reads go to the stream leader: a replica answering a direct get may be behind,
+        // and a stale commit intent or KV revision would undo the checks of a commit.
+        allow_direct: false,
         discard: DiscardPolicy::New,
         storage: StorageType::File,
         num_replicas: options.replicas,
@@ -457,6 +551,11 @@ struct IntentWrite {
 }
 
 impl Shared {
+    /// Whether stream reads may be direct gets (see `next_message`).
+    fn direct(&self) -> bool {
+        self.options.replicas == 1
+    }
+
     async fn plugin_store(&self, plugin: &str) -> Result<kv::Store, BusError> {
         if let Some(store) = self
             .plugin_kv
@@ -569,15 +668,19 @@ impl Shared {
         };
         let journal = Self::journal_key(plugin, sequence);
         let body = serde_json::to_vec(&intent).unwrap_or_default();
-        match self.intents.create(&journal, Bytes::from(body)).await {
-            Ok(_) => {}
+        let intent_revision = match self.intents.create(&journal, Bytes::from(body)).await {
+            Ok(revision) => revision,
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
-                // An earlier try of this settlement (or a host that held this delivery
-                // before) left its intent: finish that one rather than commit twice.
-                return self.finish_intent(plugin, sequence).await;
+                // An earlier try of this settlement (or another host holding this
+                // delivery) wrote its intent: finish that one rather than commit twice.
+                return if self.finish_intent(plugin, sequence).await? {
+                    Ok(())
+                } else {
+                    Err(BusError::Conflict(journal))
+                };
             }
             Err(error) => return Err(nats_error("writing the commit intent")(&error)),
-        }
+        };
         let mut applied: Vec<(String, u64)> = Vec::new();
         for write in &intent.writes {
             match put_expecting(&store, write).await {
@@ -585,7 +688,19 @@ impl Shared {
                 Ok(None) => {}
                 Err(WriteError::Conflict) => {
                     // Another call of this plugin committed to this key since the reads
-                    // were checked: undo what this commit applied, then report it.
+                    // were checked: withdraw the intent, undo what this commit applied,
+                    // then report it. A host that claimed the intent first is finishing
+                    // it; then it stands and nothing is undone.
+                    if let Err(error) = self
+                        .intents
+                        .purge_expect_revision(&journal, Some(intent_revision))
+                        .await
+                    {
+                        if error.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                            return Ok(());
+                        }
+                        return Err(nats_error("withdrawing a commit intent")(&error));
+                    }
                     for (key, revision) in applied.iter().rev() {
                         let old = before.get(key).cloned().flatten();
                         let undo = IntentWrite {
@@ -597,7 +712,6 @@ impl Shared {
                             tracing::warn!(%plugin, key = %key, ?error, "cannot undo a KV write after a conflict");
                         }
                     }
-                    let _ = self.intents.purge(&journal).await;
                     return Err(BusError::Conflict(
                         decode_key(&write.key).unwrap_or_else(|| write.key.clone()),
                     ));
@@ -609,20 +723,43 @@ impl Shared {
         Ok(())
     }
 
-    /// Finishes an intent left behind: applies each write whose key still has the
+    /// Finishes an intent left behind: claims it (a new revision, so that the host that
+    /// wrote it can no longer withdraw it), applies each write whose key still has the
     /// expected revision (a key that moved on was written by this intent already, or
-    /// since), then publishes the emits. Returns `Ok` when there is no intent.
-    async fn finish_intent(&self, plugin: &str, sequence: u64) -> Result<(), BusError> {
+    /// since), then publishes the emits. Returns `false` when there is no intent (none
+    /// was written, or its host withdrew it).
+    async fn finish_intent(&self, plugin: &str, sequence: u64) -> Result<bool, BusError> {
         let journal = Self::journal_key(plugin, sequence);
-        let Some(body) = self
+        let entry = self
             .intents
-            .get(&journal)
+            .entry(&journal)
             .await
-            .map_err(storage!("reading a commit intent"))?
-        else {
-            return Ok(());
+            .map_err(storage!("reading a commit intent"))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(false);
         };
-        let intent: Intent = serde_json::from_slice(&body).map_err(|error| {
+        match self
+            .intents
+            .update(&journal, entry.value.clone(), entry.revision)
+            .await
+        {
+            Ok(_) => {}
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // Withdrawn meanwhile, or claimed by another host finishing it too (which
+                // is harmless: writes are conditional and emits deduplicated).
+                let still_there = self
+                    .intents
+                    .get(&journal)
+                    .await
+                    .map_err(storage!("reading a commit intent"))?
+                    .is_some();
+                if !still_there {
+                    return Ok(false);
+                }
+            }
+            Err(error) => return Err(nats_error("claiming a commit intent")(&error)),
+        }
+        let intent: Intent = serde_json::from_slice(&entry.value).map_err(|error| {
             BusError::Storage(format!(
                 "the commit intent {journal} is unreadable: {error}"
             ))
@@ -635,26 +772,7 @@ impl Shared {
             }
         }
         self.publish_events(&intent.emits).await?;
-        Ok(())
-    }
-
-    async fn has_intent(&self, plugin: &str, sequence: u64) -> Result<bool, BusError> {
-        Ok(self
-            .intents
-            .get(Self::journal_key(plugin, sequence))
-            .await
-            .map_err(storage!("reading a commit intent"))?
-            .is_some())
-    }
-
-    async fn forget_intent(&self, plugin: &str, sequence: u64) {
-        if let Err(error) = self
-            .intents
-            .purge(Self::journal_key(plugin, sequence))
-            .await
-        {
-            tracing::warn!(%plugin, sequence, %error, "cannot delete a finished commit intent");
-        }
+        Ok(true)
     }
 
     async fn forget_attempts(&self, plugin: &str, sequence: u64) {
@@ -782,15 +900,15 @@ impl Bus for NatsBus {
         };
         // Bounded scan, as the embedded log's: at most this many messages per request.
         for _ in 0..limit.max(10_000) {
-            let message = match self
-                .shared
-                .events
-                .direct_get_next_for_subject(&filter, Some(page.scanned_to + 1))
-                .await
-            {
-                Ok(message) => message,
-                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(error) => return Err(nats_error("reading the log")(&error)),
+            let Some(message) = next_message(
+                &self.shared.events,
+                self.shared.direct(),
+                &filter,
+                page.scanned_to + 1,
+            )
+            .await?
+            else {
+                break;
             };
             page.scanned_to = message.sequence;
             let event = decode_event(&message.payload)?;
@@ -923,15 +1041,15 @@ impl Bus for NatsBus {
         let mut found = Vec::new();
         let mut after = query.after;
         while found.len() < query.limit.max(1) {
-            let message = match self
-                .shared
-                .dead_letters
-                .direct_get_next_for_subject(&subject, Some(after + 1))
-                .await
-            {
-                Ok(message) => message,
-                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(error) => return Err(nats_error("listing dead letters")(&error)),
+            let Some(message) = next_message(
+                &self.shared.dead_letters,
+                self.shared.direct(),
+                &subject,
+                after + 1,
+            )
+            .await?
+            else {
+                break;
             };
             after = message.sequence;
             found.push(to_dead_letter(message.sequence, &message.payload)?);
@@ -1161,16 +1279,12 @@ impl NatsConsumer {
             ingested_at_us,
             event,
         };
-        if delivered > 1 {
-            if self.shared.has_intent(&self.plugin, sequence).await? {
-                self.shared.finish_intent(&self.plugin, sequence).await?;
-                message
-                    .double_ack()
-                    .await
-                    .map_err(storage!("acknowledging a finished commit"))?;
-                self.shared.forget_intent(&self.plugin, sequence).await;
-                return Ok(None);
-            }
+        if delivered > 1 && self.shared.finish_intent(&self.plugin, sequence).await? {
+            message
+                .double_ack()
+                .await
+                .map_err(storage!("acknowledging a finished commit"))?;
+            return Ok(None);
         }
         let errors = if delivered > 1 {
             self.shared.attempt_errors(&self.plugin, sequence).await
@@ -1275,7 +1389,6 @@ impl Consumer for NatsConsumer {
         };
         match settlement {
             Settlement::Ack(effects) => {
-                let journaled = !effects.kv_writes.is_empty();
                 self.shared
                     .commit_effects(&self.plugin, sequence, effects)
                     .await?;
@@ -1285,9 +1398,6 @@ impl Consumer for NatsConsumer {
                     tracing::warn!(plugin = %self.plugin, sequence, %error, "cannot acknowledge a committed delivery; it will be redelivered and recognised");
                     self.held().remove(&sequence);
                     return Ok(());
-                }
-                if journaled {
-                    self.shared.forget_intent(&self.plugin, sequence).await;
                 }
                 if delivery.attempt > 1 {
                     self.shared.forget_attempts(&self.plugin, sequence).await;

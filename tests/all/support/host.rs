@@ -256,7 +256,15 @@ impl Host {
             .last()
             .map_or(0, |e| e["sequence"].as_u64().unwrap());
         self.wait_for(&format!("{plugin} to catch up"), limit, || async {
-            let status = self.get_json(&format!("/v1/plugins/{plugin}")).await;
+            // A bus failing over (a NATS cluster electing a leader) may answer an error
+            // for a moment: that is "not yet".
+            let response = self
+                .http
+                .get(self.url(&format!("/v1/plugins/{plugin}")))
+                .send()
+                .await
+                .ok()?;
+            let status: serde_json::Value = response.json().await.ok()?;
             (status["cursor"].as_u64()? >= head && status["in_flight"] == 0).then_some(())
         })
         .await;

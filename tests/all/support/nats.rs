@@ -3,7 +3,6 @@
 //! `scripts/setup.sh` installs the server.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -89,11 +88,6 @@ impl NatsServer {
     /// Starts the server again on the same port and store.
     pub fn restart(&mut self) {
         self.run();
-    }
-
-    /// The store directory.
-    pub fn store(&self) -> PathBuf {
-        self.store.path().to_owned()
     }
 }
 
