@@ -121,6 +121,19 @@ struct Shared {
     attempts: kv::Store,
     intents: kv::Store,
     plugin_kv: Mutex<HashMap<String, kv::Store>>,
+    /// This host's name in commit locks.
+    owner: String,
+}
+
+/// A plugin's commit lock, as the intents bucket keeps it under `<plugin>.lock`.
+#[derive(Serialize, Deserialize)]
+struct LockRecord {
+    /// The host holding it.
+    owner: String,
+    /// When the lease runs out, in milliseconds since the Unix epoch.
+    until_ms: i64,
+    /// The journal key of the intent the holder commits.
+    intent: String,
 }
 
 impl NatsBus {
@@ -170,6 +183,7 @@ impl NatsBus {
                 attempts,
                 intents,
                 plugin_kv: Mutex::new(HashMap::new()),
+                owner: uuid::Uuid::new_v4().to_string(),
             }),
         })
     }
@@ -179,6 +193,10 @@ impl NatsBus {
 /// committed: a copy of the delivery that turns up later than this (a host stalled for a
 /// day) would run again.
 const COMMIT_RECORD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Least time a commit waits for its plugin's commit lock before reporting a storage
+/// error (and being tried again).
+const LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
 /// How long a starting host waits for JetStream to answer its setup requests.
 const SETUP_PATIENCE: Duration = Duration::from_secs(30);
@@ -619,9 +637,36 @@ impl Shared {
         sequence: u64,
         effects: Effects,
     ) -> Result<(), BusError> {
+        if effects.kv_writes.is_empty() {
+            // Nothing to make atomic: the reads are checked, and the emits' ids make a
+            // repeat harmless.
+            self.check_reads(plugin, &effects.kv_reads).await?;
+            self.publish_events(&effects.emits).await?;
+            return Ok(());
+        }
+        let journal = Self::journal_key(plugin, sequence);
+        let lock = self.lock(plugin, &journal).await?;
+        let committed = self.commit_locked(plugin, sequence, effects).await;
+        // A storage failure may leave the intent half applied: the lock stays taken so
+        // that no other commit overtakes it. The retry of this settlement takes it again
+        // (same host, same intent); if none comes, the lease runs out and the next commit
+        // of the plugin finishes the intent first.
+        if !matches!(committed, Err(BusError::Storage(_))) {
+            self.unlock(plugin, lock).await;
+        }
+        committed
+    }
+
+    /// Checks that what an attempt read is still committed; returns the revision and
+    /// value of each key it read.
+    async fn check_reads(
+        &self,
+        plugin: &str,
+        reads: &[KvRead],
+    ) -> Result<HashMap<String, (u64, Option<Bytes>)>, BusError> {
         let store = self.plugin_store(plugin).await?;
         let mut revisions: HashMap<String, (u64, Option<Bytes>)> = HashMap::new();
-        for read in &effects.kv_reads {
+        for read in reads {
             match read {
                 KvRead::Value { key, digest } => {
                     let encoded = encode_key(key);
@@ -639,10 +684,25 @@ impl Shared {
                 }
             }
         }
-        if effects.kv_writes.is_empty() {
-            self.publish_events(&effects.emits).await?;
+        Ok(revisions)
+    }
+
+    /// Commits effects with KV writes, under the plugin's commit lock.
+    async fn commit_locked(
+        &self,
+        plugin: &str,
+        sequence: u64,
+        effects: Effects,
+    ) -> Result<(), BusError> {
+        // An intent already written for this delivery (an earlier try of this settlement
+        // failed part way, or another host ran the event too) is the commit: finish it.
+        // Checking the reads first would report the intent's own writes as a conflict.
+        let journal = Self::journal_key(plugin, sequence);
+        if self.finish_intent(plugin, &journal).await? {
             return Ok(());
         }
+        let store = self.plugin_store(plugin).await?;
+        let mut revisions = self.check_reads(plugin, &effects.kv_reads).await?;
         // The last write to each key wins.
         let mut last: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         for write in effects.kv_writes {
@@ -666,14 +726,13 @@ impl Shared {
             writes,
             emits: effects.emits,
         };
-        let journal = Self::journal_key(plugin, sequence);
         let body = serde_json::to_vec(&intent).unwrap_or_default();
         let intent_revision = match self.intents.create(&journal, Bytes::from(body)).await {
             Ok(revision) => revision,
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
                 // An earlier try of this settlement (or another host holding this
                 // delivery) wrote its intent: finish that one rather than commit twice.
-                return if self.finish_intent(plugin, sequence).await? {
+                return if self.finish_intent(plugin, &journal).await? {
                     Ok(())
                 } else {
                     Err(BusError::Conflict(journal))
@@ -723,16 +782,82 @@ impl Shared {
         Ok(())
     }
 
+    /// Takes the plugin's commit lock for the intent `journal`, waiting while another
+    /// host holds a live lease. A lease that ran out belonged to a host that died (or
+    /// stalled) mid-commit: its intent is finished first, which is exact because no
+    /// other commit of the plugin could write in between. Returns the lock's revision.
+    async fn lock(&self, plugin: &str, journal: &str) -> Result<u64, BusError> {
+        let key = format!("{plugin}.lock");
+        let lease = i64::try_from(self.options.ack_wait.as_millis()).unwrap_or(i64::MAX);
+        let patience = (self.options.ack_wait * 3).max(LOCK_PATIENCE);
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut wait = Duration::from_millis(1);
+        loop {
+            let entry = self
+                .intents
+                .entry(&key)
+                .await
+                .map_err(storage!("reading the commit lock"))?;
+            let (revision, holder) = match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => (
+                    entry.revision,
+                    serde_json::from_slice::<LockRecord>(&entry.value).ok(),
+                ),
+                Some(entry) => (entry.revision, None),
+                None => (0, None),
+            };
+            let free = holder.as_ref().is_none_or(|held| {
+                held.until_ms < now_ms() || (held.owner == self.owner && held.intent == journal)
+            });
+            if free {
+                // A lease that ran out names an intent its holder may have left half
+                // applied: finish it before any other commit of the plugin can write.
+                if let Some(dead) = holder.as_ref().filter(|held| held.intent != journal) {
+                    self.finish_intent(plugin, &dead.intent).await?;
+                }
+                let record = LockRecord {
+                    owner: self.owner.clone(),
+                    until_ms: now_ms().saturating_add(lease),
+                    intent: journal.to_owned(),
+                };
+                let body = Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
+                match self.intents.update(&key, body, revision).await {
+                    Ok(taken) => return Ok(taken),
+                    Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(error) => return Err(nats_error("taking the commit lock")(&error)),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BusError::Storage(format!(
+                    "the KV commit lock of plugin `{plugin}` stayed taken for {patience:?}"
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn unlock(&self, plugin: &str, revision: u64) {
+        let key = format!("{plugin}.lock");
+        if let Err(error) = self
+            .intents
+            .delete_expect_revision(&key, Some(revision))
+            .await
+        {
+            // The lease ran out and another host took the lock: nothing to release.
+            tracing::debug!(%plugin, %error, "commit lock not released");
+        }
+    }
+
     /// Finishes an intent left behind: claims it (a new revision, so that the host that
     /// wrote it can no longer withdraw it), applies each write whose key still has the
     /// expected revision (a key that moved on was written by this intent already, or
     /// since), then publishes the emits. Returns `false` when there is no intent (none
     /// was written, or its host withdrew it).
-    async fn finish_intent(&self, plugin: &str, sequence: u64) -> Result<bool, BusError> {
-        let journal = Self::journal_key(plugin, sequence);
+    async fn finish_intent(&self, plugin: &str, journal: &str) -> Result<bool, BusError> {
         let entry = self
             .intents
-            .entry(&journal)
+            .entry(journal)
             .await
             .map_err(storage!("reading a commit intent"))?;
         let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
@@ -740,7 +865,7 @@ impl Shared {
         };
         match self
             .intents
-            .update(&journal, entry.value.clone(), entry.revision)
+            .update(journal, entry.value.clone(), entry.revision)
             .await
         {
             Ok(_) => {}
@@ -749,7 +874,7 @@ impl Shared {
                 // is harmless: writes are conditional and emits deduplicated).
                 let still_there = self
                     .intents
-                    .get(&journal)
+                    .get(journal)
                     .await
                     .map_err(storage!("reading a commit intent"))?
                     .is_some();
@@ -773,6 +898,27 @@ impl Shared {
         }
         self.publish_events(&intent.emits).await?;
         Ok(true)
+    }
+
+    /// Finishes, under the plugin's commit lock, the intent a delivery's earlier holder
+    /// left; `false` when there is none.
+    async fn finish_left_intent(&self, plugin: &str, sequence: u64) -> Result<bool, BusError> {
+        let journal = Self::journal_key(plugin, sequence);
+        let exists = self
+            .intents
+            .get(&journal)
+            .await
+            .map_err(storage!("reading a commit intent"))?
+            .is_some();
+        if !exists {
+            return Ok(false);
+        }
+        let lock = self.lock(plugin, &journal).await?;
+        let finished = self.finish_intent(plugin, &journal).await;
+        if finished.is_ok() {
+            self.unlock(plugin, lock).await;
+        }
+        finished
     }
 
     async fn forget_attempts(&self, plugin: &str, sequence: u64) {
@@ -1279,7 +1425,12 @@ impl NatsConsumer {
             ingested_at_us,
             event,
         };
-        if delivered > 1 && self.shared.finish_intent(&self.plugin, sequence).await? {
+        if delivered > 1
+            && self
+                .shared
+                .finish_left_intent(&self.plugin, sequence)
+                .await?
+        {
             message
                 .double_ack()
                 .await
