@@ -23,6 +23,22 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `nats-server` from the PATH, or where Debian's package puts it (`/usr/sbin`, which
+/// is not on every user's PATH).
+fn binary() -> &'static str {
+    let on_path = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if on_path {
+        "nats-server"
+    } else {
+        "/usr/sbin/nats-server"
+    }
+}
+
 impl NatsServer {
     /// Starts a single JetStream server on a free loopback port.
     pub fn start() -> Self {
@@ -44,7 +60,7 @@ impl NatsServer {
 
     fn run(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let mut command = Command::new("nats-server");
+        let mut command = Command::new(binary());
         command
             .args(["-js", "-a", "127.0.0.1", "-n", &self.name])
             .args(["-p", &self.port.to_string()])
