@@ -1099,4 +1099,39 @@ mod tests {
             Duration::from_secs(60)
         );
     }
+
+    #[test]
+    fn the_bus_section_selects_nats_and_refuses_unusable_values() {
+        let config = Config::parse(
+            "[bus]\nkind = \"nats\"\nurl = \"nats://10.0.0.1:4222,nats://10.0.0.2:4222\"\n\
+             prefix = \"shop-a\"\nreplicas = 3\nmax_age = \"7d\"\nmax_bytes = \"1GiB\"\n\
+             duplicate_window = \"2m\"\nack_wait = \"10s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.bus.kind, BusKind::Nats);
+        assert_eq!(config.bus.replicas, 3);
+        assert_eq!(config.bus.max_age, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(config.bus.max_bytes, Some(1 << 30));
+        assert_eq!(config.bus.ack_wait, Duration::from_secs(10));
+        assert_eq!(Config::default().bus.kind, BusKind::Embedded);
+
+        for (text, key) in [
+            ("[bus]\nprefix = \"a.b\"\n", "`bus.prefix`"),
+            ("[bus]\nprefix = \"\"\n", "`bus.prefix`"),
+            ("[bus]\nreplicas = 0\n", "`bus.replicas`"),
+            ("[bus]\nreplicas = 7\n", "`bus.replicas`"),
+            ("[bus]\nack_wait = \"10ms\"\n", "`bus.ack_wait`"),
+            (
+                "[bus]\nkind = \"nats\"\nurl = \"nats://a:1,\"\n",
+                "`bus.url`",
+            ),
+        ] {
+            let message = Config::parse(text).unwrap_err().to_string();
+            assert!(message.contains(key), "{text}: {message}");
+        }
+        let message = Config::parse("[bus]\nkind = \"kafka\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("kafka"), "{message}");
+    }
 }

@@ -178,3 +178,30 @@ async fn a_replicated_stream_keeps_serving_with_one_cluster_node_killed() {
     // README's table of guarantees says so.
     audit.assert_nothing_lost(EVENTS, &acked);
 }
+
+#[test]
+fn an_unreachable_nats_server_is_a_clear_error_at_start() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--bus"])
+        .arg(format!("nats://127.0.0.1:{port}"))
+        .arg("--plugins")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the NATS server at nats://127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "it never announced an address");
+}

@@ -57,6 +57,9 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("neighbours") {
         figures.extend(neighbours(options).await.context("neighbours")?);
     }
+    if wanted("nats") {
+        figures.extend(crate::nats::figures(options).await.context("nats")?);
+    }
     Ok(figures)
 }
 

@@ -18,10 +18,15 @@
 #[allow(dead_code)]
 mod guests;
 
+#[path = "../../../tests/all/support/nats.rs"]
+#[allow(dead_code)]
+mod nats_server;
+
 mod bare;
 mod client;
 mod figures;
 mod host;
+mod nats;
 
 use std::time::Duration;
 

@@ -26,20 +26,28 @@
 //!   without any settlement (hosts crashing on it), so nothing is dropped unrecorded.
 //!   While a host works on a delivery it tells the server so every `ack_wait / 3`;
 //!   deliveries of a host that died go to another host after `ack_wait`.
-//! - **Effects**: JetStream has no transaction across streams, so a settlement with KV
-//!   writes first stores its intent (the writes, each with the revision it expects, and
-//!   the emits) under `P-intents/<plugin>.<sequence>`, then applies the writes with
-//!   compare-and-set on those revisions, publishes the emits (their ids derive from the
-//!   handled event, so `Nats-Msg-Id` absorbs a repeat) and acknowledges. The intent stays
-//!   for a day as the delivery's commit record: a host that gets the delivery again (the
-//!   first host died before its acknowledgement, or stalled past `ack_wait` and another
-//!   host ran the event too) finishes or re-confirms that commit instead of committing
-//!   the event a second time. Writes go key by key: when a host dies between two of them
-//!   and another event's commit changes a key not yet written before the intent is
-//!   finished, that key keeps the newer value and the dead host's write to it is dropped
-//!   (the embedded log commits all of an event's effects in one transaction). KV reads are checked like the embedded log's (optimistic
-//!   concurrency); a write that loses a race undoes the writes already applied and
-//!   reports a [`BusError::Conflict`].
+//! - **Effects**: JetStream has no transaction across streams. A settlement with no KV
+//!   writes checks its reads and publishes its emits (their ids derive from the handled
+//!   event, so `Nats-Msg-Id` absorbs a repeat). One with KV writes takes the plugin's
+//!   commit lock (`P-intents/<plugin>.lock`, a lease of `ack_wait` naming the intent it
+//!   commits), checks its reads (optimistic concurrency, as the embedded log), stores its
+//!   intent under `P-intents/<plugin>.<sequence>` (the writes, each with the revision it
+//!   expects, and the emits), applies the writes with compare-and-set, publishes the
+//!   emits, acknowledges and releases the lock. The intent stays for a day as the
+//!   delivery's commit record: a settlement or redelivery that finds it finishes it
+//!   instead of committing the event again. A host that dies mid-commit leaves the lock
+//!   naming its intent; the next commit of the plugin finishes that intent before it
+//!   writes anything, so no other commit overtakes a half-applied one. After a storage
+//!   error the lock stays taken until the settlement is tried again (or the lease ends).
+//!   Finishing first claims the intent (a new revision), so the host that wrote it can no
+//!   longer withdraw it; a host withdraws its intent (and undoes its writes) only when a
+//!   compare-and-set fails, which under the lock means its reads went stale.
+//!
+//! Every guarantee above rests on JetStream's compare-and-set
+//! (`Nats-Expected-Last-Subject-Sequence`). nats-server 2.9 does not keep it on
+//! replicated streams under concurrent writers (two writes expecting one revision can
+//! both be stored), so on a 2.9 cluster concurrent KV updates can be lost; a single
+//! server keeps them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;

@@ -1,0 +1,163 @@
+//! Distributed mode: events per second through one and two hosts on one NATS JetStream
+//! server, beside a bare JetStream loop (publish with `Nats-Msg-Id`, then one pull
+//! consumer fetching and acknowledging every message) on the same server in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::consumer::{PullConsumer, pull};
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use futures_util::StreamExt;
+
+use crate::client::{self, Single};
+use crate::guests::Guest;
+use crate::host::Process;
+use crate::nats_server::NatsServer;
+use crate::{Figure, Options};
+
+/// Events per second through `hosts` hosts sharing one plugin, from the first `202` to the
+/// plugin being caught up on every host.
+async fn through_hosts(
+    server: &NatsServer,
+    prefix: &str,
+    hosts: usize,
+    events: usize,
+    options: &Options,
+) -> anyhow::Result<f64> {
+    let config = format!(
+        "[bus]\nkind = \"nats\"\nurl = \"{}\"\nprefix = \"{prefix}\"\n",
+        server.url()
+    );
+    let sidecar = "concurrency = 16\n".to_owned();
+    let fleet: Vec<Process> = (0..hosts)
+        .map(|_| {
+            Process::host(
+                &[("probe".into(), Guest::Noop, Some(sidecar.clone()))],
+                Some(&config),
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // Warm the connections, the consumer and the plugin's instances on every host.
+    for (index, host) in fleet.iter().enumerate() {
+        let warm = Arc::new(Single {
+            prefix: format!("{prefix}-warm-{index}"),
+        });
+        client::saturate(host.address, 4, 200, options.deadline(), warm).await?;
+    }
+    for host in &fleet {
+        host.wait_caught_up("probe", Duration::from_secs(60))
+            .await?;
+    }
+    let started = Instant::now();
+    let mut sending = Vec::new();
+    for (index, host) in fleet.iter().enumerate() {
+        let request = Arc::new(Single {
+            prefix: format!("{prefix}-{index}"),
+        });
+        sending.push(client::saturate(
+            host.address,
+            32,
+            events / hosts,
+            options.deadline(),
+            request,
+        ));
+    }
+    for sent in futures_util::future::join_all(sending).await {
+        sent?;
+    }
+    for host in &fleet {
+        host.wait_caught_up("probe", Duration::from_secs(120))
+            .await?;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The bare loop: `events` publishes of the same size with message ids, acks awaited in
+/// windows, then one durable pull consumer fetching and acknowledging them all.
+async fn bare_loop(server: &NatsServer, events: usize) -> anyhow::Result<f64> {
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::new(client);
+    let events_stream = js
+        .create_stream(stream::Config {
+            name: "bare".into(),
+            subjects: vec!["bare.>".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer: PullConsumer = events_stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bare".into()),
+            ..Default::default()
+        })
+        .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 160]);
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(256);
+    for n in 0..events {
+        let publish = PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(format!("bare-{n}"));
+        pending.push(js.send_publish("bare.tick", publish).await?);
+        if pending.len() == 256 {
+            for ack in pending.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.await?;
+    }
+    let mut consumed = 0;
+    while consumed < events {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(256)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await?;
+        while let Some(message) = batch.next().await {
+            message
+                .map_err(|e| anyhow::anyhow!(e))?
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            consumed += 1;
+        }
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `nats.hosts1` and `nats.hosts2` beside the bare loop.
+pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let events = options.pick(20_000, 4_000);
+    let server = NatsServer::start();
+    let bare = bare_loop(&server, events)
+        .await
+        .context("bare JetStream loop")?;
+    let one = through_hosts(&server, "one", 1, events, options)
+        .await
+        .context("one host")?;
+    let two = through_hosts(&server, "two", 2, events, options)
+        .await
+        .context("two hosts")?;
+    Ok(vec![
+        Figure {
+            name: "nats.hosts1".into(),
+            value: one,
+            unit: "events/s",
+            baseline: Some(bare),
+            baseline_name: "bare JetStream publish+consume",
+            target: "",
+        },
+        Figure {
+            name: "nats.hosts2".into(),
+            value: two,
+            unit: "events/s",
+            baseline: Some(bare),
+            baseline_name: "bare JetStream publish+consume",
+            target: "",
+        },
+    ])
+}
