@@ -1363,6 +1363,18 @@ struct NatsConsumer {
 impl Drop for NatsConsumer {
     fn drop(&mut self) {
         self.keep_alive.abort();
+        // Deliveries fetched but never settled (the dispatcher stopped for a reload or a
+        // shutdown before running them) go back at once rather than after `ack_wait`.
+        let unsettled: Vec<Message> = self.held().drain().map(|(_, message)| message).collect();
+        if !unsettled.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                for message in unsettled {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+            });
+        }
     }
 }
 
@@ -1551,9 +1563,10 @@ impl Consumer for NatsConsumer {
                 self.shared
                     .commit_effects(&self.plugin, sequence, effects)
                     .await?;
-                if let Err(error) = message.double_ack().await {
-                    // The effects are stored and the intent stays: the host that gets
-                    // the delivery next finishes the intent instead of running it again.
+                // Not waiting for the server's word on the acknowledgement: one that
+                // gets lost means a redelivery, which finds the commit record (KV
+                // writes) or repeats emits that `Nats-Msg-Id` drops.
+                if let Err(error) = message.ack().await {
                     tracing::warn!(plugin = %self.plugin, sequence, %error, "cannot acknowledge a committed delivery; it will be redelivered and recognised");
                     self.held().remove(&sequence);
                     return Ok(());

@@ -10,6 +10,22 @@ pub mod nats;
 /// end-to-end checks.
 #[macro_export]
 macro_rules! on_both_backends {
+    (multi_thread: $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    super::$name($crate::support::host::Backend::Embedded).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn nats() {
+                    let server = $crate::support::nats::NatsServer::start();
+                    super::$name($crate::support::host::Backend::Nats(server.url())).await;
+                }
+            }
+        )*
+    };
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
