@@ -298,7 +298,71 @@ async fn concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates(backen
     assert_eq!(count, events.to_string());
 }
 
+async fn overlapping_patterns_deliver_each_event_once_and_resends_are_deduplicated(
+    backend: Backend,
+) {
+    let mut host = Host::on(&backend);
+    // Three patterns that all match `multi.tick`: the plugin must still see it once (on
+    // NATS, where a consumer takes one filter subject before server 2.10, the host does
+    // the matching).
+    host.plugin(
+        "multi",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"multi.*\", \"multi.tick\", \"multi.>\"]\n\
+             [config]\nbehaviour = \"hostile.count\"\n",
+        ),
+    );
+    host.start();
+    let post = |id: String| {
+        let http = host.http.clone();
+        let url = host.url("/v1/events/multi.tick");
+        async move {
+            let response = http
+                .post(url)
+                .header("ce-id", id)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            response.json::<serde_json::Value>().await.unwrap()["accepted"][0].clone()
+        }
+    };
+    let mut first = Vec::new();
+    for n in 0..20 {
+        first.push(post(format!("m-{n}")).await);
+    }
+    // The same ids again: stored once, answered with the original sequences.
+    for (n, original) in first.iter().enumerate() {
+        let again = post(format!("m-{n}")).await;
+        assert_eq!(again["duplicate"], true);
+        assert_eq!(again["sequence"], original["sequence"]);
+        assert_eq!(original["duplicate"], false);
+    }
+    host.wait_caught_up("multi", Duration::from_secs(30)).await;
+    let log = host.log().await;
+    let ticks = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "multi.tick")
+        .count();
+    let counted = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+        .count();
+    assert_eq!(ticks, 20, "resends were not stored again");
+    assert_eq!(counted, 20, "each event handled once");
+    let mut total = 0;
+    for shard in 0..16 {
+        if let Some(n) = host.kv("multi", &format!("total/{shard}")).await {
+            total += n.parse::<usize>().unwrap();
+        }
+    }
+    assert_eq!(total, 20);
+}
+
 crate::on_both_backends!(
+    overlapping_patterns_deliver_each_event_once_and_resends_are_deduplicated,
     a_payment_becomes_tickets_and_a_notification,
     a_slow_plugin_does_not_hold_back_a_fast_one,
     the_client_commands_talk_to_a_running_host,
