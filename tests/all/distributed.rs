@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::serve_recovery::{Audit, crash_counter, send_through_crashes};
@@ -204,4 +205,63 @@ fn an_unreachable_nats_server_is_a_clear_error_at_start() {
         "{stderr}"
     );
     assert!(output.stdout.is_empty(), "it never announced an address");
+}
+
+#[tokio::test]
+async fn what_the_server_cannot_store_is_refused_or_dead_lettered_not_retried_forever() {
+    let server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    // Effects bounds above the server's 1 MiB `max_payload`, so the bus is what refuses.
+    host.plugin(
+        "big",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.emit-huge\", \"hostile.kv-huge\"]\n[effects]\n\
+             max_emit_bytes = \"16MiB\"\nmax_kv_value_bytes = \"16MiB\"\n[limits]\nmemory = \"128MiB\"\n",
+        ),
+    );
+    host.start();
+
+    // Within the host's 1 MiB event limit, beyond what one message may carry.
+    let response = host
+        .http
+        .post(host.url("/v1/events/big.event"))
+        .header("ce-id", "too-big")
+        .json(&json!({ "s": "x".repeat(1_046_000) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("limit"),
+        "{body}"
+    );
+    assert!(host.log().await.is_empty(), "nothing was stored");
+
+    for (ty, id) in [("hostile.emit-huge", "emit-1"), ("hostile.kv-huge", "kv-1")] {
+        assert_eq!(host.send(ty, id, json!({})).await, 202);
+    }
+    let letters = host
+        .wait_for(
+            "both to be dead-lettered",
+            Duration::from_secs(60),
+            || async {
+                let page = host.get_json("/v1/dlq?plugin=big").await;
+                let letters = page["dead_letters"].as_array()?.clone();
+                (letters.len() == 2).then_some(letters)
+            },
+        )
+        .await;
+    for letter in &letters {
+        assert_eq!(letter["reason"], "effects", "{letter}");
+        let message = letter["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains("more than the bus stores in one message"),
+            "{message}"
+        );
+    }
+    // Nothing is left retrying.
+    let status = host.status("big").await.unwrap();
+    assert_eq!(status["in_flight"], 0, "{status}");
 }

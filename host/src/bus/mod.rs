@@ -60,6 +60,17 @@ pub enum BusError {
     /// The thing asked for does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// A message is larger than the backend can store (NATS `max_payload`); storing it
+    /// again cannot succeed.
+    #[error("{what} is {bytes} bytes, more than the bus stores in one message ({limit} bytes)")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        bytes: usize,
+        /// The backend's limit.
+        limit: usize,
+    },
     /// A settlement's KV reads no longer hold: another attempt of the same plugin
     /// committed a change to what this one read. Nothing was committed; run it again.
     #[error("KV conflict on `{0}`: the value changed since the attempt read it")]

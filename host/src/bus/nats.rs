@@ -80,6 +80,9 @@ use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 /// stalled) before the host dead-letters it instead of running it again.
 pub const UNSETTLED_LIMIT: i64 = 10;
 
+/// Bytes of `max_payload` kept for message headers.
+const HEADER_ROOM: usize = 4096;
+
 /// Header naming the log position of a replayed event.
 const REPLAY_OF: &str = "Switchyard-Replay-Of";
 /// Header carrying a replayed event's original ingest time, in microseconds.
@@ -548,13 +551,14 @@ fn header_i64(headers: Option<&HeaderMap>, name: &str) -> Option<i64> {
     headers?.get(name)?.as_str().parse().ok()
 }
 
-/// A dead letter as the dead-letter stream keeps it.
+/// A dead letter as the dead-letter stream keeps it: this record as one JSON line, then
+/// the event as the event stream stores it (so a dead letter is about as large as its
+/// event).
 #[derive(Serialize, Deserialize)]
 struct DeadLetterRecord {
     plugin: String,
     sequence: u64,
     ingested_at_us: i64,
-    event: Event,
     reason: DeadLetterReason,
     errors: Vec<AttemptError>,
     dead_at_ms: i64,
@@ -600,12 +604,35 @@ impl Shared {
         Ok(store)
     }
 
-    /// Publishes events, all before awaiting any acknowledgement.
+    /// Refuses a message the server would not take (its `max_payload`, less room for
+    /// headers), before anything is sent.
+    fn check_size(&self, what: impl Fn() -> String, bytes: usize) -> Result<(), BusError> {
+        let limit = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM);
+        if bytes > limit {
+            return Err(BusError::TooLarge {
+                what: what(),
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes events, all before awaiting any acknowledgement; none when one of them
+    /// is too large.
     async fn publish_events(&self, events: &[Event]) -> Result<Vec<Appended>, BusError> {
+        let payloads: Vec<Bytes> = events.iter().map(encode_event).collect();
+        for (event, payload) in events.iter().zip(&payloads) {
+            self.check_size(|| format!("event `{}`", event.id), payload.len())?;
+        }
         let mut pending = Vec::with_capacity(events.len());
-        for event in events {
+        for (event, payload) in events.iter().zip(payloads) {
             let publish = PublishMessage::build()
-                .payload(encode_event(event))
+                .payload(payload)
                 .message_id(message_id(event));
             pending.push(
                 self.jetstream
@@ -735,6 +762,10 @@ impl Shared {
             emits: effects.emits,
         };
         let body = serde_json::to_vec(&intent).unwrap_or_default();
+        self.check_size(
+            || "the attempt's effects (KV writes and emits)".to_owned(),
+            body.len(),
+        )?;
         let intent_revision = match self.intents.create(&journal, Bytes::from(body)).await {
             Ok(revision) => revision,
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -955,15 +986,22 @@ impl Shared {
 }
 
 fn to_dead_letter(id: u64, payload: &[u8]) -> Result<DeadLetter, BusError> {
-    let record: DeadLetterRecord = serde_json::from_slice(payload)
-        .map_err(|error| BusError::Storage(format!("dead letter {id} is unreadable: {error}")))?;
+    let unreadable =
+        |error: &dyn Display| BusError::Storage(format!("dead letter {id} is unreadable: {error}"));
+    let split = payload
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| unreadable(&"no record line"))?;
+    let record: DeadLetterRecord =
+        serde_json::from_slice(&payload[..split]).map_err(|error| unreadable(&error))?;
+    let event = decode_event(&payload[split + 1..])?;
     Ok(DeadLetter {
         id,
         plugin: record.plugin,
         stored: StoredEvent {
             sequence: record.sequence,
             ingested_at_us: record.ingested_at_us,
-            event: record.event,
+            event,
         },
         reason: record.reason,
         errors: record.errors,
@@ -1498,17 +1536,19 @@ impl NatsConsumer {
             plugin: self.plugin.clone(),
             sequence: stored.sequence,
             ingested_at_us: stored.ingested_at_us,
-            event: stored.event.clone(),
             reason,
             errors,
             dead_at_ms: now_ms(),
         };
+        let mut payload = serde_json::to_vec(&record).unwrap_or_default();
+        payload.push(b'\n');
+        payload.extend_from_slice(&encode_event(&stored.event));
         let delivered_as = message
             .info()
             .map(|info| info.stream_sequence)
             .unwrap_or(stored.sequence);
         let publish = PublishMessage::build()
-            .payload(Bytes::from(serde_json::to_vec(&record).unwrap_or_default()))
+            .payload(Bytes::from(payload))
             .message_id(format!("{}-{delivered_as}", self.plugin));
         self.shared
             .jetstream

@@ -506,6 +506,25 @@ async fn settle(
         match context.consumer.settle(delivery, settlement.clone()).await {
             Ok(()) | Err(BusError::Closed) => return Ok(()),
             Err(conflict @ BusError::Conflict(_)) => return Err(conflict),
+            Err(too_large @ BusError::TooLarge { .. })
+                if matches!(settlement, Settlement::Ack(_)) =>
+            {
+                // Storing these effects can never succeed: the attempt broke the bus's
+                // limit as it would break an effects bound.
+                let mut errors = delivery.errors.clone();
+                errors.push(record_error(
+                    context,
+                    delivery,
+                    FailureKind::Effects,
+                    too_large.to_string(),
+                ));
+                let dead = Settlement::DeadLetter {
+                    reason: DeadLetterReason::Effects,
+                    errors,
+                };
+                count_settlement(context, &dead);
+                return Box::pin(settle(context, delivery, &dead)).await;
+            }
             Err(error) => {
                 tracing::error!(plugin = %context.name, event_id = %delivery.stored.event.id, %error, "cannot settle; retrying");
                 tokio::time::sleep(wait).await;

@@ -63,6 +63,7 @@ fn unavailable(state: &AppState, error: BusError) -> ApiError {
             ApiError::unavailable("the log writer is saturated; retry later", retry_after)
         }
         BusError::Closed => ApiError::unavailable("the host is shutting down", retry_after),
+        BusError::TooLarge { limit, .. } => ApiError::payload_too_large(limit),
         BusError::Storage(cause) => {
             tracing::error!(error = %cause, "append failed");
             ApiError::unavailable(
