@@ -62,6 +62,8 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, ErrorCode, Message};
 use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -568,16 +570,42 @@ struct DeadLetterRecord {
 #[derive(Serialize, Deserialize)]
 struct Intent {
     writes: Vec<IntentWrite>,
-    emits: Vec<Event>,
+    /// The emits, each as the event stream stores it, in base64.
+    emits: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct IntentWrite {
     /// The encoded key.
     key: String,
-    value: Option<Vec<u8>>,
+    /// The value in base64; `None` deletes the key.
+    value: Option<String>,
     /// The revision the key had when the attempt's reads were checked (0: no entry).
     expected: u64,
+}
+
+impl IntentWrite {
+    fn value(&self) -> Result<Option<Vec<u8>>, BusError> {
+        self.value
+            .as_deref()
+            .map(|text| BASE64.decode(text))
+            .transpose()
+            .map_err(|error| BusError::Storage(format!("a commit intent is unreadable: {error}")))
+    }
+}
+
+impl Intent {
+    fn emits(&self) -> Result<Vec<Event>, BusError> {
+        self.emits
+            .iter()
+            .map(|text| {
+                let bytes = BASE64.decode(text).map_err(|error| {
+                    BusError::Storage(format!("a commit intent is unreadable: {error}"))
+                })?;
+                decode_event(&bytes)
+            })
+            .collect()
+    }
 }
 
 impl Shared {
@@ -656,16 +684,25 @@ impl Shared {
         format!("{plugin}.{sequence}")
     }
 
-    async fn attempt_errors(&self, plugin: &str, sequence: u64) -> Vec<AttemptError> {
-        match self.attempts.get(Self::journal_key(plugin, sequence)).await {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            _ => Vec::new(),
-        }
+    /// The errors of a delivery's earlier attempts (none recorded: a first attempt, or
+    /// one whose host died before settling it).
+    async fn attempt_errors(
+        &self,
+        plugin: &str,
+        sequence: u64,
+    ) -> Result<Vec<AttemptError>, BusError> {
+        let recorded = self
+            .attempts
+            .get(Self::journal_key(plugin, sequence))
+            .await
+            .map_err(storage!("reading the errors of earlier attempts"))?;
+        Ok(recorded
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default())
     }
 
-    /// Checks the attempt's reads, writes the intent and commits it. Returns once the
-    /// writes and emits are stored; the caller acknowledges, then calls
-    /// [`Shared::forget_intent`].
+    /// Commits an attempt's effects (see the module docs). Returns once the writes and
+    /// emits are stored; the caller acknowledges.
     async fn commit_effects(
         &self,
         plugin: &str,
@@ -753,13 +790,17 @@ impl Shared {
             before.insert(key.clone(), old);
             writes.push(IntentWrite {
                 key,
-                value,
+                value: value.map(|bytes| BASE64.encode(bytes)),
                 expected,
             });
         }
         let intent = Intent {
             writes,
-            emits: effects.emits,
+            emits: effects
+                .emits
+                .iter()
+                .map(|event| BASE64.encode(encode_event(event)))
+                .collect(),
         };
         let body = serde_json::to_vec(&intent).unwrap_or_default();
         self.check_size(
@@ -781,7 +822,14 @@ impl Shared {
         };
         let mut applied: Vec<(String, u64)> = Vec::new();
         for write in &intent.writes {
-            match put_expecting(&store, write).await {
+            match put_expecting(
+                &store,
+                &write.key,
+                write.value()?.map(Bytes::from),
+                write.expected,
+            )
+            .await
+            {
                 Ok(Some(revision)) => applied.push((write.key.clone(), revision)),
                 Ok(None) => {}
                 Err(WriteError::Conflict) => {
@@ -801,12 +849,7 @@ impl Shared {
                     }
                     for (key, revision) in applied.iter().rev() {
                         let old = before.get(key).cloned().flatten();
-                        let undo = IntentWrite {
-                            key: key.clone(),
-                            value: old.map(|b| b.to_vec()),
-                            expected: *revision,
-                        };
-                        if let Err(error) = put_expecting(&store, &undo).await {
+                        if let Err(error) = put_expecting(&store, key, old, *revision).await {
                             tracing::warn!(%plugin, key = %key, ?error, "cannot undo a KV write after a conflict");
                         }
                     }
@@ -817,7 +860,7 @@ impl Shared {
                 Err(WriteError::Storage(error)) => return Err(error),
             }
         }
-        self.publish_events(&intent.emits).await?;
+        self.publish_events(&intent.emits()?).await?;
         Ok(())
     }
 
@@ -930,12 +973,19 @@ impl Shared {
         })?;
         let store = self.plugin_store(plugin).await?;
         for write in &intent.writes {
-            match put_expecting(&store, write).await {
+            match put_expecting(
+                &store,
+                &write.key,
+                write.value()?.map(Bytes::from),
+                write.expected,
+            )
+            .await
+            {
                 Ok(_) | Err(WriteError::Conflict) => {}
                 Err(WriteError::Storage(error)) => return Err(error),
             }
         }
-        self.publish_events(&intent.emits).await?;
+        self.publish_events(&intent.emits()?).await?;
         Ok(true)
     }
 
@@ -1043,15 +1093,17 @@ enum WriteError {
 
 /// Writes (or deletes) a key if it still has the expected revision; returns the new
 /// revision, or `None` when a delete found nothing to delete.
-async fn put_expecting(store: &kv::Store, write: &IntentWrite) -> Result<Option<u64>, WriteError> {
-    let result = match &write.value {
-        Some(value) => store
-            .update(&write.key, Bytes::from(value.clone()), write.expected)
-            .await
-            .map(Some),
-        None if write.expected == 0 => return Ok(None),
+async fn put_expecting(
+    store: &kv::Store,
+    key: &str,
+    value: Option<Bytes>,
+    expected: u64,
+) -> Result<Option<u64>, WriteError> {
+    let result = match value {
+        Some(value) => store.update(key, value, expected).await.map(Some),
+        None if expected == 0 => return Ok(None),
         None => store
-            .delete_expect_revision(&write.key, Some(write.expected))
+            .delete_expect_revision(key, Some(expected))
             .await
             .map(|()| None),
     };
@@ -1496,7 +1548,7 @@ impl NatsConsumer {
             return Ok(None);
         }
         let errors = if delivered > 1 {
-            self.shared.attempt_errors(&self.plugin, sequence).await
+            self.shared.attempt_errors(&self.plugin, sequence).await?
         } else {
             Vec::new()
         };
