@@ -275,6 +275,8 @@ fn stream_defaults(options: &NatsOptions) -> stream::Config {
         discard: DiscardPolicy::Old,
         storage: StorageType::File,
         num_replicas: options.replicas,
+        // As the server reports "no limit", so that an unchanged stream compares equal.
+        max_bytes: -1,
         // With replicas, direct gets may be answered by a replica that is behind; reads
         // then go to the leader instead (see `next_message`).
         allow_direct: options.replicas == 1,
