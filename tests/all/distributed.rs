@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::serve_recovery::{Audit, crash_counter, send_through_crashes};
 use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
-use crate::support::nats::{NatsCluster, NatsServer};
+use crate::support::nats::{NatsCluster, NatsServer, free_port};
 
 /// A host on `url` with the crash test's two counting plugins. A short `ack_wait` lets
 /// the survivors take over a dead host's deliveries quickly.
@@ -182,12 +182,7 @@ async fn a_replicated_stream_keeps_serving_with_one_cluster_node_killed() {
 
 #[test]
 fn an_unreachable_nats_server_is_a_clear_error_at_start() {
-    // A port nothing listens on: bind one, then free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["serve", "--listen", "127.0.0.1:0", "--bus"])

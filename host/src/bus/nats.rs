@@ -547,11 +547,7 @@ fn micros(time: async_nats::datetime::DateTime) -> i64 {
     i64::try_from(time.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
 }
 
-fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
-    headers?.get(name)?.as_str().parse().ok()
-}
-
-fn header_i64(headers: Option<&HeaderMap>, name: &str) -> Option<i64> {
+fn header<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) -> Option<T> {
     headers?.get(name)?.as_str().parse().ok()
 }
 
@@ -587,12 +583,20 @@ struct IntentWrite {
 }
 
 impl IntentWrite {
-    fn value(&self) -> Result<Option<Vec<u8>>, BusError> {
-        self.value
+    /// Writes (or deletes) the key if it still has the expected revision; see
+    /// [`put_expecting`].
+    async fn apply(&self, store: &kv::Store) -> Result<Option<u64>, WriteError> {
+        let value = self
+            .value
             .as_deref()
             .map(|text| BASE64.decode(text))
             .transpose()
-            .map_err(|error| BusError::Storage(format!("a commit intent is unreadable: {error}")))
+            .map_err(|error| {
+                WriteError::Storage(BusError::Storage(format!(
+                    "a commit intent is unreadable: {error}"
+                )))
+            })?;
+        put_expecting(store, &self.key, value.map(Bytes::from), self.expected).await
     }
 }
 
@@ -824,14 +828,7 @@ impl Shared {
         };
         let mut applied: Vec<(String, u64)> = Vec::new();
         for write in &intent.writes {
-            match put_expecting(
-                &store,
-                &write.key,
-                write.value()?.map(Bytes::from),
-                write.expected,
-            )
-            .await
-            {
+            match write.apply(&store).await {
                 Ok(Some(revision)) => applied.push((write.key.clone(), revision)),
                 Ok(None) => {}
                 Err(WriteError::Conflict) => {
@@ -975,14 +972,7 @@ impl Shared {
         })?;
         let store = self.plugin_store(plugin).await?;
         for write in &intent.writes {
-            match put_expecting(
-                &store,
-                &write.key,
-                write.value()?.map(Bytes::from),
-                write.expected,
-            )
-            .await
-            {
+            match write.apply(&store).await {
                 Ok(_) | Err(WriteError::Conflict) => {}
                 Err(WriteError::Storage(error)) => return Err(error),
             }
@@ -1514,8 +1504,8 @@ impl NatsConsumer {
                     return Ok(None);
                 }
                 Some(_) => (
-                    header_u64(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence),
-                    header_i64(message.headers.as_ref(), INGESTED_AT).unwrap_or(published),
+                    header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence),
+                    header(message.headers.as_ref(), INGESTED_AT).unwrap_or(published),
                     true,
                 ),
                 None => (stream_sequence, published, false),
