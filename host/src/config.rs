@@ -48,6 +48,7 @@
 //! [runtime]
 //! max_instances = 1000
 //! max_memory = "1GiB"
+//! guest_threads = 1            # default: CPU cores minus one, at least 1
 //!
 //! [watch]
 //! mode = "events"
@@ -386,6 +387,14 @@ pub struct RuntimeSection {
     /// Default: `"1GiB"`.
     #[serde(deserialize_with = "deser::size")]
     pub max_memory: u64,
+
+    /// Plugin calls that execute at the same moment, over all plugins; calls waiting for
+    /// I/O do not count. Further calls wait their turn, the plugin that has used the
+    /// least CPU first, so busy plugins cannot crowd out quick ones. At least 1.
+    ///
+    /// Default: the number of CPU cores minus one (at least 1), which leaves a core to
+    /// ingest and the log.
+    pub guest_threads: usize,
 }
 
 /// The policy every plugin gets for the keys its sidecar does not set: the resolved
@@ -548,6 +557,7 @@ impl Default for RuntimeSection {
         Self {
             max_instances: engine.max_instances,
             max_memory: engine.max_memory_bytes,
+            guest_threads: engine.guest_threads,
         }
     }
 }
@@ -559,6 +569,7 @@ impl RuntimeSection {
             max_instances: self.max_instances,
             max_memory_bytes: self.max_memory,
             compile_cache: None,
+            guest_threads: self.guest_threads,
         }
     }
 }
@@ -633,6 +644,7 @@ impl Config {
                 self.log.group_commit_max_events,
             ),
             ("runtime.max_instances", self.runtime.max_instances as usize),
+            ("runtime.guest_threads", self.runtime.guest_threads),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
@@ -770,6 +782,7 @@ mod tests {
             [runtime]
             max_instances = 50
             max_memory = "512MiB"
+            guest_threads = 3
 
             [plugin_defaults]
             concurrency = 16
@@ -830,6 +843,7 @@ mod tests {
                 max_instances: 50,
                 max_memory_bytes: 512 << 20,
                 compile_cache: None,
+                guest_threads: 3,
             }
         );
         assert_eq!(
@@ -989,6 +1003,7 @@ mod tests {
                 "log.group_commit_max_events",
             ),
             ("[runtime]\nmax_instances = 0", "runtime.max_instances"),
+            ("[runtime]\nguest_threads = 0", "runtime.guest_threads"),
             (
                 "[runtime]\nmax_memory = \"32MiB\"",
                 "plugin_defaults.limits.memory",

@@ -21,6 +21,7 @@
 //! letter settles the event for the main stream too; retries live in `retries` until
 //! they succeed or die.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
@@ -44,6 +45,10 @@ use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 const SCAN_CHUNK: i64 = 512;
 /// Most event data a consumer keeps read ahead of its deliveries.
 const MAX_PREFETCH_BYTES: usize = 4 << 20;
+/// Page cache of the writer's connection, in KiB.
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
+/// Prepared statements the writer keeps: more than the distinct statements it runs.
+const WRITER_STATEMENTS: usize = 64;
 /// Longest a consumer waits before returning an empty batch.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 
@@ -319,6 +324,11 @@ impl SqliteBus {
             )));
         }
         check_schema(&conn, &options.path)?;
+        // Every append searches the `(source, id)` index; with SQLite's default 2 MiB
+        // cache a large log reads its pages back from the file at every commit.
+        conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB.saturating_neg())
+            .map_err(storage)?;
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
         let (jobs, receiver) = mpsc::unbounded_channel();
         let (generation, _) = watch::channel(0);
         let inner = Arc::new(Inner {
@@ -520,14 +530,14 @@ impl Writer {
         let mut closing = false;
         let mut wake = false;
         let outcome = (|| -> Result<(), BusError> {
-            let mut tx = self.conn.transaction().map_err(storage)?;
+            let tx = self.conn.transaction().map_err(storage)?;
             for job in batch {
                 let answer = match job {
                     Job::Close { reply } => {
                         closing = true;
                         Answer::Done(reply, Ok(()))
                     }
-                    job => run_in_savepoint(&mut tx, job, &mut wake),
+                    job => run_in_savepoint(&tx, job, &mut wake),
                 };
                 answers.push(answer);
             }
@@ -567,15 +577,16 @@ impl Writer {
     }
 }
 
-fn run_in_savepoint(tx: &mut Transaction<'_>, job: Job, wake: &mut bool) -> Answer {
-    let mut savepoint = match tx.savepoint() {
-        Ok(sp) => sp,
-        Err(e) => return answer_error(job, storage(e)),
-    };
+/// Runs one job inside its own savepoint of the group's transaction, so a failing job
+/// rolls back alone.
+fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer {
+    if let Err(e) = exec(savepoint, "SAVEPOINT job", []) {
+        return answer_error(job, storage(e));
+    }
     let (answer, ok) = match job {
         Job::Append { events, reply } => {
             let n = events.len();
-            let result = append_events(&savepoint, &events);
+            let result = append_events(savepoint, &events);
             let ok = result.is_ok();
             *wake |= ok;
             (Answer::Appended(reply, result.map_err(storage), n), ok)
@@ -585,7 +596,7 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: Job, wake: &mut bool) -> Answ
             start,
             reply,
         } => {
-            let result = open_cursor(&savepoint, &plugin, start);
+            let result = open_cursor(savepoint, &plugin, start);
             let ok = result.is_ok();
             (Answer::Position(reply, result.map_err(storage)), ok)
         }
@@ -599,46 +610,58 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: Job, wake: &mut bool) -> Answ
                 reply,
             } = *job;
             let adds_events = matches!(&settlement, Settlement::Ack(e) if !e.emits.is_empty());
-            let result = settle(&savepoint, &plugin, seq, is_retry, cursor, settlement);
+            let result = settle(savepoint, &plugin, seq, is_retry, cursor, settlement);
             let ok = result.is_ok();
             *wake |= ok && adds_events;
             (Answer::Done(reply, result), ok)
         }
         Job::MoveCursor { plugin, cursor } => {
-            let ok = move_cursor(&savepoint, &plugin, cursor).is_ok();
+            let ok = move_cursor(savepoint, &plugin, cursor).is_ok();
             (Answer::Nothing, ok)
         }
         Job::Replay { id, plugin, reply } => {
-            let result = replay(&savepoint, id, plugin.as_deref());
+            let result = replay(savepoint, id, plugin.as_deref());
             let ok = result.is_ok();
             *wake |= ok;
             (Answer::Count(reply, result), ok)
         }
         Job::DeleteDeadLetter { id, reply } => {
-            let result = savepoint
-                .execute("DELETE FROM dead_letters WHERE id = ?1", [to_i64(id)])
-                .map_err(storage)
-                .and_then(|n| {
-                    if n == 0 {
-                        Err(BusError::NotFound(format!("dead letter {id}")))
-                    } else {
-                        Ok(())
-                    }
-                });
+            let result = exec(
+                savepoint,
+                "DELETE FROM dead_letters WHERE id = ?1",
+                [to_i64(id)],
+            )
+            .map_err(storage)
+            .and_then(|n| {
+                if n == 0 {
+                    Err(BusError::NotFound(format!("dead letter {id}")))
+                } else {
+                    Ok(())
+                }
+            });
             let ok = result.is_ok();
             (Answer::Done(reply, result), ok)
         }
         Job::Close { reply } => (Answer::Done(reply, Ok(())), true),
     };
     if ok {
-        if let Err(e) = savepoint.commit() {
+        if let Err(e) = exec(savepoint, "RELEASE job", []) {
             return answer.fail(&storage(e));
         }
-    } else {
-        // Dropping the savepoint rolls this job back; the rest of the group commits.
-        savepoint.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+    } else if let Err(e) =
+        exec(savepoint, "ROLLBACK TO job", []).and_then(|_| exec(savepoint, "RELEASE job", []))
+    {
+        // The group's commit reports what is wrong with the transaction.
+        tracing::error!(error = %e, "cannot roll back a failed log job");
     }
     answer
+}
+
+/// Runs one statement through the connection's statement cache: the writer runs the
+/// same few statements for every job, and parsing them each time would cost more than
+/// running them.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 fn answer_error(job: Job, error: BusError) -> Answer {
@@ -655,26 +678,21 @@ fn answer_error(job: Job, error: BusError) -> Answer {
 
 fn append_events(conn: &Connection, events: &[Event]) -> rusqlite::Result<Vec<Appended>> {
     let now = now_us();
-    let mut find = conn.prepare_cached("SELECT seq FROM events WHERE source = ?1 AND id = ?2")?;
+    // The unique index finds a duplicate during the insert itself, so a fresh event (the
+    // common case) costs one index search instead of a lookup and then an insert.
     let mut insert = conn.prepare_cached(
         "INSERT INTO events (id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (source, id) DO NOTHING",
     )?;
     let mut appended = Vec::with_capacity(events.len());
     for event in events {
-        let existing: Option<i64> = find
-            .query_row(params![event.source, event.id], |r| r.get(0))
-            .optional()?;
-        if let Some(seq) = existing {
-            appended.push(Appended {
-                sequence: to_u64(seq),
-                duplicate: true,
-            });
-            continue;
-        }
-        let extensions =
-            serde_json::to_string(&event.extensions).unwrap_or_else(|_| "{}".to_owned());
-        insert.execute(params![
+        let extensions: Cow<'_, str> = if event.extensions.is_empty() {
+            Cow::Borrowed("{}")
+        } else {
+            Cow::Owned(serde_json::to_string(&event.extensions).unwrap_or_else(|_| "{}".to_owned()))
+        };
+        let inserted = insert.execute(params![
             event.id,
             event.source,
             event.ty,
@@ -685,10 +703,16 @@ fn append_events(conn: &Connection, events: &[Event]) -> rusqlite::Result<Vec<Ap
             event.data,
             extensions,
             now
-        ])?;
+        ])? == 1;
+        let sequence = if inserted {
+            conn.last_insert_rowid()
+        } else {
+            conn.prepare_cached("SELECT seq FROM events WHERE source = ?1 AND id = ?2")?
+                .query_row(params![event.source, event.id], |r| r.get(0))?
+        };
         appended.push(Appended {
-            sequence: to_u64(conn.last_insert_rowid()),
-            duplicate: false,
+            sequence: to_u64(sequence),
+            duplicate: !inserted,
         });
     }
     Ok(appended)
@@ -711,7 +735,8 @@ fn open_cursor(conn: &Connection, plugin: &str, start: StartPosition) -> rusqlit
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?
         }
     };
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO cursors (plugin, position) VALUES (?1, ?2)",
         params![plugin, position],
     )?;
@@ -719,11 +744,13 @@ fn open_cursor(conn: &Connection, plugin: &str, start: StartPosition) -> rusqlit
 }
 
 fn move_cursor(conn: &Connection, plugin: &str, cursor: u64) -> rusqlite::Result<()> {
-    conn.execute(
+    exec(
+        conn,
         "UPDATE cursors SET position = MAX(position, ?2) WHERE plugin = ?1",
         params![plugin, to_i64(cursor)],
     )?;
-    conn.execute(
+    exec(
+        conn,
         "DELETE FROM acked WHERE plugin = ?1 AND seq <= ?2",
         params![plugin, to_i64(cursor)],
     )?;
@@ -811,7 +838,8 @@ fn settle_checked(
         Settlement::Ack(effects) => {
             apply_effects(conn, plugin, effects)?;
             if is_retry {
-                conn.execute(
+                exec(
+                    conn,
                     "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
                     params![plugin, to_i64(seq)],
                 )?;
@@ -820,7 +848,8 @@ fn settle_checked(
         Settlement::Retry { delay, errors } => {
             let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
             let attempt = i64::try_from(errors.len()).unwrap_or(i64::MAX) + 1;
-            conn.execute(
+            exec(
+            conn,
                 "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (plugin, seq) DO UPDATE SET attempt = excluded.attempt, due_at = excluded.due_at, errors = excluded.errors",
                 params![plugin, to_i64(seq), attempt, due, errors_json(errors)],
@@ -828,21 +857,30 @@ fn settle_checked(
         }
         Settlement::DeadLetter { reason, errors } => {
             if is_retry {
-                conn.execute(
+                exec(
+                    conn,
                     "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
                     params![plugin, to_i64(seq)],
                 )?;
             }
-            conn.execute(
+            exec(
+                conn,
                 "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![plugin, to_i64(seq), reason.as_str(), errors_json(errors), now],
+                params![
+                    plugin,
+                    to_i64(seq),
+                    reason.as_str(),
+                    errors_json(errors),
+                    now
+                ],
             )?;
         }
     }
     if !is_retry {
         move_cursor(conn, plugin, cursor)?;
         if seq > cursor {
-            conn.execute(
+            exec(
+                conn,
                 "INSERT OR IGNORE INTO acked (plugin, seq) VALUES (?1, ?2)",
                 params![plugin, to_i64(seq)],
             )?;
@@ -871,14 +909,14 @@ fn replay(conn: &Connection, id: Option<u64>, plugin: Option<&str>) -> Result<u6
     }
     let now = now_ms();
     for (dead_id, plugin, seq) in &rows {
-        conn.execute(
+        exec(
+            conn,
             "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, 1, ?3, '[]')
              ON CONFLICT (plugin, seq) DO UPDATE SET attempt = 1, due_at = excluded.due_at, errors = '[]'",
             params![plugin, seq, now],
         )
         .map_err(storage)?;
-        conn.execute("DELETE FROM dead_letters WHERE id = ?1", [dead_id])
-            .map_err(storage)?;
+        exec(conn, "DELETE FROM dead_letters WHERE id = ?1", [dead_id]).map_err(storage)?;
     }
     Ok(rows.len() as u64)
 }

@@ -21,10 +21,13 @@
 //! `application/cloudevents-batch+json` batched mode, even if `ce-*` headers are present;
 //! otherwise a `ce-specversion` header means binary mode; anything else is `415`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 use axum::http::{HeaderMap, header};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, code};
@@ -363,26 +366,29 @@ fn parse_binary(
 
 /// Structured mode: the body is one event in the JSON format.
 fn parse_structured(body: &[u8], limits: &ParseLimits) -> Result<Event, ApiError> {
-    let Value::Object(obj) = parse_json(body)? else {
+    let Element::Object(members) = parse_json(body)? else {
         return Err(ApiError::bad_request(
             code::INVALID_EVENT,
             "a structured-mode body must be a JSON object",
         ));
     };
-    let raw_data = || body.get(raw::object_member(body, 0, "data")?);
-    let event = event_from_object(obj, raw_data)?;
+    let event = event_from_members(members)?;
     check_size(&event, limits)?;
     Ok(event)
 }
 
 /// Batched mode: the body is a JSON array of structured events.
 fn parse_batch(body: &[u8], limits: &ParseLimits) -> Result<Vec<Event>, ApiError> {
-    let Value::Array(items) = parse_json(body)? else {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'[') {
+        // Malformed JSON is reported as such before the shape is.
+        parse_json::<IgnoredAny>(body)?;
         return Err(ApiError::bad_request(
             code::INVALID_EVENT,
             "a batch must be a JSON array of events",
         ));
-    };
+    }
+    let items: Vec<Element<'_>> = parse_json(body)?;
     if items.is_empty() {
         return Err(ApiError::bad_request(
             code::INVALID_EVENT,
@@ -400,49 +406,35 @@ fn parse_batch(body: &[u8], limits: &ParseLimits) -> Result<Vec<Event>, ApiError
             ),
         ));
     }
-    // Raw spans are only trusted when the scanner agrees with serde_json on the count.
-    let spans = raw::array_elements(body).filter(|spans| spans.len() == items.len());
     items
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            let start = spans.as_ref().and_then(|s| s.get(index)).map(|r| r.start);
-            batch_element(item, body, start, limits)
-                .map_err(|e| e.context(format_args!("event {index}")))
+            batch_element(item, limits).map_err(|e| e.context(format_args!("event {index}")))
         })
         .collect()
 }
 
-/// One element of a batch; `start` is where it begins in `body`, if known.
-fn batch_element(
-    item: Value,
-    body: &[u8],
-    start: Option<usize>,
-    limits: &ParseLimits,
-) -> Result<Event, ApiError> {
-    let Value::Object(obj) = item else {
-        return Err(ApiError::bad_request(
-            code::INVALID_EVENT,
-            format!(
-                "a batch element must be a JSON object, got {}",
-                describe(&item)
-            ),
-        ));
+/// One element of a batch.
+fn batch_element(item: Element<'_>, limits: &ParseLimits) -> Result<Event, ApiError> {
+    let members = match item {
+        Element::Object(members) => members,
+        Element::Other(described) => {
+            return Err(ApiError::bad_request(
+                code::INVALID_EVENT,
+                format!("a batch element must be a JSON object, got {described}"),
+            ));
+        }
     };
-    let raw_data = || body.get(raw::object_member(body, start?, "data")?);
-    let event = event_from_object(obj, raw_data)?;
+    let event = event_from_members(members)?;
     check_size(&event, limits)?;
     Ok(event)
 }
 
-/// Builds an event from one JSON-format object. `raw_data` finds the bytes of the `data`
-/// member in the original body, so JSON data is stored exactly as the producer wrote it
-/// (member order, number spelling, big integers); if it cannot, `data` is re-serialised.
-fn event_from_object<'a>(
-    mut obj: Map<String, Value>,
-    raw_data: impl FnOnce() -> Option<&'a [u8]>,
-) -> Result<Event, ApiError> {
-    match take(&mut obj, "specversion") {
+/// Builds an event from the members of one JSON-format object. JSON `data` is stored
+/// exactly as the producer wrote it (member order, number spelling, big integers).
+fn event_from_members(mut members: Members<'_>) -> Result<Event, ApiError> {
+    match members.take("specversion") {
         None => return Err(missing("specversion")),
         Some(Value::String(version)) => check_specversion(&version)?,
         Some(other) => {
@@ -452,18 +444,18 @@ fn event_from_object<'a>(
             )));
         }
     }
-    let id = required_string(&mut obj, "id")?;
-    let source = required_string(&mut obj, "source")?;
-    let ty = required_string(&mut obj, "type")?;
-    let subject = optional_string(&mut obj, "subject")?;
-    let time = optional_string(&mut obj, "time")?;
-    let datacontenttype = optional_string(&mut obj, "datacontenttype")?;
-    let dataschema = optional_string(&mut obj, "dataschema")?;
-    let data = take(&mut obj, "data");
-    let data_base64 = take(&mut obj, "data_base64");
+    let id = members.required_string("id")?;
+    let source = members.required_string("source")?;
+    let ty = members.required_string("type")?;
+    let subject = members.optional_string("subject")?;
+    let time = members.optional_string("time")?;
+    let datacontenttype = members.optional_string("datacontenttype")?;
+    let dataschema = members.optional_string("dataschema")?;
+    let data = members.data.filter(|raw| raw.get() != "null");
+    let data_base64 = members.take("data_base64");
 
     let mut extensions = BTreeMap::new();
-    for (name, value) in obj {
+    for (name, value) in members.attributes {
         let value = match value {
             Value::Null => continue,
             Value::String(s) => s,
@@ -477,7 +469,7 @@ fn event_from_object<'a>(
             }
         };
         check_extension_name(&name)?;
-        extensions.insert(name, value);
+        extensions.insert(name.into_owned(), value);
     }
 
     let (data, datacontenttype) = match (data, data_base64, datacontenttype) {
@@ -486,16 +478,15 @@ fn event_from_object<'a>(
                 "attributes `data` and `data_base64` are mutually exclusive; send one",
             ));
         }
-        (Some(Value::String(text)), None, Some(ct)) if !is_json_media_type(media_type(&ct)) => {
+        (Some(raw), None, Some(ct))
+            if raw.get().starts_with('"') && !is_json_media_type(media_type(&ct)) =>
+        {
+            let text: String = serde_json::from_str(raw.get()).map_err(ApiError::internal)?;
             (text.into_bytes(), Some(ct))
         }
-        (Some(value), None, ct) => {
-            let bytes = match raw_data() {
-                Some(raw) => raw.to_vec(),
-                None => serde_json::to_vec(&value).map_err(ApiError::internal)?,
-            };
+        (Some(raw), None, ct) => {
             let ct = ct.unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned());
-            (bytes, Some(ct))
+            (raw.get().as_bytes().to_vec(), Some(ct))
         }
         (None, Some(Value::String(encoded)), ct) => {
             let bytes = base64_decode(&encoded).ok_or_else(|| {
@@ -669,28 +660,6 @@ fn event_too_large(size: usize, limits: &ParseLimits) -> ApiError {
     )
 }
 
-/// Removes a member; JSON `null` counts as absent, as the JSON format specifies.
-fn take(obj: &mut Map<String, Value>, name: &str) -> Option<Value> {
-    obj.remove(name).filter(|v| !v.is_null())
-}
-
-/// A required string attribute (emptiness is checked by [`validate`]).
-fn required_string(obj: &mut Map<String, Value>, name: &str) -> Result<String, ApiError> {
-    optional_string(obj, name)?.ok_or_else(|| missing(name))
-}
-
-/// An optional string attribute.
-fn optional_string(obj: &mut Map<String, Value>, name: &str) -> Result<Option<String>, ApiError> {
-    match take(obj, name) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid(format!(
-            "attribute `{name}` must be a string, got {}",
-            describe(&other)
-        ))),
-    }
-}
-
 /// `400 invalid_attribute`.
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request(code::INVALID_ATTRIBUTE, message)
@@ -756,7 +725,7 @@ fn is_json_media_type(media: &str) -> bool {
 }
 
 /// Parses a whole body as JSON, mapping syntax errors to `400 malformed_json`.
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             code::MALFORMED_JSON,
@@ -869,138 +838,134 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Finds the byte ranges of values inside JSON text that `serde_json` has already
-/// accepted, so `data` can be stored exactly as sent. Every function returns `None` rather
-/// than guess if the text does not look as expected.
-mod raw {
-    use std::ops::Range;
+/// The members of one JSON-format event object, read in one pass: attributes as JSON
+/// values, and `data` as the exact text the producer sent. A name given twice keeps its
+/// last value, as `serde_json` does for maps.
+#[derive(Default)]
+struct Members<'a> {
+    attributes: Vec<(Cow<'a, str>, Value)>,
+    data: Option<&'a RawValue>,
+}
 
-    /// Skips JSON whitespace from `i`.
-    fn skip_ws(b: &[u8], mut i: usize) -> usize {
-        while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            i += 1;
-        }
-        i
-    }
-
-    /// `b[i]` is `"`; returns the index just past the closing quote.
-    fn skip_string(b: &[u8], i: usize) -> Option<usize> {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        let mut j = i + 1;
-        loop {
-            match b.get(j)? {
-                b'\\' => j += 2,
-                b'"' => return Some(j + 1),
-                _ => j += 1,
-            }
-        }
-    }
-
-    /// Returns the index just past the value that starts at `i`.
-    fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-        match b.get(i)? {
-            b'"' => skip_string(b, i),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                let mut j = i;
-                loop {
-                    match b.get(j)? {
-                        b'"' => {
-                            j = skip_string(b, j)?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth = depth.checked_sub(1)?;
-                            if depth == 0 {
-                                return Some(j + 1);
-                            }
-                        }
-                        _ => {}
-                    }
-                    j += 1;
-                }
-            }
-            _ => {
-                let mut j = i;
-                while b.get(j).is_some_and(|c| {
-                    !matches!(c, b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r')
-                }) {
-                    j += 1;
-                }
-                (j > i).then_some(j)
-            }
-        }
-    }
-
-    /// The ranges of the elements of the array that is the whole of `b`.
-    pub(super) fn array_elements(b: &[u8]) -> Option<Vec<Range<usize>>> {
-        let mut i = skip_ws(b, 0);
-        if b.get(i) != Some(&b'[') {
-            return None;
-        }
-        i = skip_ws(b, i + 1);
-        let mut out = Vec::new();
-        if b.get(i) == Some(&b']') {
-            return Some(out);
-        }
-        loop {
-            let end = skip_value(b, i)?;
-            out.push(i..end);
-            i = skip_ws(b, end);
-            match b.get(i)? {
-                b',' => i = skip_ws(b, i + 1),
-                b']' => return Some(out),
-                _ => return None,
-            }
-        }
-    }
-
-    /// The range of the value of member `key` (the last one, as `serde_json` keeps) of
-    /// the object that starts at `start` (after optional whitespace).
-    pub(super) fn object_member(b: &[u8], start: usize, key: &str) -> Option<Range<usize>> {
-        let mut i = skip_ws(b, start);
-        if b.get(i) != Some(&b'{') {
-            return None;
-        }
-        i = skip_ws(b, i + 1);
-        if b.get(i) == Some(&b'}') {
-            return None;
-        }
+impl Members<'_> {
+    /// Removes every member called `name` and returns the last one's value; JSON `null`
+    /// counts as absent, as the JSON format specifies.
+    fn take(&mut self, name: &str) -> Option<Value> {
         let mut found = None;
-        loop {
-            let key_end = skip_string(b, i)?;
-            let matches = key_matches(b.get(i..key_end)?, key);
-            i = skip_ws(b, key_end);
-            if b.get(i) != Some(&b':') {
-                return None;
+        self.attributes.retain_mut(|(key, value)| {
+            if key != name {
+                return true;
             }
-            i = skip_ws(b, i + 1);
-            let end = skip_value(b, i)?;
-            if matches {
-                found = Some(i..end);
-            }
-            i = skip_ws(b, end);
-            match b.get(i)? {
-                b',' => i = skip_ws(b, i + 1),
-                b'}' => return found,
-                _ => return None,
-            }
-        }
+            found = Some(std::mem::take(value));
+            false
+        });
+        found.filter(|v| !v.is_null())
     }
 
-    /// Whether the quoted JSON string `quoted` spells `key`, escapes included.
-    fn key_matches(quoted: &[u8], key: &str) -> bool {
-        let inner = quoted
-            .get(1..quoted.len().saturating_sub(1))
-            .unwrap_or_default();
-        if inner.contains(&b'\\') {
-            serde_json::from_slice::<String>(quoted).is_ok_and(|k| k == key)
-        } else {
-            inner == key.as_bytes()
+    /// A required string attribute (emptiness is checked by [`validate`]).
+    fn required_string(&mut self, name: &str) -> Result<String, ApiError> {
+        self.optional_string(name)?.ok_or_else(|| missing(name))
+    }
+
+    /// An optional string attribute.
+    fn optional_string(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(invalid(format!(
+                "attribute `{name}` must be a string, got {}",
+                describe(&other)
+            ))),
         }
+    }
+}
+
+/// A JSON value where an event object is expected: its members, or, for anything else,
+/// what it is as shown in an error message.
+enum Element<'a> {
+    Object(Members<'a>),
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Element<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ElementVisitor)
+    }
+}
+
+struct ElementVisitor;
+
+impl<'de> Visitor<'de> for ElementVisitor {
+    type Value = Element<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Members::default();
+        while let Some(MemberName(name)) = map.next_key()? {
+            if name == "data" {
+                members.data = Some(map.next_value()?);
+            } else {
+                members.attributes.push((name, map.next_value()?));
+            }
+        }
+        Ok(Element::Object(members))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Element::Other("an array".to_owned()))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Element::Other(quote(v)))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Element::Other(v.to_string()))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Element::Other(v.to_string()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Element::Other(v.to_string()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Element::Other(Value::from(v).to_string()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Element::Other("null".to_owned()))
+    }
+}
+
+/// A member name, borrowed from the body unless it has escapes.
+struct MemberName<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = MemberName<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
     }
 }
 
@@ -1646,6 +1611,20 @@ mod tests {
             e.message(),
             "event 2: a batch element must be a JSON object, got 7"
         );
+        for (element, described) in [
+            ("\"x\"", "\"x\""),
+            ("[1, {}]", "an array"),
+            ("null", "null"),
+            ("1.5", "1.5"),
+            ("true", "true"),
+        ] {
+            let body = format!("[{}, {element}]", numbered(0));
+            let e = err(parse_events(&batch_headers(), body.as_bytes(), &LIMITS));
+            assert_eq!(
+                e.message(),
+                format!("event 1: a batch element must be a JSON object, got {described}")
+            );
+        }
 
         let big = with(minimal(), "data", json!("x".repeat(2000)));
         let body = json!([numbered(0), big]).to_string();
@@ -1985,25 +1964,26 @@ mod tests {
     }
 
     #[test]
-    fn raw_spans() {
-        let text = br#" { "d\u0061ta" : [1, "}]"] , "data":{"x":"\""} , "e": 1 } "#;
-        let range = raw::object_member(text, 0, "data").expect("found");
-        assert_eq!(&text[range], br#"{"x":"\""}"#);
-        let range = raw::object_member(text, 0, "e").expect("found");
-        assert_eq!(&text[range], b"1");
-        assert_eq!(raw::object_member(text, 0, "missing"), None);
-        assert_eq!(raw::object_member(b"{}", 0, "data"), None);
-
-        let text = br#"[ 1 , "a,]" ,{"b":[2]}, null]"#;
-        let spans = raw::array_elements(text).expect("an array");
-        let parts: Vec<&[u8]> = spans.into_iter().map(|r| &text[r]).collect();
-        assert_eq!(parts, [&b"1"[..], br#""a,]""#, br#"{"b":[2]}"#, b"null"]);
-        assert_eq!(raw::array_elements(b"[]"), Some(vec![]));
-        assert_eq!(raw::array_elements(b"{}"), None);
-
+    fn repeated_and_escaped_member_names() {
         // Escaped key equal to "data", as serde_json reads it: the last one wins.
         let body = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data":1,"d\u0061ta":{"k" : 2}}"#;
         assert_eq!(structured(body).expect("parses").data, br#"{"k" : 2}"#);
+
+        // A repeated attribute or extension keeps its last value, escaped or not.
+        let body = br#"{"specversion":"1.0","id":"1","i\u0064":"2","source":"/s","type":"t","ext":"a","ext":"b","id":"3"}"#;
+        let event = structured(body).expect("parses");
+        assert_eq!(event.id, "3");
+        assert_eq!(event.extensions.get("ext").map(String::as_str), Some("b"));
+
+        // A repeated `id` whose last value is null is absent.
+        let body = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","id":null}"#;
+        assert_invalid(structured(body), "missing required attribute `id`");
+
+        // Whitespace around `data` is not part of it; `null` data is no data.
+        let body = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data" :  [1, 2]  }"#;
+        assert_eq!(structured(body).expect("parses").data, b"[1, 2]");
+        let body = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data":null}"#;
+        assert_eq!(structured(body).expect("parses").data, b"");
     }
 
     #[test]

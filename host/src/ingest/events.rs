@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::cloudevents::{self, ParseLimits};
@@ -89,14 +89,31 @@ async fn append(state: &AppState, events: Vec<Event>) -> Result<Response, ApiErr
     })?;
     let fresh = appended.iter().filter(|a| !a.duplicate).count();
     state.metrics.events_ingested(fresh as u64);
-    let accepted: Vec<serde_json::Value> = ids
-        .into_iter()
+    let accepted = ids
+        .iter()
         .zip(appended)
-        .map(|((id, source), a)| {
-            json!({"id": id, "source": source, "sequence": a.sequence, "duplicate": a.duplicate})
+        .map(|((id, source), a)| Accepted {
+            id,
+            source,
+            sequence: a.sequence,
+            duplicate: a.duplicate,
         })
         .collect();
-    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(AcceptedBody { accepted })).into_response())
+}
+
+/// The answer to an accepted append, one entry per event in the order sent.
+#[derive(Serialize)]
+struct AcceptedBody<'a> {
+    accepted: Vec<Accepted<'a>>,
+}
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    id: &'a str,
+    source: &'a str,
+    sequence: u64,
+    duplicate: bool,
 }
 
 fn counted(state: &AppState, error: ApiError) -> ApiError {

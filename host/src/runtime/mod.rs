@@ -7,12 +7,14 @@
 //!   (on a blocking thread), world and import validation ([`validate`]), pre-instantiation
 //!   and a call to `describe()`. Every refusal is a [`LoadError`] naming the file.
 //! - [`Plugin::invoke`] runs one event and returns an [`Outcome`]; see [`plugin`] for the
-//!   instance lifecycle in each [`Isolation`] mode.
+//!   instance lifecycle in each [`Isolation`] mode. Guest calls of all plugins share the
+//!   CPU through one gate that serves the least-served plugin first ([`fair`]).
 //!
 //! The runtime never applies effects: emits and KV writes come back in the outcome for
 //! the caller to commit with the acknowledgement.
 
 mod bindings;
+mod fair;
 mod host;
 mod limits;
 mod outcome;
@@ -37,6 +39,7 @@ pub use self::plugin::{Delivery, InstanceStats, Plugin, PluginInfo};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
 pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS};
 
+use self::fair::CpuGate;
 use self::host::HostState;
 
 /// How often the epoch advances; the resolution of wall-clock timeouts.
@@ -52,6 +55,9 @@ pub struct RuntimeConfig {
     /// Directory of the compiled-code cache, keyed by the file's bytes and the engine's
     /// settings, so a restart or the same bytes again do not recompile. `None`: no cache.
     pub compile_cache: Option<std::path::PathBuf>,
+    /// Guest calls that execute at the same moment over all plugins (calls waiting for
+    /// I/O do not count); the others wait at the gate, least-served plugin first.
+    pub guest_threads: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -60,8 +66,16 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_memory_bytes: 1024 * 1024 * 1024,
             compile_cache: None,
+            guest_threads: default_guest_threads(),
         }
     }
+}
+
+/// One fewer than the cores (at least one): busy plugins then leave a core to ingest,
+/// the log writer and the dispatchers, so producers and settlements are not held up by
+/// guests.
+pub fn default_guest_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// Hits and misses of the compiled-code cache since the runtime started.
@@ -166,6 +180,7 @@ struct RuntimeInner {
     engine: Engine,
     linker: Linker<HostState>,
     cache: Option<Cache>,
+    gate: CpuGate,
 }
 
 impl Runtime {
@@ -196,6 +211,7 @@ impl Runtime {
                 engine,
                 linker,
                 cache,
+                gate: CpuGate::new(config.guest_threads),
             }),
         })
     }
@@ -217,6 +233,10 @@ impl Runtime {
 
     pub(crate) fn linker(&self) -> &Linker<HostState> {
         &self.inner.linker
+    }
+
+    pub(crate) fn gate(&self) -> &CpuGate {
+        &self.inner.gate
     }
 }
 

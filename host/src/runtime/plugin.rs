@@ -26,6 +26,7 @@ use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{Plugin as PluginWorld, PluginPre, types};
+use super::fair::{CpuShare, Fair};
 use super::host::{HostState, HostTrap, KvSource, PluginIdentity};
 use super::limits::MemoryLimiter;
 use super::outcome::{Effects, Failure, FailureKind, Outcome};
@@ -77,6 +78,7 @@ pub struct Plugin {
     settings: PluginSettings,
     sha256: String,
     warm: Mutex<Vec<Instance>>,
+    cpu: CpuShare,
     created: AtomicU64,
     recycled: AtomicU64,
 }
@@ -131,6 +133,7 @@ impl Runtime {
             settings,
             sha256,
             warm: Mutex::new(Vec::new()),
+            cpu: CpuShare::default(),
             created: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
         };
@@ -223,9 +226,12 @@ impl Plugin {
             Isolation::PerEvent => None,
         };
         let mut slot = warm;
-        let attempt = self
-            .attempt(&mut slot, event, delivery, kv)
-            .instrument(span);
+        let attempt = Fair::new(
+            self.runtime.gate(),
+            &self.cpu,
+            self.attempt(&mut slot, event, delivery, kv)
+                .instrument(span),
+        );
         let (result, timed_out) = match tokio::time::timeout(overall_timeout(limits), attempt).await
         {
             Ok(result) => (result, false),
@@ -321,8 +327,8 @@ impl Plugin {
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         // Guests run on the host's async worker threads: a CPU-bound call must hand its
-        // thread back now and then, or two busy plugins would stall ingest and every
-        // other plugin on a two-core machine.
+        // thread and its turn back now and then, or busy plugins would stall ingest and
+        // every other plugin.
         store
             .fuel_async_yield_interval(Some(FUEL_PER_TIMESLICE))
             .map_err(|e| Failure::new(FailureKind::Host, format!("cannot set yielding: {e}")))?;
@@ -377,12 +383,12 @@ impl Plugin {
     }
 }
 
-/// Gives a store a full fuel budget and a fresh epoch deadline.
-/// Fuel a guest burns before it yields its worker thread: about a millisecond of
-/// compiled code, small enough that short calls of other plugins interleave, large enough
-/// that yielding costs nothing measurable.
-const FUEL_PER_TIMESLICE: u64 = 1_000_000;
+/// Fuel a guest burns before it yields its worker thread and its turn at the CPU gate:
+/// about a tenth of a millisecond of compiled code, so a quick call of another plugin
+/// waits at most that long for a turn; a yield costs about a microsecond.
+const FUEL_PER_TIMESLICE: u64 = 100_000;
 
+/// Gives a store a full fuel budget and a fresh epoch deadline.
 fn arm(store: &mut Store<HostState>, limits: PluginLimits) -> Result<(), Failure> {
     store
         .set_fuel(limits.fuel)

@@ -1,0 +1,295 @@
+//! Fair sharing of the CPU between plugins.
+//!
+//! Guests run on the host's async worker threads. Left to tokio's FIFO run queue, a
+//! plugin whose every call burns its whole fuel budget gets a worker for each of its
+//! timeslices as often as a plugin whose calls take microseconds gets one for a whole
+//! call, so a few busy plugins leave a well-behaved one a small share.
+//!
+//! [`CpuGate`] admits at most `slots` guest polls at once and, when guests queue, admits
+//! the one whose plugin has used the least CPU ("virtual runtime", as in Linux's CFS). A
+//! plugin with short calls therefore runs ahead of plugins that burn timeslices, and busy
+//! plugins take turns. [`Fair`] wraps a guest call: every poll (one timeslice at most,
+//! since guests yield every [`FUEL_PER_TIMESLICE`](super::plugin) of fuel) waits for a
+//! slot, and its duration is charged to the plugin.
+//!
+//! Invariants:
+//! - a slot is held only during a poll, never while the call waits for I/O or its turn;
+//! - a slot handed to a waiter that is dropped before it runs is handed on, never lost;
+//! - a plugin that was idle re-enters at most [`CATCH_UP`] of CPU behind the busiest
+//!   recent runner, so a long pause does not buy it a monopoly afterwards.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// How far behind the others an idle plugin may come back: it then runs first for at
+/// most this much CPU before it takes turns.
+const CATCH_UP: Duration = Duration::from_millis(20);
+
+/// The host-wide gate guests pass to run.
+#[derive(Debug)]
+pub struct CpuGate {
+    state: Mutex<GateState>,
+    next_ticket: AtomicU64,
+}
+
+#[derive(Debug)]
+struct GateState {
+    free: usize,
+    /// Waiting polls, lowest virtual runtime first (ties in arrival order).
+    waiting: BTreeMap<(u64, u64), Waker>,
+    /// Tickets handed a slot that have not run yet.
+    granted: HashSet<u64>,
+    /// Virtual runtime of the most recent admission; only grows.
+    floor: u64,
+}
+
+/// A plugin's account at the gate: the CPU its calls have used, in nanoseconds, plus
+/// what catching up added.
+#[derive(Debug, Default)]
+pub struct CpuShare {
+    used_ns: AtomicU64,
+}
+
+impl CpuGate {
+    /// A gate that lets `slots` guest polls run at once (at least one).
+    pub fn new(slots: usize) -> Self {
+        Self {
+            state: Mutex::new(GateState {
+                free: slots.max(1),
+                waiting: BTreeMap::new(),
+                granted: HashSet::new(),
+                floor: 0,
+            }),
+            next_ticket: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a slot for `ticket` now, or queues it to be woken with one.
+    fn acquire(
+        &self,
+        share: &CpuShare,
+        ticket: u64,
+        queued: &mut Option<u64>,
+        waker: &Waker,
+    ) -> bool {
+        let mut state = self.state();
+        if state.granted.remove(&ticket) {
+            *queued = None;
+            return true;
+        }
+        let floor = u64::try_from(CATCH_UP.as_nanos()).unwrap_or(u64::MAX);
+        let vruntime = share
+            .used_ns
+            .fetch_max(state.floor.saturating_sub(floor), Ordering::Relaxed)
+            .max(state.floor.saturating_sub(floor));
+        if let Some(previous) = queued.take() {
+            state.waiting.remove(&(previous, ticket));
+        }
+        let first_in_line = state
+            .waiting
+            .first_key_value()
+            .is_none_or(|(&(lowest, _), _)| vruntime <= lowest);
+        if state.free > 0 && first_in_line {
+            state.free -= 1;
+            state.floor = state.floor.max(vruntime);
+            return true;
+        }
+        state.waiting.insert((vruntime, ticket), waker.clone());
+        *queued = Some(vruntime);
+        false
+    }
+
+    /// Returns a slot: to the first waiter if there is one.
+    fn release(&self) {
+        let mut state = self.state();
+        match state.waiting.pop_first() {
+            Some(((vruntime, ticket), waker)) => {
+                state.floor = state.floor.max(vruntime);
+                state.granted.insert(ticket);
+                drop(state);
+                waker.wake();
+            }
+            None => state.free += 1,
+        }
+    }
+
+    /// Forgets a ticket that will not poll again; a slot already handed to it moves on.
+    fn abandon(&self, ticket: u64, queued: Option<u64>) {
+        let mut state = self.state();
+        if let Some(vruntime) = queued {
+            state.waiting.remove(&(vruntime, ticket));
+        }
+        if state.granted.remove(&ticket) {
+            drop(state);
+            self.release();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A guest call that runs only while it holds a slot of the gate, and is charged for
+    /// the time it runs.
+    pub struct Fair<'g, F> {
+        #[pin]
+        inner: F,
+        gate: &'g CpuGate,
+        share: &'g CpuShare,
+        ticket: u64,
+        queued: Option<u64>,
+    }
+
+    impl<'g, F> PinnedDrop for Fair<'g, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.gate.abandon(*this.ticket, *this.queued);
+        }
+    }
+}
+
+impl<'g, F: Future> Fair<'g, F> {
+    /// Wraps `inner`, charging `share` at `gate`.
+    pub fn new(gate: &'g CpuGate, share: &'g CpuShare, inner: F) -> Self {
+        Self {
+            inner,
+            gate,
+            share,
+            ticket: gate.next_ticket.fetch_add(1, Ordering::Relaxed),
+            queued: None,
+        }
+    }
+}
+
+impl<F: Future> Future for Fair<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if !this
+            .gate
+            .acquire(this.share, *this.ticket, this.queued, cx.waker())
+        {
+            return Poll::Pending;
+        }
+        let started = Instant::now();
+        let polled = this.inner.poll(cx);
+        let ran = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        this.share.used_ns.fetch_add(ran, Ordering::Relaxed);
+        this.gate.release();
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waker() -> Waker {
+        Waker::noop().clone()
+    }
+
+    fn used(share: &CpuShare) -> Duration {
+        Duration::from_nanos(share.used_ns.load(Ordering::Relaxed))
+    }
+
+    fn share(used: Duration) -> CpuShare {
+        let share = CpuShare::default();
+        share.used_ns.store(
+            u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        share
+    }
+
+    #[test]
+    fn the_least_served_waiter_gets_the_next_slot_whatever_its_arrival() {
+        let gate = CpuGate::new(1);
+        let runner = share(Duration::ZERO);
+        let busy = share(Duration::from_millis(10));
+        let light = share(Duration::from_millis(1));
+        let (mut running, mut busy_turn, mut light_turn) = (None, None, None);
+        assert!(gate.acquire(&runner, 1, &mut running, &waker()));
+        assert!(!gate.acquire(&busy, 2, &mut busy_turn, &waker()));
+        assert!(!gate.acquire(&light, 3, &mut light_turn, &waker()));
+        gate.release();
+        // The light plugin queued last but has used less: it runs first.
+        assert!(!gate.acquire(&busy, 2, &mut busy_turn, &waker()));
+        assert!(gate.acquire(&light, 3, &mut light_turn, &waker()));
+        gate.release();
+        assert!(gate.acquire(&busy, 2, &mut busy_turn, &waker()));
+        gate.release();
+        // Nobody waits: the slot is free again.
+        let mut again = None;
+        assert!(gate.acquire(&busy, 4, &mut again, &waker()));
+    }
+
+    #[test]
+    fn a_dropped_waiter_hands_its_slot_on() {
+        let gate = CpuGate::new(1);
+        let share = CpuShare::default();
+        let (mut first, mut second, mut third) = (None, None, None);
+        assert!(gate.acquire(&share, 1, &mut first, &waker()));
+        assert!(!gate.acquire(&share, 2, &mut second, &waker()));
+        assert!(!gate.acquire(&share, 3, &mut third, &waker()));
+        // The slot goes to ticket 2, which is dropped before it runs: ticket 3 gets it.
+        gate.release();
+        gate.abandon(2, second);
+        assert!(gate.acquire(&share, 3, &mut third, &waker()));
+        // A queued waiter that is dropped leaves the queue.
+        let mut fourth = None;
+        assert!(!gate.acquire(&share, 4, &mut fourth, &waker()));
+        gate.abandon(4, fourth);
+        gate.release();
+        let mut fifth = None;
+        assert!(gate.acquire(&share, 5, &mut fifth, &waker()));
+    }
+
+    #[test]
+    fn an_idle_plugin_comes_back_at_most_the_catch_up_behind() {
+        let gate = CpuGate::new(1);
+        let busy = share(Duration::from_secs(3));
+        let idle = CpuShare::default();
+        let (mut busy_turn, mut idle_turn) = (None, None);
+        assert!(gate.acquire(&busy, 1, &mut busy_turn, &waker()));
+        gate.release();
+        assert!(gate.acquire(&idle, 2, &mut idle_turn, &waker()));
+        gate.release();
+        assert_eq!(used(&idle), Duration::from_secs(3) - CATCH_UP);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_is_charged_for_its_polls_and_frees_its_slot() {
+        let gate = CpuGate::new(1);
+        let share = CpuShare::default();
+        let mut polls = 0;
+        let burn = std::future::poll_fn(|cx| {
+            let until = Instant::now() + Duration::from_millis(2);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            polls += 1;
+            if polls == 3 {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        });
+        Fair::new(&gate, &share, burn).await;
+        assert!(
+            used(&share) >= Duration::from_millis(6),
+            "{:?}",
+            used(&share)
+        );
+        let mut next = None;
+        assert!(gate.acquire(&share, 99, &mut next, &waker()));
+    }
+}
