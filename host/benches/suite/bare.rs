@@ -58,6 +58,8 @@ async fn bare_wasmtime_loop(path: &Path, calls: u32, fresh: bool) -> wasmtime::R
         .total_tables(256)
         .total_stacks(64)
         .max_memory_size(64 << 20);
+    // Slots are cleaned for reuse the way the host cleans them.
+    switchyard_host::runtime::pool_reuse(&mut pool);
     let mut config = Config::new();
     config
         .wasm_component_model(true)

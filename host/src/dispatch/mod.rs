@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -148,12 +150,13 @@ async fn run(
     consumer: Arc<dyn Consumer>,
     metrics: Arc<Metrics>,
     target: Target,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
     let concurrency = target.policy.concurrency.max(1);
-    let (deliveries, mut incoming) = mpsc::channel::<Delivery>(concurrency * 2);
     // Fetching a whole window at a time costs one log read per window rather than one
-    // per delivery; the channel still holds the fetcher back to what the calls absorb.
+    // per delivery, and the channel takes it at once; the consumer's window bounds what
+    // is fetched and not yet settled.
+    let (deliveries, incoming) = mpsc::channel::<Delivery>(window(concurrency));
     let fetcher = tokio::spawn(fetch(
         Arc::clone(&consumer),
         deliveries,
@@ -173,7 +176,80 @@ async fn run(
         permits: Arc::new(Semaphore::new(concurrency)),
         rerun_turn: tokio::sync::Mutex::new(()),
     });
-    let by_key = target.policy.ordering == Ordering::Key;
+    if target.policy.ordering == Ordering::Key {
+        route_by_key(context, incoming, stopped).await;
+    } else {
+        run_lanes(context, incoming, stopped, concurrency).await;
+    }
+    fetcher.abort();
+}
+
+/// `ordering = "none"`: `concurrency` lanes, each taking the next delivery, calling the
+/// plugin and settling while it calls the next. A lane drives its own settlements, so a
+/// delivery costs no task of its own and no hand-off between tasks.
+async fn run_lanes(
+    context: Arc<Context>,
+    incoming: mpsc::Receiver<Delivery>,
+    mut stopped: watch::Receiver<bool>,
+    lanes: usize,
+) {
+    let incoming = Arc::new(tokio::sync::Mutex::new(incoming));
+    let mut running = JoinSet::new();
+    for _ in 0..lanes {
+        running.spawn(lane(
+            Arc::clone(&context),
+            Arc::clone(&incoming),
+            stopped.clone(),
+        ));
+    }
+    tokio::select! {
+        _ = stopped.changed() => {}
+        () = async { while running.join_next().await.is_some() {} } => return,
+    }
+    // Calls waiting for a permit (reruns) never start; the ones in flight finish and
+    // settle (the caller bounds how long). Unsettled ones are delivered after restart.
+    context.permits.close();
+    while running.join_next().await.is_some() {}
+}
+
+async fn lane(
+    context: Arc<Context>,
+    incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivery>>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut settling = FuturesUnordered::new();
+    loop {
+        let received = tokio::select! {
+            biased;
+            Some(_) = settling.next(), if !settling.is_empty() => continue,
+            _ = stopped.changed() => break,
+            received = async { incoming.lock().await.recv().await } => received,
+        };
+        let Some(delivery) = received else { break };
+        let called = {
+            let call = first_call(&context, &delivery);
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    biased;
+                    called = &mut call => break called,
+                    Some(_) = settling.next(), if !settling.is_empty() => {}
+                }
+            }
+        };
+        if let Some(called) = called {
+            settling.push(finish(Arc::clone(&context), delivery, None, called));
+        }
+    }
+    while settling.next().await.is_some() {}
+}
+
+/// `ordering = "key"`: one delivery per key in flight, later ones parked in log order.
+async fn route_by_key(
+    context: Arc<Context>,
+    mut incoming: mpsc::Receiver<Delivery>,
+    mut stopped: watch::Receiver<bool>,
+) {
     // Keys with a delivery in flight or waiting for its retry: the holder's sequence and
     // the later deliveries parked behind it.
     let mut held: HashMap<String, (u64, VecDeque<Delivery>)> = HashMap::new();
@@ -184,22 +260,18 @@ async fn run(
             _ = stopped.changed() => break,
             received = incoming.recv() => {
                 let Some(delivery) = received else { break };
-                if by_key {
-                    let key = ordering_key(&delivery);
-                    match held.get_mut(&key) {
-                        Some((holder, parked)) if *holder != delivery.stored.sequence => {
-                            parked.push_back(delivery);
-                            continue;
-                        }
-                        Some(_) => {}
-                        None => {
-                            held.insert(key.clone(), (delivery.stored.sequence, VecDeque::new()));
-                        }
+                let key = ordering_key(&delivery);
+                match held.get_mut(&key) {
+                    Some((holder, parked)) if *holder != delivery.stored.sequence => {
+                        parked.push_back(delivery);
+                        continue;
                     }
-                    tasks.spawn(handle(Arc::clone(&context), delivery, Some(key)));
-                } else {
-                    tasks.spawn(handle(Arc::clone(&context), delivery, None));
+                    Some(_) => {}
+                    None => {
+                        held.insert(key.clone(), (delivery.stored.sequence, VecDeque::new()));
+                    }
                 }
+                tasks.spawn(handle(Arc::clone(&context), delivery, Some(key)));
             }
             Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
                 let Ok(Finished { key: Some(key), sequence, released }) = finished else { continue };
@@ -223,7 +295,6 @@ async fn run(
             }
         }
     }
-    fetcher.abort();
     // Deliveries still waiting for a permit never start; the ones in flight finish and
     // settle (the caller bounds how long). Unsettled ones are delivered after restart.
     context.permits.close();
@@ -278,42 +349,74 @@ fn since(at_us: i64) -> Duration {
 
 /// Runs one attempt and settles it.
 async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
-    let sequence = delivery.stored.sequence;
-    let unstarted = |key| Finished {
-        key,
-        sequence,
-        released: false,
-    };
-    let Ok(permit) = Arc::clone(&context.permits).acquire_owned().await else {
-        return unstarted(key);
-    };
+    match first_call(&context, &delivery).await {
+        Some(called) => finish(context, delivery, key, called).await,
+        None => Finished {
+            key,
+            sequence: delivery.stored.sequence,
+            released: false,
+        },
+    }
+}
+
+/// An attempt that has run and how long after ingest it started.
+struct Called {
+    start_latency: Duration,
+    attempt: Attempted,
+}
+
+/// How an attempt ends, its outcome's name, its duration and the fuel it burned.
+type Attempted = (Settlement, &'static str, Duration, u64);
+
+/// Runs a delivery's first attempt under a call permit; `None` when shutting down.
+async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
+    let permit = context.permits.acquire().await.ok()?;
     context
         .state
         .in_flight
         .fetch_add(1, AtomicOrdering::Relaxed);
     let start_latency = since(delivery.stored.ingested_at_us);
-    let mut permit = Some(permit);
-    let mut runs = 0;
+    let attempt = attempt(context, delivery).await;
+    // `concurrency` bounds calls of the plugin, not settlements waiting for the log:
+    // the next call starts while this one commits (the consumer's window bounds those).
+    drop(permit);
+    Some(Called {
+        start_latency,
+        attempt,
+    })
+}
+
+/// Settles an attempt, running it again while its KV reads conflict.
+async fn finish(
+    context: Arc<Context>,
+    delivery: Delivery,
+    key: Option<String>,
+    called: Called,
+) -> Finished {
+    let sequence = delivery.stored.sequence;
+    let start_latency = called.start_latency;
+    let mut first = Some(called.attempt);
+    let mut runs = 1;
     let released = loop {
-        runs += 1;
         // Reruns after a conflict take turns, so a hot key cannot starve them.
-        let _turn = if runs > 1 {
+        let _turn = if first.is_none() {
             Some(context.rerun_turn.lock().await)
         } else {
             None
         };
-        let call_permit = match permit.take() {
-            Some(permit) => permit,
-            None => match Arc::clone(&context.permits).acquire_owned().await {
-                Ok(permit) => permit,
+        let (settlement, outcome_name, duration, fuel) = match first.take() {
+            Some(attempted) => attempted,
+            None => {
+                runs += 1;
                 // Shutting down: the delivery stays unsettled and comes back after a restart.
-                Err(_) => break None,
-            },
+                let Ok(permit) = context.permits.acquire().await else {
+                    break None;
+                };
+                let attempted = attempt(&context, &delivery).await;
+                drop(permit);
+                attempted
+            }
         };
-        let (settlement, outcome_name, duration, fuel) = attempt(&context, &delivery).await;
-        // `concurrency` bounds calls of the plugin, not settlements waiting for the log:
-        // the next call starts while this one commits (the consumer's window bounds those).
-        drop(call_permit);
         let released = !matches!(settlement, Settlement::Retry { .. });
         match settle(&context, &delivery, &settlement).await {
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
@@ -323,7 +426,6 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
                     .metrics
                     .delivery(&context.name, "conflict", duration, fuel);
                 tracing::debug!(plugin = %context.name, event_id = %delivery.stored.event.id, %conflict, "rerunning after a KV conflict");
-                continue;
             }
             Err(conflict) => {
                 context
@@ -364,13 +466,10 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
         .state
         .in_flight
         .fetch_sub(1, AtomicOrdering::Relaxed);
-    match released {
-        Some(released) => Finished {
-            key,
-            sequence,
-            released,
-        },
-        None => unstarted(key),
+    Finished {
+        key,
+        sequence,
+        released: released.unwrap_or(false),
     }
 }
 
@@ -378,10 +477,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
 const MAX_CONFLICT_RUNS: u32 = 8;
 
 /// Invokes the plugin once and decides how the attempt ends.
-async fn attempt(
-    context: &Context,
-    delivery: &Delivery,
-) -> (Settlement, &'static str, Duration, u64) {
+async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
     let outcome = context
         .plugin
         .invoke(

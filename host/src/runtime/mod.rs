@@ -250,12 +250,26 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .total_tables(config.max_instances.saturating_mul(4))
         .total_stacks(config.max_instances)
         .max_memory_size(usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX));
+    pool_reuse(&mut pool);
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
         .consume_fuel(true)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     wasm
+}
+
+/// How a freed instance slot is made clean for the next instance. Each `per-event`
+/// call frees one, and by default the whole linear memory and table are decommitted with
+/// `madvise`: a system call, page faults on every page the next instance touches, and,
+/// with guests on several worker threads, TLB shootdowns across cores. Instead, the
+/// pages that were touched (found with `PAGEMAP_SCAN` where the kernel has it) are reset
+/// in place up to the sizes kept resident here; a handler that uses more memory than that
+/// is decommitted as before.
+pub fn pool_reuse(pool: &mut PoolingAllocationConfig) {
+    pool.linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto);
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.

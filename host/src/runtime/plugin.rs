@@ -15,8 +15,11 @@
 //! timeout over the whole invocation catches time spent waiting inside host calls (for
 //! example a guest sleeping), where epochs cannot interrupt it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -232,10 +235,15 @@ impl Plugin {
             self.attempt(&mut slot, event, delivery, kv)
                 .instrument(span),
         );
-        let (result, timed_out) = match tokio::time::timeout(overall_timeout(limits), attempt).await
+        let (result, timed_out) = match (Within {
+            inner: attempt,
+            deadline: tokio::time::Instant::now() + overall_timeout(limits),
+            timer: None,
+        })
+        .await
         {
-            Ok(result) => (result, false),
-            Err(_) => (Err(timeout_failure(limits)), true),
+            Some(result) => (result, false),
+            None => (Err(timeout_failure(limits)), true),
         };
         let fuel_used = slot.as_ref().map_or(0, |instance| {
             limits
@@ -380,6 +388,37 @@ impl Plugin {
             version: info.version,
             subscriptions,
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `inner` cut off at `deadline`, like `tokio::time::timeout`, but the timer is only
+    /// registered once `inner` has to wait: most calls finish in their first poll and
+    /// then cost no timer at all.
+    struct Within<F> {
+        #[pin]
+        inner: F,
+        deadline: tokio::time::Instant,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.inner.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let deadline = *this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
