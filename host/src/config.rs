@@ -388,9 +388,11 @@ pub struct RuntimeSection {
     #[serde(deserialize_with = "deser::size")]
     pub max_memory: u64,
 
-    /// Plugin calls that execute at the same moment, over all plugins; calls waiting for
-    /// I/O do not count. Further calls wait their turn, the plugin that has used the
-    /// least CPU first, so busy plugins cannot crowd out quick ones. At least 1.
+    /// Long plugin calls that execute at the same moment, over all plugins. A call's
+    /// first timeslice (100,000 fuel) starts at once; a call that needs more waits for
+    /// each further timeslice until fewer than this many run, the plugin that has used
+    /// the least CPU first, so busy plugins take turns and cannot crowd out quick ones.
+    /// Calls waiting for I/O do not count. At least 1.
     ///
     /// Default: the number of CPU cores minus one (at least 1), which leaves a core to
     /// ingest and the log.

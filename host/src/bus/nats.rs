@@ -1231,6 +1231,7 @@ impl Bus for NatsBus {
             one_at_a_time: spec.one_at_a_time,
             consumer,
             outstanding,
+            room: tokio::sync::Notify::new(),
             keep_alive,
         }))
     }
@@ -1393,6 +1394,9 @@ async fn keep_alive(outstanding: std::sync::Weak<Mutex<HashMap<u64, Message>>>, 
 
 /// Longest a pull that should answer at once may take.
 const PULL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Longest `next` waits for settlements to free half the window before it pulls what
+/// room there is (or returns empty when there is none).
+const FULL_WINDOW_WAIT: Duration = Duration::from_millis(250);
 
 /// Collects the messages of one pull request into `into`, logging a failed pull (the
 /// caller tries again; the client reconnects by itself).
@@ -1439,6 +1443,8 @@ struct NatsConsumer {
     consumer: PullConsumer,
     /// Deliveries handed out and not yet settled, by log position.
     outstanding: Arc<Mutex<HashMap<u64, Message>>>,
+    /// Signalled when a settlement frees room in the window.
+    room: tokio::sync::Notify,
     keep_alive: tokio::task::JoinHandle<()>,
 }
 
@@ -1618,13 +1624,20 @@ impl NatsConsumer {
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
-        let mut room = self.window.saturating_sub(self.held().len()).min(max);
-        if self.one_at_a_time {
-            room = room.min(1);
+        let cap = if self.one_at_a_time { 1 } else { max.max(1) };
+        let room = || self.window.saturating_sub(self.held().len()).min(cap);
+        // Every pull is a round trip to the server: with the window nearly full, wait
+        // until half of it is free (or a while) rather than pull one message at a time.
+        let enough = (self.window / 4).clamp(1, cap);
+        let deadline = tokio::time::Instant::now() + FULL_WINDOW_WAIT;
+        while room() < enough {
+            let notified = self.room.notified();
+            if room() >= enough || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
         }
+        let room = room();
         if room == 0 {
-            // The window is full: wait for settlements rather than take more.
-            tokio::time::sleep(Duration::from_millis(20)).await;
             return Ok(Vec::new());
         }
         let mut deliveries = Vec::new();
@@ -1653,6 +1666,7 @@ impl Consumer for NatsConsumer {
                 if let Err(error) = message.ack().await {
                     tracing::warn!(plugin = %self.plugin, sequence, %error, "cannot acknowledge a committed delivery; it will be redelivered and recognised");
                     self.held().remove(&sequence);
+                    self.room.notify_one();
                     return Ok(());
                 }
                 if delivery.attempt > 1 {
@@ -1680,6 +1694,7 @@ impl Consumer for NatsConsumer {
             }
         }
         self.held().remove(&sequence);
+        self.room.notify_one();
         Ok(())
     }
 }

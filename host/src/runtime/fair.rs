@@ -6,14 +6,17 @@
 //! call, so a few busy plugins leave a well-behaved one a small share.
 //!
 //! [`CpuGate`] admits at most `slots` guest polls at once and, when guests queue, admits
-//! the one whose plugin has used the least CPU ("virtual runtime", as in Linux's CFS). A
-//! plugin with short calls therefore runs ahead of plugins that burn timeslices, and busy
-//! plugins take turns. [`Fair`] wraps a guest call: every poll (one timeslice at most,
-//! since guests yield every [`FUEL_PER_TIMESLICE`](super::plugin) of fuel) waits for a
-//! slot, and its duration is charged to the plugin.
+//! the one whose plugin has used the least CPU ("virtual runtime", as in Linux's CFS).
+//! [`Fair`] wraps a guest call. Its first poll (one timeslice at most, since guests
+//! yield every `FUEL_PER_TIMESLICE` of fuel) runs at once, so the many calls that end
+//! there pay nothing; every later poll waits for a slot. Calls that burn timeslices
+//! therefore wait at the gate rather than in the async runtime's run queues, where a
+//! quick call would wait behind all of them, and busy plugins take turns. Every poll's
+//! duration is charged to the plugin.
 //!
 //! Invariants:
-//! - a slot is held only during a poll, never while the call waits for I/O or its turn;
+//! - a slot is held only during a poll after a call's first, never while the call waits
+//!   for I/O or its turn;
 //! - a slot handed to a waiter that is dropped before it runs is handed on, never lost;
 //! - a plugin that was idle re-enters at most [`CATCH_UP`] of CPU behind the busiest
 //!   recent runner, so a long pause does not buy it a monopoly afterwards.
@@ -145,6 +148,7 @@ pin_project_lite::pin_project! {
         share: &'g CpuShare,
         ticket: u64,
         queued: Option<u64>,
+        yielded: bool,
     }
 
     impl<'g, F> PinnedDrop for Fair<'g, F> {
@@ -164,6 +168,7 @@ impl<'g, F: Future> Fair<'g, F> {
             share,
             ticket: gate.next_ticket.fetch_add(1, Ordering::Relaxed),
             queued: None,
+            yielded: false,
         }
     }
 }
@@ -173,9 +178,13 @@ impl<F: Future> Future for Fair<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if !this
-            .gate
-            .acquire(this.share, *this.ticket, this.queued, cx.waker())
+        // The first poll runs at once: most calls end in it, and then pay no hand-off.
+        // A call that yields has proven it is long, and takes turns from then on.
+        let gated = *this.yielded;
+        if gated
+            && !this
+                .gate
+                .acquire(this.share, *this.ticket, this.queued, cx.waker())
         {
             return Poll::Pending;
         }
@@ -183,7 +192,10 @@ impl<F: Future> Future for Fair<'_, F> {
         let polled = this.inner.poll(cx);
         let ran = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         this.share.used_ns.fetch_add(ran, Ordering::Relaxed);
-        this.gate.release();
+        if gated {
+            this.gate.release();
+        }
+        *this.yielded = true;
         polled
     }
 }
@@ -263,6 +275,35 @@ mod tests {
         assert!(gate.acquire(&idle, 2, &mut idle_turn, &waker()));
         gate.release();
         assert_eq!(used(&idle), Duration::from_secs(3) - CATCH_UP);
+    }
+
+    #[test]
+    fn a_first_poll_runs_at_once_and_later_polls_wait_their_turn() {
+        let gate = CpuGate::new(1);
+        let share = CpuShare::default();
+        let mut other = None;
+        assert!(gate.acquire(&share, 1_000, &mut other, &waker()));
+        let inner_polls = std::cell::Cell::new(0);
+        let call = std::future::poll_fn(|_| {
+            inner_polls.set(inner_polls.get() + 1);
+            if inner_polls.get() == 2 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let mut call = std::pin::pin!(Fair::new(&gate, &share, call));
+        let waker = waker();
+        let mut cx = Context::from_waker(&waker);
+        // The slot is taken, yet the first poll runs.
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(inner_polls.get(), 1);
+        // Having yielded, the call waits for the slot.
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(inner_polls.get(), 1);
+        gate.release();
+        assert!(call.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(inner_polls.get(), 2);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -55,8 +55,9 @@ pub struct RuntimeConfig {
     /// Directory of the compiled-code cache, keyed by the file's bytes and the engine's
     /// settings, so a restart or the same bytes again do not recompile. `None`: no cache.
     pub compile_cache: Option<std::path::PathBuf>,
-    /// Guest calls that execute at the same moment over all plugins (calls waiting for
-    /// I/O do not count); the others wait at the gate, least-served plugin first.
+    /// Guest timeslices after a call's first that execute at the same moment over all
+    /// plugins (calls waiting for I/O do not count); the others wait at the gate,
+    /// least-served plugin first.
     pub guest_threads: usize,
 }
 
