@@ -1465,4 +1465,42 @@ mod tests {
         drop(SqliteBus::open(SqliteOptions::new(&fresh)).unwrap());
         assert!(SqliteBus::open(SqliteOptions::new(&fresh)).is_ok());
     }
+    fn event(source: &str, id: &str) -> Event {
+        Event {
+            id: id.to_owned(),
+            source: source.to_owned(),
+            ty: "t.x".to_owned(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            data: Vec::new(),
+            extensions: std::collections::BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeated_source_and_id_is_answered_with_its_first_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap();
+        let first = bus
+            .append(vec![event("/a", "1"), event("/b", "1")])
+            .await
+            .unwrap();
+        assert_eq!(
+            first.iter().map(|a| (a.sequence, a.duplicate)).collect::<Vec<_>>(),
+            [(1, false), (2, false)]
+        );
+        // One already stored, one repeated inside the batch, one new.
+        let second = bus
+            .append(vec![event("/b", "1"), event("/a", "2"), event("/a", "2")])
+            .await
+            .unwrap();
+        assert_eq!(
+            second.iter().map(|a| (a.sequence, a.duplicate)).collect::<Vec<_>>(),
+            [(2, true), (3, false), (3, true)]
+        );
+        assert_eq!(bus.head().await.unwrap(), 3);
+        bus.close().await.unwrap();
+    }
 }
