@@ -1488,7 +1488,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            first.iter().map(|a| (a.sequence, a.duplicate)).collect::<Vec<_>>(),
+            first
+                .iter()
+                .map(|a| (a.sequence, a.duplicate))
+                .collect::<Vec<_>>(),
             [(1, false), (2, false)]
         );
         // One already stored, one repeated inside the batch, one new.
@@ -1497,7 +1500,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            second.iter().map(|a| (a.sequence, a.duplicate)).collect::<Vec<_>>(),
+            second
+                .iter()
+                .map(|a| (a.sequence, a.duplicate))
+                .collect::<Vec<_>>(),
             [(2, true), (3, false), (3, true)]
         );
         assert_eq!(bus.head().await.unwrap(), 3);

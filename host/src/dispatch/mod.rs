@@ -2,16 +2,18 @@
 //! settling each attempt on the bus.
 //!
 //! Per plugin, a fetch task pulls deliveries from the plugin's [`Consumer`] into a
-//! bounded channel, and the dispatch loop runs each in its own task, with at most
-//! `concurrency` calls of the plugin at once (a semaphore held for the call, not for the
-//! settlement that follows; the consumer's window bounds deliveries not yet settled).
-//! Plugins never share a consumer, a channel or a semaphore, so a slow or failing plugin
-//! holds back no other.
+//! bounded channel. At most `concurrency` calls of the plugin run at once (a semaphore
+//! held for the call, not for the settlement that follows; the consumer's window bounds
+//! deliveries not yet settled). Plugins never share a consumer, a channel or a
+//! semaphore, so a slow or failing plugin holds back no other.
 //!
-//! With `ordering = "key"`, the loop keeps one delivery per key in flight and parks
-//! later events of that key in log order; a delivery waiting for its retry keeps its key
-//! held, so a later event of the key cannot overtake it. (A retry pending from before a
-//! restart does not hold its key: the restarted dispatcher learns of it when it is due.)
+//! With `ordering = "none"`, `concurrency` lanes each take the next delivery, call the
+//! plugin and drive the settlement while they call the next: a delivery costs no task
+//! of its own. With `ordering = "key"`, a routing loop keeps one delivery per key in
+//! flight, each in its own task, and parks later events of that key in log order; a
+//! delivery waiting for its retry keeps its key held, so a later event of the key
+//! cannot overtake it. (A retry pending from before a restart does not hold its key:
+//! the restarted dispatcher learns of it when it is due.)
 //!
 //! KV is optimistic: an acknowledgement commits only if what the attempt read is still
 //! committed. When another call of the same plugin changed it first, the attempt runs
