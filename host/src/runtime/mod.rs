@@ -7,8 +7,8 @@
 //!   (on a blocking thread), world and import validation ([`validate`]), pre-instantiation
 //!   and a call to `describe()`. Every refusal is a [`LoadError`] naming the file.
 //! - [`Plugin::invoke`] runs one event and returns an [`Outcome`]; see [`plugin`] for the
-//!   instance lifecycle in each [`Isolation`] mode. Guest calls of all plugins share the
-//!   CPU through one gate that serves the least-served plugin first ([`fair`]).
+//!   instance lifecycle in each [`Isolation`] mode. Guest calls longer than one timeslice
+//!   share the CPU through one gate that serves the least-served plugin first ([`fair`]).
 //!
 //! The runtime never applies effects: emits and KV writes come back in the outcome for
 //! the caller to commit with the acknowledgement.

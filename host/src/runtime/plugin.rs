@@ -11,9 +11,10 @@
 //!   it is dropped ("recycled") and the next invocation gets a fresh one. A handler that
 //!   returns `retry` or `reject` leaves a healthy instance and it is kept.
 //!
-//! Every invocation gets the plugin's full fuel budget and an epoch deadline; a tokio
-//! timeout over the whole invocation catches time spent waiting inside host calls (for
-//! example a guest sleeping), where epochs cannot interrupt it.
+//! Every invocation gets the plugin's full fuel budget and an epoch deadline; a timer
+//! over the whole invocation (registered once the call first waits) catches time spent
+//! waiting inside host calls (for example a guest sleeping), where epochs cannot
+//! interrupt it. Calls longer than one timeslice take turns at the runtime's CPU gate.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -423,8 +424,8 @@ impl<F: Future> Future for Within<F> {
 }
 
 /// Fuel a guest burns before it yields its worker thread and its turn at the CPU gate:
-/// about a tenth of a millisecond of compiled code, so a quick call of another plugin
-/// waits at most that long for a turn; a yield costs about a microsecond.
+/// about a tenth of a millisecond of compiled code, the longest one guest holds a worker
+/// thread at a stretch.
 const FUEL_PER_TIMESLICE: u64 = 100_000;
 
 /// Gives a store a full fuel budget and a fresh epoch deadline.
