@@ -139,8 +139,8 @@ impl CpuGate {
 }
 
 pin_project_lite::pin_project! {
-    /// A guest call that runs only while it holds a slot of the gate, and is charged for
-    /// the time it runs.
+    /// A guest call whose polls after the first run only while it holds a slot of the
+    /// gate; every poll is charged to the plugin.
     pub struct Fair<'g, F> {
         #[pin]
         inner: F,
@@ -154,7 +154,10 @@ pin_project_lite::pin_project! {
     impl<'g, F> PinnedDrop for Fair<'g, F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            this.gate.abandon(*this.ticket, *this.queued);
+            // A ticket that never queued holds nothing at the gate.
+            if this.queued.is_some() {
+                this.gate.abandon(*this.ticket, *this.queued);
+            }
         }
     }
 }
