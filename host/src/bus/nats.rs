@@ -1394,7 +1394,7 @@ async fn keep_alive(outstanding: std::sync::Weak<Mutex<HashMap<u64, Message>>>, 
 
 /// Longest a pull that should answer at once may take.
 const PULL_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Longest `next` waits for settlements to free half the window before it pulls what
+/// Longest `next` waits for settlements to free a quarter of the window before it pulls what
 /// room there is (or returns empty when there is none).
 const FULL_WINDOW_WAIT: Duration = Duration::from_millis(250);
 
@@ -1627,15 +1627,16 @@ impl Consumer for NatsConsumer {
         let cap = if self.one_at_a_time { 1 } else { max.max(1) };
         let room = || self.window.saturating_sub(self.held().len()).min(cap);
         // Every pull is a round trip to the server: with the window nearly full, wait
-        // until half of it is free (or a while) rather than pull one message at a time.
+        // until a quarter of it is free (or a while) rather than pull one message at a
+        // time. A settlement between the check and the wait leaves a permit, so none is
+        // missed.
         let enough = (self.window / 4).clamp(1, cap);
         let deadline = tokio::time::Instant::now() + FULL_WINDOW_WAIT;
-        while room() < enough {
-            let notified = self.room.notified();
-            if room() >= enough || tokio::time::timeout_at(deadline, notified).await.is_err() {
-                break;
-            }
-        }
+        while room() < enough
+            && tokio::time::timeout_at(deadline, self.room.notified())
+                .await
+                .is_ok()
+        {}
         let room = room();
         if room == 0 {
             return Ok(Vec::new());

@@ -1479,6 +1479,10 @@ mod tests {
         }
     }
 
+    fn sequences(appended: &[Appended]) -> Vec<(u64, bool)> {
+        appended.iter().map(|a| (a.sequence, a.duplicate)).collect()
+    }
+
     #[tokio::test]
     async fn a_repeated_source_and_id_is_answered_with_its_first_sequence() {
         let dir = tempfile::tempdir().unwrap();
@@ -1487,25 +1491,13 @@ mod tests {
             .append(vec![event("/a", "1"), event("/b", "1")])
             .await
             .unwrap();
-        assert_eq!(
-            first
-                .iter()
-                .map(|a| (a.sequence, a.duplicate))
-                .collect::<Vec<_>>(),
-            [(1, false), (2, false)]
-        );
+        assert_eq!(sequences(&first), [(1, false), (2, false)]);
         // One already stored, one repeated inside the batch, one new.
         let second = bus
             .append(vec![event("/b", "1"), event("/a", "2"), event("/a", "2")])
             .await
             .unwrap();
-        assert_eq!(
-            second
-                .iter()
-                .map(|a| (a.sequence, a.duplicate))
-                .collect::<Vec<_>>(),
-            [(2, true), (3, false), (3, true)]
-        );
+        assert_eq!(sequences(&second), [(2, true), (3, false), (3, true)]);
         assert_eq!(bus.head().await.unwrap(), 3);
         bus.close().await.unwrap();
     }

@@ -89,11 +89,10 @@ impl CpuGate {
             *queued = None;
             return true;
         }
-        let floor = u64::try_from(CATCH_UP.as_nanos()).unwrap_or(u64::MAX);
-        let vruntime = share
-            .used_ns
-            .fetch_max(state.floor.saturating_sub(floor), Ordering::Relaxed)
-            .max(state.floor.saturating_sub(floor));
+        // A plugin back from idle is lifted to at most `CATCH_UP` behind the floor.
+        let catch_up = u64::try_from(CATCH_UP.as_nanos()).unwrap_or(u64::MAX);
+        let least = state.floor.saturating_sub(catch_up);
+        let vruntime = share.used_ns.fetch_max(least, Ordering::Relaxed).max(least);
         if let Some(previous) = queued.take() {
             state.waiting.remove(&(previous, ticket));
         }
