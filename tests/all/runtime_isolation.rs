@@ -1,6 +1,7 @@
 //! Instance lifecycle: `per-event` makes a fresh instance every time; `reuse` keeps a
 //! warm one, recycles it after a trap or limit hit and after `max_calls`, and keeps it
-//! after a handler's own `retry`/`reject`.
+//! after a handler's own `retry`/`reject`. Linear memory starts fresh in every new
+//! instance, however its slot was used before.
 
 use std::sync::Arc;
 
@@ -35,6 +36,41 @@ async fn per_event_makes_a_fresh_instance_for_every_event() {
             idle: 0
         }
     );
+}
+
+/// The calls the instance that handled `outcome` had handled, as `hostile.instance-calls`
+/// reports them.
+fn instance_calls(outcome: &switchyard_host::runtime::Outcome) -> String {
+    let (kind, message) = failure(outcome);
+    assert_eq!(kind, "reject", "{message}");
+    message.to_owned()
+}
+
+#[tokio::test]
+async fn a_per_event_instance_sees_nothing_its_predecessors_left_in_memory() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, PluginSettings::default()).await;
+    let calls = event("hostile.instance-calls", serde_json::json!({}));
+    // Instance slots are reused: small writes are reset in place, a memory hoarder's
+    // whole memory is given back; neither may show through to the next instance.
+    for between in ["hostile.ok", "hostile.memory", "hostile.ok"] {
+        assert_eq!(instance_calls(&invoke(&plugin, &calls).await), "calls=1");
+        invoke(&plugin, &event(between, serde_json::json!({}))).await;
+    }
+    assert_eq!(instance_calls(&invoke(&plugin, &calls).await), "calls=1");
+}
+
+#[tokio::test]
+async fn a_reused_instance_keeps_its_memory_between_calls() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, reuse(1000)).await;
+    let calls = event("hostile.instance-calls", serde_json::json!({}));
+    for n in 1..=3 {
+        assert_eq!(
+            instance_calls(&invoke(&plugin, &calls).await),
+            format!("calls={n}")
+        );
+    }
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 //! every call sleep that long first (a slow but healthy plugin).
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
@@ -34,12 +35,16 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.effects-then-trap` | emits and writes KV, then panics |
 /// | `hostile.kv-read-own-write` | checks that KV reads see the call's own writes |
 /// | `hostile.config` | rejects with `greeting=<config value of greeting as {:?}>` |
+/// | `hostile.instance-calls` | rejects with `calls=<n>`, the calls this instance has handled, this one included (a counter in linear memory) |
 /// | `hostile.stdout` | prints a line to stdout and one to stderr |
 /// | `hostile.fail-until` | asks for a retry on attempts 1 and 2; from attempt 3 records `recovered/<id>` = the attempt in KV and emits `hostile.recovered` |
 /// | `hostile.needs-fix` | asks for a retry unless config `fixed` is `true`; then records `fixed/<id>` in KV |
 /// | `hostile.count` | records `seen/<id>` = config `tag` (default `1`) in KV, adds one to the counter `total/<0-15>` and emits `hostile.counted` with the id and tag |
 /// | `hostile.echo` | emits an event of the type it is handling: an endless causation chain |
 /// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
+/// Calls this instance has handled; a fresh instance starts from zero.
+static INSTANCE_CALLS: AtomicU64 = AtomicU64::new(0);
+
 #[handler(subscribe = ["hostile.>"])]
 fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
     if let Some(ms) = config::get_parsed::<u64>("sleep_ms")? {
@@ -83,6 +88,10 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             crash("trap after effects")
         }
         "hostile.kv-read-own-write" => kv_read_own_write(),
+        "hostile.instance-calls" => {
+            let calls = INSTANCE_CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+            Err(HandlerError::reject(format!("calls={calls}")))
+        }
         "hostile.config" => Err(HandlerError::reject(format!(
             "greeting={:?}",
             config::get("greeting")
