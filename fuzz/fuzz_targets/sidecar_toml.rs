@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard_host::config::PluginDefaults;
+use switchyard_host::PluginDefaults;
 use switchyard_host::plugins::manifest::Manifest;
 
 fuzz_target!(|input: &[u8]| {

@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::event::{self, Event};
-use crate::runtime::{Delivery, EmptyKv, Failure, Plugin, PluginSettings, Runtime, RuntimeConfig};
+use crate::kv::EmptyKv;
+use crate::runtime::{Delivery, Failure, Plugin, PluginSettings, Runtime, RuntimeConfig};
 
 /// Switchyard: a host for event handlers written as WebAssembly plugins.
 #[derive(Debug, Parser)]
@@ -351,7 +352,7 @@ async fn invoke(file: &Path, ty: String, data: &str, attempt: u32) -> anyhow::Re
         source: "/switchyard/cli".to_owned(),
         ty,
         subject: None,
-        time: Some(crate::runtime::now_rfc3339()),
+        time: Some(crate::clock::now_rfc3339()),
         datacontenttype: Some("application/json".to_owned()),
         dataschema: None,
         data: serde_json::to_vec(&json)?,
@@ -386,7 +387,7 @@ async fn invoke(file: &Path, ty: String, data: &str, attempt: u32) -> anyhow::Re
     })
 }
 
-fn effects_json(effects: &crate::runtime::Effects) -> serde_json::Value {
+fn effects_json(effects: &crate::effects::Effects) -> serde_json::Value {
     let emits: Vec<serde_json::Value> = effects
         .emits
         .iter()

@@ -12,7 +12,7 @@
 //!
 //! Durations are humantime strings (`"200ms"`, `"10s"`, `"24h"`); sizes are a number of
 //! bytes or a string with a unit (`"4MiB"`, `"1GB"`), see
-//! [`parse_size`](crate::plugins::manifest::parse_size). Relative paths are relative to
+//! [`parse_size`](crate::units::parse_size). Relative paths are relative to
 //! the host's working directory.
 //!
 //! ```toml
@@ -76,9 +76,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dispatch::retry::RetryPolicy;
-use crate::plugins::manifest::{InstanceMode, ManifestError, Ordering, PolicyTable, Start, deser};
-use crate::runtime::{EffectBounds, Isolation, PluginLimits, RuntimeConfig};
+use crate::policy::PluginDefaults;
+use crate::runtime::RuntimeConfig;
+use crate::units::deser;
 
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -399,72 +399,6 @@ pub struct RuntimeSection {
     pub guest_threads: usize,
 }
 
-/// The policy every plugin gets for the keys its sidecar does not set: the resolved
-/// `[plugin_defaults]` table. Always valid (checked like a sidecar when parsed).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "PolicyTable")]
-pub struct PluginDefaults {
-    /// Invocations in flight per plugin; at least 1. Default: 4.
-    pub concurrency: usize,
-    /// Ordering of deliveries. Default: `"none"`.
-    pub ordering: Ordering,
-    /// Where a new plugin starts reading the log. Default: `"latest"`.
-    pub start: Start,
-    /// Instance mode. Default: `"per-event"`.
-    pub instance: InstanceMode,
-    /// Calls per instance in reuse mode; at least 1. Default: 10000.
-    pub max_calls: u64,
-    /// `[plugin_defaults.retry]`. Default: [`RetryPolicy::default`].
-    pub retry: RetryPolicy,
-    /// `[plugin_defaults.limits]`. Default: [`PluginLimits::default`].
-    pub limits: PluginLimits,
-    /// `[plugin_defaults.effects]`. Default: [`EffectBounds::default`].
-    pub effects: EffectBounds,
-}
-
-impl PluginDefaults {
-    /// The runtime's isolation mode for `instance` and `max_calls`.
-    pub fn isolation(&self) -> Isolation {
-        match self.instance {
-            InstanceMode::PerEvent => Isolation::PerEvent,
-            InstanceMode::Reuse => Isolation::Reuse {
-                max_calls: self.max_calls,
-            },
-        }
-    }
-}
-
-impl Default for PluginDefaults {
-    fn default() -> Self {
-        Self {
-            concurrency: 4,
-            ordering: Ordering::None,
-            start: Start::Latest,
-            instance: InstanceMode::PerEvent,
-            max_calls: 10_000,
-            retry: RetryPolicy::default(),
-            limits: PluginLimits::default(),
-            effects: EffectBounds::default(),
-        }
-    }
-}
-
-impl TryFrom<PolicyTable> for PluginDefaults {
-    type Error = ManifestError;
-
-    fn try_from(table: PolicyTable) -> Result<Self, ManifestError> {
-        table
-            .apply_to(&PluginDefaults::default())
-            .map_err(|error| match error {
-                ManifestError::Invalid { key, reason } => ManifestError::Invalid {
-                    key: format!("plugin_defaults.{key}"),
-                    reason,
-                },
-                other => other,
-            })
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -714,7 +648,9 @@ fn is_loopback(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::retry::Backoff;
+    use crate::policy::retry::{Backoff, RetryPolicy};
+    use crate::policy::{InstanceMode, Ordering, Start};
+    use crate::runtime::{EffectBounds, Isolation, PluginLimits};
 
     fn syntax_error(text: &str) -> String {
         match Config::parse(text) {

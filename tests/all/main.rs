@@ -21,3 +21,4 @@ mod serve_http;
 mod serve_recovery;
 mod serve_retries;
 mod validation;
+mod watch_fallback;

@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use switchyard_host::runtime::{EmptyKv, InstanceStats, Isolation, PluginSettings};
+use switchyard_host::EmptyKv;
+use switchyard_host::runtime::{InstanceStats, Isolation, PluginSettings};
 
 use crate::support::guests::Guest;
 use crate::support::{delivery, effects, event, failure, invoke, load, runtime};

@@ -8,18 +8,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
+use switchyard_host::PluginDefaults;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
-    Delivery, LogPage, LogQuery, Settlement, StoredEvent,
+    DeadLetters, Delivery, LogPage, LogQuery, Settlement, StoredEvent,
 };
-use switchyard_host::config::PluginDefaults;
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
 use switchyard_host::event::Event;
 use switchyard_host::metrics::Metrics;
 use switchyard_host::pattern::Pattern;
 use switchyard_host::plugins::manifest::Manifest;
-use switchyard_host::runtime::{self, EmptyKv, KvSource, Runtime, RuntimeConfig};
+use switchyard_host::runtime::{self, Runtime, RuntimeConfig};
+use switchyard_host::{EmptyKv, KvError, KvSource};
 use tokio::sync::Notify;
 
 use crate::client::{self, Batch, Single};
@@ -135,11 +136,11 @@ struct SharedMemoryBus(Arc<MemoryBus>);
 
 #[async_trait]
 impl KvSource for SharedMemoryBus {
-    async fn get(&self, _plugin: &str, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, _plugin: &str, _key: &str) -> Result<Option<Vec<u8>>, KvError> {
         Ok(None)
     }
 
-    async fn keys(&self, _plugin: &str, _prefix: &str) -> anyhow::Result<Vec<String>> {
+    async fn keys(&self, _plugin: &str, _prefix: &str) -> Result<Vec<String>, KvError> {
         Ok(Vec::new())
     }
 }
@@ -170,6 +171,13 @@ impl Bus for SharedMemoryBus {
     async fn consumer_stats(&self, _plugin: &str) -> Result<ConsumerStats, BusError> {
         Ok(ConsumerStats::default())
     }
+    async fn close(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for SharedMemoryBus {
     async fn dead_letters(&self, _query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
         Ok(Vec::new())
     }
@@ -186,9 +194,6 @@ impl Bus for SharedMemoryBus {
     async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
         Err(BusError::NotFound(format!("dead letter {id}")))
     }
-    async fn close(&self) -> Result<(), BusError> {
-        Ok(())
-    }
 }
 
 /// Calls per second through the dispatcher and runtime, one call at a time.
@@ -204,7 +209,7 @@ async fn through_dispatcher(
         .map(|n| Delivery {
             stored: StoredEvent {
                 sequence: n,
-                ingested_at_us: switchyard_host::bus::now_us(),
+                ingested_at_us: switchyard_host::now_us(),
                 event: bench_event(n),
             },
             attempt: 1,

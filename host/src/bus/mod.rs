@@ -12,35 +12,25 @@
 //!   schedule entry, or the dead letter. A settled delivery is never handed out again.
 //! - KV reads ([`KvSource`]) see only committed state.
 
+mod dead_letters;
 pub mod nats;
 pub mod sqlite;
 
+pub use self::dead_letters::{
+    DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView, DeadLetters,
+};
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::effects::Effects;
 use crate::event::Event;
+use crate::failure::AttemptError;
+use crate::kv::{KvError, KvSource};
 use crate::pattern::Pattern;
-use crate::runtime::{Effects, KvSource};
-
-/// Microseconds since the Unix epoch: the clock of ingest times.
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Milliseconds since the Unix epoch: the bus's clock for ingest, retry and dead-letter
-/// times.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 /// Errors of a bus backend.
 #[derive(Debug, thiserror::Error)]
@@ -132,19 +122,6 @@ pub enum StartPosition {
     Earliest,
 }
 
-/// The error of one failed attempt, as dead letters and status keep it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptError {
-    /// Which attempt failed, from 1.
-    pub attempt: u32,
-    /// The failure kind (`retry`, `trap`, `fuel`, …).
-    pub kind: String,
-    /// The failure message.
-    pub message: String,
-    /// When it failed, in milliseconds since the Unix epoch.
-    pub at_ms: i64,
-}
-
 /// One event handed to a plugin's dispatcher.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -154,36 +131,6 @@ pub struct Delivery {
     pub attempt: u32,
     /// Errors of the earlier attempts, oldest first.
     pub errors: Vec<AttemptError>,
-}
-
-/// Why a delivery ends in the dead letters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeadLetterReason {
-    /// The plugin rejected the event.
-    Rejected,
-    /// Every attempt the retry policy allows failed.
-    Exhausted,
-    /// The event grew older than the policy's maximum age.
-    Expired,
-    /// An attempt broke the host's rules on effects (too many or too large emits or
-    /// KV writes); retrying would repeat it.
-    Effects,
-    /// An attempt emitted past the causation-depth limit: an endless chain of follow-ups.
-    Loop,
-}
-
-impl DeadLetterReason {
-    /// The reason's name in the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Rejected => "rejected",
-            Self::Exhausted => "exhausted",
-            Self::Expired => "expired",
-            Self::Effects => "effects",
-            Self::Loop => "loop",
-        }
-    }
 }
 
 /// How a delivery ends.
@@ -205,34 +152,6 @@ pub enum Settlement {
         /// Every attempt's error, the latest last.
         errors: Vec<AttemptError>,
     },
-}
-
-/// A dead letter.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// The dead letter's id.
-    pub id: u64,
-    /// The plugin that could not handle the event.
-    pub plugin: String,
-    /// The event and its log position.
-    pub stored: StoredEvent,
-    /// Why it is here.
-    pub reason: DeadLetterReason,
-    /// Every attempt's error, oldest first.
-    pub errors: Vec<AttemptError>,
-    /// When it was dead-lettered, in milliseconds since the Unix epoch.
-    pub dead_at_ms: i64,
-}
-
-/// A page query over dead letters.
-#[derive(Debug, Clone, Default)]
-pub struct DeadLetterQuery {
-    /// Only this plugin's.
-    pub plugin: Option<String>,
-    /// Only ids after this one.
-    pub after: u64,
-    /// At most this many.
-    pub limit: usize,
 }
 
 /// Counters of one plugin's consumer, for status and metrics.
@@ -278,7 +197,7 @@ pub trait Consumer: Send + Sync {
 
 /// The bus.
 #[async_trait]
-pub trait Bus: KvSource + Send + Sync + 'static {
+pub trait Bus: KvSource + DeadLetters + Send + Sync + 'static {
     /// Appends events durably, all-or-nothing, deduplicating on `(source, id)`.
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;
 
@@ -299,24 +218,12 @@ pub trait Bus: KvSource + Send + Sync + 'static {
     /// Counters of one plugin's consumer.
     async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError>;
 
-    /// Lists dead letters.
-    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError>;
-
-    /// One dead letter.
-    async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError>;
-
-    /// Moves dead letters back into their plugins' retry schedules, due now, with a fresh
-    /// attempt count; returns how many moved. `Some(id)` replays one, `None` with a
-    /// plugin replays all of that plugin's.
-    async fn replay_dead_letters(
-        &self,
-        id: Option<u64>,
-        plugin: Option<&str>,
-    ) -> Result<u64, BusError>;
-
-    /// Deletes a dead letter.
-    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError>;
-
     /// Makes everything committed so far durable and stops the writer.
     async fn close(&self) -> Result<(), BusError>;
+}
+
+impl From<BusError> for KvError {
+    fn from(error: BusError) -> Self {
+        KvError::new(error)
+    }
 }

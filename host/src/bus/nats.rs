@@ -70,13 +70,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Appended, AttemptError, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter,
-    DeadLetterQuery, DeadLetterReason, Delivery, LogPage, LogQuery, Settlement, StartPosition,
-    StoredEvent, now_ms,
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
+    DeadLetterReason, DeadLetters, Delivery, LogPage, LogQuery, Settlement, StartPosition,
+    StoredEvent,
 };
+use crate::clock::now_ms;
+use crate::effects::Effects;
 use crate::event::Event;
+use crate::failure::{AttemptError, FailureKind};
+use crate::kv::{KvError, KvRead, KvSource, keys_digest, value_digest};
 use crate::pattern::Pattern;
-use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 
 /// Times an event may be handed out without any settlement (the hosts holding it died or
 /// stalled) before the host dead-letters it instead of running it again.
@@ -1107,7 +1110,7 @@ async fn put_expecting(
 
 #[async_trait]
 impl KvSource for NatsBus {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         let store = self.shared.plugin_store(plugin).await?;
         Ok(current(&store, &encode_key(key))
             .await?
@@ -1115,7 +1118,7 @@ impl KvSource for NatsBus {
             .map(|value| value.to_vec()))
     }
 
-    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
         let store = self.shared.plugin_store(plugin).await?;
         Ok(list_keys(&store, prefix).await?)
     }
@@ -1269,6 +1272,17 @@ impl Bus for NatsBus {
         })
     }
 
+    async fn close(&self) -> Result<(), BusError> {
+        self.shared
+            .client
+            .flush()
+            .await
+            .map_err(storage!("flushing to the server"))
+    }
+}
+
+#[async_trait]
+impl DeadLetters for NatsBus {
     async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
         let prefix = &self.shared.options.prefix;
         let subject = match &query.plugin {
@@ -1360,14 +1374,6 @@ impl Bus for NatsBus {
                 }
             }
         }
-    }
-
-    async fn close(&self) -> Result<(), BusError> {
-        self.shared
-            .client
-            .flush()
-            .await
-            .map_err(storage!("flushing to the server"))
     }
 }
 
@@ -1555,7 +1561,7 @@ impl NatsConsumer {
             let mut errors = errors;
             errors.push(AttemptError {
                 attempt: u32::try_from(errors.len() + 1).unwrap_or(u32::MAX),
-                kind: "host".to_owned(),
+                kind: FailureKind::Host,
                 message: format!(
                     "handed to hosts {unsettled} times without being settled: the hosts \
                      holding it crashed or stalled"

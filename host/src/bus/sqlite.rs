@@ -33,13 +33,16 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Appended, AttemptError, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter,
-    DeadLetterQuery, DeadLetterReason, Delivery, LogPage, LogQuery, Settlement, StartPosition,
-    StoredEvent, now_ms, now_us,
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
+    DeadLetterReason, DeadLetters, Delivery, LogPage, LogQuery, Settlement, StartPosition,
+    StoredEvent,
 };
+use crate::clock::{now_ms, now_us};
+use crate::effects::Effects;
 use crate::event::Event;
+use crate::failure::AttemptError;
+use crate::kv::{KvError, KvRead, KvSource, keys_digest, value_digest};
 use crate::pattern::Pattern;
-use crate::runtime::{Effects, KvRead, KvSource, keys_digest, value_digest};
 
 /// Rows scanned per read when looking for a consumer's next events.
 const SCAN_CHUNK: i64 = 512;
@@ -923,7 +926,7 @@ fn replay(conn: &Connection, id: Option<u64>, plugin: Option<&str>) -> Result<u6
 
 #[async_trait]
 impl KvSource for SqliteBus {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         let (plugin, key) = (plugin.to_owned(), key.to_owned());
         Ok(self
             .read(move |conn| {
@@ -934,7 +937,7 @@ impl KvSource for SqliteBus {
             .await?)
     }
 
-    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
         let (plugin, prefix) = (plugin.to_owned(), prefix.to_owned());
         Ok(self
             .read(move |conn| {
@@ -1091,6 +1094,16 @@ impl Bus for SqliteBus {
         .await
     }
 
+    async fn close(&self) -> Result<(), BusError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.submit(|reply| Job::Close { reply }).await
+    }
+}
+
+#[async_trait]
+impl DeadLetters for SqliteBus {
     async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
         self.read(move |conn| {
             let mut select = conn.prepare_cached(
@@ -1160,13 +1173,6 @@ impl Bus for SqliteBus {
     async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
         self.submit(|reply| Job::DeleteDeadLetter { id, reply })
             .await
-    }
-
-    async fn close(&self) -> Result<(), BusError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.submit(|reply| Job::Close { reply }).await
     }
 }
 

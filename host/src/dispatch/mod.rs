@@ -26,8 +26,6 @@
 //! dead-letter at once. A settlement the bus cannot store is retried until it is, or
 //! until shutdown (the event is then delivered again after restart: at-least-once).
 
-pub mod retry;
-
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,16 +36,18 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use self::retry::RetryDecision;
 use crate::bus::{
-    AttemptError, Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement,
-    StartPosition, now_ms, now_us,
+    Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement, StartPosition,
 };
+use crate::clock::{now_ms, now_us};
 use crate::event::PARTITION_KEY;
+use crate::failure::{AttemptError, FailureKind};
+use crate::kv::{KvError, KvSource};
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
-use crate::plugins::manifest::{Ordering, PluginPolicy, Start};
-use crate::runtime::{self, FailureKind, KvSource, Plugin};
+use crate::policy::retry::RetryDecision;
+use crate::policy::{Ordering, PluginPolicy, Start};
+use crate::runtime::{self, Plugin};
 
 /// Live state of one plugin's dispatcher, for status and metrics.
 #[derive(Debug, Default)]
@@ -518,7 +518,7 @@ fn record_error(
 ) -> AttemptError {
     let error = AttemptError {
         attempt: delivery.attempt,
-        kind: kind.as_str().to_owned(),
+        kind,
         message,
         at_ms: now_ms(),
     };
@@ -637,11 +637,11 @@ struct BusKv(Arc<dyn Bus>);
 
 #[async_trait::async_trait]
 impl KvSource for BusKv {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         self.0.get(plugin, key).await
     }
 
-    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
         self.0.keys(plugin, prefix).await
     }
 }

@@ -1,20 +1,28 @@
 //! Operator routes: plugin status and KV, dead letters, metrics and health.
+//!
+//! Every answer is a `Serialize` view struct: the struct is the reference for the JSON
+//! a client sees.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, cloudevents, rfc3339_ms};
-use crate::bus::{AttemptError, BusError, DeadLetter, DeadLetterQuery};
+use super::{ApiError, AppState, cloudevents};
+use crate::bus::{BusError, DeadLetter, DeadLetterQuery, DeadLetterView};
+use crate::clock::rfc3339_ms;
+use crate::failure::AttemptView;
 use crate::metrics::PluginGauges;
-use crate::plugins::PluginEntry;
+use crate::plugins::{LoadedPlugin, PluginEntry};
+use crate::policy::retry::Backoff;
+use crate::policy::{InstanceMode, Ordering, Start};
 use crate::runtime::Isolation;
 
 fn bus_error(error: BusError) -> ApiError {
@@ -24,117 +32,150 @@ fn bus_error(error: BusError) -> ApiError {
     }
 }
 
-fn attempt_json(error: &AttemptError) -> Value {
-    json!({
-        "attempt": error.attempt,
-        "kind": error.kind,
-        "message": error.message,
-        "at": rfc3339_ms(error.at_ms),
-    })
+/// A plugin as `GET /v1/plugins[/{name}]` answers it.
+#[derive(Debug, Serialize)]
+struct PluginView {
+    name: String,
+    file: String,
+    loaded_at: String,
+    load_error: Option<String>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(flatten)]
+    running: Option<RunningView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag: Option<u64>,
+    pending_retries: u64,
+    dead_letters: u64,
 }
 
-/// Snapshot of what status needs from one entry, taken under the table's lock.
-struct EntryView {
-    json: Value,
-    loaded: bool,
+/// What only a serving plugin has.
+#[derive(Debug, Serialize)]
+struct RunningView {
+    sha256: String,
+    describe: DescribeView,
+    version: String,
+    subscriptions: Vec<String>,
+    limits: LimitsView,
+    policy: PolicyView,
     in_flight: u64,
+    last_error: Option<AttemptView>,
 }
 
-fn entry_view(entry: &PluginEntry) -> EntryView {
-    let base = json!({
-        "name": entry.name,
-        "file": entry.file.display().to_string(),
-        "loaded_at": rfc3339_ms(entry.loaded_at_ms),
-    });
-    let Value::Object(mut map) = base else {
-        return EntryView {
-            json: Value::Null,
-            loaded: false,
-            in_flight: 0,
+/// What the plugin's `describe()` returned.
+#[derive(Debug, Serialize)]
+struct DescribeView {
+    name: String,
+    version: String,
+}
+
+/// A plugin's limits.
+#[derive(Debug, Serialize)]
+struct LimitsView {
+    fuel: u64,
+    memory_bytes: u64,
+    timeout_ms: u64,
+}
+
+/// A plugin's delivery policy.
+#[derive(Debug, Serialize)]
+struct PolicyView {
+    concurrency: usize,
+    ordering: Ordering,
+    start: Start,
+    instance: InstanceMode,
+    max_calls: Option<u64>,
+    retry: RetryView,
+}
+
+/// A plugin's retry policy, durations in milliseconds.
+#[derive(Debug, Serialize)]
+struct RetryView {
+    max_attempts: u32,
+    backoff: Backoff,
+    initial_ms: u64,
+    max_ms: u64,
+    jitter: bool,
+    max_age_ms: Option<u64>,
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RunningView {
+    fn new(loaded: &LoadedPlugin) -> Self {
+        let plugin = &loaded.plugin;
+        let settings = plugin.settings();
+        let policy = &loaded.policy;
+        let (instance, max_calls) = match settings.isolation {
+            Isolation::PerEvent => (InstanceMode::PerEvent, None),
+            Isolation::Reuse { max_calls } => (InstanceMode::Reuse, Some(max_calls)),
         };
-    };
-    map.insert("load_error".into(), json!(entry.load_error));
-    match &entry.status {
-        Err(error) => {
-            map.insert("status".into(), json!("failed"));
-            map.insert("error".into(), json!(error));
-            EntryView {
-                json: Value::Object(map),
-                loaded: false,
-                in_flight: 0,
-            }
-        }
-        Ok(loaded) => {
-            let plugin = &loaded.plugin;
-            let settings = plugin.settings();
-            let policy = &loaded.policy;
-            let (instance, max_calls) = match settings.isolation {
-                Isolation::PerEvent => ("per-event", None),
-                Isolation::Reuse { max_calls } => ("reuse", Some(max_calls)),
-            };
-            map.insert("status".into(), json!("running"));
-            map.insert("sha256".into(), json!(plugin.sha256()));
-            map.insert(
-                "describe".into(),
-                json!({"name": plugin.info().name, "version": plugin.info().version}),
-            );
-            map.insert("version".into(), json!(plugin.info().version));
-            map.insert(
-                "subscriptions".into(),
-                json!(
-                    loaded
-                        .subscriptions
-                        .iter()
-                        .map(|p| p.as_str())
-                        .collect::<Vec<_>>()
-                ),
-            );
-            map.insert(
-                "limits".into(),
-                json!({
-                    "fuel": settings.limits.fuel,
-                    "memory_bytes": settings.limits.memory_bytes,
-                    "timeout_ms": settings.limits.timeout.as_millis() as u64,
-                }),
-            );
-            map.insert(
-                "policy".into(),
-                json!({
-                    "concurrency": policy.concurrency,
-                    "ordering": policy.ordering,
-                    "start": policy.start,
-                    "instance": instance,
-                    "max_calls": max_calls,
-                    "retry": {
-                        "max_attempts": policy.retry.max_attempts,
-                        "backoff": policy.retry.backoff,
-                        "initial_ms": policy.retry.initial.as_millis() as u64,
-                        "max_ms": policy.retry.max.as_millis() as u64,
-                        "jitter": policy.retry.jitter,
-                        "max_age_ms": policy.retry.max_age.map(|d| d.as_millis() as u64),
-                    },
-                }),
-            );
-            let in_flight = loaded.state.in_flight();
-            map.insert("in_flight".into(), json!(in_flight));
-            map.insert(
-                "last_error".into(),
-                loaded
-                    .state
-                    .last_error()
-                    .as_ref()
-                    .map_or(Value::Null, attempt_json),
-            );
-            EntryView {
-                json: Value::Object(map),
-                loaded: true,
-                in_flight,
-            }
+        Self {
+            sha256: plugin.sha256().to_owned(),
+            describe: DescribeView {
+                name: plugin.info().name.clone(),
+                version: plugin.info().version.clone(),
+            },
+            version: plugin.info().version.clone(),
+            subscriptions: loaded
+                .subscriptions
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
+            limits: LimitsView {
+                fuel: settings.limits.fuel,
+                memory_bytes: settings.limits.memory_bytes,
+                timeout_ms: millis(settings.limits.timeout),
+            },
+            policy: PolicyView {
+                concurrency: policy.concurrency,
+                ordering: policy.ordering,
+                start: policy.start,
+                instance,
+                max_calls,
+                retry: RetryView {
+                    max_attempts: policy.retry.max_attempts,
+                    backoff: policy.retry.backoff,
+                    initial_ms: millis(policy.retry.initial),
+                    max_ms: millis(policy.retry.max),
+                    jitter: policy.retry.jitter,
+                    max_age_ms: policy.retry.max_age.map(millis),
+                },
+            },
+            in_flight: loaded.state.in_flight(),
+            last_error: loaded.state.last_error().as_ref().map(AttemptView::from),
         }
     }
 }
 
-fn views(state: &AppState, name: Option<&str>) -> Vec<(String, EntryView)> {
+/// Snapshot of one entry, taken under the table's lock; the bus's counters are added
+/// after the lock is released.
+fn entry_view(entry: &PluginEntry) -> PluginView {
+    let (status, error, running) = match &entry.status {
+        Err(error) => ("failed", Some(error.to_string()), None),
+        Ok(loaded) => ("running", None, Some(RunningView::new(loaded))),
+    };
+    PluginView {
+        name: entry.name.clone(),
+        file: entry.file.display().to_string(),
+        loaded_at: rfc3339_ms(entry.loaded_at_ms),
+        load_error: entry.load_error.as_ref().map(ToString::to_string),
+        status,
+        error,
+        running,
+        cursor: None,
+        lag: None,
+        pending_retries: 0,
+        dead_letters: 0,
+    }
+}
+
+fn views(state: &AppState, name: Option<&str>) -> Vec<PluginView> {
     let plugins = state
         .plugins
         .read()
@@ -142,34 +183,41 @@ fn views(state: &AppState, name: Option<&str>) -> Vec<(String, EntryView)> {
     plugins
         .values()
         .filter(|e| name.is_none_or(|n| n == e.name))
-        .map(|e| (e.name.clone(), entry_view(e)))
+        .map(entry_view)
         .collect()
 }
 
 async fn with_consumer_stats(
     state: &AppState,
-    name: &str,
-    mut view: EntryView,
-) -> Result<Value, ApiError> {
-    let stats = state.bus.consumer_stats(name).await.map_err(bus_error)?;
-    if let Value::Object(map) = &mut view.json {
-        if view.loaded {
-            map.insert("cursor".into(), json!(stats.cursor));
-            map.insert("lag".into(), json!(stats.lag));
-        }
-        map.insert("pending_retries".into(), json!(stats.pending_retries));
-        map.insert("dead_letters".into(), json!(stats.dead_letters));
+    mut view: PluginView,
+) -> Result<PluginView, ApiError> {
+    let stats = state
+        .bus
+        .consumer_stats(&view.name)
+        .await
+        .map_err(bus_error)?;
+    if view.running.is_some() {
+        view.cursor = Some(stats.cursor);
+        view.lag = Some(stats.lag);
     }
-    Ok(view.json)
+    view.pending_retries = stats.pending_retries;
+    view.dead_letters = stats.dead_letters;
+    Ok(view)
+}
+
+/// `GET /v1/plugins`: every plugin.
+#[derive(Debug, Serialize)]
+struct PluginList {
+    plugins: Vec<PluginView>,
 }
 
 /// `GET /v1/plugins`.
 pub(super) async fn list_plugins(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let mut plugins = Vec::new();
-    for (name, view) in views(&state, None) {
-        plugins.push(with_consumer_stats(&state, &name, view).await?);
+    for view in views(&state, None) {
+        plugins.push(with_consumer_stats(&state, view).await?);
     }
-    Ok(Json(json!({ "plugins": plugins })).into_response())
+    Ok(Json(PluginList { plugins }).into_response())
 }
 
 /// `GET /v1/plugins/{name}`.
@@ -177,10 +225,10 @@ pub(super) async fn show_plugin(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Some((name, view)) = views(&state, Some(&name)).into_iter().next() else {
+    let Some(view) = views(&state, Some(&name)).into_iter().next() else {
         return Err(ApiError::not_found(format!("plugin `{name}`")));
     };
-    Ok(Json(with_consumer_stats(&state, &name, view).await?).into_response())
+    Ok(Json(with_consumer_stats(&state, view).await?).into_response())
 }
 
 /// `GET /v1/plugins/{name}/kv/{key}`: the raw value.
@@ -197,17 +245,21 @@ pub(super) async fn read_kv(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
 }
 
-fn dead_letter_json(letter: &DeadLetter) -> Value {
-    json!({
-        "id": letter.id,
-        "plugin": letter.plugin,
-        "reason": letter.reason.as_str(),
-        "sequence": letter.stored.sequence,
-        "dead_at": rfc3339_ms(letter.dead_at_ms),
-        "attempts": letter.errors.len(),
-        "errors": letter.errors.iter().map(attempt_json).collect::<Vec<_>>(),
-        "event": cloudevents::to_json(&letter.stored.event),
-    })
+fn dead_letter_view(letter: &DeadLetter) -> DeadLetterView {
+    letter.view(cloudevents::to_json(&letter.stored.event))
+}
+
+/// `GET /v1/dlq`: a page of dead letters.
+#[derive(Debug, Serialize)]
+struct DeadLetterPage {
+    dead_letters: Vec<DeadLetterView>,
+    next_after: Option<u64>,
+}
+
+/// The answer of a replay.
+#[derive(Debug, Serialize)]
+struct Replayed {
+    replayed: u64,
 }
 
 /// Query of `GET /v1/dlq`.
@@ -234,10 +286,10 @@ pub(super) async fn list_dead_letters(
         .await
         .map_err(bus_error)?;
     let next_after = letters.last().map(|l| l.id);
-    Ok(Json(json!({
-        "dead_letters": letters.iter().map(dead_letter_json).collect::<Vec<_>>(),
-        "next_after": next_after,
-    }))
+    Ok(Json(DeadLetterPage {
+        dead_letters: letters.iter().map(dead_letter_view).collect(),
+        next_after,
+    })
     .into_response())
 }
 
@@ -247,7 +299,7 @@ pub(super) async fn show_dead_letter(
     Path(id): Path<u64>,
 ) -> Result<Response, ApiError> {
     let letter = state.bus.dead_letter(id).await.map_err(bus_error)?;
-    Ok(Json(dead_letter_json(&letter)).into_response())
+    Ok(Json(dead_letter_view(&letter)).into_response())
 }
 
 /// `POST /v1/dlq/{id}/replay`.
@@ -260,7 +312,7 @@ pub(super) async fn replay_one(
         .replay_dead_letters(Some(id), None)
         .await
         .map_err(bus_error)?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": replayed }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })).into_response())
 }
 
 /// Query of `POST /v1/dlq/replay`.
@@ -286,7 +338,7 @@ pub(super) async fn replay_plugin(
         .replay_dead_letters(None, Some(&plugin))
         .await
         .map_err(bus_error)?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": replayed }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })).into_response())
 }
 
 /// `DELETE /v1/dlq/{id}`.
@@ -305,7 +357,7 @@ pub(super) async fn healthz() -> Json<Value> {
 
 /// `GET /readyz`: plugins are loaded and dispatching.
 pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    if state.ready.load(Ordering::Acquire) {
+    if state.ready.load(std::sync::atomic::Ordering::Acquire) {
         Ok(Json(json!({ "status": "ready" })))
     } else {
         Err(ApiError::unavailable("starting or shutting down", 1))
@@ -315,17 +367,21 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Va
 /// `GET /metrics`: Prometheus text.
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut gauges = BTreeMap::new();
-    for (name, view) in views(&state, None) {
-        if !view.loaded {
+    for view in views(&state, None) {
+        let Some(running) = &view.running else {
             continue;
-        }
-        let stats = state.bus.consumer_stats(&name).await.unwrap_or_default();
+        };
+        let stats = state
+            .bus
+            .consumer_stats(&view.name)
+            .await
+            .unwrap_or_default();
         gauges.insert(
-            name,
+            view.name.clone(),
             PluginGauges {
                 lag: stats.lag,
                 pending_retries: stats.pending_retries,
-                in_flight: view.in_flight,
+                in_flight: running.in_flight,
             },
         );
     }

@@ -161,7 +161,7 @@ pub fn parse_typed_event(
         source: attrs.source.unwrap_or_else(|| DEFAULT_SOURCE.to_owned()),
         ty: ty.to_owned(),
         subject: attrs.subject,
-        time: Some(attrs.time.unwrap_or_else(crate::runtime::now_rfc3339)),
+        time: Some(attrs.time.unwrap_or_else(crate::clock::now_rfc3339)),
         datacontenttype: Some(JSON_CONTENT_TYPE.to_owned()),
         dataschema: attrs.dataschema,
         data: body.to_vec(),
@@ -1902,7 +1902,7 @@ mod tests {
             "2024-02-29T00:00:00Z",
             "2000-02-29T00:00:00Z",
             "0000-01-01T00:00:00Z",
-            &crate::runtime::now_rfc3339(),
+            &crate::clock::now_rfc3339(),
         ] {
             assert!(is_rfc3339(ok), "{ok} should be valid");
         }

@@ -12,11 +12,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::cloudevents::{self, ParseLimits};
-use super::{ApiError, AppState, rfc3339_ms};
+use super::{ApiError, AppState};
 use crate::bus::{BusError, LogQuery};
+use crate::clock::rfc3339_ms;
 use crate::event::Event;
 use crate::pattern::Pattern;
 
@@ -161,6 +161,21 @@ pub(super) struct LogParams {
     limit: Option<usize>,
 }
 
+/// An event of the log as `GET /v1/events` shows it.
+#[derive(Debug, Serialize)]
+struct StoredEventView {
+    sequence: u64,
+    ingested_at: String,
+    event: serde_json::Value,
+}
+
+/// A page of `GET /v1/events`.
+#[derive(Debug, Serialize)]
+struct LogPageView {
+    events: Vec<StoredEventView>,
+    next_after: Option<u64>,
+}
+
 /// Most events one `GET /v1/events` returns.
 const MAX_PAGE: usize = 1000;
 
@@ -192,16 +207,14 @@ pub(super) async fn read_log(
     // Where to continue: past everything this read looked at, matching or not; `null`
     // once the end of the log is reached.
     let next_after = (page.scanned_to > after).then_some(page.scanned_to);
-    let events: Vec<serde_json::Value> = page
+    let events = page
         .events
         .iter()
-        .map(|stored| {
-            json!({
-                "sequence": stored.sequence,
-                "ingested_at": rfc3339_ms(stored.ingested_at_us / 1000),
-                "event": cloudevents::to_json(&stored.event),
-            })
+        .map(|stored| StoredEventView {
+            sequence: stored.sequence,
+            ingested_at: rfc3339_ms(stored.ingested_at_us / 1000),
+            event: cloudevents::to_json(&stored.event),
         })
         .collect();
-    Ok(Json(json!({ "events": events, "next_after": next_after })).into_response())
+    Ok(Json(LogPageView { events, next_after }).into_response())
 }

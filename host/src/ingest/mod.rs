@@ -126,13 +126,6 @@ async fn require_admin_token(
     }
 }
 
-/// Milliseconds since the Unix epoch as an RFC 3339 timestamp.
-fn rfc3339_ms(ms: i64) -> String {
-    let time =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(time).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

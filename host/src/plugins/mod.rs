@@ -10,17 +10,59 @@ mod registry;
 mod watcher;
 
 pub use self::registry::{PluginTable, Registry};
-pub use self::watcher::watch;
+pub use self::watcher::{EventWatcher, watch, watch_with};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::PluginDefaults;
+use crate::bus::BusError;
 use crate::dispatch::DispatchState;
 use crate::pattern::Pattern;
-use crate::runtime::{Plugin, Runtime};
+use crate::policy::{ManifestError, PluginDefaults, PluginPolicy};
+use crate::runtime::{LoadError, Plugin, Runtime};
 
-use self::manifest::{Manifest, PluginPolicy};
+use self::manifest::Manifest;
+
+/// Why a plugin's files could not be put into service. Cheap to clone: status keeps it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginLoadError {
+    /// The file stem is not a valid plugin name.
+    #[error("{}: a plugin name must be 1 to 64 of A-Z, a-z, 0-9, `_` and `-`", file.display())]
+    InvalidName {
+        /// The `.wasm` file.
+        file: PathBuf,
+    },
+    /// The sidecar could not be read.
+    #[error("{}: cannot read: {error}", sidecar.display())]
+    SidecarUnreadable {
+        /// The sidecar.
+        sidecar: PathBuf,
+        /// The I/O error.
+        error: Arc<std::io::Error>,
+    },
+    /// The sidecar was refused.
+    #[error("{}: {error}", sidecar.display())]
+    Sidecar {
+        /// The sidecar.
+        sidecar: PathBuf,
+        /// What is wrong with it.
+        error: ManifestError,
+    },
+    /// The `.wasm` file could not be read.
+    #[error("{}: cannot read the file: {error}", file.display())]
+    Unreadable {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// The I/O error.
+        error: Arc<std::io::Error>,
+    },
+    /// The component was refused by the runtime.
+    #[error(transparent)]
+    Component(Arc<LoadError>),
+    /// The plugin's consumer could not be opened on the bus.
+    #[error("cannot open the plugin's consumer: {0}")]
+    Consumer(Arc<BusError>),
+}
 
 /// A plugin that loaded and is serving.
 pub struct LoadedPlugin {
@@ -43,10 +85,10 @@ pub struct PluginEntry {
     /// When the entry was made, in milliseconds since the Unix epoch.
     pub loaded_at_ms: i64,
     /// The plugin, or why it failed to load.
-    pub status: Result<LoadedPlugin, String>,
+    pub status: Result<LoadedPlugin, PluginLoadError>,
     /// Why the latest load of its files failed, when it did (a working version may
     /// still be serving).
-    pub load_error: Option<String>,
+    pub load_error: Option<PluginLoadError>,
 }
 
 /// Whether a file stem may name a plugin: 1 to 64 of `[A-Za-z0-9_-]`.
@@ -63,33 +105,47 @@ pub async fn load_plugin(
     name: &str,
     file: &Path,
     defaults: &PluginDefaults,
-) -> Result<LoadedPlugin, String> {
+) -> Result<LoadedPlugin, PluginLoadError> {
     if !is_valid_plugin_name(name) {
-        return Err(format!(
-            "{}: a plugin name must be 1 to 64 of A-Z, a-z, 0-9, `_` and `-`",
-            file.display()
-        ));
+        return Err(PluginLoadError::InvalidName {
+            file: file.to_owned(),
+        });
     }
     let sidecar = file.with_extension("toml");
     let manifest = match tokio::fs::read_to_string(&sidecar).await {
-        Ok(text) => Manifest::parse(&text).map_err(|e| format!("{}: {e}", sidecar.display()))?,
+        Ok(text) => Manifest::parse(&text).map_err(|error| PluginLoadError::Sidecar {
+            sidecar: sidecar.clone(),
+            error,
+        })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
-        Err(e) => return Err(format!("{}: cannot read: {e}", sidecar.display())),
+        Err(error) => {
+            return Err(PluginLoadError::SidecarUnreadable {
+                sidecar,
+                error: Arc::new(error),
+            });
+        }
     };
     let policy = manifest
         .resolve(defaults)
-        .map_err(|e| format!("{}: {e}", sidecar.display()))?;
+        .map_err(|error| PluginLoadError::Sidecar {
+            sidecar: sidecar.clone(),
+            error,
+        })?;
+    let bytes = tokio::fs::read(file)
+        .await
+        .map_err(|error| PluginLoadError::Unreadable {
+            file: file.to_owned(),
+            error: Arc::new(error),
+        })?;
     let plugin = runtime
         .load(
             name,
             &file.display().to_string(),
-            tokio::fs::read(file)
-                .await
-                .map_err(|e| format!("{}: cannot read the file: {e}", file.display()))?,
+            bytes,
             policy.settings.clone(),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|error| PluginLoadError::Component(Arc::new(error)))?;
     let subscriptions = policy
         .subscribe
         .clone()

@@ -22,11 +22,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{LoadedPlugin, PluginEntry, load_plugin};
-use crate::bus::{Bus, now_ms};
-use crate::config::PluginDefaults;
+use super::{LoadedPlugin, PluginEntry, PluginLoadError, load_plugin};
+use crate::bus::Bus;
+use crate::clock::now_ms;
 use crate::dispatch::{Dispatcher, Target};
 use crate::metrics::Metrics;
+use crate::policy::PluginDefaults;
 use crate::runtime::Runtime;
 
 /// How recently a file may have changed and still be left for the next round.
@@ -228,7 +229,7 @@ impl Registry {
                 Ok(loaded)
             }
             Err(error) => {
-                let error = format!("cannot open the plugin's consumer: {error}");
+                let error = PluginLoadError::Consumer(Arc::new(error));
                 tracing::error!(plugin = %name, "{error}");
                 Err(error)
             }

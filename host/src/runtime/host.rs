@@ -10,45 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
-use async_trait::async_trait;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{host, types};
 use super::limits::MemoryLimiter;
-use super::outcome::{Effects, KvRead, KvWrite, keys_digest, value_digest};
 use super::settings::EffectBounds;
 use super::stdio::StderrTail;
+use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
+use crate::kv::{KvRead, KvSource, KvWrite, keys_digest, value_digest};
 
 /// Longest log line a plugin may write through `log`; longer ones are cut.
 const MAX_LOG_LINE: usize = 8192;
-
-/// Committed KV state of plugins, as the bus stores it.
-#[async_trait]
-pub trait KvSource: Send + Sync {
-    /// Reads one key of one plugin's store.
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
-    /// Lists one plugin's keys that start with `prefix`, in ascending order.
-    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>>;
-}
-
-/// A KV source with nothing in it, for invocations that have no store behind them.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct EmptyKv;
-
-#[async_trait]
-impl KvSource for EmptyKv {
-    async fn get(&self, _plugin: &str, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(None)
-    }
-
-    async fn keys(&self, _plugin: &str, _prefix: &str) -> anyhow::Result<Vec<String>> {
-        Ok(Vec::new())
-    }
-}
 
 /// Why the host stopped a call from inside one of its imports.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -185,11 +160,6 @@ fn emitted_event_id(plugin: &str, source: &str, id: &str, index: usize) -> Strin
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes()).to_string()
 }
 
-/// The current time as an RFC 3339 timestamp with millisecond precision, in UTC.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -273,7 +243,7 @@ impl host::Host for HostState {
             source: format!("/switchyard/plugins/{plugin}"),
             ty: outgoing.type_,
             subject: outgoing.subject,
-            time: Some(now_rfc3339()),
+            time: Some(crate::clock::now_rfc3339()),
             datacontenttype: Some(
                 outgoing
                     .datacontenttype

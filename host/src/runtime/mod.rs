@@ -31,10 +31,7 @@ use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
-pub use self::host::{EmptyKv, KvSource, now_rfc3339};
-pub use self::outcome::{
-    Effects, Failure, FailureKind, KvRead, KvWrite, Outcome, keys_digest, value_digest,
-};
+pub use self::outcome::{Failure, Outcome};
 pub use self::plugin::{Delivery, InstanceStats, Plugin, PluginInfo};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
 pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS};

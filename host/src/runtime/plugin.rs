@@ -31,13 +31,16 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{Plugin as PluginWorld, PluginPre, types};
 use super::fair::{CpuShare, Fair};
-use super::host::{HostState, HostTrap, KvSource, PluginIdentity};
+use super::host::{HostState, HostTrap, PluginIdentity};
 use super::limits::MemoryLimiter;
-use super::outcome::{Effects, Failure, FailureKind, Outcome};
+use super::outcome::{Failure, Outcome};
 use super::settings::{Isolation, PluginLimits, PluginSettings};
 use super::stdio::{PluginOutput, StderrTail};
 use super::{EPOCH_TICK, LoadError, LoadErrorReason, Runtime, validate};
+use crate::effects::Effects;
 use crate::event::Event;
+use crate::failure::FailureKind;
+use crate::kv::KvSource;
 use crate::pattern::Pattern;
 
 /// Where an invocation stands in the delivery of its event.

@@ -143,7 +143,7 @@ impl Host {
             .arg(self.data_dir())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         if let Backend::Nats(url) = &self.backend {
             command.arg("--bus").arg(url);
         }
@@ -153,6 +153,7 @@ impl Host {
             command.arg("--config").arg(path);
         }
         let mut child = command.spawn().expect("the switchyard binary starts");
+        forward_to_test_output(child.stderr.take().unwrap());
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -291,4 +292,18 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Copies the host's log into this test's captured output: shown when the test fails,
+/// kept out of the run's output when it passes. A thread spawned from the test's thread
+/// writes to that test's capture.
+fn forward_to_test_output(stderr: std::process::ChildStderr) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            match line {
+                Ok(line) => eprintln!("{line}"),
+                Err(_) => break,
+            }
+        }
+    });
 }

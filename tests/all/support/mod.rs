@@ -48,9 +48,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use switchyard_host::event::Event;
-use switchyard_host::runtime::{
-    Delivery, Effects, EmptyKv, KvSource, Outcome, Plugin, PluginSettings, Runtime, RuntimeConfig,
-};
+use switchyard_host::runtime::{Delivery, Outcome, Plugin, PluginSettings, Runtime, RuntimeConfig};
+use switchyard_host::{Effects, EmptyKv, KvError, KvSource};
 
 /// A runtime with default settings.
 pub fn runtime() -> Runtime {
@@ -164,11 +163,11 @@ impl MemoryKv {
 
 #[async_trait::async_trait]
 impl KvSource for MemoryKv {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self.value(plugin, key))
     }
 
-    async fn keys(&self, plugin: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
         Ok(self
             .entries
             .lock()
@@ -185,11 +184,11 @@ pub struct BrokenKv;
 
 #[async_trait::async_trait]
 impl KvSource for BrokenKv {
-    async fn get(&self, _plugin: &str, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        anyhow::bail!("store unavailable")
+    async fn get(&self, _plugin: &str, _key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Err(KvError::new("store unavailable"))
     }
 
-    async fn keys(&self, _plugin: &str, _prefix: &str) -> anyhow::Result<Vec<String>> {
-        anyhow::bail!("store unavailable")
+    async fn keys(&self, _plugin: &str, _prefix: &str) -> Result<Vec<String>, KvError> {
+        Err(KvError::new("store unavailable"))
     }
 }

@@ -1,0 +1,138 @@
+//! Dead letters: deliveries a plugin could not handle, kept whole for operators.
+//!
+//! Owns the [`DeadLetter`] record and why it exists ([`DeadLetterReason`]), the
+//! operations every bus backend offers on them ([`DeadLetters`], a part of the `Bus`
+//! trait), and the [`DeadLetterView`] the API and CLI show.
+//!
+//! Invariants every backend keeps:
+//! - a dead letter is written in the same transaction as the settlement that ends the
+//!   delivery, so an event is either still owed to the plugin or dead-lettered, never
+//!   both and never neither;
+//! - it keeps the whole event and every attempt's error, oldest first;
+//! - a replay moves it back into its plugin's retry schedule, due now, with a fresh
+//!   attempt count, and removes it from the dead letters in the same transaction.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{BusError, StoredEvent};
+use crate::clock::rfc3339_ms;
+use crate::failure::{AttemptError, AttemptView};
+
+/// Why a delivery ends in the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadLetterReason {
+    /// The plugin rejected the event.
+    Rejected,
+    /// Every attempt the retry policy allows failed.
+    Exhausted,
+    /// The event grew older than the policy's maximum age.
+    Expired,
+    /// An attempt broke the host's rules on effects (too many or too large emits or
+    /// KV writes); retrying would repeat it.
+    Effects,
+    /// An attempt emitted past the causation-depth limit: an endless chain of follow-ups.
+    Loop,
+}
+
+impl DeadLetterReason {
+    /// The reason's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::Exhausted => "exhausted",
+            Self::Expired => "expired",
+            Self::Effects => "effects",
+            Self::Loop => "loop",
+        }
+    }
+}
+
+/// A dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The dead letter's id.
+    pub id: u64,
+    /// The plugin that could not handle the event.
+    pub plugin: String,
+    /// The event and its log position.
+    pub stored: StoredEvent,
+    /// Why it is here.
+    pub reason: DeadLetterReason,
+    /// Every attempt's error, oldest first.
+    pub errors: Vec<AttemptError>,
+    /// When it was dead-lettered, in milliseconds since the Unix epoch.
+    pub dead_at_ms: i64,
+}
+
+/// A page query over dead letters.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    /// Only this plugin's.
+    pub plugin: Option<String>,
+    /// Only ids after this one.
+    pub after: u64,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl DeadLetter {
+    /// The dead letter as the API shows it; `event` is the event in the CloudEvents JSON
+    /// format, rendered by the caller that owns that format.
+    pub fn view(&self, event: serde_json::Value) -> DeadLetterView {
+        DeadLetterView {
+            id: self.id,
+            plugin: self.plugin.clone(),
+            reason: self.reason,
+            sequence: self.stored.sequence,
+            dead_at: rfc3339_ms(self.dead_at_ms),
+            attempts: self.errors.len(),
+            errors: self.errors.iter().map(AttemptView::from).collect(),
+            event,
+        }
+    }
+}
+
+/// A dead letter as `GET /v1/dlq` and `GET /v1/dlq/{id}` answer it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetterView {
+    /// The dead letter's id.
+    pub id: u64,
+    /// The plugin that could not handle the event.
+    pub plugin: String,
+    /// Why it is here.
+    pub reason: DeadLetterReason,
+    /// The event's position in the log.
+    pub sequence: u64,
+    /// When it was dead-lettered.
+    pub dead_at: String,
+    /// How many attempts failed.
+    pub attempts: usize,
+    /// Every attempt's error, oldest first.
+    pub errors: Vec<AttemptView>,
+    /// The event, in the CloudEvents JSON format.
+    pub event: serde_json::Value,
+}
+
+/// What a bus offers on dead letters.
+#[async_trait]
+pub trait DeadLetters: Send + Sync {
+    /// Lists dead letters.
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// One dead letter.
+    async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError>;
+
+    /// Moves dead letters back into their plugins' retry schedules, due now, with a fresh
+    /// attempt count; returns how many moved. `Some(id)` replays one, `None` with a
+    /// plugin replays all of that plugin's.
+    async fn replay_dead_letters(
+        &self,
+        id: Option<u64>,
+        plugin: Option<&str>,
+    ) -> Result<u64, BusError>;
+
+    /// Deletes a dead letter.
+    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError>;
+}
