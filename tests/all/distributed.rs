@@ -189,6 +189,8 @@ fn an_unreachable_nats_server_is_a_clear_error_at_start() {
         .arg(format!("nats://127.0.0.1:{port}"))
         .arg("--plugins")
         .arg(dir.path())
+        .arg("--data")
+        .arg(dir.path().join("data"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
