@@ -1,0 +1,372 @@
+//! The embedded bus: one SQLite database file in WAL mode.
+//!
+//! Tables (layout in `schema.rs`, its version in `PRAGMA user_version`):
+//! - `events`: the log; an event's sequence is its rowid, and a unique `(source, id)`
+//!   index makes a repeated append answer with the first sequence;
+//! - `cursors`, `acked`, `retries`: each plugin's position (see below);
+//! - `dead_letters`: deliveries given up on, by plugin; their ids are never reused;
+//! - `kv`: each plugin's keys and values.
+//!
+//! Writes go through ONE writer thread that group-commits: it takes every job waiting
+//! (up to a bound), runs each inside its own savepoint of one transaction, commits once
+//! and only then answers the jobs. So an append is acknowledged only after the commit that
+//! holds it, a job that fails rolls back alone, and a settlement's effects, cursor move,
+//! retry entry or dead letter land together.
+//!
+//! With [`Durability::Full`], a group that holds an append or an operator's action is
+//! fsynced before it is answered. A group of settlements only is committed without waiting
+//! for the disk: it becomes durable with the next fsynced commit or checkpoint. Losing such
+//! a commit to a power cut loses an acknowledgement together with the effects committed
+//! beside it, so the event is delivered again and its effects are applied once; waiting
+//! for an fsync per settlement would instead cap a plugin at `concurrency` events per disk
+//! flush.
+//! Reads use a small pool of separate connections, which WAL lets run beside the writer.
+//!
+//! Consumer bookkeeping: a plugin's `cursor` is the highest sequence below which every
+//! event is settled for it. Events settled out of order above the cursor are recorded in
+//! `acked` until the cursor passes them, so a restart skips them. A retry or a dead
+//! letter settles the event for the main stream too; retries live in `retries` until
+//! they succeed or die.
+//!
+//! Files:
+//! - `mod.rs`: the options, [`SqliteBus`] with its read pool, the [`Bus`] impl, and what
+//!   the other files share (storage errors, integer conversions, event rows, the
+//!   encoding of attempt errors);
+//! - `schema.rs`: the tables, their version, opening a connection, schema and
+//!   writability checks;
+//! - `writer.rs`: the writer thread, its jobs and its group-commit protocol;
+//! - `ops.rs`: the SQL each writer job runs inside its savepoint;
+//! - `consumer.rs`: a plugin's consumer, its in-memory position and the cursor it moves;
+//! - `dead_letters.rs`: the [`DeadLetters`](super::DeadLetters) impl;
+//! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl.
+
+mod consumer;
+mod dead_letters;
+mod kv;
+mod ops;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::consumer::SqliteConsumer;
+use self::schema::{check_schema, check_writable, open_connection};
+use self::writer::{Job, Reply};
+use super::{
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, StoredEvent,
+};
+use crate::event::Event;
+use crate::failure::AttemptError;
+
+/// Rows scanned per read when looking for a consumer's next events.
+const SCAN_CHUNK: i64 = 512;
+
+/// How hard each commit is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// fsync at every commit: an acknowledged event survives power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a crash of the process, not of the machine.
+    Normal,
+}
+
+/// Settings of the embedded bus.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The database file.
+    pub path: PathBuf,
+    /// How hard commits are made durable.
+    pub durability: Durability,
+    /// Most events one group commit takes.
+    pub group_commit_max_events: usize,
+    /// How long the writer waits for more jobs after the first one of a group; zero
+    /// commits as soon as the writer is free.
+    pub group_commit_max_delay: Duration,
+    /// Appends that may wait for the writer before new ones are refused.
+    pub max_pending_events: usize,
+}
+
+impl SqliteOptions {
+    /// Defaults for a database at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            durability: Durability::Full,
+            group_commit_max_events: 4096,
+            group_commit_max_delay: Duration::ZERO,
+            max_pending_events: 100_000,
+        }
+    }
+}
+
+/// The embedded bus. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    jobs: mpsc::UnboundedSender<Job>,
+    pending_events: AtomicUsize,
+    max_pending_events: usize,
+    readers: Mutex<Vec<Connection>>,
+    /// A counter bumped after every commit that adds events or due retries.
+    generation: watch::Sender<u64>,
+    closed: AtomicBool,
+}
+
+/// Names the storage failures an operator can act on (a full disk, read-only storage) in
+/// words, keeping SQLite's own message after them.
+fn storage(error: rusqlite::Error) -> BusError {
+    let condition = match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => "the disk holding the log is full",
+        Some(rusqlite::ErrorCode::ReadOnly) => "the log's storage is read-only",
+        Some(rusqlite::ErrorCode::SystemIoFailure) => "the log's storage failed an I/O",
+        _ => return BusError::Storage(error.to_string()),
+    };
+    BusError::Storage(format!("{condition} ({error})"))
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+impl SqliteBus {
+    /// Opens (creating if needed) the database and starts the writer thread.
+    pub fn open(options: SqliteOptions) -> Result<Self, BusError> {
+        if let Some(dir) = options.path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| BusError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        if let Some(dir) = options.path.parent() {
+            check_writable(dir)?;
+        }
+        let conn = open_connection(&options.path, options.durability).map_err(|e| {
+            BusError::Storage(format!("cannot open {}: {e}", options.path.display()))
+        })?;
+        // SQLite falls back to a read-only open when it cannot write; refuse that up front
+        // rather than failing every append later.
+        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+            return Err(BusError::Storage(format!(
+                "cannot open {} for writing: its storage is read-only",
+                options.path.display()
+            )));
+        }
+        check_schema(&conn, &options.path)?;
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let (generation, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            path: options.path.clone(),
+            jobs,
+            pending_events: AtomicUsize::new(0),
+            max_pending_events: options.max_pending_events,
+            readers: Mutex::new(Vec::new()),
+            generation,
+            closed: AtomicBool::new(false),
+        });
+        writer::start(conn, &options, Arc::clone(&inner), receiver)?;
+        Ok(Self { inner })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn submit<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, BusError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(job(reply))
+            .map_err(|_| BusError::Closed)?;
+        answer.await.map_err(|_| BusError::Closed)?
+    }
+
+    /// Runs a read on a pooled connection on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, BusError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&inner.path, Durability::Normal).map_err(storage)?,
+            };
+            let result = query(&conn).map_err(storage);
+            inner
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
+            result
+        })
+        .await
+        .map_err(|e| BusError::Storage(format!("read task failed: {e}")))?
+    }
+}
+
+fn row_to_stored(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let extensions: String = row.get(9)?;
+    Ok(StoredEvent {
+        sequence: to_u64(row.get(0)?),
+        event: Event {
+            id: row.get(1)?,
+            source: row.get(2)?,
+            ty: row.get(3)?,
+            subject: row.get(4)?,
+            time: row.get(5)?,
+            datacontenttype: row.get(6)?,
+            dataschema: row.get(7)?,
+            data: row.get(8)?,
+            extensions: serde_json::from_str(&extensions).unwrap_or_default(),
+        },
+        ingested_at_us: row.get(10)?,
+    })
+}
+
+const EVENT_COLUMNS: &str = "seq, id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us";
+
+fn load_event(conn: &Connection, seq: u64) -> rusqlite::Result<Option<StoredEvent>> {
+    conn.query_row(
+        &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"),
+        [to_i64(seq)],
+        row_to_stored,
+    )
+    .optional()
+}
+
+fn parse_errors(text: &str) -> Vec<AttemptError> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn errors_json(errors: &[AttemptError]) -> String {
+    serde_json::to_string(errors).unwrap_or_else(|_| "[]".to_owned())
+}
+
+#[async_trait]
+impl Bus for SqliteBus {
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = events.len();
+        let pending = self.inner.pending_events.fetch_add(n, Ordering::AcqRel);
+        if pending + n > self.inner.max_pending_events && pending > 0 {
+            self.inner.pending_events.fetch_sub(n, Ordering::AcqRel);
+            return Err(BusError::Saturated { pending });
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.inner.jobs.send(Job::Append { events, reply }).is_err() {
+            self.inner.pending_events.fetch_sub(n, Ordering::AcqRel);
+            return Err(BusError::Closed);
+        }
+        answer.await.map_err(|_| BusError::Closed)?
+    }
+
+    async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {
+        self.read(move |conn| {
+            let limit = query.limit.max(1);
+            let mut events = Vec::new();
+            let mut after = to_i64(query.after);
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 AND (?2 IS NULL OR subject = ?2) ORDER BY seq LIMIT ?3"
+            ))?;
+            // Bounded scan: at most 20 chunks per request, however sparse the matches.
+            for _ in 0..20 {
+                let chunk: Vec<StoredEvent> = select
+                    .query_map(params![after, query.subject, SCAN_CHUNK], row_to_stored)?
+                    .collect::<rusqlite::Result<_>>()?;
+                let Some(last) = chunk.last() else { break };
+                after = to_i64(last.sequence);
+                for stored in chunk {
+                    if query.pattern.as_ref().is_none_or(|p| p.matches(&stored.event.ty)) {
+                        let sequence = stored.sequence;
+                        events.push(stored);
+                        if events.len() == limit {
+                            return Ok(LogPage { events, scanned_to: sequence });
+                        }
+                    }
+                }
+            }
+            Ok(LogPage { events, scanned_to: to_u64(after) })
+        })
+        .await
+    }
+
+    async fn head(&self) -> Result<u64, BusError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(to_u64)
+        })
+        .await
+    }
+
+    async fn consumer(
+        &self,
+        plugin: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Arc<dyn Consumer>, BusError> {
+        Ok(Arc::new(SqliteConsumer::open(self, plugin, spec).await?))
+    }
+
+    async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError> {
+        let plugin = plugin.to_owned();
+        self.read(move |conn| {
+            let cursor: i64 = conn
+                .query_row(
+                    "SELECT position FROM cursors WHERE plugin = ?1",
+                    [&plugin],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            let head: i64 =
+                conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+            let retries: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM retries WHERE plugin = ?1",
+                [&plugin],
+                |r| r.get(0),
+            )?;
+            let dead: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM dead_letters WHERE plugin = ?1",
+                [&plugin],
+                |r| r.get(0),
+            )?;
+            Ok(ConsumerStats {
+                cursor: to_u64(cursor),
+                lag: to_u64(head.saturating_sub(cursor)),
+                pending_retries: to_u64(retries),
+                dead_letters: to_u64(dead),
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<(), BusError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.submit(|reply| Job::Close { reply }).await
+    }
+}

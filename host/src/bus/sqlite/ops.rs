@@ -1,0 +1,348 @@
+//! The SQL the writer runs for each job, inside that job's savepoint of the group's
+//! transaction.
+//!
+//! Nothing here commits or answers anyone: an error only makes the writer roll the job's
+//! savepoint back. Invariants the operations keep together, since each settlement is one
+//! savepoint:
+//! - an event's `(source, id)` is stored once; a repeat answers with the first sequence;
+//! - an acknowledgement commits only if every KV read it made is still what is stored,
+//!   and then lands with its emitted events and KV writes;
+//! - a cursor only moves forward, and `acked` keeps only sequences above it;
+//! - a settlement records one outcome — acknowledged, a `retries` row, or a dead letter —
+//!   and a settled retry leaves `retries`; a main-stream settlement also moves the
+//!   cursor, and records its sequence in `acked` when it lies above the new cursor;
+//! - a replay moves dead letters back into `retries`, due now with a fresh attempt count.
+
+use std::borrow::Cow;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{errors_json, storage, to_i64, to_u64};
+use crate::bus::{Appended, BusError, Settlement, StartPosition};
+use crate::clock::{now_ms, now_us};
+use crate::effects::Effects;
+use crate::event::Event;
+use crate::kv::{KvRead, keys_digest, value_digest};
+
+/// Runs one statement through the connection's statement cache: the writer runs the
+/// same few statements for every job, and parsing them each time would cost more than
+/// running them.
+pub(super) fn exec(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+pub(super) fn append_events(
+    conn: &Connection,
+    events: &[Event],
+) -> rusqlite::Result<Vec<Appended>> {
+    let now = now_us();
+    // The unique index finds a duplicate during the insert itself, so a fresh event (the
+    // common case) costs one index search instead of a lookup and then an insert.
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO events (id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (source, id) DO NOTHING",
+    )?;
+    let mut appended = Vec::with_capacity(events.len());
+    for event in events {
+        let extensions: Cow<'_, str> = if event.extensions.is_empty() {
+            Cow::Borrowed("{}")
+        } else {
+            Cow::Owned(serde_json::to_string(&event.extensions).unwrap_or_else(|_| "{}".to_owned()))
+        };
+        let inserted = insert.execute(params![
+            event.id,
+            event.source,
+            event.ty,
+            event.subject,
+            event.time,
+            event.datacontenttype,
+            event.dataschema,
+            event.data,
+            extensions,
+            now
+        ])? == 1;
+        let sequence = if inserted {
+            conn.last_insert_rowid()
+        } else {
+            conn.prepare_cached("SELECT seq FROM events WHERE source = ?1 AND id = ?2")?
+                .query_row(params![event.source, event.id], |r| r.get(0))?
+        };
+        appended.push(Appended {
+            sequence: to_u64(sequence),
+            duplicate: !inserted,
+        });
+    }
+    Ok(appended)
+}
+
+pub(super) fn open_cursor(
+    conn: &Connection,
+    plugin: &str,
+    start: StartPosition,
+) -> rusqlite::Result<u64> {
+    let existing: Option<i64> = conn
+        .query_row(
+            "SELECT position FROM cursors WHERE plugin = ?1",
+            [plugin],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(position) = existing {
+        return Ok(to_u64(position));
+    }
+    let position: i64 = match start {
+        StartPosition::Earliest => 0,
+        StartPosition::Latest => {
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?
+        }
+    };
+    exec(
+        conn,
+        "INSERT INTO cursors (plugin, position) VALUES (?1, ?2)",
+        params![plugin, position],
+    )?;
+    Ok(to_u64(position))
+}
+
+pub(super) fn move_cursor(conn: &Connection, plugin: &str, cursor: u64) -> rusqlite::Result<()> {
+    exec(
+        conn,
+        "UPDATE cursors SET position = MAX(position, ?2) WHERE plugin = ?1",
+        params![plugin, to_i64(cursor)],
+    )?;
+    exec(
+        conn,
+        "DELETE FROM acked WHERE plugin = ?1 AND seq <= ?2",
+        params![plugin, to_i64(cursor)],
+    )?;
+    Ok(())
+}
+
+fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> rusqlite::Result<()> {
+    append_events(conn, &effects.emits)?;
+    let mut set = conn.prepare_cached(
+        "INSERT INTO kv (plugin, key, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+    )?;
+    let mut delete = conn.prepare_cached("DELETE FROM kv WHERE plugin = ?1 AND key = ?2")?;
+    for write in &effects.kv_writes {
+        match &write.value {
+            Some(value) => set.execute(params![plugin, write.key, value])?,
+            None => delete.execute(params![plugin, write.key])?,
+        };
+    }
+    Ok(())
+}
+
+/// Checks that what an attempt read of its plugin's KV is still what is committed.
+fn check_reads(conn: &Connection, plugin: &str, reads: &[KvRead]) -> Result<(), BusError> {
+    let mut value = conn
+        .prepare_cached("SELECT value FROM kv WHERE plugin = ?1 AND key = ?2")
+        .map_err(storage)?;
+    let mut keys = conn
+        .prepare_cached("SELECT key FROM kv WHERE plugin = ?1 AND key >= ?2 ORDER BY key")
+        .map_err(storage)?;
+    for read in reads {
+        match read {
+            KvRead::Value { key, digest } => {
+                let current: Option<Vec<u8>> = value
+                    .query_row(params![plugin, key], |r| r.get(0))
+                    .optional()
+                    .map_err(storage)?;
+                if current.as_deref().map(value_digest) != *digest {
+                    return Err(BusError::Conflict(key.clone()));
+                }
+            }
+            KvRead::Keys { prefix, digest } => {
+                let mut rows = keys.query(params![plugin, prefix]).map_err(storage)?;
+                let mut current = Vec::new();
+                while let Some(row) = rows.next().map_err(storage)? {
+                    let key: String = row.get(0).map_err(storage)?;
+                    if !key.starts_with(prefix.as_str()) {
+                        break;
+                    }
+                    current.push(key);
+                }
+                if keys_digest(current.iter().map(String::as_str)) != *digest {
+                    return Err(BusError::Conflict(format!("{prefix}*")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn settle(
+    conn: &Connection,
+    plugin: &str,
+    seq: u64,
+    is_retry: bool,
+    cursor: u64,
+    settlement: Settlement,
+) -> Result<(), BusError> {
+    if let Settlement::Ack(effects) = &settlement {
+        check_reads(conn, plugin, &effects.kv_reads)?;
+    }
+    settle_checked(conn, plugin, seq, is_retry, cursor, settlement).map_err(storage)
+}
+
+fn settle_checked(
+    conn: &Connection,
+    plugin: &str,
+    seq: u64,
+    is_retry: bool,
+    cursor: u64,
+    settlement: Settlement,
+) -> rusqlite::Result<()> {
+    let now = now_ms();
+    match &settlement {
+        Settlement::Ack(effects) => {
+            apply_effects(conn, plugin, effects)?;
+            if is_retry {
+                exec(
+                    conn,
+                    "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
+                    params![plugin, to_i64(seq)],
+                )?;
+            }
+        }
+        Settlement::Retry { delay, errors } => {
+            let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+            let attempt = i64::try_from(errors.len()).unwrap_or(i64::MAX) + 1;
+            exec(
+            conn,
+                "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (plugin, seq) DO UPDATE SET attempt = excluded.attempt, due_at = excluded.due_at, errors = excluded.errors",
+                params![plugin, to_i64(seq), attempt, due, errors_json(errors)],
+            )?;
+        }
+        Settlement::DeadLetter { reason, errors } => {
+            if is_retry {
+                exec(
+                    conn,
+                    "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
+                    params![plugin, to_i64(seq)],
+                )?;
+            }
+            exec(
+                conn,
+                "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    plugin,
+                    to_i64(seq),
+                    reason.as_str(),
+                    errors_json(errors),
+                    now
+                ],
+            )?;
+        }
+    }
+    if !is_retry {
+        move_cursor(conn, plugin, cursor)?;
+        if seq > cursor {
+            exec(
+                conn,
+                "INSERT OR IGNORE INTO acked (plugin, seq) VALUES (?1, ?2)",
+                params![plugin, to_i64(seq)],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn replay(
+    conn: &Connection,
+    id: Option<u64>,
+    plugin: Option<&str>,
+) -> Result<u64, BusError> {
+    let rows: Vec<(i64, String, i64)> = {
+        let mut select = conn
+            .prepare(
+                "SELECT id, plugin, seq FROM dead_letters
+                 WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR plugin = ?2)",
+            )
+            .map_err(storage)?;
+        let rows = select
+            .query_map(params![id.map(to_i64), plugin], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(storage)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(storage)?
+    };
+    if let (true, Some(id)) = (rows.is_empty(), id) {
+        return Err(BusError::NotFound(format!("dead letter {id}")));
+    }
+    let now = now_ms();
+    for (dead_id, plugin, seq) in &rows {
+        exec(
+            conn,
+            "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, 1, ?3, '[]')
+             ON CONFLICT (plugin, seq) DO UPDATE SET attempt = 1, due_at = excluded.due_at, errors = '[]'",
+            params![plugin, seq, now],
+        )
+        .map_err(storage)?;
+        exec(conn, "DELETE FROM dead_letters WHERE id = ?1", [dead_id]).map_err(storage)?;
+    }
+    Ok(rows.len() as u64)
+}
+
+pub(super) fn delete_dead_letter(conn: &Connection, id: u64) -> Result<(), BusError> {
+    exec(conn, "DELETE FROM dead_letters WHERE id = ?1", [to_i64(id)])
+        .map_err(storage)
+        .and_then(|n| {
+            if n == 0 {
+                Err(BusError::NotFound(format!("dead letter {id}")))
+            } else {
+                Ok(())
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+    use crate::bus::{Appended, Bus};
+    use crate::event::Event;
+
+    fn event(source: &str, id: &str) -> Event {
+        Event {
+            id: id.to_owned(),
+            source: source.to_owned(),
+            ty: "t.x".to_owned(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            data: Vec::new(),
+            extensions: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn sequences(appended: &[Appended]) -> Vec<(u64, bool)> {
+        appended.iter().map(|a| (a.sequence, a.duplicate)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_source_and_id_is_answered_with_its_first_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap();
+        let first = bus
+            .append(vec![event("/a", "1"), event("/b", "1")])
+            .await
+            .unwrap();
+        assert_eq!(sequences(&first), [(1, false), (2, false)]);
+        // One already stored, one repeated inside the batch, one new.
+        let second = bus
+            .append(vec![event("/b", "1"), event("/a", "2"), event("/a", "2")])
+            .await
+            .unwrap();
+        assert_eq!(sequences(&second), [(2, true), (3, false), (3, true)]);
+        assert_eq!(bus.head().await.unwrap(), 3);
+        bus.close().await.unwrap();
+    }
+}

@@ -1,0 +1,158 @@
+//! The log's tables and their layout version, opening a connection, and the checks made
+//! before the writer starts.
+//!
+//! Invariants: every connection runs in WAL mode, so reads never wait for the writer;
+//! a log whose `user_version` is not [`SCHEMA_VERSION`] is refused rather than misread
+//! (a new, empty file takes the current layout); a directory that cannot take writes is
+//! refused with a message that says so, before SQLite would report it in its own words.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::{Durability, storage};
+use crate::bus::BusError;
+
+/// The layout version kept in `PRAGMA user_version`; a log of another version is refused
+/// rather than misread.
+const SCHEMA_VERSION: i64 = 2;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT,
+    time TEXT,
+    datacontenttype TEXT,
+    dataschema TEXT,
+    data BLOB NOT NULL,
+    extensions TEXT NOT NULL,
+    ingested_at_us INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_source_id ON events (source, id);
+CREATE TABLE IF NOT EXISTS cursors (
+    plugin TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acked (
+    plugin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (plugin, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retries (
+    plugin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    errors TEXT NOT NULL,
+    PRIMARY KEY (plugin, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    plugin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    errors TEXT NOT NULL,
+    dead_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_plugin ON dead_letters (plugin, id);
+CREATE TABLE IF NOT EXISTS kv (
+    plugin TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (plugin, key)
+) WITHOUT ROWID;
+";
+
+pub(super) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |row| {
+        row.get::<_, String>(0)
+    })?;
+    let synchronous = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(conn)
+}
+
+/// Creates the tables of a new log, or checks that an existing one has this layout.
+pub(super) fn check_schema(conn: &Connection, path: &Path) -> Result<(), BusError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(storage)?;
+    let existing: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(storage)?;
+    if existing > 0 && version != SCHEMA_VERSION {
+        return Err(BusError::Storage(format!(
+            "the log {} has layout version {version} and this host reads version \
+             {SCHEMA_VERSION}; start with an empty data directory",
+            path.display()
+        )));
+    }
+    conn.execute_batch(SCHEMA).map_err(storage)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(storage)
+}
+
+/// Fails with a clear message when the log's directory cannot take writes, which SQLite
+/// would otherwise report as "unable to open database file" or only at the first append.
+pub(super) fn check_writable(dir: &Path) -> Result<(), BusError> {
+    let probe = dir.join(".switchyard-write-probe");
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            Err(BusError::Storage(format!(
+                "the data directory {} is on read-only storage",
+                dir.display()
+            )))
+        }
+        Err(e) => Err(BusError::Storage(format!(
+            "the data directory {} is not writable: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use crate::bus::BusError;
+    use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+
+    #[test]
+    fn a_log_of_another_layout_version_is_refused_and_a_current_one_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE events (seq INTEGER PRIMARY KEY, ingested_at INTEGER)",
+            )
+            .unwrap();
+        }
+        let Err(BusError::Storage(message)) = SqliteBus::open(SqliteOptions::new(&path)) else {
+            panic!("an old layout opened");
+        };
+        assert!(message.contains("layout version 0"), "{message}");
+
+        let fresh = dir.path().join("fresh.db");
+        drop(SqliteBus::open(SqliteOptions::new(&fresh)).unwrap());
+        assert!(SqliteBus::open(SqliteOptions::new(&fresh)).is_ok());
+    }
+}

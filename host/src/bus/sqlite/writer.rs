@@ -1,0 +1,351 @@
+//! The writer thread: the only connection that writes, group-committing the jobs the bus
+//! and its consumers send it.
+//!
+//! Protocol:
+//! - Batching. The thread blocks for a first job, sleeps `group_commit_max_delay` if one
+//!   is set and the group is not yet full, then takes the jobs already waiting until the
+//!   group weighs `group_commit_max_events` (an append weighs its events, an
+//!   acknowledgement one plus its emits, any other job one). Past that delay it waits
+//!   for nothing: an idle log commits each job as it comes.
+//! - One transaction per group. Each job runs inside its own savepoint of it; a job that
+//!   fails rolls back to its savepoint and answers its own error, and the rest of the
+//!   group still commits.
+//! - Replies after the commit. No job is answered before the group's commit returns, so
+//!   an acknowledged append or settlement is in the log. Under [`Durability::Full`] a
+//!   group holding a job that promises durability (anything but a settlement or a cursor
+//!   move) is committed with `synchronous = FULL`, so its answer also waits for the
+//!   fsync; a group of settlements only is committed without it. If the fsync mode
+//!   cannot be switched on, the whole group is answered with the error and nothing of it
+//!   runs.
+//! - A failed commit turns every answer of the group into a storage error: what the
+//!   group held is rolled back together.
+//! - After a commit that added events or made retries due, the bus's generation counter
+//!   is bumped so waiting consumers look again. A close is answered after the commit
+//!   of its group; the thread then stops and marks the bus closed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::ops::{
+    append_events, delete_dead_letter, exec, move_cursor, open_cursor, replay, settle,
+};
+use super::{Durability, Inner, SqliteOptions, storage};
+use crate::bus::{Appended, BusError, Settlement, StartPosition};
+use crate::event::Event;
+
+/// Page cache of the writer's connection, in KiB.
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
+/// Prepared statements the writer keeps: more than the distinct statements it runs.
+const WRITER_STATEMENTS: usize = 64;
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, BusError>>;
+
+pub(super) enum Job {
+    Append {
+        events: Vec<Event>,
+        reply: Reply<Vec<Appended>>,
+    },
+    OpenCursor {
+        plugin: String,
+        start: StartPosition,
+        reply: Reply<u64>,
+    },
+    Settle(Box<SettleJob>),
+    MoveCursor {
+        plugin: String,
+        cursor: u64,
+    },
+    Replay {
+        id: Option<u64>,
+        plugin: Option<String>,
+        reply: Reply<u64>,
+    },
+    DeleteDeadLetter {
+        id: u64,
+        reply: Reply<()>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+}
+
+pub(super) struct SettleJob {
+    pub(super) plugin: String,
+    pub(super) seq: u64,
+    pub(super) is_retry: bool,
+    /// The new cursor, for settlements of main-stream deliveries.
+    pub(super) cursor: u64,
+    pub(super) settlement: Settlement,
+    pub(super) reply: Reply<()>,
+}
+
+impl Job {
+    /// Whether the job's answer promises durability: appends (a `202`), operator actions
+    /// and closing. Settlements may be lost to a power cut and redelivered.
+    fn must_be_durable(&self) -> bool {
+        !matches!(self, Job::Settle(_) | Job::MoveCursor { .. })
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            Job::Append { events, .. } => events.len(),
+            Job::Settle(job) => match &job.settlement {
+                Settlement::Ack(effects) => 1 + effects.emits.len(),
+                _ => 1,
+            },
+            _ => 1,
+        }
+    }
+}
+
+/// Tunes the writer's connection and starts the writer thread on it.
+pub(super) fn start(
+    conn: Connection,
+    options: &SqliteOptions,
+    inner: Arc<Inner>,
+    receiver: mpsc::UnboundedReceiver<Job>,
+) -> Result<(), BusError> {
+    // Every append searches the `(source, id)` index; with SQLite's default 2 MiB
+    // cache a large log reads its pages back from the file at every commit.
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB.saturating_neg())
+        .map_err(storage)?;
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
+    let writer = Writer {
+        conn,
+        durability: options.durability,
+        syncing: options.durability == Durability::Full,
+        inner,
+        max_events: options.group_commit_max_events.max(1),
+        max_delay: options.group_commit_max_delay,
+    };
+    std::thread::Builder::new()
+        .name("switchyard-log-writer".to_owned())
+        .spawn(move || writer.run(receiver))
+        .map_err(|e| BusError::Storage(format!("cannot start the log writer: {e}")))?;
+    Ok(())
+}
+
+/// The writer thread.
+struct Writer {
+    conn: Connection,
+    durability: Durability,
+    /// Whether the connection is set to `synchronous = FULL` now.
+    syncing: bool,
+    inner: Arc<Inner>,
+    max_events: usize,
+    max_delay: Duration,
+}
+
+/// What a job will answer once the group commits.
+enum Answer {
+    Appended(Reply<Vec<Appended>>, Result<Vec<Appended>, BusError>, usize),
+    Position(Reply<u64>, Result<u64, BusError>),
+    Count(Reply<u64>, Result<u64, BusError>),
+    Done(Reply<()>, Result<(), BusError>),
+    Nothing,
+}
+
+impl Answer {
+    fn fail(self, error: &BusError) -> Self {
+        let again = || match error {
+            BusError::Storage(message) => BusError::Storage(message.clone()),
+            other => BusError::Storage(other.to_string()),
+        };
+        match self {
+            Answer::Appended(reply, _, n) => Answer::Appended(reply, Err(again()), n),
+            Answer::Position(reply, _) => Answer::Position(reply, Err(again())),
+            Answer::Count(reply, _) => Answer::Count(reply, Err(again())),
+            Answer::Done(reply, _) => Answer::Done(reply, Err(again())),
+            Answer::Nothing => Answer::Nothing,
+        }
+    }
+
+    fn send(self, inner: &Inner) {
+        match self {
+            Answer::Appended(reply, result, n) => {
+                inner.pending_events.fetch_sub(n, Ordering::AcqRel);
+                let _ = reply.send(result);
+            }
+            Answer::Position(reply, result) | Answer::Count(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Done(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Nothing => {}
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = receiver.blocking_recv() {
+            let mut weight = first.weight();
+            let mut batch = vec![first];
+            if !self.max_delay.is_zero() && weight < self.max_events {
+                std::thread::sleep(self.max_delay);
+            }
+            while weight < self.max_events {
+                match receiver.try_recv() {
+                    Ok(job) => {
+                        weight += job.weight();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let closing = self.commit_group(batch);
+            if closing {
+                break;
+            }
+        }
+        self.inner.closed.store(true, Ordering::Release);
+    }
+
+    /// Runs a group of jobs in one transaction; returns whether a close was asked for.
+    fn commit_group(&mut self, batch: Vec<Job>) -> bool {
+        let sync = self.durability == Durability::Full && batch.iter().any(Job::must_be_durable);
+        if let Err(error) = self.set_syncing(sync) {
+            tracing::error!(error = %error, "cannot switch the log's fsync mode");
+            if sync {
+                // Committing without the fsync the answers promise is not an option.
+                for job in batch {
+                    answer_error(job, BusError::Storage(error.to_string())).send(&self.inner);
+                }
+                return false;
+            }
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut closing = false;
+        let mut wake = false;
+        let outcome = (|| -> Result<(), BusError> {
+            let tx = self.conn.transaction().map_err(storage)?;
+            for job in batch {
+                let answer = match job {
+                    Job::Close { reply } => {
+                        closing = true;
+                        Answer::Done(reply, Ok(()))
+                    }
+                    job => run_in_savepoint(&tx, job, &mut wake),
+                };
+                answers.push(answer);
+            }
+            tx.commit().map_err(storage)
+        })();
+        match outcome {
+            Ok(()) => {
+                for answer in answers {
+                    answer.send(&self.inner);
+                }
+                if wake {
+                    self.inner.generation.send_modify(|g| *g += 1);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "log commit failed");
+                for answer in answers {
+                    answer.fail(&error).send(&self.inner);
+                }
+            }
+        }
+        closing
+    }
+}
+
+impl Writer {
+    /// Switches between fsyncing every commit and leaving it to the next one that does.
+    fn set_syncing(&mut self, sync: bool) -> Result<(), BusError> {
+        if self.syncing != sync {
+            let level = if sync { "FULL" } else { "NORMAL" };
+            self.conn
+                .pragma_update(None, "synchronous", level)
+                .map_err(storage)?;
+            self.syncing = sync;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one job inside its own savepoint of the group's transaction, so a failing job
+/// rolls back alone.
+fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer {
+    if let Err(e) = exec(savepoint, "SAVEPOINT job", []) {
+        return answer_error(job, storage(e));
+    }
+    let (answer, ok) = match job {
+        Job::Append { events, reply } => {
+            let n = events.len();
+            let result = append_events(savepoint, &events);
+            let ok = result.is_ok();
+            *wake |= ok;
+            (Answer::Appended(reply, result.map_err(storage), n), ok)
+        }
+        Job::OpenCursor {
+            plugin,
+            start,
+            reply,
+        } => {
+            let result = open_cursor(savepoint, &plugin, start);
+            let ok = result.is_ok();
+            (Answer::Position(reply, result.map_err(storage)), ok)
+        }
+        Job::Settle(job) => {
+            let SettleJob {
+                plugin,
+                seq,
+                is_retry,
+                cursor,
+                settlement,
+                reply,
+            } = *job;
+            let adds_events = matches!(&settlement, Settlement::Ack(e) if !e.emits.is_empty());
+            let result = settle(savepoint, &plugin, seq, is_retry, cursor, settlement);
+            let ok = result.is_ok();
+            *wake |= ok && adds_events;
+            (Answer::Done(reply, result), ok)
+        }
+        Job::MoveCursor { plugin, cursor } => {
+            let ok = move_cursor(savepoint, &plugin, cursor).is_ok();
+            (Answer::Nothing, ok)
+        }
+        Job::Replay { id, plugin, reply } => {
+            let result = replay(savepoint, id, plugin.as_deref());
+            let ok = result.is_ok();
+            *wake |= ok;
+            (Answer::Count(reply, result), ok)
+        }
+        Job::DeleteDeadLetter { id, reply } => {
+            let result = delete_dead_letter(savepoint, id);
+            let ok = result.is_ok();
+            (Answer::Done(reply, result), ok)
+        }
+        Job::Close { reply } => (Answer::Done(reply, Ok(())), true),
+    };
+    if ok {
+        if let Err(e) = exec(savepoint, "RELEASE job", []) {
+            return answer.fail(&storage(e));
+        }
+    } else if let Err(e) =
+        exec(savepoint, "ROLLBACK TO job", []).and_then(|_| exec(savepoint, "RELEASE job", []))
+    {
+        // The group's commit reports what is wrong with the transaction.
+        tracing::error!(error = %e, "cannot roll back a failed log job");
+    }
+    answer
+}
+
+fn answer_error(job: Job, error: BusError) -> Answer {
+    let answer = match job {
+        Job::Append { events, reply } => Answer::Appended(reply, Ok(Vec::new()), events.len()),
+        Job::OpenCursor { reply, .. } => Answer::Position(reply, Ok(0)),
+        Job::Settle(job) => Answer::Done(job.reply, Ok(())),
+        Job::Replay { reply, .. } => Answer::Count(reply, Ok(0)),
+        Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
+        Job::MoveCursor { .. } => Answer::Nothing,
+    };
+    answer.fail(&error)
+}
