@@ -1,0 +1,409 @@
+//! A plugin's consumer on one host: it pulls from the plugin's durable consumer as far
+//! as its window has room, turns each message into a delivery or settles it at once when
+//! it is not one for the plugin, keeps the deliveries it holds alive, and settles them.
+//! It also keeps the errors of earlier attempts (`P-attempts/<plugin>.<sequence>`), from
+//! which a redelivery learns its attempt number.
+//!
+//! Invariants:
+//! - `outstanding` holds exactly the deliveries handed out and not yet settled, at most
+//!   the window; only they are kept alive, so a host that dies stops vouching for them
+//!   and they go to another host after `ack_wait`.
+//! - A redelivered message whose commit intent exists is finished and acknowledged, never
+//!   handed to the plugin again (see `commit.rs`).
+//! - The server's `max_deliver` is unlimited; an event handed out more than
+//!   [`UNSETTLED_LIMIT`] times beyond its recorded retries is dead-lettered instead.
+//! - A consumer dropped with deliveries it never settled gives them back at once.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{AckKind, Message};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::messages::{INGESTED_AT, REPLAY_OF, decode_event, header, micros};
+use super::{Shared, UNSETTLED_LIMIT, nats_error};
+use crate::bus::{
+    BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement, StartPosition,
+    StoredEvent,
+};
+use crate::clock::now_ms;
+use crate::failure::{AttemptError, FailureKind};
+use crate::pattern::Pattern;
+
+/// Tells the server, every `every`, that the deliveries a host holds are still being
+/// worked on, so none goes to another host while this one lives.
+async fn keep_alive(outstanding: std::sync::Weak<Mutex<HashMap<u64, Message>>>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(outstanding) = outstanding.upgrade() else {
+            return;
+        };
+        let held: Vec<Message> = outstanding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        drop(outstanding);
+        for message in held {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+/// Longest a pull that should answer at once may take.
+const PULL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Longest `next` waits for settlements to free a quarter of the window before it pulls what
+/// room there is (or returns empty when there is none).
+const FULL_WINDOW_WAIT: Duration = Duration::from_millis(250);
+
+/// Collects the messages of one pull request into `into`, logging a failed pull (the
+/// caller tries again; the client reconnects by itself).
+async fn collect<E: Display, F>(request: F, into: &mut Vec<Message>)
+where
+    F: std::future::Future<Output = Result<pull::Batch, E>>,
+{
+    let mut batch = match request.await {
+        Ok(batch) => batch,
+        Err(error) => {
+            tracing::debug!(%error, "pull request failed");
+            return;
+        }
+    };
+    loop {
+        // The server sends what it has in one go; one that stopped at the consumer's
+        // `max_ack_pending` sends no end-of-batch status, so a pause also ends the pull.
+        let next = if into.is_empty() {
+            batch.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(20), batch.next()).await {
+                Ok(next) => next,
+                Err(_) => return,
+            }
+        };
+        match next {
+            Some(Ok(message)) => into.push(message),
+            Some(Err(error)) => {
+                tracing::debug!(%error, "pull ended with an error");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// One plugin's consumer on one host.
+pub(super) struct NatsConsumer {
+    pub(super) shared: Arc<Shared>,
+    pub(super) plugin: String,
+    patterns: Vec<Pattern>,
+    window: usize,
+    one_at_a_time: bool,
+    consumer: PullConsumer,
+    /// Deliveries handed out and not yet settled, by log position.
+    outstanding: Arc<Mutex<HashMap<u64, Message>>>,
+    /// Signalled when a settlement frees room in the window.
+    room: tokio::sync::Notify,
+    keep_alive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NatsConsumer {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+        // Deliveries fetched but never settled (the dispatcher stopped for a reload or a
+        // shutdown before running them) go back at once rather than after `ack_wait`.
+        let unsettled: Vec<Message> = self.held().drain().map(|(_, message)| message).collect();
+        if !unsettled.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                for message in unsettled {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+            });
+        }
+    }
+}
+
+impl NatsConsumer {
+    /// Creates the plugin's durable consumer, or keeps the existing one when its window
+    /// and `ack_wait` still fit, and starts keeping this host's deliveries alive.
+    pub(super) async fn open(
+        shared: &Arc<Shared>,
+        plugin: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Self, BusError> {
+        let name = format!("{}-{plugin}", shared.options.prefix);
+        let max_ack_pending = if spec.one_at_a_time {
+            1
+        } else {
+            i64::try_from(spec.window.saturating_mul(16)).unwrap_or(i64::MAX)
+        };
+        let existing: Option<PullConsumer> = shared.events.get_consumer(&name).await.ok();
+        let deliver_policy = match (&existing, spec.start) {
+            (Some(consumer), _) => consumer.cached_info().config.deliver_policy,
+            (None, StartPosition::Latest) => DeliverPolicy::New,
+            (None, StartPosition::Earliest) => DeliverPolicy::All,
+        };
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            deliver_policy,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: shared.options.ack_wait,
+            max_deliver: -1,
+            max_ack_pending,
+            num_replicas: 0,
+            ..Default::default()
+        };
+        let consumer = match existing {
+            Some(consumer)
+                if consumer.cached_info().config.max_ack_pending == max_ack_pending
+                    && consumer.cached_info().config.ack_wait == shared.options.ack_wait =>
+            {
+                consumer
+            }
+            _ => shared
+                .events
+                .create_consumer(config)
+                .await
+                .map_err(storage!("creating the plugin's consumer"))?,
+        };
+        let outstanding: Arc<Mutex<HashMap<u64, Message>>> = Arc::default();
+        let keep_alive = tokio::spawn(keep_alive(
+            Arc::downgrade(&outstanding),
+            shared.options.ack_wait / 3,
+        ));
+        Ok(Self {
+            shared: Arc::clone(shared),
+            plugin: plugin.to_owned(),
+            patterns: spec.patterns,
+            window: spec.window.max(1),
+            one_at_a_time: spec.one_at_a_time,
+            consumer,
+            outstanding,
+            room: tokio::sync::Notify::new(),
+            keep_alive,
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Message>> {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn pull(&self, max: usize) -> Result<Vec<Message>, BusError> {
+        // Take what is there at once; only when nothing is, wait (briefly) for one. Each
+        // pull is bounded in time as well: a server at the consumer's `max_ack_pending`
+        // may leave a no-wait pull unanswered.
+        let mut messages = Vec::new();
+        let fetch = self.consumer.fetch().max_messages(max).messages();
+        let _ = tokio::time::timeout(PULL_TIMEOUT, collect(fetch, &mut messages)).await;
+        if messages.is_empty() {
+            let wait = self
+                .consumer
+                .batch()
+                .max_messages(1)
+                .expires(Duration::from_secs(1))
+                .messages();
+            let _ = tokio::time::timeout(PULL_TIMEOUT * 2, collect(wait, &mut messages)).await;
+        }
+        Ok(messages)
+    }
+
+    /// Turns a message into a delivery for this plugin, or settles it at once when it is
+    /// not one (another plugin's replay, a type the plugin does not receive, an intent to
+    /// finish, an event no host manages to settle).
+    async fn accept(&self, message: Message) -> Result<Option<Delivery>, BusError> {
+        let (stream_sequence, delivered, published) = {
+            let info = message
+                .info()
+                .map_err(|error| nats_error("reading delivery metadata")(&*error))?;
+            (info.stream_sequence, info.delivered, micros(info.published))
+        };
+        let replay_prefix = format!("{}.replay.", self.shared.options.prefix);
+        let (sequence, ingested_at_us, replayed) =
+            match message.subject.as_str().strip_prefix(&replay_prefix) {
+                Some(target) if target != self.plugin => {
+                    let _ = message.ack().await;
+                    return Ok(None);
+                }
+                Some(_) => (
+                    header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence),
+                    header(message.headers.as_ref(), INGESTED_AT).unwrap_or(published),
+                    true,
+                ),
+                None => (stream_sequence, published, false),
+            };
+        let event = match decode_event(&message.payload) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(plugin = %self.plugin, stream_sequence, %error, "skipping an unreadable message");
+                let _ = message.ack_with(AckKind::Term).await;
+                return Ok(None);
+            }
+        };
+        if !replayed && !self.patterns.iter().any(|p| p.matches(&event.ty)) {
+            let _ = message.ack().await;
+            return Ok(None);
+        }
+        let stored = StoredEvent {
+            sequence,
+            ingested_at_us,
+            event,
+        };
+        if delivered > 1
+            && self
+                .shared
+                .finish_left_intent(&self.plugin, sequence)
+                .await?
+        {
+            message
+                .double_ack()
+                .await
+                .map_err(storage!("acknowledging a finished commit"))?;
+            return Ok(None);
+        }
+        let errors = if delivered > 1 {
+            self.shared.attempt_errors(&self.plugin, sequence).await?
+        } else {
+            Vec::new()
+        };
+        let unsettled = delivered - i64::try_from(errors.len()).unwrap_or(0);
+        if unsettled > UNSETTLED_LIMIT {
+            let mut errors = errors;
+            errors.push(AttemptError {
+                attempt: u32::try_from(errors.len() + 1).unwrap_or(u32::MAX),
+                kind: FailureKind::Host,
+                message: format!(
+                    "handed to hosts {unsettled} times without being settled: the hosts \
+                     holding it crashed or stalled"
+                ),
+                at_ms: now_ms(),
+            });
+            self.dead_letter(&message, &stored, DeadLetterReason::Exhausted, errors)
+                .await?;
+            return Ok(None);
+        }
+        let attempt = u32::try_from(errors.len() + 1).unwrap_or(u32::MAX);
+        self.held().insert(sequence, message);
+        Ok(Some(Delivery {
+            stored,
+            attempt,
+            errors,
+        }))
+    }
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let cap = if self.one_at_a_time { 1 } else { max.max(1) };
+        let room = || self.window.saturating_sub(self.held().len()).min(cap);
+        // Every pull is a round trip to the server: with the window nearly full, wait
+        // until a quarter of it is free (or a while) rather than pull one message at a
+        // time. A settlement between the check and the wait leaves a permit, so none is
+        // missed.
+        let enough = (self.window / 4).clamp(1, cap);
+        let deadline = tokio::time::Instant::now() + FULL_WINDOW_WAIT;
+        while room() < enough
+            && tokio::time::timeout_at(deadline, self.room.notified())
+                .await
+                .is_ok()
+        {}
+        let room = room();
+        if room == 0 {
+            return Ok(Vec::new());
+        }
+        let mut deliveries = Vec::new();
+        for message in self.pull(room).await? {
+            if let Some(delivery) = self.accept(message).await? {
+                deliveries.push(delivery);
+            }
+        }
+        Ok(deliveries)
+    }
+
+    async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
+        let sequence = delivery.stored.sequence;
+        let Some(message) = self.held().get(&sequence).cloned() else {
+            // Settled already (a retried settlement whose first try got through).
+            return Ok(());
+        };
+        match settlement {
+            Settlement::Ack(effects) => {
+                self.shared
+                    .commit_effects(&self.plugin, sequence, effects)
+                    .await?;
+                // Not waiting for the server's word on the acknowledgement: one that
+                // gets lost means a redelivery, which finds the commit record (KV
+                // writes) or repeats emits that `Nats-Msg-Id` drops.
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(plugin = %self.plugin, sequence, %error, "cannot acknowledge a committed delivery; it will be redelivered and recognised");
+                    self.held().remove(&sequence);
+                    self.room.notify_one();
+                    return Ok(());
+                }
+                if delivery.attempt > 1 {
+                    self.shared.forget_attempts(&self.plugin, sequence).await;
+                }
+            }
+            Settlement::Retry { delay, errors } => {
+                let body = serde_json::to_vec(&errors).unwrap_or_default();
+                self.shared
+                    .attempts
+                    .put(
+                        Shared::journal_key(&self.plugin, sequence),
+                        Bytes::from(body),
+                    )
+                    .await
+                    .map_err(storage!("recording the attempt's error"))?;
+                message
+                    .ack_with(AckKind::Nak(Some(delay)))
+                    .await
+                    .map_err(storage!("scheduling the retry"))?;
+            }
+            Settlement::DeadLetter { reason, errors } => {
+                self.dead_letter(&message, &delivery.stored, reason, errors)
+                    .await?;
+            }
+        }
+        self.held().remove(&sequence);
+        self.room.notify_one();
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The errors of a delivery's earlier attempts (none recorded: a first attempt, or
+    /// one whose host died before settling it).
+    async fn attempt_errors(
+        &self,
+        plugin: &str,
+        sequence: u64,
+    ) -> Result<Vec<AttemptError>, BusError> {
+        let recorded = self
+            .attempts
+            .get(Self::journal_key(plugin, sequence))
+            .await
+            .map_err(storage!("reading the errors of earlier attempts"))?;
+        Ok(recorded
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default())
+    }
+
+    pub(super) async fn forget_attempts(&self, plugin: &str, sequence: u64) {
+        if let Err(error) = self
+            .attempts
+            .purge(Self::journal_key(plugin, sequence))
+            .await
+        {
+            tracing::warn!(%plugin, sequence, %error, "cannot delete attempt errors");
+        }
+    }
+}

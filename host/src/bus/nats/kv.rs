@@ -1,0 +1,136 @@
+//! The plugins' KV state: one bucket per plugin, `P-kv-<plugin>`, created when first
+//! used and then kept open; the encoding of plugin keys into the characters NATS keys
+//! allow; and the reads, for plugins ([`KvSource`]) and for the commit protocol's
+//! checks. Every write goes through `commit.rs`.
+//!
+//! Invariants:
+//! - The key encoding is reversible and keeps prefixes, so listing a prefix filters the
+//!   encoded keys.
+//! - Nothing is cached but the open bucket handles: every read asks the server.
+
+use std::sync::PoisonError;
+
+use async_nats::jetstream::kv;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::setup::ensure_bucket;
+use super::{NatsBus, Shared, nats_error};
+use crate::bus::BusError;
+use crate::kv::{KvError, KvSource};
+
+/// Encodes a plugin's KV key into the characters NATS keys allow: A-Z, a-z, 0-9, `_`,
+/// `-` and `/` stand for themselves; every other byte is `=` and two hex digits. The
+/// encoding keeps prefixes (a key's prefix encodes to a prefix of the key's encoding).
+pub(super) fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("={byte:02X}"));
+        }
+    }
+    out
+}
+
+pub(super) fn decode_key(encoded: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut input = encoded.bytes();
+    while let Some(byte) = input.next() {
+        if byte == b'=' {
+            let high = char::from(input.next()?).to_digit(16)?;
+            let low = char::from(input.next()?).to_digit(16)?;
+            bytes.push(u8::try_from(high * 16 + low).ok()?);
+        } else {
+            bytes.push(byte);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+impl Shared {
+    pub(super) async fn plugin_store(&self, plugin: &str) -> Result<kv::Store, BusError> {
+        if let Some(store) = self
+            .plugin_kv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(plugin)
+        {
+            return Ok(store.clone());
+        }
+        let bucket = format!("{}-kv-{plugin}", self.options.prefix);
+        let store = ensure_bucket(&self.jetstream, &self.options, &bucket).await?;
+        self.plugin_kv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(plugin.to_owned(), store.clone());
+        Ok(store)
+    }
+}
+
+/// A key's revision (0 when it never existed) and value (`None` when absent or deleted).
+pub(super) async fn current(
+    store: &kv::Store,
+    key: &str,
+) -> Result<(u64, Option<Bytes>), BusError> {
+    let entry = store.entry(key).await.map_err(storage!("reading KV"))?;
+    Ok(match entry {
+        Some(entry) if entry.operation == kv::Operation::Put => (entry.revision, Some(entry.value)),
+        Some(entry) => (entry.revision, None),
+        None => (0, None),
+    })
+}
+
+pub(super) async fn list_keys(store: &kv::Store, prefix: &str) -> Result<Vec<String>, BusError> {
+    let encoded_prefix = encode_key(prefix);
+    let mut keys = store.keys().await.map_err(storage!("listing KV keys"))?;
+    let mut found = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(storage!("listing KV keys"))?;
+        if key.starts_with(&encoded_prefix)
+            && let Some(decoded) = decode_key(&key)
+        {
+            found.push(decoded);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+#[async_trait]
+impl KvSource for NatsBus {
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let store = self.shared.plugin_store(plugin).await?;
+        Ok(current(&store, &encode_key(key))
+            .await?
+            .1
+            .map(|value| value.to_vec()))
+    }
+
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let store = self.shared.plugin_store(plugin).await?;
+        Ok(list_keys(&store, prefix).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_keep_prefixes() {
+        for key in ["plain", "a.b c/é=", "count/x", "=", "ü"] {
+            let encoded = encode_key(key);
+            assert!(
+                encoded
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-/=".contains(&b)),
+                "{encoded}"
+            );
+            assert_eq!(decode_key(&encoded).as_deref(), Some(key));
+        }
+        assert!(encode_key("a.b c").starts_with(&encode_key("a.b")));
+    }
+}

@@ -1,0 +1,154 @@
+//! How an event becomes a JetStream message and back: its subject, its `Nats-Msg-Id`,
+//! its payload (a JSON envelope line, then the data bytes as they are), and the headers
+//! a replayed event carries (its original log position and ingest time).
+//!
+//! Invariants:
+//! - The payload gives back exactly the event it was made from: the envelope's JSON holds
+//!   no raw newline, so the first `\n` ends it.
+//! - An event's `Nats-Msg-Id` depends on `(source, id)` alone, so the stream's dedupe
+//!   recognises the event sent again.
+//! - A subject is valid whatever the type; nothing reads the type back from it.
+
+use std::collections::BTreeMap;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::bus::BusError;
+use crate::event::Event;
+
+/// Header naming the log position of a replayed event.
+pub(super) const REPLAY_OF: &str = "Switchyard-Replay-Of";
+/// Header carrying a replayed event's original ingest time, in microseconds.
+pub(super) const INGESTED_AT: &str = "Switchyard-Ingested-At-Us";
+
+/// The subject of an event: `P.events.` and the type's words, each kept to the
+/// characters subjects allow. Routing never reads it back (the envelope has the type).
+pub(super) fn event_subject(prefix: &str, ty: &str) -> String {
+    let mut subject = format!("{prefix}.events");
+    for word in ty.split('.') {
+        subject.push('.');
+        if word.is_empty() {
+            subject.push('_');
+        }
+        subject.extend(word.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        }));
+    }
+    subject
+}
+
+/// `Nats-Msg-Id` of an event: unique per `(source, id)` and safe in a header.
+pub(super) fn message_id(event: &Event) -> String {
+    let mut hash = Sha256::new();
+    hash.update(event.source.as_bytes());
+    hash.update([0]);
+    hash.update(event.id.as_bytes());
+    hex::encode(hash.finalize())
+}
+
+/// The attributes of an event, stored as one JSON line before the data bytes.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    id: String,
+    source: String,
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    datacontenttype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dataschema: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    extensions: BTreeMap<String, String>,
+}
+
+/// A message payload: the envelope's JSON (which never holds a raw newline), `\n`, then
+/// the data bytes as they are.
+pub(super) fn encode_event(event: &Event) -> Bytes {
+    let envelope = Envelope {
+        id: event.id.clone(),
+        source: event.source.clone(),
+        ty: event.ty.clone(),
+        subject: event.subject.clone(),
+        time: event.time.clone(),
+        datacontenttype: event.datacontenttype.clone(),
+        dataschema: event.dataschema.clone(),
+        extensions: event.extensions.clone(),
+    };
+    let mut payload = serde_json::to_vec(&envelope).unwrap_or_default();
+    payload.push(b'\n');
+    payload.extend_from_slice(&event.data);
+    Bytes::from(payload)
+}
+
+pub(super) fn decode_event(payload: &[u8]) -> Result<Event, BusError> {
+    let split = payload
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| BusError::Storage("a message in the event stream has no envelope".into()))?;
+    let envelope: Envelope = serde_json::from_slice(&payload[..split]).map_err(|error| {
+        BusError::Storage(format!(
+            "a message in the event stream has a bad envelope: {error}"
+        ))
+    })?;
+    Ok(Event {
+        id: envelope.id,
+        source: envelope.source,
+        ty: envelope.ty,
+        subject: envelope.subject,
+        time: envelope.time,
+        datacontenttype: envelope.datacontenttype,
+        dataschema: envelope.dataschema,
+        data: payload[split + 1..].to_vec(),
+        extensions: envelope.extensions,
+    })
+}
+
+pub(super) fn micros(time: async_nats::datetime::DateTime) -> i64 {
+    i64::try_from(time.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+pub(super) fn header<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) -> Option<T> {
+    headers?.get(name)?.as_str().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_valid_whatever_the_type() {
+        assert_eq!(
+            event_subject("sy", "payment.completed"),
+            "sy.events.payment.completed"
+        );
+        assert_eq!(event_subject("sy", "a..b*>"), "sy.events.a._.b__");
+    }
+
+    #[test]
+    fn events_round_trip_through_the_envelope() {
+        let event = Event {
+            id: "1".into(),
+            source: "/s".into(),
+            ty: "t.x".into(),
+            subject: Some("line\nbreak".into()),
+            time: None,
+            datacontenttype: Some("application/octet-stream".into()),
+            dataschema: None,
+            data: vec![0, b'\n', 255],
+            extensions: BTreeMap::from([("partitionkey".to_owned(), "k".to_owned())]),
+        };
+        let decoded = decode_event(&encode_event(&event)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(decoded, event);
+    }
+}

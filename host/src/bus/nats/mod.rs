@@ -1,0 +1,330 @@
+//! The distributed bus on NATS JetStream: many hosts share one event stream, one durable
+//! pull consumer per plugin (competing consumers), a dead-letter stream and one KV bucket
+//! per plugin. Hosts keep no state of their own beyond their plugin directory.
+//!
+//! Names (`P` is `[bus] prefix`):
+//! - stream `P-events`, subjects `P.events.<type>` (the event type's dot-separated words,
+//!   each made subject-safe) and `P.replay.<plugin>` (dead letters sent back to one plugin);
+//! - durable consumer `P-<plugin>` on it, no filter subject: the host matches the plugin's
+//!   patterns itself and acknowledges the rest, so a plugin with several patterns gets each
+//!   matching event exactly once on servers before 2.10, whose consumers take one filter;
+//! - stream `P-dead-letters`, subjects `P.dlq.<plugin>`: one JSON record per dead letter,
+//!   its id the record's stream sequence;
+//! - KV buckets `P-kv-<plugin>` (plugin state), `P-attempts` (errors of earlier attempts,
+//!   key `<plugin>.<sequence>`) and `P-intents` (the commit journal, same keys).
+//!
+//! How the [`Bus`] contract maps onto JetStream, and where it is weaker than the embedded
+//! log (the README's table of guarantees says the same for operators):
+//! - **Append** publishes each event with `Nats-Msg-Id` = SHA-256 of `(source, id)`; the
+//!   stream drops a copy sent again within `duplicate_window` and answers with the
+//!   original's sequence. A batch is not atomic: on an error some events may be stored,
+//!   and the producer's retry of the batch is absorbed by the dedupe.
+//! - **Delivery**: a retry is a `Nak` with the backoff's delay; a dead letter is a record
+//!   in the dead-letter stream followed by the acknowledgement. The server's own
+//!   `max_deliver` is left unlimited because the server drops a message silently when it
+//!   runs out; the host instead dead-letters an event handed out [`UNSETTLED_LIMIT`] times
+//!   without any settlement (hosts crashing on it), so nothing is dropped unrecorded.
+//!   While a host works on a delivery it tells the server so every `ack_wait / 3`;
+//!   deliveries of a host that died go to another host after `ack_wait`.
+//! - **Effects**: JetStream has no transaction across streams. A settlement with no KV
+//!   writes checks its reads and publishes its emits (their ids derive from the handled
+//!   event, so `Nats-Msg-Id` absorbs a repeat). One with KV writes commits under the
+//!   plugin's commit lock (`P-intents/<plugin>.lock`) through an intent stored under
+//!   `P-intents/<plugin>.<sequence>` before any write; the intent stays for a day as the
+//!   delivery's commit record. `commit.rs` states the protocol step by step, its
+//!   invariants, and what a crash at each step leaves for the next host to finish.
+//!
+//! Every guarantee above rests on JetStream's compare-and-set
+//! (`Nats-Expected-Last-Subject-Sequence`). nats-server 2.9 does not keep it on
+//! replicated streams under concurrent writers (two writes expecting one revision can
+//! both be stored), so on a 2.9 cluster concurrent KV updates can be lost; a single
+//! server keeps them.
+//!
+//! Files:
+//! - `mod.rs`: the options, the bus and its shared state, publishing and reading events,
+//!   and the [`Bus`] calls;
+//! - `setup.rs`: connecting, and creating or checking the streams and buckets at start;
+//! - `messages.rs`: how an event becomes a message (subject, `Nats-Msg-Id`, payload,
+//!   replay headers) and back;
+//! - `commit.rs`: the commit protocol (commit lock, intents, conditional KV writes);
+//! - `consumer.rs`: a plugin's consumer on one host: pulling, keep-alive, settling, and
+//!   the errors of earlier attempts;
+//! - `dead_letters.rs`: the dead-letter records and the [`DeadLetters`](super::DeadLetters) calls;
+//! - `kv.rs`: the plugin KV buckets, their key encoding and the [`KvSource`](crate::kv::KvSource)
+//!   reads.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::Context as JetStream;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use self::consumer::NatsConsumer;
+use self::messages::{decode_event, encode_event, event_subject, message_id, micros};
+use super::{
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, StoredEvent,
+};
+use crate::event::Event;
+
+/// Times an event may be handed out without any settlement (the hosts holding it died or
+/// stalled) before the host dead-letters it instead of running it again.
+pub const UNSETTLED_LIMIT: i64 = 10;
+
+/// Bytes of `max_payload` kept for message headers.
+const HEADER_ROOM: usize = 4096;
+
+/// How the NATS backend is set up; see `[bus]` in the host config.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// Server URLs, comma-separated.
+    pub url: String,
+    /// Prefix of every stream, subject, consumer and bucket.
+    pub prefix: String,
+    /// Copies of each stream and bucket.
+    pub replicas: usize,
+    /// Oldest event the stream keeps.
+    pub max_age: Option<Duration>,
+    /// Most bytes the stream keeps.
+    pub max_bytes: Option<u64>,
+    /// How long a resent `(source, id)` is recognised.
+    pub duplicate_window: Duration,
+    /// How long a delivery may go without word before another host gets it.
+    pub ack_wait: Duration,
+}
+
+fn nats_error(what: &str) -> impl Fn(&dyn Display) -> BusError + '_ {
+    move |error| BusError::Storage(format!("NATS JetStream: {what}: {error}"))
+}
+
+macro_rules! storage {
+    ($what:expr) => {
+        |error| nats_error($what)(&error)
+    };
+}
+
+// Declared after `storage!` so that its files can use it.
+mod commit;
+mod consumer;
+mod dead_letters;
+mod kv;
+mod messages;
+mod setup;
+
+/// The NATS JetStream bus.
+#[derive(Clone)]
+pub struct NatsBus {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: async_nats::Client,
+    jetstream: JetStream,
+    options: NatsOptions,
+    events: stream::Stream,
+    dead_letters: stream::Stream,
+    attempts: jetstream::kv::Store,
+    intents: jetstream::kv::Store,
+    plugin_kv: Mutex<HashMap<String, jetstream::kv::Store>>,
+    /// This host's name in commit locks.
+    owner: String,
+}
+
+impl Shared {
+    /// Whether stream reads may be direct gets (see `next_message`).
+    fn direct(&self) -> bool {
+        self.options.replicas == 1
+    }
+
+    /// Refuses a message the server would not take (its `max_payload`, less room for
+    /// headers), before anything is sent.
+    fn check_size(&self, what: impl Fn() -> String, bytes: usize) -> Result<(), BusError> {
+        let limit = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM);
+        if bytes > limit {
+            return Err(BusError::TooLarge {
+                what: what(),
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes events, all before awaiting any acknowledgement; none when one of them
+    /// is too large.
+    async fn publish_events(&self, events: &[Event]) -> Result<Vec<Appended>, BusError> {
+        let payloads: Vec<Bytes> = events.iter().map(encode_event).collect();
+        for (event, payload) in events.iter().zip(&payloads) {
+            self.check_size(|| format!("event `{}`", event.id), payload.len())?;
+        }
+        let mut pending = Vec::with_capacity(events.len());
+        for (event, payload) in events.iter().zip(payloads) {
+            let publish = PublishMessage::build()
+                .payload(payload)
+                .message_id(message_id(event));
+            pending.push(
+                self.jetstream
+                    .send_publish(event_subject(&self.options.prefix, &event.ty), publish)
+                    .await
+                    .map_err(storage!("publishing an event"))?,
+            );
+        }
+        let mut appended = Vec::with_capacity(pending.len());
+        for ack in pending {
+            let ack = ack.await.map_err(storage!("storing an event"))?;
+            appended.push(Appended {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            });
+        }
+        Ok(appended)
+    }
+
+    fn journal_key(plugin: &str, sequence: u64) -> String {
+        format!("{plugin}.{sequence}")
+    }
+}
+
+/// The first message at or after `from` whose subject matches `subject`, or `None`:
+/// a direct get on a single copy, the stream leader's answer with replicas.
+async fn next_message(
+    stream: &stream::Stream,
+    direct: bool,
+    subject: &str,
+    from: u64,
+) -> Result<Option<jetstream::message::StreamMessage>, BusError> {
+    if direct {
+        match stream
+            .direct_get_next_for_subject(subject, Some(from))
+            .await
+        {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(nats_error("reading a stream")(&error)),
+        }
+    } else {
+        match stream.get_first_raw_message_by_subject(subject, from).await {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(nats_error("reading a stream")(&error)),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
+        self.shared.publish_events(&events).await
+    }
+
+    async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {
+        let limit = query.limit.max(1);
+        let filter = format!("{}.events.>", self.shared.options.prefix);
+        let mut page = LogPage {
+            events: Vec::new(),
+            scanned_to: query.after,
+        };
+        // Bounded scan, as the embedded log's: at most this many messages per request.
+        for _ in 0..limit.max(10_000) {
+            let Some(message) = next_message(
+                &self.shared.events,
+                self.shared.direct(),
+                &filter,
+                page.scanned_to + 1,
+            )
+            .await?
+            else {
+                break;
+            };
+            page.scanned_to = message.sequence;
+            let event = decode_event(&message.payload)?;
+            let wanted = query.pattern.as_ref().is_none_or(|p| p.matches(&event.ty))
+                && query
+                    .subject
+                    .as_ref()
+                    .is_none_or(|s| event.subject.as_ref() == Some(s));
+            if wanted {
+                page.events.push(StoredEvent {
+                    sequence: message.sequence,
+                    ingested_at_us: micros(message.time),
+                    event,
+                });
+                if page.events.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    async fn head(&self) -> Result<u64, BusError> {
+        let info = self
+            .shared
+            .events
+            .get_info()
+            .await
+            .map_err(storage!("reading the stream's state"))?;
+        Ok(info.state.last_sequence)
+    }
+
+    async fn consumer(
+        &self,
+        plugin: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Arc<dyn Consumer>, BusError> {
+        Ok(Arc::new(
+            NatsConsumer::open(&self.shared, plugin, spec).await?,
+        ))
+    }
+
+    async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError> {
+        let name = format!("{}-{plugin}", self.shared.options.prefix);
+        let mut consumer: PullConsumer = self
+            .shared
+            .events
+            .get_consumer(&name)
+            .await
+            .map_err(|_| BusError::NotFound(format!("consumer of plugin `{plugin}`")))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(storage!("reading the consumer's state"))?
+            .clone();
+        let subject = format!("{}.dlq.{plugin}", self.shared.options.prefix);
+        let mut dead = self
+            .shared
+            .dead_letters
+            .info_with_subjects(&subject)
+            .await
+            .map_err(storage!("counting dead letters"))?;
+        let mut dead_letters = 0;
+        while let Some(entry) = dead.next().await {
+            let (_, count) = entry.map_err(storage!("counting dead letters"))?;
+            dead_letters += u64::try_from(count).unwrap_or(0);
+        }
+        Ok(ConsumerStats {
+            cursor: info.ack_floor.stream_sequence,
+            lag: info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0),
+            pending_retries: u64::try_from(info.num_redelivered).unwrap_or(0),
+            dead_letters,
+        })
+    }
+
+    async fn close(&self) -> Result<(), BusError> {
+        self.shared
+            .client
+            .flush()
+            .await
+            .map_err(storage!("flushing to the server"))
+    }
+}

@@ -1,0 +1,264 @@
+//! Setting the backend up at start: connecting, then creating the streams and buckets
+//! every host shares, or checking the ones that exist. A cluster still electing its
+//! JetStream leader is waited for, up to [`SETUP_PATIENCE`]; a misconfiguration fails
+//! at once.
+//!
+//! Invariants:
+//! - An existing stream is used only when it has exactly the subjects this prefix gives
+//!   it (otherwise another deployment owns it); its replicas and limits are brought to
+//!   the configuration.
+//! - A bucket made here has the config of a KV bucket with reads served by the stream
+//!   leader, never by a replica that may be behind; an existing bucket is used as it is.
+//! - The event stream's dedupe window is never longer than it keeps events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::context::Context as JetStream;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, ErrorCode};
+
+use super::commit::COMMIT_RECORD_AGE;
+use super::{NatsBus, NatsOptions, Shared, nats_error};
+use crate::bus::BusError;
+
+impl NatsBus {
+    /// Connects, then creates the streams and buckets or checks the existing ones.
+    pub async fn connect(options: NatsOptions) -> Result<Self, BusError> {
+        let urls: Vec<async_nats::ServerAddr> = options
+            .url
+            .split(',')
+            .map(|url| url.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|error| {
+                BusError::Storage(format!("bad NATS URL in `{}`: {error}", options.url))
+            })?;
+        let client = async_nats::ConnectOptions::new()
+            .name("switchyard")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .connect(urls)
+            .await
+            .map_err(|error| {
+                BusError::Storage(format!(
+                    "cannot reach the NATS server at {}: {error}",
+                    options.url
+                ))
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        // A cluster that is still electing its JetStream leader (hosts started together
+        // with it) answers setup requests with errors for a while: wait for it, bounded.
+        let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+        let (events, dead_letters, attempts, intents) = loop {
+            match open_streams(&jetstream, &options).await {
+                Ok(opened) => break opened,
+                Err(Setup::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(%error, "JetStream is not ready; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(Setup::Unavailable(error) | Setup::Fatal(error)) => return Err(error),
+            }
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                client,
+                jetstream,
+                options,
+                events,
+                dead_letters,
+                attempts,
+                intents,
+                plugin_kv: Mutex::new(HashMap::new()),
+                owner: uuid::Uuid::new_v4().to_string(),
+            }),
+        })
+    }
+}
+
+/// How long a starting host waits for JetStream to answer its setup requests.
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A setup step's failure: worth waiting out, or a misconfiguration.
+enum Setup {
+    Unavailable(BusError),
+    Fatal(BusError),
+}
+
+/// Creates or checks the streams and buckets every host shares.
+async fn open_streams(
+    jetstream: &JetStream,
+    options: &NatsOptions,
+) -> Result<(stream::Stream, stream::Stream, kv::Store, kv::Store), Setup> {
+    let prefix = &options.prefix;
+    // The server refuses a dedupe window longer than the stream keeps events.
+    let duplicate_window = match options.max_age {
+        Some(max_age) => options.duplicate_window.min(max_age),
+        None => options.duplicate_window,
+    };
+    let events = ensure_stream(
+        jetstream,
+        stream::Config {
+            name: format!("{prefix}-events"),
+            subjects: vec![format!("{prefix}.events.>"), format!("{prefix}.replay.*")],
+            max_age: options.max_age.unwrap_or_default(),
+            max_bytes: options
+                .max_bytes
+                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            duplicate_window,
+            ..stream_defaults(options)
+        },
+    )
+    .await?;
+    let dead_letters = ensure_stream(
+        jetstream,
+        stream::Config {
+            name: format!("{prefix}-dead-letters"),
+            subjects: vec![format!("{prefix}.dlq.*")],
+            duplicate_window: options.duplicate_window,
+            ..stream_defaults(options)
+        },
+    )
+    .await?;
+    let attempts = ensure_bucket(jetstream, options, &format!("{prefix}-attempts"))
+        .await
+        .map_err(Setup::Unavailable)?;
+    let intents = ensure_bucket_with_age(
+        jetstream,
+        options,
+        &format!("{prefix}-intents"),
+        COMMIT_RECORD_AGE,
+    )
+    .await
+    .map_err(Setup::Unavailable)?;
+    Ok((events, dead_letters, attempts, intents))
+}
+
+fn stream_defaults(options: &NatsOptions) -> stream::Config {
+    stream::Config {
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        storage: StorageType::File,
+        num_replicas: options.replicas,
+        // As the server reports "no limit", so that an unchanged stream compares equal.
+        max_bytes: -1,
+        // With replicas, direct gets may be answered by a replica that is behind; reads
+        // then go to the leader instead (see `next_message`).
+        allow_direct: options.replicas == 1,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, or checks that the existing one has the same subjects and updates
+/// the limits the config sets.
+async fn ensure_stream(
+    jetstream: &JetStream,
+    config: stream::Config,
+) -> Result<stream::Stream, Setup> {
+    match jetstream.get_stream(&config.name).await {
+        Ok(existing) => {
+            let current = existing.cached_info().config.clone();
+            let mut want = current.subjects.clone();
+            let mut have = config.subjects.clone();
+            want.sort();
+            have.sort();
+            if want != have {
+                return Err(Setup::Fatal(BusError::Storage(format!(
+                    "the NATS stream `{}` exists with subjects {:?}, not {:?}: another \
+                     deployment uses this `[bus] prefix`",
+                    config.name, current.subjects, config.subjects
+                ))));
+            }
+            let differs = current.num_replicas != config.num_replicas
+                || current.max_age != config.max_age
+                || current.max_bytes != config.max_bytes
+                || current.duplicate_window != config.duplicate_window
+                || current.allow_direct != config.allow_direct;
+            if differs {
+                jetstream.update_stream(&config).await.map_err(|error| {
+                    Setup::Fatal(BusError::Storage(format!(
+                        "cannot update the NATS stream `{}` to the configured replicas and \
+                         limits: {error}",
+                        config.name
+                    )))
+                })?;
+            }
+            jetstream
+                .get_stream(&config.name)
+                .await
+                .map_err(|error| Setup::Unavailable(nats_error("opening the stream")(&error)))
+        }
+        Err(error) if is_not_found(&error) => jetstream
+            .create_stream(config.clone())
+            .await
+            .map_err(|error| {
+                Setup::Unavailable(BusError::Storage(format!(
+                    "cannot create the NATS stream `{}` (is JetStream enabled, `nats-server \
+                     -js`?): {error}",
+                    config.name
+                )))
+            }),
+        Err(error) => Err(Setup::Unavailable(BusError::Storage(format!(
+            "cannot look up the NATS stream `{}` (is JetStream enabled, `nats-server -js`?): \
+             {error}",
+            config.name
+        )))),
+    }
+}
+
+fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Opens a KV bucket, creating its stream first when missing. The stream is made here
+/// rather than by `create_key_value`, whose account query servers before 2.10 do not
+/// answer in the form it expects; the config is the one a KV bucket has.
+pub(super) async fn ensure_bucket(
+    jetstream: &JetStream,
+    options: &NatsOptions,
+    bucket: &str,
+) -> Result<kv::Store, BusError> {
+    ensure_bucket_with_age(jetstream, options, bucket, Duration::ZERO).await
+}
+
+/// [`ensure_bucket`] whose entries expire after `max_age` (zero: never).
+async fn ensure_bucket_with_age(
+    jetstream: &JetStream,
+    options: &NatsOptions,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<kv::Store, BusError> {
+    if let Ok(store) = jetstream.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        // Reads go to the stream leader: a replica answering a direct get may be behind,
+        // and a stale commit intent or KV revision would undo the checks of a commit.
+        allow_direct: false,
+        discard: DiscardPolicy::New,
+        storage: StorageType::File,
+        num_replicas: options.replicas,
+        ..Default::default()
+    };
+    jetstream.create_stream(config).await.map_err(|error| {
+        BusError::Storage(format!(
+            "cannot create the NATS KV bucket `{bucket}`: {error}"
+        ))
+    })?;
+    jetstream.get_key_value(bucket).await.map_err(|error| {
+        BusError::Storage(format!(
+            "cannot open the NATS KV bucket `{bucket}`: {error}"
+        ))
+    })
+}
