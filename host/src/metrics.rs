@@ -1,15 +1,38 @@
-//! Prometheus metrics of the host, rendered as text for `GET /metrics`.
+//! Prometheus metrics of the host and their exposition for `GET /metrics`.
 //!
-//! Counters live in memory and start from zero at every start, as Prometheus expects;
-//! gauges that the bus knows (lag, pending retries) are read at scrape time.
+//! This module owns every metric family the host exports: each is registered once in a
+//! `prometheus-client` [`Registry`] under the `switchyard` prefix, and the library encodes
+//! the Prometheus text format 0.0.4, served as [`CONTENT_TYPE`]. Invariants:
+//!
+//! - Names, types, label names and histogram bounds are a contract with dashboards and
+//!   alerts. Counters are registered without `_total` because the encoder appends it
+//!   (and debug builds refuse a counter registered with it), so every exported counter
+//!   name ends in `_total` exactly once.
+//! - Counters live in memory and start from zero at every start, as Prometheus expects.
+//! - The first time a plugin is recorded, all its per-plugin series appear at zero, so
+//!   failures and retries are `0` rather than absent until the first one happens.
+//! - Values the host does not count itself (compile cache, lag, pending retries,
+//!   in-flight deliveries) are written at scrape time by [`Metrics::render`], which holds
+//!   one lock from writing them to encoding so that concurrent scrapes cannot interleave.
+//! - The per-event paths take no global mutex: a read lock on the map of cached
+//!   per-plugin handles, then atomics for counters and a histogram's own lock.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry};
+
 use crate::runtime::CacheStats;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds of the handler duration histogram, in seconds.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -23,69 +46,232 @@ const LATENCY_BUCKETS: [f64; 20] = [
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
 
-/// A cumulative histogram over the fixed upper bounds `BOUNDS`.
-struct Histogram<const N: usize> {
-    buckets: [u64; N],
-    count: u64,
-    sum: f64,
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
 }
 
-impl<const N: usize> Default for Histogram<N> {
-    fn default() -> Self {
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// A family of histograms, each built with its family's bounds.
+type HistogramFamily = Family<PluginLabels, Histogram>;
+
+/// Gauges are read from the bus as unsigned counts.
+type CountGauge = Gauge<u64, AtomicU64>;
+
+// The name is shared by every series of a plugin rather than copied into each.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    plugin: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    plugin: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+/// Handles of the registered families; each shares its values with the registry.
+struct Families {
+    compile_cache_hits: Counter,
+    compile_cache_misses: Counter,
+    events_ingested: Counter,
+    ingest_rejected: Family<CodeLabels, Counter>,
+    plugin_loads: Family<PluginLabels, Counter>,
+    plugin_load_failures: Family<PluginLabels, Counter>,
+    deliveries: Family<OutcomeLabels, Counter>,
+    handler_duration: HistogramFamily,
+    start_latency: HistogramFamily,
+    commit_latency: HistogramFamily,
+    fuel_used: Family<PluginLabels, Counter>,
+    retries_scheduled: Family<PluginLabels, Counter>,
+    dead_letters: Family<ReasonLabels, Counter>,
+    plugin_lag: Family<PluginLabels, CountGauge>,
+    plugin_pending_retries: Family<PluginLabels, CountGauge>,
+    plugin_in_flight: Family<PluginLabels, CountGauge>,
+}
+
+impl Families {
+    /// Creates every family and registers it; the field order is the exposition's order.
+    fn register(registry: &mut Registry) -> Self {
         Self {
-            buckets: [0; N],
-            count: 0,
-            sum: 0.0,
+            compile_cache_hits: registered(
+                registry,
+                "compile_cache_hits",
+                "Plugins loaded from the compiled-code cache",
+                Counter::default(),
+            ),
+            compile_cache_misses: registered(
+                registry,
+                "compile_cache_misses",
+                "Plugins compiled",
+                Counter::default(),
+            ),
+            events_ingested: registered(
+                registry,
+                "events_ingested",
+                "Events made durable by ingest",
+                Counter::default(),
+            ),
+            ingest_rejected: registered(
+                registry,
+                "ingest_rejected",
+                "Ingest requests refused, by error code",
+                Family::default(),
+            ),
+            plugin_loads: registered(
+                registry,
+                "plugin_loads",
+                "Plugin versions loaded and serving",
+                Family::default(),
+            ),
+            plugin_load_failures: registered(
+                registry,
+                "plugin_load_failures",
+                "Plugin files that failed to load",
+                Family::default(),
+            ),
+            deliveries: registered(
+                registry,
+                "deliveries",
+                "Handler invocations by plugin and outcome",
+                Family::default(),
+            ),
+            handler_duration: registered(
+                registry,
+                "handler_duration_seconds",
+                "Duration of handler invocations",
+                Family::new_with_constructor(duration_histogram),
+            ),
+            start_latency: registered(
+                registry,
+                "delivery_start_latency_seconds",
+                "Time from ingest to the start of an event's first attempt",
+                Family::new_with_constructor(latency_histogram),
+            ),
+            commit_latency: registered(
+                registry,
+                "delivery_commit_latency_seconds",
+                "Time from ingest to the commit of the outcome of an event's first attempt",
+                Family::new_with_constructor(latency_histogram),
+            ),
+            fuel_used: registered(
+                registry,
+                "fuel_used",
+                "Fuel burned by handler invocations",
+                Family::default(),
+            ),
+            retries_scheduled: registered(
+                registry,
+                "retries_scheduled",
+                "Retries scheduled",
+                Family::default(),
+            ),
+            dead_letters: registered(
+                registry,
+                "dead_letters",
+                "Events moved to the dead letters",
+                Family::default(),
+            ),
+            plugin_lag: registered(
+                registry,
+                "plugin_lag_events",
+                "Events in the log after the plugin's cursor",
+                Family::default(),
+            ),
+            plugin_pending_retries: registered(
+                registry,
+                "plugin_pending_retries",
+                "Deliveries waiting for a retry",
+                Family::default(),
+            ),
+            plugin_in_flight: registered(
+                registry,
+                "plugin_in_flight",
+                "Deliveries being handled now",
+                Family::default(),
+            ),
         }
     }
 }
 
-impl<const N: usize> Histogram<N> {
-    fn observe(&mut self, bounds: &[f64; N], value: Duration) {
-        let seconds = value.as_secs_f64();
-        for (bucket, bound) in self.buckets.iter_mut().zip(bounds) {
-            if seconds <= *bound {
-                *bucket += 1;
+/// Registers `metric` and returns the handle that shares its values. `help` leaves out
+/// the final period, which the registry adds.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A plugin's counters split by a second label (outcome, reason). There are a few values
+/// per plugin, so an event finds its counter by a short scan rather than by hashing the
+/// whole label set under the family's lock.
+#[derive(Default)]
+struct ByLabel(Vec<(&'static str, Counter)>);
+
+impl ByLabel {
+    fn get(&self, value: &str) -> Option<&Counter> {
+        self.0.iter().find(|(v, _)| *v == value).map(|(_, c)| c)
+    }
+
+    fn inc_or_insert_with(&mut self, value: &'static str, create: impl FnOnce() -> Counter) {
+        match self.get(value) {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => {
+                let counter = create();
+                counter.inc();
+                self.0.push((value, counter));
             }
         }
-        self.count += 1;
-        self.sum += seconds;
-    }
-
-    fn render(
-        &self,
-        out: &mut String,
-        name: &str,
-        plugin: &str,
-        bounds: &[f64; N],
-    ) -> std::fmt::Result {
-        for (bound, n) in bounds.iter().zip(self.buckets) {
-            writeln!(
-                out,
-                "{name}_bucket{{plugin=\"{plugin}\",le=\"{bound}\"}} {n}"
-            )?;
-        }
-        writeln!(
-            out,
-            "{name}_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {}",
-            self.count
-        )?;
-        writeln!(out, "{name}_sum{{plugin=\"{plugin}\"}} {}", self.sum)?;
-        writeln!(out, "{name}_count{{plugin=\"{plugin}\"}} {}", self.count)
     }
 }
 
-#[derive(Default)]
-struct PluginCounters {
-    loads: u64,
-    load_failures: u64,
-    deliveries: BTreeMap<&'static str, u64>,
-    duration: Histogram<{ DURATION_BUCKETS.len() }>,
-    start_latency: Histogram<{ LATENCY_BUCKETS.len() }>,
-    commit_latency: Histogram<{ LATENCY_BUCKETS.len() }>,
-    fuel: u64,
-    retries: u64,
-    dead_letters: BTreeMap<&'static str, u64>,
+/// One plugin's series, taken from the families once so that an event touches the
+/// series' own atomics and locks, never a family's map.
+struct PluginSeries {
+    labels: PluginLabels,
+    deliveries: ByLabel,
+    dead_letters: ByLabel,
+    loads: Counter,
+    load_failures: Counter,
+    duration: Histogram,
+    start_latency: Histogram,
+    commit_latency: Histogram,
+    fuel: Counter,
+    retries: Counter,
+}
+
+impl PluginSeries {
+    fn new(families: &Families, plugin: &str) -> Self {
+        let labels = PluginLabels {
+            plugin: Arc::from(plugin),
+        };
+        Self {
+            loads: families.plugin_loads.get_or_create_owned(&labels),
+            load_failures: families.plugin_load_failures.get_or_create_owned(&labels),
+            duration: families.handler_duration.get_or_create_owned(&labels),
+            start_latency: families.start_latency.get_or_create_owned(&labels),
+            commit_latency: families.commit_latency.get_or_create_owned(&labels),
+            fuel: families.fuel_used.get_or_create_owned(&labels),
+            retries: families.retries_scheduled.get_or_create_owned(&labels),
+            deliveries: ByLabel::default(),
+            dead_letters: ByLabel::default(),
+            labels,
+        }
+    }
 }
 
 /// A per-plugin gauge value read at scrape time.
@@ -100,291 +286,167 @@ pub struct PluginGauges {
 }
 
 /// The host's metrics.
-#[derive(Default)]
 pub struct Metrics {
-    events_ingested: AtomicU64,
-    ingest_rejected: Mutex<BTreeMap<&'static str, u64>>,
-    plugins: Mutex<BTreeMap<String, PluginCounters>>,
+    registry: Registry,
+    families: Families,
+    plugins: RwLock<HashMap<Arc<str>, PluginSeries>>,
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let families = Families::register(&mut registry);
+        Self {
+            registry,
+            families,
+            plugins: RwLock::default(),
+            scrape: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
     /// Counts events made durable by ingest (duplicates not included).
     pub fn events_ingested(&self, n: u64) {
-        self.events_ingested.fetch_add(n, Ordering::Relaxed);
+        self.families.events_ingested.inc_by(n);
     }
 
     /// Counts an ingest request refused with `code`.
     pub fn ingest_rejected(&self, code: &'static str) {
-        let mut map = self
+        self.families
             .ingest_rejected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *map.entry(code).or_default() += 1;
+            .get_or_create(&CodeLabels { code })
+            .inc();
     }
 
-    fn with_plugin(&self, plugin: &str, update: impl FnOnce(&mut PluginCounters)) {
-        let mut plugins = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
-        match plugins.get_mut(plugin) {
-            Some(counters) => update(counters),
-            None => update(plugins.entry(plugin.to_owned()).or_default()),
+    fn with_plugin<R>(&self, plugin: &str, update: impl FnOnce(&PluginSeries) -> R) -> R {
+        let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = plugins.get(plugin) {
+            return update(series);
         }
+        drop(plugins);
+        self.with_plugin_mut(plugin, |series, _| update(series))
+    }
+
+    /// The slow path of [`Self::with_plugin`], for a plugin or a label value seen first.
+    fn with_plugin_mut<R>(
+        &self,
+        plugin: &str,
+        update: impl FnOnce(&mut PluginSeries, &Families) -> R,
+    ) -> R {
+        let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
+        let series = plugins
+            .entry(Arc::from(plugin))
+            .or_insert_with(|| PluginSeries::new(&self.families, plugin));
+        update(series, &self.families)
     }
 
     /// Records one invocation: its outcome (`ok` or a failure kind), duration and fuel.
     pub fn delivery(&self, plugin: &str, outcome: &'static str, duration: Duration, fuel: u64) {
-        self.with_plugin(plugin, |c| {
-            *c.deliveries.entry(outcome).or_default() += 1;
-            c.duration.observe(&DURATION_BUCKETS, duration);
-            c.fuel = c.fuel.saturating_add(fuel);
+        let counted = self.with_plugin(plugin, |series| {
+            series.duration.observe(duration.as_secs_f64());
+            series.fuel.inc_by(fuel);
+            series.deliveries.get(outcome).map(Counter::inc).is_some()
         });
+        if !counted {
+            self.with_plugin_mut(plugin, |series, families| {
+                let labels = OutcomeLabels {
+                    plugin: Arc::clone(&series.labels.plugin),
+                    outcome,
+                };
+                series.deliveries.inc_or_insert_with(outcome, || {
+                    families.deliveries.get_or_create_owned(&labels)
+                });
+            });
+        }
     }
 
     /// Records how long after ingest a first attempt started, and when its outcome was
     /// committed.
     pub fn delivery_latency(&self, plugin: &str, start: Duration, commit: Duration) {
-        self.with_plugin(plugin, |c| {
-            c.start_latency.observe(&LATENCY_BUCKETS, start);
-            c.commit_latency.observe(&LATENCY_BUCKETS, commit);
+        self.with_plugin(plugin, |series| {
+            series.start_latency.observe(start.as_secs_f64());
+            series.commit_latency.observe(commit.as_secs_f64());
         });
     }
 
     /// Counts a version of a plugin that loaded and took over.
     pub fn plugin_loaded(&self, plugin: &str) {
-        self.with_plugin(plugin, |c| c.loads += 1);
+        self.with_plugin(plugin, |series| {
+            series.loads.inc();
+        });
     }
 
     /// Counts a plugin file that failed to load.
     pub fn plugin_load_failed(&self, plugin: &str) {
-        self.with_plugin(plugin, |c| c.load_failures += 1);
+        self.with_plugin(plugin, |series| {
+            series.load_failures.inc();
+        });
     }
 
     /// Counts a retry scheduled for a plugin.
     pub fn retry_scheduled(&self, plugin: &str) {
-        self.with_plugin(plugin, |c| c.retries += 1);
+        self.with_plugin(plugin, |series| {
+            series.retries.inc();
+        });
     }
 
     /// Counts a dead letter of a plugin.
     pub fn dead_lettered(&self, plugin: &str, reason: &'static str) {
-        self.with_plugin(plugin, |c| *c.dead_letters.entry(reason).or_default() += 1);
+        let counted = self.with_plugin(plugin, |series| {
+            series.dead_letters.get(reason).map(Counter::inc).is_some()
+        });
+        if !counted {
+            self.with_plugin_mut(plugin, |series, families| {
+                let labels = ReasonLabels {
+                    plugin: Arc::clone(&series.labels.plugin),
+                    reason,
+                };
+                series.dead_letters.inc_or_insert_with(reason, || {
+                    families.dead_letters.get_or_create_owned(&labels)
+                });
+            });
+        }
     }
 
-    /// Renders every metric in the Prometheus text format.
+    /// Renders every metric in the Prometheus text format ([`CONTENT_TYPE`]), with the
+    /// gauges and compile-cache counts of this moment.
     pub fn render(&self, gauges: &BTreeMap<String, PluginGauges>, cache: CacheStats) -> String {
+        let _scrape = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        let families = &self.families;
+        // The runtime keeps these counts; mirroring them keeps them typed as counters.
+        families
+            .compile_cache_hits
+            .inner()
+            .store(cache.hits, Ordering::Relaxed);
+        families
+            .compile_cache_misses
+            .inner()
+            .store(cache.misses, Ordering::Relaxed);
+        // Plugins that are gone must drop out of the gauges, as they drop out of `gauges`.
+        families.plugin_lag.clear();
+        families.plugin_pending_retries.clear();
+        families.plugin_in_flight.clear();
+        for (plugin, g) in gauges {
+            let labels = PluginLabels {
+                plugin: Arc::from(plugin.as_str()),
+            };
+            families.plugin_lag.get_or_create(&labels).set(g.lag);
+            families
+                .plugin_pending_retries
+                .get_or_create(&labels)
+                .set(g.pending_retries);
+            families
+                .plugin_in_flight
+                .get_or_create(&labels)
+                .set(g.in_flight);
+        }
         let mut out = String::new();
-        let _ = self.render_into(&mut out, gauges, cache);
+        // Writing to a `String` cannot fail; an encoder error would only cut the text short,
+        // which a scraper reports as a parse error.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
-    }
-
-    fn render_into(
-        &self,
-        out: &mut String,
-        gauges: &BTreeMap<String, PluginGauges>,
-        cache: CacheStats,
-    ) -> std::fmt::Result {
-        writeln!(
-            out,
-            "# HELP switchyard_compile_cache_hits_total Plugins loaded from the compiled-code cache."
-        )?;
-        writeln!(out, "# TYPE switchyard_compile_cache_hits_total counter")?;
-        writeln!(out, "switchyard_compile_cache_hits_total {}", cache.hits)?;
-        writeln!(
-            out,
-            "# HELP switchyard_compile_cache_misses_total Plugins compiled."
-        )?;
-        writeln!(out, "# TYPE switchyard_compile_cache_misses_total counter")?;
-        writeln!(
-            out,
-            "switchyard_compile_cache_misses_total {}",
-            cache.misses
-        )?;
-        writeln!(
-            out,
-            "# HELP switchyard_events_ingested_total Events made durable by ingest."
-        )?;
-        writeln!(out, "# TYPE switchyard_events_ingested_total counter")?;
-        writeln!(
-            out,
-            "switchyard_events_ingested_total {}",
-            self.events_ingested.load(Ordering::Relaxed)
-        )?;
-        writeln!(
-            out,
-            "# HELP switchyard_ingest_rejected_total Ingest requests refused, by error code."
-        )?;
-        writeln!(out, "# TYPE switchyard_ingest_rejected_total counter")?;
-        for (code, n) in self
-            .ingest_rejected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
-            writeln!(
-                out,
-                "switchyard_ingest_rejected_total{{code=\"{code}\"}} {n}"
-            )?;
-        }
-
-        let plugins = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
-        writeln!(
-            out,
-            "# HELP switchyard_plugin_loads_total Plugin versions loaded and serving."
-        )?;
-        writeln!(out, "# TYPE switchyard_plugin_loads_total counter")?;
-        for (plugin, c) in plugins.iter() {
-            writeln!(
-                out,
-                "switchyard_plugin_loads_total{{plugin=\"{plugin}\"}} {}",
-                c.loads
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_plugin_load_failures_total Plugin files that failed to load."
-        )?;
-        writeln!(out, "# TYPE switchyard_plugin_load_failures_total counter")?;
-        for (plugin, c) in plugins.iter() {
-            writeln!(
-                out,
-                "switchyard_plugin_load_failures_total{{plugin=\"{plugin}\"}} {}",
-                c.load_failures
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_deliveries_total Handler invocations by plugin and outcome."
-        )?;
-        writeln!(out, "# TYPE switchyard_deliveries_total counter")?;
-        for (plugin, c) in plugins.iter() {
-            for (outcome, n) in &c.deliveries {
-                writeln!(
-                    out,
-                    "switchyard_deliveries_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}} {n}"
-                )?;
-            }
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_handler_duration_seconds Duration of handler invocations."
-        )?;
-        writeln!(out, "# TYPE switchyard_handler_duration_seconds histogram")?;
-        for (plugin, c) in plugins.iter() {
-            c.duration.render(
-                out,
-                "switchyard_handler_duration_seconds",
-                plugin,
-                &DURATION_BUCKETS,
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_delivery_start_latency_seconds Time from ingest to the start of \
-             an event's first attempt."
-        )?;
-        writeln!(
-            out,
-            "# TYPE switchyard_delivery_start_latency_seconds histogram"
-        )?;
-        for (plugin, c) in plugins.iter() {
-            c.start_latency.render(
-                out,
-                "switchyard_delivery_start_latency_seconds",
-                plugin,
-                &LATENCY_BUCKETS,
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_delivery_commit_latency_seconds Time from ingest to the commit of \
-             the outcome of an event's first attempt."
-        )?;
-        writeln!(
-            out,
-            "# TYPE switchyard_delivery_commit_latency_seconds histogram"
-        )?;
-        for (plugin, c) in plugins.iter() {
-            c.commit_latency.render(
-                out,
-                "switchyard_delivery_commit_latency_seconds",
-                plugin,
-                &LATENCY_BUCKETS,
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_fuel_used_total Fuel burned by handler invocations."
-        )?;
-        writeln!(out, "# TYPE switchyard_fuel_used_total counter")?;
-        for (plugin, c) in plugins.iter() {
-            writeln!(
-                out,
-                "switchyard_fuel_used_total{{plugin=\"{plugin}\"}} {}",
-                c.fuel
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_retries_scheduled_total Retries scheduled."
-        )?;
-        writeln!(out, "# TYPE switchyard_retries_scheduled_total counter")?;
-        for (plugin, c) in plugins.iter() {
-            writeln!(
-                out,
-                "switchyard_retries_scheduled_total{{plugin=\"{plugin}\"}} {}",
-                c.retries
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_dead_letters_total Events moved to the dead letters."
-        )?;
-        writeln!(out, "# TYPE switchyard_dead_letters_total counter")?;
-        for (plugin, c) in plugins.iter() {
-            for (reason, n) in &c.dead_letters {
-                writeln!(
-                    out,
-                    "switchyard_dead_letters_total{{plugin=\"{plugin}\",reason=\"{reason}\"}} {n}"
-                )?;
-            }
-        }
-        drop(plugins);
-
-        writeln!(
-            out,
-            "# HELP switchyard_plugin_lag_events Events in the log after the plugin's cursor."
-        )?;
-        writeln!(out, "# TYPE switchyard_plugin_lag_events gauge")?;
-        for (plugin, g) in gauges {
-            writeln!(
-                out,
-                "switchyard_plugin_lag_events{{plugin=\"{plugin}\"}} {}",
-                g.lag
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_plugin_pending_retries Deliveries waiting for a retry."
-        )?;
-        writeln!(out, "# TYPE switchyard_plugin_pending_retries gauge")?;
-        for (plugin, g) in gauges {
-            writeln!(
-                out,
-                "switchyard_plugin_pending_retries{{plugin=\"{plugin}\"}} {}",
-                g.pending_retries
-            )?;
-        }
-        writeln!(
-            out,
-            "# HELP switchyard_plugin_in_flight Deliveries being handled now."
-        )?;
-        writeln!(out, "# TYPE switchyard_plugin_in_flight gauge")?;
-        for (plugin, g) in gauges {
-            writeln!(
-                out,
-                "switchyard_plugin_in_flight{{plugin=\"{plugin}\"}} {}",
-                g.in_flight
-            )?;
-        }
-        Ok(())
     }
 }
 
@@ -392,57 +454,309 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn renders_counters_and_histograms() {
+    /// The exposition with each family's series sorted by their labels, since a family
+    /// lists them in hash order; a histogram's own lines keep their order.
+    fn in_label_order(text: &str) -> String {
+        let mut out = String::new();
+        let mut block: Vec<&str> = Vec::new();
+        let flush = |block: &mut Vec<&str>, out: &mut String| {
+            block.sort_by_key(|line| {
+                let labels = line.split_once('{').map_or("", |(_, rest)| rest);
+                let labels = labels.split('}').next().unwrap_or(labels);
+                labels.split(",le=").next().unwrap_or(labels).to_owned()
+            });
+            for line in block.drain(..) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        };
+        for line in text.lines() {
+            if line.starts_with('#') {
+                flush(&mut block, &mut out);
+                out.push_str(line);
+                out.push('\n');
+            } else {
+                block.push(line);
+            }
+        }
+        flush(&mut block, &mut out);
+        out
+    }
+
+    fn busy() -> String {
         let metrics = Metrics::default();
         metrics.events_ingested(3);
+        metrics.ingest_rejected("unsupported_media_type");
+        metrics.ingest_rejected("unauthorized");
+        metrics.ingest_rejected("unauthorized");
+        // `audit` is first seen by a delivery, `ticketing` by a load.
+        metrics.delivery("audit", "ok", Duration::from_millis(20), 7);
+        metrics.plugin_loaded("audit");
+        metrics.plugin_load_failed("audit");
+        metrics.plugin_loaded("ticketing");
         metrics.delivery("ticketing", "ok", Duration::from_micros(300), 1000);
         metrics.delivery("ticketing", "trap", Duration::from_millis(2), 500);
-        metrics.dead_lettered("ticketing", "rejected");
+        metrics.delivery("ticketing", "ok", Duration::from_secs(12), 9);
         metrics.delivery_latency(
             "ticketing",
             Duration::from_micros(700),
             Duration::from_micros(2_200),
         );
+        metrics.retry_scheduled("ticketing");
+        metrics.dead_lettered("ticketing", "rejected");
+        metrics.dead_lettered("ticketing", "exhausted");
         let mut gauges = BTreeMap::new();
         gauges.insert(
             "ticketing".to_owned(),
             PluginGauges {
                 lag: 7,
+                pending_retries: 1,
+                in_flight: 2,
+            },
+        );
+        gauges.insert("audit".to_owned(), PluginGauges::default());
+        metrics.render(&gauges, CacheStats { hits: 2, misses: 1 })
+    }
+
+    #[test]
+    fn renders_every_family_as_before() {
+        assert_eq!(in_label_order(&busy()), EXPECTED);
+    }
+
+    /// The encoder leaves out a family with no series, `# HELP` and `# TYPE` included;
+    /// such a family carries no samples for a scraper to keep.
+    #[test]
+    fn a_fresh_host_lists_only_its_unlabelled_counters() {
+        let text = Metrics::default().render(&BTreeMap::new(), CacheStats::default());
+        assert_eq!(
+            text,
+            "# HELP switchyard_compile_cache_hits_total Plugins loaded from the compiled-code cache.\n\
+             # TYPE switchyard_compile_cache_hits_total counter\n\
+             switchyard_compile_cache_hits_total 0\n\
+             # HELP switchyard_compile_cache_misses_total Plugins compiled.\n\
+             # TYPE switchyard_compile_cache_misses_total counter\n\
+             switchyard_compile_cache_misses_total 0\n\
+             # HELP switchyard_events_ingested_total Events made durable by ingest.\n\
+             # TYPE switchyard_events_ingested_total counter\n\
+             switchyard_events_ingested_total 0\n"
+        );
+    }
+
+    #[test]
+    fn gauges_follow_the_plugins_of_each_scrape() {
+        let metrics = Metrics::default();
+        let mut gauges = BTreeMap::new();
+        gauges.insert(
+            "old".to_owned(),
+            PluginGauges {
+                lag: 4,
                 ..Default::default()
             },
         );
-        let text = metrics.render(&gauges, CacheStats { hits: 2, misses: 1 });
-        assert!(text.contains("switchyard_events_ingested_total 3\n"));
-        assert!(
-            text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"ok\"} 1\n")
+        let first = metrics.render(&gauges, CacheStats::default());
+        assert!(first.contains("switchyard_plugin_lag_events{plugin=\"old\"} 4\n"));
+        gauges.clear();
+        gauges.insert(
+            "new".to_owned(),
+            PluginGauges {
+                in_flight: 1,
+                ..Default::default()
+            },
         );
-        assert!(
-            text.contains("switchyard_deliveries_total{plugin=\"ticketing\",outcome=\"trap\"} 1\n")
-        );
-        assert!(text.contains(
-            "switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"0.0005\"} 1\n"
-        ));
-        assert!(text.contains(
-            "switchyard_handler_duration_seconds_bucket{plugin=\"ticketing\",le=\"+Inf\"} 2\n"
-        ));
-        assert!(text.contains(
-            "switchyard_delivery_start_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.0005\"} 0\n"
-        ));
-        assert!(text.contains(
-            "switchyard_delivery_start_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.00075\"} 1\n"
-        ));
-        assert!(text.contains(
-            "switchyard_delivery_commit_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.002\"} 0\n"
-        ));
-        assert!(text.contains(
-            "switchyard_delivery_commit_latency_seconds_bucket{plugin=\"ticketing\",le=\"0.0025\"} 1\n"
-        ));
-        assert!(text.contains("switchyard_fuel_used_total{plugin=\"ticketing\"} 1500\n"));
-        assert!(text.contains(
-            "switchyard_dead_letters_total{plugin=\"ticketing\",reason=\"rejected\"} 1\n"
-        ));
-        assert!(text.contains("switchyard_plugin_lag_events{plugin=\"ticketing\"} 7\n"));
-        assert!(text.contains("switchyard_compile_cache_hits_total 2\n"));
+        let second = metrics.render(&gauges, CacheStats { hits: 5, misses: 0 });
+        assert!(!second.contains("plugin=\"old\""), "{second}");
+        assert!(second.contains("switchyard_plugin_in_flight{plugin=\"new\"} 1\n"));
+        assert!(second.contains("switchyard_compile_cache_hits_total 5\n"));
     }
+
+    #[test]
+    fn plugin_names_are_escaped_in_labels() {
+        let metrics = Metrics::default();
+        metrics.plugin_loaded("a\"b");
+        let text = metrics.render(&BTreeMap::new(), CacheStats::default());
+        assert!(text.contains("switchyard_plugin_loads_total{plugin=\"a\\\"b\"} 1\n"));
+    }
+
+    /// The exposition of [`busy`], series sorted by [`in_label_order`]: line for line what
+    /// the host served before it used `prometheus-client`, except that a histogram sum of
+    /// zero reads `0.0` (the encoder's float format) where it read `0`.
+    const EXPECTED: &str = r#"# HELP switchyard_compile_cache_hits_total Plugins loaded from the compiled-code cache.
+# TYPE switchyard_compile_cache_hits_total counter
+switchyard_compile_cache_hits_total 2
+# HELP switchyard_compile_cache_misses_total Plugins compiled.
+# TYPE switchyard_compile_cache_misses_total counter
+switchyard_compile_cache_misses_total 1
+# HELP switchyard_events_ingested_total Events made durable by ingest.
+# TYPE switchyard_events_ingested_total counter
+switchyard_events_ingested_total 3
+# HELP switchyard_ingest_rejected_total Ingest requests refused, by error code.
+# TYPE switchyard_ingest_rejected_total counter
+switchyard_ingest_rejected_total{code="unauthorized"} 2
+switchyard_ingest_rejected_total{code="unsupported_media_type"} 1
+# HELP switchyard_plugin_loads_total Plugin versions loaded and serving.
+# TYPE switchyard_plugin_loads_total counter
+switchyard_plugin_loads_total{plugin="audit"} 1
+switchyard_plugin_loads_total{plugin="ticketing"} 1
+# HELP switchyard_plugin_load_failures_total Plugin files that failed to load.
+# TYPE switchyard_plugin_load_failures_total counter
+switchyard_plugin_load_failures_total{plugin="audit"} 1
+switchyard_plugin_load_failures_total{plugin="ticketing"} 0
+# HELP switchyard_deliveries_total Handler invocations by plugin and outcome.
+# TYPE switchyard_deliveries_total counter
+switchyard_deliveries_total{plugin="audit",outcome="ok"} 1
+switchyard_deliveries_total{plugin="ticketing",outcome="ok"} 2
+switchyard_deliveries_total{plugin="ticketing",outcome="trap"} 1
+# HELP switchyard_handler_duration_seconds Duration of handler invocations.
+# TYPE switchyard_handler_duration_seconds histogram
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.0001"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.00025"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.0005"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.001"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.0025"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.005"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.01"} 0
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.025"} 1
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.05"} 1
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="0.1"} 1
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="1"} 1
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="10"} 1
+switchyard_handler_duration_seconds_bucket{plugin="audit",le="+Inf"} 1
+switchyard_handler_duration_seconds_sum{plugin="audit"} 0.02
+switchyard_handler_duration_seconds_count{plugin="audit"} 1
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.0001"} 0
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.00025"} 0
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.0005"} 1
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.001"} 1
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.0025"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.005"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.01"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.025"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.05"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="0.1"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="1"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="10"} 2
+switchyard_handler_duration_seconds_bucket{plugin="ticketing",le="+Inf"} 3
+switchyard_handler_duration_seconds_sum{plugin="ticketing"} 12.0023
+switchyard_handler_duration_seconds_count{plugin="ticketing"} 3
+# HELP switchyard_delivery_start_latency_seconds Time from ingest to the start of an event's first attempt.
+# TYPE switchyard_delivery_start_latency_seconds histogram
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.00025"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.0005"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.00075"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.001"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.0015"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.002"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.0025"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.003"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.004"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.005"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.0075"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.01"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.025"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.05"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.1"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.25"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="0.5"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="1"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="5"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="30"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="audit",le="+Inf"} 0
+switchyard_delivery_start_latency_seconds_sum{plugin="audit"} 0.0
+switchyard_delivery_start_latency_seconds_count{plugin="audit"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.00025"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.0005"} 0
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.00075"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.001"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.0015"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.002"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.0025"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.003"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.004"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.005"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.0075"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.01"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.025"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.05"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.1"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.25"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="0.5"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="1"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="5"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="30"} 1
+switchyard_delivery_start_latency_seconds_bucket{plugin="ticketing",le="+Inf"} 1
+switchyard_delivery_start_latency_seconds_sum{plugin="ticketing"} 0.0007
+switchyard_delivery_start_latency_seconds_count{plugin="ticketing"} 1
+# HELP switchyard_delivery_commit_latency_seconds Time from ingest to the commit of the outcome of an event's first attempt.
+# TYPE switchyard_delivery_commit_latency_seconds histogram
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.00025"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.0005"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.00075"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.001"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.0015"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.002"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.0025"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.003"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.004"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.005"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.0075"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.01"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.025"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.05"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.1"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.25"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="0.5"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="1"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="5"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="30"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="audit",le="+Inf"} 0
+switchyard_delivery_commit_latency_seconds_sum{plugin="audit"} 0.0
+switchyard_delivery_commit_latency_seconds_count{plugin="audit"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.00025"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.0005"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.00075"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.001"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.0015"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.002"} 0
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.0025"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.003"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.004"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.005"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.0075"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.01"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.025"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.05"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.1"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.25"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="0.5"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="1"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="5"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="30"} 1
+switchyard_delivery_commit_latency_seconds_bucket{plugin="ticketing",le="+Inf"} 1
+switchyard_delivery_commit_latency_seconds_sum{plugin="ticketing"} 0.0022
+switchyard_delivery_commit_latency_seconds_count{plugin="ticketing"} 1
+# HELP switchyard_fuel_used_total Fuel burned by handler invocations.
+# TYPE switchyard_fuel_used_total counter
+switchyard_fuel_used_total{plugin="audit"} 7
+switchyard_fuel_used_total{plugin="ticketing"} 1509
+# HELP switchyard_retries_scheduled_total Retries scheduled.
+# TYPE switchyard_retries_scheduled_total counter
+switchyard_retries_scheduled_total{plugin="audit"} 0
+switchyard_retries_scheduled_total{plugin="ticketing"} 1
+# HELP switchyard_dead_letters_total Events moved to the dead letters.
+# TYPE switchyard_dead_letters_total counter
+switchyard_dead_letters_total{plugin="ticketing",reason="exhausted"} 1
+switchyard_dead_letters_total{plugin="ticketing",reason="rejected"} 1
+# HELP switchyard_plugin_lag_events Events in the log after the plugin's cursor.
+# TYPE switchyard_plugin_lag_events gauge
+switchyard_plugin_lag_events{plugin="audit"} 0
+switchyard_plugin_lag_events{plugin="ticketing"} 7
+# HELP switchyard_plugin_pending_retries Deliveries waiting for a retry.
+# TYPE switchyard_plugin_pending_retries gauge
+switchyard_plugin_pending_retries{plugin="audit"} 0
+switchyard_plugin_pending_retries{plugin="ticketing"} 1
+# HELP switchyard_plugin_in_flight Deliveries being handled now.
+# TYPE switchyard_plugin_in_flight gauge
+switchyard_plugin_in_flight{plugin="audit"} 0
+switchyard_plugin_in_flight{plugin="ticketing"} 2
+"#;
 }

@@ -386,10 +386,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         );
     }
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(
             &gauges,
             state
