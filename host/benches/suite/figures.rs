@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use switchyard_host::PluginDefaults;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
@@ -19,8 +18,9 @@ use switchyard_host::event::Event;
 use switchyard_host::metrics::Metrics;
 use switchyard_host::pattern::Pattern;
 use switchyard_host::plugins::manifest::Manifest;
-use switchyard_host::runtime::{self, Runtime, RuntimeConfig};
+use switchyard_host::runtime::{self, Plugin, Runtime, RuntimeConfig};
 use switchyard_host::{EmptyKv, KvError, KvSource};
+use switchyard_host::{PluginDefaults, PluginPolicy};
 use tokio::sync::Notify;
 
 use crate::client::{self, Batch, Single};
@@ -136,12 +136,12 @@ struct SharedMemoryBus(Arc<MemoryBus>);
 
 #[async_trait]
 impl KvSource for SharedMemoryBus {
-    async fn get(&self, _plugin: &str, _key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(None)
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        EmptyKv.get(plugin, key).await
     }
 
-    async fn keys(&self, _plugin: &str, _prefix: &str) -> Result<Vec<String>, KvError> {
-        Ok(Vec::new())
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        EmptyKv.keys(plugin, prefix).await
     }
 }
 
@@ -196,6 +196,17 @@ impl DeadLetters for SharedMemoryBus {
     }
 }
 
+/// A plugin file loaded with the policy of `sidecar` over the default policy.
+async fn load(
+    runtime: &Runtime,
+    path: &Path,
+    sidecar: &str,
+) -> anyhow::Result<(PluginPolicy, Plugin)> {
+    let policy = Manifest::parse(sidecar)?.resolve(&PluginDefaults::default())?;
+    let plugin = runtime.load_file(path, policy.settings.clone()).await?;
+    Ok((policy, plugin))
+}
+
 /// Calls per second through the dispatcher and runtime, one call at a time.
 async fn through_dispatcher(
     runtime: &Runtime,
@@ -203,8 +214,8 @@ async fn through_dispatcher(
     sidecar: &str,
     calls: usize,
 ) -> anyhow::Result<f64> {
-    let policy = Manifest::parse(sidecar)?.resolve(&PluginDefaults::default())?;
-    let plugin = Arc::new(runtime.load_file(path, policy.settings.clone()).await?);
+    let (policy, plugin) = load(runtime, path, sidecar).await?;
+    let plugin = Arc::new(plugin);
     let pending = (1..=calls as u64)
         .map(|n| Delivery {
             stored: StoredEvent {
@@ -254,8 +265,7 @@ async fn through_runtime(
     sidecar: &str,
     calls: usize,
 ) -> anyhow::Result<f64> {
-    let policy = Manifest::parse(sidecar)?.resolve(&PluginDefaults::default())?;
-    let plugin = runtime.load_file(path, policy.settings).await?;
+    let (_, plugin) = load(runtime, path, sidecar).await?;
     let kv: Arc<dyn KvSource> = Arc::new(EmptyKv);
     let event = bench_event(0);
     let started = Instant::now();

@@ -307,9 +307,18 @@ pub(super) async fn replay_one(
     State(state): State<Arc<AppState>>,
     Path(id): Path<u64>,
 ) -> Result<Response, ApiError> {
+    replay(&state, Some(id), None).await
+}
+
+/// Replays dead letters (see `DeadLetters::replay_dead_letters`) and answers how many.
+async fn replay(
+    state: &AppState,
+    id: Option<u64>,
+    plugin: Option<&str>,
+) -> Result<Response, ApiError> {
     let replayed = state
         .bus
-        .replay_dead_letters(Some(id), None)
+        .replay_dead_letters(id, plugin)
         .await
         .map_err(bus_error)?;
     Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })).into_response())
@@ -333,12 +342,7 @@ pub(super) async fn replay_plugin(
             "`plugin` is required: POST /v1/dlq/replay?plugin=NAME",
         ));
     };
-    let replayed = state
-        .bus
-        .replay_dead_letters(None, Some(&plugin))
-        .await
-        .map_err(bus_error)?;
-    Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })).into_response())
+    replay(&state, None, Some(&plugin)).await
 }
 
 /// `DELETE /v1/dlq/{id}`.

@@ -116,9 +116,18 @@ struct Accepted<'a> {
     duplicate: bool,
 }
 
-fn counted(state: &AppState, error: ApiError) -> ApiError {
-    state.metrics.ingest_rejected(error.code());
-    error
+/// Reads the body and parses it with `parse`; a refusal at either step is counted.
+async fn parse_body<T>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    parse: impl FnOnce(&[u8], &ParseLimits) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let parsed = match read_body(state, headers, body).await {
+        Ok(body) => parse(&body, &limits(state)),
+        Err(error) => Err(error),
+    };
+    parsed.inspect_err(|error| state.metrics.ingest_rejected(error.code()))
 }
 
 /// `POST /v1/events`: binary, structured or batched CloudEvents.
@@ -127,11 +136,10 @@ pub(super) async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&state, &headers, body)
-        .await
-        .map_err(|e| counted(&state, e))?;
-    let events = cloudevents::parse_events(&headers, &body, &limits(&state))
-        .map_err(|e| counted(&state, e))?;
+    let events = parse_body(&state, &headers, body, |body, limits| {
+        cloudevents::parse_events(&headers, body, limits)
+    })
+    .await?;
     append(&state, events).await
 }
 
@@ -142,11 +150,10 @@ pub(super) async fn ingest_typed(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&state, &headers, body)
-        .await
-        .map_err(|e| counted(&state, e))?;
-    let event = cloudevents::parse_typed_event(&ty, &headers, &body, &limits(&state))
-        .map_err(|e| counted(&state, e))?;
+    let event = parse_body(&state, &headers, body, |body, limits| {
+        cloudevents::parse_typed_event(&ty, &headers, body, limits)
+    })
+    .await?;
     append(&state, vec![event]).await
 }
 

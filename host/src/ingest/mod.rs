@@ -50,8 +50,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", post(events::ingest))
         .route("/v1/events/{type}", post(events::ingest_typed))
         .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            require_ingest_token,
+            (Arc::clone(&state), Guard::Ingest),
+            require_token,
         ));
     let admin = Router::new()
         .route("/v1/events", get(events::read_log))
@@ -66,8 +66,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/dlq/{id}/replay", post(admin::replay_one))
         .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            require_admin_token,
+            (Arc::clone(&state), Guard::Admin),
+            require_token,
         ));
     // `GET /v1/events` is admin, `POST /v1/events` ingest: merge keeps both methods.
     ingest
@@ -101,29 +101,32 @@ fn authorized(request: &Request, tokens: &[String]) -> bool {
     })
 }
 
-async fn require_ingest_token(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if authorized(&request, &state.config.auth.ingest_tokens) {
-        Ok(next.run(request).await)
-    } else {
-        state.metrics.ingest_rejected("unauthorized");
-        Err(ApiError::unauthorized())
-    }
+/// Which tokens guard a group of routes.
+#[derive(Debug, Clone, Copy)]
+enum Guard {
+    /// `[auth] ingest_tokens`; a refusal counts as a rejected ingest.
+    Ingest,
+    /// `[auth] admin_tokens`.
+    Admin,
 }
 
-async fn require_admin_token(
-    State(state): State<Arc<AppState>>,
+/// Refuses a request without one of the guard's bearer tokens (when any are set).
+async fn require_token(
+    State((state, guard)): State<(Arc<AppState>, Guard)>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if authorized(&request, &state.config.auth.admin_tokens) {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError::unauthorized())
+    let tokens = match guard {
+        Guard::Ingest => &state.config.auth.ingest_tokens,
+        Guard::Admin => &state.config.auth.admin_tokens,
+    };
+    if authorized(&request, tokens) {
+        return Ok(next.run(request).await);
     }
+    if let Guard::Ingest = guard {
+        state.metrics.ingest_rejected("unauthorized");
+    }
+    Err(ApiError::unauthorized())
 }
 
 #[cfg(test)]
