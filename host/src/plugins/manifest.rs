@@ -13,9 +13,9 @@
 //! offending key, so a [`PluginPolicy`] is always valid. A `Manifest` never holds a
 //! pattern, duration or size that did not parse.
 //!
-//! This module also owns the value syntax shared with the host config file: durations
-//! are humantime strings (`"200ms"`, `"5s"`, `"24h"`) and sizes are a number of bytes or
-//! a string with a unit ([`parse_size`]).
+//! The keys a sidecar shares with `[plugin_defaults]` (`[retry]`, `[limits]`,
+//! `[effects]`, ordering, instance mode) and their merge live in `crate::policy`; sizes
+//! and durations are written as `crate::units` parses them (`"64MiB"`, `"200ms"`).
 //!
 //! ```toml
 //! subscribe = ["order.*"]

@@ -213,30 +213,35 @@ impl Writer {
             tracing::error!(error = %error, "cannot switch the log's fsync mode");
             if sync {
                 // Committing without the fsync the answers promise is not an option.
-                for job in batch {
-                    answer_error(job, BusError::Storage(error.to_string())).send(&self.inner);
-                }
+                refuse_all(&self.inner, batch, &error);
                 return false;
             }
         }
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(error) => {
+                // Every job is answered, so no caller waits forever and appends leave
+                // the pending count; a close asked for here is answered with the error.
+                let error = storage(error);
+                tracing::error!(error = %error, "cannot begin a log transaction");
+                refuse_all(&self.inner, batch, &error);
+                return false;
+            }
+        };
         let mut answers = Vec::with_capacity(batch.len());
         let mut closing = false;
         let mut wake = false;
-        let outcome = (|| -> Result<(), BusError> {
-            let tx = self.conn.transaction().map_err(storage)?;
-            for job in batch {
-                let answer = match job {
-                    Job::Close { reply } => {
-                        closing = true;
-                        Answer::Done(reply, Ok(()))
-                    }
-                    job => run_in_savepoint(&tx, job, &mut wake),
-                };
-                answers.push(answer);
-            }
-            tx.commit().map_err(storage)
-        })();
-        match outcome {
+        for job in batch {
+            let answer = match job {
+                Job::Close { reply } => {
+                    closing = true;
+                    Answer::Done(reply, Ok(()))
+                }
+                job => run_in_savepoint(&tx, job, &mut wake),
+            };
+            answers.push(answer);
+        }
+        match tx.commit().map_err(storage) {
             Ok(()) => {
                 for answer in answers {
                     answer.send(&self.inner);
@@ -274,7 +279,7 @@ impl Writer {
 /// rolls back alone.
 fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer {
     if let Err(e) = exec(savepoint, "SAVEPOINT job", []) {
-        return answer_error(job, storage(e));
+        return answer_error(job, &storage(e));
     }
     let (answer, ok) = match job {
         Job::Append { events, reply } => {
@@ -338,7 +343,14 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
     answer
 }
 
-fn answer_error(job: Job, error: BusError) -> Answer {
+/// Answers every job of a group that cannot run with `error`.
+fn refuse_all(inner: &Inner, batch: Vec<Job>, error: &BusError) {
+    for job in batch {
+        answer_error(job, error).send(inner);
+    }
+}
+
+fn answer_error(job: Job, error: &BusError) -> Answer {
     let answer = match job {
         Job::Append { events, reply } => Answer::Appended(reply, Ok(Vec::new()), events.len()),
         Job::OpenCursor { reply, .. } => Answer::Position(reply, Ok(0)),
@@ -347,5 +359,5 @@ fn answer_error(job: Job, error: BusError) -> Answer {
         Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
     };
-    answer.fail(&error)
+    answer.fail(error)
 }
