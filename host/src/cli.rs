@@ -2,15 +2,20 @@
 //!
 //! Commands print results on stdout and errors on stderr, and exit non-zero on failure.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
 use crate::config::Config;
+use crate::effects::Effects;
 use crate::event::{self, Event};
+use crate::failure::FailureKind;
 use crate::kv::EmptyKv;
 use crate::runtime::{Delivery, Failure, Plugin, PluginSettings, Runtime, RuntimeConfig};
 
@@ -364,21 +369,24 @@ async fn invoke(file: &Path, ty: String, data: &str, attempt: u32) -> anyhow::Re
         sequence: 1,
     };
     let outcome = plugin.invoke(&event, delivery, Arc::new(EmptyKv)).await;
-    let (status, body) = match &outcome.result {
-        Ok(effects) => ("ok", effects_json(effects)),
-        Err(Failure { kind, message }) => (
-            "failed",
-            serde_json::json!({ "kind": kind, "message": message }),
-        ),
+    let report = InvokeReport {
+        plugin: plugin.name(),
+        event_id: &event.id,
+        status: if outcome.result.is_ok() {
+            "ok"
+        } else {
+            "failed"
+        },
+        result: match &outcome.result {
+            Ok(effects) => InvokeResult::Ok(EffectsView::new(effects)),
+            Err(Failure { kind, message }) => InvokeResult::Failed {
+                kind: *kind,
+                message,
+            },
+        },
+        fuel_used: outcome.fuel_used,
+        duration_us: outcome.duration.as_micros(),
     };
-    let report = serde_json::json!({
-        "plugin": plugin.name(),
-        "event_id": event.id,
-        "status": status,
-        "result": body,
-        "fuel_used": outcome.fuel_used,
-        "duration_us": outcome.duration.as_micros(),
-    });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(if outcome.result.is_ok() {
         ExitCode::SUCCESS
@@ -387,29 +395,70 @@ async fn invoke(file: &Path, ty: String, data: &str, attempt: u32) -> anyhow::Re
     })
 }
 
-fn effects_json(effects: &crate::effects::Effects) -> serde_json::Value {
-    let emits: Vec<serde_json::Value> = effects
-        .emits
-        .iter()
-        .map(|e| {
-            let data = serde_json::from_slice::<serde_json::Value>(&e.data).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
-            });
-            serde_json::json!({
-                "id": e.id, "source": e.source, "type": e.ty, "subject": e.subject,
-                "extensions": e.extensions, "data": data,
+/// What `switchyard invoke` prints.
+#[derive(Serialize)]
+struct InvokeReport<'a> {
+    plugin: &'a str,
+    event_id: &'a str,
+    status: &'static str,
+    result: InvokeResult<'a>,
+    fuel_used: u64,
+    duration_us: u128,
+}
+
+/// The effects of a successful call, or why it failed.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum InvokeResult<'a> {
+    Ok(EffectsView<'a>),
+    Failed { kind: FailureKind, message: &'a str },
+}
+
+/// A call's effects: the emitted events, and each KV write (`null` deletes the key).
+#[derive(Serialize)]
+struct EffectsView<'a> {
+    emits: Vec<EmitView<'a>>,
+    kv_writes: BTreeMap<&'a str, Option<Cow<'a, str>>>,
+}
+
+/// An emitted event, its data as JSON where it is JSON and as text otherwise.
+#[derive(Serialize)]
+struct EmitView<'a> {
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    subject: Option<&'a str>,
+    extensions: &'a BTreeMap<String, String>,
+    data: serde_json::Value,
+}
+
+impl<'a> EffectsView<'a> {
+    fn new(effects: &'a Effects) -> Self {
+        let emits = effects
+            .emits
+            .iter()
+            .map(|e| EmitView {
+                id: &e.id,
+                source: &e.source,
+                ty: &e.ty,
+                subject: e.subject.as_deref(),
+                extensions: &e.extensions,
+                data: serde_json::from_slice(&e.data).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
+                }),
             })
-        })
-        .collect();
-    let kv: serde_json::Map<String, serde_json::Value> = effects
-        .kv_writes
-        .iter()
-        .map(|w| {
-            let value = w.value.as_ref().map_or(serde_json::Value::Null, |v| {
-                serde_json::Value::String(String::from_utf8_lossy(v).into_owned())
-            });
-            (w.key.clone(), value)
-        })
-        .collect();
-    serde_json::json!({ "emits": emits, "kv_writes": kv })
+            .collect();
+        let kv_writes = effects
+            .kv_writes
+            .iter()
+            .map(|w| {
+                (
+                    w.key.as_str(),
+                    w.value.as_deref().map(String::from_utf8_lossy),
+                )
+            })
+            .collect();
+        Self { emits, kv_writes }
+    }
 }

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 use super::{ApiError, AppState, cloudevents};
 use crate::bus::{BusError, DeadLetter, DeadLetterQuery, DeadLetterView};
@@ -355,14 +354,20 @@ pub(super) async fn delete_dead_letter(
 }
 
 /// `GET /healthz`: the process is up.
-pub(super) async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The answer of `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Serialize)]
+pub(super) struct Health {
+    status: &'static str,
 }
 
 /// `GET /readyz`: plugins are loaded and dispatching.
-pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
     if state.ready.load(std::sync::atomic::Ordering::Acquire) {
-        Ok(Json(json!({ "status": "ready" })))
+        Ok(Json(Health { status: "ready" }))
     } else {
         Err(ApiError::unavailable("starting or shutting down", 1))
     }
