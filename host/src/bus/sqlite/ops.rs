@@ -177,6 +177,8 @@ fn check_reads(conn: &Connection, plugin: &str, reads: &[KvRead]) -> Result<(), 
     Ok(())
 }
 
+/// Ends a delivery in the savepoint: checks an acknowledgement's KV reads, then records
+/// its effects, the retry or the dead letter, and moves the cursor.
 pub(super) fn settle(
     conn: &Connection,
     plugin: &str,
@@ -188,71 +190,55 @@ pub(super) fn settle(
     if let Settlement::Ack(effects) = &settlement {
         check_reads(conn, plugin, &effects.kv_reads)?;
     }
-    settle_checked(conn, plugin, seq, is_retry, cursor, settlement).map_err(storage)
-}
-
-fn settle_checked(
-    conn: &Connection,
-    plugin: &str,
-    seq: u64,
-    is_retry: bool,
-    cursor: u64,
-    settlement: Settlement,
-) -> rusqlite::Result<()> {
-    let now = now_ms();
-    match &settlement {
-        Settlement::Ack(effects) => {
-            apply_effects(conn, plugin, effects)?;
-            if is_retry {
-                exec(
-                    conn,
-                    "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
-                    params![plugin, to_i64(seq)],
-                )?;
-            }
-        }
-        Settlement::Retry { delay, errors } => {
-            let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-            let attempt = i64::try_from(errors.len()).unwrap_or(i64::MAX) + 1;
-            exec(
-            conn,
-                "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (plugin, seq) DO UPDATE SET attempt = excluded.attempt, due_at = excluded.due_at, errors = excluded.errors",
-                params![plugin, to_i64(seq), attempt, due, errors_json(errors)],
-            )?;
-        }
-        Settlement::DeadLetter { reason, errors } => {
-            if is_retry {
-                exec(
-                    conn,
-                    "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
-                    params![plugin, to_i64(seq)],
-                )?;
-            }
+    let record = || -> rusqlite::Result<()> {
+        let now = now_ms();
+        // A retry that ends leaves the schedule; one rescheduled is updated below.
+        if is_retry && !matches!(settlement, Settlement::Retry { .. }) {
             exec(
                 conn,
-                "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    plugin,
-                    to_i64(seq),
-                    reason.as_str(),
-                    errors_json(errors),
-                    now
-                ],
-            )?;
-        }
-    }
-    if !is_retry {
-        move_cursor(conn, plugin, cursor)?;
-        if seq > cursor {
-            exec(
-                conn,
-                "INSERT OR IGNORE INTO acked (plugin, seq) VALUES (?1, ?2)",
+                "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
                 params![plugin, to_i64(seq)],
             )?;
         }
-    }
-    Ok(())
+        match &settlement {
+            Settlement::Ack(effects) => apply_effects(conn, plugin, effects)?,
+            Settlement::Retry { delay, errors } => {
+                let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                let attempt = i64::try_from(errors.len()).unwrap_or(i64::MAX) + 1;
+                exec(
+                    conn,
+                    "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (plugin, seq) DO UPDATE SET attempt = excluded.attempt, due_at = excluded.due_at, errors = excluded.errors",
+                    params![plugin, to_i64(seq), attempt, due, errors_json(errors)],
+                )?;
+            }
+            Settlement::DeadLetter { reason, errors } => {
+                exec(
+                    conn,
+                    "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        plugin,
+                        to_i64(seq),
+                        reason.as_str(),
+                        errors_json(errors),
+                        now
+                    ],
+                )?;
+            }
+        }
+        if !is_retry {
+            move_cursor(conn, plugin, cursor)?;
+            if seq > cursor {
+                exec(
+                    conn,
+                    "INSERT OR IGNORE INTO acked (plugin, seq) VALUES (?1, ?2)",
+                    params![plugin, to_i64(seq)],
+                )?;
+            }
+        }
+        Ok(())
+    };
+    record().map_err(storage)
 }
 
 pub(super) fn replay(

@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 use axum::http::HeaderMap;
 
 use super::{
-    ParseLimits, check_extension_name, check_size, check_specversion, event_too_large, invalid,
-    validate,
+    ParseLimits, check_extension_name, check_specversion, checked, event_too_large, invalid,
 };
 use crate::event::Event;
 use crate::ingest::ApiError;
@@ -51,9 +50,7 @@ pub(super) fn parse_binary(
         data: body.to_vec(),
         extensions: attrs.extensions,
     };
-    validate(&event)?;
-    check_size(&event, limits)?;
-    Ok(event)
+    checked(event, limits)
 }
 
 /// The CloudEvents attributes carried in `ce-*` headers, percent-decoded.

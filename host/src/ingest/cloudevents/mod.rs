@@ -176,6 +176,11 @@ pub fn parse_typed_event(
         data: body.to_vec(),
         extensions: attrs.extensions,
     };
+    checked(event, limits)
+}
+
+/// `event`, if it passes [`validate`] and fits the size limit.
+fn checked(event: Event, limits: &ParseLimits) -> Result<Event, ApiError> {
     validate(&event)?;
     check_size(&event, limits)?;
     Ok(event)
