@@ -201,15 +201,15 @@ pub struct EffectsTable {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyTable {
-    /// See [`Manifest::concurrency`].
+    /// See [`Manifest::concurrency`](crate::plugins::manifest::Manifest::concurrency).
     pub concurrency: Option<usize>,
-    /// See [`Manifest::ordering`].
+    /// See [`Manifest::ordering`](crate::plugins::manifest::Manifest::ordering).
     pub ordering: Option<Ordering>,
-    /// See [`Manifest::start`].
+    /// See [`Manifest::start`](crate::plugins::manifest::Manifest::start).
     pub start: Option<Start>,
-    /// See [`Manifest::instance`].
+    /// See [`Manifest::instance`](crate::plugins::manifest::Manifest::instance).
     pub instance: Option<InstanceMode>,
-    /// See [`Manifest::max_calls`].
+    /// See [`Manifest::max_calls`](crate::plugins::manifest::Manifest::max_calls).
     pub max_calls: Option<u64>,
     /// See [`RetryTable`].
     #[serde(default)]

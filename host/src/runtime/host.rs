@@ -20,7 +20,7 @@ use super::settings::EffectBounds;
 use super::stdio::StderrTail;
 use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
-use crate::kv::{KvRead, KvSource, KvWrite, keys_digest, value_digest};
+use crate::kv::{KvError, KvRead, KvSource, KvWrite, keys_digest, value_digest};
 
 /// Longest log line a plugin may write through `log`; longer ones are cut.
 const MAX_LOG_LINE: usize = 8192;
@@ -153,6 +153,12 @@ fn host_trap(message: String) -> wasmtime::Error {
     wasmtime::Error::new(HostTrap::Host(message))
 }
 
+/// A committed KV read, or a host trap naming the import and key when the store failed:
+/// the plugin is not at fault and must not go on with a value it never got.
+fn unavailable_kv<T>(import: &str, key: &str, read: Result<T, KvError>) -> wasmtime::Result<T> {
+    read.map_err(|e| host_trap(format!("{import} `{key}`: {e:#}")))
+}
+
 /// The id of the `index`-th event emitted while handling one event: the same on every
 /// attempt, so a retried attempt cannot publish the same follow-up twice under two ids.
 fn emitted_event_id(plugin: &str, source: &str, id: &str, index: usize) -> String {
@@ -263,11 +269,7 @@ impl host::Host for HostState {
         if let Some(buffered) = call.effects.kv.get(&key) {
             return Ok(buffered.clone());
         }
-        let committed = call
-            .kv
-            .get(&plugin, &key)
-            .await
-            .map_err(|e| host_trap(format!("kv-get `{key}`: {e:#}")))?;
+        let committed = unavailable_kv("kv-get", &key, call.kv.get(&plugin, &key).await)?;
         call.effects.reads.push(KvRead::Value {
             key,
             digest: committed.as_deref().map(value_digest),
@@ -295,11 +297,7 @@ impl host::Host for HostState {
     async fn kv_keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
         let plugin = Arc::clone(&self.identity.name);
         let call = self.call("kv-keys")?;
-        let committed = call
-            .kv
-            .keys(&plugin, &prefix)
-            .await
-            .map_err(|e| host_trap(format!("kv-keys `{prefix}`: {e:#}")))?;
+        let committed = unavailable_kv("kv-keys", &prefix, call.kv.keys(&plugin, &prefix).await)?;
         call.effects.reads.push(KvRead::Keys {
             prefix: prefix.clone(),
             digest: keys_digest(committed.iter().map(String::as_str)),
