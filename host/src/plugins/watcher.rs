@@ -45,7 +45,7 @@ pub async fn watch(
     watch_with(registry, dir, settings, stop, start_notify).await;
 }
 
-/// [`watch`] with the event watcher started by `start_events`, so the fallback to polling
+/// [`watch()`] with the event watcher started by `start_events`, so the fallback to polling
 /// can be exercised where the platform's watcher works.
 pub async fn watch_with(
     registry: Arc<Registry>,

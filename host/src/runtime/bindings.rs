@@ -1,7 +1,7 @@
 //! The one `bindgen!` of the host: Rust types and traits generated from `wit/`.
 //!
 //! Every host import is `async` (KV reads may wait on the bus) and `trappable` (a call
-//! that breaks a host rule is stopped with a trap that carries a [`super::HostTrap`]).
+//! that breaks a host rule is stopped with a trap that carries a [`super::host::HostTrap`]).
 
 wasmtime::component::bindgen!({
     path: "../wit",
