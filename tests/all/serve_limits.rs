@@ -152,24 +152,10 @@ async fn requests_past_the_concurrency_limit_get_503_and_probes_still_answer() {
             .contains("http.max_concurrent_requests"),
         "{body}"
     );
-    assert_eq!(
-        client
-            .get(host.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(host.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    for probe in ["/healthz", "/metrics"] {
+        let response = client.get(host.url(probe)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{probe}");
+    }
     // Once the holder goes away, its place is free again.
     drop(holder);
     let accepted = host

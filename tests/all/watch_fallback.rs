@@ -2,7 +2,7 @@
 //! picks up a plugin dropped in later, and stops promptly when asked.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::config::{WatchMode, WatchSection};
@@ -11,16 +11,8 @@ use switchyard_host::plugins::{Registry, watch_with};
 use switchyard_host::runtime::{Runtime, RuntimeConfig};
 use switchyard_host::{Bus, PluginDefaults};
 
+use crate::support;
 use crate::support::guests::{self, Guest};
-
-/// Waits for `done` for up to 30 s, checking every 20 ms.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_events_fall_back_to_polling_and_stop_promptly() {
@@ -56,13 +48,18 @@ async fn unavailable_events_fall_back_to_polling_and_stop_promptly() {
     ));
 
     std::fs::copy(guests::path(Guest::Noop), plugins.join("late.wasm")).unwrap();
-    eventually("the polling watcher to load the dropped plugin", || {
-        table
-            .read()
-            .unwrap()
-            .get("late")
-            .is_some_and(|entry| entry.status.is_ok())
-    })
+    support::wait_for(
+        "the polling watcher to load the dropped plugin",
+        Duration::from_secs(30),
+        || async {
+            table
+                .read()
+                .unwrap()
+                .get("late")
+                .is_some_and(|entry| entry.status.is_ok())
+                .then_some(())
+        },
+    )
     .await;
 
     stop.send(true).unwrap();

@@ -91,7 +91,6 @@ pub async fn serve_http(
     }
     drop(listener);
     let _ = stop.send(true);
-    drop(stopping);
     drop(done);
     all_done.closed().await;
 }

@@ -272,19 +272,12 @@ impl Host {
     }
 
     /// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
-    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, mut check: F) -> T
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, limit: Duration, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::wait_for(what, limit, check).await
     }
 }
 

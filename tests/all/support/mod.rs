@@ -51,6 +51,25 @@ use switchyard_host::event::Event;
 use switchyard_host::runtime::{Delivery, Outcome, Plugin, PluginSettings, Runtime, RuntimeConfig};
 use switchyard_host::{Effects, EmptyKv, KvError, KvSource};
 
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A runtime with default settings.
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig::default()).expect("the runtime starts")
