@@ -1,17 +1,15 @@
-//! What an API request must pass before and while its handler runs: the bearer token of
-//! its group of routes, a place among the requests in flight, and a time limit. (The
-//! probes `/healthz`, `/readyz` and `/metrics` pass none of them.)
+//! What a request must pass before a handler runs: the bearer token of its group of
+//! routes, a place among the requests in flight, and a time limit.
 //!
 //! Invariants:
 //! - a request without a valid token is refused before it takes a place in flight, so
 //!   unauthenticated clients cannot crowd out authenticated ones;
 //! - at most `http.max_concurrent_requests` API requests run at once; the next one is
 //!   answered `503` with `Retry-After` at once rather than queued, so memory stays bounded;
-//! - no API request runs longer than `http.request_timeout`: it is answered `408` and its
+//! - no request runs longer than `http.request_timeout`: it is answered `408` and its
 //!   handler dropped. (A client slow to send its headers is cut off earlier, by the
 //!   connection's header timeout in `crate::server`.)
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -56,7 +54,7 @@ pub(super) async fn admit(
     let refused = if !authorized(&request, tokens) {
         ApiError::unauthorized()
     } else if let Ok(_place) = gate.in_flight.try_acquire() {
-        return within_time_limit(state, next.run(request)).await;
+        return Ok(next.run(request).await);
     } else {
         ApiError::unavailable(
             format!(
@@ -72,22 +70,25 @@ pub(super) async fn admit(
     Err(refused)
 }
 
-/// Answers `408` when the handler takes longer than `http.request_timeout`.
-async fn within_time_limit(
-    state: &AppState,
-    handled: impl Future<Output = Response>,
+/// Answers `408` when the rest of the request takes longer than `http.request_timeout`.
+pub(super) async fn time_limit(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
 ) -> Result<Response, ApiError> {
     let limit = state.config.http.request_timeout;
-    tokio::time::timeout(limit, handled).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            code::REQUEST_TIMEOUT,
-            format!(
-                "the request took longer than {} (`http.request_timeout`)",
-                humantime::format_duration(limit)
-            ),
-        )
-    })
+    tokio::time::timeout(limit, next.run(request))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                code::REQUEST_TIMEOUT,
+                format!(
+                    "the request took longer than {} (`http.request_timeout`)",
+                    humantime::format_duration(limit)
+                ),
+            )
+        })
 }
 
 /// Compares two byte strings in time that depends only on their lengths.

@@ -83,5 +83,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))
         .fallback(|| async { ApiError::not_found("route") })
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            gate::time_limit,
+        ))
         .with_state(state)
 }
