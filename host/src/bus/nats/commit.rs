@@ -101,7 +101,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kv::{current, decode_key, encode_key, list_keys};
 use super::messages::{decode_event, encode_event};
-use super::{Shared, nats_error};
+use super::{Shared, compare_and_set_failed, nats_error};
 use crate::bus::BusError;
 use crate::clock::now_ms;
 use crate::effects::Effects;
@@ -287,7 +287,10 @@ impl Shared {
         )?;
         let intent_revision = match self.intents.create(&journal, Bytes::from(body)).await {
             Ok(revision) => revision,
-            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Err(error)
+                if error.kind() == kv::CreateErrorKind::AlreadyExists
+                    || compare_and_set_failed(&error) =>
+            {
                 // An earlier try of this settlement (or another host holding this
                 // delivery) wrote its intent: finish that one rather than commit twice.
                 return if self.finish_intent(plugin, &journal).await? {
@@ -313,7 +316,9 @@ impl Shared {
                         .purge_expect_revision(&journal, Some(intent_revision))
                         .await
                     {
-                        if error.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                        if error.kind() == kv::UpdateErrorKind::WrongLastRevision
+                            || compare_and_set_failed(&error)
+                        {
                             return Ok(());
                         }
                         return Err(nats_error("withdrawing a commit intent")(&error));
@@ -376,7 +381,9 @@ impl Shared {
                 let body = Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
                 match self.intents.update(&key, body, revision).await {
                     Ok(taken) => return Ok(taken),
-                    Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(error)
+                        if error.kind() == kv::UpdateErrorKind::WrongLastRevision
+                            || compare_and_set_failed(&error) => {}
                     Err(error) => return Err(nats_error("taking the commit lock")(&error)),
                 }
             }
@@ -422,7 +429,10 @@ impl Shared {
             .await
         {
             Ok(_) => {}
-            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Err(error)
+                if error.kind() == kv::UpdateErrorKind::WrongLastRevision
+                    || compare_and_set_failed(&error) =>
+            {
                 // Withdrawn meanwhile, or claimed by another host finishing it too (which
                 // is harmless: writes are conditional and emits deduplicated).
                 let still_there = self
@@ -501,8 +511,12 @@ async fn put_expecting(
             .await
             .map(|()| None),
     };
-    result.map_err(|error| match error.kind() {
-        kv::UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
-        _ => WriteError::Storage(nats_error("writing KV")(&error)),
+    result.map_err(|error| {
+        if error.kind() == kv::UpdateErrorKind::WrongLastRevision || compare_and_set_failed(&error)
+        {
+            WriteError::Conflict
+        } else {
+            WriteError::Storage(nats_error("writing KV")(&error))
+        }
     })
 }

@@ -1,5 +1,6 @@
 //! A plugin's consumer on one host: it pulls from the plugin's durable consumer as far
-//! as its window has room, turns each message into a delivery or settles it at once when
+//! as its window has room (the server filters on the plugin's subscription patterns and
+//! its replay subject, so only what the plugin receives comes over the wire), turns each message into a delivery or settles it at once when
 //! it is not one for the plugin, keeps the deliveries it holds alive, and settles them.
 //! It also keeps the errors of earlier attempts (`P-attempts/<plugin>.<sequence>`), from
 //! which a redelivery learns its attempt number.
@@ -13,6 +14,9 @@
 //! - The server's `max_deliver` is unlimited; an event handed out more than
 //!   [`UNSETTLED_LIMIT`] times beyond its recorded retries is dead-lettered instead.
 //! - A consumer dropped with deliveries it never settled gives them back at once.
+//! - Opening the consumer sets its filter to this host's patterns in place: its position
+//!   and pending acknowledgements stay, so a subscription change by hot reload neither
+//!   repeats nor skips events the plugin receives before and after.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -33,7 +37,7 @@ use crate::bus::{
 };
 use crate::clock::now_ms;
 use crate::failure::{AttemptError, FailureKind};
-use crate::pattern::Pattern;
+use crate::pattern::{Pattern, disjoint_cover};
 
 /// Tells the server, every `every`, that the deliveries a host holds are still being
 /// worked on, so none goes to another host while this one lives.
@@ -97,11 +101,32 @@ where
     }
 }
 
+/// What a plugin's consumer filters on: its subscription patterns as a [`disjoint_cover`]
+/// (the server refuses overlapping filters) under `P.events.`, and its replay subject.
+fn filter_subjects(prefix: &str, plugin: &str, patterns: &[Pattern]) -> Vec<String> {
+    let mut subjects: Vec<String> = disjoint_cover(patterns)
+        .iter()
+        .map(|pattern| format!("{prefix}.events.{pattern}"))
+        .collect();
+    subjects.push(format!("{prefix}.replay.{plugin}"));
+    subjects
+}
+
+fn same_subjects(a: &[String], b: &[String]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
 /// One plugin's consumer on one host.
 pub(super) struct NatsConsumer {
     pub(super) shared: Arc<Shared>,
     pub(super) plugin: String,
     patterns: Vec<Pattern>,
+    /// What the consumer filters on when this host opens it (see [`filter_subjects`]).
+    cover: Vec<Pattern>,
     window: usize,
     one_at_a_time: bool,
     consumer: PullConsumer,
@@ -150,8 +175,10 @@ impl NatsConsumer {
             (None, StartPosition::Latest) => DeliverPolicy::New,
             (None, StartPosition::Earliest) => DeliverPolicy::All,
         };
+        let filter_subjects = filter_subjects(&shared.options.prefix, plugin, &spec.patterns);
         let config = pull::Config {
             durable_name: Some(name.clone()),
+            filter_subjects: filter_subjects.clone(),
             deliver_policy,
             ack_policy: AckPolicy::Explicit,
             ack_wait: shared.options.ack_wait,
@@ -163,7 +190,11 @@ impl NatsConsumer {
         let consumer = match existing {
             Some(consumer)
                 if consumer.cached_info().config.max_ack_pending == max_ack_pending
-                    && consumer.cached_info().config.ack_wait == shared.options.ack_wait =>
+                    && consumer.cached_info().config.ack_wait == shared.options.ack_wait
+                    && same_subjects(
+                        &consumer.cached_info().config.filter_subjects,
+                        &filter_subjects,
+                    ) =>
             {
                 consumer
             }
@@ -181,6 +212,7 @@ impl NatsConsumer {
         Ok(Self {
             shared: Arc::clone(shared),
             plugin: plugin.to_owned(),
+            cover: disjoint_cover(&spec.patterns),
             patterns: spec.patterns,
             window: spec.window.max(1),
             one_at_a_time: spec.one_at_a_time,
@@ -216,6 +248,32 @@ impl NatsConsumer {
         Ok(messages)
     }
 
+    /// Settles a message the consumer's filter let through but the plugin's patterns do
+    /// not match. Within this host's own filter it is the slack of a widened filter, or
+    /// of a type whose characters the subject replaced: skipped. Outside it, another host
+    /// runs a version of the plugin with other subscriptions (a rolling change; the
+    /// consumer filters on the patterns of the host that opened it last): handed back for
+    /// such a host, and skipped after [`UNSETTLED_LIMIT`] hand-outs so that it cannot
+    /// circulate forever.
+    async fn pass_on(&self, message: &Message, ty: &str, delivered: i64) {
+        let events_prefix = format!("{}.events.", self.shared.options.prefix);
+        let in_own_filter = message
+            .subject
+            .as_str()
+            .strip_prefix(&events_prefix)
+            .is_some_and(|words| self.cover.iter().any(|p| p.matches(words)));
+        if !in_own_filter && delivered <= UNSETTLED_LIMIT {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+        if !in_own_filter {
+            tracing::warn!(plugin = %self.plugin, event_type = %ty, "skipping an event no host running this plugin subscribes to");
+        }
+        let _ = message.ack().await;
+    }
+
     /// Turns a message into a delivery for this plugin, or settles it at once when it is
     /// not one (another plugin's replay, a type the plugin does not receive, an intent to
     /// finish, an event no host manages to settle).
@@ -249,7 +307,7 @@ impl NatsConsumer {
             }
         };
         if !replayed && !self.patterns.iter().any(|p| p.matches(&event.ty)) {
-            let _ = message.ack().await;
+            self.pass_on(&message, &event.ty, delivered).await;
             return Ok(None);
         }
         let stored = StoredEvent {

@@ -5,9 +5,9 @@
 //! Names (`P` is `[bus] prefix`):
 //! - stream `P-events`, subjects `P.events.<type>` (the event type's dot-separated words,
 //!   each made subject-safe) and `P.replay.<plugin>` (dead letters sent back to one plugin);
-//! - durable consumer `P-<plugin>` on it, no filter subject: the host matches the plugin's
-//!   patterns itself and acknowledges the rest, so a plugin with several patterns gets each
-//!   matching event exactly once on servers before 2.10, whose consumers take one filter;
+//! - durable consumer `P-<plugin>` on it, filtering on the plugin's patterns (made
+//!   disjoint, as the server requires) and its replay subject; the host still matches each
+//!   event's type against the patterns, as the filter may be wider;
 //! - stream `P-dead-letters`, subjects `P.dlq.<plugin>`: one JSON record per dead letter,
 //!   its id the record's stream sequence;
 //! - KV buckets `P-kv-<plugin>` (plugin state), `P-attempts` (errors of earlier attempts,
@@ -35,10 +35,10 @@
 //!   invariants, and what a crash at each step leaves for the next host to finish.
 //!
 //! Every guarantee above rests on JetStream's compare-and-set
-//! (`Nats-Expected-Last-Subject-Sequence`). nats-server 2.9 does not keep it on
-//! replicated streams under concurrent writers (two writes expecting one revision can
-//! both be stored), so on a 2.9 cluster concurrent KV updates can be lost; a single
-//! server keeps them.
+//! (`Nats-Expected-Last-Subject-Sequence`), which nats-server 2.9 did not keep on
+//! replicated streams under concurrent writers; [`setup`] refuses servers older than
+//! its `MIN_SERVER_VERSION`. A replicated stream reports a failed compare-and-set with
+//! another error code than a single server (see [`compare_and_set_failed`]).
 //!
 //! Files:
 //! - `mod.rs`: the options, the bus and its shared state, publishing and reading events,
@@ -101,6 +101,24 @@ pub struct NatsOptions {
 
 fn nats_error(what: &str) -> impl Fn(&dyn Display) -> BusError + '_ {
     move |error| BusError::Storage(format!("NATS JetStream: {what}: {error}"))
+}
+
+/// Whether a JetStream answer is a failed compare-and-set (`Nats-Expected-Last-Subject-
+/// Sequence` did not hold). A single server answers code 10071; a replicated stream
+/// answers 10164, which async-nats 0.51 does not classify, so the cause chain is read.
+fn compare_and_set_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(api) = current.downcast_ref::<jetstream::Error>() {
+            return [
+                jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE,
+                jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT,
+            ]
+            .contains(&api.error_code());
+        }
+        cause = current.source();
+    }
+    false
 }
 
 macro_rules! storage {
@@ -326,5 +344,34 @@ impl Bus for NatsBus {
             .flush()
             .await
             .map_err(storage!("flushing to the server"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    use async_nats::jetstream::kv::{CreateError, UpdateError};
+
+    use super::*;
+
+    fn api_error(code: u64) -> jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": "wrong last sequence"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn both_forms_of_a_failed_compare_and_set_are_recognised_through_the_kv_errors() {
+        for code in [10071, 10164] {
+            let publish = PublishError::with_source(PublishErrorKind::Other, api_error(code));
+            let create = CreateError::from(UpdateError::from(publish));
+            assert!(compare_and_set_failed(&create), "code {code}");
+        }
+        let other = PublishError::with_source(PublishErrorKind::Other, api_error(10077));
+        assert!(!compare_and_set_failed(&UpdateError::from(other)));
+        assert!(!compare_and_set_failed(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
     }
 }

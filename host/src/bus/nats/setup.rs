@@ -47,6 +47,7 @@ impl NatsBus {
                     options.url
                 ))
             })?;
+        check_server_version(&client.server_info().version, &options.url)?;
         let jetstream = jetstream::new(client.clone());
         // A cluster that is still electing its JetStream leader (hosts started together
         // with it) answers setup requests with errors for a while: wait for it, bounded.
@@ -75,6 +76,32 @@ impl NatsBus {
             }),
         })
     }
+}
+
+/// The oldest nats-server this backend runs on: consumers with several filter subjects
+/// (each plugin's consumer filters on its subscription patterns) came in 2.10.
+pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 10, 0);
+
+/// Refuses a server older than [`MIN_SERVER_VERSION`], as its `INFO` reports itself
+/// (such as `2.12.8` or `2.11.0-RC.1`); a version that cannot be read is refused too.
+fn check_server_version(version: &str, url: &str) -> Result<(), BusError> {
+    let (major, minor, patch) = MIN_SERVER_VERSION;
+    let numbers: Vec<u64> = version
+        .trim_start_matches('v')
+        .split(['.', '-', '+'])
+        .take(3)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
+    if let [found_major, found_minor, found_patch] = numbers[..]
+        && (found_major, found_minor, found_patch) >= MIN_SERVER_VERSION
+    {
+        return Ok(());
+    }
+    Err(BusError::Storage(format!(
+        "the NATS server at {url} is nats-server {version}; Switchyard needs \
+         {major}.{minor}.{patch} or later (consumers with several filter subjects)"
+    )))
 }
 
 /// How long a starting host waits for JetStream to answer its setup requests.
@@ -261,4 +288,22 @@ async fn ensure_bucket_with_age(
             "cannot open the NATS KV bucket `{bucket}`: {error}"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_server_version;
+
+    #[test]
+    fn servers_older_than_the_minimum_are_refused_with_the_minimum_named() {
+        for fine in ["2.10.0", "2.12.8", "2.11.0-RC.1", "v2.15.1", "3.0.0"] {
+            assert!(check_server_version(fine, "nats://x").is_ok(), "{fine}");
+        }
+        for old in ["2.9.10", "2.9.25-beta", "1.4.1", "", "unknown"] {
+            let error = check_server_version(old, "nats://x")
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("needs 2.10.0 or later"), "{old}: {error}");
+        }
+    }
 }
