@@ -306,3 +306,111 @@ async fn what_the_server_cannot_store_is_refused_or_dead_lettered_not_retried_fo
     })
     .await;
 }
+
+/// A sidecar for the counting guest subscribed to `patterns`.
+fn counting_sidecar(patterns: &[&str]) -> String {
+    format!(
+        "subscribe = {patterns:?}\n[config]\nbehaviour = \"hostile.count\"\ntag = \"filtered\"\n"
+    )
+}
+
+/// The plugin's durable consumer as the server describes it.
+async fn consumer_info(url: &str, plugin: &str) -> async_nats::jetstream::consumer::Info {
+    let client = async_nats::connect(url).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("switchyard-events")
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&format!("switchyard-{plugin}"))
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().clone()
+}
+
+async fn send_all(host: &Host, ty: &str, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        assert_eq!(host.send(ty, &id, json!({})).await, 202, "{ty} {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_gets_only_its_patterns_and_a_reload_moves_its_filter_without_loss() {
+    let server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.plugin(
+        "filtered",
+        Guest::Hostile,
+        Some(&counting_sidecar(&["crash.>"])),
+    );
+    host.start();
+
+    // 40 events the plugin does not subscribe to, among 10 it does.
+    send_all(&host, "other.tick", (0..40).map(|n| format!("early-{n}"))).await;
+    send_all(&host, "crash.tick", (0..10).map(|n| format!("c-{n}"))).await;
+    host.wait_caught_up("filtered", Duration::from_secs(30))
+        .await;
+    let info = consumer_info(&server.url(), "filtered").await;
+    assert_eq!(
+        info.delivered.consumer_sequence, 10,
+        "the server handed out only the subscribed events: {info:?}"
+    );
+    assert_eq!(info.config.filter_subjects.len(), 2, "{info:?}");
+
+    // Subscribed events keep coming while the sidecar gains a pattern.
+    let ticks = {
+        let http = host.http.clone();
+        let url = host.url("/v1/events/crash.tick");
+        tokio::spawn(async move {
+            for n in 10..60 {
+                let sent = http
+                    .post(&url)
+                    .header("ce-id", format!("c-{n}"))
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(sent.status(), 202);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    host.deploy(
+        "filtered.toml",
+        counting_sidecar(&["crash.>", "other.>"]).as_bytes(),
+    );
+    host.wait_for("the new subscriptions", Duration::from_secs(30), || async {
+        let status = host.status("filtered").await?;
+        (status["subscriptions"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
+    ticks.await.unwrap();
+    send_all(&host, "other.tick", (0..10).map(|n| format!("late-{n}"))).await;
+    host.wait_caught_up("filtered", Duration::from_secs(30))
+        .await;
+
+    let mut handled: Vec<String> = host
+        .log()
+        .await
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+        .map(|e| e["event"]["data"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    handled.sort();
+    let mut expected: Vec<String> = (0..60)
+        .map(|n| format!("c-{n}"))
+        .chain((0..10).map(|n| format!("late-{n}")))
+        .collect();
+    expected.sort();
+    // Every subscribed event once, across the reload; the events before the new pattern
+    // was loaded stay behind the consumer's position, as on the embedded log.
+    assert_eq!(handled, expected);
+    let info = consumer_info(&server.url(), "filtered").await;
+    assert!(
+        info.config
+            .filter_subjects
+            .contains(&"switchyard.events.other.>".to_owned()),
+        "{info:?}"
+    );
+}

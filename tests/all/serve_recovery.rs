@@ -252,11 +252,6 @@ impl Audit {
         assert_eq!(self.stored, sent, "an event appeared that nobody sent");
     }
 
-    /// Counter updates the totals differ by from `sent`, as `+n` or `-n`.
-    pub(crate) fn counter_error(&self, sent: usize) -> i64 {
-        self.counted_by_first as i64 - sent as i64
-    }
-
     /// Waits for every plugin to reach the head of the log, then counts effects.
     pub(crate) async fn of(host: &Host, acked: &BTreeSet<String>, plugins: &[&str]) -> Self {
         for plugin in plugins {

@@ -307,6 +307,9 @@ impl Bus for NatsBus {
 
     async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError> {
         let name = format!("{}-{plugin}", self.shared.options.prefix);
+        // Read before the consumer: a consumer with nothing pending then has settled
+        // every event up to this head that its filter lets through.
+        let head = self.head().await?;
         let mut consumer: PullConsumer = self
             .shared
             .events
@@ -330,8 +333,15 @@ impl Bus for NatsBus {
             let (_, count) = entry.map_err(storage!("counting dead letters"))?;
             dead_letters += u64::try_from(count).unwrap_or(0);
         }
+        let caught_up = info.num_pending == 0 && info.num_ack_pending == 0;
         Ok(ConsumerStats {
-            cursor: info.ack_floor.stream_sequence,
+            // The ack floor is the last event the filter let through; past it, the events
+            // up to the head are not the plugin's.
+            cursor: if caught_up {
+                head.max(info.ack_floor.stream_sequence)
+            } else {
+                info.ack_floor.stream_sequence
+            },
             lag: info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0),
             pending_retries: u64::try_from(info.num_redelivered).unwrap_or(0),
             dead_letters,
