@@ -1,6 +1,8 @@
 //! Distributed mode: events per second through one and two hosts on one NATS JetStream
 //! server, beside a bare JetStream loop (publish with `Nats-Msg-Id`, then one pull
-//! consumer fetching and acknowledging every message) on the same server in the same run.
+//! consumer fetching and acknowledging every message) on the same server in the same run;
+//! and through one host whose plugin writes two KV keys per event, beside the same plugin
+//! writing nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +18,34 @@ use crate::host::Process;
 use crate::nats_server::NatsServer;
 use crate::{Figure, Options};
 
+/// The plugin every host of a figure runs: a guest and its sidecar.
+struct Probe {
+    guest: Guest,
+    sidecar: String,
+}
+
+impl Probe {
+    /// The no-op plugin.
+    fn noop() -> Self {
+        Self {
+            guest: Guest::Noop,
+            sidecar: "subscribe = [\"bench.>\"]\nconcurrency = 16\n".to_owned(),
+        }
+    }
+
+    /// A plugin that writes two KV keys per event (`writes = "on"`), or the same plugin
+    /// doing nothing (`"off"`).
+    fn kv_pair(writes: &str) -> Self {
+        Self {
+            guest: Guest::Hostile,
+            sidecar: format!(
+                "subscribe = [\"bench.>\"]\nconcurrency = 16\n[config]\n\
+                 behaviour = \"hostile.kv-pair\"\nwrites = \"{writes}\"\n"
+            ),
+        }
+    }
+}
+
 /// Events per second through `hosts` hosts sharing one plugin, from the first `202` to the
 /// plugin being caught up on every host.
 async fn through_hosts(
@@ -23,17 +53,17 @@ async fn through_hosts(
     prefix: &str,
     hosts: usize,
     events: usize,
+    probe: &Probe,
     options: &Options,
 ) -> anyhow::Result<f64> {
     let config = format!(
         "[bus]\nkind = \"nats\"\nurl = \"{}\"\nprefix = \"{prefix}\"\n",
         server.url()
     );
-    let sidecar = "subscribe = [\"bench.>\"]\nconcurrency = 16\n".to_owned();
     let fleet: Vec<Process> = (0..hosts)
         .map(|_| {
             Process::host(
-                &[("probe".into(), Guest::Noop, Some(sidecar.clone()))],
+                &[("probe".into(), probe.guest, Some(probe.sidecar.clone()))],
                 Some(&config),
             )
         })
@@ -139,12 +169,34 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
     let bare = bare_loop(&server, events)
         .await
         .context("bare JetStream loop")?;
-    let one = through_hosts(&server, "one", 1, events, options)
+    let one = through_hosts(&server, "one", 1, events, &Probe::noop(), options)
         .await
         .context("one host")?;
-    let two = through_hosts(&server, "two", 2, events, options)
+    let two = through_hosts(&server, "two", 2, events, &Probe::noop(), options)
         .await
         .context("two hosts")?;
+    // Fewer events: a KV-writing commit costs several round trips.
+    let kv_events = options.pick(4_000, 1_000);
+    let without_writes = through_hosts(
+        &server,
+        "kv-off",
+        1,
+        kv_events,
+        &Probe::kv_pair("off"),
+        options,
+    )
+    .await
+    .context("the KV plugin, writes off")?;
+    let with_writes = through_hosts(
+        &server,
+        "kv-on",
+        1,
+        kv_events,
+        &Probe::kv_pair("on"),
+        options,
+    )
+    .await
+    .context("the KV plugin, two writes per event")?;
     Ok(vec![
         Figure {
             name: "nats.hosts1".into(),
@@ -161,6 +213,14 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
             baseline: Some(bare),
             baseline_name: "bare JetStream publish+consume",
             target: "",
+        },
+        Figure {
+            name: "nats.kv_writes2".into(),
+            value: with_writes,
+            unit: "events/s",
+            baseline: Some(without_writes),
+            baseline_name: "the same plugin, no KV writes",
+            target: "ratio >= 0.5",
         },
     ])
 }

@@ -40,6 +40,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.fail-until` | asks for a retry on attempts 1 and 2; from attempt 3 records `recovered/<id>` = the attempt in KV and emits `hostile.recovered` |
 /// | `hostile.needs-fix` | asks for a retry unless config `fixed` is `true`; then records `fixed/<id>` in KV |
 /// | `hostile.count` | records `seen/<id>` = config `tag` (default `1`) in KV, adds one to the counter `total/<0-15>` and emits `hostile.counted` with the id and tag |
+/// | `hostile.kv-pair` | writes `a/<id>` and `b/<id>` in KV, reading nothing; nothing when config `writes` is `off` |
 /// | `hostile.echo` | emits an event of the type it is handling: an endless causation chain |
 /// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
 /// Calls this instance has handled; a fresh instance starts from zero.
@@ -124,6 +125,13 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
         }
         "hostile.sequence" => sequence(&event, &delivery),
         "hostile.count" => count(&event),
+        "hostile.kv-pair" => {
+            if config::get("writes").as_deref() != Some("off") {
+                kv::set(&format!("a/{}", event.id), b"1");
+                kv::set(&format!("b/{}", event.id), b"1");
+            }
+            Ok(())
+        }
         "hostile.echo" => {
             emit_json(&event.type_, &json!({ "echo": true }))?;
             Ok(())
