@@ -12,7 +12,9 @@
 //! the emits published; the emits' ids derive from the handled event, so `Nats-Msg-Id`
 //! drops what a repeat publishes again within the stream's dedupe window.
 //!
-//! Effects with KV writes ([`Shared::commit_effects`]), step by step:
+//! Effects with KV writes ([`Shared::commit_effects`]), step by step (a host's own
+//! commits of one plugin first queue for their turn in the host, so that only hosts, not
+//! the calls of one host, compete for the lock through the server):
 //! 1. **Lock.** Read `<plugin>.lock`. It is free when absent, deleted or unreadable,
 //!    when its lease has run out, or when this host holds it for this same intent (a
 //!    retried settlement). When a lease that ran out names another intent, finish that
@@ -91,6 +93,7 @@
 //! out and the next commit of the plugin (step 1) or the redelivery finishes it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -195,6 +198,8 @@ impl Shared {
             return Ok(());
         }
         let journal = Self::journal_key(plugin, sequence);
+        let turn = self.commit_turn(plugin);
+        let _turn = turn.lock().await;
         let lock = self.lock(plugin, &journal).await?;
         let committed = self.commit_locked(plugin, sequence, effects).await;
         // A storage failure may leave the intent half applied: the lock stays taken so
@@ -340,6 +345,17 @@ impl Shared {
         Ok(())
     }
 
+    /// This host's turn at the plugin's commit lock: the host's own commits of a plugin
+    /// queue here, in order, rather than race each other for the lock through the
+    /// server and back off.
+    fn commit_turn(&self, plugin: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self
+            .commit_turns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(turns.entry(plugin.to_owned()).or_default())
+    }
+
     /// Takes the plugin's commit lock for the intent `journal`, waiting while another
     /// host holds a live lease. A lease that ran out belonged to a host that died (or
     /// stalled) mid-commit: its intent is finished first, which is exact because no
@@ -480,6 +496,8 @@ impl Shared {
         if !exists {
             return Ok(false);
         }
+        let turn = self.commit_turn(plugin);
+        let _turn = turn.lock().await;
         let lock = self.lock(plugin, &journal).await?;
         let finished = self.finish_intent(plugin, &journal).await;
         if finished.is_ok() {

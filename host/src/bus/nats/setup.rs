@@ -72,6 +72,7 @@ impl NatsBus {
                 attempts,
                 intents,
                 plugin_kv: Mutex::new(HashMap::new()),
+                commit_turns: Mutex::new(HashMap::new()),
                 owner: uuid::Uuid::new_v4().to_string(),
             }),
         })
