@@ -234,7 +234,7 @@ fn a_nats_server_older_than_the_minimum_is_refused_at_start_naming_the_minimum()
     let (code, stderr) = serve_until_refused(&url);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("is nats-server 2.9.10; Switchyard needs 2.10.0 or later"),
+        stderr.contains("is nats-server 2.9.10; Switchyard needs 2.12.0 or later"),
         "{stderr}"
     );
     let heard = old_server.join().unwrap();

@@ -1,102 +1,64 @@
 //! The commit protocol: how an attempt's effects (KV writes and emits) are stored with
-//! its acknowledgement on JetStream, which has no transaction across streams and
-//! buckets.
+//! its acknowledgement on JetStream, which has no transaction across streams.
 //!
-//! Records, in the bucket `P-intents`: the plugin's commit lock under `<plugin>.lock`
-//! (a [`LockRecord`]: holder, end of lease, the intent it commits) and one intent per
-//! delivery under `<plugin>.<sequence>` (an [`Intent`]: each write with the revision its
-//! key must still have, and the emits as the event stream stores them). The bucket drops
-//! an entry [`COMMIT_RECORD_AGE`] after its last write.
+//! A plugin's KV bucket is a stream of its own (`KV_P-kv-<plugin>`) that also holds the
+//! subjects `P-kv-<plugin>.commit.<sequence>` (one commit record per delivery whose
+//! effects wrote KV, kept for [`COMMIT_RECORD_AGE`] by a per-message TTL) and
+//! `P-kv-<plugin>.guard` (conditions, below; the stream keeps only the last). Everything
+//! an attempt writes goes into that stream in one atomic batch (nats-server 2.12's
+//! `allow_atomic`): the server stores all of it or none of it, and checks every
+//! condition of the batch against the stream as it was just before, under its lock.
 //!
-//! Effects without KV writes take no lock and leave no record: the reads are checked,
-//! the emits published; the emits' ids derive from the handled event, so `Nats-Msg-Id`
-//! drops what a repeat publishes again within the stream's dedupe window.
+//! Effects without KV writes: the reads are checked, the emits published; the emits' ids
+//! derive from the handled event, so `Nats-Msg-Id` drops what a repeat publishes again
+//! within the stream's dedupe window. No record, no batch.
 //!
-//! Effects with KV writes ([`Shared::commit_effects`]), step by step (a host's own
-//! commits of one plugin first queue for their turn in the host, so that only hosts, not
-//! the calls of one host, compete for the lock through the server):
-//! 1. **Lock.** Read `<plugin>.lock`. It is free when absent, deleted or unreadable,
-//!    when its lease has run out, or when this host holds it for this same intent (a
-//!    retried settlement). When a lease that ran out names another intent, finish that
-//!    intent (step 7) first. Take the lock by compare-and-set on the entry's revision,
-//!    naming this delivery's intent, with a lease of `ack_wait` that is never renewed.
-//!    While others hold the lock, or win the race for it, try again (1 ms, doubling to
-//!    50 ms) for `max(3 × ack_wait, LOCK_PATIENCE)`, then fail with a storage error.
-//! 2. **Earlier intent.** An intent already stored for this delivery (an earlier try of
-//!    this settlement stopped part way, or another host ran the event too) is the
-//!    commit: finish it (step 7, which publishes its emits) and release the lock as in
-//!    step 6, without checking the reads, which the intent's own writes would fail.
-//! 3. **Reads.** Check each read against the bucket now: a value by its digest, a key
-//!    listing by the digest of the keys; a difference is a conflict. The last write to
-//!    each key wins; each write expects the revision its key has now (0: no entry).
-//! 4. **Intent.** Store the intent if none exists (refused as too large past the
-//!    server's `max_payload` less `HEADER_ROOM`). If one appeared meanwhile, finish it
-//!    instead, or report a conflict when it is gone again.
-//! 5. **Writes.** Apply each write by compare-and-set on its expected revision. When one
-//!    fails, withdraw the intent by a purge expecting the revision it was stored with,
-//!    then put the old value back under each key this commit already stored a value in,
-//!    last first, expecting the revision it wrote (a delete it applied is not undone; a
-//!    failed undo is logged), and report a conflict. If the withdrawal fails because a
-//!    finisher has claimed the intent, the commit stands and reports success.
-//! 6. **Emits, unlock.** Publish the emits; release the lock by a delete expecting the
-//!    revision taken (a lock taken over after its lease stays with its new holder).
-//!    After a storage error the lock is kept; after any other outcome it is released.
-//!    The consumer then acknowledges without waiting for the server's word, and the
-//!    intent stays as the delivery's commit record.
-//! 7. **Finishing** an intent ([`Shared::finish_intent`]): claim it by writing it again
-//!    unchanged, expecting its revision, so that its writer can no longer withdraw it
-//!    (losing that race to another finisher is harmless; to a withdrawal, there is
-//!    nothing to finish). Then apply each write whose key still has the expected
-//!    revision (one that moved on was written by this intent already, or since) and
-//!    publish the emits.
+//! Effects with KV writes ([`Shared::commit_effects`]):
+//! 1. **Reads.** Each value the attempt read is compared with the bucket now (by digest);
+//!    a difference is a conflict. Its revision becomes a condition. A key listing is
+//!    compared too (by the digest of the keys), after noting the last revision of the
+//!    whole bucket, which becomes a condition on the whole bucket.
+//! 2. **Revisions.** Each key written and not read gets its current revision (0: none).
+//! 3. **Batch.** One atomic batch, every message conditional
+//!    (`Nats-Expected-Last-Subject-Sequence`): the commit record, expecting none for the
+//!    delivery (it holds the emits, to publish again if need be); each write (the last
+//!    to each key wins) or delete (`KV-Operation: DEL`), expecting the key's revision; a
+//!    guard message for each key read and not written, expecting its revision on the
+//!    key's subject (`Nats-Expected-Last-Subject-Sequence-Subject`); and one for a
+//!    listing, expecting the bucket's last revision on `$KV.<bucket>.>`. All but the last
+//!    message go without a reply; the last commits, and its answer is the batch's.
+//! 4. **Emits.** Published after the batch; the consumer then acknowledges.
 //!
-//! A delivery handed out again whose intent exists ([`Shared::finish_left_intent`]) is
-//! finished under the lock (kept if finishing fails) and acknowledged, never given to
-//! the plugin.
+//! A batch refused on a condition is a conflict, unless the delivery's record exists: an
+//! earlier try of this settlement, or another host holding the same delivery, committed
+//! first, and the record is finished instead (its emits published again).
 //!
 //! Invariants:
-//! - An intent is stored before any of its writes, and every write of a commit or a
-//!   finish is a compare-and-set against the revision the intent records (an undo in
-//!   step 5, against the revision the commit wrote); so an intent applied twice, by two
-//!   finishers or by a finisher and its writer, writes each key once.
-//! - While a lease lasts, nobody else takes the plugin's lock, and no commit writes
-//!   before the intent named by a lease that ran out is finished: no commit overtakes a
-//!   half-applied one. The exclusion ends with the lease: a commit that outlasts
-//!   `ack_wait` can be overtaken, and then only the compare-and-set of its writes
-//!   protects it, not the checks of keys it read without writing.
-//! - A stored intent is its delivery's commit: the settlement's retry, the redelivery and
-//!   the next holder of a lock that names it all finish it rather than run or commit the
-//!   event again. Only its writer withdraws it, and only before anyone claims it;
-//!   otherwise it stays for [`COMMIT_RECORD_AGE`].
-//! - Finishing repeats safely: the writes are conditional, and the emits' copies carry
-//!   their `Nats-Msg-Id` (after the dedupe window they are stored again).
+//! - An attempt's writes and its commit record are stored together or not at all, and
+//!   only if nothing the attempt read or wrote changed since it was checked: two commits
+//!   of one plugin wait for each other only when they touch the same keys (or one listed
+//!   keys), and then one of them runs again. No lock, nothing to undo.
+//! - A delivery commits at most once within [`COMMIT_RECORD_AGE`]: its record is created
+//!   expecting none, in the same batch as its writes.
+//! - A redelivered event whose record exists is finished (emits published, deduplicated
+//!   by `Nats-Msg-Id`) and acknowledged, never run again ([`Shared::finish_committed`]).
 //!
-//! What a host that dies leaves behind (its lease runs out `ack_wait` after it was
-//! taken; its delivery goes to another host after `ack_wait`):
-//! - before the intent is stored: nothing but perhaps the lock, which holds the plugin's
-//!   other commits up until the lease runs out; the next holder finds no intent to
-//!   finish, and the redelivered event runs again.
-//! - after the intent is stored, with none, some or all writes applied and the emits
-//!   published or not: the lock names the intent. The next commit of the plugin after
-//!   the lease (step 1) and the redelivery both finish it, the first doing the work;
-//!   the redelivery is then acknowledged without running the event.
-//! - during the undo of step 5: the intent is withdrawn, so nobody finishes or undoes
-//!   the writes still in place; the redelivered event runs again on top of them.
-//! - after releasing the lock, before the acknowledgement (or with the acknowledgement
-//!   lost): the redelivery finds the commit record, finishes it again (nothing left to
-//!   write; the emits are dropped as copies) and acknowledges. A redelivery later than
-//!   [`COMMIT_RECORD_AGE`] finds no record and runs the event again.
+//! What a host that dies leaves behind:
+//! - before the batch commits: nothing (the server drops an unfinished batch after 10 s);
+//!   the redelivered event runs again.
+//! - after the batch, before the emits are published or the acknowledgement sent: the
+//!   record; the redelivery finishes it. A redelivery later than [`COMMIT_RECORD_AGE`]
+//!   finds no record and runs the event again.
 //!
-//! A storage error rather than a death keeps the lock (step 6) so that no other commit
-//! overtakes a half-applied intent: the retried settlement takes the lock again (same
-//! host, same intent) and finishes its intent in step 2; without a retry, the lease runs
-//! out and the next commit of the plugin (step 1) or the redelivery finishes it.
+//! A key listing's condition covers the whole bucket: a commit that listed keys conflicts
+//! with any write to the bucket since its read, not only under its prefix (keys are one
+//! subject token each, so a prefix is no subject wildcard).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{kv, stream};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -104,81 +66,89 @@ use serde::{Deserialize, Serialize};
 
 use super::kv::{current, decode_key, encode_key, list_keys};
 use super::messages::{decode_event, encode_event};
-use super::{Shared, compare_and_set_failed, nats_error};
+use super::{Shared, nats_error};
 use crate::bus::BusError;
-use crate::clock::now_ms;
 use crate::effects::Effects;
 use crate::event::Event;
 use crate::kv::{KvRead, keys_digest, value_digest};
 
-/// A plugin's commit lock, as the intents bucket keeps it under `<plugin>.lock`.
-#[derive(Serialize, Deserialize)]
-struct LockRecord {
-    /// The host holding it.
-    owner: String,
-    /// When the lease runs out, in milliseconds since the Unix epoch.
-    until_ms: i64,
-    /// The journal key of the intent the holder commits.
-    intent: String,
-}
-
-/// How long a commit record (an intent, kept after its commit) marks its delivery as
-/// committed: a copy of the delivery that turns up later than this (a host stalled for a
-/// day) would run again.
+/// How long a commit record marks its delivery as committed: a copy of the delivery that
+/// turns up later than this (a host stalled for a day) would run again.
 pub(super) const COMMIT_RECORD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Least time a commit waits for its plugin's commit lock before reporting a storage
-/// error (and being tried again).
-const LOCK_PATIENCE: Duration = Duration::from_secs(30);
+/// Most messages the server takes in one atomic batch.
+const MAX_BATCH_MESSAGES: usize = 1000;
 
-/// What a settlement with KV writes is about to commit; see the module docs.
+/// What a delivery's commit stored beside its writes: the emits, each as the event
+/// stream stores it, in base64.
 #[derive(Serialize, Deserialize)]
-struct Intent {
-    writes: Vec<IntentWrite>,
-    /// The emits, each as the event stream stores it, in base64.
+struct CommitRecord {
     emits: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct IntentWrite {
-    /// The encoded key.
-    key: String,
-    /// The value in base64; `None` deletes the key.
-    value: Option<String>,
-    /// The revision the key had when the attempt's reads were checked (0: no entry).
-    expected: u64,
-}
-
-impl IntentWrite {
-    /// Writes (or deletes) the key if it still has the expected revision; see
-    /// [`put_expecting`].
-    async fn apply(&self, store: &kv::Store) -> Result<Option<u64>, WriteError> {
-        let value = self
-            .value
-            .as_deref()
-            .map(|text| BASE64.decode(text))
-            .transpose()
-            .map_err(|error| {
-                WriteError::Storage(BusError::Storage(format!(
-                    "a commit intent is unreadable: {error}"
-                )))
-            })?;
-        put_expecting(store, &self.key, value.map(Bytes::from), self.expected).await
-    }
-}
-
-impl Intent {
+impl CommitRecord {
     fn emits(&self) -> Result<Vec<Event>, BusError> {
         self.emits
             .iter()
             .map(|text| {
                 let bytes = BASE64.decode(text).map_err(|error| {
-                    BusError::Storage(format!("a commit intent is unreadable: {error}"))
+                    BusError::Storage(format!("a commit record is unreadable: {error}"))
                 })?;
                 decode_event(&bytes)
             })
             .collect()
     }
+}
+
+/// The subjects of a plugin's bucket stream.
+pub(super) fn commit_subjects(bucket: &str) -> String {
+    format!("{bucket}.>")
+}
+
+fn record_subject(bucket: &str, sequence: u64) -> String {
+    format!("{bucket}.commit.{sequence}")
+}
+
+/// One message of a commit's batch.
+struct Conditional {
+    subject: String,
+    payload: Bytes,
+    /// The revision the condition's subject must have (0: no message).
+    expected: u64,
+    /// The subject the condition is on, when not the message's own.
+    condition_on: Option<String>,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Conditional {
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            self.expected.to_string().as_str(),
+        );
+        if let Some(subject) = &self.condition_on {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                subject.as_str(),
+            );
+        }
+        for (name, value) in &self.headers {
+            headers.insert(*name, value.as_str());
+        }
+        headers
+    }
+}
+
+enum BatchError {
+    Conflict,
+    Storage(BusError),
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    #[serde(default)]
+    error: Option<async_nats::jetstream::Error>,
 }
 
 impl Shared {
@@ -193,348 +163,230 @@ impl Shared {
         if effects.kv_writes.is_empty() {
             // Nothing to make atomic: the reads are checked, and the emits' ids make a
             // repeat harmless.
-            self.check_reads(plugin, &effects.kv_reads).await?;
+            let store = self.plugin_store(plugin).await?;
+            for read in &effects.kv_reads {
+                check_read(&store, read).await?;
+            }
             self.publish_events(&effects.emits).await?;
             return Ok(());
         }
-        let journal = Self::journal_key(plugin, sequence);
-        let turn = self.commit_turn(plugin);
-        let _turn = turn.lock().await;
-        let lock = self.lock(plugin, &journal).await?;
-        let committed = self.commit_locked(plugin, sequence, effects).await;
-        // A storage failure may leave the intent half applied: the lock stays taken so
-        // that no other commit overtakes it. The retry of this settlement takes it again
-        // (same host, same intent); if none comes, the lease runs out and the next commit
-        // of the plugin finishes the intent first.
-        if !matches!(committed, Err(BusError::Storage(_))) {
-            self.unlock(plugin, lock).await;
-        }
-        committed
-    }
-
-    /// Checks that what an attempt read is still committed; returns the revision and
-    /// value of each key it read.
-    async fn check_reads(
-        &self,
-        plugin: &str,
-        reads: &[KvRead],
-    ) -> Result<HashMap<String, (u64, Option<Bytes>)>, BusError> {
         let store = self.plugin_store(plugin).await?;
-        let mut revisions: HashMap<String, (u64, Option<Bytes>)> = HashMap::new();
-        for read in reads {
-            match read {
-                KvRead::Value { key, digest } => {
-                    let encoded = encode_key(key);
-                    let (revision, value) = current(&store, &encoded).await?;
-                    if value.as_deref().map(value_digest) != *digest {
-                        return Err(BusError::Conflict(key.clone()));
-                    }
-                    revisions.insert(encoded, (revision, value));
-                }
-                KvRead::Keys { prefix, digest } => {
-                    let keys = list_keys(&store, prefix).await?;
-                    if keys_digest(keys.iter().map(String::as_str)) != *digest {
-                        return Err(BusError::Conflict(format!("{prefix}*")));
-                    }
-                }
+        let bucket = store.name.clone();
+        let key_subject = |key: &str| format!("{}{key}", store.prefix);
+        let mut revisions: BTreeMap<String, u64> = BTreeMap::new();
+        let mut bucket_revision = None;
+        for read in &effects.kv_reads {
+            if matches!(read, KvRead::Keys { .. }) && bucket_revision.is_none() {
+                bucket_revision = Some(last_revision(&store.stream, &key_subject(">")).await?);
+            }
+            if let Some((key, revision)) = check_read(&store, read).await? {
+                revisions.insert(key, revision);
             }
         }
-        Ok(revisions)
-    }
-
-    /// Commits effects with KV writes, under the plugin's commit lock.
-    async fn commit_locked(
-        &self,
-        plugin: &str,
-        sequence: u64,
-        effects: Effects,
-    ) -> Result<(), BusError> {
-        // An intent already written for this delivery (an earlier try of this settlement
-        // failed part way, or another host ran the event too) is the commit: finish it.
-        // Checking the reads first would report the intent's own writes as a conflict.
-        let journal = Self::journal_key(plugin, sequence);
-        if self.finish_intent(plugin, &journal).await? {
-            return Ok(());
-        }
-        let store = self.plugin_store(plugin).await?;
-        let mut revisions = self.check_reads(plugin, &effects.kv_reads).await?;
         // The last write to each key wins.
-        let mut last: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        let mut writes: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         for write in effects.kv_writes {
-            last.insert(encode_key(&write.key), write.value);
+            writes.insert(encode_key(&write.key), write.value);
         }
-        let mut writes = Vec::with_capacity(last.len());
-        let mut before = HashMap::new();
-        for (key, value) in last {
-            let (expected, old) = match revisions.remove(&key) {
-                Some(seen) => seen,
-                None => current(&store, &key).await?,
-            };
-            before.insert(key.clone(), old);
-            writes.push(IntentWrite {
-                key,
-                value: value.map(|bytes| BASE64.encode(bytes)),
-                expected,
-            });
-        }
-        let intent = Intent {
-            writes,
+        let unread: Vec<&String> = writes
+            .keys()
+            .filter(|key| !revisions.contains_key(*key))
+            .collect();
+        let looked_up =
+            futures_util::future::try_join_all(unread.iter().map(|key| current(&store, key)))
+                .await?;
+        let mut write_revisions: BTreeMap<&String, u64> = unread
+            .into_iter()
+            .zip(looked_up)
+            .map(|(key, (revision, _))| (key, revision))
+            .collect();
+
+        let record = CommitRecord {
             emits: effects
                 .emits
                 .iter()
                 .map(|event| BASE64.encode(encode_event(event)))
                 .collect(),
         };
-        let body = serde_json::to_vec(&intent).unwrap_or_default();
+        let body = serde_json::to_vec(&record).unwrap_or_default();
         self.check_size(
-            || "the attempt's effects (KV writes and emits)".to_owned(),
+            || "the attempt's emits and commit record".to_owned(),
             body.len(),
         )?;
-        let intent_revision = match self.intents.create(&journal, Bytes::from(body)).await {
-            Ok(revision) => revision,
-            Err(error)
-                if error.kind() == kv::CreateErrorKind::AlreadyExists
-                    || compare_and_set_failed(&error) =>
-            {
-                // An earlier try of this settlement (or another host holding this
-                // delivery) wrote its intent: finish that one rather than commit twice.
-                return if self.finish_intent(plugin, &journal).await? {
-                    Ok(())
-                } else {
-                    Err(BusError::Conflict(journal))
-                };
-            }
-            Err(error) => return Err(nats_error("writing the commit intent")(&error)),
-        };
-        let mut applied: Vec<(String, u64)> = Vec::new();
-        for write in &intent.writes {
-            match write.apply(&store).await {
-                Ok(Some(revision)) => applied.push((write.key.clone(), revision)),
-                Ok(None) => {}
-                Err(WriteError::Conflict) => {
-                    // Another call of this plugin committed to this key since the reads
-                    // were checked: withdraw the intent, undo what this commit applied,
-                    // then report it. A host that claimed the intent first is finishing
-                    // it; then it stands and nothing is undone.
-                    if let Err(error) = self
-                        .intents
-                        .purge_expect_revision(&journal, Some(intent_revision))
-                        .await
-                    {
-                        if error.kind() == kv::UpdateErrorKind::WrongLastRevision
-                            || compare_and_set_failed(&error)
-                        {
-                            return Ok(());
-                        }
-                        return Err(nats_error("withdrawing a commit intent")(&error));
+        let mut batch = vec![Conditional {
+            subject: record_subject(&bucket, sequence),
+            payload: Bytes::from(body),
+            expected: 0,
+            condition_on: None,
+            headers: vec![("Nats-TTL", COMMIT_RECORD_AGE.as_secs().to_string())],
+        }];
+        let guard = format!("{bucket}.guard");
+        for (key, value) in &writes {
+            let expected = match revisions.remove(key) {
+                Some(revision) => revision,
+                None => write_revisions.remove(key).unwrap_or(0),
+            };
+            batch.push(match value {
+                Some(value) => {
+                    self.check_size(|| format!("KV key `{key}`"), value.len())?;
+                    Conditional {
+                        subject: key_subject(key),
+                        payload: Bytes::from(value.clone()),
+                        expected,
+                        condition_on: None,
+                        headers: Vec::new(),
                     }
-                    for (key, revision) in applied.iter().rev() {
-                        let old = before.get(key).cloned().flatten();
-                        if let Err(error) = put_expecting(&store, key, old, *revision).await {
-                            tracing::warn!(%plugin, key = %key, ?error, "cannot undo a KV write after a conflict");
-                        }
-                    }
-                    return Err(BusError::Conflict(
-                        decode_key(&write.key).unwrap_or_else(|| write.key.clone()),
-                    ));
                 }
-                Err(WriteError::Storage(error)) => return Err(error),
-            }
+                // Deleting what does not exist writes nothing, but its absence still
+                // has to hold.
+                None if expected == 0 => Conditional {
+                    subject: guard.clone(),
+                    payload: Bytes::new(),
+                    expected,
+                    condition_on: Some(key_subject(key)),
+                    headers: Vec::new(),
+                },
+                None => Conditional {
+                    subject: key_subject(key),
+                    payload: Bytes::new(),
+                    expected,
+                    condition_on: None,
+                    headers: vec![("KV-Operation", "DEL".to_owned())],
+                },
+            });
         }
-        self.publish_events(&intent.emits()?).await?;
+        for (key, expected) in revisions {
+            batch.push(Conditional {
+                subject: guard.clone(),
+                payload: Bytes::new(),
+                expected,
+                condition_on: Some(key_subject(&key)),
+                headers: Vec::new(),
+            });
+        }
+        if let Some(expected) = bucket_revision {
+            batch.push(Conditional {
+                subject: guard.clone(),
+                payload: Bytes::new(),
+                expected,
+                condition_on: Some(key_subject(">")),
+                headers: Vec::new(),
+            });
+        }
+        if batch.len() > MAX_BATCH_MESSAGES {
+            return Err(BusError::TooLarge {
+                what: "the attempt's KV writes and reads".to_owned(),
+                bytes: batch.len(),
+                limit: MAX_BATCH_MESSAGES,
+            });
+        }
+        match self.publish_batch(batch).await {
+            Ok(()) => {}
+            Err(BatchError::Conflict) => {
+                // This delivery's record exists when an earlier try of this settlement,
+                // or another host holding the same delivery, committed first.
+                if self.finish_committed(plugin, sequence).await? {
+                    return Ok(());
+                }
+                let keys: Vec<String> = writes
+                    .keys()
+                    .map(|key| decode_key(key).unwrap_or_else(|| key.clone()))
+                    .collect();
+                return Err(BusError::Conflict(keys.join("`, `")));
+            }
+            Err(BatchError::Storage(error)) => return Err(error),
+        }
+        self.publish_events(&effects.emits).await?;
         Ok(())
     }
 
-    /// This host's turn at the plugin's commit lock: the host's own commits of a plugin
-    /// queue here, in order, rather than race each other for the lock through the
-    /// server and back off.
-    fn commit_turn(&self, plugin: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut turns = self
-            .commit_turns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(turns.entry(plugin.to_owned()).or_default())
-    }
-
-    /// Takes the plugin's commit lock for the intent `journal`, waiting while another
-    /// host holds a live lease. A lease that ran out belonged to a host that died (or
-    /// stalled) mid-commit: its intent is finished first, which is exact because no
-    /// other commit of the plugin could write in between. Returns the lock's revision.
-    async fn lock(&self, plugin: &str, journal: &str) -> Result<u64, BusError> {
-        let key = format!("{plugin}.lock");
-        let lease = i64::try_from(self.options.ack_wait.as_millis()).unwrap_or(i64::MAX);
-        let patience = (self.options.ack_wait * 3).max(LOCK_PATIENCE);
-        let deadline = tokio::time::Instant::now() + patience;
-        let mut wait = Duration::from_millis(1);
-        loop {
-            let entry = self
-                .intents
-                .entry(&key)
-                .await
-                .map_err(storage!("reading the commit lock"))?;
-            let (revision, holder) = match entry {
-                Some(entry) if entry.operation == kv::Operation::Put => (
-                    entry.revision,
-                    serde_json::from_slice::<LockRecord>(&entry.value).ok(),
-                ),
-                Some(entry) => (entry.revision, None),
-                None => (0, None),
-            };
-            let free = holder.as_ref().is_none_or(|held| {
-                held.until_ms < now_ms() || (held.owner == self.owner && held.intent == journal)
-            });
-            if free {
-                // A lease that ran out names an intent its holder may have left half
-                // applied: finish it before any other commit of the plugin can write.
-                if let Some(dead) = holder.as_ref().filter(|held| held.intent != journal) {
-                    self.finish_intent(plugin, &dead.intent).await?;
-                }
-                let record = LockRecord {
-                    owner: self.owner.clone(),
-                    until_ms: now_ms().saturating_add(lease),
-                    intent: journal.to_owned(),
-                };
-                let body = Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
-                match self.intents.update(&key, body, revision).await {
-                    Ok(taken) => return Ok(taken),
-                    Err(error)
-                        if error.kind() == kv::UpdateErrorKind::WrongLastRevision
-                            || compare_and_set_failed(&error) => {}
-                    Err(error) => return Err(nats_error("taking the commit lock")(&error)),
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BusError::Storage(format!(
-                    "the KV commit lock of plugin `{plugin}` stayed taken for {patience:?}"
-                )));
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    async fn unlock(&self, plugin: &str, revision: u64) {
-        let key = format!("{plugin}.lock");
-        if let Err(error) = self
-            .intents
-            .delete_expect_revision(&key, Some(revision))
-            .await
-        {
-            // The lease ran out and another host took the lock: nothing to release.
-            tracing::debug!(%plugin, %error, "commit lock not released");
-        }
-    }
-
-    /// Finishes an intent left behind: claims it (a new revision, so that the host that
-    /// wrote it can no longer withdraw it), applies each write whose key still has the
-    /// expected revision (a key that moved on was written by this intent already, or
-    /// since), then publishes the emits. Returns `false` when there is no intent (none
-    /// was written, or its host withdrew it).
-    async fn finish_intent(&self, plugin: &str, journal: &str) -> Result<bool, BusError> {
-        let entry = self
-            .intents
-            .entry(journal)
-            .await
-            .map_err(storage!("reading a commit intent"))?;
-        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            return Ok(false);
-        };
-        match self
-            .intents
-            .update(journal, entry.value.clone(), entry.revision)
-            .await
-        {
-            Ok(_) => {}
-            Err(error)
-                if error.kind() == kv::UpdateErrorKind::WrongLastRevision
-                    || compare_and_set_failed(&error) =>
-            {
-                // Withdrawn meanwhile, or claimed by another host finishing it too (which
-                // is harmless: writes are conditional and emits deduplicated).
-                let still_there = self
-                    .intents
-                    .get(journal)
+    /// Sends `batch` as one atomic batch: every message but the last without a reply,
+    /// the last with the commit header, whose answer is the batch's.
+    async fn publish_batch(&self, batch: Vec<Conditional>) -> Result<(), BatchError> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let last = batch.len();
+        for (index, message) in batch.into_iter().enumerate() {
+            let mut headers = message.headers();
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            if index + 1 < last {
+                self.client
+                    .publish_with_headers(message.subject, headers, message.payload)
                     .await
-                    .map_err(storage!("reading a commit intent"))?
-                    .is_some();
-                if !still_there {
-                    return Ok(false);
-                }
+                    .map_err(|error| BatchError::Storage(nats_error("sending a commit")(&error)))?;
+                continue;
             }
-            Err(error) => return Err(nats_error("claiming a commit intent")(&error)),
+            headers.insert("Nats-Batch-Commit", "1");
+            let answer = self
+                .client
+                .request_with_headers(message.subject, headers, message.payload)
+                .await
+                .map_err(|error| BatchError::Storage(nats_error("committing")(&error)))?;
+            let answer: BatchAnswer = serde_json::from_slice(&answer.payload).map_err(|error| {
+                BatchError::Storage(nats_error("reading the commit's answer")(&error))
+            })?;
+            return match answer.error {
+                None => Ok(()),
+                Some(error) if super::compare_and_set_failed(&error) => Err(BatchError::Conflict),
+                Some(error) => Err(BatchError::Storage(nats_error("committing")(&error))),
+            };
         }
-        let intent: Intent = serde_json::from_slice(&entry.value).map_err(|error| {
-            BusError::Storage(format!(
-                "the commit intent {journal} is unreadable: {error}"
-            ))
-        })?;
-        let store = self.plugin_store(plugin).await?;
-        for write in &intent.writes {
-            match write.apply(&store).await {
-                Ok(_) | Err(WriteError::Conflict) => {}
-                Err(WriteError::Storage(error)) => return Err(error),
-            }
-        }
-        self.publish_events(&intent.emits()?).await?;
-        Ok(true)
+        Ok(())
     }
 
-    /// Finishes, under the plugin's commit lock, the intent a delivery's earlier holder
-    /// left; `false` when there is none.
-    pub(super) async fn finish_left_intent(
+    /// Finishes a delivery whose commit record exists: publishes the record's emits
+    /// again (their copies are dropped by `Nats-Msg-Id`). `false` when there is none.
+    pub(super) async fn finish_committed(
         &self,
         plugin: &str,
         sequence: u64,
     ) -> Result<bool, BusError> {
-        let journal = Self::journal_key(plugin, sequence);
-        let exists = self
-            .intents
-            .get(&journal)
-            .await
-            .map_err(storage!("reading a commit intent"))?
-            .is_some();
-        if !exists {
-            return Ok(false);
-        }
-        let turn = self.commit_turn(plugin);
-        let _turn = turn.lock().await;
-        let lock = self.lock(plugin, &journal).await?;
-        let finished = self.finish_intent(plugin, &journal).await;
-        if finished.is_ok() {
-            self.unlock(plugin, lock).await;
-        }
-        finished
+        let store = self.plugin_store(plugin).await?;
+        let subject = record_subject(&store.name, sequence);
+        let message = match store.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(false);
+            }
+            Err(error) => return Err(nats_error("reading a commit record")(&error)),
+        };
+        let record: CommitRecord = serde_json::from_slice(&message.payload).map_err(|error| {
+            BusError::Storage(format!(
+                "the commit record {subject} is unreadable: {error}"
+            ))
+        })?;
+        self.publish_events(&record.emits()?).await?;
+        Ok(true)
     }
 }
 
-#[derive(Debug)]
-enum WriteError {
-    Conflict,
-    Storage(BusError),
+/// Checks one read of an attempt against the bucket now; for a value read, returns the
+/// encoded key and its revision.
+async fn check_read(store: &kv::Store, read: &KvRead) -> Result<Option<(String, u64)>, BusError> {
+    match read {
+        KvRead::Value { key, digest } => {
+            let encoded = encode_key(key);
+            let (revision, value) = current(store, &encoded).await?;
+            if value.as_deref().map(value_digest) != *digest {
+                return Err(BusError::Conflict(key.clone()));
+            }
+            Ok(Some((encoded, revision)))
+        }
+        KvRead::Keys { prefix, digest } => {
+            let keys = list_keys(store, prefix).await?;
+            if keys_digest(keys.iter().map(String::as_str)) != *digest {
+                return Err(BusError::Conflict(format!("{prefix}*")));
+            }
+            Ok(None)
+        }
+    }
 }
 
-/// Writes (or deletes) a key if it still has the expected revision; returns the new
-/// revision, or `None` when a delete found nothing to delete.
-async fn put_expecting(
-    store: &kv::Store,
-    key: &str,
-    value: Option<Bytes>,
-    expected: u64,
-) -> Result<Option<u64>, WriteError> {
-    let result = match value {
-        Some(value) => store.update(key, value, expected).await.map(Some),
-        None if expected == 0 => return Ok(None),
-        None => store
-            .delete_expect_revision(key, Some(expected))
-            .await
-            .map(|()| None),
-    };
-    result.map_err(|error| {
-        if error.kind() == kv::UpdateErrorKind::WrongLastRevision || compare_and_set_failed(&error)
-        {
-            WriteError::Conflict
-        } else {
-            WriteError::Storage(nats_error("writing KV")(&error))
-        }
-    })
+/// The last revision among the subjects `subject` matches (0: none).
+async fn last_revision(stream: &stream::Stream, subject: &str) -> Result<u64, BusError> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(message.sequence),
+        Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(error) => Err(nats_error("reading KV")(&error)),
+    }
 }

@@ -315,12 +315,7 @@ impl NatsConsumer {
             ingested_at_us,
             event,
         };
-        if delivered > 1
-            && self
-                .shared
-                .finish_left_intent(&self.plugin, sequence)
-                .await?
-        {
+        if delivered > 1 && self.shared.finish_committed(&self.plugin, sequence).await? {
             message
                 .double_ack()
                 .await

@@ -148,12 +148,7 @@ struct Shared {
     events: stream::Stream,
     dead_letters: stream::Stream,
     attempts: jetstream::kv::Store,
-    intents: jetstream::kv::Store,
     plugin_kv: Mutex<HashMap<String, jetstream::kv::Store>>,
-    /// Per plugin, this host's turn at the commit lock (see `commit.rs`).
-    commit_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// This host's name in commit locks.
-    owner: String,
 }
 
 impl Shared {

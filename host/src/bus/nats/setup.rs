@@ -20,7 +20,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 
-use super::commit::COMMIT_RECORD_AGE;
+use super::commit::commit_subjects;
 use super::{NatsBus, NatsOptions, Shared, nats_error};
 use crate::bus::BusError;
 
@@ -52,7 +52,7 @@ impl NatsBus {
         // A cluster that is still electing its JetStream leader (hosts started together
         // with it) answers setup requests with errors for a while: wait for it, bounded.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
-        let (events, dead_letters, attempts, intents) = loop {
+        let (events, dead_letters, attempts) = loop {
             match open_streams(&jetstream, &options).await {
                 Ok(opened) => break opened,
                 Err(Setup::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
@@ -70,18 +70,16 @@ impl NatsBus {
                 events,
                 dead_letters,
                 attempts,
-                intents,
                 plugin_kv: Mutex::new(HashMap::new()),
-                commit_turns: Mutex::new(HashMap::new()),
-                owner: uuid::Uuid::new_v4().to_string(),
             }),
         })
     }
 }
 
-/// The oldest nats-server this backend runs on: consumers with several filter subjects
-/// (each plugin's consumer filters on its subscription patterns) came in 2.10.
-pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 10, 0);
+/// The oldest nats-server this backend runs on: commits are atomic batches (2.12) whose
+/// records expire by per-message TTL (2.11), and each plugin's consumer filters on
+/// several subjects (2.10).
+pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
 
 /// Refuses a server older than [`MIN_SERVER_VERSION`], as its `INFO` reports itself
 /// (such as `2.12.8` or `2.11.0-RC.1`); a version that cannot be read is refused too.
@@ -101,7 +99,7 @@ fn check_server_version(version: &str, url: &str) -> Result<(), BusError> {
     }
     Err(BusError::Storage(format!(
         "the NATS server at {url} is nats-server {version}; Switchyard needs \
-         {major}.{minor}.{patch} or later (consumers with several filter subjects)"
+         {major}.{minor}.{patch} or later (atomic batch publish)"
     )))
 }
 
@@ -118,7 +116,7 @@ enum Setup {
 async fn open_streams(
     jetstream: &JetStream,
     options: &NatsOptions,
-) -> Result<(stream::Stream, stream::Stream, kv::Store, kv::Store), Setup> {
+) -> Result<(stream::Stream, stream::Stream, kv::Store), Setup> {
     let prefix = &options.prefix;
     // The server refuses a dedupe window longer than the stream keeps events.
     let duplicate_window = match options.max_age {
@@ -152,15 +150,7 @@ async fn open_streams(
     let attempts = ensure_bucket(jetstream, options, &format!("{prefix}-attempts"))
         .await
         .map_err(Setup::Unavailable)?;
-    let intents = ensure_bucket_with_age(
-        jetstream,
-        options,
-        &format!("{prefix}-intents"),
-        COMMIT_RECORD_AGE,
-    )
-    .await
-    .map_err(Setup::Unavailable)?;
-    Ok((events, dead_letters, attempts, intents))
+    Ok((events, dead_letters, attempts))
 }
 
 fn stream_defaults(options: &NatsOptions) -> stream::Config {
@@ -243,40 +233,58 @@ fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
-/// Opens a KV bucket, creating its stream first when missing. The stream is made here
-/// rather than by `create_key_value`, whose account query servers before 2.10 do not
-/// answer in the form it expects; the config is the one a KV bucket has.
+/// Opens a KV bucket, creating its stream first when missing, and gives an existing one
+/// what the commit protocol needs. The stream is made here rather than by
+/// `create_key_value`: besides the config of a KV bucket it has the bucket's commit
+/// subjects (see `commit.rs`), atomic batches and per-message TTLs.
 pub(super) async fn ensure_bucket(
     jetstream: &JetStream,
     options: &NatsOptions,
     bucket: &str,
 ) -> Result<kv::Store, BusError> {
-    ensure_bucket_with_age(jetstream, options, bucket, Duration::ZERO).await
-}
-
-/// [`ensure_bucket`] whose entries expire after `max_age` (zero: never).
-async fn ensure_bucket_with_age(
-    jetstream: &JetStream,
-    options: &NatsOptions,
-    bucket: &str,
-    max_age: Duration,
-) -> Result<kv::Store, BusError> {
+    let open = |error: &dyn std::fmt::Display| {
+        BusError::Storage(format!(
+            "cannot open the NATS KV bucket `{bucket}`: {error}"
+        ))
+    };
     if let Ok(store) = jetstream.get_key_value(bucket).await {
-        return Ok(store);
+        let mut config = store.stream.cached_info().config.clone();
+        let commits = commit_subjects(bucket);
+        if config.subjects.contains(&commits)
+            && config.allow_atomic_publish
+            && config.allow_message_ttl
+        {
+            return Ok(store);
+        }
+        // A bucket made before commits were atomic batches.
+        if !config.subjects.contains(&commits) {
+            config.subjects.push(commits);
+        }
+        config.allow_atomic_publish = true;
+        config.allow_message_ttl = true;
+        jetstream
+            .update_stream(&config)
+            .await
+            .map_err(|error| open(&error))?;
+        return jetstream
+            .get_key_value(bucket)
+            .await
+            .map_err(|error| open(&error));
     }
     let config = stream::Config {
         name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
+        subjects: vec![format!("$KV.{bucket}.>"), commit_subjects(bucket)],
         max_messages_per_subject: 1,
-        max_age,
         allow_rollup: true,
         deny_delete: true,
         // Reads go to the stream leader: a replica answering a direct get may be behind,
-        // and a stale commit intent or KV revision would undo the checks of a commit.
+        // and a stale revision would undo the checks of a commit.
         allow_direct: false,
         discard: DiscardPolicy::New,
         storage: StorageType::File,
         num_replicas: options.replicas,
+        allow_atomic_publish: true,
+        allow_message_ttl: true,
         ..Default::default()
     };
     jetstream.create_stream(config).await.map_err(|error| {
@@ -284,11 +292,10 @@ async fn ensure_bucket_with_age(
             "cannot create the NATS KV bucket `{bucket}`: {error}"
         ))
     })?;
-    jetstream.get_key_value(bucket).await.map_err(|error| {
-        BusError::Storage(format!(
-            "cannot open the NATS KV bucket `{bucket}`: {error}"
-        ))
-    })
+    jetstream
+        .get_key_value(bucket)
+        .await
+        .map_err(|error| open(&error))
 }
 
 #[cfg(test)]
@@ -297,14 +304,14 @@ mod tests {
 
     #[test]
     fn servers_older_than_the_minimum_are_refused_with_the_minimum_named() {
-        for fine in ["2.10.0", "2.12.8", "2.11.0-RC.1", "v2.15.1", "3.0.0"] {
+        for fine in ["2.12.0", "2.12.8", "2.14.0-RC.1", "v2.15.1", "3.0.0"] {
             assert!(check_server_version(fine, "nats://x").is_ok(), "{fine}");
         }
-        for old in ["2.9.10", "2.9.25-beta", "1.4.1", "", "unknown"] {
+        for old in ["2.9.10", "2.11.9", "1.4.1", "", "unknown"] {
             let error = check_server_version(old, "nats://x")
                 .unwrap_err()
                 .to_string();
-            assert!(error.contains("needs 2.10.0 or later"), "{old}: {error}");
+            assert!(error.contains("needs 2.12.0 or later"), "{old}: {error}");
         }
     }
 }
