@@ -307,8 +307,7 @@ async fn overlapping_patterns_deliver_each_event_once_and_resends_are_deduplicat
 ) {
     let mut host = Host::on(&backend);
     // Three patterns that all match `multi.tick`: the plugin must still see it once (on
-    // NATS, where a consumer takes one filter subject before server 2.10, the host does
-    // the matching).
+    // NATS, whose consumers refuse overlapping filter subjects, they filter as `multi.>`).
     host.plugin(
         "multi",
         Guest::Hostile,

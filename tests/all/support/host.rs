@@ -236,8 +236,17 @@ impl Host {
         let mut events = Vec::new();
         let mut after = 0u64;
         loop {
+            let path = format!("/v1/events?after={after}&limit=1000");
+            // A bus failing over (a NATS cluster electing a stream leader) may answer an
+            // error for a moment: ask again, bounded.
             let page = self
-                .get_json(&format!("/v1/events?after={after}&limit=1000"))
+                .wait_for(&format!("GET {path}"), Duration::from_secs(30), || async {
+                    let response = self.http.get(self.url(&path)).send().await.ok()?;
+                    if response.status() != 200 {
+                        return None;
+                    }
+                    response.json::<serde_json::Value>().await.ok()
+                })
                 .await;
             let batch = page["events"].as_array().unwrap().clone();
             if batch.is_empty() {

@@ -54,7 +54,7 @@
 //! with any write to the bucket since its read, not only under its prefix (keys are one
 //! subject token each, so a prefix is no subject wildcard).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -63,6 +63,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use super::kv::{current, decode_key, encode_key, list_keys};
 use super::messages::{decode_event, encode_event};
@@ -110,6 +111,7 @@ fn record_subject(bucket: &str, sequence: u64) -> String {
 }
 
 /// One message of a commit's batch.
+#[derive(Clone)]
 struct Conditional {
     subject: String,
     payload: Bytes,
@@ -255,6 +257,7 @@ impl Shared {
                 },
             });
         }
+        let guarded: Vec<String> = revisions.keys().cloned().collect();
         for (key, expected) in revisions {
             batch.push(Conditional {
                 subject: guard.clone(),
@@ -280,7 +283,19 @@ impl Shared {
                 limit: MAX_BATCH_MESSAGES,
             });
         }
-        match self.publish_batch(batch).await {
+        let touched: BTreeSet<String> = writes.keys().chain(guarded.iter()).cloned().collect();
+        match self
+            .submit(
+                &bucket,
+                Pending {
+                    messages: batch,
+                    touched,
+                    alone: bucket_revision.is_some(),
+                    answer: None,
+                },
+            )
+            .await
+        {
             Ok(()) => {}
             Err(BatchError::Conflict) => {
                 // This delivery's record exists when an earlier try of this settlement,
@@ -300,40 +315,28 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends `batch` as one atomic batch: every message but the last without a reply,
-    /// the last with the commit header, whose answer is the batch's.
-    async fn publish_batch(&self, batch: Vec<Conditional>) -> Result<(), BatchError> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let last = batch.len();
-        for (index, message) in batch.into_iter().enumerate() {
-            let mut headers = message.headers();
-            headers.insert("Nats-Batch-Id", id.as_str());
-            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
-            if index + 1 < last {
-                self.client
-                    .publish_with_headers(message.subject, headers, message.payload)
-                    .await
-                    .map_err(|error| BatchError::Storage(nats_error("sending a commit")(&error)))?;
-                continue;
-            }
-            headers.insert("Nats-Batch-Commit", "1");
-            let answer = self
-                .client
-                .request_with_headers(message.subject, headers, message.payload)
-                .await
-                .map_err(|error| BatchError::Storage(nats_error("committing")(&error)))?;
-            let answer: BatchAnswer = serde_json::from_slice(&answer.payload).map_err(|error| {
-                BatchError::Storage(nats_error("reading the commit's answer")(&error))
-            })?;
-            return match answer.error {
-                None => Ok(()),
-                Some(error) if super::compare_and_set_failed(&error) => Err(BatchError::Conflict),
-                Some(error) => Err(BatchError::Storage(nats_error("committing")(&error))),
-            };
-        }
-        Ok(())
+    /// Hands a commit's batch to the bucket's committer and waits for its outcome.
+    async fn submit(&self, bucket: &str, mut pending: Pending) -> Result<(), BatchError> {
+        let (answer, outcome) = oneshot::channel();
+        pending.answer = Some(answer);
+        let queue = {
+            let mut committers = self
+                .committers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            committers
+                .entry(bucket.to_owned())
+                .or_insert_with(|| {
+                    let (queue, incoming) = mpsc::unbounded_channel();
+                    tokio::spawn(run_committer(self.client.clone(), incoming));
+                    queue
+                })
+                .clone()
+        };
+        let closed = || BatchError::Storage(BusError::Storage("the committer stopped".into()));
+        queue.send(pending).map_err(|_| closed())?;
+        outcome.await.unwrap_or_else(|_| Err(closed()))
     }
-
     /// Finishes a delivery whose commit record exists: publishes the record's emits
     /// again (their copies are dropped by `Nats-Msg-Id`). `false` when there is none.
     pub(super) async fn finish_committed(
@@ -388,5 +391,128 @@ async fn last_revision(stream: &stream::Stream, subject: &str) -> Result<u64, Bu
         Ok(message) => Ok(message.sequence),
         Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
         Err(error) => Err(nats_error("reading KV")(&error)),
+    }
+}
+
+/// Sends `batch` as one atomic batch: every message but the last without a reply, the
+/// last with the commit header, whose answer is the batch's.
+async fn publish_batch(
+    client: &async_nats::Client,
+    batch: Vec<Conditional>,
+) -> Result<(), BatchError> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let last = batch.len();
+    for (index, message) in batch.into_iter().enumerate() {
+        let mut headers = message.headers();
+        headers.insert("Nats-Batch-Id", id.as_str());
+        headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+        if index + 1 < last {
+            client
+                .publish_with_headers(message.subject, headers, message.payload)
+                .await
+                .map_err(|error| BatchError::Storage(nats_error("sending a commit")(&error)))?;
+            continue;
+        }
+        headers.insert("Nats-Batch-Commit", "1");
+        let answer = client
+            .request_with_headers(message.subject, headers, message.payload)
+            .await
+            .map_err(|error| BatchError::Storage(nats_error("committing")(&error)))?;
+        let answer: BatchAnswer = serde_json::from_slice(&answer.payload).map_err(|error| {
+            BatchError::Storage(nats_error("reading the commit's answer")(&error))
+        })?;
+        return match answer.error {
+            None => Ok(()),
+            Some(error) if super::compare_and_set_failed(&error) => Err(BatchError::Conflict),
+            Some(error) => Err(BatchError::Storage(nats_error("committing")(&error))),
+        };
+    }
+    Ok(())
+}
+
+/// A commit waiting for its bucket's committer.
+pub(super) struct Pending {
+    messages: Vec<Conditional>,
+    /// The encoded keys it writes or reads.
+    touched: BTreeSet<String>,
+    /// Whether it must go in a batch of its own (a listing's condition covers the whole
+    /// bucket).
+    alone: bool,
+    answer: Option<oneshot::Sender<Result<(), BatchError>>>,
+}
+
+impl Pending {
+    fn answer(&mut self, outcome: Result<(), BatchError>) {
+        if let Some(answer) = self.answer.take() {
+            let _ = answer.send(outcome);
+        }
+    }
+}
+
+/// Most commits a committer looks at, past the first, when it forms a group.
+const GROUP_CANDIDATES: usize = 256;
+
+/// A bucket's committer on this host: sends the commits waiting for it as one atomic
+/// batch at a time, grouping those that touch no key in common (the server checks every
+/// condition of a batch against the stream as it was before the batch, so two commits
+/// of one key in one batch could both pass). A group refused as a whole is sent again
+/// one commit a batch, so that each gets its own outcome; a refused batch stores nothing.
+/// The server makes one batch cost about as much as one message, so grouping is what
+/// lets a plugin's commits go faster than one batch round trip each.
+async fn run_committer(client: async_nats::Client, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let mut waiting: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let first = match waiting.pop_front() {
+            Some(pending) => pending,
+            None => match queue.recv().await {
+                Some(pending) => pending,
+                None => return,
+            },
+        };
+        while let Ok(pending) = queue.try_recv() {
+            waiting.push_back(pending);
+        }
+        let mut group = vec![first];
+        if !group[0].alone {
+            let mut touched = group[0].touched.clone();
+            let mut size = group[0].messages.len();
+            let mut passed = VecDeque::new();
+            for _ in 0..GROUP_CANDIDATES {
+                let Some(next) = waiting.pop_front() else {
+                    break;
+                };
+                let fits = !next.alone
+                    && size + next.messages.len() <= MAX_BATCH_MESSAGES
+                    && next.touched.is_disjoint(&touched);
+                if fits {
+                    touched.extend(next.touched.iter().cloned());
+                    size += next.messages.len();
+                    group.push(next);
+                } else {
+                    passed.push_back(next);
+                }
+            }
+            while let Some(pending) = passed.pop_back() {
+                waiting.push_front(pending);
+            }
+        }
+        if group.len() > 1 {
+            let messages = group
+                .iter()
+                .flat_map(|pending| pending.messages.iter().cloned())
+                .collect();
+            if publish_batch(&client, messages).await.is_ok() {
+                for pending in &mut group {
+                    pending.answer(Ok(()));
+                }
+                continue;
+            }
+            // The group stored nothing: each commit goes again alone, for its own outcome.
+        }
+        for mut pending in group {
+            let messages = std::mem::take(&mut pending.messages);
+            let outcome = publish_batch(&client, messages).await;
+            pending.answer(outcome);
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! - `outstanding` holds exactly the deliveries handed out and not yet settled, at most
 //!   the window; only they are kept alive, so a host that dies stops vouching for them
 //!   and they go to another host after `ack_wait`.
-//! - A redelivered message whose commit intent exists is finished and acknowledged, never
+//! - A redelivered message whose commit record exists is finished and acknowledged, never
 //!   handed to the plugin again (see `commit.rs`).
 //! - The server's `max_deliver` is unlimited; an event handed out more than
 //!   [`UNSETTLED_LIMIT`] times beyond its recorded retries is dead-lettered instead.
@@ -275,7 +275,7 @@ impl NatsConsumer {
     }
 
     /// Turns a message into a delivery for this plugin, or settles it at once when it is
-    /// not one (another plugin's replay, a type the plugin does not receive, an intent to
+    /// not one (another plugin's replay, a type the plugin does not receive, a commit to
     /// finish, an event no host manages to settle).
     async fn accept(&self, message: Message) -> Result<Option<Delivery>, BusError> {
         let (stream_sequence, delivered, published) = {

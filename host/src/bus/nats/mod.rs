@@ -10,8 +10,9 @@
 //!   event's type against the patterns, as the filter may be wider;
 //! - stream `P-dead-letters`, subjects `P.dlq.<plugin>`: one JSON record per dead letter,
 //!   its id the record's stream sequence;
-//! - KV buckets `P-kv-<plugin>` (plugin state), `P-attempts` (errors of earlier attempts,
-//!   key `<plugin>.<sequence>`) and `P-intents` (the commit journal, same keys).
+//! - KV buckets `P-kv-<plugin>` (plugin state; its stream also holds the plugin's commit
+//!   records, subjects `P-kv-<plugin>.commit.<sequence>`) and `P-attempts` (errors of
+//!   earlier attempts, key `<plugin>.<sequence>`).
 //!
 //! How the [`Bus`] contract maps onto JetStream, and where it is weaker than the embedded
 //! log (the README's table of guarantees says the same for operators):
@@ -28,16 +29,15 @@
 //!   deliveries of a host that died go to another host after `ack_wait`.
 //! - **Effects**: JetStream has no transaction across streams. A settlement with no KV
 //!   writes checks its reads and publishes its emits (their ids derive from the handled
-//!   event, so `Nats-Msg-Id` absorbs a repeat). One with KV writes commits under the
-//!   plugin's commit lock (`P-intents/<plugin>.lock`) through an intent stored under
-//!   `P-intents/<plugin>.<sequence>` before any write; the intent stays for a day as the
-//!   delivery's commit record. `commit.rs` states the protocol step by step, its
-//!   invariants, and what a crash at each step leaves for the next host to finish.
+//!   event, so `Nats-Msg-Id` absorbs a repeat). One with KV writes stores its writes and
+//!   a commit record in one atomic batch on the plugin's KV stream, every message
+//!   conditional on the revisions the attempt read or overwrites; the record stays for a
+//!   day. `commit.rs` states the protocol, its invariants, and what a crash leaves for
+//!   the next host to finish.
 //!
 //! Every guarantee above rests on JetStream's compare-and-set
-//! (`Nats-Expected-Last-Subject-Sequence`), which nats-server 2.9 did not keep on
-//! replicated streams under concurrent writers; [`setup`] refuses servers older than
-//! its `MIN_SERVER_VERSION`. A replicated stream reports a failed compare-and-set with
+//! (`Nats-Expected-Last-Subject-Sequence`) and atomic batches; [`setup`] refuses
+//! servers older than its `MIN_SERVER_VERSION`. A replicated stream reports a failed compare-and-set with
 //! another error code than a single server (see [`compare_and_set_failed`]).
 //!
 //! Files:
@@ -46,7 +46,7 @@
 //! - `setup.rs`: connecting, and creating or checking the streams and buckets at start;
 //! - `messages.rs`: how an event becomes a message (subject, `Nats-Msg-Id`, payload,
 //!   replay headers) and back;
-//! - `commit.rs`: the commit protocol (commit lock, intents, conditional KV writes);
+//! - `commit.rs`: the commit protocol (atomic, conditional batches and commit records);
 //! - `consumer.rs`: a plugin's consumer on one host: pulling, keep-alive, settling, and
 //!   the errors of earlier attempts;
 //! - `dead_letters.rs`: the dead-letter records and the [`DeadLetters`](super::DeadLetters) calls;
@@ -149,6 +149,8 @@ struct Shared {
     dead_letters: stream::Stream,
     attempts: jetstream::kv::Store,
     plugin_kv: Mutex<HashMap<String, jetstream::kv::Store>>,
+    /// Per plugin bucket, the queue of this host's committer (see `commit.rs`).
+    committers: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<commit::Pending>>>,
 }
 
 impl Shared {

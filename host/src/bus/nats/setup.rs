@@ -71,12 +71,13 @@ impl NatsBus {
                 dead_letters,
                 attempts,
                 plugin_kv: Mutex::new(HashMap::new()),
+                committers: Mutex::new(HashMap::new()),
             }),
         })
     }
 }
 
-/// The oldest nats-server this backend runs on: commits are atomic batches (2.12) whose
+/// The oldest nats-server this backend runs on: commits are atomic batches (2.12), their
 /// records expire by per-message TTL (2.11), and each plugin's consumer filters on
 /// several subjects (2.10).
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
