@@ -18,15 +18,23 @@
 //!    a difference is a conflict. Its revision becomes a condition. A key listing is
 //!    compared too (by the digest of the keys), after noting the last revision of the
 //!    whole bucket, which becomes a condition on the whole bucket.
-//! 2. **Revisions.** Each key written and not read gets its current revision (0: none).
-//! 3. **Batch.** One atomic batch, every message conditional
+//! 2. **Batch.** One atomic batch, its messages conditional
 //!    (`Nats-Expected-Last-Subject-Sequence`): the commit record, expecting none for the
 //!    delivery (it holds the emits, to publish again if need be); each write (the last
-//!    to each key wins) or delete (`KV-Operation: DEL`), expecting the key's revision; a
+//!    to each key wins) or delete (`KV-Operation: DEL`), expecting the revision the
+//!    attempt read when it read the key (a blind write has no condition: it depends on
+//!    nothing, and the last one wins, as on the embedded log); a
 //!    guard message for each key read and not written, expecting its revision on the
 //!    key's subject (`Nats-Expected-Last-Subject-Sequence-Subject`); and one for a
 //!    listing, expecting the bucket's last revision on `$KV.<bucket>.>`. All but the last
 //!    message go without a reply; the last commits, and its answer is the batch's.
+//! 3. **Grouping.** The batch goes to the bucket's committer on this host
+//!    ([`run_committer`]), which sends the commits waiting for it that touch no key in
+//!    common as one atomic batch, one batch at a time. The server checks each condition
+//!    against the stream as it was before the batch, so disjoint keys are what keeps a
+//!    group equivalent to its commits one after the other. A group refused as a whole
+//!    (it stored nothing) is sent again one commit a batch, each for its own outcome. A
+//!    commit that listed keys goes alone.
 //! 4. **Emits.** Published after the batch; the consumer then acknowledges.
 //!
 //! A batch refused on a condition is a conflict, unless the delivery's record exists: an
@@ -35,9 +43,10 @@
 //!
 //! Invariants:
 //! - An attempt's writes and its commit record are stored together or not at all, and
-//!   only if nothing the attempt read or wrote changed since it was checked: two commits
-//!   of one plugin wait for each other only when they touch the same keys (or one listed
-//!   keys), and then one of them runs again. No lock, nothing to undo.
+//!   only if nothing the attempt read or wrote changed since it was checked: commits of
+//!   one plugin conflict only when they touch the same keys (or one listed keys), and
+//!   then one of them runs again. No lock, nothing to undo.
+//! - No two commits in one batch touch the same key.
 //! - A delivery commits at most once within [`COMMIT_RECORD_AGE`]: its record is created
 //!   expecting none, in the same batch as its writes.
 //! - A redelivered event whose record exists is finished (emits published, deduplicated
@@ -115,8 +124,9 @@ fn record_subject(bucket: &str, sequence: u64) -> String {
 struct Conditional {
     subject: String,
     payload: Bytes,
-    /// The revision the condition's subject must have (0: no message).
-    expected: u64,
+    /// The revision the condition's subject must have (0: no message); `None`: no
+    /// condition.
+    expected: Option<u64>,
     /// The subject the condition is on, when not the message's own.
     condition_on: Option<String>,
     headers: Vec<(&'static str, String)>,
@@ -125,10 +135,12 @@ struct Conditional {
 impl Conditional {
     fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            self.expected.to_string().as_str(),
-        );
+        if let Some(expected) = self.expected {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                expected.to_string().as_str(),
+            );
+        }
         if let Some(subject) = &self.condition_on {
             headers.insert(
                 "Nats-Expected-Last-Subject-Sequence-Subject",
@@ -190,19 +202,6 @@ impl Shared {
         for write in effects.kv_writes {
             writes.insert(encode_key(&write.key), write.value);
         }
-        let unread: Vec<&String> = writes
-            .keys()
-            .filter(|key| !revisions.contains_key(*key))
-            .collect();
-        let looked_up =
-            futures_util::future::try_join_all(unread.iter().map(|key| current(&store, key)))
-                .await?;
-        let mut write_revisions: BTreeMap<&String, u64> = unread
-            .into_iter()
-            .zip(looked_up)
-            .map(|(key, (revision, _))| (key, revision))
-            .collect();
-
         let record = CommitRecord {
             emits: effects
                 .emits
@@ -218,18 +217,17 @@ impl Shared {
         let mut batch = vec![Conditional {
             subject: record_subject(&bucket, sequence),
             payload: Bytes::from(body),
-            expected: 0,
+            expected: Some(0),
             condition_on: None,
             headers: vec![("Nats-TTL", COMMIT_RECORD_AGE.as_secs().to_string())],
         }];
         let guard = format!("{bucket}.guard");
         for (key, value) in &writes {
-            let expected = match revisions.remove(key) {
-                Some(revision) => revision,
-                None => write_revisions.remove(key).unwrap_or(0),
-            };
-            batch.push(match value {
-                Some(value) => {
+            // A key the attempt read must still have the revision it read; one it only
+            // wrote takes the write whatever it holds, as a blind write depends on nothing.
+            let expected = revisions.remove(key);
+            batch.push(match (value, expected) {
+                (Some(value), _) => {
                     self.check_size(|| format!("KV key `{key}`"), value.len())?;
                     Conditional {
                         subject: key_subject(key),
@@ -239,16 +237,16 @@ impl Shared {
                         headers: Vec::new(),
                     }
                 }
-                // Deleting what does not exist writes nothing, but its absence still
+                // Deleting a key read as absent writes nothing, but its absence still
                 // has to hold.
-                None if expected == 0 => Conditional {
+                (None, Some(0)) => Conditional {
                     subject: guard.clone(),
                     payload: Bytes::new(),
                     expected,
                     condition_on: Some(key_subject(key)),
                     headers: Vec::new(),
                 },
-                None => Conditional {
+                (None, _) => Conditional {
                     subject: key_subject(key),
                     payload: Bytes::new(),
                     expected,
@@ -262,7 +260,7 @@ impl Shared {
             batch.push(Conditional {
                 subject: guard.clone(),
                 payload: Bytes::new(),
-                expected,
+                expected: Some(expected),
                 condition_on: Some(key_subject(&key)),
                 headers: Vec::new(),
             });
@@ -271,7 +269,7 @@ impl Shared {
             batch.push(Conditional {
                 subject: guard.clone(),
                 payload: Bytes::new(),
-                expected,
+                expected: Some(expected),
                 condition_on: Some(key_subject(">")),
                 headers: Vec::new(),
             });
