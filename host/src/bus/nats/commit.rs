@@ -177,9 +177,11 @@ impl Shared {
         if effects.kv_writes.is_empty() {
             // Nothing to make atomic: the reads are checked, and the emits' ids make a
             // repeat harmless.
-            let store = self.plugin_store(plugin).await?;
-            for read in &effects.kv_reads {
-                check_read(&store, read).await?;
+            if !effects.kv_reads.is_empty() {
+                let store = self.plugin_store(plugin).await?;
+                for read in &effects.kv_reads {
+                    check_read(&store, read).await?;
+                }
             }
             self.publish_events(&effects.emits).await?;
             return Ok(());
