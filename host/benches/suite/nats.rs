@@ -204,7 +204,7 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
             unit: "events/s",
             baseline: Some(bare),
             baseline_name: "bare JetStream publish+consume",
-            target: "",
+            target: "ratio >= 0.7",
         },
         Figure {
             name: "nats.hosts2".into(),

@@ -128,7 +128,7 @@ impl Dispatcher {
 /// New deliveries a plugin's consumer may have out and unsettled.
 fn window(concurrency: usize) -> usize {
     // Deep enough to keep calls busy while earlier settlements wait for a group commit.
-    concurrency.saturating_mul(8).max(64)
+    concurrency.saturating_mul(32).max(64)
 }
 
 fn ordering_key(delivery: &Delivery) -> String {
@@ -214,12 +214,16 @@ async fn run_lanes(
     while running.join_next().await.is_some() {}
 }
 
+/// Longest a lane runs calls back to back before it lets the other tasks of its thread run.
+const LANE_SLICE: Duration = Duration::from_micros(100);
+
 async fn lane(
     context: Arc<Context>,
     incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivery>>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut settling = FuturesUnordered::new();
+    let mut slice_started = std::time::Instant::now();
     loop {
         let received = tokio::select! {
             biased;
@@ -241,6 +245,15 @@ async fn lane(
         };
         if let Some(called) = called {
             settling.push(finish(Arc::clone(&context), delivery, None, called));
+        }
+        // A lane with deliveries waiting never returns to the scheduler by itself, and a
+        // task it woke on this thread (the bus client's connection, which carries its
+        // acknowledgements and next pull) cannot be stolen by another thread: it waits
+        // for the lane. So the lane steps aside every slice; every call would cost the
+        // quick calls too much.
+        if slice_started.elapsed() >= LANE_SLICE {
+            tokio::task::yield_now().await;
+            slice_started = std::time::Instant::now();
         }
     }
     while settling.next().await.is_some() {}
