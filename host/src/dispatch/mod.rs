@@ -9,7 +9,8 @@
 //!
 //! With `ordering = "none"`, `concurrency` lanes each take the next delivery, call the
 //! plugin and drive the settlement while they call the next: a delivery costs no task
-//! of its own. With `ordering = "key"`, a routing loop keeps one delivery per key in
+//! of its own. A lane yields to its thread's other tasks after [`LANE_SLICE`] of calls
+//! back to back, so the tasks its settlements woke are not held behind it. With `ordering = "key"`, a routing loop keeps one delivery per key in
 //! flight, each in its own task, and parks later events of that key in log order; a
 //! delivery waiting for its retry keeps its key held, so a later event of the key
 //! cannot overtake it. (A retry pending from before a restart does not hold its key:
@@ -127,7 +128,8 @@ impl Dispatcher {
 
 /// New deliveries a plugin's consumer may have out and unsettled.
 fn window(concurrency: usize) -> usize {
-    // Deep enough to keep calls busy while earlier settlements wait for a group commit.
+    // Deep enough to keep calls busy while earlier settlements wait for a group commit,
+    // and to pull from a remote log in large requests (whose commits then group well).
     concurrency.saturating_mul(32).max(64)
 }
 
