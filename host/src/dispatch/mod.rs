@@ -10,11 +10,12 @@
 //! With `ordering = "none"`, `concurrency` lanes each take the next delivery, call the
 //! plugin and drive the settlement while they call the next: a delivery costs no task
 //! of its own. A lane yields to its thread's other tasks after [`LANE_SLICE`] of calls
-//! back to back, so the tasks its settlements woke are not held behind it. With `ordering = "key"`, a routing loop keeps one delivery per key in
-//! flight, each in its own task, and parks later events of that key in log order; a
-//! delivery waiting for its retry keeps its key held, so a later event of the key
-//! cannot overtake it. (A retry pending from before a restart does not hold its key:
-//! the restarted dispatcher learns of it when it is due.)
+//! back to back, so the tasks its settlements woke are not held behind it. With
+//! `ordering = "key"`, a routing loop keeps one delivery per key in flight, each in its
+//! own task, and parks later events of that key in log order; a delivery waiting for its
+//! retry keeps its key held, so a later event of the key cannot overtake it. (A retry
+//! pending from before a restart does not hold its key: the restarted dispatcher learns
+//! of it when it is due.)
 //!
 //! KV is optimistic: an acknowledgement commits only if what the attempt read is still
 //! committed. When another call of the same plugin changed it first, the attempt runs

@@ -1,7 +1,8 @@
 //! A plugin's consumer on one host: it pulls from the plugin's durable consumer as far
 //! as its window has room (the server filters on the plugin's subscription patterns and
-//! its replay subject, so only what the plugin receives comes over the wire), turns each message into a delivery or settles it at once when
-//! it is not one for the plugin, keeps the deliveries it holds alive, and settles them.
+//! its replay subject, so only what the plugin receives comes over the wire), turns each
+//! message into a delivery or settles it at once when it is not one for the plugin,
+//! keeps the deliveries it holds alive, and settles them.
 //! It also keeps the errors of earlier attempts (`P-attempts/<plugin>.<sequence>`), from
 //! which a redelivery learns its attempt number.
 //!

@@ -37,8 +37,9 @@
 //!
 //! Every guarantee above rests on JetStream's compare-and-set
 //! (`Nats-Expected-Last-Subject-Sequence`) and atomic batches; [`setup`] refuses
-//! servers older than its `MIN_SERVER_VERSION`. A replicated stream reports a failed compare-and-set with
-//! another error code than a single server (see [`compare_and_set_failed`]).
+//! servers older than its `MIN_SERVER_VERSION`. A replicated stream reports a failed
+//! compare-and-set with another error code than a single server (see
+//! [`compare_and_set_failed`]).
 //!
 //! Files:
 //! - `mod.rs`: the options, the bus and its shared state, publishing and reading events,
