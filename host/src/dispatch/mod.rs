@@ -7,11 +7,10 @@
 //! deliveries not yet settled). Plugins never share a consumer, a channel or a
 //! semaphore, so a slow or failing plugin holds back no other.
 //!
-//! With `ordering = "none"`, `concurrency` lanes each take the next deliveries (their
-//! share of those waiting, see [`LANE_SHARE`]), call the plugin and drive the
-//! settlements while they call the next: a delivery costs no task of its own. A lane
-//! yields to its thread's other tasks after [`LANE_SLICE`] of calls back to back, so
-//! the tasks its settlements woke are not held behind it. With
+//! With `ordering = "none"`, `concurrency` lanes each take the next delivery, call the
+//! plugin and drive the settlement while they call the next: a delivery costs no task
+//! of its own. A lane yields to its thread's other tasks after [`LANE_SLICE`] of calls
+//! back to back, so the tasks its settlements woke are not held behind it. With
 //! `ordering = "key"`, a routing loop keeps one delivery per key in flight, each in its
 //! own task, and parks later events of that key in log order; a delivery waiting for its
 //! retry keeps its key held, so a later event of the key cannot overtake it. (A retry
@@ -190,7 +189,7 @@ async fn run(
     fetcher.abort();
 }
 
-/// `ordering = "none"`: `concurrency` lanes, each taking the next deliveries, calling the
+/// `ordering = "none"`: `concurrency` lanes, each taking the next delivery, calling the
 /// plugin and settling while it calls the next. A lane drives its own settlements, so a
 /// delivery costs no task of its own and no hand-off between tasks.
 async fn run_lanes(
@@ -205,7 +204,6 @@ async fn run_lanes(
         running.spawn(lane(
             Arc::clone(&context),
             Arc::clone(&incoming),
-            lanes,
             stopped.clone(),
         ));
     }
@@ -222,43 +220,21 @@ async fn run_lanes(
 /// Longest a lane runs calls back to back before it lets the other tasks of its thread run.
 const LANE_SLICE: Duration = Duration::from_micros(100);
 
-/// Most deliveries a lane takes from the queue at once. It takes its share of what is
-/// waiting (one when few are), so it waits for the queue's lock once per share rather
-/// than once per delivery; a delivery taken behind a slow call waits for it, which the
-/// bound keeps short, and which happens only when every lane has work.
-const LANE_SHARE: usize = 8;
-
 async fn lane(
     context: Arc<Context>,
     incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivery>>>,
-    lanes: usize,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut settling = FuturesUnordered::new();
     let mut slice_started = std::time::Instant::now();
-    let mut taken: VecDeque<Delivery> = VecDeque::new();
     loop {
-        if taken.is_empty() {
-            let received = tokio::select! {
-                biased;
-                Some(_) = settling.next(), if !settling.is_empty() => continue,
-                _ = stopped.changed() => break,
-                received = async {
-                    let mut incoming = incoming.lock().await;
-                    let share = (incoming.len() / lanes).clamp(1, LANE_SHARE);
-                    let mut received = Vec::with_capacity(share);
-                    incoming.recv_many(&mut received, share).await;
-                    received
-                } => received,
-            };
-            taken.extend(received);
-        } else if *stopped.borrow() {
-            // Deliveries taken and not started stay unsettled, like those still queued.
-            break;
-        }
-        let Some(delivery) = taken.pop_front() else {
-            break;
+        let received = tokio::select! {
+            biased;
+            Some(_) = settling.next(), if !settling.is_empty() => continue,
+            _ = stopped.changed() => break,
+            received = async { incoming.lock().await.recv().await } => received,
         };
+        let Some(delivery) = received else { break };
         let called = {
             let call = first_call(&context, &delivery);
             tokio::pin!(call);
