@@ -177,26 +177,22 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         .context("two hosts")?;
     // Fewer events: a KV-writing commit costs several round trips.
     let kv_events = options.pick(4_000, 1_000);
-    let without_writes = through_hosts(
-        &server,
-        "kv-off",
-        1,
-        kv_events,
-        &Probe::kv_pair("off"),
-        options,
-    )
-    .await
-    .context("the KV plugin, writes off")?;
-    let with_writes = through_hosts(
-        &server,
-        "kv-on",
-        1,
-        kv_events,
-        &Probe::kv_pair("on"),
-        options,
-    )
-    .await
-    .context("the KV plugin, two writes per event")?;
+    let mut kv = Vec::new();
+    for writes in ["off", "on"] {
+        kv.push(
+            through_hosts(
+                &server,
+                &format!("kv-{writes}"),
+                1,
+                kv_events,
+                &Probe::kv_pair(writes),
+                options,
+            )
+            .await
+            .with_context(|| format!("the KV plugin, writes {writes}"))?,
+        );
+    }
+    let (without_writes, with_writes) = (kv[0], kv[1]);
     Ok(vec![
         Figure {
             name: "nats.hosts1".into(),

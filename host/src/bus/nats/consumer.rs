@@ -102,10 +102,10 @@ where
     }
 }
 
-/// What a plugin's consumer filters on: its subscription patterns as a [`disjoint_cover`]
+/// What a plugin's consumer filters on: `cover`, the [`disjoint_cover`] of its patterns
 /// (the server refuses overlapping filters) under `P.events.`, and its replay subject.
-fn filter_subjects(prefix: &str, plugin: &str, patterns: &[Pattern]) -> Vec<String> {
-    let mut subjects: Vec<String> = disjoint_cover(patterns)
+fn filter_subjects(prefix: &str, plugin: &str, cover: &[Pattern]) -> Vec<String> {
+    let mut subjects: Vec<String> = cover
         .iter()
         .map(|pattern| format!("{prefix}.events.{pattern}"))
         .collect();
@@ -176,7 +176,8 @@ impl NatsConsumer {
             (None, StartPosition::Latest) => DeliverPolicy::New,
             (None, StartPosition::Earliest) => DeliverPolicy::All,
         };
-        let filter_subjects = filter_subjects(&shared.options.prefix, plugin, &spec.patterns);
+        let cover = disjoint_cover(&spec.patterns);
+        let filter_subjects = filter_subjects(&shared.options.prefix, plugin, &cover);
         let config = pull::Config {
             durable_name: Some(name.clone()),
             filter_subjects: filter_subjects.clone(),
@@ -213,7 +214,7 @@ impl NatsConsumer {
         Ok(Self {
             shared: Arc::clone(shared),
             plugin: plugin.to_owned(),
-            cover: disjoint_cover(&spec.patterns),
+            cover,
             patterns: spec.patterns,
             window: spec.window.max(1),
             one_at_a_time: spec.one_at_a_time,
