@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Switchyard needs beyond a Rust toolchain:
 # the wasm32-wasip2 target (plugins are built for it), rustfmt/clippy, and a pinned
-# nats-server for the distributed-mode tests and the benchmark.
+# nats-server for the distributed-mode tests and the benchmark, and the CloudEvents Python
+# SDK for the conformance test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,4 +35,21 @@ if [ "$("$nats_server" --version 2>/dev/null)" != "nats-server: v$NATS_SERVER_VE
     mkdir -p "$tools/bin"
     ln -sf ../nats-server/bin/nats-server "$nats_server"
     "$nats_server" --version >/dev/null
+fi
+
+# The CloudEvents conformance test drives ingest with an independent producer, the
+# CloudEvents Python SDK, installed with its dependencies into `.tools/python` (put on
+# PYTHONPATH by the test). To move to another release, change the pin.
+CLOUDEVENTS_SDK_VERSION=2.2.0
+python_dir="$tools/python"
+if [ ! -d "$python_dir/cloudevents-$CLOUDEVENTS_SDK_VERSION.dist-info" ]; then
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "setup: python3 with pip is required for the CloudEvents SDK" >&2
+        exit 1
+    fi
+    rm -rf "$python_dir"
+    python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+        --target "$python_dir" "cloudevents==$CLOUDEVENTS_SDK_VERSION" 2>&1 \
+        | grep -v "Running pip as the 'root' user" >&2 || true
+    test -d "$python_dir/cloudevents-$CLOUDEVENTS_SDK_VERSION.dist-info"
 fi

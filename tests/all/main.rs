@@ -8,6 +8,7 @@
 mod support;
 
 mod check_cli;
+mod cloudevents_sdk;
 mod distributed;
 mod examples;
 mod hot_reload;

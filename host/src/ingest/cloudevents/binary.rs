@@ -5,7 +5,10 @@
 //! and their percent-decoding (HTTP binding, section 3.1.3.2).
 //!
 //! Invariants: every header value is percent-decoded and valid UTF-8 before it becomes an
-//! attribute; a `ce-*` header given twice, `ce-datacontenttype`, `ce-data` and
+//! attribute; a body declared as JSON (`application/json`, `text/json`, `*/*+json`) is
+//! JSON, or the event is refused naming the parse position; a body without a
+//! `Content-Type` that is JSON is stored as `application/json`, as the JSON event format
+//! reads an absent `datacontenttype` (structured mode does the same); a `ce-*` header given twice, `ce-datacontenttype`, `ce-data` and
 //! `ce-data_base64` are refused rather than guessed at; the body is checked against the
 //! size limit before any `ce-*` header is read.
 
@@ -14,7 +17,8 @@ use std::collections::BTreeMap;
 use axum::http::HeaderMap;
 
 use super::{
-    ParseLimits, check_extension_name, check_specversion, checked, event_too_large, invalid,
+    JSON_CONTENT_TYPE, ParseLimits, check_extension_name, check_specversion, checked,
+    event_too_large, invalid, is_json_media_type, malformed_json, media_type,
 };
 use crate::event::Event;
 use crate::ingest::ApiError;
@@ -39,13 +43,25 @@ pub(super) fn parse_binary(
         })
     };
     check_specversion(&required(attrs.specversion, "specversion")?)?;
+    let datacontenttype = match content_type {
+        Some(declared) => {
+            let blank = body.iter().all(u8::is_ascii_whitespace);
+            if is_json_media_type(media_type(declared)) && !blank {
+                serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(malformed_json)?;
+            }
+            Some(declared.to_owned())
+        }
+        None => serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .is_ok()
+            .then(|| JSON_CONTENT_TYPE.to_owned()),
+    };
     let event = Event {
         id: required(attrs.id, "id")?,
         source: required(attrs.source, "source")?,
         ty: required(attrs.ty, "type")?,
         subject: attrs.subject,
         time: attrs.time,
-        datacontenttype: content_type.map(str::to_owned),
+        datacontenttype,
         dataschema: attrs.dataschema,
         data: body.to_vec(),
         extensions: attrs.extensions,
@@ -181,6 +197,41 @@ mod tests {
         assert_eq!(events[0].datacontenttype, None);
         assert!(events[0].data.is_empty());
         assert_eq!(events[0].time, None);
+    }
+
+    #[test]
+    fn binary_mode_json_without_content_type_is_stored_as_json() {
+        let event = parse_events(&binary(&[]), br#"{"a": [1, 2]}"#, &LIMITS)
+            .expect("parses")
+            .remove(0);
+        assert_eq!(event.datacontenttype.as_deref(), Some("application/json"));
+        assert_eq!(event.data, br#"{"a": [1, 2]}"#);
+        let event = parse_events(&binary(&[]), b"\xff not json", &LIMITS)
+            .expect("parses")
+            .remove(0);
+        assert_eq!(event.datacontenttype, None);
+    }
+
+    #[test]
+    fn binary_mode_body_declared_json_must_be_json() {
+        for content_type in ["application/json", "text/json", "application/vnd.a+json"] {
+            let h = binary(&[("content-type", content_type)]);
+            let e = parse_events(&h, br#"{"a": "#, &LIMITS).expect_err(content_type);
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(e.code(), code::MALFORMED_JSON);
+            assert_eq!(
+                e.message(),
+                "malformed JSON at line 1, column 6: EOF while parsing a value"
+            );
+        }
+        let h = binary(&[("content-type", "application/json")]);
+        assert!(
+            parse_events(&h, b"", &LIMITS).expect("no data")[0]
+                .data
+                .is_empty()
+        );
+        let h = binary(&[("content-type", "text/plain")]);
+        assert!(parse_events(&h, br#"{"a": "#, &LIMITS).is_ok());
     }
 
     #[test]
