@@ -11,14 +11,20 @@
 //!   plugin's effects (emitted events, KV writes) with the acknowledgement — or the retry
 //!   schedule entry, or the dead letter. A settled delivery is never handed out again.
 //! - KV reads ([`KvSource`]) see only committed state.
+//! - Schemas ([`SchemaStore`]) and settlement notices ([`Notices`]) are shared by every
+//!   host on the bus.
 
 mod dead_letters;
 pub mod nats;
+mod notices;
+mod schemas;
 pub mod sqlite;
 
 pub use self::dead_letters::{
     DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView, DeadLetters,
 };
+pub use self::notices::{LocalNotices, Notice, NoticeOutcome, Notices, notice_key};
+pub use self::schemas::{SchemaStore, StoredSchema};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,7 +203,7 @@ pub trait Consumer: Send + Sync {
 
 /// The bus.
 #[async_trait]
-pub trait Bus: KvSource + DeadLetters + Send + Sync + 'static {
+pub trait Bus: KvSource + DeadLetters + SchemaStore + Notices + Send + Sync + 'static {
     /// Appends events durably, all-or-nothing, deduplicating on `(source, id)`.
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;
 
@@ -206,6 +212,13 @@ pub trait Bus: KvSource + DeadLetters + Send + Sync + 'static {
 
     /// The sequence of the last event in the log (0 when empty).
     async fn head(&self) -> Result<u64, BusError>;
+
+    /// The most recent events of exactly `event_type`, at most `limit`, newest first.
+    async fn recent_events(
+        &self,
+        event_type: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, BusError>;
 
     /// Opens (creating on first use) the consumer of `plugin`. The position, retries and
     /// dead letters belong to the plugin's name, so a new version of the plugin resumes.

@@ -51,6 +51,8 @@
 //! - `consumer.rs`: a plugin's consumer on one host: pulling, keep-alive, settling, and
 //!   the errors of earlier attempts;
 //! - `dead_letters.rs`: the dead-letter records and the [`DeadLetters`](super::DeadLetters) calls;
+//! - `schemas.rs`: the schemas bucket `P-schemas`, settlement notices on
+//!   `P.notices.<key>` (core NATS, no stream) and reading the latest events of a type;
 //! - `kv.rs`: the plugin KV buckets, their key encoding and the [`KvSource`](crate::kv::KvSource)
 //!   reads.
 
@@ -134,6 +136,7 @@ mod consumer;
 mod dead_letters;
 mod kv;
 mod messages;
+mod schemas;
 mod setup;
 
 /// The NATS JetStream bus.
@@ -152,6 +155,8 @@ struct Shared {
     plugin_kv: Mutex<HashMap<String, jetstream::kv::Store>>,
     /// Per plugin bucket, the queue of this host's committer (see `commit.rs`).
     committers: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<commit::Pending>>>,
+    /// The schemas bucket, opened when first used.
+    schemas: tokio::sync::OnceCell<jetstream::kv::Store>,
 }
 
 impl Shared {
@@ -293,6 +298,14 @@ impl Bus for NatsBus {
             .await
             .map_err(storage!("reading the stream's state"))?;
         Ok(info.state.last_sequence)
+    }
+
+    async fn recent_events(
+        &self,
+        event_type: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, BusError> {
+        self.recent_of_type(event_type, limit).await
     }
 
     async fn consumer(

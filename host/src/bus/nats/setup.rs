@@ -72,6 +72,7 @@ impl NatsBus {
                 attempts,
                 plugin_kv: Mutex::new(HashMap::new()),
                 committers: Mutex::new(HashMap::new()),
+                schemas: tokio::sync::OnceCell::new(),
             }),
         })
     }

@@ -38,13 +38,16 @@
 //! - `ops.rs`: the SQL each writer job runs inside its savepoint;
 //! - `consumer.rs`: a plugin's consumer, its in-memory position and the cursor it moves;
 //! - `dead_letters.rs`: the [`DeadLetters`](super::DeadLetters) impl;
-//! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl.
+//! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl;
+//! - `schemas.rs`: the [`SchemaStore`](super::SchemaStore) impl (table `schemas`) and
+//!   the process's settlement notices.
 
 mod consumer;
 mod dead_letters;
 mod kv;
 mod ops;
 mod schema;
+mod schemas;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -60,7 +63,8 @@ use self::consumer::SqliteConsumer;
 use self::schema::{check_schema, check_writable, open_connection};
 use self::writer::{Job, Reply};
 use super::{
-    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, StoredEvent,
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LocalNotices, LogPage,
+    LogQuery, StoredEvent,
 };
 use crate::event::Event;
 use crate::failure::AttemptError;
@@ -122,6 +126,9 @@ struct Inner {
     /// A counter bumped after every commit that adds events or due retries.
     generation: watch::Sender<u64>,
     closed: AtomicBool,
+    /// Types whose schemas this process changed.
+    schema_changes: tokio::sync::broadcast::Sender<String>,
+    notices: LocalNotices,
 }
 
 /// Names the storage failures an operator can act on (a full disk, read-only storage) in
@@ -176,6 +183,8 @@ impl SqliteBus {
             readers: Mutex::new(Vec::new()),
             generation,
             closed: AtomicBool::new(false),
+            schema_changes: tokio::sync::broadcast::channel(64).0,
+            notices: LocalNotices::default(),
         });
         writer::start(conn, &options, Arc::clone(&inner), receiver)?;
         Ok(Self { inner })
@@ -318,6 +327,20 @@ impl Bus for SqliteBus {
                 r.get::<_, i64>(0)
             })
             .map(to_u64)
+        })
+        .await
+    }
+
+    async fn recent_events(
+        &self,
+        event_type: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, BusError> {
+        let event_type = event_type.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&schemas::recent_events_sql())?
+                .query_map(params![event_type, to_i64(limit as u64)], row_to_stored)?
+                .collect()
         })
         .await
     }

@@ -289,6 +289,37 @@ pub(super) fn delete_dead_letter(conn: &Connection, id: u64) -> Result<(), BusEr
         })
 }
 
+/// Stores the next version of a type's schema if its latest is still `latest`; answers
+/// the new version.
+pub(super) fn put_schema(
+    conn: &Connection,
+    event_type: &str,
+    latest: u32,
+    schema: &str,
+    registered_at_ms: i64,
+) -> Result<u64, BusError> {
+    let current: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schemas WHERE event_type = ?1",
+            [event_type],
+            |r| r.get(0),
+        )
+        .map_err(storage)?;
+    if current != i64::from(latest) {
+        return Err(BusError::Conflict(format!(
+            "schema of `{event_type}` (now at version {current})"
+        )));
+    }
+    let version = i64::from(latest) + 1;
+    exec(
+        conn,
+        "INSERT INTO schemas (event_type, version, schema, registered_at) VALUES (?1, ?2, ?3, ?4)",
+        params![event_type, version, schema, registered_at_ms],
+    )
+    .map_err(storage)?;
+    Ok(to_u64(version))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::bus::sqlite::{SqliteBus, SqliteOptions};

@@ -59,6 +59,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_plugin ON dead_letters (plugin, id);
+CREATE TABLE IF NOT EXISTS schemas (
+    event_type TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    schema TEXT NOT NULL,
+    registered_at INTEGER NOT NULL,
+    PRIMARY KEY (event_type, version)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     plugin TEXT NOT NULL,
     key TEXT NOT NULL,

@@ -31,7 +31,8 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{
-    append_events, delete_dead_letter, exec, move_cursor, open_cursor, replay, settle,
+    append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_schema, replay,
+    settle,
 };
 use super::{Durability, Inner, SqliteOptions, storage};
 use crate::bus::{Appended, BusError, Settlement, StartPosition};
@@ -67,6 +68,13 @@ pub(super) enum Job {
     DeleteDeadLetter {
         id: u64,
         reply: Reply<()>,
+    },
+    PutSchema {
+        event_type: String,
+        latest: u32,
+        schema: String,
+        registered_at_ms: i64,
+        reply: Reply<u64>,
     },
     Close {
         reply: Reply<()>,
@@ -328,6 +336,17 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let ok = result.is_ok();
             (Answer::Done(reply, result), ok)
         }
+        Job::PutSchema {
+            event_type,
+            latest,
+            schema,
+            registered_at_ms,
+            reply,
+        } => {
+            let result = put_schema(savepoint, &event_type, latest, &schema, registered_at_ms);
+            let ok = result.is_ok();
+            (Answer::Count(reply, result), ok)
+        }
         Job::Close { reply } => (Answer::Done(reply, Ok(())), true),
     };
     if ok {
@@ -355,7 +374,7 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         Job::Append { events, reply } => Answer::Appended(reply, Ok(Vec::new()), events.len()),
         Job::OpenCursor { reply, .. } => Answer::Position(reply, Ok(0)),
         Job::Settle(job) => Answer::Done(job.reply, Ok(())),
-        Job::Replay { reply, .. } => Answer::Count(reply, Ok(0)),
+        Job::Replay { reply, .. } | Job::PutSchema { reply, .. } => Answer::Count(reply, Ok(0)),
         Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
     };
