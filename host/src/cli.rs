@@ -77,6 +77,32 @@ pub enum DlqCommand {
     },
 }
 
+/// `switchyard schema …`.
+#[derive(Debug, Subcommand)]
+pub enum SchemaCommand {
+    /// Register a JSON Schema (draft 2020-12) as the next version of an event type's.
+    Put {
+        /// The event type.
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        /// The schema file (`-` reads standard input).
+        file: PathBuf,
+        /// Register even if recent events of the type fail it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show an event type's schema: its versions and latest document, or one version.
+    Get {
+        /// The event type.
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        /// One version's document.
+        version: Option<u32>,
+    },
+    /// List the event types that have a schema.
+    List,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -117,6 +143,19 @@ pub enum Command {
         /// The event subject.
         #[arg(long)]
         subject: Option<String>,
+        /// Wait up to this long (`5s`, `250ms`) for the outcome of every plugin
+        /// subscribed to the event, and print them.
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
+        /// Where the host is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Register, show and list the JSON Schemas events are checked against.
+    Schema {
+        /// What to do.
+        #[command(subcommand)]
+        command: SchemaCommand,
         /// Where the host is.
         #[command(flatten)]
         client: ClientArgs,
@@ -197,8 +236,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             source,
             subject,
+            wait,
             client,
-        } => send(&client, &ty, &data, id, source, subject).await,
+        } => {
+            let attributes = SendAttributes {
+                id,
+                source,
+                subject,
+                wait,
+            };
+            send(&client, &ty, &data, attributes).await
+        }
+        Command::Schema { command, client } => schema(&client, command).await,
         Command::Plugins { name, client } => {
             let path = match name {
                 Some(name) => format!("/v1/plugins/{name}"),
@@ -282,32 +331,75 @@ async fn request(
     Ok(ExitCode::FAILURE)
 }
 
+/// What `switchyard send` sets besides the type and data.
+struct SendAttributes {
+    id: Option<String>,
+    source: Option<String>,
+    subject: Option<String>,
+    wait: Option<String>,
+}
+
 async fn send(
     client: &ClientArgs,
     ty: &str,
     data: &str,
-    id: Option<String>,
-    source: Option<String>,
-    subject: Option<String>,
+    attributes: SendAttributes,
 ) -> anyhow::Result<ExitCode> {
     let json: serde_json::Value = serde_json::from_str(data).context("--data is not valid JSON")?;
     let mut headers = vec![("content-type", "application/json".to_owned())];
-    if let Some(id) = id {
-        headers.push(("ce-id", id));
+    for (name, value) in [
+        ("ce-id", attributes.id),
+        ("ce-source", attributes.source),
+        ("ce-subject", attributes.subject),
+    ] {
+        if let Some(value) = value {
+            headers.push((name, value));
+        }
     }
-    if let Some(source) = source {
-        headers.push(("ce-source", source));
-    }
-    if let Some(subject) = subject {
-        headers.push(("ce-subject", subject));
-    }
+    let query = attributes
+        .wait
+        .map(|wait| format!("?wait={wait}"))
+        .unwrap_or_default();
     request(
         client,
         reqwest::Method::POST,
-        &format!("/v1/events/{ty}"),
+        &format!("/v1/events/{ty}{query}"),
         Some((headers, serde_json::to_vec(&json)?)),
     )
     .await
+}
+
+async fn schema(client: &ClientArgs, command: SchemaCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SchemaCommand::Put { ty, file, force } => {
+            let text = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the schema from standard input")?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let query = if force { "?force=true" } else { "" };
+            let headers = vec![("content-type", "application/schema+json".to_owned())];
+            request(
+                client,
+                reqwest::Method::PUT,
+                &format!("/v1/schemas/{ty}{query}"),
+                Some((headers, text.into_bytes())),
+            )
+            .await
+        }
+        SchemaCommand::Get { ty, version } => {
+            let path = match version {
+                Some(version) => format!("/v1/schemas/{ty}/{version}"),
+                None => format!("/v1/schemas/{ty}"),
+            };
+            request(client, reqwest::Method::GET, &path, None).await
+        }
+        SchemaCommand::List => request(client, reqwest::Method::GET, "/v1/schemas", None).await,
+    }
 }
 
 fn runtime() -> anyhow::Result<Runtime> {

@@ -31,6 +31,9 @@
 //! max_batch_events = 10000
 //! max_pending_events = 100000
 //! retry_after = "1s"
+//! max_wait = "30s"
+//! max_waiters = 1000
+//! public_url = "http://127.0.0.1:8080"   # default: the address the host listens on
 //!
 //! [bus]
 //! kind = "embedded"            # or "nats"
@@ -247,6 +250,25 @@ pub struct IngestSection {
     /// Default: `"1s"`.
     #[serde(deserialize_with = "deser::duration")]
     pub retry_after: Duration,
+
+    /// Longest `?wait=` a producer may ask for on `POST /v1/events`: the time the host
+    /// holds the request open for the event's outcome. A longer one is `400`.
+    ///
+    /// Default: `"30s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub max_wait: Duration,
+
+    /// Most requests waiting for outcomes (`?wait=`) at once on this host; one more is
+    /// answered `503` with `Retry-After`. At least 1.
+    ///
+    /// Default: 1000.
+    pub max_waiters: usize,
+
+    /// The URL producers reach this host at, as the start of the `dataschema` of events
+    /// checked against a registered schema (`<public_url>/v1/schemas/<type>/<version>`).
+    ///
+    /// Default: `http://` and the address the host listens on.
+    pub public_url: Option<String>,
 }
 
 /// How durable a commit of the embedded log is.
@@ -473,6 +495,9 @@ impl Default for IngestSection {
             max_batch_events: 10_000,
             max_pending_events: 100_000,
             retry_after: Duration::from_secs(1),
+            max_wait: Duration::from_secs(30),
+            max_waiters: 1000,
+            public_url: None,
         }
     }
 }
@@ -575,6 +600,7 @@ impl Config {
             ("ingest.max_event_bytes", self.ingest.max_event_bytes),
             ("ingest.max_batch_events", self.ingest.max_batch_events),
             ("ingest.max_pending_events", self.ingest.max_pending_events),
+            ("ingest.max_waiters", self.ingest.max_waiters),
             (
                 "log.group_commit_max_events",
                 self.log.group_commit_max_events,
@@ -711,6 +737,9 @@ mod tests {
             max_batch_events = 500
             max_pending_events = 1000
             retry_after = "2s"
+            max_wait = "5s"
+            max_waiters = 10
+            public_url = "https://events.example.com"
 
             [log]
             group_commit_max_events = 128
@@ -765,6 +794,9 @@ mod tests {
                 max_batch_events: 500,
                 max_pending_events: 1000,
                 retry_after: Duration::from_secs(2),
+                max_wait: Duration::from_secs(5),
+                max_waiters: 10,
+                public_url: Some("https://events.example.com".into()),
             }
         );
         assert_eq!(

@@ -27,6 +27,8 @@ pub enum FailureKind {
     /// The invocation broke a rule on effects: too many or too large emits or KV
     /// writes, or an invalid emitted event.
     Effects,
+    /// The call emitted an event whose data fails its type's registered schema.
+    Schema,
     /// The call emitted an event past the causation-depth limit: a chain of follow-ups
     /// that does not end (a plugin re-emitting what it subscribes to).
     Loop,
@@ -47,6 +49,7 @@ impl FailureKind {
             Self::Timeout => "timeout",
             Self::Effects => "effects",
             Self::Loop => "loop",
+            Self::Schema => "schema",
             Self::Host => "host",
         }
     }
@@ -54,7 +57,10 @@ impl FailureKind {
     /// Whether another attempt may succeed. `reject` says it will not; an effects
     /// violation is a deterministic breach of the host's rules, so retrying only repeats it.
     pub fn is_retryable(self) -> bool {
-        !matches!(self, Self::Reject | Self::Effects | Self::Loop)
+        !matches!(
+            self,
+            Self::Reject | Self::Effects | Self::Loop | Self::Schema
+        )
     }
 }
 

@@ -50,6 +50,7 @@ pub mod pattern;
 pub mod plugins;
 mod policy;
 pub mod runtime;
+pub mod schema;
 mod server;
 mod units;
 

@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 
@@ -20,6 +20,7 @@ use crate::ingest::{AppState, router};
 use crate::metrics::Metrics;
 use crate::plugins::Registry;
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::schema::Schemas;
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "switchyard.db";
@@ -40,14 +41,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let bus = open_bus(&config).await?;
     let metrics = Arc::new(Metrics::default());
 
-    let registry = Arc::new(Registry::new(
-        runtime.clone(),
-        Arc::clone(&bus),
-        Arc::clone(&metrics),
-        config.plugin_defaults.clone(),
-        config.plugins_dir.clone(),
-        config.shutdown_grace,
-    ));
+    let schemas = Schemas::start(Arc::clone(&bus))
+        .await
+        .context("reading the event schemas")?;
+    let registry = Arc::new(
+        Registry::new(
+            runtime.clone(),
+            Arc::clone(&bus),
+            Arc::clone(&metrics),
+            config.plugin_defaults.clone(),
+            config.plugins_dir.clone(),
+            config.shutdown_grace,
+        )
+        .with_schemas(Arc::clone(&schemas)),
+    );
     // Consumers exist before the host accepts events, so `start = "latest"` means every
     // event ingested from now on.
     registry.load_all().await.with_context(|| {
@@ -73,17 +80,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let state = Arc::new(AppState {
-        bus: Arc::clone(&bus),
-        plugins: registry.table(),
-        metrics,
-        config: Arc::clone(&config),
         runtime: Some(runtime),
-        ready: AtomicBool::new(false),
+        ..AppState::new(
+            Arc::clone(&bus),
+            registry.table(),
+            metrics,
+            Arc::clone(&config),
+            Arc::clone(&schemas),
+        )
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address: SocketAddr = listener.local_addr()?;
+    schemas.set_base_url(
+        config
+            .ingest
+            .public_url
+            .as_deref()
+            .unwrap_or(&format!("http://{address}")),
+    );
     let shutdown = shutdown_signal()?;
     state.ready.store(true, Ordering::Release);
     tracing::info!(%address, plugins = loaded, failed, "switchyard is serving");

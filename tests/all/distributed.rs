@@ -414,3 +414,58 @@ async fn a_consumer_gets_only_its_patterns_and_a_reload_moves_its_filter_without
         "{info:?}"
     );
 }
+
+/// Handled-ok deliveries of `plugin` on `host` (0 before its first).
+async fn ok_deliveries(host: &Host, plugin: &str) -> f64 {
+    let text = host
+        .http
+        .get(host.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("switchyard_deliveries_total{{plugin=\"{plugin}\",outcome=\"ok\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_wait_is_answered_by_the_host_it_reached_whichever_host_ran_the_plugin() {
+    let server = NatsServer::start();
+    let hosts: Vec<Host> = (0..2)
+        .map(|_| {
+            let mut host = Host::on(&Backend::Nats(server.url()));
+            host.plugin("ticketing", Guest::Ticketing, None);
+            host.start();
+            host
+        })
+        .collect();
+    // Every request goes to the first host; both hosts compete for the deliveries.
+    let asked = &hosts[0];
+    for n in 0..20 {
+        let response = asked
+            .http
+            .post(asked.url("/v1/events/payment.completed?wait=20s"))
+            .header("ce-id", format!("pay-{n}"))
+            .json(&json!({"order_id": format!("W-{n}"), "amount_cents": 100, "email": "w@example.com", "quantity": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        let ticketing = &answer["accepted"][0]["plugins"][0];
+        assert_eq!(ticketing["plugin"], "ticketing");
+        assert_eq!(ticketing["outcome"], "ok", "{answer}");
+        assert_eq!(ticketing["emitted"][0]["type"], "tickets.generated");
+    }
+    let ran_here = ok_deliveries(&hosts[0], "ticketing").await;
+    let ran_there = ok_deliveries(&hosts[1], "ticketing").await;
+    assert_eq!(ran_here + ran_there, 20.0);
+    assert!(
+        ran_there > 0.0,
+        "the other host ran none of the 20 ({ran_here} here): the test proves nothing"
+    );
+}

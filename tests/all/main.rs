@@ -12,6 +12,7 @@ mod cloudevents_sdk;
 mod distributed;
 mod examples;
 mod hot_reload;
+mod producers;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;

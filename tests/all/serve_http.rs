@@ -3,7 +3,6 @@
 //! all-or-nothing batches.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 
 use axum::body::Body;
@@ -13,6 +12,7 @@ use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::config::Config;
 use switchyard_host::ingest::{AppState, router};
 use switchyard_host::metrics::Metrics;
+use switchyard_host::schema::Schemas;
 use tower::ServiceExt;
 
 struct Api {
@@ -24,14 +24,17 @@ impl Api {
     fn new(config: Config) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap();
-        let state = Arc::new(AppState {
-            bus: Arc::new(bus),
-            plugins: Arc::new(RwLock::new(BTreeMap::new())),
-            metrics: Arc::new(Metrics::default()),
-            config: Arc::new(config),
-            runtime: None,
-            ready: AtomicBool::new(true),
-        });
+        let bus: Arc<dyn switchyard_host::Bus> = Arc::new(bus);
+        let state = Arc::new(AppState::new(
+            Arc::clone(&bus),
+            Arc::new(RwLock::new(BTreeMap::new())),
+            Arc::new(Metrics::default()),
+            Arc::new(config),
+            Schemas::new(bus),
+        ));
+        state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
         Self { state, _dir: dir }
     }
 

@@ -34,6 +34,9 @@ pub enum DeadLetterReason {
     Effects,
     /// An attempt emitted past the causation-depth limit: an endless chain of follow-ups.
     Loop,
+    /// An attempt emitted an event whose data fails its type's schema; retrying would
+    /// emit it again.
+    Schema,
 }
 
 impl DeadLetterReason {
@@ -45,6 +48,7 @@ impl DeadLetterReason {
             Self::Expired => "expired",
             Self::Effects => "effects",
             Self::Loop => "loop",
+            Self::Schema => "schema",
         }
     }
 }

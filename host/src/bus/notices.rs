@@ -64,13 +64,13 @@ pub struct Notice {
 /// Publishing and hearing notices.
 #[async_trait]
 pub trait Notices: Send + Sync {
-    /// Publishes a notice about the event `(source, id)`; never waits and never fails
-    /// (a notice that cannot be sent is logged and dropped).
-    fn notify(&self, source: &str, id: &str, notice: &Notice);
+    /// Publishes the notice `make` builds about the event `(source, id)` (built only if
+    /// someone may hear it); never waits and never fails (a notice that cannot be sent is
+    /// logged and dropped).
+    fn notify(&self, source: &str, id: &str, make: &dyn Fn() -> Notice);
 
     /// Hears the notices about `(source, id)` published from now on, until dropped.
-    async fn listen(&self, source: &str, id: &str)
-    -> Result<BoxStream<'static, Notice>, BusError>;
+    async fn listen(&self, source: &str, id: &str) -> Result<BoxStream<'static, Notice>, BusError>;
 }
 
 /// Notices one waiter may have queued and unread; more are dropped (a waiter reads as
@@ -94,7 +94,9 @@ pub struct LocalNotices {
 }
 
 impl LocalNotices {
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, mpsc::Sender<Notice>)>>> {
+    fn waiters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, mpsc::Sender<Notice>)>>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -120,21 +122,20 @@ impl Drop for Unregister {
 
 #[async_trait]
 impl Notices for LocalNotices {
-    fn notify(&self, source: &str, id: &str, notice: &Notice) {
-        let key = notice_key(source, id);
+    fn notify(&self, source: &str, id: &str, make: &dyn Fn() -> Notice) {
         let waiters = self.waiters();
+        if waiters.is_empty() {
+            return;
+        }
+        let key = notice_key(source, id);
         for (_, queue) in waiters.get(&key).into_iter().flatten() {
-            if queue.try_send(notice.clone()).is_err() {
+            if queue.try_send(make()).is_err() {
                 tracing::debug!(event_id = %id, "a waiter's notice queue is full; notice dropped");
             }
         }
     }
 
-    async fn listen(
-        &self,
-        source: &str,
-        id: &str,
-    ) -> Result<BoxStream<'static, Notice>, BusError> {
+    async fn listen(&self, source: &str, id: &str) -> Result<BoxStream<'static, Notice>, BusError> {
         let key = notice_key(source, id);
         let waiter = self
             .next_id
@@ -179,8 +180,8 @@ mod tests {
     async fn a_listener_hears_its_event_only_and_unregisters_when_dropped() {
         let notices = LocalNotices::default();
         let mut heard = notices.listen("/s", "a").await.unwrap();
-        notices.notify("/s", "b", &notice("other-event"));
-        notices.notify("/s", "a", &notice("mine"));
+        notices.notify("/s", "b", &|| notice("other-event"));
+        notices.notify("/s", "a", &|| notice("mine"));
         assert_eq!(heard.next().await.unwrap().plugin, "mine");
         drop(heard);
         assert!(notices.waiters().is_empty());

@@ -39,7 +39,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::bus::{
-    Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement, StartPosition,
+    Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Notice, NoticeOutcome,
+    Settlement, StartPosition,
 };
 use crate::clock::{now_ms, now_us};
 use crate::event::PARTITION_KEY;
@@ -50,6 +51,7 @@ use crate::pattern::Pattern;
 use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
+use crate::schema::Schemas;
 
 /// Live state of one plugin's dispatcher, for status and metrics.
 #[derive(Debug, Default)]
@@ -85,6 +87,8 @@ pub struct Target {
     pub subscriptions: Vec<Pattern>,
     /// Shared live state.
     pub state: Arc<DispatchState>,
+    /// The schema registry emitted events are checked against.
+    pub schemas: Arc<Schemas>,
 }
 
 /// A running dispatcher of one plugin.
@@ -172,6 +176,8 @@ async fn run(
 
     let context = Arc::new(Context {
         kv: Arc::new(BusKv(Arc::clone(&bus))),
+        bus,
+        schemas: Arc::clone(&target.schemas),
         consumer,
         metrics,
         plugin: Arc::clone(&target.plugin),
@@ -350,6 +356,9 @@ async fn fetch(
 
 struct Context {
     kv: Arc<dyn KvSource>,
+    /// For settlement notices.
+    bus: Arc<dyn Bus>,
+    schemas: Arc<Schemas>,
     consumer: Arc<dyn Consumer>,
     metrics: Arc<Metrics>,
     plugin: Arc<Plugin>,
@@ -461,6 +470,7 @@ async fn finish(
                 count_settlement(&context, &settlement);
                 // A retry or dead letter reads nothing, so it cannot conflict.
                 let _ = settle(&context, &delivery, &settlement).await;
+                notify(&context, &delivery, &settlement);
                 break Some(released);
             }
             Ok(()) => {
@@ -476,6 +486,7 @@ async fn finish(
                         .delivery_latency(&context.name, start_latency, commit_latency);
                 }
                 count_settlement(&context, &settlement);
+                notify(&context, &delivery, &settlement);
                 break Some(released);
             }
         }
@@ -508,7 +519,19 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
             Arc::clone(&context.kv),
         )
         .await;
-    let (settlement, name) = match outcome.result {
+    let checked = outcome.result.and_then(|mut effects| {
+        for emit in &mut effects.emits {
+            context
+                .schemas
+                .check(emit)
+                .map_err(|violation| runtime::Failure {
+                    kind: FailureKind::Schema,
+                    message: format!("emitted event `{}`: {violation}", emit.id),
+                })?;
+        }
+        Ok(effects)
+    });
+    let (settlement, name) = match checked {
         Ok(effects) => (Settlement::Ack(effects), "ok"),
         Err(failure) => {
             let name = failure.kind.as_str();
@@ -590,6 +613,12 @@ fn decide(
             errors,
         };
     }
+    if kind == FailureKind::Schema {
+        return Settlement::DeadLetter {
+            reason: DeadLetterReason::Schema,
+            errors,
+        };
+    }
     let age = since(delivery.stored.ingested_at_us);
     match context
         .policy
@@ -606,6 +635,34 @@ fn decide(
             errors,
         },
     }
+}
+
+/// Tells waiters on the event (`?wait=`) how this plugin's attempt ended.
+fn notify(context: &Context, delivery: &Delivery, settlement: &Settlement) {
+    let event = &delivery.stored.event;
+    context.bus.notify(&event.source, &event.id, &|| {
+        let (outcome, error, emitted) = match settlement {
+            Settlement::Ack(effects) => (NoticeOutcome::Ok, None, effects.emits.clone()),
+            Settlement::Retry { errors, .. } => {
+                (NoticeOutcome::Retrying, errors.last().cloned(), Vec::new())
+            }
+            Settlement::DeadLetter { reason, errors } => {
+                let outcome = if *reason == DeadLetterReason::Rejected {
+                    NoticeOutcome::Rejected
+                } else {
+                    NoticeOutcome::DeadLettered
+                };
+                (outcome, errors.last().cloned(), Vec::new())
+            }
+        };
+        Notice {
+            plugin: context.name.clone(),
+            outcome,
+            attempt: delivery.attempt,
+            error,
+            emitted,
+        }
+    });
 }
 
 /// Stores a settlement, retrying storage failures until it is stored or the bus closes.

@@ -41,6 +41,14 @@ pub mod code {
     pub const UNAVAILABLE: &str = "unavailable";
     /// Something went wrong inside the host (500).
     pub const INTERNAL: &str = "internal";
+    /// An event's data fails its type's registered schema (400); `details` names the
+    /// JSON pointer, the rule and the schema version.
+    pub const SCHEMA_VIOLATION: &str = "schema_violation";
+    /// A schema document is not JSON, not a JSON Schema or cannot be used offline (400).
+    pub const INVALID_SCHEMA: &str = "invalid_schema";
+    /// The request conflicts with the current state (409), such as a schema version that
+    /// recent events fail.
+    pub const CONFLICT: &str = "conflict";
 }
 
 /// An error answer of the HTTP API: a status, a stable machine-readable code, a message
@@ -53,6 +61,7 @@ pub struct ApiError {
     message: String,
     retry_after: Option<u64>,
     www_authenticate: bool,
+    details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -64,7 +73,14 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             www_authenticate: false,
+            details: None,
         }
+    }
+
+    /// Adds machine-readable details, shown as `error.details`.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 
     /// `400 Bad Request` with the given code (see [`code`]) and message.
@@ -187,6 +203,8 @@ struct ErrorBody<'a> {
 struct ErrorDetail<'a> {
     code: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
@@ -195,6 +213,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: &self.message,
+                details: self.details.as_ref(),
             },
         };
         let mut response = (self.status, Json(body)).into_response();

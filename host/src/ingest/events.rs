@@ -2,7 +2,9 @@
 //! (`GET /v1/events`).
 //!
 //! Invariant: `202` is sent only after the bus says the events are durable. A body over
-//! the limit is refused before it is read whole; a refused request stores nothing.
+//! the limit is refused before it is read whole; a refused request stores nothing: an
+//! event whose data fails its type's schema refuses the whole request. With `?wait=`,
+//! the answer waits for the plugins' outcomes after the append (see `wait.rs`).
 
 use std::sync::Arc;
 
@@ -13,15 +15,19 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use std::time::Duration;
+
 use super::cloudevents::{self, ParseLimits};
-use super::{ApiError, AppState};
+use super::error::code;
+use super::{ApiError, AppState, wait};
 use crate::bus::{BusError, LogQuery};
 use crate::clock::rfc3339_ms;
 use crate::event::Event;
 use crate::pattern::Pattern;
+use crate::schema::Violation;
 
 /// Reads a request body up to the configured limit.
-async fn read_body(
+pub(super) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -56,7 +62,7 @@ fn limits(state: &AppState) -> ParseLimits {
 }
 
 /// Maps a bus failure on the ingest path to a 503 that tells the producer when to retry.
-fn unavailable(state: &AppState, error: BusError) -> ApiError {
+pub(super) fn unavailable(state: &AppState, error: BusError) -> ApiError {
     let retry_after = state.config.ingest.retry_after.as_secs().max(1);
     match error {
         BusError::Saturated { .. } => {
@@ -78,17 +84,54 @@ fn unavailable(state: &AppState, error: BusError) -> ApiError {
     }
 }
 
-async fn append(state: &AppState, events: Vec<Event>) -> Result<Response, ApiError> {
+/// `400 schema_violation` for event `index` of `count`.
+fn schema_violation(index: usize, count: usize, violation: &Violation) -> ApiError {
+    let error = ApiError::bad_request(code::SCHEMA_VIOLATION, violation.to_string()).with_details(
+        serde_json::json!({
+            "type": violation.event_type,
+            "version": violation.version,
+            "pointer": violation.pointer,
+            "rule": violation.rule,
+        }),
+    );
+    if count > 1 {
+        error.context(format_args!("event {index}"))
+    } else {
+        error
+    }
+}
+
+/// Checks the events against their schemas (all or none are stored), appends them and
+/// answers `202`, or with their outcomes when the producer waits.
+async fn append(
+    state: &AppState,
+    mut events: Vec<Event>,
+    wait: Option<Duration>,
+) -> Result<Response, ApiError> {
+    let count = events.len();
+    for (index, event) in events.iter_mut().enumerate() {
+        state.schemas.check(event).map_err(|violation| {
+            state.metrics.ingest_rejected(code::SCHEMA_VIOLATION);
+            schema_violation(index, count, &violation)
+        })?;
+    }
     let ids: Vec<(String, String)> = events
         .iter()
         .map(|e| (e.id.clone(), e.source.clone()))
         .collect();
+    let waiting = match wait {
+        Some(wait) => Some(wait::listen(state, &events, wait).await?),
+        None => None,
+    };
     let appended = state.bus.append(events).await.map_err(|e| {
         state.metrics.ingest_rejected("unavailable");
         unavailable(state, e)
     })?;
     let fresh = appended.iter().filter(|a| !a.duplicate).count();
     state.metrics.events_ingested(fresh as u64);
+    if let Some(waiting) = waiting {
+        return Ok(wait::answer(waiting, &ids, &appended).await);
+    }
     let accepted = ids
         .iter()
         .zip(appended)
@@ -100,6 +143,24 @@ async fn append(state: &AppState, events: Vec<Event>) -> Result<Response, ApiErr
         })
         .collect();
     Ok((StatusCode::ACCEPTED, Json(AcceptedBody { accepted })).into_response())
+}
+
+/// Query of the ingest routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IngestParams {
+    /// Wait up to this long for the plugins' outcomes (`5s`, `250ms`).
+    wait: Option<String>,
+}
+
+impl IngestParams {
+    fn wait(&self, state: &AppState) -> Result<Option<Duration>, ApiError> {
+        self.wait
+            .as_deref()
+            .map(|text| wait::parse_wait(state, text))
+            .transpose()
+            .inspect_err(|error| state.metrics.ingest_rejected(error.code()))
+    }
 }
 
 /// The answer to an accepted append, one entry per event in the order sent.
@@ -133,28 +194,32 @@ async fn parse_body<T>(
 /// `POST /v1/events`: binary, structured or batched CloudEvents.
 pub(super) async fn ingest(
     State(state): State<Arc<AppState>>,
+    Query(params): Query<IngestParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let wait = params.wait(&state)?;
     let events = parse_body(&state, &headers, body, |body, limits| {
         cloudevents::parse_events(&headers, body, limits)
     })
     .await?;
-    append(&state, events).await
+    append(&state, events, wait).await
 }
 
 /// `POST /v1/events/{type}`: a plain JSON body as the data of one event.
 pub(super) async fn ingest_typed(
     State(state): State<Arc<AppState>>,
     Path(ty): Path<String>,
+    Query(params): Query<IngestParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let wait = params.wait(&state)?;
     let event = parse_body(&state, &headers, body, |body, limits| {
         cloudevents::parse_typed_event(&ty, &headers, body, limits)
     })
     .await?;
-    append(&state, vec![event]).await
+    append(&state, vec![event], wait).await
 }
 
 /// Query of `GET /v1/events`.

@@ -10,6 +10,8 @@ mod admin;
 pub mod cloudevents;
 pub mod error;
 mod events;
+mod schemas;
+mod wait;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -26,6 +28,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::plugins::PluginTable;
+use crate::schema::Schemas;
 
 /// Everything the HTTP handlers share.
 pub struct AppState {
@@ -42,6 +45,32 @@ pub struct AppState {
     pub runtime: Option<crate::runtime::Runtime>,
     /// Whether plugins are loaded and dispatching.
     pub ready: AtomicBool,
+    /// The schema registry events are checked against.
+    pub schemas: Arc<Schemas>,
+    /// Permits of requests waiting for outcomes (`?wait=`), `[ingest] max_waiters` in all.
+    pub waiters: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// The state of a host's API: no request waiting yet.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        plugins: PluginTable,
+        metrics: Arc<Metrics>,
+        config: Arc<Config>,
+        schemas: Arc<Schemas>,
+    ) -> Self {
+        Self {
+            waiters: Arc::new(tokio::sync::Semaphore::new(config.ingest.max_waiters)),
+            bus,
+            plugins,
+            metrics,
+            config,
+            runtime: None,
+            ready: AtomicBool::new(false),
+            schemas,
+        }
+    }
 }
 
 /// Builds the HTTP API.
@@ -65,6 +94,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin::show_dead_letter).delete(admin::delete_dead_letter),
         )
         .route("/v1/dlq/{id}/replay", post(admin::replay_one))
+        .route("/v1/schemas", get(schemas::list))
+        .route(
+            "/v1/schemas/{type}",
+            get(schemas::show).put(schemas::register),
+        )
+        .route("/v1/schemas/{type}/{version}", get(schemas::version))
         .route_layer(middleware::from_fn_with_state(
             (Arc::clone(&state), Guard::Admin),
             require_token,

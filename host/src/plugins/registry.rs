@@ -29,6 +29,7 @@ use crate::dispatch::{Dispatcher, Target};
 use crate::metrics::Metrics;
 use crate::policy::PluginDefaults;
 use crate::runtime::Runtime;
+use crate::schema::Schemas;
 
 /// How recently a file may have changed and still be left for the next round.
 const SETTLE_TIME: Duration = Duration::from_millis(100);
@@ -62,6 +63,7 @@ struct Running {
 pub struct Registry {
     runtime: Runtime,
     bus: Arc<dyn Bus>,
+    schemas: Arc<Schemas>,
     metrics: Arc<Metrics>,
     defaults: PluginDefaults,
     dir: PathBuf,
@@ -115,6 +117,7 @@ impl Registry {
     ) -> Self {
         Self {
             runtime,
+            schemas: Schemas::new(Arc::clone(&bus)),
             bus,
             metrics,
             defaults,
@@ -123,6 +126,12 @@ impl Registry {
             table: Arc::default(),
             running: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// Checks emitted events against these schemas (by default none are known).
+    pub fn with_schemas(mut self, schemas: Arc<Schemas>) -> Self {
+        self.schemas = schemas;
+        self
     }
 
     /// The plugin table.
@@ -213,7 +222,7 @@ impl Registry {
         let status = match Dispatcher::start(
             Arc::clone(&self.bus),
             Arc::clone(&self.metrics),
-            target(name, &loaded),
+            target(name, &loaded, &self.schemas),
         )
         .await
         {
@@ -278,8 +287,9 @@ impl Registry {
     }
 }
 
-fn target(name: &str, loaded: &LoadedPlugin) -> Target {
+fn target(name: &str, loaded: &LoadedPlugin, schemas: &Arc<Schemas>) -> Target {
     Target {
+        schemas: Arc::clone(schemas),
         name: name.to_owned(),
         plugin: Arc::clone(&loaded.plugin),
         policy: loaded.policy.clone(),

@@ -55,7 +55,9 @@ async fn versions(
         return Ok((Vec::new(), entry.revision));
     }
     let versions = serde_json::from_slice(&entry.value).map_err(|error| {
-        BusError::Storage(format!("the schemas of `{event_type}` cannot be read: {error}"))
+        BusError::Storage(format!(
+            "the schemas of `{event_type}` cannot be read: {error}"
+        ))
     })?;
     Ok((versions, entry.revision))
 }
@@ -71,7 +73,11 @@ impl SchemaStore for NatsBus {
         let store = self.shared.schema_store().await?;
         let (mut stored, revision) = versions(store, event_type).await?;
         let current = stored.last().map_or(0, |s| s.version);
-        let conflict = || BusError::Conflict(format!("schema of `{event_type}` (now at version {current})"));
+        let conflict = || {
+            BusError::Conflict(format!(
+                "schema of `{event_type}` (now at version {current})"
+            ))
+        };
         if current != latest {
             return Err(conflict());
         }
@@ -82,26 +88,37 @@ impl SchemaStore for NatsBus {
             registered_at_ms: now_ms(),
         };
         stored.push(new.clone());
-        let value = Bytes::from(serde_json::to_vec(&stored).map_err(|e| BusError::Storage(e.to_string()))?);
+        let value =
+            Bytes::from(serde_json::to_vec(&stored).map_err(|e| BusError::Storage(e.to_string()))?);
         self.shared
             .check_size(|| format!("the schemas of `{event_type}`"), value.len())?;
         let key = encode_key(event_type);
         let written = if revision == 0 {
-            store.create(&key, value).await.map(|_| ()).map_err(|error| {
-                if error.kind() == kv::CreateErrorKind::AlreadyExists || compare_and_set_failed(&error) {
-                    conflict()
-                } else {
-                    nats_error("storing a schema")(&error)
-                }
-            })
+            store
+                .create(&key, value)
+                .await
+                .map(|_| ())
+                .map_err(|error| {
+                    if error.kind() == kv::CreateErrorKind::AlreadyExists
+                        || compare_and_set_failed(&error)
+                    {
+                        conflict()
+                    } else {
+                        nats_error("storing a schema")(&error)
+                    }
+                })
         } else {
-            store.update(&key, value, revision).await.map(|_| ()).map_err(|error| {
-                if compare_and_set_failed(&error) {
-                    conflict()
-                } else {
-                    nats_error("storing a schema")(&error)
-                }
-            })
+            store
+                .update(&key, value, revision)
+                .await
+                .map(|_| ())
+                .map_err(|error| {
+                    if compare_and_set_failed(&error) {
+                        conflict()
+                    } else {
+                        nats_error("storing a schema")(&error)
+                    }
+                })
         };
         written.map(|()| new)
     }
@@ -136,7 +153,10 @@ impl SchemaStore for NatsBus {
 
     async fn schema_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
         let store = self.shared.schema_store().await?;
-        let watch = store.watch_all().await.map_err(storage!("watching schemas"))?;
+        let watch = store
+            .watch_all()
+            .await
+            .map_err(storage!("watching schemas"))?;
         Ok(watch
             .filter_map(|entry| async move {
                 match entry {
@@ -153,9 +173,9 @@ impl SchemaStore for NatsBus {
 
 #[async_trait]
 impl Notices for NatsBus {
-    fn notify(&self, source: &str, id: &str, notice: &Notice) {
+    fn notify(&self, source: &str, id: &str, make: &dyn Fn() -> Notice) {
         let subject = self.shared.notice_subject(source, id);
-        let payload = match serde_json::to_vec(notice) {
+        let payload = match serde_json::to_vec(&make()) {
             Ok(payload) => Bytes::from(payload),
             Err(error) => {
                 tracing::warn!(%error, "cannot encode a settlement notice");
@@ -172,11 +192,7 @@ impl Notices for NatsBus {
         });
     }
 
-    async fn listen(
-        &self,
-        source: &str,
-        id: &str,
-    ) -> Result<BoxStream<'static, Notice>, BusError> {
+    async fn listen(&self, source: &str, id: &str) -> Result<BoxStream<'static, Notice>, BusError> {
         let subscriber = self
             .shared
             .client

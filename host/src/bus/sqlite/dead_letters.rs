@@ -101,6 +101,7 @@ fn dead_letter(
         "expired" => DeadLetterReason::Expired,
         "effects" => DeadLetterReason::Effects,
         "loop" => DeadLetterReason::Loop,
+        "schema" => DeadLetterReason::Schema,
         _ => DeadLetterReason::Exhausted,
     };
     DeadLetter {

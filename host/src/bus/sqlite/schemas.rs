@@ -7,8 +7,8 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use rusqlite::params;
 
-use super::writer::Job;
 use super::SqliteBus;
+use super::writer::Job;
 use crate::bus::{BusError, Notice, Notices, SchemaStore, StoredSchema};
 use crate::clock::now_ms;
 
@@ -76,33 +76,31 @@ impl SchemaStore for SqliteBus {
 
     async fn schema_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
         let changes = self.inner.schema_changes.subscribe();
-        Ok(futures_util::stream::unfold(changes, |mut changes| async move {
-            loop {
-                match changes.recv().await {
-                    Ok(event_type) => return Some((event_type, changes)),
-                    // Changes were missed: an empty name says "reload every type".
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        return Some((String::new(), changes));
+        Ok(
+            futures_util::stream::unfold(changes, |mut changes| async move {
+                loop {
+                    match changes.recv().await {
+                        Ok(event_type) => return Some((event_type, changes)),
+                        // Changes were missed: an empty name says "reload every type".
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            return Some((String::new(), changes));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-            }
-        })
-        .boxed())
+            })
+            .boxed(),
+        )
     }
 }
 
 #[async_trait]
 impl Notices for SqliteBus {
-    fn notify(&self, source: &str, id: &str, notice: &Notice) {
-        self.inner.notices.notify(source, id, notice);
+    fn notify(&self, source: &str, id: &str, make: &dyn Fn() -> Notice) {
+        self.inner.notices.notify(source, id, make);
     }
 
-    async fn listen(
-        &self,
-        source: &str,
-        id: &str,
-    ) -> Result<BoxStream<'static, Notice>, BusError> {
+    async fn listen(&self, source: &str, id: &str) -> Result<BoxStream<'static, Notice>, BusError> {
         self.inner.notices.listen(source, id).await
     }
 }

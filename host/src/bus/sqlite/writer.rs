@@ -31,8 +31,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{
-    append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_schema, replay,
-    settle,
+    append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_schema, replay, settle,
 };
 use super::{Durability, Inner, SqliteOptions, storage};
 use crate::bus::{Appended, BusError, Settlement, StartPosition};

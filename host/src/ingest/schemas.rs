@@ -1,0 +1,170 @@
+//! The schema registry's routes (admin): `PUT /v1/schemas/{type}` registers the type's
+//! next version, `GET /v1/schemas`, `GET /v1/schemas/{type}` and
+//! `GET /v1/schemas/{type}/{version}` (the document itself, which is what the
+//! `dataschema` of a checked event points at).
+//!
+//! Invariant: a refused registration stores nothing; a stored version never changes.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::code;
+use super::{ApiError, AppState};
+use crate::bus::{BusError, StoredSchema};
+use crate::clock::rfc3339_ms;
+use crate::event::validate_event_type;
+use crate::schema::RegisterError;
+
+fn checked_type(event_type: &str) -> Result<(), ApiError> {
+    validate_event_type(event_type)
+        .map_err(|e| ApiError::bad_request(code::BAD_REQUEST, format!("event type: {e}")))
+}
+
+fn summary(state: &AppState, stored: &StoredSchema) -> Value {
+    json!({
+        "type": stored.event_type,
+        "version": stored.version,
+        "registered_at": rfc3339_ms(stored.registered_at_ms),
+        "dataschema": state.schemas.uri(&stored.event_type, stored.version),
+    })
+}
+
+fn document(stored: &StoredSchema) -> Value {
+    serde_json::from_str(&stored.schema).unwrap_or(Value::Null)
+}
+
+/// Query of `PUT /v1/schemas/{type}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RegisterParams {
+    /// Register even if recent events of the type fail the new version.
+    #[serde(default)]
+    force: bool,
+}
+
+/// `PUT /v1/schemas/{type}[?force=true]`: the body is the next version's JSON Schema.
+pub(super) async fn register(
+    State(state): State<Arc<AppState>>,
+    Path(event_type): Path<String>,
+    Query(params): Query<RegisterParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    checked_type(&event_type)?;
+    let body = super::events::read_body(&state, &headers, body).await?;
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request(code::INVALID_SCHEMA, "the schema is not UTF-8 JSON"))?;
+    let stored = match state
+        .schemas
+        .register(&event_type, text, params.force)
+        .await
+    {
+        Ok(stored) => stored,
+        Err(RegisterError::Invalid(why)) => {
+            return Err(ApiError::bad_request(code::INVALID_SCHEMA, why));
+        }
+        Err(incompatible @ RegisterError::Incompatible { .. }) => {
+            let message = format!("{incompatible}; fix them or register with `?force=true`");
+            let RegisterError::Incompatible {
+                checked, refused, ..
+            } = incompatible
+            else {
+                return Err(ApiError::internal("unreachable"));
+            };
+            let events: Vec<Value> = refused
+                .iter()
+                .map(|(stored, violation)| {
+                    json!({
+                        "id": stored.event.id,
+                        "source": stored.event.source,
+                        "sequence": stored.sequence,
+                        "pointer": violation.pointer,
+                        "rule": violation.rule,
+                        "message": violation.message,
+                    })
+                })
+                .collect();
+            return Err(ApiError::new(StatusCode::CONFLICT, code::CONFLICT, message)
+                .with_details(json!({ "checked": checked, "events": events })));
+        }
+        Err(RegisterError::Bus(BusError::Conflict(what))) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                code::CONFLICT,
+                format!("another version of the {what} was registered meanwhile; send it again"),
+            ));
+        }
+        Err(RegisterError::Bus(error)) => return Err(ApiError::internal(error)),
+    };
+    tracing::info!(event_type = %stored.event_type, version = stored.version, forced = params.force, "schema registered");
+    let location = format!("/v1/schemas/{}/{}", stored.event_type, stored.version);
+    let mut response = (StatusCode::CREATED, Json(summary(&state, &stored))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// `GET /v1/schemas`: every type with a schema, and its latest version.
+pub(super) async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let latest = state
+        .bus
+        .latest_schemas()
+        .await
+        .map_err(ApiError::internal)?;
+    let schemas: Vec<Value> = latest.iter().map(|s| summary(&state, s)).collect();
+    Ok(Json(json!({ "schemas": schemas })).into_response())
+}
+
+/// `GET /v1/schemas/{type}`: the type's versions and its latest document.
+pub(super) async fn show(
+    State(state): State<Arc<AppState>>,
+    Path(event_type): Path<String>,
+) -> Result<Response, ApiError> {
+    checked_type(&event_type)?;
+    let versions = state
+        .bus
+        .schema_versions(&event_type)
+        .await
+        .map_err(ApiError::internal)?;
+    let Some(latest) = versions.last() else {
+        return Err(ApiError::not_found(format!("schema of `{event_type}`")));
+    };
+    Ok(Json(json!({
+        "type": event_type,
+        "latest": latest.version,
+        "schema": document(latest),
+        "versions": versions.iter().map(|s| summary(&state, s)).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/schemas/{type}/{version}`: the document itself, `application/schema+json`.
+pub(super) async fn version(
+    State(state): State<Arc<AppState>>,
+    Path((event_type, version)): Path<(String, u32)>,
+) -> Result<Response, ApiError> {
+    checked_type(&event_type)?;
+    let versions = state
+        .bus
+        .schema_versions(&event_type)
+        .await
+        .map_err(ApiError::internal)?;
+    let Some(stored) = versions.into_iter().find(|s| s.version == version) else {
+        return Err(ApiError::not_found(format!(
+            "version {version} of the schema of `{event_type}`"
+        )));
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/schema+json")],
+        stored.schema,
+    )
+        .into_response())
+}
