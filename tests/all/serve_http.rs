@@ -466,3 +466,73 @@ async fn paging_a_sparse_filter_walks_the_whole_log() {
     assert_eq!(found[0]["event"]["type"], "rare.event");
     assert_eq!(found[0]["sequence"], 12_001);
 }
+
+#[tokio::test]
+async fn a_bad_wait_is_400_and_stores_nothing_and_a_wait_with_no_plugin_answers_at_once() {
+    let api = Api::new(Config::default());
+    let typed = "/v1/events/order.created";
+    for (query, expected) in [
+        ("?wait=soon", "`wait`: "),
+        ("?wait=2m", "this host waits at most 30s"),
+        ("?whatever=1", "unknown field `whatever`"),
+    ] {
+        let (status, body) = api
+            .post(&format!("{typed}{query}"), "application/json", "{}")
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{query}: {message}");
+    }
+    assert_eq!(api.stored().await, 0);
+    // No plugin is subscribed: every outcome is known at once.
+    let (status, body) = api
+        .post(&format!("{typed}?wait=10s"), "application/json", "{}")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"][0]["complete"], true);
+    assert_eq!(body["accepted"][0]["plugins"], json!([]));
+    assert_eq!(api.stored().await, 1);
+}
+
+#[tokio::test]
+async fn schemas_that_cannot_be_used_are_400_with_the_reason_and_unknown_ones_404() {
+    let api = Api::new(Config::default());
+    let put = |body: &'static str| {
+        Request::put("/v1/schemas/order.created")
+            .header(header::CONTENT_TYPE, "application/schema+json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    for (body, expected) in [
+        ("{", "the schema is not JSON"),
+        (r#"{"type": "no-such-type"}"#, "not a valid JSON Schema"),
+        (
+            r#"{"$ref": "https://example.com/s.json"}"#,
+            "nothing is fetched",
+        ),
+        (r#"{"$ref": "file:///etc/passwd"}"#, "nothing is fetched"),
+    ] {
+        let (status, answer) = api.call(put(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        assert_eq!(error_code(&answer), "invalid_schema");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let (status, _) = api.call(put(r#"{"type": "object"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    for path in [
+        "/v1/schemas/order.updated",
+        "/v1/schemas/order.created/2",
+        "/v1/schemas/order.created/0",
+    ] {
+        let (status, answer) = api.call(get(path)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
+    }
+    let (status, answer) = api.call(get("/v1/schemas/order..created")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let (status, answer) = api.call(get("/v1/schemas/order.created")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["latest"], 1);
+    assert_eq!(answer["versions"][0]["version"], 1);
+}

@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
-    DeadLetters, Delivery, LogPage, LogQuery, Settlement, StoredEvent,
+    DeadLetters, Delivery, LogPage, LogQuery, Notice, Notices, SchemaStore, Settlement,
+    StoredEvent, StoredSchema,
 };
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
 use switchyard_host::event::Event;
@@ -19,6 +22,7 @@ use switchyard_host::metrics::Metrics;
 use switchyard_host::pattern::Pattern;
 use switchyard_host::plugins::manifest::Manifest;
 use switchyard_host::runtime::{self, Plugin, Runtime, RuntimeConfig};
+use switchyard_host::schema::Schemas;
 use switchyard_host::{EmptyKv, KvError, KvSource};
 use switchyard_host::{PluginDefaults, PluginPolicy};
 use tokio::sync::Notify;
@@ -158,6 +162,13 @@ impl Bus for SharedMemoryBus {
     async fn head(&self) -> Result<u64, BusError> {
         Ok(self.0.total as u64)
     }
+    async fn recent_events(
+        &self,
+        _event_type: &str,
+        _limit: usize,
+    ) -> Result<Vec<StoredEvent>, BusError> {
+        Ok(Vec::new())
+    }
     async fn consumer(
         &self,
         _plugin: &str,
@@ -193,6 +204,42 @@ impl DeadLetters for SharedMemoryBus {
     }
     async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
         Err(BusError::NotFound(format!("dead letter {id}")))
+    }
+}
+
+#[async_trait]
+impl SchemaStore for SharedMemoryBus {
+    async fn put_schema(
+        &self,
+        _event_type: &str,
+        _latest: u32,
+        _schema: String,
+    ) -> Result<StoredSchema, BusError> {
+        Err(BusError::Storage(
+            "the benchmark bus keeps no schemas".into(),
+        ))
+    }
+    async fn schema_versions(&self, _event_type: &str) -> Result<Vec<StoredSchema>, BusError> {
+        Ok(Vec::new())
+    }
+    async fn latest_schemas(&self) -> Result<Vec<StoredSchema>, BusError> {
+        Ok(Vec::new())
+    }
+    async fn schema_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
+        Ok(futures_util::stream::pending().boxed())
+    }
+}
+
+#[async_trait]
+impl Notices for SharedMemoryBus {
+    // As the embedded log does when nobody waits: nothing to build or send.
+    fn notify(&self, _source: &str, _id: &str, _make: &dyn Fn() -> Notice) {}
+    async fn listen(
+        &self,
+        _source: &str,
+        _id: &str,
+    ) -> Result<BoxStream<'static, Notice>, BusError> {
+        Ok(futures_util::stream::pending().boxed())
     }
 }
 
@@ -235,7 +282,9 @@ async fn through_dispatcher(
         handed_out: AtomicUsize::new(0),
         room: Notify::new(),
     });
+    let memory_bus: Arc<dyn Bus> = Arc::new(SharedMemoryBus(Arc::clone(&bus)));
     let target = Target {
+        schemas: Schemas::new(Arc::clone(&memory_bus)),
         name: "bench".into(),
         plugin,
         policy,
@@ -244,12 +293,7 @@ async fn through_dispatcher(
     };
     let started = Instant::now();
     let done = bus.done.notified();
-    let dispatcher = Dispatcher::start(
-        Arc::new(SharedMemoryBus(Arc::clone(&bus))),
-        Arc::new(Metrics::default()),
-        target,
-    )
-    .await?;
+    let dispatcher = Dispatcher::start(memory_bus, Arc::new(Metrics::default()), target).await?;
     tokio::time::timeout(Duration::from_secs(120), done)
         .await
         .context("the dispatcher did not finish")?;

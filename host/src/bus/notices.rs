@@ -86,17 +86,18 @@ pub fn notice_key(source: &str, id: &str) -> String {
     hex::encode(&hash.finalize()[..16])
 }
 
+/// By event key, the queues of its waiters, each with the waiter's number.
+type Waiters = HashMap<String, Vec<(u64, mpsc::Sender<Notice>)>>;
+
 /// Notices within one process: a map from event to the queues of its waiters.
 #[derive(Default, Clone)]
 pub struct LocalNotices {
-    waiters: Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Notice>)>>>>,
+    waiters: Arc<Mutex<Waiters>>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LocalNotices {
-    fn waiters(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, mpsc::Sender<Notice>)>>> {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -7,14 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AppState, cloudevents};
+use super::{ApiError, ApiQuery, AppState, cloudevents};
 use crate::bus::{BusError, DeadLetter, DeadLetterQuery, DeadLetterView};
 use crate::clock::rfc3339_ms;
 use crate::failure::AttemptView;
@@ -273,7 +273,7 @@ pub(super) struct DeadLetterParams {
 /// `GET /v1/dlq?plugin=&after=&limit=`.
 pub(super) async fn list_dead_letters(
     State(state): State<Arc<AppState>>,
-    Query(params): Query<DeadLetterParams>,
+    ApiQuery(params): ApiQuery<DeadLetterParams>,
 ) -> Result<Response, ApiError> {
     let letters = state
         .bus
@@ -333,7 +333,7 @@ pub(super) struct ReplayParams {
 /// `POST /v1/dlq/replay?plugin=NAME`: every dead letter of one plugin.
 pub(super) async fn replay_plugin(
     State(state): State<Arc<AppState>>,
-    Query(params): Query<ReplayParams>,
+    ApiQuery(params): ApiQuery<ReplayParams>,
 ) -> Result<Response, ApiError> {
     let Some(plugin) = params.plugin else {
         return Err(ApiError::bad_request(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::cloudevents::{self, ParseLimits};
 use super::error::code;
-use super::{ApiError, AppState, wait};
+use super::{ApiError, ApiQuery, AppState, wait};
 use crate::bus::{BusError, LogQuery};
 use crate::clock::rfc3339_ms;
 use crate::event::Event;
@@ -194,7 +194,7 @@ async fn parse_body<T>(
 /// `POST /v1/events`: binary, structured or batched CloudEvents.
 pub(super) async fn ingest(
     State(state): State<Arc<AppState>>,
-    Query(params): Query<IngestParams>,
+    ApiQuery(params): ApiQuery<IngestParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -210,7 +210,7 @@ pub(super) async fn ingest(
 pub(super) async fn ingest_typed(
     State(state): State<Arc<AppState>>,
     Path(ty): Path<String>,
-    Query(params): Query<IngestParams>,
+    ApiQuery(params): ApiQuery<IngestParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -256,7 +256,7 @@ const MAX_PAGE: usize = 1000;
 /// filter may return fewer events than `limit`, even none, with a `next_after` to go on.
 pub(super) async fn read_log(
     State(state): State<Arc<AppState>>,
-    Query(params): Query<LogParams>,
+    ApiQuery(params): ApiQuery<LogParams>,
 ) -> Result<Response, ApiError> {
     let pattern = params
         .ty

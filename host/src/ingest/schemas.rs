@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::code;
-use super::{ApiError, AppState};
+use super::{ApiError, ApiQuery, AppState};
 use crate::bus::{BusError, StoredSchema};
 use crate::clock::rfc3339_ms;
 use crate::event::validate_event_type;
@@ -53,7 +53,7 @@ pub(super) struct RegisterParams {
 pub(super) async fn register(
     State(state): State<Arc<AppState>>,
     Path(event_type): Path<String>,
-    Query(params): Query<RegisterParams>,
+    ApiQuery(params): ApiQuery<RegisterParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {

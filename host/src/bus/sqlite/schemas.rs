@@ -76,21 +76,17 @@ impl SchemaStore for SqliteBus {
 
     async fn schema_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
         let changes = self.inner.schema_changes.subscribe();
-        Ok(
-            futures_util::stream::unfold(changes, |mut changes| async move {
-                loop {
-                    match changes.recv().await {
-                        Ok(event_type) => return Some((event_type, changes)),
-                        // Changes were missed: an empty name says "reload every type".
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            return Some((String::new(), changes));
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                    }
+        let changes = futures_util::stream::unfold(changes, |mut changes| async move {
+            match changes.recv().await {
+                Ok(event_type) => Some((event_type, changes)),
+                // Changes were missed: an empty name says "reload every type".
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    Some((String::new(), changes))
                 }
-            })
-            .boxed(),
-        )
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        Ok(changes.boxed())
     }
 }
 
