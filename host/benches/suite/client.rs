@@ -207,11 +207,23 @@ pub async fn paced(
     duration: Duration,
     prefix: &str,
 ) -> anyhow::Result<Vec<Duration>> {
-    let total = (rate * duration.as_secs_f64()) as usize;
-    let interval = Duration::from_secs_f64(connections as f64 / rate);
     let request = Arc::new(Single {
         prefix: prefix.to_owned(),
     });
+    paced_requests(address, connections, rate, duration, request, 202).await
+}
+
+/// [`paced`] with any request, each answered `expect`.
+pub async fn paced_requests(
+    address: SocketAddr,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    request: Arc<dyn Request>,
+    expect: u16,
+) -> anyhow::Result<Vec<Duration>> {
+    let total = (rate * duration.as_secs_f64()) as usize;
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
@@ -228,7 +240,7 @@ pub async fn paced(
                 let status = connection
                     .post(&path, &headers, content_type, &body)
                     .await?;
-                anyhow::ensure!(status == 202, "status {status}");
+                anyhow::ensure!(status == expect, "status {status}, expected {expect}");
                 latencies.push(due.elapsed());
             }
             anyhow::Ok(latencies)

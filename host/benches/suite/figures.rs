@@ -62,6 +62,13 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("neighbours") {
         figures.extend(neighbours(options).await.context("neighbours")?);
     }
+    if wanted("wait") || wanted("schema") {
+        figures.extend(
+            crate::producers::figures(options)
+                .await
+                .context("producers")?,
+        );
+    }
     if wanted("nats") {
         figures.extend(crate::nats::figures(options).await.context("nats")?);
     }
@@ -519,7 +526,7 @@ async fn ingest(options: &Options) -> anyhow::Result<Vec<Figure>> {
 // ---------------------------------------------------------------------------------------
 // 4. End to end at a fixed offered rate
 
-fn quantile(sorted: &[Duration], q: f64) -> f64 {
+pub fn quantile(sorted: &[Duration], q: f64) -> f64 {
     let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[index].as_secs_f64() * 1000.0
 }

@@ -18,7 +18,7 @@ pub struct Process {
     pub address: SocketAddr,
     /// Its directories (for the host: `plugins/` and `data/`).
     pub dir: tempfile::TempDir,
-    http: reqwest::Client,
+    pub http: reqwest::Client,
 }
 
 /// Reads the first line of a child's stdout and takes the address after `marker`.
@@ -96,7 +96,7 @@ impl Process {
         self.dir.path().join("plugins")
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
 

@@ -27,6 +27,7 @@ mod client;
 mod figures;
 mod host;
 mod nats;
+mod producers;
 
 use std::time::Duration;
 

@@ -157,6 +157,8 @@ struct Shared {
     committers: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<commit::Pending>>>,
     /// The schemas bucket, opened when first used.
     schemas: tokio::sync::OnceCell<jetstream::kv::Store>,
+    /// Settlement notices for the publisher task (see `schemas.rs`).
+    notices: tokio::sync::mpsc::Sender<(String, Bytes)>,
 }
 
 impl Shared {

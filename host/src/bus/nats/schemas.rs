@@ -24,6 +24,22 @@ use super::{NatsBus, Shared, compare_and_set_failed, nats_error, next_message};
 use crate::bus::{BusError, Notice, Notices, SchemaStore, StoredEvent, StoredSchema, notice_key};
 use crate::clock::now_ms;
 
+/// Notices waiting for the publisher task.
+pub(super) const NOTICE_QUEUE: usize = 4096;
+
+/// Publishes the notices `notify` queues, on the host's connection, until the bus is
+/// dropped.
+pub(super) async fn publish_notices(
+    client: async_nats::Client,
+    mut queue: tokio::sync::mpsc::Receiver<(String, Bytes)>,
+) {
+    while let Some((subject, payload)) = queue.recv().await {
+        if let Err(error) = client.publish(subject, payload).await {
+            tracing::debug!(%error, "cannot publish a settlement notice");
+        }
+    }
+}
+
 impl Shared {
     async fn schema_store(&self) -> Result<&kv::Store, BusError> {
         self.schemas
@@ -182,14 +198,11 @@ impl Notices for NatsBus {
                 return;
             }
         };
-        let client = self.shared.client.clone();
-        // Publishing only queues the message on the connection; a notice that cannot be
-        // queued (the connection is gone) is lost, as a notice nobody hears would be.
-        tokio::spawn(async move {
-            if let Err(error) = client.publish(subject, payload).await {
-                tracing::debug!(%error, "cannot publish a settlement notice");
-            }
-        });
+        // The publisher task sends in order; a full queue (the connection is gone or
+        // far behind) drops the notice, as a notice nobody hears would be.
+        if self.shared.notices.try_send((subject, payload)).is_err() {
+            tracing::debug!("the settlement notice queue is full; notice dropped");
+        }
     }
 
     async fn listen(&self, source: &str, id: &str) -> Result<BoxStream<'static, Notice>, BusError> {

@@ -62,6 +62,8 @@ impl NatsBus {
                 Err(Setup::Unavailable(error) | Setup::Fatal(error)) => return Err(error),
             }
         };
+        let (notices, queue) = tokio::sync::mpsc::channel(super::schemas::NOTICE_QUEUE);
+        tokio::spawn(super::schemas::publish_notices(client.clone(), queue));
         Ok(Self {
             shared: Arc::new(Shared {
                 client,
@@ -73,6 +75,7 @@ impl NatsBus {
                 plugin_kv: Mutex::new(HashMap::new()),
                 committers: Mutex::new(HashMap::new()),
                 schemas: tokio::sync::OnceCell::new(),
+                notices,
             }),
         })
     }
