@@ -328,6 +328,13 @@ async fn request(
         .and_then(|j| j["error"]["message"].as_str())
         .map_or(text.clone(), str::to_owned);
     eprintln!("error: {status}: {message}");
+    if let Some(details) = json
+        .as_ref()
+        .map(|j| &j["error"]["details"])
+        .filter(|d| !d.is_null())
+    {
+        eprintln!("{}", serde_json::to_string_pretty(details)?);
+    }
     Ok(ExitCode::FAILURE)
 }
 

@@ -312,7 +312,18 @@ async fn schemas_check_what_is_published_and_emitted_and_survive_a_restart(backe
     // Schemas live in the bus: a restarted host has them and checks with them.
     host.stop();
     host.start();
-    let listed = host.get_json("/v1/schemas").await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("schema")
+            .args(args)
+            .arg("--url")
+            .arg(host.url(""))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let listed = cli(&["list"]);
     let types: Vec<&str> = listed["schemas"]
         .as_array()
         .unwrap()
@@ -320,9 +331,14 @@ async fn schemas_check_what_is_published_and_emitted_and_survive_a_restart(backe
         .map(|s| s["type"].as_str().unwrap())
         .collect();
     assert_eq!(types, ["payment.completed", "tickets.generated"]);
-    let shown = host.get_json("/v1/schemas/payment.completed").await;
+    let shown = cli(&["get", "payment.completed"]);
     assert_eq!(shown["latest"], 1);
     assert_eq!(shown["schema"], payment_schema);
+    assert_eq!(cli(&["get", "payment.completed", "1"]), payment_schema);
+    let file = host.data_dir().with_extension("schema.json");
+    std::fs::write(&file, json!({"type": "object"}).to_string()).unwrap();
+    let registered = cli(&["put", "order.placed", file.to_str().unwrap()]);
+    assert_eq!(registered["version"], 1);
     let response = host
         .http
         .post(host.url("/v1/events/payment.completed"))

@@ -371,7 +371,7 @@ async fn tokens_guard_ingest_and_admin_routes() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
-    for path in ["/v1/plugins", "/v1/dlq", "/v1/events"] {
+    for path in ["/v1/plugins", "/v1/dlq", "/v1/events", "/v1/schemas"] {
         let (status, _) = api
             .call(Request::get(path).body(Body::empty()).unwrap())
             .await;
@@ -386,6 +386,16 @@ async fn tokens_guard_ingest_and_admin_routes() {
             .await;
         assert_eq!(status, StatusCode::OK, "{path}");
     }
+    // Registering a schema is an admin action, not an ingest one.
+    let (status, _) = api
+        .call(
+            Request::put("/v1/schemas/order.created")
+                .header(header::AUTHORIZATION, "Bearer in-secret")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = api
         .call(Request::get("/healthz").body(Body::empty()).unwrap())
         .await;

@@ -51,10 +51,20 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
 async fn wait_latency(options: &Options) -> anyhow::Result<Vec<Figure>> {
     const RATE: f64 = 1_000.0;
     let round = options.pick(Duration::from_secs(5), Duration::from_secs(2));
+    // As the example deployment runs them (`scripts/demo.sh`): the audit trail one call
+    // at a time, as its every event rewrites one hot counter.
+    let audit_sidecar = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/audit-trail/sidecar.toml"
+    ))?;
     let plugins = [
         ("ticketing".to_owned(), Guest::Ticketing, None),
         ("notifier".to_owned(), Guest::Notifier, None),
-        ("audit-trail".to_owned(), Guest::AuditTrail, None),
+        (
+            "audit-trail".to_owned(),
+            Guest::AuditTrail,
+            Some(audit_sidecar),
+        ),
     ];
     let host = Process::host(&plugins, None)?;
     let payments =
