@@ -417,19 +417,8 @@ async fn a_consumer_gets_only_its_patterns_and_a_reload_moves_its_filter_without
 
 /// Handled-ok deliveries of `plugin` on `host` (0 before its first).
 async fn ok_deliveries(host: &Host, plugin: &str) -> f64 {
-    let text = host
-        .http
-        .get(host.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("switchyard_deliveries_total{{plugin=\"{plugin}\",outcome=\"ok\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&series))
-        .map_or(0.0, |value| value.parse().unwrap())
+    let series = format!("switchyard_deliveries_total{{plugin=\"{plugin}\",outcome=\"ok\"}}");
+    host.metric_if_any(&series).await.unwrap_or(0.0)
 }
 
 #[tokio::test]

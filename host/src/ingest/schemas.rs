@@ -123,17 +123,22 @@ pub(super) async fn list(State(state): State<Arc<AppState>>) -> Result<Response,
     Ok(Json(json!({ "schemas": schemas })).into_response())
 }
 
+/// Every version of a valid event type's schema, oldest first.
+async fn versions_of(state: &AppState, event_type: &str) -> Result<Vec<StoredSchema>, ApiError> {
+    checked_type(event_type)?;
+    state
+        .bus
+        .schema_versions(event_type)
+        .await
+        .map_err(ApiError::internal)
+}
+
 /// `GET /v1/schemas/{type}`: the type's versions and its latest document.
 pub(super) async fn show(
     State(state): State<Arc<AppState>>,
     Path(event_type): Path<String>,
 ) -> Result<Response, ApiError> {
-    checked_type(&event_type)?;
-    let versions = state
-        .bus
-        .schema_versions(&event_type)
-        .await
-        .map_err(ApiError::internal)?;
+    let versions = versions_of(&state, &event_type).await?;
     let Some(latest) = versions.last() else {
         return Err(ApiError::not_found(format!("schema of `{event_type}`")));
     };
@@ -151,12 +156,7 @@ pub(super) async fn version(
     State(state): State<Arc<AppState>>,
     Path((event_type, version)): Path<(String, u32)>,
 ) -> Result<Response, ApiError> {
-    checked_type(&event_type)?;
-    let versions = state
-        .bus
-        .schema_versions(&event_type)
-        .await
-        .map_err(ApiError::internal)?;
+    let versions = versions_of(&state, &event_type).await?;
     let Some(stored) = versions.into_iter().find(|s| s.version == version) else {
         return Err(ApiError::not_found(format!(
             "version {version} of the schema of `{event_type}`"

@@ -107,6 +107,13 @@ impl Host {
     /// The value of a metric series, named with its labels as in the exposition text
     /// (`switchyard_plugin_loads_total{plugin="audit"}`).
     pub async fn metric(&self, name: &str) -> f64 {
+        self.metric_if_any(name)
+            .await
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    /// [`Host::metric`], or `None` while the series does not exist yet.
+    pub async fn metric_if_any(&self, name: &str) -> Option<f64> {
         let text = self
             .http
             .get(self.url("/metrics"))
@@ -118,9 +125,7 @@ impl Host {
             .unwrap();
         text.lines()
             .find_map(|line| line.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("metric {name} missing"))
-            .parse()
-            .unwrap()
+            .map(|value| value.parse().unwrap())
     }
 
     /// Uses this text as the host's `switchyard.toml`.
