@@ -279,6 +279,7 @@ async fn through_dispatcher(
             },
             attempt: 1,
             errors: Vec::new(),
+            watched: false,
         })
         .collect();
     let bus = Arc::new(MemoryBus {

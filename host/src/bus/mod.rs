@@ -137,6 +137,9 @@ pub struct Delivery {
     pub attempt: u32,
     /// Errors of the earlier attempts, oldest first.
     pub errors: Vec<AttemptError>,
+    /// Whether a producer may be waiting for its outcomes (`?wait=`); settlement notices
+    /// are published only for these. A backend that can tell cheaply says `true` always.
+    pub watched: bool,
 }
 
 /// How a delivery ends.
@@ -206,6 +209,12 @@ pub trait Consumer: Send + Sync {
 pub trait Bus: KvSource + DeadLetters + SchemaStore + Notices + Send + Sync + 'static {
     /// Appends events durably, all-or-nothing, deduplicating on `(source, id)`.
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;
+
+    /// [`Bus::append`] for a producer that waits for the outcomes: their deliveries are
+    /// marked [`Delivery::watched`].
+    async fn append_watched(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
+        self.append(events).await
+    }
 
     /// Reads the log.
     async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError>;

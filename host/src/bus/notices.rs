@@ -4,7 +4,9 @@
 //!
 //! On the embedded log notices stay in the process ([`LocalNotices`]); on NATS they are
 //! core messages on a subject derived from the event's `(source, id)`, so a waiter on any
-//! host hears the plugins of every host.
+//! host hears the plugins of every host, and only events appended with
+//! [`Bus::append_watched`](super::Bus::append_watched) publish them (a message header
+//! marks those), so settlements nobody waits for cost nothing.
 //!
 //! Invariants: a waiter that subscribed before its event was appended hears every notice
 //! published after, on any host; each subscription holds a bounded queue and unregisters

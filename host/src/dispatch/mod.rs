@@ -639,6 +639,9 @@ fn decide(
 
 /// Tells waiters on the event (`?wait=`) how this plugin's attempt ended.
 fn notify(context: &Context, delivery: &Delivery, settlement: &Settlement) {
+    if !delivery.watched {
+        return;
+    }
     let event = &delivery.stored.event;
     context.bus.notify(&event.source, &event.id, &|| {
         let (outcome, error, emitted) = match settlement {

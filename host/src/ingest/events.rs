@@ -123,7 +123,12 @@ async fn append(
         Some(wait) => Some(wait::listen(state, &events, wait).await?),
         None => None,
     };
-    let appended = state.bus.append(events).await.map_err(|e| {
+    let appended = if waiting.is_some() {
+        state.bus.append_watched(events).await
+    } else {
+        state.bus.append(events).await
+    };
+    let appended = appended.map_err(|e| {
         state.metrics.ingest_rejected("unavailable");
         unavailable(state, e)
     })?;

@@ -183,7 +183,7 @@ impl Shared {
                     check_read(&store, read).await?;
                 }
             }
-            self.publish_events(&effects.emits).await?;
+            self.publish_events(&effects.emits, false).await?;
             return Ok(());
         }
         let store = self.plugin_store(plugin).await?;
@@ -311,7 +311,7 @@ impl Shared {
             }
             Err(BatchError::Storage(error)) => return Err(error),
         }
-        self.publish_events(&effects.emits).await?;
+        self.publish_events(&effects.emits, false).await?;
         Ok(())
     }
 
@@ -358,7 +358,7 @@ impl Shared {
                 "the commit record {subject} is unreadable: {error}"
             ))
         })?;
-        self.publish_events(&record.emits()?).await?;
+        self.publish_events(&record.emits()?, false).await?;
         Ok(true)
     }
 }

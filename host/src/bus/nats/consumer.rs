@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::messages::{INGESTED_AT, REPLAY_OF, decode_event, header, micros};
+use super::messages::{INGESTED_AT, REPLAY_OF, WATCHED, decode_event, header, micros};
 use super::{Shared, UNSETTLED_LIMIT, nats_error};
 use crate::bus::{
     BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement, StartPosition,
@@ -346,11 +346,13 @@ impl NatsConsumer {
             return Ok(None);
         }
         let attempt = u32::try_from(errors.len() + 1).unwrap_or(u32::MAX);
+        let watched = header::<String>(message.headers.as_ref(), WATCHED).is_some();
         self.held().insert(sequence, message);
         Ok(Some(Delivery {
             stored,
             attempt,
             errors,
+            watched,
         }))
     }
 }

@@ -23,6 +23,9 @@ use crate::event::Event;
 pub(super) const REPLAY_OF: &str = "Switchyard-Replay-Of";
 /// Header carrying a replayed event's original ingest time, in microseconds.
 pub(super) const INGESTED_AT: &str = "Switchyard-Ingested-At-Us";
+/// Header of an event whose producer waits for the outcomes: only its settlements publish
+/// notices. It rides on the message, not in the event.
+pub(super) const WATCHED: &str = "Switchyard-Watched";
 
 /// The subject of an event: `P.events.` and the type's words, each kept to the
 /// characters subjects allow. Routing never reads it back (the envelope has the type).

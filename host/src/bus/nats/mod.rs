@@ -186,17 +186,24 @@ impl Shared {
     }
 
     /// Publishes events, all before awaiting any acknowledgement; none when one of them
-    /// is too large.
-    async fn publish_events(&self, events: &[Event]) -> Result<Vec<Appended>, BusError> {
+    /// is too large. `watched` marks them for settlement notices.
+    async fn publish_events(
+        &self,
+        events: &[Event],
+        watched: bool,
+    ) -> Result<Vec<Appended>, BusError> {
         let payloads: Vec<Bytes> = events.iter().map(encode_event).collect();
         for (event, payload) in events.iter().zip(&payloads) {
             self.check_size(|| format!("event `{}`", event.id), payload.len())?;
         }
         let mut pending = Vec::with_capacity(events.len());
         for (event, payload) in events.iter().zip(payloads) {
-            let publish = PublishMessage::build()
+            let mut publish = PublishMessage::build()
                 .payload(payload)
                 .message_id(message_id(event));
+            if watched {
+                publish = publish.header(messages::WATCHED, "1");
+            }
             pending.push(
                 self.jetstream
                     .send_publish(event_subject(&self.options.prefix, &event.ty), publish)
@@ -249,7 +256,11 @@ async fn next_message(
 #[async_trait]
 impl Bus for NatsBus {
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
-        self.shared.publish_events(&events).await
+        self.shared.publish_events(&events, false).await
+    }
+
+    async fn append_watched(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
+        self.shared.publish_events(&events, true).await
     }
 
     async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {

@@ -155,6 +155,7 @@ impl SqliteConsumer {
                             stored,
                             attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
                             errors: parse_errors(&errors),
+                            watched: true,
                         });
                     }
                 }
@@ -223,6 +224,7 @@ impl SqliteConsumer {
                 stored,
                 attempt: 1,
                 errors: Vec::new(),
+                watched: true,
             });
         }
         Ok(taken)
