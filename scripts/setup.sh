@@ -53,3 +53,13 @@ if [ ! -d "$python_dir/cloudevents-$CLOUDEVENTS_SDK_VERSION.dist-info" ]; then
         | grep -v "Running pip as the 'root' user" >&2 || true
     test -d "$python_dir/cloudevents-$CLOUDEVENTS_SDK_VERSION.dist-info"
 fi
+
+# The status page's tests drive Debian's Chromium over WebDriver (chromedriver).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        sudo=sudo
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+fi

@@ -32,7 +32,9 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`dispatch`], then [`plugins`]: consumers per plugin, and the plugin table that
 //!   starts and swaps them.
-//! - [`ingest`]: the HTTP API; `server`: wires it all into `switchyard serve`;
+//! - [`stats`]: the bounded history of rates and lags the status page plots.
+//! - [`ingest`]: the HTTP API and the status page (`/ui`); `server`: wires it all into
+//!   `switchyard serve`;
 //!   [`cli`]: the `switchyard` command line.
 
 pub mod bus;
@@ -52,6 +54,7 @@ mod policy;
 pub mod runtime;
 pub mod schema;
 mod server;
+pub mod stats;
 mod units;
 
 pub use crate::bus::{Bus, BusError};

@@ -252,6 +252,9 @@ struct PluginSeries {
     commit_latency: Histogram,
     fuel: Counter,
     retries: Counter,
+    /// Handler time in microseconds, summed, for the stats history (the histogram keeps
+    /// its sum to itself).
+    duration_us: AtomicU64,
 }
 
 impl PluginSeries {
@@ -269,6 +272,7 @@ impl PluginSeries {
             retries: families.retries_scheduled.get_or_create_owned(&labels),
             deliveries: ByLabel::default(),
             dead_letters: ByLabel::default(),
+            duration_us: AtomicU64::new(0),
             labels,
         }
     }
@@ -283,6 +287,26 @@ pub struct PluginGauges {
     pub pending_retries: u64,
     /// Deliveries being handled now.
     pub in_flight: u64,
+}
+
+/// Running totals read by the stats history ([`Metrics::totals`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    /// Events made durable by ingest.
+    pub ingested: u64,
+    /// Per plugin.
+    pub plugins: BTreeMap<String, PluginTotals>,
+}
+
+/// One plugin's running totals.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PluginTotals {
+    /// Invocations by outcome (`ok` or a failure kind, `conflict` for reruns).
+    pub deliveries: BTreeMap<&'static str, u64>,
+    /// Handler time of all invocations, in microseconds.
+    pub duration_us: u64,
+    /// Events moved to the dead letters.
+    pub dead_lettered: u64,
 }
 
 /// The host's metrics.
@@ -307,6 +331,25 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The running totals the stats history samples.
+    pub fn totals(&self) -> Totals {
+        let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
+        Totals {
+            ingested: self.families.events_ingested.get(),
+            plugins: plugins
+                .iter()
+                .map(|(name, series)| {
+                    let totals = PluginTotals {
+                        deliveries: series.deliveries.0.iter().map(|(o, c)| (*o, c.get())).collect(),
+                        duration_us: series.duration_us.load(Ordering::Relaxed),
+                        dead_lettered: series.dead_letters.0.iter().map(|(_, c)| c.get()).sum(),
+                    };
+                    (name.to_string(), totals)
+                })
+                .collect(),
+        }
+    }
+
     /// Counts events made durable by ingest (duplicates not included).
     pub fn events_ingested(&self, n: u64) {
         self.families.events_ingested.inc_by(n);
@@ -346,6 +389,10 @@ impl Metrics {
     pub fn delivery(&self, plugin: &str, outcome: &'static str, duration: Duration, fuel: u64) {
         let counted = self.with_plugin(plugin, |series| {
             series.duration.observe(duration.as_secs_f64());
+            series.duration_us.fetch_add(
+                u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
             series.fuel.inc_by(fuel);
             series.deliveries.get(outcome).map(Counter::inc).is_some()
         });

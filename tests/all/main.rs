@@ -22,5 +22,6 @@ mod serve_hostile;
 mod serve_http;
 mod serve_recovery;
 mod serve_retries;
+mod ui;
 mod validation;
 mod watch_fallback;

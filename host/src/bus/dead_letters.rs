@@ -79,6 +79,8 @@ pub struct DeadLetterQuery {
     pub after: u64,
     /// At most this many.
     pub limit: usize,
+    /// Only those dead-lettered for this reason.
+    pub reason: Option<DeadLetterReason>,
 }
 
 impl DeadLetter {

@@ -103,8 +103,25 @@ pub struct LogQuery {
     pub pattern: Option<Pattern>,
     /// Only events with this subject.
     pub subject: Option<String>,
+    /// Only events caused by the event with this id (extension `causationid`).
+    pub caused_by: Option<String>,
     /// At most this many events.
     pub limit: usize,
+}
+
+impl LogQuery {
+    /// Whether `event` passes the filters other than the position.
+    pub fn wants(&self, event: &Event) -> bool {
+        self.pattern.as_ref().is_none_or(|p| p.matches(&event.ty))
+            && self
+                .subject
+                .as_ref()
+                .is_none_or(|s| event.subject.as_ref() == Some(s))
+            && self
+                .caused_by
+                .as_deref()
+                .is_none_or(|id| event.extension(crate::event::CAUSATION_ID) == Some(id))
+    }
 }
 
 /// A page of the log.

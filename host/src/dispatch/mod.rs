@@ -58,12 +58,26 @@ use crate::schema::Schemas;
 pub struct DispatchState {
     in_flight: AtomicU64,
     last_error: Mutex<Option<AttemptError>>,
+    recent_errors: Mutex<VecDeque<(String, AttemptError)>>,
 }
+
+/// Failed attempts a plugin's state remembers for its status.
+pub const RECENT_ERRORS: usize = 20;
 
 impl DispatchState {
     /// Deliveries being handled now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(AtomicOrdering::Relaxed)
+    }
+
+    /// The latest failed attempts with their events' ids, oldest first.
+    pub fn recent_errors(&self) -> Vec<(String, AttemptError)> {
+        self.recent_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The most recent failed attempt.
@@ -574,6 +588,16 @@ fn record_error(
         .last_error
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
+    let mut recent = context
+        .state
+        .recent_errors
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if recent.len() == RECENT_ERRORS {
+        recent.pop_front();
+    }
+    recent.push_back((delivery.stored.event.id.clone(), error.clone()));
+    drop(recent);
     error
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiQuery, AppState, cloudevents};
-use crate::bus::{BusError, DeadLetter, DeadLetterQuery, DeadLetterView};
+use crate::bus::{BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView};
 use crate::clock::rfc3339_ms;
 use crate::failure::AttemptView;
 use crate::metrics::PluginGauges;
@@ -49,6 +49,31 @@ struct PluginView {
     lag: Option<u64>,
     pending_retries: u64,
     dead_letters: u64,
+    /// Invocations on this host since it started that succeeded, and that failed.
+    handled: u64,
+    failed: u64,
+    /// The latest loads of its files, oldest first.
+    history: Vec<ReloadView>,
+}
+
+/// One load of a plugin's files.
+#[derive(Debug, Serialize)]
+struct ReloadView {
+    at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// A recent failed attempt and its event.
+#[derive(Debug, Serialize)]
+struct RecentErrorView {
+    event_id: String,
+    #[serde(flatten)]
+    error: AttemptView,
 }
 
 /// What only a serving plugin has.
@@ -62,6 +87,7 @@ struct RunningView {
     policy: PolicyView,
     in_flight: u64,
     last_error: Option<AttemptView>,
+    recent_errors: Vec<RecentErrorView>,
 }
 
 /// What the plugin's `describe()` returned.
@@ -148,6 +174,15 @@ impl RunningView {
             },
             in_flight: loaded.state.in_flight(),
             last_error: loaded.state.last_error().as_ref().map(AttemptView::from),
+            recent_errors: loaded
+                .state
+                .recent_errors()
+                .iter()
+                .map(|(event_id, error)| RecentErrorView {
+                    event_id: event_id.clone(),
+                    error: AttemptView::from(error),
+                })
+                .collect(),
         }
     }
 }
@@ -171,6 +206,18 @@ fn entry_view(entry: &PluginEntry) -> PluginView {
         lag: None,
         pending_retries: 0,
         dead_letters: 0,
+        handled: 0,
+        failed: 0,
+        history: entry
+            .history
+            .iter()
+            .map(|reload| ReloadView {
+                at: rfc3339_ms(reload.at_ms),
+                version: reload.loaded.as_ref().map(|(version, _)| version.clone()),
+                sha256: reload.loaded.as_ref().map(|(_, sha)| sha.clone()),
+                error: reload.error.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -179,10 +226,24 @@ fn views(state: &AppState, name: Option<&str>) -> Vec<PluginView> {
         .plugins
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let totals = state.metrics.totals();
     plugins
         .values()
         .filter(|e| name.is_none_or(|n| n == e.name))
-        .map(entry_view)
+        .map(|entry| {
+            let mut view = entry_view(entry);
+            if let Some(counts) = totals.plugins.get(&entry.name) {
+                for (outcome, count) in &counts.deliveries {
+                    match *outcome {
+                        "ok" => view.handled += count,
+                        // A rerun after a KV conflict is neither handled nor failed.
+                        "conflict" => {}
+                        _ => view.failed += count,
+                    }
+                }
+            }
+            view
+        })
         .collect()
 }
 
@@ -204,19 +265,60 @@ async fn with_consumer_stats(
     Ok(view)
 }
 
-/// `GET /v1/plugins`: every plugin.
+/// `GET /v1/plugins`: a page of plugins, by name.
 #[derive(Debug, Serialize)]
 struct PluginList {
     plugins: Vec<PluginView>,
+    /// Plugins in the table, on every page.
+    total: usize,
+    /// The `after` of the next page, if there is one.
+    next_after: Option<String>,
 }
 
-/// `GET /v1/plugins`.
-pub(super) async fn list_plugins(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let mut plugins = Vec::new();
-    for view in views(&state, None) {
-        plugins.push(with_consumer_stats(&state, view).await?);
-    }
-    Ok(Json(PluginList { plugins }).into_response())
+/// Query of `GET /v1/plugins`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PluginParams {
+    /// Only plugins whose names sort after this one.
+    after: Option<String>,
+    /// At most this many (default: all).
+    limit: Option<usize>,
+}
+
+/// Consumer counters read at once per page.
+const STATS_READS: usize = 8;
+
+/// `GET /v1/plugins?after=&limit=`.
+pub(super) async fn list_plugins(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(params): ApiQuery<PluginParams>,
+) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    let all = views(&state, None);
+    let total = all.len();
+    let limit = params.limit.unwrap_or(usize::MAX).max(1);
+    let mut page: Vec<PluginView> = all
+        .into_iter()
+        .filter(|v| params.after.as_ref().is_none_or(|after| &v.name > after))
+        .take(limit.saturating_add(1))
+        .collect();
+    let next_after = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(|v| v.name.clone())
+    });
+    let plugins = futures_util::stream::iter(page)
+        .map(|view| with_consumer_stats(&state, view))
+        .buffered(STATS_READS)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(PluginList {
+        plugins,
+        total,
+        next_after: next_after.flatten(),
+    })
+    .into_response())
 }
 
 /// `GET /v1/plugins/{name}`.
@@ -228,6 +330,78 @@ pub(super) async fn show_plugin(
         return Err(ApiError::not_found(format!("plugin `{name}`")));
     };
     Ok(Json(with_consumer_stats(&state, view).await?).into_response())
+}
+
+/// Query of `GET /v1/plugins/{name}/kv`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeysParams {
+    #[serde(default)]
+    prefix: String,
+    /// Only keys after this one, for the next page.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// A page of a plugin's KV keys.
+#[derive(Debug, Serialize)]
+struct KeyPage {
+    keys: Vec<String>,
+    next_after: Option<String>,
+}
+
+/// `GET /v1/plugins/{name}/kv?prefix=&after=&limit=`: a page of keys, in order.
+pub(super) async fn list_kv(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<KeysParams>,
+) -> Result<Response, ApiError> {
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let mut keys = state
+        .bus
+        .keys(&name, &params.prefix)
+        .await
+        .map_err(ApiError::internal)?;
+    keys.sort();
+    let keys: Vec<String> = keys
+        .into_iter()
+        .filter(|key| params.after.as_ref().is_none_or(|after| key > after))
+        .take(limit + 1)
+        .collect();
+    let more = keys.len() > limit;
+    let keys: Vec<String> = keys.into_iter().take(limit).collect();
+    let next_after = more.then(|| keys.last().cloned()).flatten();
+    Ok(Json(KeyPage { keys, next_after }).into_response())
+}
+
+/// Query of `GET /v1/stats`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StatsParams {
+    /// How far back, such as `15m` (at most an hour).
+    window: Option<String>,
+    /// One plugin's series too.
+    plugin: Option<String>,
+    /// Lag series of this many plugins, the most behind first (default 8).
+    top: Option<usize>,
+}
+
+/// `GET /v1/stats?window=15m&plugin=&top=`: the history the status page plots.
+pub(super) async fn stats(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(params): ApiQuery<StatsParams>,
+) -> Result<Response, ApiError> {
+    let window = match params.window.as_deref() {
+        None => Duration::from_secs(15 * 60),
+        Some(text) => crate::units::parse_duration(text).map_err(|e| {
+            ApiError::bad_request(super::error::code::BAD_REQUEST, format!("`window`: {e}"))
+        })?,
+    }
+    .min(Duration::from_secs(3600));
+    let view = state
+        .stats
+        .view(window, params.plugin.as_deref(), params.top.unwrap_or(8).min(50));
+    Ok(Json(view).into_response())
 }
 
 /// `GET /v1/plugins/{name}/kv/{key}`: the raw value.
@@ -268,6 +442,8 @@ pub(super) struct DeadLetterParams {
     plugin: Option<String>,
     after: Option<u64>,
     limit: Option<usize>,
+    /// `rejected`, `exhausted`, `expired`, `effects`, `loop` or `schema`.
+    reason: Option<DeadLetterReason>,
 }
 
 /// `GET /v1/dlq?plugin=&after=&limit=`.
@@ -281,6 +457,7 @@ pub(super) async fn list_dead_letters(
             plugin: params.plugin,
             after: params.after.unwrap_or(0),
             limit: params.limit.unwrap_or(100).clamp(1, 1000),
+            reason: params.reason,
         })
         .await
         .map_err(bus_error)?;

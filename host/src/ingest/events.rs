@@ -234,6 +234,8 @@ pub(super) struct LogParams {
     #[serde(rename = "type")]
     ty: Option<String>,
     subject: Option<String>,
+    /// Only the events caused by the event with this id.
+    causationid: Option<String>,
     after: Option<u64>,
     limit: Option<usize>,
 }
@@ -277,6 +279,7 @@ pub(super) async fn read_log(
             after,
             pattern,
             subject: params.subject,
+            caused_by: params.causationid,
             limit,
         })
         .await

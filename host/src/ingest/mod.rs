@@ -4,13 +4,15 @@
 //! [`router`] builds the whole API from an [`AppState`], so tests drive it without a
 //! socket. Every error is an [`ApiError`]: JSON `{"error": {"code", "message"}}` with
 //! the right status. Ingest routes need an ingest token and the rest of `/v1` an admin
-//! token when tokens are configured; `/healthz`, `/readyz` and `/metrics` are open.
+//! token when tokens are configured; `/healthz`, `/readyz`, `/metrics` and the status
+//! page's static files (`/ui`, which asks for the token itself) are open.
 
 mod admin;
 pub mod cloudevents;
 pub mod error;
 mod events;
 mod schemas;
+mod ui;
 mod wait;
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::plugins::PluginTable;
 use crate::schema::Schemas;
+use crate::stats::Stats;
 
 /// Everything the HTTP handlers share.
 pub struct AppState {
@@ -49,6 +52,8 @@ pub struct AppState {
     pub schemas: Arc<Schemas>,
     /// Permits of requests waiting for outcomes (`?wait=`), `[ingest] max_waiters` in all.
     pub waiters: Arc<tokio::sync::Semaphore>,
+    /// The history the status page plots (empty unless a sampler fills it).
+    pub stats: Arc<Stats>,
 }
 
 impl AppState {
@@ -69,6 +74,7 @@ impl AppState {
             runtime: None,
             ready: AtomicBool::new(false),
             schemas,
+            stats: Arc::default(),
         }
     }
 }
@@ -86,7 +92,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", get(events::read_log))
         .route("/v1/plugins", get(admin::list_plugins))
         .route("/v1/plugins/{name}", get(admin::show_plugin))
+        .route("/v1/plugins/{name}/kv", get(admin::list_kv))
         .route("/v1/plugins/{name}/kv/{*key}", get(admin::read_kv))
+        .route("/v1/stats", get(admin::stats))
         .route("/v1/dlq", get(admin::list_dead_letters))
         .route("/v1/dlq/replay", post(admin::replay_plugin))
         .route(
@@ -107,6 +115,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     // `GET /v1/events` is admin, `POST /v1/events` ingest: merge keeps both methods.
     ingest
         .merge(admin)
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/{asset}", get(ui::asset))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))

@@ -89,6 +89,22 @@ pub struct PluginEntry {
     /// Why the latest load of its files failed, when it did (a working version may
     /// still be serving).
     pub load_error: Option<PluginLoadError>,
+    /// The latest loads of its files, oldest first, at most [`RELOAD_HISTORY`].
+    pub history: Vec<Reload>,
+}
+
+/// Loads of a plugin's files kept in its [`PluginEntry::history`].
+pub const RELOAD_HISTORY: usize = 20;
+
+/// One load of a plugin's files: the version that took over, or why none did.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The version serving since, as `describe()` named it, with its file's SHA-256.
+    pub loaded: Option<(String, String)>,
+    /// Why the files did not load.
+    pub error: Option<String>,
 }
 
 /// Whether a file stem may name a plugin: 1 to 64 of `[A-Za-z0-9_-]`.

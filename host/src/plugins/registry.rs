@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{LoadedPlugin, PluginEntry, PluginLoadError, load_plugin};
+use super::{LoadedPlugin, PluginEntry, PluginLoadError, RELOAD_HISTORY, Reload, load_plugin};
 use crate::bus::Bus;
 use crate::clock::now_ms;
 use crate::dispatch::{Dispatcher, Target};
@@ -193,13 +193,24 @@ impl Registry {
                     .table
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let failed = Reload {
+                    at_ms: now_ms(),
+                    loaded: None,
+                    error: Some(error.to_string()),
+                };
                 match table.get_mut(name) {
                     Some(entry) if entry.status.is_ok() => {
                         tracing::error!(plugin = %name, "new version failed to load; the running version keeps serving: {error}");
                         entry.load_error = Some(error);
+                        remember(&mut entry.history, failed);
                     }
                     _ => {
                         tracing::error!(plugin = %name, "plugin failed to load: {error}");
+                        let mut history = table
+                            .remove(name)
+                            .map(|entry| entry.history)
+                            .unwrap_or_default();
+                        remember(&mut history, failed);
                         table.insert(
                             name.to_owned(),
                             PluginEntry {
@@ -208,6 +219,7 @@ impl Registry {
                                 loaded_at_ms: now_ms(),
                                 status: Err(error.clone()),
                                 load_error: Some(error),
+                                history,
                             },
                         );
                     }
@@ -244,19 +256,34 @@ impl Registry {
             }
         };
         let load_error = status.as_ref().err().cloned();
-        self.table
+        let reload = Reload {
+            at_ms: now_ms(),
+            loaded: status.as_ref().ok().map(|loaded| {
+                let plugin = &loaded.plugin;
+                (plugin.info().version.clone(), plugin.sha256().to_owned())
+            }),
+            error: load_error.as_ref().map(ToString::to_string),
+        };
+        let mut table = self
+            .table
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                name.to_owned(),
-                PluginEntry {
-                    name: name.to_owned(),
-                    file,
-                    loaded_at_ms: now_ms(),
-                    status,
-                    load_error,
-                },
-            );
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut history = table
+            .remove(name)
+            .map(|entry| entry.history)
+            .unwrap_or_default();
+        remember(&mut history, reload);
+        table.insert(
+            name.to_owned(),
+            PluginEntry {
+                name: name.to_owned(),
+                file,
+                loaded_at_ms: now_ms(),
+                status,
+                load_error,
+                history,
+            },
+        );
     }
 
     async fn remove(&self, running: &mut Running, name: &str) {
@@ -296,4 +323,11 @@ fn target(name: &str, loaded: &LoadedPlugin, schemas: &Arc<Schemas>) -> Target {
         subscriptions: loaded.subscriptions.clone(),
         state: Arc::clone(&loaded.state),
     }
+}
+
+/// Adds a load to a plugin's history, dropping the oldest beyond [`RELOAD_HISTORY`].
+fn remember(history: &mut Vec<Reload>, reload: Reload) {
+    history.push(reload);
+    let excess = history.len().saturating_sub(RELOAD_HISTORY);
+    history.drain(..excess);
 }

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: the guest plugins (built once per test
 //! process), runtimes, events and an in-memory KV store that commits effects.
 
+pub mod browser;
 pub mod guests;
 pub mod host;
 pub mod nats;

@@ -105,6 +105,9 @@ impl Shared {
     }
 }
 
+/// Dead-letter records one list request reads at most.
+const DEAD_LETTER_SCAN: usize = 10_000;
+
 fn to_dead_letter(id: u64, payload: &[u8]) -> Result<DeadLetter, BusError> {
     let unreadable =
         |error: &dyn Display| BusError::Storage(format!("dead letter {id} is unreadable: {error}"));
@@ -139,7 +142,10 @@ impl DeadLetters for NatsBus {
         };
         let mut found = Vec::new();
         let mut after = query.after;
-        while found.len() < query.limit.max(1) {
+        // A filter on the reason reads the records it skips: bounded per request.
+        let mut scan = DEAD_LETTER_SCAN;
+        while found.len() < query.limit.max(1) && scan > 0 {
+            scan -= 1;
             let Some(message) = next_message(
                 &self.shared.dead_letters,
                 self.shared.direct(),
@@ -151,7 +157,10 @@ impl DeadLetters for NatsBus {
                 break;
             };
             after = message.sequence;
-            found.push(to_dead_letter(message.sequence, &message.payload)?);
+            let letter = to_dead_letter(message.sequence, &message.payload)?;
+            if query.reason.is_none_or(|reason| reason == letter.reason) {
+                found.push(letter);
+            }
         }
         Ok(found)
     }
@@ -176,6 +185,7 @@ impl DeadLetters for NatsBus {
                             plugin: plugin.map(str::to_owned),
                             after,
                             limit: 1000,
+                            reason: None,
                         })
                         .await?;
                     let Some(last) = page.last() else { break };

@@ -284,12 +284,7 @@ impl Bus for NatsBus {
             };
             page.scanned_to = message.sequence;
             let event = decode_event(&message.payload)?;
-            let wanted = query.pattern.as_ref().is_none_or(|p| p.matches(&event.ty))
-                && query
-                    .subject
-                    .as_ref()
-                    .is_none_or(|s| event.subject.as_ref() == Some(s));
-            if wanted {
+            if query.wants(&event) {
                 page.events.push(StoredEvent {
                     sequence: message.sequence,
                     ingested_at_us: micros(message.time),

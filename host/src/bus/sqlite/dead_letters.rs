@@ -20,14 +20,16 @@ impl DeadLetters for SqliteBus {
         self.read(move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT id, plugin, seq, reason, errors, dead_at FROM dead_letters
-                 WHERE id > ?1 AND (?2 IS NULL OR plugin = ?2) ORDER BY id LIMIT ?3",
+                 WHERE id > ?1 AND (?2 IS NULL OR plugin = ?2) AND (?4 IS NULL OR reason = ?4)
+                 ORDER BY id LIMIT ?3",
             )?;
             let rows: Vec<(i64, String, i64, String, String, i64)> = select
                 .query_map(
                     params![
                         to_i64(query.after),
                         query.plugin,
-                        to_i64(query.limit.max(1) as u64)
+                        to_i64(query.limit.max(1) as u64),
+                        query.reason.map(DeadLetterReason::as_str)
                     ],
                     |r| {
                         Ok((

@@ -307,7 +307,7 @@ impl Bus for SqliteBus {
                 let Some(last) = chunk.last() else { break };
                 after = to_i64(last.sequence);
                 for stored in chunk {
-                    if query.pattern.as_ref().is_none_or(|p| p.matches(&stored.event.ty)) {
+                    if query.wants(&stored.event) {
                         let sequence = stored.sequence;
                         events.push(stored);
                         if events.len() == limit {

@@ -1,0 +1,442 @@
+// The Switchyard status page: a small single-page app over the host's JSON API.
+//
+// - Every call goes through `api()`, which sends the admin token (kept in this tab's
+//   sessionStorage, never in a URL or a cookie) as a bearer header; a 401 shows the token
+//   form instead of the page.
+// - Views are chosen by the URL's hash (#/, #/plugins/NAME, #/dlq, #/events) and render
+//   with DOM calls and textContent only: event data and error messages come from
+//   producers and plugins and are never parsed as HTML.
+// - Live: the current view refreshes every 2 s while the tab is visible; each refresh
+//   asks for one page of data (lists are paginated), so an open page costs the host a few
+//   small requests every 2 s whatever the number of plugins or dead letters.
+"use strict";
+
+const REFRESH_MS = 2000;
+const PAGE = 50;
+const TOKEN_KEY = "switchyard.token";
+const main = document.getElementById("main");
+let timer = null;
+let generation = 0;
+const plots = new Map();
+const shown = new Map();
+
+// Whether `data` differs from what `key` showed last: an unchanged table is left alone,
+// so a refresh does not close what the reader opened.
+function changed(key, data) {
+  const text = JSON.stringify(data);
+  if (shown.get(key) === text) return false;
+  shown.set(key, text);
+  return true;
+}
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ accept: "application/json" }, options.headers || {});
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.authorization = "Bearer " + token;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) throw new Unauthorized();
+  const type = response.headers.get("content-type") || "";
+  const body = type.includes("json") ? await response.json() : await response.text();
+  if (!response.ok) {
+    const message = body && body.error ? body.error.message : String(body);
+    throw new Error(`${response.status}: ${message}`);
+  }
+  return body;
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "class") node.className = value;
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+const num = (n) => (n === undefined || n === null ? "–" : Number(n).toLocaleString("en"));
+const short = (hash) => (hash ? hash.slice(0, 12) : "–");
+const link = (href, text) => el("a", { href }, text);
+const qs = (params) => {
+  const search = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") search.set(k, v);
+  const text = search.toString();
+  return text ? "?" + text : "";
+};
+
+function route() {
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = hash.split("?");
+  const params = Object.fromEntries(new URLSearchParams(query || ""));
+  const parts = path.split("/").filter(Boolean);
+  if (parts[0] === "plugins" && parts[1]) return { view: "plugin", name: decodeURIComponent(parts[1]), params };
+  if (parts[0] === "dlq") return { view: "dlq", params };
+  if (parts[0] === "events") return { view: "events", params };
+  return { view: "overview", params };
+}
+
+function setHash(path, params) {
+  location.hash = "#" + path + qs(params);
+}
+
+// ---------------------------------------------------------------------------------------
+// Plots
+
+function plot(id, title, series, data, height = 180) {
+  const host = document.getElementById(id);
+  if (!host) return;
+  const width = Math.max(280, host.clientWidth - 4);
+  if (!data[0] || data[0].length < 2) {
+    host.replaceChildren(el("h3", {}, title), el("div", { class: "empty" }, "collecting data…"));
+    plots.delete(id);
+    return;
+  }
+  const key = series.map((s) => s.label).join("|");
+  const existing = plots.get(id);
+  if (existing && existing.key === key && existing.width === width) {
+    existing.chart.setData(data);
+    return;
+  }
+  const colors = ["#2563eb", "#15803d", "#b91c1c", "#b45309", "#7c3aed", "#0891b2", "#be185d", "#4b5563"];
+  const target = el("div");
+  host.replaceChildren(el("h3", {}, title), target);
+  const chart = new uPlot(
+    {
+      width,
+      height,
+      legend: { live: false },
+      series: [{}].concat(series.map((s, i) => ({ label: s.label, stroke: colors[i % colors.length], width: 1.5 }))),
+      axes: [{}, { size: 50 }],
+    },
+    data,
+    target,
+  );
+  plots.set(id, { chart, key, width });
+}
+
+const seconds = (ms) => ms.map((t) => t / 1000);
+
+// ---------------------------------------------------------------------------------------
+// Overview
+
+async function overview(params, first) {
+  const after = params.after || "";
+  const [stats, list] = await Promise.all([
+    api("/v1/stats?window=15m&top=8"),
+    api("/v1/plugins" + qs({ after, limit: PAGE })),
+  ]);
+  if (first) {
+    main.replaceChildren(
+      el("h1", {}, "Overview"),
+      el("div", { class: "plots" },
+        el("div", { class: "card plot", id: "plot-ingest" }),
+        el("div", { class: "card plot", id: "plot-deliveries" }),
+        el("div", { class: "card plot", id: "plot-lag" })),
+      el("h2", {}, "Plugins"),
+      el("div", { id: "plugins" }),
+    );
+  }
+  const t = seconds(stats.t);
+  plot("plot-ingest", "Ingested events/s (15 min)", [{ label: "events/s" }], [t, stats.ingested_per_s]);
+  const outcomes = Object.keys(stats.deliveries_per_s);
+  plot("plot-deliveries", "Deliveries/s by outcome",
+    outcomes.length ? outcomes.map((o) => ({ label: o })) : [{ label: "ok" }],
+    [t].concat(outcomes.length ? outcomes.map((o) => stats.deliveries_per_s[o]) : [t.map(() => 0)]));
+  const lagged = Object.keys(stats.lag);
+  plot("plot-lag", "Lag per plugin (most behind)",
+    lagged.length ? lagged.map((p) => ({ label: p })) : [{ label: "lag" }],
+    [seconds(stats.lag_t)].concat(lagged.length ? lagged.map((p) => stats.lag[p]) : [stats.lag_t.map(() => 0)]));
+
+  const rows = list.plugins.map((p) =>
+    el("tr", { "data-plugin": p.name },
+      el("td", {}, link("#/plugins/" + encodeURIComponent(p.name), p.name)),
+      el("td", { class: "state-" + p.status }, p.status),
+      el("td", {}, p.version || "–", el("div", { class: "mono muted" }, short(p.sha256))),
+      el("td", { class: "wide" }, (p.subscriptions || []).map((s) => el("span", { class: "pill" }, s))),
+      el("td", { class: "num", "data-col": "lag" }, num(p.lag)),
+      el("td", { class: "num", "data-col": "in_flight" }, num(p.in_flight)),
+      el("td", { class: "num", "data-col": "handled" }, num(p.handled)),
+      el("td", { class: "num", "data-col": "failed" }, num(p.failed)),
+      el("td", { class: "num wide" }, num(p.pending_retries)),
+      el("td", { class: "num", "data-col": "dead_letters" },
+        p.dead_letters ? link("#/dlq" + qs({ plugin: p.name }), num(p.dead_letters)) : "0"),
+      el("td", { class: "wide error" },
+        p.load_error ? "load error: " + p.load_error : p.error || (p.last_error ? `${p.last_error.kind}: ${p.last_error.message}` : "")),
+    ));
+  const pager = el("div", { class: "pager" },
+    el("span", { class: "muted" }, `${list.total} plugins`),
+    after ? el("button", { onclick: () => setHash("/", {}) }, "First page") : null,
+    list.next_after ? el("button", { onclick: () => setHash("/", { after: list.next_after }) }, "Next page") : null);
+  document.getElementById("plugins").replaceChildren(
+    el("div", { class: "scroll" },
+      el("table", { id: "plugins-table" },
+        el("thead", {}, el("tr", {},
+          ["Plugin", "State", "Version", "Subscriptions", "Lag", "In flight", "Handled", "Failed", "Retries", "Dead letters", "Last error"]
+            .map((h, i) => el("th", { class: [3, 8, 10].includes(i) ? "wide" : "" }, h)))),
+        el("tbody", {}, rows))),
+    pager);
+}
+
+// ---------------------------------------------------------------------------------------
+// One plugin
+
+async function pluginPage(name, params, first) {
+  const [p, stats] = await Promise.all([
+    api("/v1/plugins/" + encodeURIComponent(name)),
+    api("/v1/stats" + qs({ window: "15m", plugin: name, top: 0 })),
+  ]);
+  if (first) {
+    main.replaceChildren(
+      el("h1", {}, "Plugin ", el("span", { class: "mono" }, name)),
+      el("div", { id: "plugin-info" }),
+      el("div", { class: "plots" },
+        el("div", { class: "card plot", id: "plot-throughput" }),
+        el("div", { class: "card plot", id: "plot-duration" }),
+        el("div", { class: "card plot", id: "plot-plugin-lag" })),
+      el("h2", {}, "Recent errors"), el("div", { id: "recent-errors" }),
+      el("h2", {}, "KV"), kvBrowser(name),
+      el("h2", {}, "Loads of its files"), el("div", { id: "history" }),
+    );
+  }
+  const policy = p.policy || {};
+  const retry = policy.retry || {};
+  const limits = p.limits || {};
+  const facts = [
+    ["State", el("span", { class: "state-" + p.status }, p.status)],
+    ["Version", p.version || "–"], ["SHA-256", el("span", { class: "mono" }, p.sha256 || "–")],
+    ["File", el("span", { class: "mono" }, p.file)], ["Loaded", p.loaded_at],
+    ["Load error", p.load_error ? el("span", { class: "error", id: "load-error" }, p.load_error) : "none"],
+    ["Subscriptions", (p.subscriptions || []).map((s) => el("span", { class: "pill" }, s))],
+    ["Cursor / lag", `${num(p.cursor)} / ${num(p.lag)}`], ["In flight", num(p.in_flight)],
+    ["Handled / failed (this host)", `${num(p.handled)} / ${num(p.failed)}`],
+    ["Pending retries", num(p.pending_retries)],
+    ["Dead letters", p.dead_letters ? link("#/dlq" + qs({ plugin: name }), num(p.dead_letters)) : "0"],
+    ["Limits", `fuel ${num(limits.fuel)}, memory ${num(limits.memory_bytes)} bytes, timeout ${num(limits.timeout_ms)} ms`],
+    ["Policy", `concurrency ${num(policy.concurrency)}, ordering ${policy.ordering}, start ${policy.start}, instance ${policy.instance}`],
+    ["Retry", `${num(retry.max_attempts)} attempts, ${retry.backoff} from ${num(retry.initial_ms)} ms to ${num(retry.max_ms)} ms` +
+      `${retry.jitter ? ", jitter" : ""}${retry.max_age_ms ? `, max age ${num(retry.max_age_ms)} ms` : ""}`],
+  ];
+  if (p.error) facts.splice(1, 0, ["Error", el("span", { class: "error" }, p.error)]);
+  document.getElementById("plugin-info").replaceChildren(
+    el("dl", { class: "kv card" }, facts.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
+  const s = stats.plugin || { t: [], handled_per_s: [], failed_per_s: [], mean_duration_ms: [], lag: [] };
+  const t = seconds(s.t);
+  plot("plot-throughput", "Handled and failed per second", [{ label: "handled/s" }, { label: "failed/s" }], [t, s.handled_per_s, s.failed_per_s]);
+  plot("plot-duration", "Mean handler duration (ms)", [{ label: "ms" }], [t, s.mean_duration_ms]);
+  plot("plot-plugin-lag", "Lag", [{ label: "events" }], [t, s.lag]);
+
+  const errors = (p.recent_errors || []).slice().reverse();
+  document.getElementById("recent-errors").replaceChildren(errors.length
+    ? el("div", { class: "scroll" }, el("table", {},
+        el("thead", {}, el("tr", {}, ["When", "Event", "Attempt", "Kind", "Message"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, errors.map((e) => el("tr", {},
+          el("td", {}, e.at), el("td", { class: "mono" }, e.event_id), el("td", { class: "num" }, e.attempt),
+          el("td", {}, e.kind), el("td", { class: "error" }, e.message))))))
+    : el("p", { class: "muted" }, "No failed attempts since this host started."));
+  const history = (p.history || []).slice().reverse();
+  document.getElementById("history").replaceChildren(el("div", { class: "scroll" }, el("table", { id: "history-table" },
+    el("thead", {}, el("tr", {}, ["When", "Version", "SHA-256", "Result"].map((h) => el("th", {}, h)))),
+    el("tbody", {}, history.map((h) => el("tr", {},
+      el("td", {}, h.at), el("td", {}, h.version || "–"), el("td", { class: "mono" }, short(h.sha256)),
+      el("td", { class: h.error ? "error" : "" }, h.error ? "failed: " + h.error : "serving")))))));
+}
+
+function kvBrowser(name) {
+  const box = el("div", { class: "card", id: "kv" });
+  const prefix = el("input", { placeholder: "key prefix", id: "kv-prefix" });
+  const list = el("div");
+  const value = el("pre", { hidden: true });
+  async function load(after) {
+    const page = await api(`/v1/plugins/${encodeURIComponent(name)}/kv` + qs({ prefix: prefix.value, after, limit: PAGE }));
+    list.replaceChildren(...[
+      page.keys.length ? el("ul", { class: "mono", id: "kv-keys" }, page.keys.map((key) =>
+        el("li", {}, el("a", { href: "#", onclick: async (e) => {
+          e.preventDefault();
+          const text = await api(`/v1/plugins/${encodeURIComponent(name)}/kv/${key.split("/").map(encodeURIComponent).join("/")}`);
+          value.hidden = false;
+          value.textContent = `${key} = ${typeof text === "string" ? text : JSON.stringify(text)}`;
+        } }, key)))) : el("p", { class: "muted" }, "No keys with this prefix."),
+      page.next_after ? el("button", { onclick: () => load(page.next_after) }, "Next keys") : null,
+    ].filter(Boolean));
+  }
+  box.append(el("form", { class: "toolbar", onsubmit: (e) => { e.preventDefault(); load().catch(show); } },
+    el("label", {}, "Prefix", prefix), el("button", { type: "submit" }, "List keys")), list, value);
+  load().catch(show);
+  return box;
+}
+
+// ---------------------------------------------------------------------------------------
+// Dead letters
+
+const REASONS = ["", "rejected", "exhausted", "expired", "effects", "loop", "schema"];
+
+async function deadLetters(params, first) {
+  const page = await api("/v1/dlq" + qs({ plugin: params.plugin, reason: params.reason, after: params.after, limit: PAGE }));
+  if (first) {
+    const plugin = el("input", { id: "dlq-plugin", value: params.plugin || "", placeholder: "any" });
+    const reason = el("select", { id: "dlq-reason" }, REASONS.map((r) => el("option", { value: r, selected: r === (params.reason || "") }, r || "any")));
+    main.replaceChildren(
+      el("h1", {}, "Dead letters"),
+      el("form", { class: "toolbar", onsubmit: (e) => { e.preventDefault(); setHash("/dlq", { plugin: plugin.value, reason: reason.value }); } },
+        el("label", {}, "Plugin", plugin), el("label", {}, "Kind", reason), el("button", { type: "submit" }, "Filter"),
+        params.plugin ? el("button", { id: "replay-all", class: "primary", type: "button", onclick: () => confirmThen(
+          `Replay every dead letter of ${params.plugin}?`, async () => {
+            const done = await api("/v1/dlq/replay" + qs({ plugin: params.plugin }), { method: "POST" });
+            flash(`Replayed ${done.replayed} dead letters of ${params.plugin}.`);
+          }) }, "Replay all of " + params.plugin) : null),
+      el("div", { id: "flash" }),
+      el("div", { id: "dlq" }),
+    );
+  }
+  if (!changed("dlq", page)) return;
+  const rows = page.dead_letters.map((d) => el("tr", { "data-id": d.id },
+    el("td", { class: "num" }, d.id),
+    el("td", {}, link("#/plugins/" + encodeURIComponent(d.plugin), d.plugin)),
+    el("td", {}, d.reason),
+    el("td", {}, el("div", {}, d.event.type), el("div", { class: "mono muted" }, d.event.id)),
+    el("td", { class: "wide" }, d.dead_at),
+    el("td", {}, el("details", {}, el("summary", {}, `${d.attempts} attempt(s)`),
+      el("ol", {}, d.errors.map((e) => el("li", { class: "error" }, `${e.kind}: ${e.message} (${e.at})`))),
+      el("pre", {}, JSON.stringify(d.event, null, 2)))),
+    el("td", {},
+      el("button", { class: "replay", onclick: () => confirmThen(`Replay dead letter ${d.id} to ${d.plugin}?`, async () => {
+        await api(`/v1/dlq/${d.id}/replay`, { method: "POST" });
+        flash(`Dead letter ${d.id} replayed to ${d.plugin}.`);
+      }) }, "Replay"), " ",
+      el("button", { class: "delete", onclick: () => confirmThen(`Delete dead letter ${d.id} for good?`, async () => {
+        await api(`/v1/dlq/${d.id}`, { method: "DELETE" });
+        flash(`Dead letter ${d.id} deleted.`);
+      }) }, "Delete"))));
+  document.getElementById("dlq").replaceChildren(
+    rows.length ? el("div", { class: "scroll" }, el("table", { id: "dlq-table" },
+      el("thead", {}, el("tr", {}, ["Id", "Plugin", "Kind", "Event", "Dead since", "Errors", ""].map((h, i) => el("th", { class: i === 4 ? "wide" : "" }, h)))),
+      el("tbody", {}, rows))) : el("p", { class: "muted", id: "dlq-empty" }, "No dead letters here."),
+    el("div", { class: "pager" },
+      params.after ? el("button", { onclick: () => setHash("/dlq", { plugin: params.plugin, reason: params.reason }) }, "First page") : null,
+      page.next_after && rows.length === PAGE ? el("button", { onclick: () => setHash("/dlq", { plugin: params.plugin, reason: params.reason, after: page.next_after }) }, "Next page") : null));
+}
+
+// ---------------------------------------------------------------------------------------
+// Events
+
+async function events(params, first) {
+  const page = await api("/v1/events" + qs({ type: params.type, subject: params.subject, causationid: params.caused, after: params.after, limit: PAGE }));
+  if (first) {
+    const type = el("input", { id: "events-type", value: params.type || "", placeholder: "order.* or >" });
+    const subject = el("input", { id: "events-subject", value: params.subject || "" });
+    main.replaceChildren(
+      el("h1", {}, params.caused ? "Events caused by " : "Events", params.caused ? el("span", { class: "mono" }, params.caused) : ""),
+      el("form", { class: "toolbar", onsubmit: (e) => { e.preventDefault(); setHash("/events", { type: type.value, subject: subject.value }); } },
+        el("label", {}, "Type pattern", type), el("label", {}, "Subject", subject), el("button", { type: "submit" }, "Browse")),
+      el("div", { id: "events" }),
+    );
+  }
+  if (!changed("events", page)) return;
+  const rows = page.events.map((s) => {
+    const e = s.event;
+    return el("tr", { "data-id": e.id },
+      el("td", { class: "num" }, s.sequence),
+      el("td", { class: "wide" }, s.ingested_at),
+      el("td", {}, e.type),
+      el("td", { class: "mono" }, e.id),
+      el("td", { class: "wide" }, e.subject || ""),
+      el("td", {}, e.causationid ? el("span", { class: "mono" }, e.causationid) : ""),
+      el("td", {}, link("#/events" + qs({ caused: e.id, after: s.sequence }), "what it caused →"),
+        el("details", {}, el("summary", {}, "event"), el("pre", {}, JSON.stringify(e, null, 2)))));
+  });
+  document.getElementById("events").replaceChildren(
+    rows.length ? el("div", { class: "scroll" }, el("table", { id: "events-table" },
+      el("thead", {}, el("tr", {}, ["Seq", "Ingested", "Type", "Id", "Subject", "Caused by", ""].map((h, i) => el("th", { class: [1, 4].includes(i) ? "wide" : "" }, h)))),
+      el("tbody", {}, rows))) : el("p", { class: "muted" }, "No matching events in this stretch of the log."),
+    el("div", { class: "pager" },
+      page.next_after ? el("button", { onclick: () => setHash("/events", Object.assign({}, params, { after: page.next_after })) }, "Later events") : el("span", { class: "muted" }, "End of the log.")));
+}
+
+// ---------------------------------------------------------------------------------------
+// Token, confirmation, messages, refresh
+
+function loginForm() {
+  stop();
+  const input = el("input", { type: "password", id: "token", autocomplete: "off", placeholder: "admin token" });
+  main.replaceChildren(el("div", { class: "login card" },
+    el("h1", {}, "Admin token needed"),
+    el("p", { class: "muted" }, "This host requires an admin token. It is kept in this tab only and sent as a bearer header."),
+    el("form", { onsubmit: (e) => { e.preventDefault(); sessionStorage.setItem(TOKEN_KEY, input.value.trim()); render(); } },
+      input, el("button", { type: "submit", class: "primary" }, "Open"))));
+  input.focus();
+}
+
+function confirmThen(text, action) {
+  const modal = document.getElementById("modal");
+  document.getElementById("modal-text").textContent = text;
+  modal.hidden = false;
+  const ok = document.getElementById("modal-ok");
+  const cancel = document.getElementById("modal-cancel");
+  const close = () => { modal.hidden = true; ok.onclick = null; cancel.onclick = null; };
+  cancel.onclick = close;
+  ok.onclick = async () => {
+    close();
+    try { await action(); await refresh(); } catch (error) { show(error); }
+  };
+}
+
+function flash(text, bad) {
+  const box = document.getElementById("flash");
+  if (box) box.replaceChildren(el("div", { class: bad ? "notice bad" : "notice", id: "flash-text" }, text));
+}
+
+function show(error) {
+  if (error instanceof Unauthorized) return loginForm();
+  const box = document.getElementById("flash") || main;
+  box.prepend(el("div", { class: "notice bad" }, String(error.message || error)));
+}
+
+async function refresh(first = false) {
+  const current = generation;
+  const where = route();
+  document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active",
+    a.dataset.nav === where.view || (a.dataset.nav === "overview" && where.view === "plugin")));
+  document.getElementById("forget").hidden = !sessionStorage.getItem(TOKEN_KEY);
+  try {
+    if (where.view === "plugin") await pluginPage(where.name, where.params, first);
+    else if (where.view === "dlq") await deadLetters(where.params, first);
+    else if (where.view === "events") await events(where.params, first);
+    else await overview(where.params, first);
+    if (current === generation) main.dataset.loaded = String(Date.now());
+  } catch (error) {
+    if (current === generation) show(error);
+  }
+}
+
+function stop() {
+  if (timer) clearInterval(timer);
+  timer = null;
+}
+
+function render() {
+  generation += 1;
+  stop();
+  plots.clear();
+  shown.clear();
+  main.replaceChildren(el("p", { class: "muted" }, "Loading…"));
+  delete main.dataset.loaded;
+  refresh(true).then(() => {
+    if (!main.querySelector(".login")) {
+      timer = setInterval(() => { if (!document.hidden) refresh(false); }, REFRESH_MS);
+    }
+  });
+}
+
+document.addEventListener("visibilitychange", () => {
+  document.getElementById("live").classList.toggle("paused", document.hidden);
+});
+document.getElementById("forget").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); render(); });
+window.addEventListener("hashchange", render);
+render();

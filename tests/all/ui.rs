@@ -1,0 +1,206 @@
+//! The status page (`/ui`) in a real headless Chromium against the real binary: what an
+//! operator sees and clicks. Each test writes screenshots at desktop and phone widths to
+//! `target/ui-screenshots/`.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::browser::{Browser, DESKTOP, PHONE};
+use crate::support::guests::Guest;
+use crate::support::host::Host;
+
+fn example_host() -> Host {
+    let audit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/audit-trail/sidecar.toml"
+    ))
+    .unwrap();
+    let mut host = Host::new();
+    host.plugin("ticketing", Guest::Ticketing, None)
+        .plugin("notifier", Guest::Notifier, None)
+        .plugin("audit-trail", Guest::AuditTrail, Some(&audit));
+    host.start();
+    host
+}
+
+async fn pay(host: &Host, order: &str) {
+    let status = host
+        .send(
+            "payment.completed",
+            &format!("pay-{order}"),
+            json!({"order_id": order, "amount_cents": 4500, "email": "fan@example.com", "quantity": 2}),
+        )
+        .await;
+    assert_eq!(status, 202);
+}
+
+/// Both widths of the current page.
+async fn screenshots(browser: &Browser, name: &str) {
+    browser.resize(DESKTOP).await;
+    browser.screenshot(&format!("{name}-desktop")).await;
+    browser.resize(PHONE).await;
+    browser.screenshot(&format!("{name}-phone")).await;
+    browser.resize(DESKTOP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause_to_effect() {
+    let host = example_host();
+    for order in ["A-1", "A-2", "A-3"] {
+        pay(&host, order).await;
+    }
+    host.wait_caught_up("notifier", Duration::from_secs(30)).await;
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui")).await;
+    let handled = |plugin: &str| format!("tr[data-plugin='{plugin}'] td[data-col='handled']");
+    browser.wait_text(&handled("ticketing"), |t| t == "3").await;
+    // The audit trail sees the payments and the tickets they caused.
+    browser.wait_text(&handled("audit-trail"), |t| t == "6").await;
+    browser.wait_text(&handled("notifier"), |t| t == "3").await;
+    let row = browser.text("tr[data-plugin='ticketing']").await.unwrap();
+    assert!(row.contains("running") && row.contains("payment.completed"), "{row}");
+    // Let the once-a-second history gather a few points for the plots.
+    browser
+        .wait_text("#plot-ingest h3", |_| true)
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let timing = browser
+        .script(
+            "const n = performance.getEntriesByType('navigation')[0];
+             return {load: n.loadEventEnd, data: Number(document.getElementById('main').dataset.loaded) - performance.timeOrigin};",
+        )
+        .await;
+    eprintln!("status page timing (ms since navigation): {timing}");
+    screenshots(&browser, "overview").await;
+
+    // A plugin's page: its policy, plots, KV and the load of its file.
+    browser.click("tr[data-plugin='ticketing'] a").await;
+    browser.wait_text("#history-table", |t| t.contains("serving")).await;
+    let info = browser.text("#plugin-info").await.unwrap();
+    assert!(info.contains("concurrency") && info.contains("5,000 ms"), "{info}");
+    browser.wait_text("#kv-keys", |t| t.contains("order/A-2")).await;
+    screenshots(&browser, "plugin").await;
+
+    // The log, and from a payment to what it caused.
+    browser.goto(&host.url("/ui#/events?type=payment.completed")).await;
+    browser.wait_for("#events-table tr[data-id='pay-A-1']").await;
+    browser
+        .click("#events-table tr[data-id='pay-A-1'] a")
+        .await;
+    let caused = browser
+        .wait_text("#events-table", |t| t.contains("tickets.generated"))
+        .await;
+    assert!(!caused.contains("payment.completed"), "{caused}");
+    assert_eq!(caused.matches("tickets.generated").count(), 1, "{caused}");
+    screenshots(&browser, "events").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
+    let broken = "subscribe = [\"hostile.needs-fix\"]\n[retry]\nmax_attempts = 1\n";
+    let mut host = Host::new();
+    host.plugin("mender", Guest::Hostile, Some(broken));
+    host.start();
+    assert_eq!(host.send("hostile.needs-fix", "job-1", json!({})).await, 202);
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui#/dlq?plugin=mender")).await;
+    let row = browser
+        .wait_text("#dlq-table tr[data-id]", |t| t.contains("exhausted"))
+        .await;
+    assert!(row.contains("mender") && row.contains("hostile.needs-fix"), "{row}");
+    browser.click("#dlq-table details summary").await;
+    browser
+        .wait_text("#dlq-table details ol", |t| t.contains("retry: not fixed yet"))
+        .await;
+    screenshots(&browser, "dead-letters").await;
+
+    // The fix: a new sidecar dropped in, which the host loads as a new version.
+    host.sidecar(
+        "mender",
+        Some(&format!("{broken}[config]\nfixed = \"true\"\n")),
+    );
+    host.wait_for("the fixed version", Duration::from_secs(30), || async {
+        let status = host.status("mender").await?;
+        (status["history"].as_array()?.len() >= 2).then_some(())
+    })
+    .await;
+
+    browser.click("#dlq-table button.replay").await;
+    browser.wait_text("#modal-text", |t| t.contains("Replay dead letter")).await;
+    browser.click("#modal-ok").await;
+    browser
+        .wait_text("#flash-text", |t| t.contains("replayed to mender"))
+        .await;
+    browser.wait_for("#dlq-empty").await;
+    let fixed = host
+        .wait_for("the replayed job", Duration::from_secs(30), || async {
+            host.kv("mender", "fixed/job-1").await
+        })
+        .await;
+    assert_eq!(fixed, "yes");
+    // The overview shows it handled and no dead letter left.
+    browser.goto(&host.url("/ui")).await;
+    browser
+        .wait_text("tr[data-plugin='mender'] td[data-col='handled']", |t| t == "1")
+        .await;
+    browser
+        .wait_text("tr[data-plugin='mender'] td[data-col='dead_letters']", |t| t == "0")
+        .await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_dropped_broken_file_shows_its_load_error_while_the_old_version_serves() {
+    let mut host = Host::new();
+    host.plugin("mender", Guest::Hostile, None);
+    host.start();
+    host.deploy("mender.wasm", b"\0asm this is not a component");
+    host.wait_for("the failed load", Duration::from_secs(30), || async {
+        host.status("mender").await?["load_error"].as_str().map(|_| ())
+    })
+    .await;
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui")).await;
+    let row = browser
+        .wait_text("tr[data-plugin='mender']", |t| t.contains("load error"))
+        .await;
+    assert!(row.contains("running"), "the old version keeps serving: {row}");
+    browser.goto(&host.url("/ui#/plugins/mender")).await;
+    let error = browser.wait_text("#load-error", |t| !t.is_empty()).await;
+    assert!(error.contains("mender.wasm"), "{error}");
+    browser
+        .wait_text("#history-table", |t| t.contains("failed:") && t.contains("serving"))
+        .await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_admin_tokens_the_page_shows_nothing_until_a_token_is_entered() {
+    let mut host = Host::new();
+    host.config("[auth]\ningest_tokens = [\"in\"]\nadmin_tokens = [\"admin-secret\"]\n");
+    host.plugin("mender", Guest::Hostile, None);
+    host.start();
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui")).await;
+    browser.wait_for("#token").await;
+    assert!(browser.find("#plugins-table").await.is_none());
+    screenshots(&browser, "token").await;
+    // An ingest token is not an admin token.
+    browser.type_into("#token", "in\u{E007}").await;
+    browser.wait_for("#token").await;
+    assert!(browser.find("#plugins-table").await.is_none());
+    // The token never goes into the URL.
+    browser.type_into("#token", "admin-secret\u{E007}").await;
+    browser
+        .wait_text("tr[data-plugin='mender']", |t| t.contains("running"))
+        .await;
+    let url = browser.script("return location.href;").await;
+    assert!(!url.as_str().unwrap().contains("secret"), "{url}");
+    browser.close().await;
+}
