@@ -92,7 +92,9 @@ function setHash(path, params) {
 function plot(id, title, series, data, height = 180) {
   const host = document.getElementById(id);
   if (!host) return;
-  const width = Math.max(280, host.clientWidth - 4);
+  const style = getComputedStyle(host);
+  const inner = host.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const width = Math.max(240, Math.floor(inner));
   if (!data[0] || data[0].length < 2) {
     host.replaceChildren(el("h3", {}, title), el("div", { class: "empty" }, "collecting data…"));
     plots.delete(id);
@@ -439,4 +441,10 @@ document.addEventListener("visibilitychange", () => {
 });
 document.getElementById("forget").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); render(); });
 window.addEventListener("hashchange", render);
+let resizing = null;
+window.addEventListener("resize", () => {
+  // Plots take the width of their card when made: make them again at the new width.
+  clearTimeout(resizing);
+  resizing = setTimeout(() => refresh(false), 100);
+});
 render();

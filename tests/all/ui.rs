@@ -37,9 +37,13 @@ async fn pay(host: &Host, order: &str) {
 
 /// Both widths of the current page.
 async fn screenshots(browser: &Browser, name: &str) {
+    // The page redraws its plots at the new width a moment after a resize.
+    let settle = Duration::from_millis(600);
     browser.resize(DESKTOP).await;
+    tokio::time::sleep(settle).await;
     browser.screenshot(&format!("{name}-desktop")).await;
     browser.resize(PHONE).await;
+    tokio::time::sleep(settle).await;
     browser.screenshot(&format!("{name}-phone")).await;
     browser.resize(DESKTOP).await;
 }
@@ -61,11 +65,10 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     browser.wait_text(&handled("notifier"), |t| t == "3").await;
     let row = browser.text("tr[data-plugin='ticketing']").await.unwrap();
     assert!(row.contains("running") && row.contains("payment.completed"), "{row}");
-    // Let the once-a-second history gather a few points for the plots.
-    browser
-        .wait_text("#plot-ingest h3", |_| true)
-        .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The plots draw once the history has two points: a second for the host-wide ones,
+    // five for each plugin's.
+    browser.wait_for("#plot-ingest canvas").await;
+    browser.wait_for("#plot-lag canvas").await;
     let timing = browser
         .script(
             "const n = performance.getEntriesByType('navigation')[0];
@@ -81,6 +84,7 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     let info = browser.text("#plugin-info").await.unwrap();
     assert!(info.contains("concurrency") && info.contains("5,000 ms"), "{info}");
     browser.wait_text("#kv-keys", |t| t.contains("order/A-2")).await;
+    browser.wait_for("#plot-throughput canvas").await;
     screenshots(&browser, "plugin").await;
 
     // The log, and from a payment to what it caused.
