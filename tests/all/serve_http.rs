@@ -546,3 +546,36 @@ async fn schemas_that_cannot_be_used_are_400_with_the_reason_and_unknown_ones_40
     assert_eq!(answer["latest"], 1);
     assert_eq!(answer["versions"][0]["version"], 1);
 }
+
+#[tokio::test]
+async fn the_status_page_and_its_data_routes_answer_without_a_browser() {
+    let api = Api::new(Config::default());
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    let response = router(Arc::clone(&api.state)).oneshot(get("/ui")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let csp = response.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    for asset in ["app.js", "app.css", "uPlot.iife.min.js", "uPlot.min.css"] {
+        let response = router(Arc::clone(&api.state))
+            .oneshot(get(&format!("/ui/{asset}")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{asset}");
+    }
+    let (status, _) = api.call(get("/ui/secrets.txt")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, stats) = api.call(get("/v1/stats?window=5m&top=3")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stats["interval_ms"], 1000);
+    assert!(stats["t"].is_array() && stats["lag"].is_object(), "{stats}");
+    let (status, body) = api.call(get("/v1/stats?window=soon")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = api.call(get("/v1/dlq?reason=bored")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = api.call(get("/v1/dlq?reason=schema")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, page) = api.call(get("/v1/plugins?limit=10")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((page["total"].as_u64(), page["next_after"].is_null()), (Some(0), true));
+}
