@@ -340,7 +340,12 @@ impl Metrics {
                 .iter()
                 .map(|(name, series)| {
                     let totals = PluginTotals {
-                        deliveries: series.deliveries.0.iter().map(|(o, c)| (*o, c.get())).collect(),
+                        deliveries: series
+                            .deliveries
+                            .0
+                            .iter()
+                            .map(|(o, c)| (*o, c.get()))
+                            .collect(),
                         duration_us: series.duration_us.load(Ordering::Relaxed),
                         dead_lettered: series.dead_letters.0.iter().map(|(_, c)| c.get()).sum(),
                     };

@@ -79,7 +79,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         (loaded, table.len() - loaded)
     };
 
-    let stats = crate::stats::Stats::start(Arc::clone(&metrics), Arc::clone(&bus), registry.table());
+    let stats =
+        crate::stats::Stats::start(Arc::clone(&metrics), Arc::clone(&bus), registry.table());
     let state = Arc::new(AppState {
         runtime: Some(runtime),
         stats,

@@ -81,7 +81,7 @@ impl Stats {
                 let Some(stats) = weak.upgrade() else { return };
                 let totals = metrics.totals();
                 stats.sample_global(now_ms(), &totals);
-                if n % every == 0 {
+                if n.is_multiple_of(every) {
                     let lags = lags(&bus, &plugins).await;
                     stats.sample_plugins(now_ms(), totals, &lags);
                 }
@@ -122,9 +122,9 @@ impl Stats {
     fn sample_plugins(&self, at_ms: i64, totals: Totals, lags: &BTreeMap<String, u64>) {
         let mut history = self.history();
         let previous = history.last_plugin.take();
-        let seconds = previous
-            .as_ref()
-            .map_or(1.0, |(before_ms, _)| ((at_ms - before_ms) as f64 / 1000.0).max(0.001));
+        let seconds = previous.as_ref().map_or(1.0, |(before_ms, _)| {
+            ((at_ms - before_ms) as f64 / 1000.0).max(0.001)
+        });
         history.plugins.retain(|name, _| lags.contains_key(name));
         for name in lags.keys() {
             let now = totals.plugins.get(name).cloned().unwrap_or_default();
@@ -146,7 +146,9 @@ impl Stats {
                 handled: per_second(count(&now, true), count(&before, true), seconds),
                 failed: per_second(count(&now, false), count(&before, false), seconds),
                 mean_ms: (calls > 0).then(|| {
-                    now.duration_us.saturating_sub(before.duration_us) as f64 / calls as f64 / 1000.0
+                    now.duration_us.saturating_sub(before.duration_us) as f64
+                        / calls as f64
+                        / 1000.0
                 }),
                 lag: lags.get(name).copied(),
             };
@@ -164,7 +166,8 @@ impl Stats {
     pub fn view(&self, window: Duration, plugin: Option<&str>, top: usize) -> StatsView {
         let history = self.history();
         let since = now_ms() - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-        let global: Vec<&GlobalPoint> = history.global.iter().filter(|p| p.at_ms >= since).collect();
+        let global: Vec<&GlobalPoint> =
+            history.global.iter().filter(|p| p.at_ms >= since).collect();
         let mut by_outcome: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
         for point in &global {
             for outcome in point.outcomes.keys() {
@@ -177,12 +180,18 @@ impl Stats {
                 .map(|p| p.outcomes.get(outcome).copied().unwrap_or(0.0))
                 .collect();
         }
-        let latest_lag = |series: &VecDeque<PluginPoint>| series.back().and_then(|p| p.lag).unwrap_or(0);
+        let latest_lag =
+            |series: &VecDeque<PluginPoint>| series.back().and_then(|p| p.lag).unwrap_or(0);
         let mut ranked: Vec<(&String, &VecDeque<PluginPoint>)> = history.plugins.iter().collect();
         ranked.sort_by(|a, b| latest_lag(b.1).cmp(&latest_lag(a.1)).then(a.0.cmp(b.0)));
         let plugin_times = ranked
             .first()
-            .map(|(_, s)| s.iter().filter(|p| p.at_ms >= since).map(|p| p.at_ms).collect())
+            .map(|(_, s)| {
+                s.iter()
+                    .filter(|p| p.at_ms >= since)
+                    .map(|p| p.at_ms)
+                    .collect()
+            })
             .unwrap_or_default();
         let lag = ranked
             .iter()
@@ -292,7 +301,10 @@ mod tests {
         let stats = Stats::default();
         let start = now_ms() - 10_000_000;
         for second in 0..(GLOBAL_POINTS as i64 + 50) {
-            stats.sample_global(start + second * 1000, &totals(second as u64 * 10, second as u64 * 4));
+            stats.sample_global(
+                start + second * 1000,
+                &totals(second as u64 * 10, second as u64 * 4),
+            );
         }
         let lags = BTreeMap::from([("p".to_owned(), 7)]);
         for n in 0..(PLUGIN_POINTS as i64 + 5) {
@@ -306,7 +318,10 @@ mod tests {
         let plugin = &history.plugins["p"];
         assert_eq!(plugin.len(), PLUGIN_POINTS);
         let point = plugin.back().unwrap();
-        assert_eq!((point.handled, point.failed, point.lag), (10.0, 0.0, Some(7)));
+        assert_eq!(
+            (point.handled, point.failed, point.lag),
+            (10.0, 0.0, Some(7))
+        );
         assert_eq!(point.mean_ms, Some(0.2));
         drop(history);
         // A plugin that leaves the table leaves the history.

@@ -551,9 +551,14 @@ async fn schemas_that_cannot_be_used_are_400_with_the_reason_and_unknown_ones_40
 async fn the_status_page_and_its_data_routes_answer_without_a_browser() {
     let api = Api::new(Config::default());
     let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
-    let response = router(Arc::clone(&api.state)).oneshot(get("/ui")).await.unwrap();
+    let response = router(Arc::clone(&api.state))
+        .oneshot(get("/ui"))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let csp = response.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    let csp = response.headers()[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap();
     assert!(csp.contains("script-src 'self'"), "{csp}");
     for asset in ["app.js", "app.css", "uPlot.iife.min.js", "uPlot.min.css"] {
         let response = router(Arc::clone(&api.state))
@@ -577,5 +582,8 @@ async fn the_status_page_and_its_data_routes_answer_without_a_browser() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, page) = api.call(get("/v1/plugins?limit=10")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((page["total"].as_u64(), page["next_after"].is_null()), (Some(0), true));
+    assert_eq!(
+        (page["total"].as_u64(), page["next_after"].is_null()),
+        (Some(0), true)
+    );
 }

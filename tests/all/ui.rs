@@ -54,17 +54,23 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     for order in ["A-1", "A-2", "A-3"] {
         pay(&host, order).await;
     }
-    host.wait_caught_up("notifier", Duration::from_secs(30)).await;
+    host.wait_caught_up("notifier", Duration::from_secs(30))
+        .await;
 
     let browser = Browser::start(DESKTOP).await;
     browser.goto(&host.url("/ui")).await;
     let handled = |plugin: &str| format!("tr[data-plugin='{plugin}'] td[data-col='handled']");
     browser.wait_text(&handled("ticketing"), |t| t == "3").await;
     // The audit trail sees the payments and the tickets they caused.
-    browser.wait_text(&handled("audit-trail"), |t| t == "6").await;
+    browser
+        .wait_text(&handled("audit-trail"), |t| t == "6")
+        .await;
     browser.wait_text(&handled("notifier"), |t| t == "3").await;
     let row = browser.text("tr[data-plugin='ticketing']").await.unwrap();
-    assert!(row.contains("running") && row.contains("payment.completed"), "{row}");
+    assert!(
+        row.contains("running") && row.contains("payment.completed"),
+        "{row}"
+    );
     // The plots draw once the history has two points: a second for the host-wide ones,
     // five for each plugin's.
     browser.wait_for("#plot-ingest canvas").await;
@@ -80,19 +86,28 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
 
     // A plugin's page: its policy, plots, KV and the load of its file.
     browser.click("tr[data-plugin='ticketing'] a").await;
-    browser.wait_text("#history-table", |t| t.contains("serving")).await;
+    browser
+        .wait_text("#history-table", |t| t.contains("serving"))
+        .await;
     let info = browser.text("#plugin-info").await.unwrap();
-    assert!(info.contains("concurrency") && info.contains("5,000 ms"), "{info}");
-    browser.wait_text("#kv-keys", |t| t.contains("order/A-2")).await;
+    assert!(
+        info.contains("concurrency") && info.contains("5,000 ms"),
+        "{info}"
+    );
+    browser
+        .wait_text("#kv-keys", |t| t.contains("order/A-2"))
+        .await;
     browser.wait_for("#plot-throughput canvas").await;
     screenshots(&browser, "plugin").await;
 
     // The log, and from a payment to what it caused.
-    browser.goto(&host.url("/ui#/events?type=payment.completed")).await;
-    browser.wait_for("#events-table tr[data-id='pay-A-1']").await;
     browser
-        .click("#events-table tr[data-id='pay-A-1'] a")
+        .goto(&host.url("/ui#/events?type=payment.completed"))
         .await;
+    browser
+        .wait_for("#events-table tr[data-id='pay-A-1']")
+        .await;
+    browser.click("#events-table tr[data-id='pay-A-1'] a").await;
     let caused = browser
         .wait_text("#events-table", |t| t.contains("tickets.generated"))
         .await;
@@ -108,17 +123,25 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
     let mut host = Host::new();
     host.plugin("mender", Guest::Hostile, Some(broken));
     host.start();
-    assert_eq!(host.send("hostile.needs-fix", "job-1", json!({})).await, 202);
+    assert_eq!(
+        host.send("hostile.needs-fix", "job-1", json!({})).await,
+        202
+    );
 
     let browser = Browser::start(DESKTOP).await;
     browser.goto(&host.url("/ui#/dlq?plugin=mender")).await;
     let row = browser
         .wait_text("#dlq-table tr[data-id]", |t| t.contains("exhausted"))
         .await;
-    assert!(row.contains("mender") && row.contains("hostile.needs-fix"), "{row}");
+    assert!(
+        row.contains("mender") && row.contains("hostile.needs-fix"),
+        "{row}"
+    );
     browser.click("#dlq-table details summary").await;
     browser
-        .wait_text("#dlq-table details ol", |t| t.contains("retry: not fixed yet"))
+        .wait_text("#dlq-table details ol", |t| {
+            t.contains("retry: not fixed yet")
+        })
         .await;
     screenshots(&browser, "dead-letters").await;
 
@@ -134,7 +157,9 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
     .await;
 
     browser.click("#dlq-table button.replay").await;
-    browser.wait_text("#modal-text", |t| t.contains("Replay dead letter")).await;
+    browser
+        .wait_text("#modal-text", |t| t.contains("Replay dead letter"))
+        .await;
     browser.click("#modal-ok").await;
     browser
         .wait_text("#flash-text", |t| t.contains("replayed to mender"))
@@ -149,10 +174,15 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
     // The overview shows it handled and no dead letter left.
     browser.goto(&host.url("/ui")).await;
     browser
-        .wait_text("tr[data-plugin='mender'] td[data-col='handled']", |t| t == "1")
+        .wait_text("tr[data-plugin='mender'] td[data-col='handled']", |t| {
+            t == "1"
+        })
         .await;
     browser
-        .wait_text("tr[data-plugin='mender'] td[data-col='dead_letters']", |t| t == "0")
+        .wait_text(
+            "tr[data-plugin='mender'] td[data-col='dead_letters']",
+            |t| t == "0",
+        )
         .await;
     browser.close().await;
 }
@@ -164,7 +194,9 @@ async fn a_hot_dropped_broken_file_shows_its_load_error_while_the_old_version_se
     host.start();
     host.deploy("mender.wasm", b"\0asm this is not a component");
     host.wait_for("the failed load", Duration::from_secs(30), || async {
-        host.status("mender").await?["load_error"].as_str().map(|_| ())
+        host.status("mender").await?["load_error"]
+            .as_str()
+            .map(|_| ())
     })
     .await;
 
@@ -173,12 +205,17 @@ async fn a_hot_dropped_broken_file_shows_its_load_error_while_the_old_version_se
     let row = browser
         .wait_text("tr[data-plugin='mender']", |t| t.contains("load error"))
         .await;
-    assert!(row.contains("running"), "the old version keeps serving: {row}");
+    assert!(
+        row.contains("running"),
+        "the old version keeps serving: {row}"
+    );
     browser.goto(&host.url("/ui#/plugins/mender")).await;
     let error = browser.wait_text("#load-error", |t| !t.is_empty()).await;
     assert!(error.contains("mender.wasm"), "{error}");
     browser
-        .wait_text("#history-table", |t| t.contains("failed:") && t.contains("serving"))
+        .wait_text("#history-table", |t| {
+            t.contains("failed:") && t.contains("serving")
+        })
         .await;
     browser.close().await;
 }

@@ -398,9 +398,11 @@ pub(super) async fn stats(
         })?,
     }
     .min(Duration::from_secs(3600));
-    let view = state
-        .stats
-        .view(window, params.plugin.as_deref(), params.top.unwrap_or(8).min(50));
+    let view = state.stats.view(
+        window,
+        params.plugin.as_deref(),
+        params.top.unwrap_or(8).min(50),
+    );
     Ok(Json(view).into_response())
 }
 

@@ -15,8 +15,16 @@ const INDEX: &str = include_str!("../../ui/index.html");
 
 /// Each asset: its name under `/ui/`, media type and bytes.
 const ASSETS: [(&str, &str, &str); 4] = [
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../ui/app.js")),
-    ("app.css", "text/css; charset=utf-8", include_str!("../../ui/app.css")),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../ui/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../ui/app.css"),
+    ),
     (
         "uPlot.iife.min.js",
         "text/javascript; charset=utf-8",

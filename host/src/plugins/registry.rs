@@ -206,22 +206,7 @@ impl Registry {
                     }
                     _ => {
                         tracing::error!(plugin = %name, "plugin failed to load: {error}");
-                        let mut history = table
-                            .remove(name)
-                            .map(|entry| entry.history)
-                            .unwrap_or_default();
-                        remember(&mut history, failed);
-                        table.insert(
-                            name.to_owned(),
-                            PluginEntry {
-                                name: name.to_owned(),
-                                file,
-                                loaded_at_ms: now_ms(),
-                                status: Err(error.clone()),
-                                load_error: Some(error),
-                                history,
-                            },
-                        );
+                        put_entry(&mut table, name, file, Err(error), failed);
                     }
                 }
                 return;
@@ -255,35 +240,19 @@ impl Registry {
                 Err(error)
             }
         };
-        let load_error = status.as_ref().err().cloned();
         let reload = Reload {
             at_ms: now_ms(),
             loaded: status.as_ref().ok().map(|loaded| {
                 let plugin = &loaded.plugin;
                 (plugin.info().version.clone(), plugin.sha256().to_owned())
             }),
-            error: load_error.as_ref().map(ToString::to_string),
+            error: status.as_ref().err().map(ToString::to_string),
         };
         let mut table = self
             .table
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut history = table
-            .remove(name)
-            .map(|entry| entry.history)
-            .unwrap_or_default();
-        remember(&mut history, reload);
-        table.insert(
-            name.to_owned(),
-            PluginEntry {
-                name: name.to_owned(),
-                file,
-                loaded_at_ms: now_ms(),
-                status,
-                load_error,
-                history,
-            },
-        );
+        put_entry(&mut table, name, file, status, reload);
     }
 
     async fn remove(&self, running: &mut Running, name: &str) {
@@ -323,6 +292,33 @@ fn target(name: &str, loaded: &LoadedPlugin, schemas: &Arc<Schemas>) -> Target {
         subscriptions: loaded.subscriptions.clone(),
         state: Arc::clone(&loaded.state),
     }
+}
+
+/// Puts a new entry for `name` in the table, keeping the history of the one it replaces.
+fn put_entry(
+    table: &mut BTreeMap<String, PluginEntry>,
+    name: &str,
+    file: PathBuf,
+    status: Result<LoadedPlugin, PluginLoadError>,
+    reload: Reload,
+) {
+    let mut history = table
+        .remove(name)
+        .map(|entry| entry.history)
+        .unwrap_or_default();
+    remember(&mut history, reload);
+    let load_error = status.as_ref().err().cloned();
+    table.insert(
+        name.to_owned(),
+        PluginEntry {
+            name: name.to_owned(),
+            file,
+            loaded_at_ms: now_ms(),
+            status,
+            load_error,
+            history,
+        },
+    );
 }
 
 /// Adds a load to a plugin's history, dropping the oldest beyond [`RELOAD_HISTORY`].

@@ -216,7 +216,9 @@ impl Browser {
 
     /// Writes a PNG of the window to `target/ui-screenshots/NAME.png`.
     pub async fn screenshot(&self, name: &str) {
-        let data = self.command(reqwest::Method::GET, "/screenshot", None).await;
+        let data = self
+            .command(reqwest::Method::GET, "/screenshot", None)
+            .await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(data.as_str().expect("a screenshot"))
             .unwrap();
