@@ -69,6 +69,9 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
                 .context("producers")?,
         );
     }
+    if wanted("ui") {
+        figures.extend(crate::ui::figures(options).await.context("ui")?);
+    }
     if wanted("nats") {
         figures.extend(crate::nats::figures(options).await.context("nats")?);
     }

@@ -22,12 +22,17 @@ mod guests;
 #[allow(dead_code)]
 mod nats_server;
 
+#[path = "../../../tests/all/support/browser.rs"]
+#[allow(dead_code)]
+mod browser;
+
 mod bare;
 mod client;
 mod figures;
 mod host;
 mod nats;
 mod producers;
+mod ui;
 
 use std::time::Duration;
 

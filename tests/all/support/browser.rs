@@ -1,7 +1,7 @@
 //! A real headless Chromium driven over WebDriver (Debian's `chromium` and `chromedriver`,
 //! installed by `scripts/setup.sh`): a chromedriver on a free loopback port per browser,
-//! one session, and the handful of commands the status page tests need. Screenshots go
-//! to `target/ui-screenshots/`.
+//! one session, and the handful of commands the status page tests and the benchmark's
+//! page figures need. Screenshots go to `target/ui-screenshots/`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-
-use super::nats::free_port;
 
 /// The W3C WebDriver key of an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -39,7 +37,11 @@ fn binary(name: &str) -> PathBuf {
 impl Browser {
     /// Starts chromedriver and a headless Chromium session at `size`.
     pub async fn start(size: (u32, u32)) -> Self {
-        let port = free_port();
+        // A free loopback port for chromedriver (this file is also the benchmark's).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .unwrap();
         let driver = Command::new(binary("chromedriver"))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
