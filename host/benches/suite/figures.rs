@@ -694,7 +694,7 @@ async fn hot_swap(options: &Options) -> anyhow::Result<Vec<Figure>> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Well-behaved plugin beside hostile ones (issue: reliability)
+// Well-behaved plugin beside hostile ones
 
 async fn neighbours(options: &Options) -> anyhow::Result<Vec<Figure>> {
     let events = options.pick(3_000, 600);
