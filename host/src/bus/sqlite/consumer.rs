@@ -32,8 +32,10 @@ use crate::pattern::Pattern;
 
 /// Most event data a consumer keeps read ahead of its deliveries.
 const MAX_PREFETCH_BYTES: usize = 4 << 20;
-/// Longest a consumer waits before returning an empty batch.
-const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// Longest a consumer waits before returning an empty batch when nothing is committed
+/// and no retry of its plugin falls due: a commit, a settlement and a retry's due time
+/// each wake it sooner, so an idle consumer costs no reads.
+const IDLE_WAIT: Duration = Duration::from_secs(5);
 
 /// In-memory position of one consumer; the durable part is in `cursors` and `acked`.
 struct ConsumerState {
@@ -50,6 +52,9 @@ struct ConsumerState {
     /// Events read from the log after `read_position` and not yet looked at: one scan
     /// feeds several calls instead of being read again for each window's worth.
     prefetched: VecDeque<StoredEvent>,
+    /// When the plugin's next retry falls due (ms since the Unix epoch), as of the last
+    /// read of its retries or its latest retry settlement; `None` when it has none.
+    next_retry_ms: Option<i64>,
 }
 
 impl ConsumerState {
@@ -120,6 +125,7 @@ impl SqliteConsumer {
                 skip,
                 retries_in_flight: HashSet::new(),
                 prefetched: VecDeque::new(),
+                next_retry_ms: None,
             }),
         })
     }
@@ -144,6 +150,11 @@ impl SqliteConsumer {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
+                let later: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT MIN(due_at) FROM retries WHERE plugin = ?1 AND due_at > ?2",
+                    )?
+                    .query_row(params![plugin, now], |r| r.get(0))?;
                 let mut deliveries = Vec::new();
                 for (seq, attempt, errors) in rows {
                     let seq = to_u64(seq);
@@ -159,10 +170,12 @@ impl SqliteConsumer {
                         });
                     }
                 }
-                Ok(deliveries)
+                Ok((deliveries, later))
             })
             .await?;
+        let (rows, later) = rows;
         let mut state = self.state();
+        state.next_retry_ms = later;
         let mut taken = Vec::new();
         for delivery in rows.into_iter().take(max) {
             if state.retries_in_flight.insert(delivery.stored.sequence) {
@@ -268,7 +281,13 @@ impl Consumer for SqliteConsumer {
                 continue;
             }
             self.persist_idle_cursor();
-            // Sleep until new events are committed, or re-check retries shortly.
+            // Sleep until new events are committed, a settlement frees room or schedules a
+            // retry, or the next retry falls due.
+            let retry_due = self.state().next_retry_ms.map(|due| {
+                let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                tokio::time::Instant::now() + Duration::from_millis(wait)
+            });
+            let deadline = retry_due.map_or(deadline, |due| due.min(deadline));
             tokio::select! {
                 changed = generation.changed() => {
                     if changed.is_err() {
@@ -283,6 +302,12 @@ impl Consumer for SqliteConsumer {
 
     async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
         let seq = delivery.stored.sequence;
+        let retry_due = match &settlement {
+            Settlement::Retry { delay, .. } => Some(
+                now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            ),
+            _ => None,
+        };
         let (reply, answer) = oneshot::channel();
         let is_retry = {
             // Compute and enqueue under the lock so cursor moves reach the writer in order.
@@ -316,6 +341,9 @@ impl Consumer for SqliteConsumer {
         let result = answer.await.map_err(|_| BusError::Closed)?;
         if result.is_ok() {
             let mut state = self.state();
+            if let Some(due) = retry_due {
+                state.next_retry_ms = Some(state.next_retry_ms.map_or(due, |t| t.min(due)));
+            }
             if is_retry {
                 state.retries_in_flight.remove(&seq);
             } else {
