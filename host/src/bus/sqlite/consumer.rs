@@ -303,9 +303,9 @@ impl Consumer for SqliteConsumer {
     async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
         let seq = delivery.stored.sequence;
         let retry_due = match &settlement {
-            Settlement::Retry { delay, .. } => Some(
-                now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            ),
+            Settlement::Retry { delay, .. } => {
+                Some(now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
+            }
             _ => None,
         };
         let (reply, answer) = oneshot::channel();
