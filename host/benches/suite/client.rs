@@ -95,6 +95,36 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Posts `batches` batches of `size` empty events of type `ty` (ids `<prefix><b>-<i>`) in
+/// batched mode, one after another; every answer must be `202`.
+pub async fn post_batches(
+    address: SocketAddr,
+    ty: &str,
+    prefix: &str,
+    batches: usize,
+    size: usize,
+) -> anyhow::Result<()> {
+    let mut connection = Connection::open(address).await?;
+    for b in 0..batches {
+        let body: Vec<serde_json::Value> = (0..size)
+            .map(|i| {
+                serde_json::json!({"specversion": "1.0", "id": format!("{prefix}{b}-{i}"),
+                    "source": "/bench", "type": ty, "data": {}})
+            })
+            .collect();
+        let status = connection
+            .post(
+                "/v1/events",
+                "",
+                "application/cloudevents-batch+json",
+                &serde_json::to_vec(&body)?,
+            )
+            .await?;
+        anyhow::ensure!(status == 202, "status {status}");
+    }
+    Ok(())
+}
+
 /// What one request of a load run is.
 pub trait Request: Send + Sync + 'static {
     /// The `n`-th request: path, extra headers, content type, body.

@@ -738,25 +738,8 @@ async fn handled_per_second(
     options: &Options,
 ) -> anyhow::Result<f64> {
     let host = Process::host(plugins, None)?;
-    let mut connection = client::Connection::open(host.address).await?;
     let started = Instant::now();
-    for b in 0..events / 100 {
-        let body: Vec<serde_json::Value> = (0..100)
-            .map(|i| {
-                serde_json::json!({"specversion": "1.0", "id": format!("w{b}-{i}"),
-                    "source": "/bench", "type": "work.item", "data": {}})
-            })
-            .collect();
-        let status = connection
-            .post(
-                "/v1/events",
-                "",
-                "application/cloudevents-batch+json",
-                &serde_json::to_vec(&body)?,
-            )
-            .await?;
-        anyhow::ensure!(status == 202, "status {status}");
-    }
+    client::post_batches(host.address, "work.item", "w", events / 100, 100).await?;
     let done = host.wait_caught_up("good", options.deadline() * 4).await?;
     Ok(events as f64 / (done - started).as_secs_f64())
 }

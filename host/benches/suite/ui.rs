@@ -43,24 +43,14 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         ),
     ));
     let host = Process::host(&plugins, None)?;
-    let mut connection = client::Connection::open(host.address).await?;
-    for b in 0..dead_letters / 1000 {
-        let body: Vec<serde_json::Value> = (0..1000)
-            .map(|i| {
-                serde_json::json!({"specversion": "1.0", "id": format!("r{b}-{i}"),
-                    "source": "/bench", "type": "hostile.reject", "data": {}})
-            })
-            .collect();
-        let status = connection
-            .post(
-                "/v1/events",
-                "",
-                "application/cloudevents-batch+json",
-                &serde_json::to_vec(&body)?,
-            )
-            .await?;
-        anyhow::ensure!(status == 202, "status {status}");
-    }
+    client::post_batches(
+        host.address,
+        "hostile.reject",
+        "r",
+        dead_letters / 1000,
+        1000,
+    )
+    .await?;
     host.wait_caught_up("rejecter", Duration::from_secs(300))
         .await?;
 
