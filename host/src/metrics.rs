@@ -309,6 +309,27 @@ pub struct PluginTotals {
     pub dead_lettered: u64,
 }
 
+impl PluginTotals {
+    /// Invocations that succeeded.
+    pub fn handled(&self) -> u64 {
+        self.deliveries.get("ok").copied().unwrap_or(0)
+    }
+
+    /// Invocations that failed. A rerun after a KV conflict is neither handled nor failed.
+    pub fn failed(&self) -> u64 {
+        self.deliveries
+            .iter()
+            .filter(|(outcome, _)| !matches!(**outcome, "ok" | "conflict"))
+            .map(|(_, count)| count)
+            .sum()
+    }
+
+    /// Every invocation, reruns included.
+    pub fn calls(&self) -> u64 {
+        self.deliveries.values().sum()
+    }
+}
+
 /// The host's metrics.
 pub struct Metrics {
     registry: Registry,

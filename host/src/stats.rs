@@ -132,19 +132,11 @@ impl Stats {
                 .as_ref()
                 .and_then(|(_, t)| t.plugins.get(name).cloned())
                 .unwrap_or_default();
-            let count = |t: &crate::metrics::PluginTotals, ok: bool| -> u64 {
-                t.deliveries
-                    .iter()
-                    .filter(|(o, _)| (**o == "ok") == ok && **o != "conflict")
-                    .map(|(_, c)| c)
-                    .sum()
-            };
-            let all = |t: &crate::metrics::PluginTotals| t.deliveries.values().sum::<u64>();
-            let calls = all(&now).saturating_sub(all(&before));
+            let calls = now.calls().saturating_sub(before.calls());
             let point = PluginPoint {
                 at_ms,
-                handled: per_second(count(&now, true), count(&before, true), seconds),
-                failed: per_second(count(&now, false), count(&before, false), seconds),
+                handled: per_second(now.handled(), before.handled(), seconds),
+                failed: per_second(now.failed(), before.failed(), seconds),
                 mean_ms: (calls > 0).then(|| {
                     now.duration_us.saturating_sub(before.duration_us) as f64
                         / calls as f64

@@ -233,14 +233,8 @@ fn views(state: &AppState, name: Option<&str>) -> Vec<PluginView> {
         .map(|entry| {
             let mut view = entry_view(entry);
             if let Some(counts) = totals.plugins.get(&entry.name) {
-                for (outcome, count) in &counts.deliveries {
-                    match *outcome {
-                        "ok" => view.handled += count,
-                        // A rerun after a KV conflict is neither handled nor failed.
-                        "conflict" => {}
-                        _ => view.failed += count,
-                    }
-                }
+                view.handled = counts.handled();
+                view.failed = counts.failed();
             }
             view
         })

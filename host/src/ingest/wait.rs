@@ -146,6 +146,13 @@ fn outcome_name(outcome: NoticeOutcome) -> &'static str {
     }
 }
 
+/// Whether every one of `plugins` is done with the event (its latest notice is final).
+fn all_final(plugins: &[String], notices: &BTreeMap<String, Notice>) -> bool {
+    plugins
+        .iter()
+        .all(|p| notices.get(p).is_some_and(|n| n.outcome.is_final()))
+}
+
 /// Collects notices until every expected plugin finished every event or the wait ends,
 /// then answers: `200` when complete, `202` otherwise.
 pub(super) async fn answer(
@@ -157,11 +164,10 @@ pub(super) async fn answer(
 
     let mut heard: Vec<BTreeMap<String, Notice>> = vec![BTreeMap::new(); events.len()];
     let finished = |heard: &[BTreeMap<String, Notice>], expected: &[Vec<String>]| {
-        expected.iter().zip(heard).all(|(plugins, notices)| {
-            plugins
-                .iter()
-                .all(|p| notices.get(p).is_some_and(|n| n.outcome.is_final()))
-        })
+        expected
+            .iter()
+            .zip(heard)
+            .all(|(plugins, notices)| all_final(plugins, notices))
     };
     let deadline = tokio::time::Instant::now() + waiting.wait;
     while !finished(&heard, &waiting.expected) {
@@ -188,8 +194,8 @@ pub(super) async fn answer(
         .iter()
         .zip(appended)
         .zip(waiting.expected.iter().zip(&heard))
-        .map(|(((id, source), appended), (plugins, notices))| {
-            let plugins: Vec<PluginOutcome> = plugins
+        .map(|(((id, source), appended), (names, notices))| {
+            let plugins: Vec<PluginOutcome> = names
                 .iter()
                 .map(|plugin| match notices.get(plugin) {
                     Some(notice) => PluginOutcome {
@@ -213,9 +219,7 @@ pub(super) async fn answer(
                 source: source.clone(),
                 sequence: appended.sequence,
                 duplicate: appended.duplicate,
-                complete: plugins
-                    .iter()
-                    .all(|p| !matches!(p.outcome, "pending" | "retrying")),
+                complete: all_final(names, notices),
                 plugins,
             }
         })
