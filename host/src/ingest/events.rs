@@ -7,6 +7,7 @@
 //! the answer waits for the plugins' outcomes after the append (see `wait.rs`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -14,8 +15,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-
-use std::time::Duration;
 
 use super::cloudevents::{self, ParseLimits};
 use super::error::code;
