@@ -370,6 +370,7 @@ function loginForm() {
   main.replaceChildren(el("div", { class: "login card" },
     el("h1", {}, "Admin token needed"),
     el("p", { class: "muted" }, "This host requires an admin token. It is kept in this tab only and sent as a bearer header."),
+    sessionStorage.getItem(TOKEN_KEY) ? el("p", { class: "error", id: "token-refused" }, "The host refused that token.") : null,
     el("form", { onsubmit: (e) => { e.preventDefault(); sessionStorage.setItem(TOKEN_KEY, input.value.trim()); render(); } },
       input, el("button", { type: "submit", class: "primary" }, "Open"))));
   input.focus();
@@ -445,6 +446,7 @@ let resizing = null;
 window.addEventListener("resize", () => {
   // Plots take the width of their card when made: make them again at the new width.
   clearTimeout(resizing);
-  resizing = setTimeout(() => refresh(false), 100);
+  // Not on the token form, whose input a redraw would empty.
+  resizing = setTimeout(() => { if (timer) refresh(false); }, 100);
 });
 render();

@@ -232,12 +232,19 @@ async fn with_admin_tokens_the_page_shows_nothing_until_a_token_is_entered() {
     browser.wait_for("#token").await;
     assert!(browser.find("#plugins-table").await.is_none());
     screenshots(&browser, "token").await;
-    // An ingest token is not an admin token.
+    // An ingest token is not an admin token: the form comes back saying so.
     browser.type_into("#token", "in\u{E007}").await;
-    browser.wait_for("#token").await;
+    browser
+        .wait_text("#token-refused", |t| t.contains("refused"))
+        .await;
     assert!(browser.find("#plugins-table").await.is_none());
     // The token never goes into the URL.
-    browser.type_into("#token", "admin-secret\u{E007}").await;
+    browser.type_into("#token", "admin-secret").await;
+    let typed = browser
+        .script("return document.getElementById('token').value;")
+        .await;
+    assert_eq!(typed, "admin-secret");
+    browser.click(".login button[type='submit']").await;
     browser
         .wait_text("tr[data-plugin='mender']", |t| t.contains("running"))
         .await;
