@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::on_both_backends;
 use crate::support::browser::{Browser, DESKTOP, PHONE};
 use crate::support::guests::Guest;
-use crate::support::host::Host;
+use crate::support::host::{Backend, Host};
 
 fn example_host() -> Host {
     let audit = std::fs::read_to_string(concat!(
@@ -117,10 +118,9 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     browser.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
+async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backend: Backend) {
     let broken = "subscribe = [\"hostile.needs-fix\"]\n[retry]\nmax_attempts = 1\n";
-    let mut host = Host::new();
+    let mut host = Host::on(&backend);
     host.plugin("mender", Guest::Hostile, Some(broken));
     host.start();
     assert_eq!(
@@ -129,7 +129,9 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
     );
 
     let browser = Browser::start(DESKTOP).await;
-    browser.goto(&host.url("/ui#/dlq?plugin=mender")).await;
+    browser
+        .goto(&host.url("/ui#/dlq?plugin=mender&reason=exhausted"))
+        .await;
     let row = browser
         .wait_text("#dlq-table tr[data-id]", |t| t.contains("exhausted"))
         .await;
@@ -143,7 +145,9 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed() {
             t.contains("retry: not fixed yet")
         })
         .await;
-    screenshots(&browser, "dead-letters").await;
+    if matches!(backend, Backend::Embedded) {
+        screenshots(&browser, "dead-letters").await;
+    }
 
     // The fix: a new sidecar dropped in, which the host loads as a new version.
     host.sidecar(
@@ -252,3 +256,5 @@ async fn with_admin_tokens_the_page_shows_nothing_until_a_token_is_entered() {
     assert!(!url.as_str().unwrap().contains("secret"), "{url}");
     browser.close().await;
 }
+
+on_both_backends!(multi_thread: a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed);
