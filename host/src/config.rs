@@ -25,6 +25,11 @@
 //! ingest_tokens = []
 //! admin_tokens = []
 //!
+//! [http]
+//! header_timeout = "10s"
+//! request_timeout = "30s"
+//! max_concurrent_requests = 1024
+//!
 //! [ingest]
 //! max_body_bytes = "4MiB"
 //! max_event_bytes = "1MiB"
@@ -155,6 +160,9 @@ pub struct Config {
 
     /// `[auth]`: bearer tokens for the HTTP API.
     pub auth: AuthSection,
+
+    /// `[http]`: limits on connections and requests of the HTTP API.
+    pub http: HttpSection,
 
     /// `[ingest]`: limits and backpressure for `POST /v1/events`.
     pub ingest: IngestSection,
@@ -429,12 +437,52 @@ impl Default for Config {
             plugins_dir: PathBuf::from("./plugins.d"),
             shutdown_grace: Duration::from_secs(10),
             auth: AuthSection::default(),
+            http: HttpSection::default(),
             ingest: IngestSection::default(),
             bus: BusSection::default(),
             log: LogSection::default(),
             runtime: RuntimeSection::default(),
             watch: WatchSection::default(),
             plugin_defaults: PluginDefaults::default(),
+        }
+    }
+}
+
+/// The `[http]` section: what one client may hold of the API, so that a slow or greedy
+/// client cannot take the port from the others.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Longest a client may take to send a request's line and headers. A connection that
+    /// is slower (a client trickling its headers) is closed without an answer. More than 0.
+    ///
+    /// Default: `"10s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub header_timeout: Duration,
+
+    /// Longest a request may take, reading its body included; a slower one is answered
+    /// `408` (`request_timeout`). An event whose append was already under way may still
+    /// be stored: a producer that retries with the same `source` and `id` stores it once.
+    /// More than 0.
+    ///
+    /// Default: `"30s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub request_timeout: Duration,
+
+    /// Most API requests served at once; more are answered `503` with `Retry-After`
+    /// (`ingest.retry_after`). `/healthz`, `/readyz` and `/metrics` are not counted, so
+    /// probes and scrapes still answer under load. At least 1.
+    ///
+    /// Default: 1024.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 1024,
         }
     }
 }
@@ -607,9 +655,21 @@ impl Config {
             ),
             ("runtime.max_instances", self.runtime.max_instances as usize),
             ("runtime.guest_threads", self.runtime.guest_threads),
+            (
+                "http.max_concurrent_requests",
+                self.http.max_concurrent_requests,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("http.header_timeout", self.http.header_timeout),
+            ("http.request_timeout", self.http.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(key, "must be more than 0"));
             }
         }
         self.validate_bus()?;
@@ -980,6 +1040,12 @@ mod tests {
             ),
             ("[auth]\ningest_tokens = [\"\"]", "auth.ingest_tokens"),
             ("[auth]\nadmin_tokens = [\"a b\"]", "auth.admin_tokens"),
+            (
+                "[http]\nmax_concurrent_requests = 0",
+                "http.max_concurrent_requests",
+            ),
+            ("[http]\nheader_timeout = \"0s\"", "http.header_timeout"),
+            ("[http]\nrequest_timeout = \"0ms\"", "http.request_timeout"),
         ] {
             match Config::parse(text) {
                 Err(ConfigError::Invalid { key: found, .. }) => assert_eq!(found, key, "{text:?}"),

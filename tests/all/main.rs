@@ -20,6 +20,7 @@ mod serve_disk;
 mod serve_flow;
 mod serve_hostile;
 mod serve_http;
+mod serve_limits;
 mod serve_recovery;
 mod serve_retries;
 mod ui;

@@ -31,6 +31,8 @@ pub mod code {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The addressed resource does not exist (404).
     pub const NOT_FOUND: &str = "not_found";
+    /// The request took longer than `http.request_timeout` (408).
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The body, one event or a batch is larger than allowed (413).
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     /// The request's `Content-Type` is not one the route accepts (415).

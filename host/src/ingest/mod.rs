@@ -5,12 +5,14 @@
 //! socket. Every error is an [`ApiError`]: JSON `{"error": {"code", "message"}}` with
 //! the right status. Ingest routes need an ingest token and the rest of `/v1` an admin
 //! token when tokens are configured; `/healthz`, `/readyz`, `/metrics` and the status
-//! page's static files (`/ui`, which asks for the token itself) are open.
+//! page's static files (`/ui`, which asks for the token itself) are open. `gate` holds
+//! those checks and the `[http]` limits on requests in flight and time.
 
 mod admin;
 pub mod cloudevents;
 pub mod error;
 mod events;
+mod gate;
 mod schemas;
 mod ui;
 mod wait;
@@ -19,13 +21,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::middleware;
 use axum::routing::{get, post};
+use tokio::sync::Semaphore;
 
 pub use self::error::ApiError;
+use self::gate::{Gate, Guard};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -81,12 +82,18 @@ impl AppState {
 
 /// Builds the HTTP API.
 pub fn router(state: Arc<AppState>) -> Router {
+    let in_flight = Arc::new(Semaphore::new(state.config.http.max_concurrent_requests));
+    let gate = |guard| Gate {
+        state: Arc::clone(&state),
+        guard,
+        in_flight: Arc::clone(&in_flight),
+    };
     let ingest = Router::new()
         .route("/v1/events", post(events::ingest))
         .route("/v1/events/{type}", post(events::ingest_typed))
         .route_layer(middleware::from_fn_with_state(
-            (Arc::clone(&state), Guard::Ingest),
-            require_token,
+            gate(Guard::Ingest),
+            gate::admit,
         ));
     let admin = Router::new()
         .route("/v1/events", get(events::read_log))
@@ -109,8 +116,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/schemas/{type}/{version}", get(schemas::version))
         .route_layer(middleware::from_fn_with_state(
-            (Arc::clone(&state), Guard::Admin),
-            require_token,
+            gate(Guard::Admin),
+            gate::admit,
         ));
     // `GET /v1/events` is admin, `POST /v1/events` ingest: merge keeps both methods.
     ingest
@@ -146,67 +153,5 @@ where
             .map_err(|rejection| {
                 ApiError::bad_request(error::code::BAD_REQUEST, rejection.body_text())
             })
-    }
-}
-
-/// Compares two byte strings in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authorized(request: &Request, tokens: &[String]) -> bool {
-    if tokens.is_empty() {
-        return true;
-    }
-    let Some(presented) = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    tokens.iter().fold(false, |ok, token| {
-        ok | constant_time_eq(token.as_bytes(), presented.as_bytes())
-    })
-}
-
-/// Which tokens guard a group of routes.
-#[derive(Debug, Clone, Copy)]
-enum Guard {
-    /// `[auth] ingest_tokens`; a refusal counts as a rejected ingest.
-    Ingest,
-    /// `[auth] admin_tokens`.
-    Admin,
-}
-
-/// Refuses a request without one of the guard's bearer tokens (when any are set).
-async fn require_token(
-    State((state, guard)): State<(Arc<AppState>, Guard)>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let tokens = match guard {
-        Guard::Ingest => &state.config.auth.ingest_tokens,
-        Guard::Admin => &state.config.auth.admin_tokens,
-    };
-    if authorized(&request, tokens) {
-        return Ok(next.run(request).await);
-    }
-    if let Guard::Ingest = guard {
-        state.metrics.ingest_rejected("unauthorized");
-    }
-    Err(ApiError::unauthorized())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
     }
 }

@@ -1,8 +1,8 @@
 //! `switchyard serve`: wires the runtime, the bus, the plugins, their dispatchers and
 //! the HTTP API together, and takes them down in order on SIGINT/SIGTERM.
 //!
-//! Shutdown order: stop accepting HTTP requests and finish the ones in flight (their
-//! appends commit), stop the dispatchers and let in-flight invocations finish and settle
+//! HTTP is served by `http` (hyper, with a header timeout). Shutdown order: stop
+//! accepting HTTP requests and finish the ones in flight (their appends commit), stop the dispatchers and let in-flight invocations finish and settle
 //! within `shutdown_grace`, then close the bus so the last commits are durable.
 
 use std::io::Write as _;
@@ -12,6 +12,9 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 
+mod http;
+
+use self::http::serve_http;
 use crate::bus::Bus;
 use crate::bus::nats::{NatsBus, NatsOptions};
 use crate::bus::sqlite::{Durability, SqliteBus, SqliteOptions};
@@ -111,10 +114,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = writeln!(stdout, "switchyard listening on http://{address}");
     let _ = stdout.flush();
 
-    axum::serve(listener, router(Arc::clone(&state)))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")?;
+    serve_http(
+        listener,
+        router(Arc::clone(&state)),
+        config.http.header_timeout,
+        shutdown,
+    )
+    .await;
 
     state.ready.store(false, Ordering::Release);
     tracing::info!("shutting down: finishing in-flight deliveries");
