@@ -77,6 +77,25 @@ pub enum DlqCommand {
     },
 }
 
+/// `switchyard plugins pause|resume …`.
+#[derive(Debug, Subcommand)]
+pub enum PluginsCommand {
+    /// Stop a plugin's deliveries on every host until it is resumed; its events wait in
+    /// the log.
+    Pause {
+        /// The plugin's name.
+        name: String,
+        /// Why, shown in its status and the log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let a paused plugin's deliveries run again; also closes an open circuit breaker.
+    Resume {
+        /// The plugin's name.
+        name: String,
+    },
+}
+
 /// `switchyard schema …`.
 #[derive(Debug, Subcommand)]
 pub enum SchemaCommand {
@@ -160,8 +179,12 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Show the plugins of a running host, or one of them.
+    /// Show the plugins of a running host, or one of them; pause and resume one.
+    #[command(args_conflicts_with_subcommands = true)]
     Plugins {
+        /// Pause or resume.
+        #[command(subcommand)]
+        command: Option<PluginsCommand>,
         /// One plugin's name.
         name: Option<String>,
         /// Where the host is.
@@ -248,7 +271,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             send(&client, &ty, &data, attributes).await
         }
         Command::Schema { command, client } => schema(&client, command).await,
-        Command::Plugins { name, client } => {
+        Command::Plugins {
+            command: Some(PluginsCommand::Pause { name, reason }),
+            client,
+            ..
+        } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "reason": reason }))?;
+            let headers = vec![("content-type", "application/json".to_owned())];
+            request(
+                &client,
+                reqwest::Method::POST,
+                &format!("/v1/plugins/{name}/pause"),
+                Some((headers, body)),
+            )
+            .await
+        }
+        Command::Plugins {
+            command: Some(PluginsCommand::Resume { name }),
+            client,
+            ..
+        } => {
+            let path = format!("/v1/plugins/{name}/resume");
+            request(&client, reqwest::Method::POST, &path, None).await
+        }
+        Command::Plugins {
+            command: None,
+            name,
+            client,
+        } => {
             let path = match name {
                 Some(name) => format!("/v1/plugins/{name}"),
                 None => "/v1/plugins".to_owned(),

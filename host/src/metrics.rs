@@ -79,6 +79,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    plugin: Arc<str>,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: &'static str,
 }
@@ -101,6 +107,9 @@ struct Families {
     plugin_lag: Family<PluginLabels, CountGauge>,
     plugin_pending_retries: Family<PluginLabels, CountGauge>,
     plugin_in_flight: Family<PluginLabels, CountGauge>,
+    plugin_paused: Family<PluginLabels, CountGauge>,
+    plugin_breaker_open: Family<PluginLabels, CountGauge>,
+    breaker_transitions: Family<StateLabels, Counter>,
 }
 
 impl Families {
@@ -203,6 +212,24 @@ impl Families {
                 "Deliveries being handled now",
                 Family::default(),
             ),
+            plugin_paused: registered(
+                registry,
+                "plugin_paused",
+                "1 while an operator has paused the plugin",
+                Family::default(),
+            ),
+            plugin_breaker_open: registered(
+                registry,
+                "plugin_breaker_open",
+                "1 while the plugin's circuit breaker is open or probing",
+                Family::default(),
+            ),
+            breaker_transitions: registered(
+                registry,
+                "breaker_transitions",
+                "Circuit breaker transitions made by this host, by the state entered",
+                Family::default(),
+            ),
         }
     }
 }
@@ -287,6 +314,10 @@ pub struct PluginGauges {
     pub pending_retries: u64,
     /// Deliveries being handled now.
     pub in_flight: u64,
+    /// Whether an operator has paused the plugin.
+    pub paused: bool,
+    /// Whether its circuit breaker is open or probing.
+    pub breaker_open: bool,
 }
 
 /// Running totals read by the stats history ([`Metrics::totals`]).
@@ -483,6 +514,17 @@ impl Metrics {
         }
     }
 
+    /// Counts a circuit breaker transition this host made into `state`.
+    pub fn breaker_transition(&self, plugin: &str, state: &'static str) {
+        self.families
+            .breaker_transitions
+            .get_or_create(&StateLabels {
+                plugin: Arc::from(plugin),
+                state,
+            })
+            .inc();
+    }
+
     /// Renders every metric in the Prometheus text format ([`CONTENT_TYPE`]), with the
     /// gauges and compile-cache counts of this moment.
     pub fn render(&self, gauges: &BTreeMap<String, PluginGauges>, cache: CacheStats) -> String {
@@ -501,6 +543,8 @@ impl Metrics {
         families.plugin_lag.clear();
         families.plugin_pending_retries.clear();
         families.plugin_in_flight.clear();
+        families.plugin_paused.clear();
+        families.plugin_breaker_open.clear();
         for (plugin, g) in gauges {
             let labels = PluginLabels {
                 plugin: Arc::from(plugin.as_str()),
@@ -514,6 +558,14 @@ impl Metrics {
                 .plugin_in_flight
                 .get_or_create(&labels)
                 .set(g.in_flight);
+            families
+                .plugin_paused
+                .get_or_create(&labels)
+                .set(u64::from(g.paused));
+            families
+                .plugin_breaker_open
+                .get_or_create(&labels)
+                .set(u64::from(g.breaker_open));
         }
         let mut out = String::new();
         // Writing to a `String` cannot fail; an encoder error would only cut the text short,
@@ -578,6 +630,7 @@ mod tests {
         metrics.retry_scheduled("ticketing");
         metrics.dead_lettered("ticketing", "rejected");
         metrics.dead_lettered("ticketing", "exhausted");
+        metrics.breaker_transition("ticketing", "open");
         let mut gauges = BTreeMap::new();
         gauges.insert(
             "ticketing".to_owned(),
@@ -585,6 +638,8 @@ mod tests {
                 lag: 7,
                 pending_retries: 1,
                 in_flight: 2,
+                paused: false,
+                breaker_open: true,
             },
         );
         gauges.insert("audit".to_owned(), PluginGauges::default());
@@ -831,5 +886,16 @@ switchyard_plugin_pending_retries{plugin="ticketing"} 1
 # TYPE switchyard_plugin_in_flight gauge
 switchyard_plugin_in_flight{plugin="audit"} 0
 switchyard_plugin_in_flight{plugin="ticketing"} 2
+# HELP switchyard_plugin_paused 1 while an operator has paused the plugin.
+# TYPE switchyard_plugin_paused gauge
+switchyard_plugin_paused{plugin="audit"} 0
+switchyard_plugin_paused{plugin="ticketing"} 0
+# HELP switchyard_plugin_breaker_open 1 while the plugin's circuit breaker is open or probing.
+# TYPE switchyard_plugin_breaker_open gauge
+switchyard_plugin_breaker_open{plugin="audit"} 0
+switchyard_plugin_breaker_open{plugin="ticketing"} 1
+# HELP switchyard_breaker_transitions_total Circuit breaker transitions made by this host, by the state entered.
+# TYPE switchyard_breaker_transitions_total counter
+switchyard_breaker_transitions_total{plugin="ticketing",state="open"} 1
 "#;
 }

@@ -16,6 +16,7 @@ mod producers;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;
+mod serve_controls;
 mod serve_disk;
 mod serve_flow;
 mod serve_hostile;

@@ -11,15 +11,17 @@
 //!   plugin's effects (emitted events, KV writes) with the acknowledgement — or the retry
 //!   schedule entry, or the dead letter. A settled delivery is never handed out again.
 //! - KV reads ([`KvSource`]) see only committed state.
-//! - Schemas ([`SchemaStore`]) and settlement notices ([`Notices`]) are shared by every
-//!   host on the bus.
+//! - Schemas ([`SchemaStore`]), settlement notices ([`Notices`]) and plugin controls
+//!   ([`ControlStore`]: pause and breaker) are shared by every host on the bus.
 
+mod controls;
 mod dead_letters;
 pub mod nats;
 mod notices;
 mod schemas;
 pub mod sqlite;
 
+pub use self::controls::{Breaker, ControlStore, Paused, PluginControl};
 pub use self::dead_letters::{
     DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView, DeadLetters,
 };
@@ -223,7 +225,9 @@ pub trait Consumer: Send + Sync {
 
 /// The bus.
 #[async_trait]
-pub trait Bus: KvSource + DeadLetters + SchemaStore + Notices + Send + Sync + 'static {
+pub trait Bus:
+    KvSource + DeadLetters + SchemaStore + Notices + ControlStore + Send + Sync + 'static
+{
     /// Appends events durably, all-or-nothing, deduplicating on `(source, id)`.
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;
 

@@ -17,6 +17,10 @@
 //! pending from before a restart does not hold its key: the restarted dispatcher learns
 //! of it when it is due.)
 //!
+//! Before a call starts, the plugin's [`valve::Valve`] says whether it may: an
+//! operator's pause or an open circuit breaker holds calls (and so the plugin's
+//! deliveries) until it lets them through; see that module.
+//!
 //! KV is optimistic: an acknowledgement commits only if what the attempt read is still
 //! committed. When another call of the same plugin changed it first, the attempt runs
 //! again on the new state (up to a bound, then it counts as a failed attempt), so
@@ -28,13 +32,15 @@
 //! dead-letter at once. A settlement the bus cannot store is retried until it is, or
 //! until shutdown (the event is then delivered again after restart: at-least-once).
 
+pub mod valve;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -52,6 +58,8 @@ use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
 use crate::schema::Schemas;
+
+use self::valve::Valve;
 
 /// Live state of one plugin's dispatcher, for status and metrics.
 #[derive(Debug, Default)]
@@ -103,6 +111,8 @@ pub struct Target {
     pub state: Arc<DispatchState>,
     /// The schema registry emitted events are checked against.
     pub schemas: Arc<Schemas>,
+    /// The plugin's pause and breaker.
+    pub valve: Arc<Valve>,
 }
 
 /// A running dispatcher of one plugin.
@@ -129,6 +139,19 @@ impl Dispatcher {
             window: window(target.policy.concurrency),
             one_at_a_time: target.policy.ordering == Ordering::Key,
         };
+        // A probe's lease covers a whole attempt with its conflict reruns, whatever the
+        // plugin's timeout.
+        let probe_lease = target
+            .policy
+            .settings
+            .limits
+            .timeout
+            .saturating_mul(MAX_CONFLICT_RUNS)
+            .saturating_add(Duration::from_secs(10));
+        target
+            .valve
+            .serve(target.policy.breaker, probe_lease)
+            .await?;
         let consumer = bus.consumer(&target.name, spec).await?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(bus, consumer, metrics, target, stopped));
@@ -200,6 +223,8 @@ async fn run(
         state: Arc::clone(&target.state),
         permits: Arc::new(Semaphore::new(concurrency)),
         rerun_turn: tokio::sync::Mutex::new(()),
+        valve: Arc::clone(&target.valve),
+        stopped: stopped.clone(),
     });
     if target.policy.ordering == Ordering::Key {
         route_by_key(context, incoming, stopped).await;
@@ -381,6 +406,9 @@ struct Context {
     state: Arc<DispatchState>,
     permits: Arc<Semaphore>,
     rerun_turn: tokio::sync::Mutex<()>,
+    valve: Arc<Valve>,
+    /// Ends a wait at the valve on shutdown.
+    stopped: watch::Receiver<bool>,
 }
 
 /// How long ago `at_us` (microseconds since the Unix epoch) was; zero if in the future.
@@ -409,8 +437,19 @@ struct Called {
 /// How an attempt ends, its outcome's name, its duration and the fuel it burned.
 type Attempted = (Settlement, &'static str, Duration, u64);
 
-/// Runs a delivery's first attempt under a call permit; `None` when shutting down.
+/// Runs a delivery's first attempt once the valve lets it and under a call permit;
+/// `None` when shutting down.
 async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
+    let admission = match context.valve.admit().now_or_never() {
+        Some(admission) => admission,
+        None => {
+            let mut stopped = context.stopped.clone();
+            tokio::select! {
+                admission = context.valve.admit() => admission,
+                _ = stopped.wait_for(|stop| *stop) => return None,
+            }
+        }
+    };
     let permit = context.permits.acquire().await.ok()?;
     context
         .state
@@ -421,6 +460,10 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
     // `concurrency` bounds calls of the plugin, not settlements waiting for the log:
     // the next call starts while this one commits (the consumer's window bounds those).
     drop(permit);
+    context
+        .valve
+        .record(admission, failure_of(&attempt.0))
+        .await;
     Some(Called {
         start_latency,
         attempt,
@@ -513,6 +556,14 @@ async fn finish(
         key,
         sequence,
         released: released.unwrap_or(false),
+    }
+}
+
+/// The error of a failed attempt, `None` for a success.
+fn failure_of(settlement: &Settlement) -> Option<&AttemptError> {
+    match settlement {
+        Settlement::Ack(_) => None,
+        Settlement::Retry { errors, .. } | Settlement::DeadLetter { errors, .. } => errors.last(),
     }
 }
 

@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::controls::DeliveryView;
 use super::{ApiError, ApiQuery, AppState, cloudevents};
-use crate::bus::{BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView};
+use crate::bus::{
+    Breaker, BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView,
+};
 use crate::clock::rfc3339_ms;
 use crate::failure::AttemptView;
 use crate::metrics::PluginGauges;
@@ -52,6 +55,8 @@ struct PluginView {
     /// Invocations on this host since it started that succeeded, and that failed.
     handled: u64,
     failed: u64,
+    /// Whether deliveries run: the operator's pause and the circuit breaker.
+    delivery: Option<DeliveryView>,
     /// The latest loads of its files, oldest first.
     history: Vec<ReloadView>,
 }
@@ -208,6 +213,7 @@ fn entry_view(entry: &PluginEntry) -> PluginView {
         dead_letters: 0,
         handled: 0,
         failed: 0,
+        delivery: None,
         history: entry
             .history
             .iter()
@@ -256,6 +262,8 @@ async fn with_consumer_stats(
     }
     view.pending_retries = stats.pending_retries;
     view.dead_letters = stats.dead_letters;
+    let control = state.valves.control(&view.name).await.map_err(bus_error)?;
+    view.delivery = Some(DeliveryView::from(&control));
     Ok(view)
 }
 
@@ -558,12 +566,15 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .consumer_stats(&view.name)
             .await
             .unwrap_or_default();
+        let control = state.valves.control(&view.name).await.unwrap_or_default();
         gauges.insert(
             view.name.clone(),
             PluginGauges {
                 lag: stats.lag,
                 pending_retries: stats.pending_retries,
                 in_flight: running.in_flight,
+                paused: control.paused.is_some(),
+                breaker_open: control.breaker != Breaker::Closed,
             },
         );
     }

@@ -10,6 +10,7 @@
 
 mod admin;
 pub mod cloudevents;
+mod controls;
 pub mod error;
 mod events;
 mod gate;
@@ -29,6 +30,7 @@ pub use self::error::ApiError;
 use self::gate::{Gate, Guard};
 use crate::bus::Bus;
 use crate::config::Config;
+use crate::dispatch::valve::Valves;
 use crate::metrics::Metrics;
 use crate::plugins::PluginTable;
 use crate::schema::Schemas;
@@ -55,6 +57,8 @@ pub struct AppState {
     pub waiters: Arc<tokio::sync::Semaphore>,
     /// The history the status page plots (empty unless a sampler fills it).
     pub stats: Arc<Stats>,
+    /// Plugin pauses and breakers.
+    pub valves: Arc<Valves>,
 }
 
 impl AppState {
@@ -68,6 +72,7 @@ impl AppState {
     ) -> Self {
         Self {
             waiters: Arc::new(tokio::sync::Semaphore::new(config.ingest.max_waiters)),
+            valves: Valves::new(Arc::clone(&bus), Arc::clone(&metrics)),
             bus,
             plugins,
             metrics,
@@ -99,6 +104,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", get(events::read_log))
         .route("/v1/plugins", get(admin::list_plugins))
         .route("/v1/plugins/{name}", get(admin::show_plugin))
+        .route("/v1/plugins/{name}/pause", post(controls::pause))
+        .route("/v1/plugins/{name}/resume", post(controls::resume))
         .route("/v1/plugins/{name}/kv", get(admin::list_kv))
         .route("/v1/plugins/{name}/kv/{*key}", get(admin::read_kv))
         .route("/v1/stats", get(admin::stats))

@@ -57,6 +57,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::pattern::Pattern;
+pub use crate::policy::breaker::BreakerTable;
 pub use crate::policy::{
     EffectsTable, InstanceMode, LimitsTable, ManifestError, Ordering, PluginDefaults, PluginPolicy,
     PolicyTable, RetryTable, Start,
@@ -113,6 +114,12 @@ pub struct Manifest {
     #[serde(default)]
     pub retry: RetryTable,
 
+    /// `[breaker]`: stop delivering to a plugin that keeps failing (see
+    /// [`BreakerTable`]).
+    ///
+    /// Default: no breaker.
+    pub breaker: Option<BreakerTable>,
+
     /// `[limits]`: resources one invocation may use.
     #[serde(default)]
     pub limits: LimitsTable,
@@ -154,12 +161,18 @@ impl Manifest {
     /// names the offending key.
     pub fn resolve(self, defaults: &PluginDefaults) -> Result<PluginPolicy, ManifestError> {
         let merged = self.policy_table().apply_to(defaults)?;
+        let breaker = self
+            .breaker
+            .as_ref()
+            .map(BreakerTable::resolve)
+            .transpose()?;
         Ok(PluginPolicy {
             subscribe: self.subscribe,
             concurrency: merged.concurrency,
             ordering: merged.ordering,
             start: merged.start,
             retry: merged.retry,
+            breaker,
             settings: PluginSettings {
                 limits: merged.limits,
                 isolation: merged.isolation(),
@@ -283,6 +296,7 @@ mod tests {
                 ordering: Ordering::None,
                 start: Start::Latest,
                 retry: RetryPolicy::default(),
+                breaker: None,
                 settings: PluginSettings::default(),
             }
         );

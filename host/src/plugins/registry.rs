@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 use super::{LoadedPlugin, PluginEntry, PluginLoadError, RELOAD_HISTORY, Reload, load_plugin};
 use crate::bus::Bus;
 use crate::clock::now_ms;
+use crate::dispatch::valve::Valves;
 use crate::dispatch::{Dispatcher, Target};
 use crate::metrics::Metrics;
 use crate::policy::PluginDefaults;
@@ -64,6 +65,7 @@ pub struct Registry {
     runtime: Runtime,
     bus: Arc<dyn Bus>,
     schemas: Arc<Schemas>,
+    valves: Arc<Valves>,
     metrics: Arc<Metrics>,
     defaults: PluginDefaults,
     dir: PathBuf,
@@ -118,6 +120,7 @@ impl Registry {
         Self {
             runtime,
             schemas: Schemas::new(Arc::clone(&bus)),
+            valves: Valves::new(Arc::clone(&bus), Arc::clone(&metrics)),
             bus,
             metrics,
             defaults,
@@ -131,6 +134,13 @@ impl Registry {
     /// Checks emitted events against these schemas (by default none are known).
     pub fn with_schemas(mut self, schemas: Arc<Schemas>) -> Self {
         self.schemas = schemas;
+        self
+    }
+
+    /// Obeys (and shares) these plugin pauses and breakers (by default, valves that
+    /// learn only of the changes this registry's dispatchers make).
+    pub fn with_valves(mut self, valves: Arc<Valves>) -> Self {
+        self.valves = valves;
         self
     }
 
@@ -219,7 +229,7 @@ impl Registry {
         let status = match Dispatcher::start(
             Arc::clone(&self.bus),
             Arc::clone(&self.metrics),
-            target(name, &loaded, &self.schemas),
+            target(name, &loaded, &self.schemas, &self.valves),
         )
         .await
         {
@@ -283,8 +293,9 @@ impl Registry {
     }
 }
 
-fn target(name: &str, loaded: &LoadedPlugin, schemas: &Arc<Schemas>) -> Target {
+fn target(name: &str, loaded: &LoadedPlugin, schemas: &Arc<Schemas>, valves: &Valves) -> Target {
     Target {
+        valve: valves.valve(name),
         schemas: Arc::clone(schemas),
         name: name.to_owned(),
         plugin: Arc::clone(&loaded.plugin),

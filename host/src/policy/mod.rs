@@ -10,6 +10,7 @@
 //! through [`PolicyTable::apply_to`], which refuses a bad value and names its key as a
 //! sidecar would (`retry.max_attempts`).
 
+pub mod breaker;
 pub mod retry;
 
 use std::time::Duration;
@@ -235,6 +236,8 @@ pub struct PluginPolicy {
     pub start: Start,
     /// Retry policy; `max_attempts >= 1` and `initial <= max`.
     pub retry: RetryPolicy,
+    /// The circuit breaker, when the sidecar has a `[breaker]` table.
+    pub breaker: Option<breaker::BreakerPolicy>,
     /// Limits, isolation mode, effect bounds and `[config]` for the runtime.
     pub settings: PluginSettings,
 }

@@ -19,6 +19,7 @@ use crate::bus::Bus;
 use crate::bus::nats::{NatsBus, NatsOptions};
 use crate::bus::sqlite::{Durability, SqliteBus, SqliteOptions};
 use crate::config::{BusKind, Config, Synchronous};
+use crate::dispatch::valve::Valves;
 use crate::ingest::{AppState, router};
 use crate::metrics::Metrics;
 use crate::plugins::Registry;
@@ -47,6 +48,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let schemas = Schemas::start(Arc::clone(&bus))
         .await
         .context("reading the event schemas")?;
+    let valves = Valves::start(Arc::clone(&bus), Arc::clone(&metrics))
+        .await
+        .context("following plugin pauses and breakers")?;
     let registry = Arc::new(
         Registry::new(
             runtime.clone(),
@@ -56,7 +60,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.plugins_dir.clone(),
             config.shutdown_grace,
         )
-        .with_schemas(Arc::clone(&schemas)),
+        .with_schemas(Arc::clone(&schemas))
+        .with_valves(Arc::clone(&valves)),
     );
     // Consumers exist before the host accepts events, so `start = "latest"` means every
     // event ingested from now on.
@@ -87,6 +92,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         runtime: Some(runtime),
         stats,
+        valves,
         ..AppState::new(
             Arc::clone(&bus),
             registry.table(),

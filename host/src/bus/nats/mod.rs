@@ -53,6 +53,7 @@
 //! - `dead_letters.rs`: the dead-letter records and the [`DeadLetters`](super::DeadLetters) calls;
 //! - `schemas.rs`: the schemas bucket `P-schemas`, settlement notices on
 //!   `P.notices.<key>` (core NATS, no stream) and reading the latest events of a type;
+//! - `controls.rs`: the plugin controls bucket `P-controls` (pause and breaker);
 //! - `kv.rs`: the plugin KV buckets, their key encoding and the [`KvSource`](crate::kv::KvSource)
 //!   reads.
 
@@ -133,6 +134,7 @@ macro_rules! storage {
 // Declared after `storage!` so that its files can use it.
 mod commit;
 mod consumer;
+mod controls;
 mod dead_letters;
 mod kv;
 mod messages;
@@ -157,6 +159,8 @@ struct Shared {
     committers: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<commit::Pending>>>,
     /// The schemas bucket, opened when first used.
     schemas: tokio::sync::OnceCell<jetstream::kv::Store>,
+    /// The plugin controls bucket, opened when first used.
+    controls: tokio::sync::OnceCell<jetstream::kv::Store>,
     /// Settlement notices for the publisher task (see `schemas.rs`).
     notices: tokio::sync::mpsc::Sender<(String, Bytes)>,
 }

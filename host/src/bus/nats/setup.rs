@@ -75,6 +75,7 @@ impl NatsBus {
                 plugin_kv: Mutex::new(HashMap::new()),
                 committers: Mutex::new(HashMap::new()),
                 schemas: tokio::sync::OnceCell::new(),
+                controls: tokio::sync::OnceCell::new(),
                 notices,
             }),
         })

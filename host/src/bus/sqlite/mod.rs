@@ -37,12 +37,14 @@
 //! - `writer.rs`: the writer thread, its jobs and its group-commit protocol;
 //! - `ops.rs`: the SQL each writer job runs inside its savepoint;
 //! - `consumer.rs`: a plugin's consumer, its in-memory position and the cursor it moves;
+//! - `controls.rs`: the [`ControlStore`](super::ControlStore) impl (table `controls`);
 //! - `dead_letters.rs`: the [`DeadLetters`](super::DeadLetters) impl;
 //! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl;
 //! - `schemas.rs`: the [`SchemaStore`](super::SchemaStore) impl (table `schemas`) and
 //!   the process's settlement notices.
 
 mod consumer;
+mod controls;
 mod dead_letters;
 mod kv;
 mod ops;
@@ -128,6 +130,8 @@ struct Inner {
     closed: AtomicBool,
     /// Types whose schemas this process changed.
     schema_changes: tokio::sync::broadcast::Sender<String>,
+    /// Plugins whose controls this process changed.
+    control_changes: tokio::sync::broadcast::Sender<String>,
     notices: LocalNotices,
 }
 
@@ -184,6 +188,7 @@ impl SqliteBus {
             generation,
             closed: AtomicBool::new(false),
             schema_changes: tokio::sync::broadcast::channel(64).0,
+            control_changes: tokio::sync::broadcast::channel(64).0,
             notices: LocalNotices::default(),
         });
         writer::start(conn, &options, Arc::clone(&inner), receiver)?;

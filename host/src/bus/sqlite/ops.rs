@@ -320,6 +320,36 @@ pub(super) fn put_schema(
     Ok(to_u64(version))
 }
 
+/// Stores a plugin's control if its revision is still `revision`; the new revision.
+pub(super) fn put_control(
+    conn: &Connection,
+    plugin: &str,
+    control: &str,
+    revision: u64,
+) -> Result<u64, BusError> {
+    let current: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(revision), 0) FROM controls WHERE plugin = ?1",
+            [plugin],
+            |r| r.get(0),
+        )
+        .map_err(storage)?;
+    if to_u64(current) != revision {
+        return Err(BusError::Conflict(format!(
+            "the control of plugin `{plugin}` changed (now at revision {current})"
+        )));
+    }
+    let next = current + 1;
+    exec(
+        conn,
+        "INSERT INTO controls (plugin, control, revision) VALUES (?1, ?2, ?3)
+         ON CONFLICT (plugin) DO UPDATE SET control = excluded.control, revision = excluded.revision",
+        params![plugin, control, next],
+    )
+    .map_err(storage)?;
+    Ok(to_u64(next))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::bus::sqlite::{SqliteBus, SqliteOptions};

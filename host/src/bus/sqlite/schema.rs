@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS schemas (
     registered_at INTEGER NOT NULL,
     PRIMARY KEY (event_type, version)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS controls (
+    plugin TEXT PRIMARY KEY,
+    control TEXT NOT NULL,
+    revision INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     plugin TEXT NOT NULL,
     key TEXT NOT NULL,

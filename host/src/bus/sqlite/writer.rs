@@ -31,7 +31,8 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{
-    append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_schema, replay, settle,
+    append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_control, put_schema,
+    replay, settle,
 };
 use super::{Durability, Inner, SqliteOptions, storage};
 use crate::bus::{Appended, BusError, Settlement, StartPosition};
@@ -73,6 +74,12 @@ pub(super) enum Job {
         latest: u32,
         schema: String,
         registered_at_ms: i64,
+        reply: Reply<u64>,
+    },
+    PutControl {
+        plugin: String,
+        control: String,
+        revision: u64,
         reply: Reply<u64>,
     },
     Close {
@@ -353,6 +360,16 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let ok = result.is_ok();
             (Answer::Count(reply, result), ok)
         }
+        Job::PutControl {
+            plugin,
+            control,
+            revision,
+            reply,
+        } => {
+            let result = put_control(savepoint, &plugin, &control, revision);
+            let ok = result.is_ok();
+            (Answer::Count(reply, result), ok)
+        }
         Job::Close { reply } => (Answer::Done(reply, Ok(())), true),
     };
     if ok {
@@ -380,7 +397,9 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         Job::Append { events, reply } => Answer::Appended(reply, Ok(Vec::new()), events.len()),
         Job::OpenCursor { reply, .. } => Answer::Position(reply, Ok(0)),
         Job::Settle(job) => Answer::Done(job.reply, Ok(())),
-        Job::Replay { reply, .. } | Job::PutSchema { reply, .. } => Answer::Count(reply, Ok(0)),
+        Job::Replay { reply, .. }
+        | Job::PutSchema { reply, .. }
+        | Job::PutControl { reply, .. } => Answer::Count(reply, Ok(0)),
         Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
     };

@@ -1,0 +1,100 @@
+//! Plugin controls (pause and breaker) on NATS: the KV bucket `P-controls`, one key per
+//! plugin (encoded as plugin keys are) holding its control as JSON. A change is a
+//! compare-and-set on the key's revision, so of two hosts making the same transition
+//! one wins; every host follows the bucket with a watch and obeys what it reads.
+
+use async_nats::jetstream::kv;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+use super::kv::{decode_key, encode_key};
+use super::setup::ensure_bucket;
+use super::{NatsBus, Shared, compare_and_set_failed, nats_error};
+use crate::bus::{BusError, ControlStore, PluginControl};
+
+impl Shared {
+    async fn control_store(&self) -> Result<&kv::Store, BusError> {
+        self.controls
+            .get_or_try_init(|| async {
+                let bucket = format!("{}-controls", self.options.prefix);
+                ensure_bucket(&self.jetstream, &self.options, &bucket).await
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl ControlStore for NatsBus {
+    async fn control(&self, plugin: &str) -> Result<(PluginControl, u64), BusError> {
+        let store = self.shared.control_store().await?;
+        let Some(entry) = store
+            .entry(encode_key(plugin))
+            .await
+            .map_err(storage!("reading a plugin's control"))?
+        else {
+            return Ok((PluginControl::default(), 0));
+        };
+        if entry.operation != kv::Operation::Put || entry.value.is_empty() {
+            return Ok((PluginControl::default(), entry.revision));
+        }
+        let control = serde_json::from_slice(&entry.value).map_err(|error| {
+            BusError::Storage(format!(
+                "the control of plugin `{plugin}` cannot be read: {error}"
+            ))
+        })?;
+        Ok((control, entry.revision))
+    }
+
+    async fn put_control(
+        &self,
+        plugin: &str,
+        control: &PluginControl,
+        revision: u64,
+    ) -> Result<u64, BusError> {
+        let store = self.shared.control_store().await?;
+        let value =
+            Bytes::from(serde_json::to_vec(control).map_err(|e| BusError::Storage(e.to_string()))?);
+        let key = encode_key(plugin);
+        let conflict = || BusError::Conflict(format!("the control of plugin `{plugin}` changed"));
+        if revision == 0 {
+            store.create(&key, value).await.map_err(|error| {
+                if error.kind() == kv::CreateErrorKind::AlreadyExists
+                    || compare_and_set_failed(&error)
+                {
+                    conflict()
+                } else {
+                    nats_error("storing a plugin's control")(&error)
+                }
+            })
+        } else {
+            store.update(&key, value, revision).await.map_err(|error| {
+                if compare_and_set_failed(&error) {
+                    conflict()
+                } else {
+                    nats_error("storing a plugin's control")(&error)
+                }
+            })
+        }
+    }
+
+    async fn control_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
+        let store = self.shared.control_store().await?;
+        let watch = store
+            .watch_all()
+            .await
+            .map_err(storage!("watching plugin controls"))?;
+        Ok(watch
+            .filter_map(|entry| async move {
+                match entry {
+                    Ok(entry) => decode_key(&entry.key),
+                    Err(error) => {
+                        tracing::warn!(%error, "watching plugin controls");
+                        Some(String::new())
+                    }
+                }
+            })
+            .boxed())
+    }
+}
