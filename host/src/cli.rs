@@ -12,20 +12,39 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, TelemetrySection};
 use crate::effects::Effects;
 use crate::event::{self, Event};
 use crate::failure::FailureKind;
 use crate::kv::EmptyKv;
 use crate::runtime::{Delivery, Failure, Plugin, PluginSettings, Runtime, RuntimeConfig};
+use crate::telemetry::LogFormat;
 
 /// Switchyard: a host for event handlers written as WebAssembly plugins.
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, about)]
 pub struct Cli {
+    /// How log lines on standard error are written.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Where `serve` sends traces: its config's `[telemetry]` (defaults for the other
+    /// commands, and for a config that does not load, whose error `run` reports).
+    pub fn telemetry(&self) -> TelemetrySection {
+        match &self.command {
+            Command::Serve {
+                config: Some(path), ..
+            } => Config::load(path)
+                .map(|config| config.telemetry)
+                .unwrap_or_default(),
+            _ => TelemetrySection::default(),
+        }
+    }
 }
 
 /// Where the client commands find a running host.

@@ -179,6 +179,9 @@ pub struct Config {
     /// `[watch]`: how the host notices plugin files being added, replaced or removed.
     pub watch: WatchSection,
 
+    /// `[telemetry]`: where traces go.
+    pub telemetry: TelemetrySection,
+
     /// `[plugin_defaults]`: the policy of every plugin whose sidecar does not set a key.
     /// Takes the keys of a sidecar except `subscribe` and `[config]`:
     /// `concurrency`, `ordering`, `start`, `instance`, `max_calls` and the tables
@@ -443,9 +446,27 @@ impl Default for Config {
             log: LogSection::default(),
             runtime: RuntimeSection::default(),
             watch: WatchSection::default(),
+            telemetry: TelemetrySection::default(),
             plugin_defaults: PluginDefaults::default(),
         }
     }
+}
+
+/// The `[telemetry]` section: traces of each event's path (W3C trace context), exported
+/// over OTLP. Off unless an endpoint is set, and then free: no span is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The OTLP/HTTP traces endpoint spans are sent to as JSON, such as
+    /// `"http://127.0.0.1:4318/v1/traces"` (used as given).
+    ///
+    /// Default: none (no traces).
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` the spans carry.
+    ///
+    /// Default: `"switchyard"`.
+    pub service_name: Option<String>,
 }
 
 /// The `[http]` section: what one client may hold of the API, so that a slow or greedy

@@ -55,6 +55,7 @@ pub mod runtime;
 pub mod schema;
 mod server;
 pub mod stats;
+pub mod telemetry;
 mod units;
 
 pub use crate::bus::{Bus, BusError};

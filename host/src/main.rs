@@ -4,22 +4,19 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchyard_host::cli::{self, Cli};
+use switchyard_host::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match cli::run(Cli::parse()).await {
+    let cli = Cli::parse();
+    let telemetry = telemetry::init(cli.log_format, &cli.telemetry());
+    let code = match cli::run(cli).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -24,6 +24,7 @@ mod serve_http;
 mod serve_limits;
 mod serve_recovery;
 mod serve_retries;
+mod traces;
 mod ui;
 mod validation;
 mod watch_fallback;

@@ -12,10 +12,11 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
-    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, DeadLetter, DeadLetterQuery,
-    DeadLetters, Delivery, LogPage, LogQuery, Notice, Notices, SchemaStore, Settlement,
-    StoredEvent, StoredSchema,
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, ControlStore, DeadLetter,
+    DeadLetterQuery, DeadLetters, Delivery, LogPage, LogQuery, Notice, Notices, PluginControl,
+    SchemaStore, Settlement, StoredEvent, StoredSchema,
 };
+use switchyard_host::dispatch::valve::Valves;
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
 use switchyard_host::event::Event;
 use switchyard_host::metrics::Metrics;
@@ -241,6 +242,27 @@ impl SchemaStore for SharedMemoryBus {
 }
 
 #[async_trait]
+impl ControlStore for SharedMemoryBus {
+    // Never paused, no breaker: the default control, which the dispatcher reads once.
+    async fn control(&self, _plugin: &str) -> Result<(PluginControl, u64), BusError> {
+        Ok((PluginControl::default(), 0))
+    }
+    async fn put_control(
+        &self,
+        _plugin: &str,
+        _control: &PluginControl,
+        _revision: u64,
+    ) -> Result<u64, BusError> {
+        Err(BusError::Storage(
+            "the benchmark bus keeps no controls".into(),
+        ))
+    }
+    async fn control_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
+        Ok(futures_util::stream::pending().boxed())
+    }
+}
+
+#[async_trait]
 impl Notices for SharedMemoryBus {
     // As the embedded log does when nobody waits: nothing to build or send.
     fn notify(&self, _source: &str, _id: &str, _make: &dyn Fn() -> Notice) {}
@@ -295,6 +317,7 @@ async fn through_dispatcher(
     });
     let memory_bus: Arc<dyn Bus> = Arc::new(SharedMemoryBus(Arc::clone(&bus)));
     let target = Target {
+        valve: Valves::new(Arc::clone(&memory_bus), Arc::new(Metrics::default())).valve("bench"),
         schemas: Schemas::new(Arc::clone(&memory_bus)),
         name: "bench".into(),
         plugin,

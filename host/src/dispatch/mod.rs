@@ -43,6 +43,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::bus::{
     Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Notice, NoticeOutcome,
@@ -58,6 +59,7 @@ use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
 use crate::schema::Schemas;
+use crate::telemetry;
 
 use self::valve::Valve;
 
@@ -428,10 +430,11 @@ async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) 
     }
 }
 
-/// An attempt that has run and how long after ingest it started.
+/// An attempt that has run, how long after ingest it started, and its span.
 struct Called {
     start_latency: Duration,
     attempt: Attempted,
+    span: tracing::Span,
 }
 
 /// How an attempt ends, its outcome's name, its duration and the fuel it burned.
@@ -456,7 +459,8 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
         .in_flight
         .fetch_add(1, AtomicOrdering::Relaxed);
     let start_latency = since(delivery.stored.ingested_at_us);
-    let attempt = attempt(context, delivery).await;
+    let span = deliver_span(context, delivery);
+    let attempt = attempt(context, delivery).instrument(span.clone()).await;
     // `concurrency` bounds calls of the plugin, not settlements waiting for the log:
     // the next call starts while this one commits (the consumer's window bounds those).
     drop(permit);
@@ -467,7 +471,25 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
     Some(Called {
         start_latency,
         attempt,
+        span,
     })
+}
+
+/// The span of a delivery's attempt (disabled unless traces are exported), continuing
+/// the event's trace.
+fn deliver_span(context: &Context, delivery: &Delivery) -> tracing::Span {
+    let event = &delivery.stored.event;
+    let span = tracing::info_span!(
+        target: telemetry::FLOW,
+        "dispatch.deliver",
+        plugin = %context.name,
+        event_id = %event.id,
+        attempt = delivery.attempt
+    );
+    if let Some(traceparent) = event.extension(telemetry::TRACEPARENT) {
+        telemetry::set_parent(&span, traceparent);
+    }
+    span
 }
 
 /// Settles an attempt, running it again while its KV reads conflict.
@@ -479,6 +501,7 @@ async fn finish(
 ) -> Finished {
     let sequence = delivery.stored.sequence;
     let start_latency = called.start_latency;
+    let span = called.span;
     let mut first = Some(called.attempt);
     let mut runs = 1;
     let released = loop {
@@ -496,13 +519,25 @@ async fn finish(
                 let Ok(permit) = context.permits.acquire().await else {
                     break None;
                 };
-                let attempted = attempt(&context, &delivery).await;
+                let attempted = attempt(&context, &delivery).instrument(span.clone()).await;
                 drop(permit);
                 attempted
             }
         };
         let released = !matches!(settlement, Settlement::Retry { .. });
-        match settle(&context, &delivery, &settlement).await {
+        let commit = tracing::info_span!(
+            target: telemetry::FLOW,
+            parent: &span,
+            "dispatch.commit",
+            plugin = %context.name,
+            event_id = %delivery.stored.event.id,
+            attempt = delivery.attempt,
+            outcome = outcome_name
+        );
+        match settle(&context, &delivery, &settlement)
+            .instrument(commit)
+            .await
+        {
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
                 // Another call of this plugin changed what this one read: its effects
                 // were not committed; run the same attempt again on the new state.

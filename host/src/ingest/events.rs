@@ -24,6 +24,8 @@ use crate::clock::rfc3339_ms;
 use crate::event::Event;
 use crate::pattern::Pattern;
 use crate::schema::Violation;
+use crate::telemetry;
+use tracing::Instrument as _;
 
 /// Reads a request body up to the configured limit.
 pub(super) async fn read_body(
@@ -101,8 +103,39 @@ fn schema_violation(index: usize, count: usize, violation: &Violation) -> ApiErr
 }
 
 /// Checks the events against their schemas (all or none are stored), appends them and
-/// answers `202`, or with their outcomes when the producer waits.
+/// answers `202`, or with their outcomes when the producer waits. The request's trace
+/// context (its `traceparent` header) goes with each event that has none of its own.
 async fn append(
+    state: &AppState,
+    mut events: Vec<Event>,
+    wait: Option<Duration>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let traceparent = headers
+        .get(telemetry::TRACEPARENT)
+        .and_then(|value| value.to_str().ok());
+    let span = tracing::info_span!(
+        target: telemetry::FLOW,
+        "ingest.receive",
+        events = events.len(),
+        event_id = events.first().map_or("", |e| e.id.as_str())
+    );
+    if let Some(traceparent) = traceparent {
+        telemetry::set_parent(&span, traceparent);
+    }
+    let request_context = telemetry::traceparent_of(&span).or(traceparent.map(str::to_owned));
+    if let Some(context) = request_context {
+        for event in &mut events {
+            event
+                .extensions
+                .entry(telemetry::TRACEPARENT.to_owned())
+                .or_insert_with(|| context.clone());
+        }
+    }
+    append_checked(state, events, wait).instrument(span).await
+}
+
+async fn append_checked(
     state: &AppState,
     mut events: Vec<Event>,
     wait: Option<Duration>,
@@ -122,10 +155,11 @@ async fn append(
         Some(wait) => Some(wait::listen(state, &events, wait).await?),
         None => None,
     };
+    let logged = tracing::info_span!(target: telemetry::FLOW, "log.append", events = count);
     let appended = if waiting.is_some() {
-        state.bus.append_watched(events).await
+        state.bus.append_watched(events).instrument(logged).await
     } else {
-        state.bus.append(events).await
+        state.bus.append(events).instrument(logged).await
     };
     let appended = appended.map_err(|e| {
         state.metrics.ingest_rejected("unavailable");
@@ -207,7 +241,7 @@ pub(super) async fn ingest(
         cloudevents::parse_events(&headers, body, limits)
     })
     .await?;
-    append(&state, events, wait).await
+    append(&state, events, wait, &headers).await
 }
 
 /// `POST /v1/events/{type}`: a plain JSON body as the data of one event.
@@ -223,7 +257,7 @@ pub(super) async fn ingest_typed(
         cloudevents::parse_typed_event(&ty, &headers, body, limits)
     })
     .await?;
-    append(&state, vec![event], wait).await
+    append(&state, vec![event], wait, &headers).await
 }
 
 /// Query of `GET /v1/events`.

@@ -21,6 +21,7 @@ use super::stdio::StderrTail;
 use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
 use crate::kv::{KvError, KvRead, KvSource, KvWrite, keys_digest, value_digest};
+use crate::telemetry::{self, TRACEPARENT};
 
 /// Longest log line a plugin may write through `log`; longer ones are cut.
 const MAX_LOG_LINE: usize = 8192;
@@ -46,6 +47,9 @@ struct CallContext {
     correlation_id: String,
     /// Causation depth of the emits of this call.
     depth: u32,
+    /// The trace context of the emits of this call: the call's span when traces are
+    /// exported, else the event's own.
+    traceparent: Option<String>,
     kv: Arc<dyn KvSource>,
     effects: EffectBuffer,
 }
@@ -105,11 +109,18 @@ impl HostState {
             .and_then(|d| d.parse::<u32>().ok())
             .unwrap_or(0)
             .saturating_add(1);
+        let traceparent = if telemetry::exporting() {
+            telemetry::traceparent_of(&tracing::Span::current())
+        } else {
+            None
+        }
+        .or_else(|| event.extension(TRACEPARENT).map(str::to_owned));
         self.call = Some(CallContext {
             event_id: event.id.clone(),
             event_source: event.source.clone(),
             correlation_id,
             depth,
+            traceparent,
             kv,
             effects: EffectBuffer::default(),
         });
@@ -238,6 +249,11 @@ impl host::Host for HostState {
         extensions.insert(CAUSATION_ID.to_owned(), call.event_id.clone());
         extensions.insert(CORRELATION_ID.to_owned(), call.correlation_id.clone());
         extensions.insert(CAUSATION_DEPTH.to_owned(), call.depth.to_string());
+        if let Some(traceparent) = &call.traceparent {
+            extensions
+                .entry(TRACEPARENT.to_owned())
+                .or_insert_with(|| traceparent.clone());
+        }
         let id = emitted_event_id(
             &plugin,
             &call.event_source,

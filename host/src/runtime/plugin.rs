@@ -220,7 +220,8 @@ impl Plugin {
         delivery: Delivery,
         kv: Arc<dyn KvSource>,
     ) -> Outcome {
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
+            target: crate::telemetry::FLOW,
             "runtime.invoke",
             plugin = %self.identity.name,
             event_id = %event.id,

@@ -1,0 +1,174 @@
+//! The process's logs and traces: the log lines on standard error (text or JSON), and,
+//! when `[telemetry] otlp_endpoint` is set, the spans of each event's path exported over
+//! OTLP/HTTP.
+//!
+//! Spans of the event path (`ingest.receive`, `log.append`, `dispatch.deliver`,
+//! `runtime.invoke`, `dispatch.commit`) use the target [`FLOW`]. The log layer never
+//! takes that target and the export layer exists only with an endpoint, so without one
+//! no layer is interested in those spans: their macros return a disabled span after one
+//! cached check, and tracing costs nothing.
+//!
+//! Trace context travels with events as the CloudEvents distributed-tracing extension
+//! `traceparent` (W3C trace context): [`set_parent`] continues a trace from it and
+//! [`traceparent_of`] names a span for the events it causes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::config::TelemetrySection;
+
+/// The target of the event path's spans.
+pub const FLOW: &str = "switchyard::flow";
+
+/// The CloudEvents extension (and HTTP header) carrying W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Whether spans are exported (set once, at [`init`]).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports traces; when not, no span of the event path exists.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields as keys.
+    Json,
+}
+
+/// What must be flushed before the process exits.
+#[must_use = "shut down to export the last spans"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// Longest the last export may take at exit.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The log filter: `RUST_LOG`, or `info`; never the event path's spans.
+fn log_filter() -> EnvFilter {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match format!("{FLOW}=off").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// Installs the process's logging, and trace export when `telemetry` names an endpoint.
+/// An exporter that cannot be built is reported on standard error and left out.
+pub fn init(format: LogFormat, telemetry: &TelemetrySection) -> Telemetry {
+    let log = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(log_filter())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(log_filter())
+            .boxed(),
+    };
+    let provider = telemetry.otlp_endpoint.as_deref().and_then(|endpoint| {
+        let service = telemetry.service_name.as_deref().unwrap_or("switchyard");
+        match provider(endpoint, service) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                eprintln!("error: cannot export traces to {endpoint}: {error}");
+                None
+            }
+        }
+    });
+    let export = provider.as_ref().map(|provider| {
+        // The event path's spans, and warnings and errors within them as span events.
+        let exported = Targets::new()
+            .with_target(FLOW, tracing::Level::TRACE)
+            .with_target("switchyard_host", tracing::Level::WARN);
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("switchyard"))
+            .with_filter(exported)
+    });
+    let installed = tracing_subscriber::registry()
+        .with(log)
+        .with(export)
+        .try_init()
+        .is_ok();
+    EXPORTING.store(installed && provider.is_some(), Ordering::Relaxed);
+    Telemetry { provider }
+}
+
+fn provider(
+    endpoint: &str,
+    service: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpJson)
+        .with_endpoint(endpoint)
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .with_batch_exporter(exporter)
+        .build())
+}
+
+impl Telemetry {
+    /// Exports the spans not sent yet and stops the exporter.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        // The exporter blocks its caller on its own thread's work.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(error) = provider.shutdown() {
+                eprintln!("error: exporting the last traces: {error}");
+            }
+        })
+        .await;
+    }
+}
+
+/// Continues the trace `traceparent` names in `span` (before the span is first entered);
+/// a malformed value, or a disabled span, leaves it as it is.
+pub fn set_parent(span: &Span, traceparent: &str) {
+    if span.is_disabled() {
+        return;
+    }
+    let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    let context = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(context);
+}
+
+/// The `traceparent` naming `span`, for the events it causes; `None` when the span is
+/// disabled (no trace export).
+pub fn traceparent_of(span: &Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
+    let mut carrier = HashMap::<String, String>::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove(TRACEPARENT)
+}

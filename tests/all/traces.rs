@@ -1,0 +1,209 @@
+//! End-to-end traces: the example flow's spans reach an OTLP receiver the test runs on
+//! loopback, as one trace with the parent of every span asserted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::guests::Guest;
+use crate::support::host::{Backend, Host};
+
+/// An OTLP/HTTP (JSON) traces receiver on its own thread and runtime, so that a test
+/// blocking its own threads (stopping the host) does not stall the exporter.
+struct Receiver {
+    endpoint: String,
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&bodies);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/v1/traces",
+                    axum::routing::post(move |body: axum::body::Bytes| {
+                        let kept = Arc::clone(&kept);
+                        async move {
+                            kept.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                            axum::Json(json!({}))
+                        }
+                    }),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        Self { endpoint, bodies }
+    }
+
+    /// Every span received: name, ids, parent and attributes as strings.
+    fn spans(&self) -> Vec<Span> {
+        let mut spans = Vec::new();
+        for body in self.bodies.lock().unwrap().iter() {
+            for resource in body["resourceSpans"].as_array().unwrap() {
+                for scope in resource["scopeSpans"].as_array().unwrap() {
+                    for span in scope["spans"].as_array().unwrap() {
+                        let attributes = span["attributes"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|a| {
+                                let value = &a["value"];
+                                let text = value["stringValue"]
+                                    .as_str()
+                                    .or(value["intValue"].as_str())
+                                    .map(str::to_owned)
+                                    .unwrap_or_else(|| value.to_string());
+                                (a["key"].as_str().unwrap().to_owned(), text)
+                            })
+                            .collect();
+                        spans.push(Span {
+                            name: span["name"].as_str().unwrap().to_owned(),
+                            trace: span["traceId"].as_str().unwrap().to_owned(),
+                            id: span["spanId"].as_str().unwrap().to_owned(),
+                            parent: span["parentSpanId"].as_str().unwrap_or("").to_owned(),
+                            attributes,
+                        });
+                    }
+                }
+            }
+        }
+        spans
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Span {
+    name: String,
+    trace: String,
+    id: String,
+    parent: String,
+    attributes: HashMap<String, String>,
+}
+
+impl Span {
+    fn attribute(&self, key: &str) -> &str {
+        self.attributes.get(key).map_or("", String::as_str)
+    }
+}
+
+fn find<'a>(spans: &'a [Span], name: &str, plugin: &str, event_id: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| {
+            s.name == name
+                && (plugin.is_empty() || s.attribute("plugin") == plugin)
+                && s.attribute("event_id") == event_id
+        })
+        .unwrap_or_else(|| panic!("no {name} span of {plugin} for {event_id} in {spans:#?}"))
+}
+
+fn children<'a>(spans: &'a [Span], parent: &Span, name: &str) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .filter(|s| s.parent == parent.id && s.name == name)
+        .collect()
+}
+
+async fn the_example_flow_is_one_trace(backend: Backend) {
+    let receiver = Receiver::start();
+    let mut host = Host::on(&backend);
+    host.config(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"switchyard-test\"\n",
+        receiver.endpoint
+    ));
+    host.plugin("ticketing", Guest::Ticketing, None)
+        .plugin("notifier", Guest::Notifier, None)
+        .plugin("audit-trail", Guest::AuditTrail, None);
+    host.start();
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let producer_span = "00f067aa0ba902b7";
+    let sent = host
+        .http
+        .post(host.url("/v1/events/payment.completed"))
+        .header("ce-id", "pay-1")
+        .header("traceparent", format!("00-{trace}-{producer_span}-01"))
+        .json(&json!({"order_id": "A-1", "amount_cents": 100, "email": "fan@example.com", "quantity": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    let follow_up = host
+        .wait_for("the follow-up", Duration::from_secs(20), || async {
+            host.log()
+                .await
+                .into_iter()
+                .find(|e| e["event"]["type"] == "tickets.generated")
+        })
+        .await;
+    let follow_up_id = follow_up["event"]["id"].as_str().unwrap().to_owned();
+    for plugin in ["ticketing", "notifier", "audit-trail"] {
+        host.wait_caught_up(plugin, Duration::from_secs(20)).await;
+    }
+    // The producer's event keeps a trace context of the request's trace.
+    let stored = host
+        .log()
+        .await
+        .into_iter()
+        .find(|e| e["event"]["id"] == "pay-1")
+        .unwrap();
+    let kept = stored["event"]["traceparent"].as_str().unwrap();
+    assert!(kept.starts_with(&format!("00-{trace}-")), "{stored}");
+    // Stopping the host exports what is left.
+    host.stop();
+
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().all(|s| s.trace == trace),
+        "every span is in the producer's trace: {spans:#?}"
+    );
+    let receive = find(&spans, "ingest.receive", "", "pay-1");
+    assert_eq!(receive.parent, producer_span);
+    let append = children(&spans, receive, "log.append");
+    assert_eq!(append.len(), 1, "{spans:#?}");
+    // The follow-up's trace context names the handler's span.
+    let follow_up_context = follow_up["event"]["traceparent"].as_str().unwrap();
+    assert!(
+        follow_up_context.starts_with(&format!("00-{trace}-")),
+        "{follow_up}"
+    );
+    assert_eq!(kept, format!("00-{trace}-{}-01", receive.id));
+
+    for plugin in ["ticketing", "audit-trail"] {
+        let deliver = find(&spans, "dispatch.deliver", plugin, "pay-1");
+        assert_eq!(deliver.parent, receive.id, "{deliver:?}");
+        assert_eq!(deliver.attribute("attempt"), "1");
+        let invoke = children(&spans, deliver, "runtime.invoke");
+        assert_eq!(invoke.len(), 1, "{plugin}: {spans:#?}");
+        assert_eq!(invoke[0].attribute("plugin"), plugin);
+        let commit = children(&spans, deliver, "dispatch.commit");
+        assert_eq!(commit.len(), 1, "{plugin}: {spans:#?}");
+        assert_eq!(commit[0].attribute("event_id"), "pay-1");
+    }
+    let ticketing = find(&spans, "dispatch.deliver", "ticketing", "pay-1");
+    let ticketing_invoke = children(&spans, ticketing, "runtime.invoke")[0];
+    assert_eq!(
+        follow_up_context,
+        format!("00-{trace}-{}-01", ticketing_invoke.id)
+    );
+    for plugin in ["notifier", "audit-trail"] {
+        let deliver = find(&spans, "dispatch.deliver", plugin, &follow_up_id);
+        assert_eq!(deliver.parent, ticketing_invoke.id, "{deliver:?}");
+    }
+}
+
+crate::on_both_backends!(the_example_flow_is_one_trace);
