@@ -2,6 +2,8 @@
 //!
 //! Commands print results on stdout and errors on stderr, and exit non-zero on failure.
 
+mod status;
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -210,6 +212,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// One table of a running host's plugins: state, version, lag, the last minute's
+    /// rates, breaker, retries waiting and dead letters.
+    Status {
+        /// Where the host is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Inspect, replay and delete dead letters of a running host.
     Dlq {
         /// What to do.
@@ -345,6 +354,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             request(&client, method, &path, None).await
         }
+        Command::Status { client } => status::status(&client).await,
         Command::Check { files } => check(&files).await,
         Command::Invoke {
             file,

@@ -52,6 +52,15 @@
 //! group_commit_max_events = 4096
 //! group_commit_max_delay = "0ms"
 //! synchronous = "full"
+//! max_bytes = "10GiB"          # default: no size limit
+//! retention_interval = "1s"
+//! absent_plugin_hold = "forever"
+//! [[log.retention]]            # default: no rules
+//! types = "order.>"
+//! max_age = "forever"
+//! [[log.retention]]
+//! types = ">"
+//! max_age = "7d"
 //!
 //! [runtime]
 //! max_instances = 1000
@@ -85,6 +94,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::PluginDefaults;
+use crate::retention::{RetentionRule, StreamLimits, stream_limits};
 use crate::runtime::RuntimeConfig;
 use crate::units::deser;
 
@@ -170,7 +180,7 @@ pub struct Config {
     /// `[bus]`: where events, consumer positions, dead letters and plugin KV live.
     pub bus: BusSection,
 
-    /// `[log]`: how the embedded event log commits appends.
+    /// `[log]`: how the embedded event log commits appends, and what retention deletes.
     pub log: LogSection,
 
     /// `[runtime]`: engine-wide limits of the WebAssembly runtime.
@@ -336,13 +346,16 @@ pub struct BusSection {
     /// Default: 1.
     pub replicas: usize,
 
-    /// How long the event stream keeps events; absent keeps them until `max_bytes`.
+    /// How long the event stream keeps events; absent keeps them until `max_bytes`. The
+    /// same limit as a `[[log.retention]]` rule for `>` with a `max_age`, which may be
+    /// written instead (not both).
     ///
     /// Default: absent.
     #[serde(deserialize_with = "deser::opt_duration")]
     pub max_age: Option<Duration>,
 
     /// Most bytes the event stream keeps, dropping the oldest beyond it; absent: no limit.
+    /// The same limit as `log.max_bytes`, which may be written instead (not both).
     ///
     /// Default: absent.
     #[serde(deserialize_with = "deser::opt_size")]
@@ -379,8 +392,10 @@ impl Default for BusSection {
     }
 }
 
-/// `[log]`: how the embedded event log commits appends. Producers get `202` only after
-/// the commit that holds their event.
+/// `[log]`: how the embedded event log commits appends (producers get `202` only after
+/// the commit that holds their event), and what retention deletes from it. On NATS the
+/// retention keys become the event stream's limits where they can
+/// ([`Config::nats_stream_limits`]); the commit keys are the embedded log's alone.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
@@ -402,6 +417,46 @@ pub struct LogSection {
     ///
     /// Default: `"full"`.
     pub synchronous: Synchronous,
+
+    /// Most bytes the log's database file should use: bytes, or a size such as
+    /// `"10GiB"`. Above it, retention deletes the oldest events that may go (see
+    /// `retention`) until the log is back under it; events every plugin has not settled,
+    /// that a dead letter refers to, or that a rule keeps forever are kept even so, and
+    /// the host then says so in its log and in `switchyard_log_retention_blocked`. The
+    /// file may exceed it by what is appended in one `retention_interval`. At least
+    /// `"1MiB"`. On NATS it is the event stream's `max_bytes`, which deletes whatever
+    /// consumers have settled (see the README).
+    ///
+    /// Default: absent (no size limit).
+    #[serde(deserialize_with = "deser::opt_size")]
+    pub max_bytes: Option<u64>,
+
+    /// How often retention checks the log's size and age limits. Deleting happens in
+    /// batches of 1,000 events, each its own short commit, beside the appends.
+    ///
+    /// Default: `"1s"`.
+    #[serde(deserialize_with = "deser::duration")]
+    pub retention_interval: Duration,
+
+    /// How long a plugin that is not loaded (its file removed, or failing to load) still
+    /// holds back the events it subscribes to and has not settled: a duration, or
+    /// `"forever"`. Counted from when the host started at the earliest. A plugin that
+    /// comes back after that resumes at its cursor, without what retention deleted
+    /// meanwhile.
+    ///
+    /// Default: `"forever"` (a plugin's cursor holds its events until the plugin settles
+    /// them).
+    #[serde(deserialize_with = "crate::retention::deser::duration_or_forever")]
+    pub absent_plugin_hold: Option<Duration>,
+
+    /// `[[log.retention]]`: which events may be deleted, and after how long, by event
+    /// type; the first rule whose `types` match an event decides for it, and an event
+    /// no rule matches is deleted only to meet `max_bytes`. Keys: `types`, `max_age`
+    /// (a duration or `"forever"`), `delete_unsettled`, `delete_dead_lettered`; see
+    /// [`RetentionRule`].
+    ///
+    /// Default: no rules.
+    pub retention: Vec<RetentionRule>,
 }
 
 /// `[runtime]`: engine-wide limits of the WebAssembly runtime, fixed while the host runs.
@@ -577,6 +632,10 @@ impl Default for LogSection {
             group_commit_max_events: 4096,
             group_commit_max_delay: Duration::ZERO,
             synchronous: Synchronous::Full,
+            max_bytes: None,
+            retention_interval: Duration::from_secs(1),
+            absent_plugin_hold: None,
+            retention: Vec::new(),
         }
     }
 }
@@ -693,6 +752,7 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be more than 0"));
             }
         }
+        self.validate_log()?;
         self.validate_bus()?;
         if self.plugin_defaults.limits.memory_bytes > self.runtime.max_memory {
             return Err(ConfigError::invalid(
@@ -708,6 +768,61 @@ impl Config {
 }
 
 impl Config {
+    fn validate_log(&self) -> Result<(), ConfigError> {
+        let log = &self.log;
+        if log.retention_interval < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "log.retention_interval",
+                "must be at least 10ms",
+            ));
+        }
+        if log.max_bytes.is_some_and(|bytes| bytes < 1 << 20) {
+            return Err(ConfigError::invalid(
+                "log.max_bytes",
+                "must be at least 1MiB: the log's tables and indexes take some room even \
+                 when it holds no events",
+            ));
+        }
+        for (index, rule) in log.retention.iter().enumerate() {
+            if let Some(problem) = rule.problem() {
+                return Err(ConfigError::invalid(
+                    &format!("log.retention[{index}]"),
+                    problem,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits of the NATS event stream: `[log]`'s retention settings mapped by
+    /// [`stream_limits`], and `[bus] max_age`/`max_bytes`, which set the same limits (one
+    /// or the other may set each). Errors name the key that cannot be honoured.
+    pub fn nats_stream_limits(&self) -> Result<StreamLimits, ConfigError> {
+        let mut limits = stream_limits(&self.log.retention, self.log.max_bytes)
+            .map_err(|e| ConfigError::invalid(&e.key, e.reason))?;
+        if let Some(age) = self.bus.max_age {
+            if limits.max_age.is_some() || limits.keeps_forever {
+                return Err(ConfigError::invalid(
+                    "bus.max_age",
+                    "sets the event stream's age limit, which `[[log.retention]]` sets too: \
+                     keep one of them",
+                ));
+            }
+            limits.max_age = Some(age);
+        }
+        if let Some(bytes) = self.bus.max_bytes {
+            if limits.max_bytes.is_some() || limits.keeps_forever {
+                return Err(ConfigError::invalid(
+                    "bus.max_bytes",
+                    "sets the event stream's size limit, which `log.max_bytes` sets too (or a \
+                     rule keeps every event forever): keep one of them",
+                ));
+            }
+            limits.max_bytes = Some(bytes);
+        }
+        Ok(limits)
+    }
+
     fn validate_bus(&self) -> Result<(), ConfigError> {
         let bus = &self.bus;
         let prefix_ok = (1..=32).contains(&bus.prefix.len())
@@ -734,6 +849,7 @@ impl Config {
             ));
         }
         if bus.kind == BusKind::Nats {
+            self.nats_stream_limits()?;
             let urls: Vec<&str> = bus.url.split(',').map(str::trim).collect();
             if urls.iter().any(|u| u.is_empty()) {
                 return Err(ConfigError::invalid(
@@ -886,6 +1002,7 @@ mod tests {
                 group_commit_max_events: 128,
                 group_commit_max_delay: Duration::from_millis(2),
                 synchronous: Synchronous::Normal,
+                ..LogSection::default()
             }
         );
         assert_eq!(
@@ -1205,5 +1322,121 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("kafka"), "{message}");
+    }
+
+    #[test]
+    fn the_log_section_takes_retention_rules_and_refuses_unusable_ones() {
+        use crate::retention::Keep;
+        let config = Config::parse(
+            "[log]\nmax_bytes = \"2GiB\"\nretention_interval = \"250ms\"\n\
+             absent_plugin_hold = \"7d\"\n\
+             [[log.retention]]\ntypes = [\"account.>\", \"order.>\"]\nmax_age = \"forever\"\n\
+             [[log.retention]]\ntypes = \">\"\nmax_age = \"7d\"\ndelete_dead_lettered = true\n",
+        )
+        .unwrap();
+        let log = &config.log;
+        assert_eq!(log.max_bytes, Some(2 << 30));
+        assert_eq!(log.retention_interval, Duration::from_millis(250));
+        assert_eq!(
+            log.absent_plugin_hold,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(log.retention.len(), 2);
+        assert_eq!(log.retention[0].max_age, Keep::Forever);
+        assert_eq!(
+            log.retention[1].max_age,
+            Keep::For(Duration::from_secs(7 * 86_400))
+        );
+        assert!(log.retention[1].delete_dead_lettered);
+        let defaults = Config::default().log;
+        assert_eq!(defaults.max_bytes, None);
+        assert_eq!(defaults.absent_plugin_hold, None);
+        assert!(defaults.retention.is_empty());
+        let forever = Config::parse("[log]\nabsent_plugin_hold = \"forever\"\n").unwrap();
+        assert_eq!(forever.log.absent_plugin_hold, None);
+
+        for (text, needle) in [
+            (
+                "[[log.retention]]\ntypes = \">\"\nmaxage = \"1d\"\n",
+                "unknown field `maxage`",
+            ),
+            (
+                "[[log.retention]]\ntypes = \"a.>.b\"\n",
+                "invalid type pattern `a.>.b`",
+            ),
+            (
+                "[[log.retention]]\ntypes = \">\"\nmax_age = \"a week\"\n",
+                "invalid duration",
+            ),
+            (
+                "[[log.retention]]\nmax_age = \"1d\"\n",
+                "missing field `types`",
+            ),
+            ("[log]\nmax_bytes = \"lots\"\n", "invalid size"),
+        ] {
+            let message = syntax_error(text);
+            assert!(message.contains(needle), "{text:?}: {message}");
+            assert!(message.contains("line"), "{text:?}: {message}");
+        }
+        for (text, key) in [
+            ("[log]\nmax_bytes = 1000\n", "log.max_bytes"),
+            (
+                "[log]\nretention_interval = \"1ms\"\n",
+                "log.retention_interval",
+            ),
+            (
+                "[[log.retention]]\ntypes = \">\"\nmax_age = \"1d\"\n\
+                 [[log.retention]]\ntypes = \"a.>\"\nmax_age = \"forever\"\n\
+                 delete_unsettled = true\n",
+                "log.retention[1]",
+            ),
+        ] {
+            match Config::parse(text) {
+                Err(ConfigError::Invalid { key: found, .. }) => assert_eq!(found, key, "{text:?}"),
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn on_nats_retention_maps_onto_the_event_stream_or_is_refused() {
+        let nats = "[bus]\nkind = \"nats\"\n";
+        let config = Config::parse(&format!(
+            "{nats}[log]\nmax_bytes = \"1GiB\"\n[[log.retention]]\ntypes = \">\"\nmax_age = \"3d\"\n"
+        ))
+        .unwrap();
+        let limits = config.nats_stream_limits().unwrap();
+        assert_eq!(limits.max_age, Some(Duration::from_secs(3 * 86_400)));
+        assert_eq!(limits.max_bytes, Some(1 << 30));
+        assert!(!limits.warnings.is_empty());
+
+        let legacy = Config::parse(&format!("{nats}max_age = \"1d\"\n")).unwrap();
+        let limits = legacy.nats_stream_limits().unwrap();
+        assert_eq!(limits.max_age, Some(Duration::from_secs(86_400)));
+        assert!(limits.warnings.is_empty());
+
+        for (text, key) in [
+            (
+                "[[log.retention]]\ntypes = \"order.>\"\nmax_age = \"forever\"\n",
+                "log.retention[0].types",
+            ),
+            (
+                "max_age = \"1d\"\n[[log.retention]]\ntypes = \">\"\nmax_age = \"2d\"\n",
+                "bus.max_age",
+            ),
+            (
+                "max_bytes = \"1GiB\"\n[log]\nmax_bytes = \"2GiB\"\n",
+                "bus.max_bytes",
+            ),
+        ] {
+            match Config::parse(&format!("{nats}{text}")) {
+                Err(ConfigError::Invalid { key: found, reason }) => {
+                    assert_eq!(found, key, "{text:?}: {reason}");
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        // The embedded log takes per-type rules.
+        Config::parse("[[log.retention]]\ntypes = \"order.>\"\nmax_age = \"forever\"\n").unwrap();
     }
 }

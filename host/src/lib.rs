@@ -24,7 +24,8 @@
 //! - Shared vocabulary: [`event`] (the CloudEvents model), [`pattern`] (subscription
 //!   patterns), `clock` (the one clock and time format), `units` (sizes and durations),
 //!   `kv` (plugin KV reads, writes and the [`KvSource`] trait), `effects` (what a
-//!   successful attempt commits), `failure` (failure kinds and attempt errors).
+//!   successful attempt commits), `failure` (failure kinds and attempt errors),
+//!   [`retention`] (which events of the log may be deleted, and when).
 //! - [`runtime`]: loads, validates and invokes plugins.
 //! - `policy`: a plugin's delivery policy and retry curve, shared by sidecars and the
 //!   host config; [`config`]: the host config file.
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod plugins;
 mod policy;
+pub mod retention;
 pub mod runtime;
 pub mod schema;
 mod server;

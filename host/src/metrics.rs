@@ -14,6 +14,8 @@
 //! - Values the host does not count itself (compile cache, lag, pending retries,
 //!   in-flight deliveries) are written at scrape time by [`Metrics::render`], which holds
 //!   one lock from writing them to encoding so that concurrent scrapes cannot interleave.
+//! - The log's size and retention series are set by the embedded log's retention worker
+//!   (this module's [`RetentionObserver`]) and absent until it first reports.
 //! - The per-event paths take no global mutex: a read lock on the map of cached
 //!   per-plugin handles, then atomics for counters and a histogram's own lock.
 
@@ -29,6 +31,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
+use crate::bus::sqlite::RetentionObserver;
 use crate::runtime::CacheStats;
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
@@ -102,6 +105,7 @@ struct Families {
     start_latency: HistogramFamily,
     commit_latency: HistogramFamily,
     fuel_used: Family<PluginLabels, Counter>,
+    plugin_cpu: Family<PluginLabels, Counter<f64, AtomicU64>>,
     retries_scheduled: Family<PluginLabels, Counter>,
     dead_letters: Family<ReasonLabels, Counter>,
     plugin_lag: Family<PluginLabels, CountGauge>,
@@ -180,6 +184,12 @@ impl Families {
                 registry,
                 "fuel_used",
                 "Fuel burned by handler invocations",
+                Family::default(),
+            ),
+            plugin_cpu: registered(
+                registry,
+                "plugin_cpu_seconds",
+                "Time the plugin's guests ran on the host's threads",
                 Family::default(),
             ),
             retries_scheduled: registered(
@@ -278,6 +288,7 @@ struct PluginSeries {
     start_latency: Histogram,
     commit_latency: Histogram,
     fuel: Counter,
+    cpu: Counter<f64, AtomicU64>,
     retries: Counter,
     /// Handler time in microseconds, summed, for the stats history (the histogram keeps
     /// its sum to itself).
@@ -296,6 +307,7 @@ impl PluginSeries {
             start_latency: families.start_latency.get_or_create_owned(&labels),
             commit_latency: families.commit_latency.get_or_create_owned(&labels),
             fuel: families.fuel_used.get_or_create_owned(&labels),
+            cpu: families.plugin_cpu.get_or_create_owned(&labels),
             retries: families.retries_scheduled.get_or_create_owned(&labels),
             deliveries: ByLabel::default(),
             dead_letters: ByLabel::default(),
@@ -303,6 +315,17 @@ impl PluginSeries {
             labels,
         }
     }
+}
+
+/// What one invocation cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    /// Its wall-clock time.
+    pub duration: Duration,
+    /// The fuel it burned.
+    pub fuel: u64,
+    /// The time its guest ran on a thread, as the CPU gate charged it.
+    pub cpu: Duration,
 }
 
 /// A per-plugin gauge value read at scrape time.
@@ -365,17 +388,114 @@ impl PluginTotals {
 pub struct Metrics {
     registry: Registry,
     families: Families,
+    log: LogFamilies,
     plugins: RwLock<HashMap<Arc<str>, PluginSeries>>,
     scrape: Mutex<()>,
+}
+
+/// A label set of no labels: a family of one unlabelled series, which is exported only
+/// once it is first set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Unlabelled;
+
+impl EncodeLabelSet for Unlabelled {
+    fn encode(
+        &self,
+        _encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        Ok(())
+    }
+}
+
+/// The embedded log's size and retention. Absent until the retention worker first
+/// reports, so a host without retention, or on NATS, does not export them.
+struct LogFamilies {
+    retention_deleted_events: Family<Unlabelled, Counter>,
+    retention_deleted_bytes: Family<Unlabelled, Counter>,
+    retention_blocked: Family<Unlabelled, CountGauge>,
+    used_bytes: Family<Unlabelled, CountGauge>,
+    file_bytes: Family<Unlabelled, CountGauge>,
+}
+
+impl LogFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            retention_deleted_events: registered(
+                registry,
+                "log_retention_deleted_events",
+                "Events deleted from the log by retention",
+                Family::default(),
+            ),
+            retention_deleted_bytes: registered(
+                registry,
+                "log_retention_deleted_bytes",
+                "Approximate bytes of the events deleted from the log by retention",
+                Family::default(),
+            ),
+            retention_blocked: registered(
+                registry,
+                "log_retention_blocked",
+                "1 while the log is above log.max_bytes and retention may delete none of the \
+                 events left (unsettled, dead-lettered or kept forever)",
+                Family::default(),
+            ),
+            used_bytes: registered(
+                registry,
+                "log_used_bytes",
+                "Bytes of the log's database pages in use",
+                Family::default(),
+            ),
+            file_bytes: registered(
+                registry,
+                "log_file_bytes",
+                "Bytes of the log's database file, free pages included",
+                Family::default(),
+            ),
+        }
+    }
+}
+
+impl RetentionObserver for Metrics {
+    fn deleted(&self, events: u64, bytes: u64) {
+        let log = &self.log;
+        log.retention_deleted_events
+            .get_or_create(&Unlabelled)
+            .inc_by(events);
+        log.retention_deleted_bytes
+            .get_or_create(&Unlabelled)
+            .inc_by(bytes);
+    }
+
+    fn size(&self, used_bytes: u64, file_bytes: u64) {
+        self.log
+            .used_bytes
+            .get_or_create(&Unlabelled)
+            .set(used_bytes);
+        self.log
+            .file_bytes
+            .get_or_create(&Unlabelled)
+            .set(file_bytes);
+    }
+
+    fn blocked(&self, blocked: bool) {
+        self.log
+            .retention_blocked
+            .get_or_create(&Unlabelled)
+            .set(u64::from(blocked));
+        // A counter that was never bumped would otherwise be absent beside the gauge.
+        self.deleted(0, 0);
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("switchyard");
         let families = Families::register(&mut registry);
+        let log = LogFamilies::register(&mut registry);
         Self {
             registry,
             families,
+            log,
             plugins: RwLock::default(),
             scrape: Mutex::default(),
         }
@@ -443,14 +563,15 @@ impl Metrics {
     }
 
     /// Records one invocation: its outcome (`ok` or a failure kind), duration and fuel.
-    pub fn delivery(&self, plugin: &str, outcome: &'static str, duration: Duration, fuel: u64) {
+    pub fn delivery(&self, plugin: &str, outcome: &'static str, cost: Cost) {
         let counted = self.with_plugin(plugin, |series| {
-            series.duration.observe(duration.as_secs_f64());
+            series.duration.observe(cost.duration.as_secs_f64());
             series.duration_us.fetch_add(
-                u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+                u64::try_from(cost.duration.as_micros()).unwrap_or(u64::MAX),
                 Ordering::Relaxed,
             );
-            series.fuel.inc_by(fuel);
+            series.fuel.inc_by(cost.fuel);
+            series.cpu.inc_by(cost.cpu.as_secs_f64());
             series.deliveries.get(outcome).map(Counter::inc).is_some()
         });
         if !counted {
@@ -608,6 +729,15 @@ mod tests {
         out
     }
 
+    /// A call's cost, half of its time spent running.
+    fn cost(duration: Duration, fuel: u64) -> Cost {
+        Cost {
+            duration,
+            fuel,
+            cpu: duration / 2,
+        }
+    }
+
     fn busy() -> String {
         let metrics = Metrics::default();
         metrics.events_ingested(3);
@@ -615,13 +745,13 @@ mod tests {
         metrics.ingest_rejected("unauthorized");
         metrics.ingest_rejected("unauthorized");
         // `audit` is first seen by a delivery, `ticketing` by a load.
-        metrics.delivery("audit", "ok", Duration::from_millis(20), 7);
+        metrics.delivery("audit", "ok", cost(Duration::from_millis(20), 7));
         metrics.plugin_loaded("audit");
         metrics.plugin_load_failed("audit");
         metrics.plugin_loaded("ticketing");
-        metrics.delivery("ticketing", "ok", Duration::from_micros(300), 1000);
-        metrics.delivery("ticketing", "trap", Duration::from_millis(2), 500);
-        metrics.delivery("ticketing", "ok", Duration::from_secs(12), 9);
+        metrics.delivery("ticketing", "ok", cost(Duration::from_micros(300), 1000));
+        metrics.delivery("ticketing", "trap", cost(Duration::from_millis(2), 500));
+        metrics.delivery("ticketing", "ok", cost(Duration::from_secs(12), 9));
         metrics.delivery_latency(
             "ticketing",
             Duration::from_micros(700),
@@ -695,6 +825,26 @@ mod tests {
         assert!(!second.contains("plugin=\"old\""), "{second}");
         assert!(second.contains("switchyard_plugin_in_flight{plugin=\"new\"} 1\n"));
         assert!(second.contains("switchyard_compile_cache_hits_total 5\n"));
+    }
+
+    #[test]
+    fn log_retention_series_appear_once_retention_reports() {
+        let metrics = Metrics::default();
+        let before = metrics.render(&BTreeMap::new(), CacheStats::default());
+        assert!(!before.contains("switchyard_log_"), "{before}");
+        metrics.size(4096, 8192);
+        metrics.deleted(3, 300);
+        metrics.blocked(true);
+        let text = metrics.render(&BTreeMap::new(), CacheStats::default());
+        for line in [
+            "switchyard_log_retention_deleted_events_total 3\n",
+            "switchyard_log_retention_deleted_bytes_total 300\n",
+            "switchyard_log_retention_blocked 1\n",
+            "switchyard_log_used_bytes 4096\n",
+            "switchyard_log_file_bytes 8192\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 
     #[test]
@@ -866,6 +1016,10 @@ switchyard_delivery_commit_latency_seconds_count{plugin="ticketing"} 1
 # TYPE switchyard_fuel_used_total counter
 switchyard_fuel_used_total{plugin="audit"} 7
 switchyard_fuel_used_total{plugin="ticketing"} 1509
+# HELP switchyard_plugin_cpu_seconds_total Time the plugin's guests ran on the host's threads.
+# TYPE switchyard_plugin_cpu_seconds_total counter
+switchyard_plugin_cpu_seconds_total{plugin="audit"} 0.01
+switchyard_plugin_cpu_seconds_total{plugin="ticketing"} 6.00115
 # HELP switchyard_retries_scheduled_total Retries scheduled.
 # TYPE switchyard_retries_scheduled_total counter
 switchyard_retries_scheduled_total{plugin="audit"} 0

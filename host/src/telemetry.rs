@@ -28,8 +28,6 @@ use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::TelemetrySection;
-
 /// The target of the event path's spans.
 pub const FLOW: &str = "switchyard::flow";
 
@@ -72,9 +70,10 @@ fn log_filter() -> EnvFilter {
     }
 }
 
-/// Installs the process's logging, and trace export when `telemetry` names an endpoint.
-/// An exporter that cannot be built is reported on standard error and left out.
-pub fn init(format: LogFormat, telemetry: &TelemetrySection) -> Telemetry {
+/// Installs the process's logging, and trace export to the OTLP/HTTP `endpoint` if any,
+/// as `service` (default `switchyard`). An exporter that cannot be built is reported on
+/// standard error and left out.
+pub fn init(format: LogFormat, endpoint: Option<&str>, service: Option<&str>) -> Telemetry {
     let log = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -87,16 +86,16 @@ pub fn init(format: LogFormat, telemetry: &TelemetrySection) -> Telemetry {
             .with_filter(log_filter())
             .boxed(),
     };
-    let provider = telemetry.otlp_endpoint.as_deref().and_then(|endpoint| {
-        let service = telemetry.service_name.as_deref().unwrap_or("switchyard");
-        match provider(endpoint, service) {
-            Ok(provider) => Some(provider),
-            Err(error) => {
-                eprintln!("error: cannot export traces to {endpoint}: {error}");
-                None
-            }
-        }
-    });
+    let provider =
+        endpoint.and_then(
+            |endpoint| match provider(endpoint, service.unwrap_or("switchyard")) {
+                Ok(provider) => Some(provider),
+                Err(error) => {
+                    eprintln!("error: cannot export traces to {endpoint}: {error}");
+                    None
+                }
+            },
+        );
     let export = provider.as_ref().map(|provider| {
         // The event path's spans, and warnings and errors within them as span events.
         let exported = Targets::new()

@@ -13,6 +13,7 @@ mod distributed;
 mod examples;
 mod hot_reload;
 mod producers;
+mod retention;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;

@@ -179,6 +179,12 @@ async fn an_operator_pauses_and_resumes_a_plugin(backend: Backend) {
             .await,
         0.0
     );
+    // The CPU gate charged the calls to the plugin.
+    let cpu = host
+        .metric("switchyard_plugin_cpu_seconds_total{plugin=\"counter\"}")
+        .await;
+    assert!(cpu > 0.0, "{cpu}");
+    assert!(status_row(&host, "counter").contains(" running "));
 
     // Pausing from the command line, and what goes wrong.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -188,6 +194,9 @@ async fn an_operator_pauses_and_resumes_a_plugin(backend: Backend) {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert_eq!(delivery(&host, "counter").await["reason"], "again");
+    let row = status_row(&host, "counter");
+    assert!(row.contains(" paused "), "{row}");
+    assert!(row.contains(" closed "), "{row}");
     let unknown = host
         .http
         .post(host.url("/v1/plugins/nobody/pause"))
@@ -216,6 +225,23 @@ async fn an_operator_pauses_and_resumes_a_plugin(backend: Backend) {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(host.kv("counter", "seen/after-restart").await, None);
+}
+
+/// The plugin's row of `switchyard status`.
+fn status_row(host: &Host, plugin: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["status", "--url"])
+        .arg(host.url(""))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(table.starts_with("PLUGIN  "), "{table}");
+    table
+        .lines()
+        .find(|line| line.starts_with(&format!("{plugin} ")))
+        .unwrap_or_else(|| panic!("no row of {plugin} in {table}"))
+        .to_owned()
 }
 
 async fn state_of(host: &Host, plugin: &str) -> String {

@@ -73,6 +73,9 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("ui") {
         figures.extend(crate::ui::figures(options).await.context("ui")?);
     }
+    if wanted("traces") {
+        figures.extend(crate::traces::figures(options).await.context("traces")?);
+    }
     if wanted("nats") {
         figures.extend(crate::nats::figures(options).await.context("nats")?);
     }
@@ -608,7 +611,7 @@ async fn end_to_end(options: &Options) -> anyhow::Result<Vec<Figure>> {
 
 /// The buckets of `series` in `after` minus those in `before`, as metrics text, so the
 /// warm-up is left out of the quantiles.
-fn subtract_histograms(after: &str, before: &str, series: &str) -> String {
+pub fn subtract_histograms(after: &str, before: &str, series: &str) -> String {
     let prefix = format!("{series}_bucket{{");
     let counts = |text: &str| -> Vec<(String, f64)> {
         text.lines()

@@ -32,6 +32,7 @@ mod figures;
 mod host;
 mod nats;
 mod producers;
+mod traces;
 mod ui;
 
 use std::time::Duration;

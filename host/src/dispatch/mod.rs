@@ -53,7 +53,7 @@ use crate::clock::{now_ms, now_us};
 use crate::event::PARTITION_KEY;
 use crate::failure::{AttemptError, FailureKind};
 use crate::kv::{KvError, KvSource};
-use crate::metrics::Metrics;
+use crate::metrics::{Cost, Metrics};
 use crate::pattern::Pattern;
 use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
@@ -437,8 +437,8 @@ struct Called {
     span: tracing::Span,
 }
 
-/// How an attempt ends, its outcome's name, its duration and the fuel it burned.
-type Attempted = (Settlement, &'static str, Duration, u64);
+/// How an attempt ends, its outcome's name, and what it cost.
+type Attempted = (Settlement, &'static str, Cost);
 
 /// Runs a delivery's first attempt once the valve lets it and under a call permit;
 /// `None` when shutting down.
@@ -511,7 +511,7 @@ async fn finish(
         } else {
             None
         };
-        let (settlement, outcome_name, duration, fuel) = match first.take() {
+        let (settlement, outcome_name, cost) = match first.take() {
             Some(attempted) => attempted,
             None => {
                 runs += 1;
@@ -541,15 +541,11 @@ async fn finish(
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
                 // Another call of this plugin changed what this one read: its effects
                 // were not committed; run the same attempt again on the new state.
-                context
-                    .metrics
-                    .delivery(&context.name, "conflict", duration, fuel);
+                context.metrics.delivery(&context.name, "conflict", cost);
                 tracing::debug!(plugin = %context.name, event_id = %delivery.stored.event.id, %conflict, "rerunning after a KV conflict");
             }
             Err(conflict) => {
-                context
-                    .metrics
-                    .delivery(&context.name, "conflict", duration, fuel);
+                context.metrics.delivery(&context.name, "conflict", cost);
                 let mut errors = delivery.errors.clone();
                 errors.push(record_error(
                     &context,
@@ -566,9 +562,7 @@ async fn finish(
                 break Some(released);
             }
             Ok(()) => {
-                context
-                    .metrics
-                    .delivery(&context.name, outcome_name, duration, fuel);
+                context.metrics.delivery(&context.name, outcome_name, cost);
                 if delivery.attempt == 1 {
                     // Later attempts wait out a backoff on purpose; only first attempts
                     // say how quickly the host delivers.
@@ -645,7 +639,12 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
             (decide(context, delivery, failure.kind, errors), name)
         }
     };
-    (settlement, name, outcome.duration, outcome.fuel_used)
+    let cost = Cost {
+        duration: outcome.duration,
+        fuel: outcome.fuel_used,
+        cpu: outcome.cpu,
+    };
+    (settlement, name, cost)
 }
 
 /// Logs a failed attempt, remembers it as the plugin's last error and returns its record.

@@ -145,6 +145,7 @@ pin_project_lite::pin_project! {
         inner: F,
         gate: &'g CpuGate,
         share: &'g CpuShare,
+        spent: &'g AtomicU64,
         ticket: u64,
         queued: Option<u64>,
         yielded: bool,
@@ -162,12 +163,14 @@ pin_project_lite::pin_project! {
 }
 
 impl<'g, F: Future> Fair<'g, F> {
-    /// Wraps `inner`, charging `share` at `gate`.
-    pub fn new(gate: &'g CpuGate, share: &'g CpuShare, inner: F) -> Self {
+    /// Wraps `inner`, charging `share` at `gate`; the time its polls run is also added to
+    /// `spent` (in nanoseconds), the call's own CPU time.
+    pub fn new(gate: &'g CpuGate, share: &'g CpuShare, spent: &'g AtomicU64, inner: F) -> Self {
         Self {
             inner,
             gate,
             share,
+            spent,
             ticket: gate.next_ticket.fetch_add(1, Ordering::Relaxed),
             queued: None,
             yielded: false,
@@ -194,6 +197,7 @@ impl<F: Future> Future for Fair<'_, F> {
         let polled = this.inner.poll(cx);
         let ran = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         this.share.used_ns.fetch_add(ran, Ordering::Relaxed);
+        this.spent.fetch_add(ran, Ordering::Relaxed);
         if gated {
             this.gate.release();
         }
@@ -294,7 +298,8 @@ mod tests {
                 Poll::Pending
             }
         });
-        let mut call = std::pin::pin!(Fair::new(&gate, &share, call));
+        let spent = AtomicU64::new(0);
+        let mut call = std::pin::pin!(Fair::new(&gate, &share, &spent, call));
         let waker = waker();
         let mut cx = Context::from_waker(&waker);
         // The slot is taken, yet the first poll runs.
@@ -326,7 +331,9 @@ mod tests {
                 Poll::Pending
             }
         });
-        Fair::new(&gate, &share, burn).await;
+        let spent = AtomicU64::new(0);
+        Fair::new(&gate, &share, &spent, burn).await;
+        assert!(spent.load(Ordering::Relaxed) > 0);
         assert!(
             used(&share) >= Duration::from_millis(6),
             "{:?}",

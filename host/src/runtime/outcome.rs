@@ -18,6 +18,8 @@ pub struct Outcome {
     pub fuel_used: u64,
     /// Wall-clock time of the invocation.
     pub duration: Duration,
+    /// Time the guest ran on a thread (its polls), as the CPU gate charges it.
+    pub cpu: Duration,
 }
 
 /// Why an invocation failed.

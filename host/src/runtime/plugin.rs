@@ -234,9 +234,11 @@ impl Plugin {
             Isolation::PerEvent => None,
         };
         let mut slot = warm;
+        let spent = AtomicU64::new(0);
         let attempt = Fair::new(
             self.runtime.gate(),
             &self.cpu,
+            &spent,
             self.attempt(&mut slot, event, delivery, kv)
                 .instrument(span),
         );
@@ -271,6 +273,7 @@ impl Plugin {
             result,
             fuel_used,
             duration: started.elapsed(),
+            cpu: Duration::from_nanos(spent.load(Ordering::Relaxed)),
         }
     }
 

@@ -17,7 +17,9 @@ mod http;
 use self::http::serve_http;
 use crate::bus::Bus;
 use crate::bus::nats::{NatsBus, NatsOptions};
-use crate::bus::sqlite::{Durability, SqliteBus, SqliteOptions};
+use crate::bus::sqlite::{
+    Durability, RetentionObserver, RetentionOptions, SqliteBus, SqliteOptions,
+};
 use crate::config::{BusKind, Config, Synchronous};
 use crate::dispatch::valve::Valves;
 use crate::ingest::{AppState, router};
@@ -42,8 +44,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ..config.runtime.runtime_config()
     })
     .context("starting the WebAssembly runtime")?;
-    let bus = open_bus(&config).await?;
     let metrics = Arc::new(Metrics::default());
+    let bus = open_bus(&config, &metrics).await?;
 
     let schemas = Schemas::start(Arc::clone(&bus))
         .await
@@ -138,8 +140,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the configured backend of the bus.
-async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+/// Opens the configured backend of the bus, with retention reporting to `metrics`.
+async fn open_bus(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(match config.bus.kind {
         BusKind::Embedded => Arc::new(
             SqliteBus::open(SqliteOptions {
@@ -151,18 +153,31 @@ async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
                 group_commit_max_events: config.log.group_commit_max_events,
                 group_commit_max_delay: config.log.group_commit_max_delay,
                 max_pending_events: config.ingest.max_pending_events,
+                retention: RetentionOptions {
+                    rules: config.log.retention.clone(),
+                    max_bytes: config.log.max_bytes,
+                    interval: config.log.retention_interval,
+                    absent_plugin_hold: config.log.absent_plugin_hold,
+                    observer: Arc::clone(metrics) as Arc<dyn RetentionObserver>,
+                },
             })
             .context("opening the embedded log")?,
         ),
         BusKind::Nats => {
             let bus = &config.bus;
+            // `[log]` retention becomes the event stream's limits where JetStream can
+            // honour it (the config refuses what it cannot); say where it differs.
+            let limits = config.nats_stream_limits()?;
+            for warning in &limits.warnings {
+                tracing::warn!("{warning}");
+            }
             Arc::new(
                 NatsBus::connect(NatsOptions {
                     url: bus.url.clone(),
                     prefix: bus.prefix.clone(),
                     replicas: bus.replicas,
-                    max_age: bus.max_age,
-                    max_bytes: bus.max_bytes,
+                    max_age: limits.max_age,
+                    max_bytes: limits.max_bytes,
                     duplicate_window: bus.duplicate_window,
                     ack_wait: bus.ack_wait,
                 })

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use rusqlite::params;
 use tokio::sync::oneshot;
 
+use super::retention;
 use super::writer::{Job, SettleJob};
 use super::{
     EVENT_COLUMNS, SCAN_CHUNK, SqliteBus, load_event, parse_errors, row_to_stored, to_i64, to_u64,
@@ -94,10 +95,12 @@ impl SqliteConsumer {
     ) -> Result<Self, BusError> {
         let name = plugin.to_owned();
         let start = spec.start;
+        let patterns = retention::patterns_json(&spec.patterns);
         let cursor = bus
             .submit(|reply| Job::OpenCursor {
                 plugin: name,
                 start,
+                patterns,
                 reply,
             })
             .await?;
@@ -112,6 +115,7 @@ impl SqliteConsumer {
                 rows.collect()
             })
             .await?;
+        bus.inner.retention.consumer_opened(plugin);
         Ok(SqliteConsumer {
             bus: bus.clone(),
             plugin: plugin.to_owned(),
@@ -254,6 +258,13 @@ impl SqliteConsumer {
                 cursor,
             });
         }
+    }
+}
+
+impl Drop for SqliteConsumer {
+    fn drop(&mut self) {
+        // Retention counts how long a plugin has had no consumer open.
+        self.bus.inner.retention.consumer_closed(&self.plugin);
     }
 }
 

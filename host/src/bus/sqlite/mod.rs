@@ -5,7 +5,9 @@
 //!   index makes a repeated append answer with the first sequence;
 //! - `cursors`, `acked`, `retries`: each plugin's position (see below);
 //! - `dead_letters`: deliveries given up on, by plugin; their ids are never reused;
-//! - `kv`: each plugin's keys and values.
+//! - `kv`: each plugin's keys and values;
+//! - `subscriptions`: the patterns each plugin's consumer last opened with, which decide
+//!   the events its cursor holds back from retention.
 //!
 //! Writes go through ONE writer thread that group-commits: it takes every job waiting
 //! (up to a bound), runs each inside its own savepoint of one transaction, commits once
@@ -41,13 +43,16 @@
 //! - `dead_letters.rs`: the [`DeadLetters`](super::DeadLetters) impl;
 //! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl;
 //! - `schemas.rs`: the [`SchemaStore`](super::SchemaStore) impl (table `schemas`) and
-//!   the process's settlement notices.
+//!   the process's settlement notices;
+//! - `retention.rs`: the retention worker (deleting old events, giving space back) and
+//!   the SQL of its writer jobs.
 
 mod consumer;
 mod controls;
 mod dead_letters;
 mod kv;
 mod ops;
+mod retention;
 mod schema;
 mod schemas;
 mod writer;
@@ -60,6 +65,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
+
+pub use self::retention::{NoObserver, RetentionObserver, RetentionOptions};
 
 use self::consumer::SqliteConsumer;
 use self::schema::{check_schema, check_writable, open_connection};
@@ -98,6 +105,8 @@ pub struct SqliteOptions {
     pub group_commit_max_delay: Duration,
     /// Appends that may wait for the writer before new ones are refused.
     pub max_pending_events: usize,
+    /// What retention deletes, and when; by default nothing.
+    pub retention: RetentionOptions,
 }
 
 impl SqliteOptions {
@@ -109,6 +118,7 @@ impl SqliteOptions {
             group_commit_max_events: 4096,
             group_commit_max_delay: Duration::ZERO,
             max_pending_events: 100_000,
+            retention: RetentionOptions::default(),
         }
     }
 }
@@ -133,6 +143,8 @@ struct Inner {
     /// Plugins whose controls this process changed.
     control_changes: tokio::sync::broadcast::Sender<String>,
     notices: LocalNotices,
+    /// Which plugins have a consumer open, and the retention worker's stop signal.
+    retention: retention::Shared,
 }
 
 /// Names the storage failures an operator can act on (a full disk, read-only storage) in
@@ -190,8 +202,10 @@ impl SqliteBus {
             schema_changes: tokio::sync::broadcast::channel(64).0,
             control_changes: tokio::sync::broadcast::channel(64).0,
             notices: LocalNotices::default(),
+            retention: retention::Shared::default(),
         });
         writer::start(conn, &options, Arc::clone(&inner), receiver)?;
+        retention::start(&inner, &options.path, &options.retention)?;
         Ok(Self { inner })
     }
 
@@ -395,6 +409,7 @@ impl Bus for SqliteBus {
         if self.inner.closed.load(Ordering::Acquire) {
             return Ok(());
         }
+        self.inner.retention.stop();
         self.submit(|reply| Job::Close { reply }).await
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! Invariants: every connection runs in WAL mode, so reads never wait for the writer;
 //! a log whose `user_version` is not [`SCHEMA_VERSION`] is refused rather than misread
-//! (a new, empty file takes the current layout); a directory that cannot take writes is
-//! refused with a message that says so, before SQLite would report it in its own words.
+//! (a new, empty file takes the current layout, with incremental auto-vacuum); tables
+//! and indexes added since a version was shipped are created when a log of that version
+//! opens (`IF NOT EXISTS`), so they need no new version; a directory that cannot take
+//! writes is refused with a message that says so, before SQLite would report it in its
+//! own words.
 
 use std::path::Path;
 use std::time::Duration;
@@ -77,11 +80,22 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     PRIMARY KEY (plugin, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    plugin TEXT PRIMARY KEY,
+    patterns TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS retries_seq ON retries (seq);
+CREATE INDEX IF NOT EXISTS dead_letters_seq ON dead_letters (seq);
 ";
 
 pub(super) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Takes effect only on a new, empty file, before WAL mode writes its first page: it
+    // lets retention give freed pages back to the file system (`incremental_vacuum`). On
+    // an existing file it changes nothing; converting an older log takes a `VACUUM` of
+    // the whole file, which the operator runs while the host is stopped.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |row| {
         row.get::<_, String>(0)
     })?;

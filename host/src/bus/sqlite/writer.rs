@@ -34,6 +34,7 @@ use super::ops::{
     append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_control, put_schema,
     replay, settle,
 };
+use super::retention::{self, Candidate, Deleted};
 use super::{Durability, Inner, SqliteOptions, storage};
 use crate::bus::{Appended, BusError, Settlement, StartPosition};
 use crate::event::Event;
@@ -53,6 +54,8 @@ pub(super) enum Job {
     OpenCursor {
         plugin: String,
         start: StartPosition,
+        /// The consumer's subscriptions, as `retention::patterns_json` writes them.
+        patterns: String,
         reply: Reply<u64>,
     },
     Settle(Box<SettleJob>),
@@ -82,6 +85,17 @@ pub(super) enum Job {
         revision: u64,
         reply: Reply<u64>,
     },
+    /// Retention: deletes events a walk found deletable (see `retention.rs`).
+    Retain {
+        candidates: Vec<Candidate>,
+        sweep: bool,
+        reply: Reply<Deleted>,
+    },
+    /// Retention: gives up to `pages` free pages back to the file system.
+    Vacuum {
+        pages: u64,
+        reply: Reply<u64>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -101,12 +115,17 @@ impl Job {
     /// Whether the job's answer promises durability: appends (a `202`), operator actions
     /// and closing. Settlements may be lost to a power cut and redelivered.
     fn must_be_durable(&self) -> bool {
-        !matches!(self, Job::Settle(_) | Job::MoveCursor { .. })
+        // Retention's jobs promise nothing either: a lost delete is repeated.
+        !matches!(
+            self,
+            Job::Settle(_) | Job::MoveCursor { .. } | Job::Retain { .. } | Job::Vacuum { .. }
+        )
     }
 
     fn weight(&self) -> usize {
         match self {
             Job::Append { events, .. } => events.len(),
+            Job::Retain { candidates, .. } => candidates.len(),
             Job::Settle(job) => match &job.settlement {
                 Settlement::Ack(effects) => 1 + effects.emits.len(),
                 _ => 1,
@@ -159,6 +178,7 @@ enum Answer {
     Appended(Reply<Vec<Appended>>, Result<Vec<Appended>, BusError>, usize),
     Position(Reply<u64>, Result<u64, BusError>),
     Count(Reply<u64>, Result<u64, BusError>),
+    Deleted(Reply<Deleted>, Result<Deleted, BusError>),
     Done(Reply<()>, Result<(), BusError>),
     Nothing,
 }
@@ -173,6 +193,7 @@ impl Answer {
             Answer::Appended(reply, _, n) => Answer::Appended(reply, Err(again()), n),
             Answer::Position(reply, _) => Answer::Position(reply, Err(again())),
             Answer::Count(reply, _) => Answer::Count(reply, Err(again())),
+            Answer::Deleted(reply, _) => Answer::Deleted(reply, Err(again())),
             Answer::Done(reply, _) => Answer::Done(reply, Err(again())),
             Answer::Nothing => Answer::Nothing,
         }
@@ -188,6 +209,9 @@ impl Answer {
                 let _ = reply.send(result);
             }
             Answer::Done(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Deleted(reply, result) => {
                 let _ = reply.send(result);
             }
             Answer::Nothing => {}
@@ -313,9 +337,12 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
         Job::OpenCursor {
             plugin,
             start,
+            patterns,
             reply,
         } => {
-            let result = open_cursor(savepoint, &plugin, start);
+            let result = open_cursor(savepoint, &plugin, start).and_then(|position| {
+                retention::record_subscription(savepoint, &plugin, &patterns).map(|()| position)
+            });
             let ok = result.is_ok();
             (Answer::Position(reply, result.map_err(storage)), ok)
         }
@@ -370,6 +397,20 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let ok = result.is_ok();
             (Answer::Count(reply, result), ok)
         }
+        Job::Retain {
+            candidates,
+            sweep,
+            reply,
+        } => {
+            let result = retention::delete(savepoint, &candidates, sweep);
+            let ok = result.is_ok();
+            (Answer::Deleted(reply, result), ok)
+        }
+        Job::Vacuum { pages, reply } => {
+            let result = retention::vacuum(savepoint, pages);
+            let ok = result.is_ok();
+            (Answer::Count(reply, result), ok)
+        }
         Job::Close { reply } => (Answer::Done(reply, Ok(())), true),
     };
     if ok {
@@ -402,6 +443,8 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         | Job::PutControl { reply, .. } => Answer::Count(reply, Ok(0)),
         Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
+        Job::Retain { reply, .. } => Answer::Deleted(reply, Ok(Deleted::default())),
+        Job::Vacuum { reply, .. } => Answer::Count(reply, Ok(0)),
     };
     answer.fail(error)
 }
