@@ -114,13 +114,17 @@ async fn a_request_slower_than_the_request_timeout_gets_408() {
 async fn requests_past_the_concurrency_limit_get_503_and_probes_still_answer() {
     let host = host_with("[http]\nmax_concurrent_requests = 1\nrequest_timeout = \"30s\"\n");
     // One ingest request holds the only place: its body never completes.
-    let mut holder = connect(&host);
-    holder
-        .write_all(
-            b"POST /v1/events/order.placed HTTP/1.1\r\nhost: localhost\r\n\
-              content-type: application/json\r\ncontent-length: 100\r\n\r\n{",
-        )
-        .unwrap();
+    let hold = || {
+        let mut holder = connect(&host);
+        holder
+            .write_all(
+                b"POST /v1/events/order.placed HTTP/1.1\r\nhost: localhost\r\n\
+                  content-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+            )
+            .unwrap();
+        holder
+    };
+    let holder = std::sync::Mutex::new(hold());
     let client = reqwest::Client::new();
     let refused = host
         .wait_for(
@@ -133,7 +137,18 @@ async fn requests_past_the_concurrency_limit_get_503_and_probes_still_answer() {
                     .send()
                     .await
                     .unwrap();
-                (response.status() == 503).then_some(response)
+                if response.status() == 503 {
+                    return Some(response);
+                }
+                // A request admitted at the same moment as the holder's can take the
+                // place first: the holder is then refused and holds nothing, so it asks
+                // again.
+                let mut held = holder.lock().unwrap();
+                let mut answer = [0u8; 64];
+                if matches!(held.read(&mut answer), Ok(n) if n > 0) {
+                    *held = hold();
+                }
+                None
             },
         )
         .await;
