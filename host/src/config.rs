@@ -509,7 +509,7 @@ impl Default for Config {
 
 /// The `[telemetry]` section: traces of each event's path (W3C trace context), exported
 /// over OTLP. Off unless an endpoint is set, and then free: no span is made.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetrySection {
     /// The OTLP/HTTP traces endpoint spans are sent to as JSON, such as
@@ -522,6 +522,29 @@ pub struct TelemetrySection {
     ///
     /// Default: `"switchyard"`.
     pub service_name: Option<String>,
+
+    /// The share of traces that start at this host (a request without `traceparent`)
+    /// that are recorded and exported, from 0 to 1. A trace continued from a producer's
+    /// `traceparent` follows the producer's sampled flag.
+    ///
+    /// Default: 1 (every trace).
+    pub sample_ratio: Option<f64>,
+}
+
+impl TelemetrySection {
+    /// What to export, when an endpoint is set.
+    pub fn export(&self) -> Option<crate::telemetry::Export> {
+        self.otlp_endpoint
+            .as_ref()
+            .map(|endpoint| crate::telemetry::Export {
+                endpoint: endpoint.clone(),
+                service: self
+                    .service_name
+                    .clone()
+                    .unwrap_or_else(|| "switchyard".to_owned()),
+                sample_ratio: self.sample_ratio.unwrap_or(1.0),
+            })
+    }
 }
 
 /// The `[http]` section: what one client may hold of the API, so that a slow or greedy
@@ -753,6 +776,14 @@ impl Config {
             }
         }
         self.validate_log()?;
+        if let Some(ratio) = self.telemetry.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(ConfigError::invalid(
+                "telemetry.sample_ratio",
+                format!("is {ratio}; it must be from 0 to 1"),
+            ));
+        }
         self.validate_bus()?;
         if self.plugin_defaults.limits.memory_bytes > self.runtime.max_memory {
             return Err(ConfigError::invalid(

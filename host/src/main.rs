@@ -9,12 +9,7 @@ use switchyard_host::telemetry;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = cli.telemetry();
-    let telemetry = telemetry::init(
-        cli.log_format,
-        settings.otlp_endpoint.as_deref(),
-        settings.service_name.as_deref(),
-    );
+    let telemetry = telemetry::init(cli.log_format, cli.telemetry().export().as_ref());
     let code = match cli::run(cli).await {
         Ok(code) => code,
         Err(error) => {

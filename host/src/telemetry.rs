@@ -20,7 +20,7 @@ use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer as _;
@@ -73,7 +73,7 @@ fn log_filter() -> EnvFilter {
 /// Installs the process's logging, and trace export to the OTLP/HTTP `endpoint` if any,
 /// as `service` (default `switchyard`). An exporter that cannot be built is reported on
 /// standard error and left out.
-pub fn init(format: LogFormat, endpoint: Option<&str>, service: Option<&str>) -> Telemetry {
+pub fn init(format: LogFormat, export: Option<&Export>) -> Telemetry {
     let log = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -86,50 +86,68 @@ pub fn init(format: LogFormat, endpoint: Option<&str>, service: Option<&str>) ->
             .with_filter(log_filter())
             .boxed(),
     };
-    let provider =
-        endpoint.and_then(
-            |endpoint| match provider(endpoint, service.unwrap_or("switchyard")) {
-                Ok(provider) => Some(provider),
-                Err(error) => {
-                    eprintln!("error: cannot export traces to {endpoint}: {error}");
-                    None
-                }
-            },
-        );
-    let export = provider.as_ref().map(|provider| {
+    let provider = export.and_then(|export| match provider(export) {
+        Ok(provider) => Some(provider),
+        Err(error) => {
+            eprintln!(
+                "error: cannot export traces to {}: {error}",
+                export.endpoint
+            );
+            None
+        }
+    });
+    let exporting = provider.as_ref().map(|provider| {
         // The event path's spans, and warnings and errors within them as span events.
         let exported = Targets::new()
             .with_target(FLOW, tracing::Level::TRACE)
             .with_target("switchyard_host", tracing::Level::WARN);
+        // Only what a trace of the event path needs: no source locations, thread names or
+        // busy/idle times, whose bookkeeping runs on every poll of an instrumented future.
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("switchyard"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(exported)
     });
     let installed = tracing_subscriber::registry()
         .with(log)
-        .with(export)
+        .with(exporting)
         .try_init()
         .is_ok();
     EXPORTING.store(installed && provider.is_some(), Ordering::Relaxed);
     Telemetry { provider }
 }
 
-fn provider(
-    endpoint: &str,
-    service: &str,
-) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+/// Where and how much to export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Export {
+    /// The OTLP/HTTP traces endpoint.
+    pub endpoint: String,
+    /// The `service.name` of the spans.
+    pub service: String,
+    /// The share of traces started here that are recorded, from 0 to 1; a trace
+    /// continued from a producer's `traceparent` follows the producer's decision.
+    pub sample_ratio: f64,
+}
+
+fn provider(export: &Export) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpJson)
-        .with_endpoint(endpoint)
+        .with_endpoint(&export.endpoint)
         .with_timeout(EXPORT_TIMEOUT)
         .build()?;
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(export.sample_ratio)));
     Ok(SdkTracerProvider::builder()
         .with_resource(
             opentelemetry_sdk::Resource::builder()
-                .with_service_name(service.to_owned())
+                .with_service_name(export.service.clone())
                 .build(),
         )
+        .with_sampler(sampler)
         .with_batch_exporter(exporter)
         .build())
 }

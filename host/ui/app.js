@@ -159,7 +159,7 @@ async function overview(params, first) {
   const rows = list.plugins.map((p) =>
     el("tr", { "data-plugin": p.name },
       el("td", {}, link("#/plugins/" + encodeURIComponent(p.name), p.name)),
-      el("td", { class: "state-" + p.status }, p.status),
+      el("td", { class: "state-" + stateOf(p), "data-col": "state", title: p.delivery && p.delivery.reason || "" }, stateOf(p)),
       el("td", {}, p.version || "–", el("div", { class: "mono muted" }, short(p.sha256))),
       el("td", { class: "wide" }, (p.subscriptions || []).map((s) => el("span", { class: "pill" }, s))),
       el("td", { class: "num", "data-col": "lag" }, num(p.lag)),
@@ -184,6 +184,36 @@ async function overview(params, first) {
             .map((h, i) => el("th", { class: [3, 8, 10].includes(i) ? "wide" : "" }, h)))),
         el("tbody", {}, rows))),
     pager);
+}
+
+/** `failed` for a plugin that did not load, else its delivery state (running, paused,
+ * breaker-open, probing). */
+function stateOf(p) {
+  return p.status === "failed" ? "failed" : (p.delivery ? p.delivery.state : p.status);
+}
+
+/** The state with since when and why, and the button that pauses or resumes. */
+function deliveryFacts(p) {
+  const d = p.delivery || { state: p.status, breaker: { state: "closed" } };
+  const b = d.breaker || { state: "closed" };
+  const state = el("span", { id: "delivery-state" },
+    el("span", { class: "state-" + stateOf(p) }, stateOf(p)),
+    d.since ? el("span", { class: "muted" }, ` since ${d.since}`) : null,
+    d.reason ? el("div", { class: d.state === "paused" ? "" : "error" }, d.reason) : null);
+  const action = d.state === "running" || d.state === "probing"
+    ? el("button", { id: "pause", type: "button", onclick: () => confirmThen(
+        `Pause ${p.name} on every host? Its events wait in the log until it is resumed.`, async () => {
+          await api(`/v1/plugins/${encodeURIComponent(p.name)}/pause`, {
+            method: "POST", headers: { "content-type": "application/json" },
+            body: JSON.stringify({ reason: "paused from the status page" }) });
+        }) }, "Pause")
+    : el("button", { id: "resume", class: "primary", type: "button", onclick: () => confirmThen(
+        `Resume ${p.name}? Its waiting events are delivered${b.state === "closed" ? "" : " and its breaker closes"}.`, async () => {
+          await api(`/v1/plugins/${encodeURIComponent(p.name)}/resume`, { method: "POST" });
+        }) }, "Resume");
+  const breaker = b.state === "closed" ? "closed"
+    : `${b.state} since ${b.since}, ${b.state === "open" ? "next probe" : "probe lease ends"} ${b.until}, cooldown ${b.cooldown}`;
+  return [["State", p.status === "failed" ? state : el("span", {}, state, " ", action)], ["Breaker", breaker]];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -211,7 +241,7 @@ async function pluginPage(name, params, first) {
   const retry = policy.retry || {};
   const limits = p.limits || {};
   const facts = [
-    ["State", el("span", { class: "state-" + p.status }, p.status)],
+    ...deliveryFacts(p),
     ["Version", p.version || "–"], ["SHA-256", el("span", { class: "mono" }, p.sha256 || "–")],
     ["File", el("span", { class: "mono" }, p.file)], ["Loaded", p.loaded_at],
     ["Load error", p.load_error ? el("span", { class: "error", id: "load-error" }, p.load_error) : "none"],

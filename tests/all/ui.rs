@@ -192,6 +192,86 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_shows_and_a_plugin_is_paused_and_resumed_from_its_page() {
+    let mut host = Host::new();
+    host.plugin(
+        "mender",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.needs-fix\"]\nconcurrency = 1\n\
+             [retry]\nmax_attempts = 10\ninitial = \"50ms\"\njitter = false\n\
+             [breaker]\nfailures = 2\ncooldown = \"1h\"\n",
+        ),
+    )
+    .plugin(
+        "counter",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.count\"]\n"),
+    );
+    host.start();
+    for id in ["job-1", "job-2"] {
+        assert_eq!(host.send("hostile.needs-fix", id, json!({})).await, 202);
+    }
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui")).await;
+    let state = |plugin: &str| format!("tr[data-plugin='{plugin}'] td[data-col='state']");
+    browser
+        .wait_text(&state("mender"), |t| t == "breaker-open")
+        .await;
+    browser
+        .wait_text(&state("counter"), |t| t == "running")
+        .await;
+    browser.goto(&host.url("/ui#/plugins/mender")).await;
+    let info = browser
+        .wait_text("#plugin-info", |t| t.contains("next probe"))
+        .await;
+    assert!(
+        info.contains("2 failed attempts in a row") && info.contains("cooldown 1h"),
+        "{info}"
+    );
+
+    // Pause `counter` from its page: its events wait in the log.
+    browser.goto(&host.url("/ui#/plugins/counter")).await;
+    browser.click("#pause").await;
+    browser
+        .wait_text("#modal-text", |t| {
+            t.contains("Pause counter on every host?")
+        })
+        .await;
+    browser.click("#modal-ok").await;
+    browser
+        .wait_text("#delivery-state", |t| {
+            t.contains("paused") && t.contains("paused from the status page")
+        })
+        .await;
+    assert_eq!(host.send("hostile.count", "held-1", json!({})).await, 202);
+    screenshots(&browser, "plugin-paused").await;
+    assert_eq!(host.kv("counter", "seen/held-1").await, None);
+    browser.goto(&host.url("/ui")).await;
+    browser
+        .wait_text(&state("counter"), |t| t == "paused")
+        .await;
+    screenshots(&browser, "overview-paused").await;
+
+    // Resume: the waiting event is handled.
+    browser.goto(&host.url("/ui#/plugins/counter")).await;
+    browser.click("#resume").await;
+    browser
+        .wait_text("#modal-text", |t| t.contains("Resume counter?"))
+        .await;
+    browser.click("#modal-ok").await;
+    browser
+        .wait_text("#delivery-state", |t| t.contains("running"))
+        .await;
+    host.wait_for("the held event", Duration::from_secs(20), || async {
+        host.kv("counter", "seen/held-1").await
+    })
+    .await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_dropped_broken_file_shows_its_load_error_while_the_old_version_serves() {
     let mut host = Host::new();
     host.plugin("mender", Guest::Hostile, None);

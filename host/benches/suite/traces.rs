@@ -1,6 +1,6 @@
 //! What trace export costs: the same ingest and delivery figures with `[telemetry]` off
 //! (no span made) and with spans exported over OTLP/HTTP to a sink that answers at once
-//! (the bare HTTP server's `202` route), in one run.
+//! (the bare HTTP server's `202` route), every trace and one in a hundred, in one run.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +64,7 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         sink.url("/v1/events")
     );
     let on = measure(options, Some(&config)).await?;
+    let sampled = measure(options, Some(&format!("{config}sample_ratio = 0.01\n"))).await?;
     let figure = |name: &str, on: f64, off: f64, unit: &'static str| Figure {
         name: format!("traces.{name}"),
         value: on,
@@ -77,5 +78,17 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         figure("e2e.start.p50", on.start_p50, off.start_p50, "ms"),
         figure("e2e.start.p99", on.start_p99, off.start_p99, "ms"),
         figure("e2e.ack.p99", on.ack_p99, off.ack_p99, "ms"),
+        figure(
+            "sampled_1pct.ingest.single",
+            sampled.ingest,
+            off.ingest,
+            "events/s",
+        ),
+        figure(
+            "sampled_1pct.e2e.start.p99",
+            sampled.start_p99,
+            off.start_p99,
+            "ms",
+        ),
     ])
 }
