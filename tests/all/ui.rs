@@ -191,6 +191,26 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backen
     browser.close().await;
 }
 
+/// Clicks `button` and confirms the dialog that asks `question`. The page redraws a
+/// plugin's facts as it loads and at every refresh, so a click can find no button or land
+/// on one just replaced: it is clicked again until the dialog shows.
+async fn confirm(browser: &Browser, button: &str, question: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        browser.try_click(button).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let asked = browser.text("#modal-text").await.unwrap_or_default();
+        if asked.contains(question) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clicking `{button}` never asked {question:?}; last: {asked:?}"
+        );
+    }
+    browser.click("#modal-ok").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_breaker_shows_and_a_plugin_is_paused_and_resumed_from_its_page() {
     let mut host = Host::new();
@@ -233,13 +253,7 @@ async fn an_open_breaker_shows_and_a_plugin_is_paused_and_resumed_from_its_page(
 
     // Pause `counter` from its page: its events wait in the log.
     browser.goto(&host.url("/ui#/plugins/counter")).await;
-    browser.click("#pause").await;
-    browser
-        .wait_text("#modal-text", |t| {
-            t.contains("Pause counter on every host?")
-        })
-        .await;
-    browser.click("#modal-ok").await;
+    confirm(&browser, "#pause", "Pause counter on every host?").await;
     browser
         .wait_text("#delivery-state", |t| {
             t.contains("paused") && t.contains("paused from the status page")
@@ -256,11 +270,7 @@ async fn an_open_breaker_shows_and_a_plugin_is_paused_and_resumed_from_its_page(
 
     // Resume: the waiting event is handled.
     browser.goto(&host.url("/ui#/plugins/counter")).await;
-    browser.click("#resume").await;
-    browser
-        .wait_text("#modal-text", |t| t.contains("Resume counter?"))
-        .await;
-    browser.click("#modal-ok").await;
+    confirm(&browser, "#resume", "Resume counter?").await;
     browser
         .wait_text("#delivery-state", |t| t.contains("running"))
         .await;

@@ -180,16 +180,24 @@ impl Browser {
 
     /// Clicks the first element matching `css`.
     pub async fn click(&self, css: &str) {
-        let element = self
-            .find(css)
-            .await
-            .unwrap_or_else(|| panic!("nothing matches `{css}` to click"));
+        assert!(
+            self.try_click(css).await,
+            "nothing matches `{css}` to click"
+        );
+    }
+
+    /// Clicks the first element matching `css`, if there is one; whether there was.
+    pub async fn try_click(&self, css: &str) -> bool {
+        let Some(element) = self.find(css).await else {
+            return false;
+        };
         self.command(
             reqwest::Method::POST,
             &format!("/element/{element}/click"),
             Some(json!({})),
         )
         .await;
+        true
     }
 
     /// Types `text` into the first element matching `css`.
