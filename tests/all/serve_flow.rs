@@ -364,7 +364,72 @@ async fn overlapping_patterns_deliver_each_event_once_and_resends_are_deduplicat
     assert_eq!(total, 20);
 }
 
+async fn a_burst_into_a_one_at_a_time_plugin_never_conflicts_with_itself(backend: Backend) {
+    let mut host = Host::on(&backend);
+    // The example's own sidecar: one call at a time, every call rewriting one counter.
+    let sidecar = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/audit-trail/sidecar.toml"
+    ))
+    .unwrap();
+    host.plugin("audit", Guest::AuditTrail, Some(&sidecar));
+    host.start();
+    // 5,000 events in batches of 25 from 4 connections at once.
+    let (connections, batches, size) = (4, 50, 25);
+    let mut tasks = Vec::new();
+    for connection in 0..connections {
+        let http = reqwest::Client::new();
+        let url = host.url("/v1/events");
+        tasks.push(tokio::spawn(async move {
+            for batch in 0..batches {
+                let events: Vec<serde_json::Value> = (0..size)
+                    .map(|n| {
+                        json!({"specversion": "1.0", "id": format!("burst-{connection}-{batch}-{n}"),
+                               "source": "/burst", "type": "burst.tick", "data": {}})
+                    })
+                    .collect();
+                let status = http
+                    .post(&url)
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(serde_json::Value::from(events).to_string())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(status, 202);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let events = connections * batches * size;
+    let count = host
+        .wait_for(
+            "the counter to settle",
+            Duration::from_secs(120),
+            || async {
+                let status = host.get_json("/v1/plugins/audit").await;
+                let settled = status["cursor"].as_u64()? >= events
+                    && status["in_flight"] == 0
+                    && status["pending_retries"] == 0;
+                settled.then_some(())?;
+                host.kv("audit", "count/burst.tick").await
+            },
+        )
+        .await;
+    assert_eq!(count, events.to_string());
+    let status = host.status("audit").await.unwrap();
+    assert_eq!(status["failed"], 0, "{status}");
+    assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
+    let conflicts = host
+        .metric_if_any("switchyard_deliveries_total{plugin=\"audit\",outcome=\"conflict\"}")
+        .await;
+    assert_eq!(conflicts, None, "no attempt ran again after a KV conflict");
+}
+
 crate::on_both_backends!(
+    a_burst_into_a_one_at_a_time_plugin_never_conflicts_with_itself,
     overlapping_patterns_deliver_each_event_once_and_resends_are_deduplicated,
     a_payment_becomes_tickets_and_a_notification,
     a_slow_plugin_does_not_hold_back_a_fast_one,

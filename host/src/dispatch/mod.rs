@@ -24,7 +24,9 @@
 //! KV is optimistic: an acknowledgement commits only if what the attempt read is still
 //! committed. When another call of the same plugin changed it first, the attempt runs
 //! again on the new state (up to a bound, then it counts as a failed attempt), so
-//! concurrent calls never lose each other's updates.
+//! concurrent calls never lose each other's updates. A call reads the writes of the
+//! plugin's earlier acknowledged calls even while their commits are in flight, and
+//! commits after them (see `pending`), so calls that never overlap never conflict.
 //!
 //! Each attempt ends in exactly one settlement: success commits the effects with the
 //! acknowledgement; a retryable failure schedules a retry with the plugin's backoff, or
@@ -32,6 +34,7 @@
 //! dead-letter at once. A settlement the bus cannot store is retried until it is, or
 //! until shutdown (the event is then delivered again after restart: at-least-once).
 
+mod pending;
 pub mod valve;
 
 use std::collections::{HashMap, VecDeque};
@@ -61,6 +64,7 @@ use crate::runtime::{self, Plugin};
 use crate::schema::Schemas;
 use crate::telemetry;
 
+use self::pending::{Overlay, PendingCommit, PendingWrites};
 use self::valve::Valve;
 
 /// Live state of one plugin's dispatcher, for status and metrics.
@@ -227,6 +231,7 @@ async fn run(
         rerun_turn: tokio::sync::Mutex::new(()),
         valve: Arc::clone(&target.valve),
         stopped: stopped.clone(),
+        pending: Arc::default(),
     });
     if target.policy.ordering == Ordering::Key {
         route_by_key(context, incoming, stopped).await;
@@ -411,6 +416,8 @@ struct Context {
     valve: Arc<Valve>,
     /// Ends a wait at the valve on shutdown.
     stopped: watch::Receiver<bool>,
+    /// KV writes of acknowledged calls whose commits are in flight.
+    pending: Arc<PendingWrites>,
 }
 
 /// How long ago `at_us` (microseconds since the Unix epoch) was; zero if in the future.
@@ -437,8 +444,17 @@ struct Called {
     span: tracing::Span,
 }
 
-/// How an attempt ends, its outcome's name, and what it cost.
-type Attempted = (Settlement, &'static str, Cost);
+/// How an attempt ends, its outcome's name, what it cost, and its place among the
+/// plugin's commits in flight.
+struct Attempted {
+    settlement: Settlement,
+    outcome: &'static str,
+    cost: Cost,
+    /// The pending writes it read (its commit waits for theirs to end).
+    read: Option<Arc<Overlay>>,
+    /// Its own KV writes, which the plugin's next calls read until its settlement ends.
+    pending: Option<PendingCommit>,
+}
 
 /// Runs a delivery's first attempt once the valve lets it and under a call permit;
 /// `None` when shutting down.
@@ -466,7 +482,7 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
     drop(permit);
     context
         .valve
-        .record(admission, failure_of(&attempt.0))
+        .record(admission, failure_of(&attempt.settlement))
         .await;
     Some(Called {
         start_latency,
@@ -511,7 +527,13 @@ async fn finish(
         } else {
             None
         };
-        let (settlement, outcome_name, cost) = match first.take() {
+        let Attempted {
+            settlement,
+            outcome: outcome_name,
+            cost,
+            read,
+            pending,
+        } = match first.take() {
             Some(attempted) => attempted,
             None => {
                 runs += 1;
@@ -534,10 +556,18 @@ async fn finish(
             attempt = delivery.attempt,
             outcome = outcome_name
         );
-        match settle(&context, &delivery, &settlement)
-            .instrument(commit)
-            .await
-        {
+        let settled = async {
+            if let Some(read) = &read {
+                read.settled().await;
+            }
+            settle(&context, &delivery, &settlement).await
+        }
+        .instrument(commit)
+        .await;
+        // Stored or refused, the commit has ended: its writes are no longer pending (a
+        // rerun must not read its own refused writes).
+        drop(pending);
+        match settled {
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
                 // Another call of this plugin changed what this one read: its effects
                 // were not committed; run the same attempt again on the new state.
@@ -601,6 +631,7 @@ const MAX_CONFLICT_RUNS: u32 = 8;
 
 /// Invokes the plugin once and decides how the attempt ends.
 async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
+    let (kv, read) = context.pending.reader(&context.kv);
     let outcome = context
         .plugin
         .invoke(
@@ -610,7 +641,7 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
                 max_attempts: context.policy.retry.max_attempts,
                 sequence: delivery.stored.sequence,
             },
-            Arc::clone(&context.kv),
+            kv,
         )
         .await;
     let checked = outcome.result.and_then(|mut effects| {
@@ -644,7 +675,18 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
         fuel: outcome.fuel_used,
         cpu: outcome.cpu,
     };
-    (settlement, name, cost)
+    // Registered before the lane starts the plugin's next call.
+    let pending = match &settlement {
+        Settlement::Ack(effects) => context.pending.begin(&effects.kv_writes),
+        _ => None,
+    };
+    Attempted {
+        settlement,
+        outcome: name,
+        cost,
+        read,
+        pending,
+    }
 }
 
 /// Logs a failed attempt, remembers it as the plugin's last error and returns its record.

@@ -1,0 +1,251 @@
+//! A plugin's acknowledged KV writes whose commits are still in flight, so that the
+//! plugin's next calls read them rather than the older committed values.
+//!
+//! A call's settlement commits after the call returns, while the plugin already runs its
+//! next call. Reading only committed KV, that next call would see the value the previous
+//! call replaced, and its commit would then fail the optimistic check: a conflict
+//! between two calls that never ran at the same time. So when an attempt ends with KV
+//! writes, the dispatcher registers them here ([`PendingWrites::begin`]) before the next
+//! call starts, and keeps them until its settlement ends. A call that starts while some
+//! are registered reads through an [`Overlay`]: a key with a pending write reads as that
+//! write, and the call records the commit it read from. Before its own settlement, it
+//! waits for those commits to end ([`Overlay::settled`]), so its reads are checked
+//! against the state they came from.
+//!
+//! Invariants:
+//! - a pending write is visible from its registration until its commit ends (stored,
+//!   refused, or dropped at shutdown), then the committed state answers again;
+//! - of several pending writes to one key, the latest registered is read;
+//! - a commit waits only for commits registered before its call read them, so waits
+//!   never form a cycle;
+//! - a read of a write whose commit was refused fails the reader's check, which runs the
+//!   reader again on the committed state, as any conflict does.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::kv::{KvError, KvSource, KvWrite};
+
+/// One plugin's pending writes.
+#[derive(Default)]
+pub(super) struct PendingWrites {
+    /// Commits registered and not ended, readable without the lock.
+    in_flight: AtomicUsize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_token: u64,
+    /// Per key, the latest pending write: its commit's token, its value (`None`: deleted)
+    /// and the signal of that commit's end.
+    keys: BTreeMap<String, (u64, Option<Vec<u8>>, watch::Receiver<bool>)>,
+}
+
+/// A registered commit; dropping it ends it.
+pub(super) struct PendingCommit {
+    writes: Arc<PendingWrites>,
+    token: u64,
+    keys: Vec<String>,
+    ended: watch::Sender<bool>,
+}
+
+impl PendingWrites {
+    /// Registers an acknowledged attempt's KV writes until the returned commit is dropped;
+    /// `None` when it wrote nothing.
+    pub(super) fn begin(self: &Arc<Self>, writes: &[KvWrite]) -> Option<PendingCommit> {
+        if writes.is_empty() {
+            return None;
+        }
+        let (ended, receiver) = watch::channel(false);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let token = state.next_token;
+        state.next_token += 1;
+        for write in writes {
+            state.keys.insert(
+                write.key.clone(),
+                (token, write.value.clone(), receiver.clone()),
+            );
+        }
+        drop(state);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(PendingCommit {
+            writes: Arc::clone(self),
+            token,
+            keys: writes.iter().map(|w| w.key.clone()).collect(),
+            ended,
+        })
+    }
+
+    /// The KV a call starting now reads: the committed state with the pending writes
+    /// over it, or the committed state alone when nothing is pending.
+    pub(super) fn reader(
+        self: &Arc<Self>,
+        committed: &Arc<dyn KvSource>,
+    ) -> (Arc<dyn KvSource>, Option<Arc<Overlay>>) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            return (Arc::clone(committed), None);
+        }
+        let overlay = Arc::new(Overlay {
+            committed: Arc::clone(committed),
+            writes: Arc::clone(self),
+            read_from: Mutex::default(),
+        });
+        (Arc::clone(&overlay) as Arc<dyn KvSource>, Some(overlay))
+    }
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        let mut state = self
+            .writes
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for key in &self.keys {
+            if state
+                .keys
+                .get(key)
+                .is_some_and(|(token, ..)| *token == self.token)
+            {
+                state.keys.remove(key);
+            }
+        }
+        drop(state);
+        self.writes.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.ended.send(true);
+    }
+}
+
+/// One call's view of KV: pending writes over the committed state.
+pub(super) struct Overlay {
+    committed: Arc<dyn KvSource>,
+    writes: Arc<PendingWrites>,
+    /// The ends of the commits this call read from.
+    read_from: Mutex<Vec<watch::Receiver<bool>>>,
+}
+
+impl Overlay {
+    /// Waits until every commit this call read from has ended.
+    pub(super) async fn settled(&self) {
+        let waits: Vec<watch::Receiver<bool>> = std::mem::take(
+            &mut *self
+                .read_from
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for mut ended in waits {
+            // An error means the commit's owner is gone: it has ended too.
+            let _ = ended.wait_for(|ended| *ended).await;
+        }
+    }
+
+    fn depend(&self, ended: &watch::Receiver<bool>) {
+        self.read_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(ended.clone());
+    }
+}
+
+#[async_trait]
+impl KvSource for Overlay {
+    async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let pending = self
+            .writes
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys
+            .get(key)
+            .map(|(_, value, ended)| (value.clone(), ended.clone()));
+        match pending {
+            Some((value, ended)) => {
+                self.depend(&ended);
+                Ok(value)
+            }
+            None => self.committed.get(plugin, key).await,
+        }
+    }
+
+    async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let mut keys = self.committed.keys(plugin, prefix).await?;
+        let pending: Vec<(String, bool, watch::Receiver<bool>)> = self
+            .writes
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys
+            .range(prefix.to_owned()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, (_, value, ended))| (key.clone(), value.is_some(), ended.clone()))
+            .collect();
+        for (key, present, ended) in pending {
+            self.depend(&ended);
+            match (present, keys.binary_search(&key)) {
+                (true, Err(at)) => keys.insert(at, key),
+                (false, Ok(at)) => {
+                    keys.remove(at);
+                }
+                _ => {}
+            }
+        }
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::EmptyKv;
+
+    fn write(key: &str, value: Option<&str>) -> KvWrite {
+        KvWrite {
+            key: key.to_owned(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_writes_are_read_until_their_commit_ends() {
+        let writes = Arc::new(PendingWrites::default());
+        let committed: Arc<dyn KvSource> = Arc::new(EmptyKv);
+        let (_, none) = writes.reader(&committed);
+        assert!(none.is_none(), "nothing pending: the committed state alone");
+
+        let first = writes.begin(&[write("count/a", Some("1")), write("gone", None)]);
+        let second = writes.begin(&[write("count/a", Some("2"))]);
+        let (kv, overlay) = writes.reader(&committed);
+        let overlay = overlay.unwrap();
+        assert_eq!(kv.get("p", "count/a").await.unwrap(), Some(b"2".to_vec()));
+        assert_eq!(kv.get("p", "gone").await.unwrap(), None);
+        assert_eq!(kv.keys("p", "count/").await.unwrap(), vec!["count/a"]);
+
+        // The reader waits for the commits it read from.
+        let waiting = tokio::spawn(async move { overlay.settled().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(second);
+        drop(first);
+        waiting.await.unwrap();
+
+        let (kv, overlay) = writes.reader(&committed);
+        assert!(overlay.is_none());
+        assert_eq!(kv.get("p", "count/a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_older_commit_ending_keeps_a_newer_write_of_the_key() {
+        let writes = Arc::new(PendingWrites::default());
+        let committed: Arc<dyn KvSource> = Arc::new(EmptyKv);
+        let first = writes.begin(&[write("k", Some("1"))]);
+        let _second = writes.begin(&[write("k", Some("2"))]);
+        drop(first);
+        let (kv, _) = writes.reader(&committed);
+        assert_eq!(kv.get("p", "k").await.unwrap(), Some(b"2".to_vec()));
+    }
+}
