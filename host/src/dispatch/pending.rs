@@ -41,9 +41,18 @@ pub(super) struct PendingWrites {
 #[derive(Default)]
 struct State {
     next_token: u64,
-    /// Per key, the latest pending write: its commit's token, its value (`None`: deleted)
-    /// and the signal of that commit's end.
-    keys: BTreeMap<String, (u64, Option<Vec<u8>>, watch::Receiver<bool>)>,
+    /// Per key, the latest pending write.
+    keys: BTreeMap<String, PendingWrite>,
+}
+
+/// A write waiting for its commit.
+struct PendingWrite {
+    /// The commit it belongs to.
+    token: u64,
+    /// The value, `None` for a deletion.
+    value: Option<Vec<u8>>,
+    /// Turns `true` when the commit ends.
+    ended: watch::Receiver<bool>,
 }
 
 /// A registered commit; dropping it ends it.
@@ -68,7 +77,11 @@ impl PendingWrites {
         for write in writes {
             state.keys.insert(
                 write.key.clone(),
-                (token, write.value.clone(), receiver.clone()),
+                PendingWrite {
+                    token,
+                    value: write.value.clone(),
+                    ended: receiver.clone(),
+                },
             );
         }
         drop(state);
@@ -110,7 +123,7 @@ impl Drop for PendingCommit {
             if state
                 .keys
                 .get(key)
-                .is_some_and(|(token, ..)| *token == self.token)
+                .is_some_and(|write| write.token == self.token)
             {
                 state.keys.remove(key);
             }
@@ -162,7 +175,7 @@ impl KvSource for Overlay {
             .unwrap_or_else(PoisonError::into_inner)
             .keys
             .get(key)
-            .map(|(_, value, ended)| (value.clone(), ended.clone()));
+            .map(|write| (write.value.clone(), write.ended.clone()));
         match pending {
             Some((value, ended)) => {
                 self.depend(&ended);
@@ -182,7 +195,7 @@ impl KvSource for Overlay {
             .keys
             .range(prefix.to_owned()..)
             .take_while(|(key, _)| key.starts_with(prefix))
-            .map(|(key, (_, value, ended))| (key.clone(), value.is_some(), ended.clone()))
+            .map(|(key, write)| (key.clone(), write.value.is_some(), write.ended.clone()))
             .collect();
         for (key, present, ended) in pending {
             self.depend(&ended);
