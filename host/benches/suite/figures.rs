@@ -73,6 +73,9 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("ui") {
         figures.extend(crate::ui::figures(options).await.context("ui")?);
     }
+    if wanted("peer") {
+        figures.extend(crate::peers::figures(options).await.context("peers")?);
+    }
     if wanted("traces") {
         figures.extend(crate::traces::figures(options).await.context("traces")?);
     }

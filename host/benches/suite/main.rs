@@ -31,6 +31,7 @@ mod client;
 mod figures;
 mod host;
 mod nats;
+mod peers;
 mod producers;
 mod traces;
 mod ui;
