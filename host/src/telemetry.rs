@@ -13,7 +13,7 @@
 //! [`traceparent_of`] names a span for the events it causes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator as _;
@@ -37,9 +37,51 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Whether spans are exported (set once, at [`init`]).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
+/// The share of traces starting here that are recorded, as `f64` bits (set at [`init`]).
+static SAMPLE_RATIO: AtomicU64 = AtomicU64::new(0);
+
 /// Whether this process exports traces; when not, no span of the event path exists.
 pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Whether the path of an event with this trace context is recorded: never without
+/// export; else the sampled flag of its `traceparent`, or, for a trace that starts here,
+/// a draw at `sample_ratio`. An unrecorded path makes no span at all, so sampling saves
+/// the spans' whole cost, not only their export.
+pub fn sampled(traceparent: Option<&str>) -> bool {
+    if !exporting() {
+        return false;
+    }
+    match traceparent.and_then(trace_flags) {
+        Some(flags) => flags & 1 == 1,
+        None => rand::random::<f64>() < f64::from_bits(SAMPLE_RATIO.load(Ordering::Relaxed)),
+    }
+}
+
+/// The flags of a W3C `traceparent` (`00-TRACE-SPAN-FLAGS`).
+fn trace_flags(traceparent: &str) -> Option<u8> {
+    let mut parts = traceparent.split('-');
+    let (Some(_), Some(trace), Some(span), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    (trace.len() == 32 && span.len() == 16)
+        .then(|| u8::from_str_radix(flags, 16).ok())
+        .flatten()
+}
+
+/// A new trace context marked not sampled, for a trace that starts here and was not drawn:
+/// its events and their follow-ups carry the decision, so none of them makes spans.
+pub fn unsampled_traceparent() -> String {
+    let trace = rand::random::<u128>().max(1);
+    let span = rand::random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-00")
 }
 
 /// How log lines are written.
@@ -118,6 +160,9 @@ pub fn init(format: LogFormat, export: Option<&Export>) -> Telemetry {
         .try_init()
         .is_ok();
     EXPORTING.store(installed && provider.is_some(), Ordering::Relaxed);
+    if let Some(export) = export {
+        SAMPLE_RATIO.store(export.sample_ratio.to_bits(), Ordering::Relaxed);
+    }
     Telemetry { provider }
 }
 
@@ -188,4 +233,25 @@ pub fn traceparent_of(span: &Span) -> Option<String> {
     let mut carrier = HashMap::<String, String>::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
     carrier.remove(TRACEPARENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_flags_are_read_from_a_well_formed_traceparent_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            trace_flags(&format!("00-{id}-00f067aa0ba902b7-01")),
+            Some(1)
+        );
+        assert_eq!(
+            trace_flags(&format!("00-{id}-00f067aa0ba902b7-00")),
+            Some(0)
+        );
+        assert_eq!(trace_flags("00-short-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_flags(&format!("00-{id}-00f067aa0ba902b7-01-x")), None);
+        assert_eq!(trace_flags(&unsampled_traceparent()), Some(0));
+    }
 }

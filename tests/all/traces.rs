@@ -206,4 +206,66 @@ async fn the_example_flow_is_one_trace(backend: Backend) {
     }
 }
 
-crate::on_both_backends!(the_example_flow_is_one_trace);
+async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision(backend: Backend) {
+    let receiver = Receiver::start();
+    let mut host = Host::on(&backend);
+    host.config(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\nsample_ratio = 0.0\n",
+        receiver.endpoint
+    ));
+    host.plugin("ticketing", Guest::Ticketing, None);
+    host.start();
+    let payment = |order: &str| json!({"order_id": order, "amount_cents": 100, "email": "fan@example.com", "quantity": 2});
+    // A trace that starts here is not drawn at ratio 0; a producer's sampled one is kept.
+    assert_eq!(
+        host.send("payment.completed", "unsampled", payment("A-1"))
+            .await,
+        202
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let sent = host
+        .http
+        .post(host.url("/v1/events/payment.completed"))
+        .header("ce-id", "sampled")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&payment("A-2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    host.wait_for("both follow-ups", Duration::from_secs(20), || async {
+        let log = host.log().await;
+        (log.iter()
+            .filter(|e| e["event"]["type"] == "tickets.generated")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let log = host.log().await;
+    let context = |id: &str| -> String {
+        let event = log.iter().find(|e| e["event"]["id"] == id).unwrap();
+        event["event"]["traceparent"].as_str().unwrap().to_owned()
+    };
+    let unsampled = context("unsampled");
+    assert!(unsampled.ends_with("-00"), "{unsampled}");
+    let follow_up = log
+        .iter()
+        .find(|e| e["event"]["causationid"] == "unsampled")
+        .unwrap();
+    let inherited = follow_up["event"]["traceparent"].as_str().unwrap();
+    assert_eq!(inherited, unsampled, "the follow-up carries the decision");
+    host.stop();
+
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().all(|s| s.trace == trace),
+        "only the producer's sampled trace made spans: {spans:#?}"
+    );
+    find(&spans, "dispatch.deliver", "ticketing", "sampled");
+}
+
+crate::on_both_backends!(
+    the_example_flow_is_one_trace,
+    a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision,
+);

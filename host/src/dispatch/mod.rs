@@ -495,6 +495,9 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
 /// the event's trace.
 fn deliver_span(context: &Context, delivery: &Delivery) -> tracing::Span {
     let event = &delivery.stored.event;
+    if !telemetry::sampled(event.extension(telemetry::TRACEPARENT)) {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         target: telemetry::FLOW,
         "dispatch.deliver",
@@ -547,15 +550,19 @@ async fn finish(
             }
         };
         let released = !matches!(settlement, Settlement::Retry { .. });
-        let commit = tracing::info_span!(
-            target: telemetry::FLOW,
-            parent: &span,
-            "dispatch.commit",
-            plugin = %context.name,
-            event_id = %delivery.stored.event.id,
-            attempt = delivery.attempt,
-            outcome = outcome_name
-        );
+        let commit = if span.is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                target: telemetry::FLOW,
+                parent: &span,
+                "dispatch.commit",
+                plugin = %context.name,
+                event_id = %delivery.stored.event.id,
+                attempt = delivery.attempt,
+                outcome = outcome_name
+            )
+        };
         let settled = async {
             if let Some(read) = &read {
                 read.settled().await;

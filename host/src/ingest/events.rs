@@ -114,16 +114,23 @@ async fn append(
     let traceparent = headers
         .get(telemetry::TRACEPARENT)
         .and_then(|value| value.to_str().ok());
-    let span = tracing::info_span!(
-        target: telemetry::FLOW,
-        "ingest.receive",
-        events = events.len(),
-        event_id = events.first().map_or("", |e| e.id.as_str())
-    );
+    let sampled = telemetry::sampled(traceparent);
+    let span = if sampled {
+        tracing::info_span!(
+            target: telemetry::FLOW,
+            "ingest.receive",
+            events = events.len(),
+            event_id = events.first().map_or("", |e| e.id.as_str())
+        )
+    } else {
+        tracing::Span::none()
+    };
     if let Some(traceparent) = traceparent {
         telemetry::set_parent(&span, traceparent);
     }
-    let request_context = telemetry::traceparent_of(&span).or(traceparent.map(str::to_owned));
+    let request_context = telemetry::traceparent_of(&span)
+        .or(traceparent.map(str::to_owned))
+        .or_else(|| telemetry::exporting().then(telemetry::unsampled_traceparent));
     if let Some(context) = request_context {
         for event in &mut events {
             event
@@ -155,7 +162,11 @@ async fn append_checked(
         Some(wait) => Some(wait::listen(state, &events, wait).await?),
         None => None,
     };
-    let logged = tracing::info_span!(target: telemetry::FLOW, "log.append", events = count);
+    let logged = if tracing::Span::current().is_disabled() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(target: telemetry::FLOW, "log.append", events = count)
+    };
     let appended = if waiting.is_some() {
         state.bus.append_watched(events).instrument(logged).await
     } else {

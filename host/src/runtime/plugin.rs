@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 use wasmtime::component::Component;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -220,13 +220,18 @@ impl Plugin {
         delivery: Delivery,
         kv: Arc<dyn KvSource>,
     ) -> Outcome {
-        let span = tracing::info_span!(
-            target: crate::telemetry::FLOW,
-            "runtime.invoke",
-            plugin = %self.identity.name,
-            event_id = %event.id,
-            attempt = delivery.attempt
-        );
+        // Only inside a recorded delivery: a span here without one would start a trace.
+        let span = if crate::telemetry::exporting() && !Span::current().is_disabled() {
+            tracing::info_span!(
+                target: crate::telemetry::FLOW,
+                "runtime.invoke",
+                plugin = %self.identity.name,
+                event_id = %event.id,
+                attempt = delivery.attempt
+            )
+        } else {
+            Span::none()
+        };
         let started = Instant::now();
         let limits = self.settings.limits;
         let warm = match self.settings.isolation {
