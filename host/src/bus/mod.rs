@@ -221,6 +221,10 @@ pub trait Consumer: Send + Sync {
 
     /// Ends a delivery; see the module docs for the transaction it commits.
     async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError>;
+
+    /// Gives back, at once, the deliveries handed out and never settled (fetched but not
+    /// run when the dispatcher stopped), so they need not wait out a lease elsewhere.
+    async fn release(&self) {}
 }
 
 /// The bus.

@@ -233,12 +233,16 @@ async fn run(
         stopped: stopped.clone(),
         pending: Arc::default(),
     });
+    let releasing = Arc::clone(&context.consumer);
     if target.policy.ordering == Ordering::Key {
         route_by_key(context, incoming, stopped).await;
     } else {
         run_lanes(context, incoming, stopped, concurrency).await;
     }
     fetcher.abort();
+    // What was fetched and never run (held by a pause or an open breaker, or waiting in
+    // the channel) goes back now rather than after the bus's lease on it runs out.
+    releasing.release().await;
 }
 
 /// `ordering = "none"`: `concurrency` lanes, each taking the next delivery, calling the

@@ -386,6 +386,13 @@ impl Consumer for NatsConsumer {
         Ok(deliveries)
     }
 
+    async fn release(&self) {
+        let unsettled: Vec<Message> = self.held().drain().map(|(_, message)| message).collect();
+        for message in unsettled {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
     async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
         let sequence = delivery.stored.sequence;
         let Some(message) = self.held().get(&sequence).cloned() else {
