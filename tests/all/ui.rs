@@ -86,9 +86,10 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     screenshots(&browser, "overview").await;
 
     // A plugin's page: its policy, plots, KV and the load of its file.
-    browser.click("tr[data-plugin='ticketing'] a").await;
     browser
-        .wait_text("#history-table", |t| t.contains("serving"))
+        .click_until("tr[data-plugin='ticketing'] a", "#history-table", |t| {
+            t.contains("serving")
+        })
         .await;
     let info = browser.text("#plugin-info").await.unwrap();
     assert!(
@@ -108,9 +109,12 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     browser
         .wait_for("#events-table tr[data-id='pay-A-1']")
         .await;
-    browser.click("#events-table tr[data-id='pay-A-1'] a").await;
     let caused = browser
-        .wait_text("#events-table", |t| t.contains("tickets.generated"))
+        .click_until(
+            "#events-table tr[data-id='pay-A-1'] a",
+            "#events-table",
+            |t| t.contains("tickets.generated"),
+        )
         .await;
     assert!(!caused.contains("payment.completed"), "{caused}");
     assert_eq!(caused.matches("tickets.generated").count(), 1, "{caused}");
@@ -191,23 +195,11 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backen
     browser.close().await;
 }
 
-/// Clicks `button` and confirms the dialog that asks `question`. The page redraws a
-/// plugin's facts as it loads and at every refresh, so a click can find no button or land
-/// on one just replaced: it is clicked again until the dialog shows.
+/// Clicks `button` and confirms the dialog that asks `question`.
 async fn confirm(browser: &Browser, button: &str, question: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        browser.try_click(button).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let asked = browser.text("#modal-text").await.unwrap_or_default();
-        if asked.contains(question) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "clicking `{button}` never asked {question:?}; last: {asked:?}"
-        );
-    }
+    browser
+        .click_until(button, "#modal-text", |t| t.contains(question))
+        .await;
     browser.click("#modal-ok").await;
 }
 

@@ -186,6 +186,36 @@ impl Browser {
         );
     }
 
+    /// Clicks the first element matching `css` until the element `shows` matches shows
+    /// text that `check` accepts, and returns that text. The page redraws its tables and
+    /// facts as it loads and at every refresh, so one click can land on an element just
+    /// replaced.
+    pub async fn click_until(
+        &self,
+        css: &str,
+        shows: &str,
+        check: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.try_click(css).await;
+            let settled = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < settled {
+                if let Some(text) = self.text(shows).await
+                    && check(&text)
+                {
+                    return text;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clicking `{css}` never made `{shows}` show the expected text; page: {:?}",
+                self.text("main").await
+            );
+        }
+    }
+
     /// Clicks the first element matching `css`, if there is one; whether there was.
     pub async fn try_click(&self, css: &str) -> bool {
         let Some(element) = self.find(css).await else {
