@@ -65,6 +65,18 @@ pub struct ClientArgs {
     pub token: Option<String>,
 }
 
+impl ClientArgs {
+    /// A request to the host at `path`, with the bearer token if one is set, and its URL.
+    fn request(&self, method: reqwest::Method, path: &str) -> (String, reqwest::RequestBuilder) {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut builder = reqwest::Client::new().request(method, &url);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        (url, builder)
+    }
+}
+
 /// Dead-letter subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
@@ -376,11 +388,7 @@ async fn request(
     path: &str,
     body: Option<RequestBody<'_>>,
 ) -> anyhow::Result<ExitCode> {
-    let url = format!("{}{path}", client.url.trim_end_matches('/'));
-    let mut builder = reqwest::Client::new().request(method, &url);
-    if let Some(token) = &client.token {
-        builder = builder.bearer_auth(token);
-    }
+    let (url, mut builder) = client.request(method, path);
     if let Some((headers, bytes)) = body {
         for (name, value) in headers {
             builder = builder.header(name, value);

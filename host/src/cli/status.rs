@@ -14,11 +14,7 @@ use super::ClientArgs;
 const STATS_READS: usize = 8;
 
 async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
-    let url = format!("{}{path}", client.url.trim_end_matches('/'));
-    let mut builder = reqwest::Client::new().get(&url);
-    if let Some(token) = &client.token {
-        builder = builder.bearer_auth(token);
-    }
+    let (url, builder) = client.request(reqwest::Method::GET, path);
     let response = builder
         .send()
         .await

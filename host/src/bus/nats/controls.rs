@@ -6,12 +6,11 @@
 use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
-use super::kv::{decode_key, encode_key};
+use super::kv::{compare_and_set, encode_key, key_changes};
 use super::setup::ensure_bucket;
-use super::{NatsBus, Shared, compare_and_set_failed, nats_error};
+use super::{NatsBus, Shared, nats_error};
 use crate::bus::{BusError, ControlStore, PluginControl};
 
 impl Shared {
@@ -56,45 +55,22 @@ impl ControlStore for NatsBus {
         let store = self.shared.control_store().await?;
         let value =
             Bytes::from(serde_json::to_vec(control).map_err(|e| BusError::Storage(e.to_string()))?);
-        let key = encode_key(plugin);
-        let conflict = || BusError::Conflict(format!("the control of plugin `{plugin}` changed"));
-        if revision == 0 {
-            store.create(&key, value).await.map_err(|error| {
-                if error.kind() == kv::CreateErrorKind::AlreadyExists
-                    || compare_and_set_failed(&error)
-                {
-                    conflict()
-                } else {
-                    nats_error("storing a plugin's control")(&error)
-                }
-            })
-        } else {
-            store.update(&key, value, revision).await.map_err(|error| {
-                if compare_and_set_failed(&error) {
-                    conflict()
-                } else {
-                    nats_error("storing a plugin's control")(&error)
-                }
-            })
-        }
+        compare_and_set(
+            store,
+            &encode_key(plugin),
+            value,
+            revision,
+            "storing a plugin's control",
+            || BusError::Conflict(format!("the control of plugin `{plugin}` changed")),
+        )
+        .await
     }
 
     async fn control_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
-        let store = self.shared.control_store().await?;
-        let watch = store
-            .watch_all()
-            .await
-            .map_err(storage!("watching plugin controls"))?;
-        Ok(watch
-            .filter_map(|entry| async move {
-                match entry {
-                    Ok(entry) => decode_key(&entry.key),
-                    Err(error) => {
-                        tracing::warn!(%error, "watching plugin controls");
-                        Some(String::new())
-                    }
-                }
-            })
-            .boxed())
+        key_changes(
+            self.shared.control_store().await?,
+            "watching plugin controls",
+        )
+        .await
     }
 }

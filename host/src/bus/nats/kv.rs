@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::setup::ensure_bucket;
-use super::{NatsBus, Shared, nats_error};
+use super::{NatsBus, Shared, compare_and_set_failed, nats_error};
 use crate::bus::BusError;
 use crate::kv::{KvError, KvSource};
 
@@ -97,6 +97,57 @@ pub(super) async fn list_keys(store: &kv::Store, prefix: &str) -> Result<Vec<Str
     }
     found.sort();
     Ok(found)
+}
+
+/// Stores `value` under the (encoded) `key` if its revision is still `revision` (0: the
+/// key must not exist yet), as the shared buckets (schemas, plugin controls) change;
+/// `conflict()` when another writer came first.
+pub(super) async fn compare_and_set(
+    store: &kv::Store,
+    key: &str,
+    value: Bytes,
+    revision: u64,
+    what: &'static str,
+    conflict: impl Fn() -> BusError,
+) -> Result<u64, BusError> {
+    if revision == 0 {
+        store.create(key, value).await.map_err(|error| {
+            if error.kind() == kv::CreateErrorKind::AlreadyExists || compare_and_set_failed(&error)
+            {
+                conflict()
+            } else {
+                nats_error(what)(&error)
+            }
+        })
+    } else {
+        store.update(key, value, revision).await.map_err(|error| {
+            if compare_and_set_failed(&error) {
+                conflict()
+            } else {
+                nats_error(what)(&error)
+            }
+        })
+    }
+}
+
+/// The (decoded) keys of a shared bucket as they change, from now on; an empty name after
+/// a broken watch says "read every key again".
+pub(super) async fn key_changes(
+    store: &kv::Store,
+    what: &'static str,
+) -> Result<futures_util::stream::BoxStream<'static, String>, BusError> {
+    let watch = store.watch_all().await.map_err(storage!(what))?;
+    Ok(watch
+        .filter_map(move |entry| async move {
+            match entry {
+                Ok(entry) => decode_key(&entry.key),
+                Err(error) => {
+                    tracing::warn!(%error, "{what}");
+                    Some(String::new())
+                }
+            }
+        })
+        .boxed())
 }
 
 #[async_trait]

@@ -17,10 +17,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
-use super::kv::{decode_key, encode_key};
+use super::kv::{compare_and_set, decode_key, encode_key, key_changes};
 use super::messages::{decode_event, event_subject, micros};
 use super::setup::ensure_bucket;
-use super::{NatsBus, Shared, compare_and_set_failed, nats_error, next_message};
+use super::{NatsBus, Shared, nats_error, next_message};
 use crate::bus::{BusError, Notice, Notices, SchemaStore, StoredEvent, StoredSchema, notice_key};
 use crate::clock::now_ms;
 
@@ -108,35 +108,16 @@ impl SchemaStore for NatsBus {
             Bytes::from(serde_json::to_vec(&stored).map_err(|e| BusError::Storage(e.to_string()))?);
         self.shared
             .check_size(|| format!("the schemas of `{event_type}`"), value.len())?;
-        let key = encode_key(event_type);
-        let written = if revision == 0 {
-            store
-                .create(&key, value)
-                .await
-                .map(|_| ())
-                .map_err(|error| {
-                    if error.kind() == kv::CreateErrorKind::AlreadyExists
-                        || compare_and_set_failed(&error)
-                    {
-                        conflict()
-                    } else {
-                        nats_error("storing a schema")(&error)
-                    }
-                })
-        } else {
-            store
-                .update(&key, value, revision)
-                .await
-                .map(|_| ())
-                .map_err(|error| {
-                    if compare_and_set_failed(&error) {
-                        conflict()
-                    } else {
-                        nats_error("storing a schema")(&error)
-                    }
-                })
-        };
-        written.map(|()| new)
+        compare_and_set(
+            store,
+            &encode_key(event_type),
+            value,
+            revision,
+            "storing a schema",
+            conflict,
+        )
+        .await?;
+        Ok(new)
     }
 
     async fn schema_versions(&self, event_type: &str) -> Result<Vec<StoredSchema>, BusError> {
@@ -168,22 +149,7 @@ impl SchemaStore for NatsBus {
     }
 
     async fn schema_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
-        let store = self.shared.schema_store().await?;
-        let watch = store
-            .watch_all()
-            .await
-            .map_err(storage!("watching schemas"))?;
-        Ok(watch
-            .filter_map(|entry| async move {
-                match entry {
-                    Ok(entry) => decode_key(&entry.key),
-                    Err(error) => {
-                        tracing::warn!(%error, "watching schemas");
-                        Some(String::new())
-                    }
-                }
-            })
-            .boxed())
+        key_changes(self.shared.schema_store().await?, "watching schemas").await
     }
 }
 

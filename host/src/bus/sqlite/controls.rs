@@ -3,7 +3,6 @@
 //! within the process, which is the only one on this log.
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use rusqlite::OptionalExtension;
 
@@ -53,17 +52,6 @@ impl ControlStore for SqliteBus {
     }
 
     async fn control_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
-        let changes = self.inner.control_changes.subscribe();
-        let changes = futures_util::stream::unfold(changes, |mut changes| async move {
-            match changes.recv().await {
-                Ok(plugin) => Some((plugin, changes)),
-                // Changes were missed: an empty name says "read every plugin again".
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    Some((String::new(), changes))
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
-            }
-        });
-        Ok(changes.boxed())
+        Ok(super::change_stream(self.inner.control_changes.subscribe()))
     }
 }

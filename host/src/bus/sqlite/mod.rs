@@ -290,6 +290,24 @@ fn errors_json(errors: &[AttemptError]) -> String {
     serde_json::to_string(errors).unwrap_or_else(|_| "[]".to_owned())
 }
 
+/// Names broadcast within the process (types whose schemas, or plugins whose controls,
+/// changed) as a stream; an empty name after missed ones says "read every one again".
+pub(super) fn change_stream(
+    changes: tokio::sync::broadcast::Receiver<String>,
+) -> futures_util::stream::BoxStream<'static, String> {
+    use futures_util::StreamExt as _;
+    futures_util::stream::unfold(changes, |mut changes| async move {
+        match changes.recv().await {
+            Ok(name) => Some((name, changes)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                Some((String::new(), changes))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    })
+    .boxed()
+}
+
 #[async_trait]
 impl Bus for SqliteBus {
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {

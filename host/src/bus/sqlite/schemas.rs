@@ -3,7 +3,6 @@
 //! the process, which is the only one on this log.
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use rusqlite::params;
 
@@ -75,18 +74,7 @@ impl SchemaStore for SqliteBus {
     }
 
     async fn schema_changes(&self) -> Result<BoxStream<'static, String>, BusError> {
-        let changes = self.inner.schema_changes.subscribe();
-        let changes = futures_util::stream::unfold(changes, |mut changes| async move {
-            match changes.recv().await {
-                Ok(event_type) => Some((event_type, changes)),
-                // Changes were missed: an empty name says "reload every type".
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    Some((String::new(), changes))
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
-            }
-        });
-        Ok(changes.boxed())
+        Ok(super::change_stream(self.inner.schema_changes.subscribe()))
     }
 }
 
