@@ -524,10 +524,11 @@ pub fn describe_plugin(file: &Path, plugin: &Plugin) -> String {
     let info = plugin.info();
     let subscriptions: Vec<&str> = info.subscriptions.iter().map(|p| p.as_str()).collect();
     format!(
-        "{}: ok\n  name           {}\n  version        {}\n  subscriptions  {}\n  sha256         {}\n",
+        "{}: ok\n  name           {}\n  version        {}\n  contract       switchyard:plugin@{}\n  subscriptions  {}\n  sha256         {}\n",
         file.display(),
         info.name,
         info.version,
+        info.contract,
         subscriptions.join(", "),
         plugin.sha256(),
     )

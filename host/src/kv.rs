@@ -11,6 +11,8 @@
 
 use async_trait::async_trait;
 
+use crate::stream::StreamPage;
+
 /// Why committed KV state could not be read. The cause is the bus's error.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
@@ -75,6 +77,18 @@ pub trait KvSource: Send + Sync {
     async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
     /// Lists one plugin's keys that start with `prefix`, in ascending order.
     async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError>;
+
+    /// Reads up to `limit` events of `subject`'s stream after version `after`, with the
+    /// stream's current version. Streams are shared by every plugin.
+    async fn read_stream(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<StreamPage, KvError>;
+
+    /// Whether a scheduled event with this id is pending (see [`crate::schedule`]).
+    async fn scheduled(&self, id: &str) -> Result<bool, KvError>;
 }
 
 /// A KV source with nothing in it, for invocations that have no store behind them.
@@ -89,5 +103,13 @@ impl KvSource for EmptyKv {
 
     async fn keys(&self, _plugin: &str, _prefix: &str) -> Result<Vec<String>, KvError> {
         Ok(Vec::new())
+    }
+
+    async fn read_stream(&self, _: &str, _: u64, _: usize) -> Result<StreamPage, KvError> {
+        Ok(StreamPage::default())
+    }
+
+    async fn scheduled(&self, _id: &str) -> Result<bool, KvError> {
+        Ok(false)
     }
 }

@@ -54,9 +54,12 @@ pub mod plugins;
 mod policy;
 pub mod retention;
 pub mod runtime;
+pub mod schedule;
+mod scheduler;
 pub mod schema;
 mod server;
 pub mod stats;
+pub mod stream;
 pub mod telemetry;
 mod units;
 

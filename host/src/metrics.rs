@@ -114,6 +114,10 @@ struct Families {
     plugin_paused: Family<PluginLabels, CountGauge>,
     plugin_breaker_open: Family<PluginLabels, CountGauge>,
     breaker_transitions: Family<StateLabels, Counter>,
+    scheduled_pending: CountGauge,
+    scheduled_fired: Counter,
+    scheduled_cancelled: Counter,
+    scheduled_fire_lag: Histogram,
 }
 
 impl Families {
@@ -239,6 +243,30 @@ impl Families {
                 "breaker_transitions",
                 "Circuit breaker transitions made by this host, by the state entered",
                 Family::default(),
+            ),
+            scheduled_pending: registered(
+                registry,
+                "scheduled_pending",
+                "Scheduled events waiting for their due time",
+                CountGauge::default(),
+            ),
+            scheduled_fired: registered(
+                registry,
+                "scheduled_fired",
+                "Scheduled events this host appended to the log when due",
+                Counter::default(),
+            ),
+            scheduled_cancelled: registered(
+                registry,
+                "scheduled_cancelled",
+                "Scheduled events cancelled over HTTP before they were due",
+                Counter::default(),
+            ),
+            scheduled_fire_lag: registered(
+                registry,
+                "scheduled_fire_lag_seconds",
+                "From a scheduled event's due time to its append to the log",
+                latency_histogram(),
             ),
         }
     }
@@ -530,6 +558,26 @@ impl Metrics {
     /// Counts events made durable by ingest (duplicates not included).
     pub fn events_ingested(&self, n: u64) {
         self.families.events_ingested.inc_by(n);
+    }
+
+    /// Records scheduled events appended when due, each with its lag in milliseconds.
+    pub fn scheduled_fired(&self, lags_ms: &[u64]) {
+        self.families.scheduled_fired.inc_by(lags_ms.len() as u64);
+        for lag in lags_ms {
+            self.families
+                .scheduled_fire_lag
+                .observe(*lag as f64 / 1000.0);
+        }
+    }
+
+    /// Sets how many scheduled events are pending.
+    pub fn scheduled_pending(&self, pending: u64) {
+        self.families.scheduled_pending.set(pending);
+    }
+
+    /// Counts a scheduled event cancelled over HTTP.
+    pub fn scheduled_cancelled(&self) {
+        self.families.scheduled_cancelled.inc();
     }
 
     /// Counts an ingest request refused with `code`.

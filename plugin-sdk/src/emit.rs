@@ -3,12 +3,13 @@
 use serde::Serialize;
 
 use crate::__private::host;
-use crate::{HandlerError, OutgoingEvent};
+use crate::{HandlerError, OutgoingEvent, Schedule};
 
 /// Asks the host to publish `event` once this call succeeds; returns the id it will have.
 ///
 /// The host fills in `id`, `source`, `time`, `causationid` and `correlationid`. Nothing is
-/// published if the handler fails; emitting past the host's bounds stops the call.
+/// published if the handler fails; emitting past the host's bounds stops the call, and so
+/// does an invalid event (a bad type or schedule, an expected version without a subject).
 pub fn emit(event: OutgoingEvent) -> String {
     host::emit(&event)
 }
@@ -47,6 +48,8 @@ impl Emit {
                 datacontenttype: None,
                 data: Vec::new(),
                 extensions: Vec::new(),
+                expected_version: None,
+                schedule: None,
             },
         }
     }
@@ -88,6 +91,33 @@ impl Emit {
         Ok(self)
     }
 
+    /// Appends the event only if its subject's stream is at `version` when the call
+    /// commits (`0`: the stream must not exist yet). Needs a [`subject`](Emit::subject).
+    ///
+    /// Use the version a [`crate::stream::read`] returned: if another event reached the
+    /// stream since, the host discards this call's effects and runs the handler again on
+    /// the new state, so two handlers deciding on the same version never both append.
+    pub fn expected_version(mut self, version: u64) -> Self {
+        self.event.expected_version = Some(version);
+        self
+    }
+
+    /// Publishes the event `delay` from now instead of when the call commits. The schedule
+    /// commits with the call; the id [`send`](Emit::send) returns cancels it
+    /// ([`crate::cancel_scheduled`]).
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.event.schedule = Some(Schedule::DelayMs(ms));
+        self
+    }
+
+    /// Publishes the event at `time`, an RFC 3339 timestamp such as
+    /// `2026-12-24T18:00:00Z` (a time in the past: as soon as the call commits).
+    pub fn deliver_at(mut self, time: impl Into<String>) -> Self {
+        self.event.schedule = Some(Schedule::At(time.into()));
+        self
+    }
+
     /// The event as built so far.
     pub fn into_event(self) -> OutgoingEvent {
         self.event
@@ -117,6 +147,25 @@ mod tests {
         assert_eq!(e.extensions, vec![("partitionkey".into(), "2".into())]);
         assert_eq!(e.data, b"[1,2]");
         assert_eq!(e.datacontenttype, None);
+        assert_eq!(e.expected_version, None);
+        assert_eq!(e.schedule, None);
+
+        let e = Emit::new("seat.reserved")
+            .subject("show-1")
+            .expected_version(4)
+            .into_event();
+        assert_eq!(e.expected_version, Some(4));
+        let e = Emit::new("reservation.expired")
+            .delay(std::time::Duration::from_secs(90))
+            .into_event();
+        assert_eq!(e.schedule, Some(Schedule::DelayMs(90_000)));
+        let e = Emit::new("show.starts")
+            .deliver_at("2026-12-24T18:00:00Z")
+            .into_event();
+        assert_eq!(
+            e.schedule,
+            Some(Schedule::At("2026-12-24T18:00:00Z".into()))
+        );
 
         let e = Emit::new("a.b").bytes("text/plain", "hi").into_event();
         assert_eq!(e.datacontenttype.as_deref(), Some("text/plain"));

@@ -40,6 +40,12 @@ impl Event {
     pub fn partition_key(&self) -> Option<&str> {
         self.extension("partitionkey")
     }
+
+    /// The event's position in its subject's stream (the `streamversion` extension), for
+    /// an event with a subject.
+    pub fn stream_version(&self) -> Option<u64> {
+        self.extension("streamversion")?.parse().ok()
+    }
 }
 
 impl Delivery {

@@ -1,7 +1,7 @@
 //! Write Switchyard event-handler plugins in Rust.
 //!
 //! A Switchyard plugin is a WebAssembly component that targets the `plugin` world of the
-//! WIT package `switchyard:plugin@0.1.0`. This crate hides the bindings: a plugin is one
+//! WIT package `switchyard:plugin@0.2.0`. This crate hides the bindings: a plugin is one
 //! function marked with [`#[handler]`](handler), and the host's functions are plain Rust
 //! functions and macros ([`emit_json`], [`kv`], [`config`], [`info!`], …).
 //!
@@ -92,6 +92,12 @@
 //!   committed only if the handler returns `Ok(())`. Reads see the call's own writes.
 //! - Delivery is at least once: the same event may reach the handler more than once, so
 //!   handlers that emit should be idempotent (for example with a [`kv`] marker, as above).
+//! - Every event with a subject belongs to that subject's stream ([`stream`]): read it to
+//!   rebuild an aggregate, and append with [`Emit::expected_version`] so that two handlers
+//!   deciding on the same state never both append. Reads are optimistic: when what a call
+//!   read changes before it commits, the host runs the handler again on the new state.
+//! - [`Emit::delay`] and [`Emit::deliver_at`] schedule an event for later (a timeout, a
+//!   reminder); [`cancel_scheduled`] takes one back.
 //! - A plugin has no filesystem, network, environment or clock beyond what the host grants;
 //!   its stdout and stderr go to the host's log.
 //!
@@ -107,6 +113,7 @@ mod emit;
 mod event;
 pub mod kv;
 mod log;
+pub mod stream;
 
 pub use emit::{Emit, emit, emit_json};
 pub use log::log;
@@ -179,7 +186,7 @@ pub mod __private {
     pub mod bindings {
         wit_bindgen::generate!({
             path: "wit",
-            world: "switchyard:plugin/plugin@0.1.0",
+            world: "switchyard:plugin/plugin@0.2.0",
             pub_export_macro: true,
             default_bindings_module: "::switchyard_sdk::__private::bindings",
             additional_derives: [PartialEq, Eq],
@@ -191,8 +198,18 @@ pub mod __private {
 }
 
 pub use __private::bindings::switchyard::plugin::types::{
-    Delivery, Event, HandlerError, LogLevel, OutgoingEvent, PluginInfo,
+    Delivery, Event, HandlerError, LogLevel, OutgoingEvent, PluginInfo, Schedule, StreamPage,
 };
+
+/// Cancels a scheduled event that has not been published yet, by the id [`Emit::send`]
+/// returned for it (in this plugin or another) or a producer gave it; returns whether it
+/// was pending.
+///
+/// The cancellation commits with the call, like every effect. If the event is published
+/// before the call commits, the host runs the handler again, and this then returns `false`.
+pub fn cancel_scheduled(id: &str) -> bool {
+    __private::host::cancel_scheduled(id)
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,9 @@
 //! Contract every backend keeps:
 //! - [`Bus::append`] returns only once the events are durable; a batch is all-or-nothing;
 //!   an event whose `(source, id)` was appended before is not stored again and answers
-//!   with its original sequence.
+//!   with its original sequence. An event with a subject gets the next version of the
+//!   subject's stream; one with an expected version is stored only if the stream is at it
+//!   ([`crate::stream`]); one with a due time waits in [`Schedules`].
 //! - A [`Consumer`] hands out each matching event at least once, and again after a
 //!   crash unless it was settled. [`Consumer::settle`] commits, in ONE transaction, the
 //!   plugin's effects (emitted events, KV writes) with the acknowledgement — or the retry
@@ -18,6 +20,7 @@ mod controls;
 mod dead_letters;
 pub mod nats;
 mod notices;
+mod schedules;
 mod schemas;
 pub mod sqlite;
 
@@ -26,6 +29,7 @@ pub use self::dead_letters::{
     DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView, DeadLetters,
 };
 pub use self::notices::{LocalNotices, Notice, NoticeOutcome, Notices, notice_key};
+pub use self::schedules::{Fired, ScheduledEvent, ScheduledQuery, Schedules};
 pub use self::schemas::{SchemaStore, StoredSchema};
 
 use std::sync::Arc;
@@ -69,19 +73,31 @@ pub enum BusError {
         /// The backend's limit.
         limit: usize,
     },
-    /// A settlement's KV reads no longer hold: another attempt of the same plugin
-    /// committed a change to what this one read. Nothing was committed; run it again.
-    #[error("KV conflict on `{0}`: the value changed since the attempt read it")]
+    /// A settlement's reads no longer hold: another attempt committed a change to what
+    /// this one read (a KV key, a stream, a scheduled event). Nothing was committed; run
+    /// it again. The text names what changed.
+    #[error("conflict: {0} changed since it was read")]
     Conflict(String),
+    /// An append's expected stream version does not hold; nothing of the append was stored.
+    #[error(transparent)]
+    VersionConflict(#[from] crate::stream::VersionConflict),
+    /// The request itself is malformed (a bad `deliverat` or `expectedversion`).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Where an appended event landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Appended {
-    /// The event's position in the log.
+    /// The event's position in the log; `0` for an event scheduled for later.
     pub sequence: u64,
-    /// Whether the event had been appended before (same `source` and `id`).
+    /// Whether the event had been appended (or scheduled) before: same `source` and `id`,
+    /// or for a scheduled event, the same id pending.
     pub duplicate: bool,
+    /// Its position in its subject's stream, for an event with a subject.
+    pub stream_version: Option<u64>,
+    /// For a scheduled event, when it is due (milliseconds since the Unix epoch).
+    pub due_at_ms: Option<i64>,
 }
 
 /// An event in the log.
@@ -230,7 +246,7 @@ pub trait Consumer: Send + Sync {
 /// The bus.
 #[async_trait]
 pub trait Bus:
-    KvSource + DeadLetters + SchemaStore + Notices + ControlStore + Send + Sync + 'static
+    KvSource + DeadLetters + SchemaStore + Notices + ControlStore + Schedules + Send + Sync + 'static
 {
     /// Appends events durably, all-or-nothing, deduplicating on `(source, id)`.
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError>;

@@ -62,6 +62,7 @@ use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
 use crate::schema::Schemas;
+use crate::stream::StreamPage;
 use crate::telemetry;
 
 use self::pending::{Overlay, PendingCommit, PendingWrites};
@@ -881,5 +882,18 @@ impl KvSource for BusKv {
 
     async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
         self.0.keys(plugin, prefix).await
+    }
+
+    async fn read_stream(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<StreamPage, KvError> {
+        self.0.read_stream(subject, after, limit).await
+    }
+
+    async fn scheduled(&self, id: &str) -> Result<bool, KvError> {
+        self.0.scheduled(id).await
     }
 }

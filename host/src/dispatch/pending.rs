@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::kv::{KvError, KvSource, KvWrite};
+use crate::stream::StreamPage;
 
 /// One plugin's pending writes.
 #[derive(Default)]
@@ -208,6 +209,22 @@ impl KvSource for Overlay {
             }
         }
         Ok(keys)
+    }
+
+    // Streams and schedules are read as committed: an in-flight commit that changes them
+    // makes this call's commit conflict and run again, which is rarer than for KV (a
+    // stream is usually appended to by many plugins' events, not by one plugin's calls).
+    async fn read_stream(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<StreamPage, KvError> {
+        self.committed.read_stream(subject, after, limit).await
+    }
+
+    async fn scheduled(&self, id: &str) -> Result<bool, KvError> {
+        self.committed.scheduled(id).await
     }
 }
 

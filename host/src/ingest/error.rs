@@ -51,6 +51,9 @@ pub mod code {
     /// The request conflicts with the current state (409), such as a schema version that
     /// recent events fail.
     pub const CONFLICT: &str = "conflict";
+    /// An event's subject stream is not at its `expectedversion` (409); `details` has the
+    /// subject, the expected and the current version. Nothing of the request was stored.
+    pub const VERSION_CONFLICT: &str = "version_conflict";
 }
 
 /// An error answer of the HTTP API: a status, a stable machine-readable code, a message

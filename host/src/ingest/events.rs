@@ -3,8 +3,10 @@
 //!
 //! Invariant: `202` is sent only after the bus says the events are durable. A body over
 //! the limit is refused before it is read whole; a refused request stores nothing: an
-//! event whose data fails its type's schema refuses the whole request. With `?wait=`,
-//! the answer waits for the plugins' outcomes after the append (see `wait.rs`).
+//! event whose data fails its type's schema refuses the whole request, and so does one
+//! whose stream is not at its `expectedversion` (`409`). An event with `deliverat` (or
+//! any event of a request with `?delay=`) is scheduled instead of appended. With
+//! `?wait=`, the answer waits for the plugins' outcomes after the append (see `wait.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,9 @@ use crate::bus::{BusError, LogQuery};
 use crate::clock::rfc3339_ms;
 use crate::event::Event;
 use crate::pattern::Pattern;
+use crate::schedule::{self, DELIVER_AT, Due};
 use crate::schema::Violation;
+use crate::stream::{self, EXPECTED_VERSION, VersionConflict};
 use crate::telemetry;
 use tracing::Instrument as _;
 
@@ -109,8 +113,11 @@ async fn append(
     state: &AppState,
     mut events: Vec<Event>,
     wait: Option<Duration>,
+    delay: Option<Duration>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    check_conditions_and_schedules(&mut events, delay)
+        .inspect_err(|error| state.metrics.ingest_rejected(error.code()))?;
     let traceparent = headers
         .get(telemetry::TRACEPARENT)
         .and_then(|value| value.to_str().ok());
@@ -173,8 +180,13 @@ async fn append_checked(
         state.bus.append(events).instrument(logged).await
     };
     let appended = appended.map_err(|e| {
-        state.metrics.ingest_rejected("unavailable");
-        unavailable(state, e)
+        let error = match e {
+            BusError::VersionConflict(conflict) => version_conflict(&conflict),
+            BusError::Invalid(message) => ApiError::bad_request(code::INVALID_EVENT, message),
+            other => unavailable(state, other),
+        };
+        state.metrics.ingest_rejected(error.code());
+        error
     })?;
     let fresh = appended.iter().filter(|a| !a.duplicate).count();
     state.metrics.events_ingested(fresh as u64);
@@ -187,8 +199,10 @@ async fn append_checked(
         .map(|((id, source), a)| Accepted {
             id,
             source,
-            sequence: a.sequence,
+            sequence: a.due_at_ms.is_none().then_some(a.sequence),
             duplicate: a.duplicate,
+            streamversion: a.stream_version,
+            scheduled: a.due_at_ms.map(rfc3339_ms),
         })
         .collect();
     Ok((StatusCode::ACCEPTED, Json(AcceptedBody { accepted })).into_response())
@@ -200,9 +214,22 @@ async fn append_checked(
 pub(super) struct IngestParams {
     /// Wait up to this long for the plugins' outcomes (`5s`, `250ms`).
     wait: Option<String>,
+    /// Schedule the events this long from now (`15m`) instead of appending them now.
+    delay: Option<String>,
 }
 
 impl IngestParams {
+    fn delay(&self, state: &AppState) -> Result<Option<Duration>, ApiError> {
+        self.delay
+            .as_deref()
+            .map(|text| {
+                crate::units::parse_duration(text)
+                    .map_err(|e| ApiError::bad_request(code::BAD_REQUEST, format!("`delay`: {e}")))
+            })
+            .transpose()
+            .inspect_err(|error| state.metrics.ingest_rejected(error.code()))
+    }
+
     fn wait(&self, state: &AppState) -> Result<Option<Duration>, ApiError> {
         self.wait
             .as_deref()
@@ -222,8 +249,76 @@ struct AcceptedBody<'a> {
 struct Accepted<'a> {
     id: &'a str,
     source: &'a str,
-    sequence: u64,
+    /// Absent for an event scheduled for later: it has no place in the log yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<u64>,
     duplicate: bool,
+    /// The event's position in its subject's stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streamversion: Option<u64>,
+    /// When a scheduled event is due.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduled: Option<String>,
+}
+
+/// Checks each event's stream condition (`expectedversion`) and schedule (`deliverat`,
+/// or the request's `?delay=`) and writes the due time in one form; the first bad one
+/// refuses the request.
+fn check_conditions_and_schedules(
+    events: &mut [Event],
+    delay: Option<Duration>,
+) -> Result<(), ApiError> {
+    let count = events.len();
+    for (index, event) in events.iter_mut().enumerate() {
+        let checked = (|| {
+            let expected = stream::expected_version(event)?;
+            let due = match (event.extensions.get(DELIVER_AT), delay) {
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "`{DELIVER_AT}` and `?delay=` both say when the event is due; send one"
+                    ));
+                }
+                (Some(at), None) => Some(Due::At(at.clone())),
+                (None, Some(delay)) => Some(Due::After(delay)),
+                (None, None) => None,
+            };
+            if let Some(due) = due {
+                if expected.is_some() {
+                    return Err(format!(
+                        "a scheduled event cannot carry `{EXPECTED_VERSION}`: its stream is \
+                         only known when it is due"
+                    ));
+                }
+                let at = schedule::due_time(&due).map_err(|e| format!("`{DELIVER_AT}`: {e}"))?;
+                event.extensions.insert(DELIVER_AT.to_owned(), at);
+            }
+            Ok(())
+        })();
+        checked.map_err(|message| {
+            let error = ApiError::bad_request(code::INVALID_EVENT, message);
+            if count > 1 {
+                error.context(format_args!("event {index}"))
+            } else {
+                error
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// `409 version_conflict`: the stream of one event is not at the version it expected;
+/// nothing of the request was stored.
+fn version_conflict(conflict: &VersionConflict) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        code::VERSION_CONFLICT,
+        format!("{conflict}; nothing of the request was stored"),
+    )
+    .with_details(serde_json::json!({
+        "subject": conflict.subject,
+        "expectedversion": conflict.expected,
+        "currentversion": conflict.current,
+    }))
 }
 
 /// Reads the body and parses it with `parse`; a refusal at either step is counted.
@@ -248,11 +343,12 @@ pub(super) async fn ingest(
     body: Body,
 ) -> Result<Response, ApiError> {
     let wait = params.wait(&state)?;
+    let delay = params.delay(&state)?;
     let events = parse_body(&state, &headers, body, |body, limits| {
         cloudevents::parse_events(&headers, body, limits)
     })
     .await?;
-    append(&state, events, wait, &headers).await
+    append(&state, events, wait, delay, &headers).await
 }
 
 /// `POST /v1/events/{type}`: a plain JSON body as the data of one event.
@@ -264,11 +360,12 @@ pub(super) async fn ingest_typed(
     body: Body,
 ) -> Result<Response, ApiError> {
     let wait = params.wait(&state)?;
+    let delay = params.delay(&state)?;
     let event = parse_body(&state, &headers, body, |body, limits| {
         cloudevents::parse_typed_event(&ty, &headers, body, limits)
     })
     .await?;
-    append(&state, vec![event], wait, &headers).await
+    append(&state, vec![event], wait, delay, &headers).await
 }
 
 /// Query of `GET /v1/events`.

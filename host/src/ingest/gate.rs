@@ -31,6 +31,8 @@ pub(super) enum Guard {
     Ingest,
     /// `[auth] admin_tokens`.
     Admin,
+    /// Either: routes for producers and operators alike (streams, scheduled events).
+    Producer,
 }
 
 /// The state of [`admit`]: the group's guard and the places in flight the whole API
@@ -50,11 +52,15 @@ pub(super) async fn admit(
     next: Next,
 ) -> Result<Response, ApiError> {
     let state = &gate.state;
-    let tokens = match gate.guard {
-        Guard::Ingest => &state.config.auth.ingest_tokens,
-        Guard::Admin => &state.config.auth.admin_tokens,
+    let auth = &state.config.auth;
+    let allowed = match gate.guard {
+        Guard::Ingest => authorized(&request, &auth.ingest_tokens),
+        Guard::Admin => authorized(&request, &auth.admin_tokens),
+        Guard::Producer => {
+            authorized(&request, &auth.ingest_tokens) || authorized(&request, &auth.admin_tokens)
+        }
     };
-    let refused = if !authorized(&request, tokens) {
+    let refused = if !allowed {
         ApiError::unauthorized()
     } else if let Ok(_place) = gate.in_flight.try_acquire() {
         let limit = time_limit(state, &request);

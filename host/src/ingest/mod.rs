@@ -3,8 +3,9 @@
 //!
 //! [`router`] builds the whole API from an [`AppState`], so tests drive it without a
 //! socket. Every error is an [`ApiError`]: JSON `{"error": {"code", "message"}}` with
-//! the right status. Ingest routes need an ingest token and the rest of `/v1` an admin
-//! token when tokens are configured; `/healthz`, `/readyz`, `/metrics` and the status
+//! the right status. Ingest routes need an ingest token, the stream and schedule routes
+//! an ingest or an admin token, and the rest of `/v1` an admin token when tokens are
+//! configured; `/healthz`, `/readyz`, `/metrics` and the status
 //! page's static files (`/ui`, which asks for the token itself) are open. `gate` holds
 //! those checks and the `[http]` limits on requests in flight and time.
 
@@ -15,6 +16,7 @@ pub mod error;
 mod events;
 mod gate;
 mod schemas;
+mod streams;
 mod ui;
 mod wait;
 
@@ -23,7 +25,7 @@ use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tokio::sync::Semaphore;
 
 pub use self::error::ApiError;
@@ -100,6 +102,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             gate(Guard::Ingest),
             gate::admit,
         ));
+    let producer = Router::new()
+        .route("/v1/streams/{subject}", get(streams::read_stream))
+        .route("/v1/scheduled", get(streams::list_scheduled))
+        .route("/v1/scheduled/{id}", delete(streams::cancel_scheduled))
+        .route_layer(middleware::from_fn_with_state(
+            gate(Guard::Producer),
+            gate::admit,
+        ));
     let admin = Router::new()
         .route("/v1/events", get(events::read_log))
         .route("/v1/plugins", get(admin::list_plugins))
@@ -128,6 +138,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     // `GET /v1/events` is admin, `POST /v1/events` ingest: merge keeps both methods.
     ingest
+        .merge(producer)
         .merge(admin)
         .route("/ui", get(ui::index))
         .route("/ui/", get(ui::index))

@@ -1,13 +1,260 @@
-//! The one `bindgen!` of the host: Rust types and traits generated from `wit/`.
+//! The host's `bindgen!`s, one per contract version it serves, and the adapters between
+//! them and the host's own types.
 //!
-//! Every host import is `async` (KV reads may wait on the bus) and `trappable` (a call
-//! that breaks a host rule is stopped with a trap that carries a [`super::host::HostTrap`]).
+//! `wit/` holds the current contract (`0.2.0`); every earlier version is frozen in
+//! `wit/<version>/`. The host state implements the current `host` interface
+//! ([`super::host`]); an older version's imports are adapted onto it here, so there is one
+//! implementation of every import. A loaded component is bound to the version it was
+//! built against ([`PluginPre`], [`PluginWorld`]), and the runtime calls its exports
+//! through them without knowing which version it is.
+//!
+//! Every host import is `async` (KV and stream reads may wait on the bus) and `trappable`
+//! (a call that breaks a host rule is stopped with a trap that carries a
+//! [`super::host::HostTrap`]).
 
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "switchyard:plugin/plugin",
-    imports: { default: async | trappable },
-    exports: { default: async },
-});
+use wasmtime::Store;
+use wasmtime::component::{HasSelf, InstancePre, Linker};
 
-pub use self::switchyard::plugin::{host, types};
+use super::host::HostState;
+use super::plugin::Delivery;
+use crate::event::Event;
+
+/// The contract `switchyard:plugin@0.2.0`, the current one.
+pub(crate) mod v0_2 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "switchyard:plugin/plugin@0.2.0",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+
+    pub(crate) use self::switchyard::plugin::{host, types};
+}
+
+/// The contract `switchyard:plugin@0.1.0`, frozen: what it lacks over `0.2.0` is simply
+/// not offered to its plugins.
+pub(crate) mod v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.1.0",
+        world: "switchyard:plugin/plugin@0.1.0",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+
+    pub(crate) use self::switchyard::plugin::{host, types};
+}
+
+pub(crate) use v0_2::{host, types};
+
+/// The contract version a component was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ContractVersion {
+    V0_1,
+    V0_2,
+}
+
+impl ContractVersion {
+    /// Parses a version as it appears in a component's export names.
+    pub(crate) fn parse(version: &str) -> Option<Self> {
+        match version {
+            "0.1.0" => Some(Self::V0_1),
+            "0.2.0" => Some(Self::V0_2),
+            _ => None,
+        }
+    }
+
+    /// The version as written in the package name.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::V0_1 => "0.1.0",
+            Self::V0_2 => "0.2.0",
+        }
+    }
+}
+
+/// Adds the imports of every contract version to `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+}
+
+/// A component pre-instantiated against the bindings of its contract version.
+pub(crate) enum PluginPre {
+    V0_1(v0_1::PluginPre<HostState>),
+    V0_2(v0_2::PluginPre<HostState>),
+}
+
+impl PluginPre {
+    pub(crate) fn new(
+        version: ContractVersion,
+        pre: InstancePre<HostState>,
+    ) -> wasmtime::Result<Self> {
+        Ok(match version {
+            ContractVersion::V0_1 => Self::V0_1(v0_1::PluginPre::new(pre)?),
+            ContractVersion::V0_2 => Self::V0_2(v0_2::PluginPre::new(pre)?),
+        })
+    }
+
+    pub(crate) async fn instantiate_async(
+        &self,
+        store: &mut Store<HostState>,
+    ) -> wasmtime::Result<PluginWorld> {
+        Ok(match self {
+            Self::V0_1(pre) => PluginWorld::V0_1(pre.instantiate_async(store).await?),
+            Self::V0_2(pre) => PluginWorld::V0_2(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// An instance's exports, in the types of its contract version.
+pub(crate) enum PluginWorld {
+    V0_1(v0_1::Plugin),
+    V0_2(v0_2::Plugin),
+}
+
+/// What `describe()` returned, whatever the version.
+pub(crate) struct Described {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) subscriptions: Vec<String>,
+}
+
+/// Converts the host's event and delivery into one version's WIT records, and a
+/// handler's answer back; the records are the same in every version so far.
+macro_rules! wit_calls {
+    ($version:ident, $store:expr, $plugin:expr, $event:expr, $delivery:expr) => {{
+        use $version::types as wit;
+        let event = wit::Event {
+            id: $event.id.clone(),
+            source: $event.source.clone(),
+            type_: $event.ty.clone(),
+            subject: $event.subject.clone(),
+            time: $event.time.clone(),
+            datacontenttype: $event.datacontenttype.clone(),
+            dataschema: $event.dataschema.clone(),
+            data: $event.data.clone(),
+            extensions: $event
+                .extensions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let delivery = wit::Delivery {
+            attempt: $delivery.attempt,
+            max_attempts: $delivery.max_attempts,
+            sequence: $delivery.sequence,
+        };
+        $plugin
+            .switchyard_plugin_handler()
+            .call_handle($store, &event, delivery)
+            .await
+            .map(|answer| {
+                answer.map_err(|error| match error {
+                    wit::HandlerError::Retry(message) => HandlerError::Retry(message),
+                    wit::HandlerError::Reject(message) => HandlerError::Reject(message),
+                })
+            })
+    }};
+}
+
+/// A handler's own error, whatever the version.
+pub(crate) enum HandlerError {
+    Retry(String),
+    Reject(String),
+}
+
+impl PluginWorld {
+    /// Calls the handler's `handle`.
+    pub(crate) async fn handle(
+        &self,
+        store: &mut Store<HostState>,
+        event: &Event,
+        delivery: Delivery,
+    ) -> wasmtime::Result<Result<(), HandlerError>> {
+        match self {
+            Self::V0_1(plugin) => wit_calls!(v0_1, &mut *store, plugin, event, delivery),
+            Self::V0_2(plugin) => wit_calls!(v0_2, &mut *store, plugin, event, delivery),
+        }
+    }
+
+    /// Calls the handler's `describe`.
+    pub(crate) async fn describe(
+        &self,
+        store: &mut Store<HostState>,
+    ) -> wasmtime::Result<Described> {
+        Ok(match self {
+            Self::V0_1(plugin) => {
+                let info = plugin
+                    .switchyard_plugin_handler()
+                    .call_describe(store)
+                    .await?;
+                Described {
+                    name: info.name,
+                    version: info.version,
+                    subscriptions: info.subscriptions,
+                }
+            }
+            Self::V0_2(plugin) => {
+                let info = plugin
+                    .switchyard_plugin_handler()
+                    .call_describe(store)
+                    .await?;
+                Described {
+                    name: info.name,
+                    version: info.version,
+                    subscriptions: info.subscriptions,
+                }
+            }
+        })
+    }
+}
+
+impl v0_1::types::Host for HostState {}
+
+/// `0.1.0`'s imports, adapted onto the current ones.
+impl v0_1::host::Host for HostState {
+    async fn log(&mut self, level: v0_1::types::LogLevel, message: String) -> wasmtime::Result<()> {
+        use v0_1::types::LogLevel as Old;
+        let level = match level {
+            Old::Trace => types::LogLevel::Trace,
+            Old::Debug => types::LogLevel::Debug,
+            Old::Info => types::LogLevel::Info,
+            Old::Warn => types::LogLevel::Warn,
+            Old::Error => types::LogLevel::Error,
+        };
+        host::Host::log(self, level, message).await
+    }
+
+    async fn emit(&mut self, event: v0_1::types::OutgoingEvent) -> wasmtime::Result<String> {
+        let event = types::OutgoingEvent {
+            type_: event.type_,
+            subject: event.subject,
+            datacontenttype: event.datacontenttype,
+            data: event.data,
+            extensions: event.extensions,
+            expected_version: None,
+            schedule: None,
+        };
+        host::Host::emit(self, event).await
+    }
+
+    async fn kv_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        host::Host::kv_get(self, key).await
+    }
+
+    async fn kv_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        host::Host::kv_set(self, key, value).await
+    }
+
+    async fn kv_delete(&mut self, key: String) -> wasmtime::Result<()> {
+        host::Host::kv_delete(self, key).await
+    }
+
+    async fn kv_keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
+        host::Host::kv_keys(self, prefix).await
+    }
+
+    async fn config_get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        host::Host::config_get(self, key).await
+    }
+}

@@ -21,10 +21,14 @@ use super::stdio::StderrTail;
 use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
 use crate::kv::{KvError, KvRead, KvSource, KvWrite, keys_digest, value_digest};
+use crate::schedule::{DELIVER_AT, Due, ScheduledRead};
+use crate::stream::{EXPECTED_VERSION, STREAM_VERSION, StreamRead};
 use crate::telemetry::{self, TRACEPARENT};
 
 /// Longest log line a plugin may write through `log`; longer ones are cut.
 const MAX_LOG_LINE: usize = 8192;
+/// Most events one `read-stream` returns; a plugin pages through longer streams.
+pub(crate) const MAX_STREAM_PAGE: usize = 1000;
 
 /// Why the host stopped a call from inside one of its imports.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -62,6 +66,9 @@ struct EffectBuffer {
     kv: BTreeMap<String, Option<Vec<u8>>>,
     kv_write_count: usize,
     reads: Vec<KvRead>,
+    stream_reads: Vec<StreamRead>,
+    schedule_reads: Vec<ScheduledRead>,
+    cancels: Vec<String>,
 }
 
 /// Identity and settings shared by every instance of one plugin.
@@ -140,6 +147,9 @@ impl HostState {
                 .map(|(key, value)| KvWrite { key, value })
                 .collect(),
             kv_reads: call.effects.reads,
+            stream_reads: call.effects.stream_reads,
+            schedule_reads: call.effects.schedule_reads,
+            cancels: call.effects.cancels,
         }
     }
 
@@ -244,7 +254,39 @@ impl host::Host for HostState {
                     "emit: extension name `{name}` must be lower-case letters and digits"
                 )));
             }
+            if HOST_SET_EXTENSIONS.contains(&name.as_str()) {
+                return Err(effects_trap(format!(
+                    "emit: extension `{name}` is set by the host{}",
+                    match name.as_str() {
+                        EXPECTED_VERSION => "; use the event's `expected-version`",
+                        DELIVER_AT => "; use the event's `schedule`",
+                        _ => "",
+                    }
+                )));
+            }
             extensions.insert(name, value);
+        }
+        if let Some(expected) = outgoing.expected_version {
+            if outgoing.subject.is_none() {
+                return Err(effects_trap(format!(
+                    "emit: `{}` has an expected version but no subject; the version is \
+                     a condition on the subject's stream",
+                    outgoing.type_
+                )));
+            }
+            if outgoing.schedule.is_some() {
+                return Err(effects_trap(format!(
+                    "emit: `{}` has both an expected version and a schedule; a scheduled \
+                     event cannot be conditional",
+                    outgoing.type_
+                )));
+            }
+            extensions.insert(EXPECTED_VERSION.to_owned(), expected.to_string());
+        }
+        if let Some(schedule) = outgoing.schedule {
+            let due = crate::schedule::due_time(&schedule_of(schedule))
+                .map_err(|e| effects_trap(format!("emit: `{}`: {e}", outgoing.type_)))?;
+            extensions.insert(DELIVER_AT.to_owned(), due);
         }
         extensions.insert(CAUSATION_ID.to_owned(), call.event_id.clone());
         extensions.insert(CORRELATION_ID.to_owned(), call.correlation_id.clone());
@@ -334,6 +376,119 @@ impl host::Host for HostState {
 
     async fn config_get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         Ok(self.identity.config.get(&key).cloned())
+    }
+
+    async fn read_stream(
+        &mut self,
+        subject: String,
+        after_version: u64,
+        limit: u32,
+    ) -> wasmtime::Result<types::StreamPage> {
+        let call = self.call("read-stream")?;
+        let limit = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .min(MAX_STREAM_PAGE);
+        let page = call
+            .kv
+            .read_stream(&subject, after_version, limit)
+            .await
+            .map_err(|e| host_trap(format!("read-stream `{subject}`: {e:#}")))?;
+        if !call
+            .effects
+            .stream_reads
+            .iter()
+            .any(|read| read.subject == subject && read.version == page.version)
+        {
+            call.effects.stream_reads.push(StreamRead {
+                subject: subject.clone(),
+                version: page.version,
+            });
+        }
+        let mut events: Vec<types::Event> = page.events.iter().map(to_wit_event).collect();
+        // The call's own emits to this subject follow the stored events, numbered as the
+        // commit will number them.
+        let mut version = page.version;
+        for emitted in call.effects.emits.iter().filter(|e| {
+            e.subject.as_deref() == Some(subject.as_str()) && e.extension(DELIVER_AT).is_none()
+        }) {
+            version += 1;
+            if version > after_version && events.len() < limit {
+                let mut emitted = emitted.clone();
+                emitted.extensions.remove(EXPECTED_VERSION);
+                emitted
+                    .extensions
+                    .insert(STREAM_VERSION.to_owned(), version.to_string());
+                events.push(to_wit_event(&emitted));
+            }
+        }
+        Ok(types::StreamPage { events, version })
+    }
+
+    async fn cancel_scheduled(&mut self, id: String) -> wasmtime::Result<bool> {
+        let bounds = self.identity.bounds;
+        let call = self.call("cancel-scheduled")?;
+        if call.effects.schedule_reads.len() >= bounds.max_emits {
+            return Err(effects_trap(format!(
+                "cancel-scheduled: more than {} scheduled events looked at in one call",
+                bounds.max_emits
+            )));
+        }
+        let pending = call
+            .kv
+            .scheduled(&id)
+            .await
+            .map_err(|e| host_trap(format!("cancel-scheduled `{id}`: {e:#}")))?;
+        let buffered = call
+            .effects
+            .emits
+            .iter()
+            .position(|e| e.id == id && e.extension(DELIVER_AT).is_some());
+        if let Some(index) = buffered {
+            // Scheduled by this very call: the schedule simply never commits.
+            let removed = call.effects.emits.remove(index);
+            call.effects.emit_bytes = call.effects.emit_bytes.saturating_sub(removed.data.len());
+            return Ok(true);
+        }
+        if call.effects.cancels.contains(&id) {
+            return Ok(false);
+        }
+        call.effects.schedule_reads.push(ScheduledRead {
+            id: id.clone(),
+            pending,
+        });
+        if pending {
+            call.effects.cancels.push(id);
+        }
+        Ok(pending)
+    }
+}
+
+/// Extensions a plugin may not set by name on an emitted event: the bus acts on them.
+const HOST_SET_EXTENSIONS: &[&str] = &[STREAM_VERSION, EXPECTED_VERSION, DELIVER_AT];
+
+fn schedule_of(schedule: types::Schedule) -> Due {
+    match schedule {
+        types::Schedule::DelayMs(ms) => Due::After(std::time::Duration::from_millis(ms)),
+        types::Schedule::At(at) => Due::At(at),
+    }
+}
+
+/// The host's event as the current contract's WIT record.
+pub(crate) fn to_wit_event(event: &Event) -> types::Event {
+    types::Event {
+        id: event.id.clone(),
+        source: event.source.clone(),
+        type_: event.ty.clone(),
+        subject: event.subject.clone(),
+        time: event.time.clone(),
+        datacontenttype: event.datacontenttype.clone(),
+        dataschema: event.dataschema.clone(),
+        data: event.data.clone(),
+        extensions: event
+            .extensions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

@@ -29,7 +29,7 @@ use wasmtime::component::Component;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::{Plugin as PluginWorld, PluginPre, types};
+use super::bindings::{ContractVersion, HandlerError, PluginPre, PluginWorld};
 use super::fair::{CpuShare, Fair};
 use super::host::{HostState, HostTrap, PluginIdentity};
 use super::limits::MemoryLimiter;
@@ -63,6 +63,8 @@ pub struct PluginInfo {
     pub version: String,
     /// Its default subscriptions.
     pub subscriptions: Vec<Pattern>,
+    /// The contract version it was built against, such as `0.2.0`.
+    pub contract: &'static str,
 }
 
 /// Counters of a plugin's instances, for status and tests.
@@ -80,7 +82,7 @@ pub struct InstanceStats {
 pub struct Plugin {
     runtime: Runtime,
     identity: Arc<PluginIdentity>,
-    pre: PluginPre<HostState>,
+    pre: PluginPre,
     info: PluginInfo,
     settings: PluginSettings,
     sha256: String,
@@ -115,7 +117,7 @@ impl Runtime {
         validate::check_header(&bytes).map_err(fail)?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let runtime = self.clone();
-        let pre = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
+        let (pre, contract) = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
             .await
             .map_err(|e| {
                 fail(LoadErrorReason::Invalid(format!(
@@ -136,6 +138,7 @@ impl Runtime {
                 name: String::new(),
                 version: String::new(),
                 subscriptions: Vec::new(),
+                contract: contract.as_str(),
             },
             settings,
             sha256,
@@ -167,15 +170,17 @@ impl Runtime {
     }
 
     /// Compiles and checks a component; CPU-heavy, so callers run it off the async threads.
-    fn prepare(&self, bytes: &[u8]) -> Result<PluginPre<HostState>, LoadErrorReason> {
+    fn prepare(&self, bytes: &[u8]) -> Result<(PluginPre, ContractVersion), LoadErrorReason> {
         let component = Component::new(self.engine(), bytes)
             .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}")))?;
-        validate::check_world(self.engine(), &component)?;
+        let contract = validate::check_world(self.engine(), &component)?;
         let pre = self
             .linker()
             .instantiate_pre(&component)
             .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
-        PluginPre::new(pre).map_err(|e| LoadErrorReason::Link(format!("{e:#}")))
+        let pre =
+            PluginPre::new(contract, pre).map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
+        Ok((pre, contract))
     }
 }
 
@@ -299,25 +304,16 @@ impl Plugin {
         };
         arm(&mut instance.store, limits)?;
         instance.store.data_mut().begin_call(event, kv);
-        let wit_event = to_wit_event(event);
-        let wit_delivery = types::Delivery {
-            attempt: delivery.attempt,
-            max_attempts: delivery.max_attempts,
-            sequence: delivery.sequence,
-        };
         let called = instance
             .world
-            .switchyard_plugin_handler()
-            .call_handle(&mut instance.store, &wit_event, wit_delivery)
+            .handle(&mut instance.store, event, delivery)
             .await;
         // Ending the call drops the buffers whatever happened; only success keeps them.
         let effects = instance.store.data_mut().end_call();
         match called {
             Ok(Ok(())) => Ok(effects),
-            Ok(Err(types::HandlerError::Retry(message))) => {
-                Err(Failure::new(FailureKind::Retry, message))
-            }
-            Ok(Err(types::HandlerError::Reject(message))) => {
+            Ok(Err(HandlerError::Retry(message))) => Err(Failure::new(FailureKind::Retry, message)),
+            Ok(Err(HandlerError::Reject(message))) => {
                 Err(Failure::new(FailureKind::Reject, message))
             }
             Err(error) => Err(classify(&error, instance.store.data(), limits)),
@@ -381,8 +377,7 @@ impl Plugin {
             let mut instance = self.instantiate().await?;
             let info = instance
                 .world
-                .switchyard_plugin_handler()
-                .call_describe(&mut instance.store)
+                .describe(&mut instance.store)
                 .await
                 .map_err(|e| classify(&e, instance.store.data(), limits))?;
             Ok::<_, Failure>(info)
@@ -400,6 +395,7 @@ impl Plugin {
             name: info.name,
             version: info.version,
             subscriptions,
+            contract: self.info.contract,
         })
     }
 }
@@ -517,22 +513,4 @@ fn with_stderr(message: String, state: &HostState) -> String {
     }
     let last: Vec<&str> = last.into_iter().rev().collect();
     format!("{message} (stderr: {})", last.join(" / "))
-}
-
-fn to_wit_event(event: &Event) -> types::Event {
-    types::Event {
-        id: event.id.clone(),
-        source: event.source.clone(),
-        type_: event.ty.clone(),
-        subject: event.subject.clone(),
-        time: event.time.clone(),
-        datacontenttype: event.datacontenttype.clone(),
-        dataschema: event.dataschema.clone(),
-        data: event.data.clone(),
-        extensions: event
-            .extensions
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
 }

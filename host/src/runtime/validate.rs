@@ -10,11 +10,12 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::LoadErrorReason;
+use super::bindings::ContractVersion;
 
 /// The contract package this host serves.
 pub const CONTRACT_PACKAGE: &str = "switchyard:plugin";
 /// The contract versions this host serves, oldest first.
-pub const CONTRACT_VERSIONS: &[&str] = &["0.1.0"];
+pub const CONTRACT_VERSIONS: &[&str] = &["0.1.0", "0.2.0"];
 /// The export every plugin must provide, without its version.
 const HANDLER_EXPORT: &str = "switchyard:plugin/handler";
 
@@ -77,8 +78,12 @@ fn is_contract(base: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Checks what the compiled component imports and exports.
-pub(crate) fn check_world(engine: &Engine, component: &Component) -> Result<(), LoadErrorReason> {
+/// Checks what the compiled component imports and exports, and returns the contract
+/// version it was built against.
+pub(crate) fn check_world(
+    engine: &Engine,
+    component: &Component,
+) -> Result<ContractVersion, LoadErrorReason> {
     let ty = component.component_type();
 
     let exports: Vec<String> = ty
@@ -89,7 +94,7 @@ pub(crate) fn check_world(engine: &Engine, component: &Component) -> Result<(), 
         let (base, version) = split_version(name);
         (base == HANDLER_EXPORT).then_some(version)
     });
-    match handler {
+    let contract = match handler {
         None => {
             return Err(LoadErrorReason::WrongWorld {
                 exports: if exports.is_empty() {
@@ -100,12 +105,20 @@ pub(crate) fn check_world(engine: &Engine, component: &Component) -> Result<(), 
             });
         }
         Some(version) => check_contract_version(version)?,
-    }
+    };
 
     for (name, _) in ty.imports(engine) {
         let (base, version) = split_version(name);
         if is_contract(base) {
-            check_contract_version(version)?;
+            if check_contract_version(version)? != contract {
+                return Err(LoadErrorReason::UnsupportedVersion {
+                    found: format!(
+                        "{} (imports `{name}` but exports the handler of {})",
+                        version.unwrap_or("(unversioned)"),
+                        contract.as_str()
+                    ),
+                });
+            }
             continue;
         }
         if let Some((_, why)) = REFUSED_WASI
@@ -122,16 +135,15 @@ pub(crate) fn check_world(engine: &Engine, component: &Component) -> Result<(), 
             return Err(LoadErrorReason::UnknownImport(name.to_owned()));
         }
     }
-    Ok(())
+    Ok(contract)
 }
 
-fn check_contract_version(version: Option<&str>) -> Result<(), LoadErrorReason> {
-    match version {
-        Some(v) if CONTRACT_VERSIONS.contains(&v) => Ok(()),
-        other => Err(LoadErrorReason::UnsupportedVersion {
-            found: other.unwrap_or("(unversioned)").to_owned(),
-        }),
-    }
+fn check_contract_version(version: Option<&str>) -> Result<ContractVersion, LoadErrorReason> {
+    version
+        .and_then(ContractVersion::parse)
+        .ok_or_else(|| LoadErrorReason::UnsupportedVersion {
+            found: version.unwrap_or("(unversioned)").to_owned(),
+        })
 }
 
 #[cfg(test)]
@@ -160,8 +172,18 @@ mod tests {
         );
         assert!(is_contract("switchyard:plugin/host"));
         assert!(!is_contract("switchyard:pluginx/host"));
-        assert!(check_contract_version(Some("0.1.0")).is_ok());
-        assert!(check_contract_version(Some("0.2.0")).is_err());
+        assert_eq!(
+            check_contract_version(Some("0.1.0")).ok(),
+            Some(ContractVersion::V0_1)
+        );
+        assert_eq!(
+            check_contract_version(Some("0.2.0")).ok(),
+            Some(ContractVersion::V0_2)
+        );
+        assert!(check_contract_version(Some("0.3.0")).is_err());
+        for version in CONTRACT_VERSIONS {
+            assert!(check_contract_version(Some(version)).is_ok());
+        }
         assert!(check_contract_version(None).is_err());
     }
 }

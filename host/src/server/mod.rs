@@ -80,6 +80,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.watch.clone(),
         watching,
     ));
+    let scheduler = tokio::spawn(crate::scheduler::run(
+        Arc::clone(&bus),
+        Arc::clone(&metrics),
+        stop_watching.subscribe(),
+    ));
     let (loaded, failed) = {
         let table = registry.table();
         let table = table
@@ -134,6 +139,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: finishing in-flight deliveries");
     let _ = stop_watching.send(true);
     let _ = watcher.await;
+    let _ = scheduler.await;
     registry.shutdown().await;
     bus.close().await.context("closing the log")?;
     tracing::info!("stopped");

@@ -15,11 +15,12 @@ pub enum Guest {
     FsReader,
     TcpConnect,
     Noop,
+    Contract01,
 }
 
 impl Guest {
     /// All guests, in build order.
-    pub const ALL: [Guest; 7] = [
+    pub const ALL: [Guest; 8] = [
         Guest::AuditTrail,
         Guest::Ticketing,
         Guest::Notifier,
@@ -27,6 +28,7 @@ impl Guest {
         Guest::FsReader,
         Guest::TcpConnect,
         Guest::Noop,
+        Guest::Contract01,
     ];
 
     /// The guest's crate name.
@@ -39,6 +41,7 @@ impl Guest {
             Guest::FsReader => "fs-reader",
             Guest::TcpConnect => "tcp-connect",
             Guest::Noop => "noop",
+            Guest::Contract01 => "contract-0-1",
         }
     }
 }

@@ -307,7 +307,7 @@ impl Shared {
                     .keys()
                     .map(|key| decode_key(key).unwrap_or_else(|| key.clone()))
                     .collect();
-                return Err(BusError::Conflict(keys.join("`, `")));
+                return Err(BusError::Conflict(format!("KV `{}`", keys.join("`, `"))));
             }
             Err(BatchError::Storage(error)) => return Err(error),
         }
@@ -371,14 +371,14 @@ async fn check_read(store: &kv::Store, read: &KvRead) -> Result<Option<(String, 
             let encoded = encode_key(key);
             let (revision, value) = current(store, &encoded).await?;
             if value.as_deref().map(value_digest) != *digest {
-                return Err(BusError::Conflict(key.clone()));
+                return Err(BusError::Conflict(format!("KV `{key}`")));
             }
             Ok(Some((encoded, revision)))
         }
         KvRead::Keys { prefix, digest } => {
             let keys = list_keys(store, prefix).await?;
             if keys_digest(keys.iter().map(String::as_str)) != *digest {
-                return Err(BusError::Conflict(format!("{prefix}*")));
+                return Err(BusError::Conflict(format!("KV keys `{prefix}*`")));
             }
             Ok(None)
         }

@@ -61,7 +61,7 @@ impl ControlStore for NatsBus {
             value,
             revision,
             "storing a plugin's control",
-            || BusError::Conflict(format!("the control of plugin `{plugin}` changed")),
+            || BusError::Conflict(format!("the control of plugin `{plugin}`")),
         )
         .await
     }

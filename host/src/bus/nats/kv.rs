@@ -164,6 +164,17 @@ impl KvSource for NatsBus {
         let store = self.shared.plugin_store(plugin).await?;
         Ok(list_keys(&store, prefix).await?)
     }
+    async fn read_stream(
+        &self,
+        _s: &str,
+        _a: u64,
+        _l: usize,
+    ) -> Result<crate::stream::StreamPage, KvError> {
+        Err(KvError::new("todo"))
+    }
+    async fn scheduled(&self, _id: &str) -> Result<bool, KvError> {
+        Err(KvError::new("todo"))
+    }
 }
 
 #[cfg(test)]

@@ -221,6 +221,8 @@ impl Shared {
             appended.push(Appended {
                 sequence: ack.sequence,
                 duplicate: ack.duplicate,
+                stream_version: None,
+                due_at_ms: None,
             });
         }
         Ok(appended)
@@ -408,5 +410,25 @@ mod tests {
         assert!(!compare_and_set_failed(&PublishError::new(
             PublishErrorKind::TimedOut
         )));
+    }
+}
+
+// TEMPORARY while the NATS design is probed.
+#[async_trait]
+impl super::Schedules for NatsBus {
+    async fn list_scheduled(
+        &self,
+        _q: super::ScheduledQuery,
+    ) -> Result<Vec<super::ScheduledEvent>, BusError> {
+        Err(BusError::Storage("todo".into()))
+    }
+    async fn scheduled_count(&self) -> Result<u64, BusError> {
+        Err(BusError::Storage("todo".into()))
+    }
+    async fn cancel_scheduled(&self, _id: &str) -> Result<bool, BusError> {
+        Err(BusError::Storage("todo".into()))
+    }
+    async fn fire_due(&self, _limit: usize) -> Result<super::Fired, BusError> {
+        Err(BusError::Storage("todo".into()))
     }
 }

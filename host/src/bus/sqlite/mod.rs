@@ -7,7 +7,10 @@
 //! - `dead_letters`: deliveries given up on, by plugin; their ids are never reused;
 //! - `kv`: each plugin's keys and values;
 //! - `subscriptions`: the patterns each plugin's consumer last opened with, which decide
-//!   the events its cursor holds back from retention.
+//!   the events its cursor holds back from retention;
+//! - `streams`, `stream_events`: each subject's stream version and the sequences of its
+//!   events by version (see [`crate::stream`]);
+//! - `scheduled`: events waiting for their due time, by id (see [`crate::schedule`]).
 //!
 //! Writes go through ONE writer thread that group-commits: it takes every job waiting
 //! (up to a bound), runs each inside its own savepoint of one transaction, commits once
@@ -41,7 +44,8 @@
 //! - `consumer.rs`: a plugin's consumer, its in-memory position and the cursor it moves;
 //! - `controls.rs`: the [`ControlStore`](super::ControlStore) impl (table `controls`);
 //! - `dead_letters.rs`: the [`DeadLetters`](super::DeadLetters) impl;
-//! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl;
+//! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl (KV, stream and schedule reads);
+//! - `schedules.rs`: the [`Schedules`](super::Schedules) impl;
 //! - `schemas.rs`: the [`SchemaStore`](super::SchemaStore) impl (table `schemas`) and
 //!   the process's settlement notices;
 //! - `retention.rs`: the retention worker (deleting old events, giving space back) and
@@ -53,6 +57,7 @@ mod dead_letters;
 mod kv;
 mod ops;
 mod retention;
+mod schedules;
 mod schema;
 mod schemas;
 mod writer;

@@ -5,8 +5,14 @@
 //! savepoint back. Invariants the operations keep together, since each settlement is one
 //! savepoint:
 //! - an event's `(source, id)` is stored once; a repeat answers with the first sequence;
-//! - an acknowledgement commits only if every KV read it made is still what is stored,
-//!   and then lands with its emitted events and KV writes;
+//! - an acknowledgement commits only if every KV read, stream version and pending
+//!   schedule it saw is still what is stored, and then lands with its emitted events
+//!   (expected stream versions checked), cancellations and KV writes;
+//! - a subject's stream is numbered densely: `streams` holds each subject's last version
+//!   (kept when retention deletes its events), `stream_events` maps versions to
+//!   sequences; a conditional append whose expected version does not hold fails its job;
+//! - an event with `deliverat` goes to `scheduled` (one pending event per id), never into
+//!   the log until the scheduler moves it;
 //! - a cursor only moves forward, and `acked` keeps only sequences above it;
 //! - a settlement records one outcome — acknowledged, a `retries` row, or a dead letter —
 //!   and a settled retry leaves `retries`; a main-stream settlement also moves the
@@ -18,11 +24,13 @@ use std::borrow::Cow;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{errors_json, storage, to_i64, to_u64};
-use crate::bus::{Appended, BusError, Settlement, StartPosition};
+use crate::bus::{Appended, BusError, Fired, Settlement, StartPosition};
 use crate::clock::{now_ms, now_us};
 use crate::effects::Effects;
 use crate::event::Event;
 use crate::kv::{KvRead, keys_digest, value_digest};
+use crate::schedule::{self, DELIVER_AT};
+use crate::stream::{self, EXPECTED_VERSION, STREAM_VERSION, VersionConflict};
 
 /// Runs one statement through the connection's statement cache: the writer runs the
 /// same few statements for every job, and parsing them each time would cost more than
@@ -35,26 +43,76 @@ pub(super) fn exec(
     conn.prepare_cached(sql)?.execute(params)
 }
 
+/// Stores events in order: each one into the log (its subject's stream version assigned)
+/// or, when it carries [`DELIVER_AT`], into the schedule. An event whose expected stream
+/// version does not hold fails the whole job, so its savepoint stores nothing.
 pub(super) fn append_events(
     conn: &Connection,
     events: &[Event],
-) -> rusqlite::Result<Vec<Appended>> {
-    let now = now_us();
+) -> Result<Vec<Appended>, BusError> {
+    let mut appended = Vec::with_capacity(events.len());
+    for event in events {
+        let one = if event.extensions.contains_key(DELIVER_AT) {
+            schedule_event(conn, event)?
+        } else {
+            append_event(conn, event)?
+        };
+        appended.push(one);
+    }
+    Ok(appended)
+}
+
+fn append_event(conn: &Connection, event: &Event) -> Result<Appended, BusError> {
+    let expected = stream::expected_version(event).map_err(BusError::Invalid)?;
+    let existing = |conn: &Connection| -> rusqlite::Result<Option<i64>> {
+        conn.prepare_cached("SELECT seq FROM events WHERE source = ?1 AND id = ?2")?
+            .query_row(params![event.source, event.id], |r| r.get(0))
+            .optional()
+    };
+    let mut stored = Cow::Borrowed(event);
+    let mut stream_version = None;
+    if let Some(subject) = &event.subject {
+        // A repeat of a conditional append that was stored is answered as a duplicate,
+        // not as a conflict with itself.
+        if expected.is_some()
+            && let Some(sequence) = existing(conn).map_err(storage)?
+        {
+            return Ok(duplicate_of(conn, sequence)?);
+        }
+        let current = stream_head(conn, subject).map_err(storage)?;
+        if let Some(expected) = expected
+            && expected != current
+        {
+            return Err(BusError::VersionConflict(VersionConflict {
+                subject: subject.clone(),
+                expected,
+                current,
+            }));
+        }
+        let version = current + 1;
+        let event = stored.to_mut();
+        event.extensions.remove(EXPECTED_VERSION);
+        event
+            .extensions
+            .insert(STREAM_VERSION.to_owned(), version.to_string());
+        stream_version = Some(version);
+    } else if event.extensions.contains_key(STREAM_VERSION) {
+        stored.to_mut().extensions.remove(STREAM_VERSION);
+    }
+    let event = &*stored;
+    let extensions: Cow<'_, str> = if event.extensions.is_empty() {
+        Cow::Borrowed("{}")
+    } else {
+        Cow::Owned(serde_json::to_string(&event.extensions).unwrap_or_else(|_| "{}".to_owned()))
+    };
     // The unique index finds a duplicate during the insert itself, so a fresh event (the
     // common case) costs one index search instead of a lookup and then an insert.
-    let mut insert = conn.prepare_cached(
+    let inserted = exec(
+        conn,
         "INSERT INTO events (id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (source, id) DO NOTHING",
-    )?;
-    let mut appended = Vec::with_capacity(events.len());
-    for event in events {
-        let extensions: Cow<'_, str> = if event.extensions.is_empty() {
-            Cow::Borrowed("{}")
-        } else {
-            Cow::Owned(serde_json::to_string(&event.extensions).unwrap_or_else(|_| "{}".to_owned()))
-        };
-        let inserted = insert.execute(params![
+        params![
             event.id,
             event.source,
             event.ty,
@@ -64,20 +122,148 @@ pub(super) fn append_events(
             event.dataschema,
             event.data,
             extensions,
-            now
-        ])? == 1;
-        let sequence = if inserted {
-            conn.last_insert_rowid()
-        } else {
-            conn.prepare_cached("SELECT seq FROM events WHERE source = ?1 AND id = ?2")?
-                .query_row(params![event.source, event.id], |r| r.get(0))?
-        };
-        appended.push(Appended {
-            sequence: to_u64(sequence),
-            duplicate: !inserted,
-        });
+            now_us()
+        ],
+    )
+    .map_err(storage)?
+        == 1;
+    if !inserted {
+        let sequence = existing(conn)
+            .map_err(storage)?
+            .ok_or_else(|| BusError::Storage(format!("event `{}` vanished", event.id)))?;
+        return duplicate_of(conn, sequence);
     }
-    Ok(appended)
+    let sequence = conn.last_insert_rowid();
+    if let (Some(subject), Some(version)) = (&event.subject, stream_version) {
+        exec(
+            conn,
+            "INSERT INTO streams (subject, version) VALUES (?1, ?2)
+             ON CONFLICT (subject) DO UPDATE SET version = excluded.version",
+            params![subject, to_i64(version)],
+        )
+        .and_then(|_| {
+            exec(
+                conn,
+                "INSERT INTO stream_events (subject, version, seq) VALUES (?1, ?2, ?3)",
+                params![subject, to_i64(version), sequence],
+            )
+        })
+        .map_err(storage)?;
+    }
+    Ok(Appended {
+        sequence: to_u64(sequence),
+        duplicate: false,
+        stream_version,
+        due_at_ms: None,
+    })
+}
+
+/// The answer for an event stored before at `sequence`.
+fn duplicate_of(conn: &Connection, sequence: i64) -> Result<Appended, BusError> {
+    let extensions: String = conn
+        .prepare_cached("SELECT extensions FROM events WHERE seq = ?1")
+        .and_then(|mut s| s.query_row([sequence], |r| r.get(0)))
+        .map_err(storage)?;
+    let stream_version =
+        serde_json::from_str::<std::collections::BTreeMap<String, String>>(&extensions)
+            .ok()
+            .and_then(|e| e.get(STREAM_VERSION)?.parse().ok());
+    Ok(Appended {
+        sequence: to_u64(sequence),
+        duplicate: true,
+        stream_version,
+        due_at_ms: None,
+    })
+}
+
+/// Appends up to `limit` scheduled events due by `now` and forgets them, soonest first.
+pub(super) fn fire_due(conn: &Connection, now: i64, limit: usize) -> Result<Fired, BusError> {
+    let due: Vec<(String, i64, String)> = conn
+        .prepare_cached(
+            "SELECT id, due_at, event FROM scheduled WHERE due_at <= ?1 ORDER BY due_at LIMIT ?2",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect()
+        })
+        .map_err(storage)?;
+    let mut fired = Fired {
+        more: due.len() >= limit,
+        ..Fired::default()
+    };
+    for (id, due_at, record) in due {
+        exec(conn, "DELETE FROM scheduled WHERE id = ?1", [&id]).map_err(storage)?;
+        match serde_json::from_str::<Event>(&record) {
+            Ok(event) => {
+                append_event(conn, &event)?;
+                fired
+                    .lags_ms
+                    .push(u64::try_from(now_ms().saturating_sub(due_at)).unwrap_or(0));
+            }
+            // Only this host writes the records; one it cannot read is dropped, loudly,
+            // rather than blocking every event due after it.
+            Err(error) => {
+                tracing::error!(%id, %error, "dropping a scheduled event that cannot be read")
+            }
+        }
+    }
+    fired.next_due_ms = conn
+        .prepare_cached("SELECT MIN(due_at) FROM scheduled")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(storage)?;
+    Ok(fired)
+}
+
+/// Forgets a pending scheduled event; whether there was one.
+pub(super) fn cancel_scheduled(conn: &Connection, id: &str) -> Result<u64, BusError> {
+    exec(conn, "DELETE FROM scheduled WHERE id = ?1", [id])
+        .map(|n| n as u64)
+        .map_err(storage)
+}
+
+/// The version of a subject's stream: `0` when it has no event.
+pub(super) fn stream_head(conn: &Connection, subject: &str) -> rusqlite::Result<u64> {
+    let version: Option<i64> = conn
+        .prepare_cached("SELECT version FROM streams WHERE subject = ?1")?
+        .query_row([subject], |r| r.get(0))
+        .optional()?;
+    Ok(version.map_or(0, to_u64))
+}
+
+/// Keeps an event aside until its due time; a pending event with the same id is the
+/// same event sent again.
+fn schedule_event(conn: &Connection, event: &Event) -> Result<Appended, BusError> {
+    let mut event = event.clone();
+    let due = event
+        .extensions
+        .remove(DELIVER_AT)
+        .ok_or_else(|| BusError::Invalid(format!("`{DELIVER_AT}` is missing")))?;
+    let due_at_ms = schedule::parse_rfc3339_ms(&due).map_err(BusError::Invalid)?;
+    let record = serde_json::to_string(&event).map_err(|e| BusError::Storage(e.to_string()))?;
+    let inserted = exec(
+        conn,
+        "INSERT INTO scheduled (id, due_at, type, event, scheduled_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO NOTHING",
+        params![event.id, due_at_ms, event.ty, record, now_ms()],
+    )
+    .map_err(storage)?
+        == 1;
+    let due_at_ms = if inserted {
+        due_at_ms
+    } else {
+        conn.prepare_cached("SELECT due_at FROM scheduled WHERE id = ?1")
+            .and_then(|mut s| s.query_row([&event.id], |r| r.get(0)))
+            .map_err(storage)?
+    };
+    Ok(Appended {
+        sequence: 0,
+        duplicate: !inserted,
+        stream_version: None,
+        due_at_ms: Some(due_at_ms),
+    })
 }
 
 pub(super) fn open_cursor(
@@ -123,8 +309,22 @@ pub(super) fn move_cursor(conn: &Connection, plugin: &str, cursor: u64) -> rusql
     Ok(())
 }
 
-fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> rusqlite::Result<()> {
-    append_events(conn, &effects.emits)?;
+fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> Result<(), BusError> {
+    append_events(conn, &effects.emits).map_err(|e| match e {
+        // The attempt saw an older stream than the one it would append to: run it again.
+        BusError::VersionConflict(conflict) => BusError::Conflict(format!(
+            "the stream of `{}` (expected at version {}, now {})",
+            conflict.subject, conflict.expected, conflict.current
+        )),
+        other => other,
+    })?;
+    for id in &effects.cancels {
+        exec(conn, "DELETE FROM scheduled WHERE id = ?1", [id]).map_err(storage)?;
+    }
+    apply_kv_writes(conn, plugin, effects).map_err(storage)
+}
+
+fn apply_kv_writes(conn: &Connection, plugin: &str, effects: &Effects) -> rusqlite::Result<()> {
     let mut set = conn.prepare_cached(
         "INSERT INTO kv (plugin, key, value) VALUES (?1, ?2, ?3)
          ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
@@ -137,6 +337,34 @@ fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> rusqlite
         };
     }
     Ok(())
+}
+
+/// Checks that the stream versions and pending schedules an attempt saw still hold.
+fn check_stream_and_schedule_reads(conn: &Connection, effects: &Effects) -> Result<(), BusError> {
+    for read in &effects.stream_reads {
+        let current = stream_head(conn, &read.subject).map_err(storage)?;
+        if current != read.version {
+            return Err(BusError::Conflict(format!(
+                "the stream of `{}` (read at version {}, now {current})",
+                read.subject, read.version
+            )));
+        }
+    }
+    for read in &effects.schedule_reads {
+        let pending = is_scheduled(conn, &read.id).map_err(storage)?;
+        if pending != read.pending {
+            return Err(BusError::Conflict(format!("scheduled event `{}`", read.id)));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a scheduled event with this id is pending.
+pub(super) fn is_scheduled(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM scheduled WHERE id = ?1")?
+        .query_row([id], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
 }
 
 /// Checks that what an attempt read of its plugin's KV is still what is committed.
@@ -155,7 +383,7 @@ fn check_reads(conn: &Connection, plugin: &str, reads: &[KvRead]) -> Result<(), 
                     .optional()
                     .map_err(storage)?;
                 if current.as_deref().map(value_digest) != *digest {
-                    return Err(BusError::Conflict(key.clone()));
+                    return Err(BusError::Conflict(format!("KV `{key}`")));
                 }
             }
             KvRead::Keys { prefix, digest } => {
@@ -169,7 +397,7 @@ fn check_reads(conn: &Connection, plugin: &str, reads: &[KvRead]) -> Result<(), 
                     current.push(key);
                 }
                 if keys_digest(current.iter().map(String::as_str)) != *digest {
-                    return Err(BusError::Conflict(format!("{prefix}*")));
+                    return Err(BusError::Conflict(format!("KV keys `{prefix}*`")));
                 }
             }
         }
@@ -189,6 +417,8 @@ pub(super) fn settle(
 ) -> Result<(), BusError> {
     if let Settlement::Ack(effects) = &settlement {
         check_reads(conn, plugin, &effects.kv_reads)?;
+        check_stream_and_schedule_reads(conn, effects)?;
+        apply_effects(conn, plugin, effects)?;
     }
     let record = || -> rusqlite::Result<()> {
         let now = now_ms();
@@ -201,7 +431,7 @@ pub(super) fn settle(
             )?;
         }
         match &settlement {
-            Settlement::Ack(effects) => apply_effects(conn, plugin, effects)?,
+            Settlement::Ack(_) => {}
             Settlement::Retry { delay, errors } => {
                 let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
                 let attempt = i64::try_from(errors.len()).unwrap_or(i64::MAX) + 1;
@@ -336,7 +566,7 @@ pub(super) fn put_control(
         .map_err(storage)?;
     if to_u64(current) != revision {
         return Err(BusError::Conflict(format!(
-            "the control of plugin `{plugin}` changed (now at revision {current})"
+            "the control of plugin `{plugin}` (now at revision {current})"
         )));
     }
     let next = current + 1;

@@ -84,6 +84,25 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     plugin TEXT PRIMARY KEY,
     patterns TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS streams (
+    subject TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_events (
+    subject TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (subject, version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS stream_events_seq ON stream_events (seq);
+CREATE TABLE IF NOT EXISTS scheduled (
+    id TEXT PRIMARY KEY,
+    due_at INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    event TEXT NOT NULL,
+    scheduled_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS scheduled_due ON scheduled (due_at);
 CREATE INDEX IF NOT EXISTS retries_seq ON retries (seq);
 CREATE INDEX IF NOT EXISTS dead_letters_seq ON dead_letters (seq);
 ";

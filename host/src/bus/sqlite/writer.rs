@@ -31,12 +31,12 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{
-    append_events, delete_dead_letter, exec, move_cursor, open_cursor, put_control, put_schema,
-    replay, settle,
+    append_events, cancel_scheduled, delete_dead_letter, exec, fire_due, move_cursor, open_cursor,
+    put_control, put_schema, replay, settle,
 };
 use super::retention::{self, Candidate, Deleted};
 use super::{Durability, Inner, SqliteOptions, storage};
-use crate::bus::{Appended, BusError, Settlement, StartPosition};
+use crate::bus::{Appended, BusError, Fired, Settlement, StartPosition};
 use crate::event::Event;
 
 /// Page cache of the writer's connection, in KiB.
@@ -96,6 +96,16 @@ pub(super) enum Job {
         pages: u64,
         reply: Reply<u64>,
     },
+    /// The scheduler: appends the scheduled events due by `now`.
+    FireDue {
+        now_ms: i64,
+        limit: usize,
+        reply: Reply<Fired>,
+    },
+    CancelScheduled {
+        id: String,
+        reply: Reply<u64>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -118,13 +128,18 @@ impl Job {
         // Retention's jobs promise nothing either: a lost delete is repeated.
         !matches!(
             self,
-            Job::Settle(_) | Job::MoveCursor { .. } | Job::Retain { .. } | Job::Vacuum { .. }
+            Job::Settle(_)
+                | Job::MoveCursor { .. }
+                | Job::Retain { .. }
+                | Job::Vacuum { .. }
+                | Job::FireDue { .. }
         )
     }
 
     fn weight(&self) -> usize {
         match self {
             Job::Append { events, .. } => events.len(),
+            Job::FireDue { limit, .. } => *limit,
             Job::Retain { candidates, .. } => candidates.len(),
             Job::Settle(job) => match &job.settlement {
                 Settlement::Ack(effects) => 1 + effects.emits.len(),
@@ -179,6 +194,7 @@ enum Answer {
     Position(Reply<u64>, Result<u64, BusError>),
     Count(Reply<u64>, Result<u64, BusError>),
     Deleted(Reply<Deleted>, Result<Deleted, BusError>),
+    Fired(Reply<Fired>, Result<Fired, BusError>),
     Done(Reply<()>, Result<(), BusError>),
     Nothing,
 }
@@ -194,6 +210,7 @@ impl Answer {
             Answer::Position(reply, _) => Answer::Position(reply, Err(again())),
             Answer::Count(reply, _) => Answer::Count(reply, Err(again())),
             Answer::Deleted(reply, _) => Answer::Deleted(reply, Err(again())),
+            Answer::Fired(reply, _) => Answer::Fired(reply, Err(again())),
             Answer::Done(reply, _) => Answer::Done(reply, Err(again())),
             Answer::Nothing => Answer::Nothing,
         }
@@ -212,6 +229,9 @@ impl Answer {
                 let _ = reply.send(result);
             }
             Answer::Deleted(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Fired(reply, result) => {
                 let _ = reply.send(result);
             }
             Answer::Nothing => {}
@@ -332,7 +352,7 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let result = append_events(savepoint, &events);
             let ok = result.is_ok();
             *wake |= ok;
-            (Answer::Appended(reply, result.map_err(storage), n), ok)
+            (Answer::Appended(reply, result, n), ok)
         }
         Job::OpenCursor {
             plugin,
@@ -411,6 +431,21 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let ok = result.is_ok();
             (Answer::Count(reply, result), ok)
         }
+        Job::FireDue {
+            now_ms,
+            limit,
+            reply,
+        } => {
+            let result = fire_due(savepoint, now_ms, limit);
+            let ok = result.is_ok();
+            *wake |= result.as_ref().is_ok_and(|f| !f.lags_ms.is_empty());
+            (Answer::Fired(reply, result), ok)
+        }
+        Job::CancelScheduled { id, reply } => {
+            let result = cancel_scheduled(savepoint, &id);
+            let ok = result.is_ok();
+            (Answer::Count(reply, result), ok)
+        }
         Job::Close { reply } => (Answer::Done(reply, Ok(())), true),
     };
     if ok {
@@ -444,7 +479,10 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
         Job::Retain { reply, .. } => Answer::Deleted(reply, Ok(Deleted::default())),
-        Job::Vacuum { reply, .. } => Answer::Count(reply, Ok(0)),
+        Job::Vacuum { reply, .. } | Job::CancelScheduled { reply, .. } => {
+            Answer::Count(reply, Ok(0))
+        }
+        Job::FireDue { reply, .. } => Answer::Fired(reply, Ok(Fired::default())),
     };
     answer.fail(error)
 }
