@@ -10,6 +10,7 @@ mod support;
 mod check_cli;
 mod cloudevents_sdk;
 mod distributed;
+mod event_sourcing;
 mod examples;
 mod hot_reload;
 mod producers;

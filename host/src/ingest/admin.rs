@@ -87,6 +87,8 @@ struct RunningView {
     sha256: String,
     describe: DescribeView,
     version: String,
+    /// The contract version the plugin was built against, such as `0.2.0`.
+    contract: &'static str,
     subscriptions: Vec<String>,
     limits: LimitsView,
     policy: PolicyView,
@@ -152,6 +154,7 @@ impl RunningView {
                 version: plugin.info().version.clone(),
             },
             version: plugin.info().version.clone(),
+            contract: plugin.info().contract,
             subscriptions: loaded
                 .subscriptions
                 .iter()

@@ -103,7 +103,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             gate::admit,
         ));
     let producer = Router::new()
-        .route("/v1/streams/{subject}", get(streams::read_stream))
+        .route("/v1/streams/{*subject}", get(streams::read_stream))
         .route("/v1/scheduled", get(streams::list_scheduled))
         .route("/v1/scheduled/{id}", delete(streams::cancel_scheduled))
         .route_layer(middleware::from_fn_with_state(

@@ -1,6 +1,7 @@
 //! Subject streams and scheduled events over HTTP, for producers (ingest token) and
 //! operators (admin token):
-//! - `GET /v1/streams/{subject}?after=&limit=`: a subject's events in version order;
+//! - `GET /v1/streams/{subject}?after=&limit=`: a subject's events in version order (the
+//!   subject is the rest of the path, so it may hold `/`, as in `show/42`);
 //! - `GET /v1/scheduled?type=&limit=`: pending scheduled events, soonest first;
 //! - `DELETE /v1/scheduled/{id}`: cancels one (`204`, or `404` if none is pending).
 //!

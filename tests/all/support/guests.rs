@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guest {
     AuditTrail,
+    BoxOffice,
     Ticketing,
     Notifier,
     Hostile,
@@ -20,8 +21,9 @@ pub enum Guest {
 
 impl Guest {
     /// All guests, in build order.
-    pub const ALL: [Guest; 8] = [
+    pub const ALL: [Guest; 9] = [
         Guest::AuditTrail,
+        Guest::BoxOffice,
         Guest::Ticketing,
         Guest::Notifier,
         Guest::Hostile,
@@ -35,6 +37,7 @@ impl Guest {
     pub fn crate_name(self) -> &'static str {
         match self {
             Guest::AuditTrail => "audit-trail",
+            Guest::BoxOffice => "box-office",
             Guest::Ticketing => "ticketing",
             Guest::Notifier => "notifier",
             Guest::Hostile => "hostile",

@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex};
 
 use switchyard_host::event::Event;
 use switchyard_host::runtime::{Delivery, Outcome, Plugin, PluginSettings, Runtime, RuntimeConfig};
+use switchyard_host::stream::StreamPage;
 use switchyard_host::{Effects, EmptyKv, KvError, KvSource};
 
 /// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
@@ -197,6 +198,14 @@ impl KvSource for MemoryKv {
             .map(|(_, k)| k.clone())
             .collect())
     }
+
+    async fn read_stream(&self, _: &str, _: u64, _: usize) -> Result<StreamPage, KvError> {
+        Ok(StreamPage::default())
+    }
+
+    async fn scheduled(&self, _id: &str) -> Result<bool, KvError> {
+        Ok(false)
+    }
 }
 
 /// A KV source that always fails, as an unavailable store would.
@@ -209,6 +218,14 @@ impl KvSource for BrokenKv {
     }
 
     async fn keys(&self, _plugin: &str, _prefix: &str) -> Result<Vec<String>, KvError> {
+        Err(KvError::new("store unavailable"))
+    }
+
+    async fn read_stream(&self, _: &str, _: u64, _: usize) -> Result<StreamPage, KvError> {
+        Err(KvError::new("store unavailable"))
+    }
+
+    async fn scheduled(&self, _id: &str) -> Result<bool, KvError> {
         Err(KvError::new("store unavailable"))
     }
 }

@@ -1,0 +1,420 @@
+//! Subject streams and the box-office saga with the real binary, on both backends:
+//! dense stream versions, conditional appends over HTTP (`409`, a batch stores nothing),
+//! the aggregate that never oversells, the saga end to end through a SIGKILL, and a
+//! plugin of the old contract beside the new ones.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use crate::support::guests::Guest;
+use crate::support::host::{Backend, Host};
+
+/// POSTs one event of `ty` with `subject` (and `expectedversion` when given).
+async fn append(
+    host: &Host,
+    ty: &str,
+    id: &str,
+    subject: &str,
+    expected: Option<u64>,
+    data: Value,
+) -> (u16, Value) {
+    let mut request = host
+        .http
+        .post(host.url(&format!("/v1/events/{ty}")))
+        .header("ce-id", id)
+        .header("ce-subject", subject)
+        .json(&data);
+    if let Some(expected) = expected {
+        request = request.header("ce-expectedversion", expected.to_string());
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The stream versions of a subject's events, in the order the API lists them.
+async fn versions(host: &Host, subject: &str) -> Vec<u64> {
+    let stream = host
+        .get_json(&format!("/v1/streams/{subject}?limit=1000"))
+        .await;
+    stream["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["streamversion"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// The events of the log of type `ty`.
+async fn of_type(host: &Host, ty: &str) -> Vec<Value> {
+    host.log()
+        .await
+        .into_iter()
+        .filter(|e| e["event"]["type"] == ty)
+        .collect()
+}
+
+async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.start();
+
+    for (i, subject) in ["acct-1", "acct-2", "acct-1", "acct-1", "acct-2"]
+        .iter()
+        .enumerate()
+    {
+        let (status, body) = append(
+            &host,
+            "account.credited",
+            &format!("c{i}"),
+            subject,
+            None,
+            json!({"cents": i}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(versions(&host, "acct-1").await, [1, 2, 3]);
+    assert_eq!(versions(&host, "acct-2").await, [1, 2]);
+    let page = host.get_json("/v1/streams/acct-1?after=1&limit=1").await;
+    assert_eq!(page["version"], 3);
+    assert_eq!(page["events"][0]["id"], "c2");
+    assert_eq!(page["next_after"], 2);
+
+    // A stale expectation is refused with the current version, and stores nothing.
+    let (status, body) = append(&host, "account.debited", "d1", "acct-1", Some(2), json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "version_conflict");
+    assert_eq!(body["error"]["details"]["currentversion"], 3);
+    assert_eq!(versions(&host, "acct-1").await, [1, 2, 3]);
+    let (status, body) = append(&host, "account.debited", "d1", "acct-1", Some(3), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"][0]["streamversion"], 4);
+    // The producer's retry of an append that was stored is a duplicate, not a conflict.
+    let (status, body) = append(&host, "account.debited", "d1", "acct-1", Some(3), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"][0]["duplicate"], true);
+    assert_eq!(body["accepted"][0]["streamversion"], 4);
+    // `0`: the stream must not exist yet.
+    let (status, _) = append(&host, "account.opened", "o3", "acct-3", Some(0), json!({})).await;
+    assert_eq!(status, 202);
+    let (status, _) = append(&host, "account.opened", "o3b", "acct-3", Some(0), json!({})).await;
+    assert_eq!(status, 409);
+
+    // One conflict in a batch stores nothing of it.
+    let batch = json!([
+        {"specversion": "1.0", "id": "b1", "source": "/test", "type": "account.debited",
+         "subject": "acct-1", "expectedversion": "4", "data": {}},
+        {"specversion": "1.0", "id": "b2", "source": "/test", "type": "account.opened",
+         "subject": "acct-9", "expectedversion": "0", "data": {}},
+        {"specversion": "1.0", "id": "b3", "source": "/test", "type": "account.debited",
+         "subject": "acct-2", "expectedversion": "7", "data": {}},
+    ]);
+    let response = host
+        .http
+        .post(host.url("/v1/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    assert_eq!(versions(&host, "acct-1").await, [1, 2, 3, 4]);
+    let missing = host
+        .http
+        .get(host.url("/v1/streams/acct-9"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        missing.status(),
+        404,
+        "a batch with a conflict stored part of itself"
+    );
+    assert!(host.log().await.iter().all(|e| e["event"]["id"] != "b1"));
+
+    // An expectation needs a subject.
+    let response = host
+        .http
+        .post(host.url("/v1/events/account.debited"))
+        .header("ce-id", "x")
+        .header("ce-expectedversion", "1")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let never = host
+        .http
+        .get(host.url("/v1/streams/never-written"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status(), 404);
+}
+
+/// The box office with `hold` as its sidecar's hold time.
+fn box_office(host: &Host, hold: &str) {
+    host.plugin(
+        "box-office",
+        Guest::BoxOffice,
+        Some(&format!("[config]\nhold = \"{hold}\"\n")),
+    );
+}
+
+async fn the_last_seats_go_to_exactly_as_many_reservations_as_fit(backend: Backend) {
+    let mut host = Host::on(&backend);
+    box_office(&host, "10m");
+    host.start();
+    let (status, _) = append(
+        &host,
+        "show.opened",
+        "open",
+        "show/s1",
+        Some(0),
+        json!({"seats": 5}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let ids: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    let requests = ids.iter().map(|id| {
+        host.send(
+            "reservation.requested",
+            id,
+            json!({"reservation_id": id, "show_id": "s1", "seats": 1, "email": "fan@example.com"}),
+        )
+    });
+    for status in join_all(requests).await {
+        assert_eq!(status, 202);
+    }
+    let decided = host
+        .wait_for("20 decisions", Duration::from_secs(60), || async {
+            let held = of_type(&host, "reservation.held").await.len();
+            let rejected = of_type(&host, "reservation.rejected").await.len();
+            (held + rejected == 20).then_some((held, rejected))
+        })
+        .await;
+    assert_eq!(decided, (5, 15));
+    for rejected in of_type(&host, "reservation.rejected").await {
+        assert_eq!(rejected["event"]["data"]["reason"], "not enough seats");
+    }
+    // One `show.opened`, five `seats.reserved`: no gap, no duplicate.
+    assert_eq!(versions(&host, "show/s1").await, [1, 2, 3, 4, 5, 6]);
+    let status = host.status("box-office").await.unwrap();
+    assert_eq!(status["dead_letters"], 0, "{status}");
+}
+
+async fn the_saga_reserves_pays_expires_fails_and_refunds_through_a_sigkill(backend: Backend) {
+    let mut host = Host::on(&backend);
+    box_office(&host, "3s");
+    host.plugin("ticketing", Guest::Ticketing, None);
+    host.plugin("notifier", Guest::Notifier, None);
+    host.start();
+    let reserve = |id: &'static str, seats: u32| json!({"reservation_id": id, "show_id": "s2", "seats": seats, "email": format!("{id}@example.com")});
+    assert_eq!(
+        append(
+            &host,
+            "show.opened",
+            "open-s2",
+            "show/s2",
+            Some(0),
+            json!({"seats": 10})
+        )
+        .await
+        .0,
+        202
+    );
+    for (id, seats) in [("paid", 2), ("unpaid", 3), ("failed", 1)] {
+        assert_eq!(
+            host.send(
+                "reservation.requested",
+                &format!("req-{id}"),
+                reserve(id, seats)
+            )
+            .await,
+            202
+        );
+    }
+    host.wait_for("three holds", Duration::from_secs(30), || async {
+        (of_type(&host, "reservation.held").await.len() == 3).then_some(())
+    })
+    .await;
+
+    // The payment, then a SIGKILL before the saga can have finished its steps.
+    assert_eq!(
+        host.send(
+            "reservation.paid",
+            "pay-paid",
+            json!({"reservation_id": "paid", "amount_cents": 5000})
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        host.send(
+            "reservation.payment-failed",
+            "fail-failed",
+            json!({"reservation_id": "failed"})
+        )
+        .await,
+        202
+    );
+    host.kill();
+    host.start();
+
+    host.wait_for(
+        "the notification of the paid reservation",
+        Duration::from_secs(30),
+        || async { host.kv("notifier", "notified/paid").await },
+    )
+    .await;
+    // The unpaid reservation's hold runs out; its seats come back.
+    let released = host
+        .wait_for("two releases", Duration::from_secs(30), || async {
+            let released = of_type(&host, "seats.released").await;
+            (released.len() == 2).then_some(released)
+        })
+        .await;
+    let mut released: Vec<&str> = released
+        .iter()
+        .map(|e| e["event"]["data"]["reservation_id"].as_str().unwrap())
+        .collect();
+    released.sort_unstable();
+    assert_eq!(released, ["failed", "unpaid"]);
+    assert_eq!(
+        of_type(&host, "reservation.expired").await.len(),
+        1,
+        "only the unpaid hold expires"
+    );
+
+    // A late payment for the expired hold is refunded; cancelling the show refunds the
+    // paid order.
+    assert_eq!(
+        host.send(
+            "reservation.paid",
+            "pay-unpaid",
+            json!({"reservation_id": "unpaid", "amount_cents": 100})
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        append(
+            &host,
+            "show.cancelled",
+            "cancel-s2",
+            "show/s2",
+            None,
+            json!({})
+        )
+        .await
+        .0,
+        202
+    );
+    let refunds = host
+        .wait_for("two refunds", Duration::from_secs(30), || async {
+            let refunds = of_type(&host, "refund.requested").await;
+            (refunds.len() == 2).then_some(refunds)
+        })
+        .await;
+    let mut refunded: Vec<(&str, &str)> = refunds
+        .iter()
+        .map(|e| {
+            (
+                e["event"]["data"]["reservation_id"].as_str().unwrap(),
+                e["event"]["data"]["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    refunded.sort_unstable();
+    assert_eq!(
+        refunded,
+        [
+            ("paid", "the show was cancelled"),
+            ("unpaid", "the reservation expired before payment")
+        ]
+    );
+    for plugin in ["box-office", "ticketing", "notifier"] {
+        host.wait_caught_up(plugin, Duration::from_secs(30)).await;
+    }
+    // Every effect once, whatever the SIGKILL interrupted.
+    for (ty, count) in [
+        ("seats.reserved", 3),
+        ("reservation.held", 3),
+        ("payment.completed", 1),
+        ("tickets.generated", 1),
+        ("seats.released", 2),
+        ("reservation.expired", 1),
+        ("refund.requested", 2),
+    ] {
+        assert_eq!(of_type(&host, ty).await.len(), count, "{ty}");
+    }
+    let show = versions(&host, "show/s2").await;
+    assert_eq!(show, (1..=show.len() as u64).collect::<Vec<_>>());
+    let scheduled = host.get_json("/v1/scheduled").await;
+    assert_eq!(scheduled["pending"], 0, "{scheduled}");
+}
+
+async fn a_plugin_of_contract_0_1_runs_beside_plugins_of_0_2(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin("legacy", Guest::Contract01, None);
+    box_office(&host, "10m");
+    host.start();
+    let plugins = host.get_json("/v1/plugins").await;
+    let contracts: Vec<(String, String)> = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["contract"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        contracts.contains(&("legacy".into(), "0.1.0".into())),
+        "{plugins}"
+    );
+    assert!(
+        contracts.contains(&("box-office".into(), "0.2.0".into())),
+        "{plugins}"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            append(
+                &host,
+                "legacy.tick",
+                &format!("t{i}"),
+                "meter-1",
+                None,
+                json!({})
+            )
+            .await
+            .0,
+            202
+        );
+    }
+    let count = host
+        .wait_for(
+            "the legacy plugin's count",
+            Duration::from_secs(30),
+            || async {
+                host.kv("legacy", "count/meter-1")
+                    .await
+                    .filter(|count| count == "6")
+            },
+        )
+        .await;
+    // Three ticks and the three `legacy.counted` it emitted, all in the subject's stream.
+    assert_eq!(count, "6");
+    assert_eq!(versions(&host, "meter-1").await, [1, 2, 3, 4, 5, 6]);
+}
+
+crate::on_both_backends!(
+    stream_versions_are_dense_and_stale_appends_are_refused,
+    the_last_seats_go_to_exactly_as_many_reservations_as_fit,
+    the_saga_reserves_pays_expires_fails_and_refunds_through_a_sigkill,
+    a_plugin_of_contract_0_1_runs_beside_plugins_of_0_2,
+);
