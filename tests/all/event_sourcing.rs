@@ -207,6 +207,8 @@ async fn the_last_seats_go_to_exactly_as_many_reservations_as_fit(backend: Backe
 
 async fn the_saga_reserves_pays_expires_fails_and_refunds_through_a_sigkill(backend: Backend) {
     let mut host = Host::on(&backend);
+    // On NATS, what the killed host held goes to the restarted one after `ack_wait`.
+    host.config("[bus]\nack_wait = \"2s\"\n");
     box_office(&host, "3s");
     host.plugin("ticketing", Guest::Ticketing, None);
     host.plugin("notifier", Guest::Notifier, None);

@@ -843,11 +843,12 @@ async fn settle(
         match context.consumer.settle(delivery, settlement.clone()).await {
             Ok(()) | Err(BusError::Closed) => return Ok(()),
             Err(conflict @ BusError::Conflict(_)) => return Err(conflict),
-            Err(too_large @ BusError::TooLarge { .. })
+            Err(too_large @ (BusError::TooLarge { .. } | BusError::Invalid(_)))
                 if matches!(settlement, Settlement::Ack(_)) =>
             {
                 // Storing these effects can never succeed: the attempt broke the bus's
-                // limit as it would break an effects bound.
+                // limit (or asked for what it cannot do) as it would break an effects
+                // bound.
                 let mut errors = delivery.errors.clone();
                 errors.push(record_error(
                     context,

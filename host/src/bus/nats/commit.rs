@@ -75,12 +75,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::kv::{current, decode_key, encode_key, list_keys};
-use super::messages::{decode_event, encode_event};
+use super::messages::decode_event;
 use super::{Shared, nats_error};
 use crate::bus::BusError;
 use crate::effects::Effects;
 use crate::event::Event;
 use crate::kv::{KvRead, keys_digest, value_digest};
+use crate::stream::EXPECTED_VERSION;
 
 /// How long a commit record marks its delivery as committed: a copy of the delivery that
 /// turns up later than this (a host stalled for a day) would run again.
@@ -90,14 +91,16 @@ pub(super) const COMMIT_RECORD_AGE: Duration = Duration::from_secs(24 * 60 * 60)
 const MAX_BATCH_MESSAGES: usize = 1000;
 
 /// What a delivery's commit stored beside its writes: the emits, each as the event
-/// stream stores it, in base64.
+/// stream stores it, in base64, and the scheduled events it cancels.
 #[derive(Serialize, Deserialize)]
-struct CommitRecord {
-    emits: Vec<String>,
+pub(super) struct CommitRecord {
+    pub(super) emits: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) cancels: Vec<String>,
 }
 
 impl CommitRecord {
-    fn emits(&self) -> Result<Vec<Event>, BusError> {
+    pub(super) fn emits(&self) -> Result<Vec<Event>, BusError> {
         self.emits
             .iter()
             .map(|text| {
@@ -119,17 +122,17 @@ fn record_subject(bucket: &str, sequence: u64) -> String {
     format!("{bucket}.commit.{sequence}")
 }
 
-/// One message of a commit's batch.
+/// One message of an atomic batch.
 #[derive(Clone)]
-struct Conditional {
-    subject: String,
-    payload: Bytes,
+pub(super) struct Conditional {
+    pub(super) subject: String,
+    pub(super) payload: Bytes,
     /// The revision the condition's subject must have (0: no message); `None`: no
     /// condition.
-    expected: Option<u64>,
+    pub(super) expected: Option<u64>,
     /// The subject the condition is on, when not the message's own.
-    condition_on: Option<String>,
-    headers: Vec<(&'static str, String)>,
+    pub(super) condition_on: Option<String>,
+    pub(super) headers: Vec<(&'static str, String)>,
 }
 
 impl Conditional {
@@ -154,8 +157,11 @@ impl Conditional {
     }
 }
 
-enum BatchError {
+pub(super) enum BatchError {
+    /// A condition did not hold; nothing was stored.
     Conflict,
+    /// A message repeats the `Nats-Msg-Id` of one stored before; nothing was stored.
+    Repeated,
     Storage(BusError),
 }
 
@@ -163,7 +169,13 @@ enum BatchError {
 struct BatchAnswer {
     #[serde(default)]
     error: Option<async_nats::jetstream::Error>,
+    /// The sequence of the batch's last message.
+    #[serde(default)]
+    seq: u64,
 }
+
+/// The server's code for a batch that repeats a stored message's `Nats-Msg-Id`.
+const BATCH_REPEATS_MESSAGE_ID: u64 = 10201;
 
 impl Shared {
     /// Commits an attempt's effects (see the module docs). Returns once the writes and
@@ -174,17 +186,38 @@ impl Shared {
         sequence: u64,
         effects: Effects,
     ) -> Result<(), BusError> {
+        let conditional = !effects.stream_reads.is_empty()
+            || effects
+                .emits
+                .iter()
+                .any(|e| e.extensions.contains_key(EXPECTED_VERSION));
+        self.check_schedule_reads(&effects).await?;
         if effects.kv_writes.is_empty() {
-            // Nothing to make atomic: the reads are checked, and the emits' ids make a
-            // repeat harmless.
             if !effects.kv_reads.is_empty() {
                 let store = self.plugin_store(plugin).await?;
                 for read in &effects.kv_reads {
                     check_read(&store, read).await?;
                 }
             }
-            self.publish_events(&effects.emits, false).await?;
+            if conditional {
+                return self.commit_conditional(plugin, sequence, &effects).await;
+            }
+            // Nothing to make atomic: the emits' ids make a repeat harmless, and so do
+            // the schedules' and cancellations'.
+            self.store_events(&effects.emits, false).await?;
+            for id in &effects.cancels {
+                self.cancel(id).await?;
+            }
             return Ok(());
+        }
+        if conditional {
+            // The KV batch and the event stream are two streams: no batch holds both.
+            return Err(BusError::Invalid(
+                "on NATS, one attempt cannot both write KV and append to a subject stream on \
+                 a condition (an expected version, or a stream it read): keep the state in \
+                 the stream or in KV"
+                    .to_owned(),
+            ));
         }
         let store = self.plugin_store(plugin).await?;
         let bucket = store.name.clone();
@@ -200,17 +233,11 @@ impl Shared {
             }
         }
         // The last write to each key wins.
+        let record = CommitRecord::of(&effects);
         let mut writes: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         for write in effects.kv_writes {
             writes.insert(encode_key(&write.key), write.value);
         }
-        let record = CommitRecord {
-            emits: effects
-                .emits
-                .iter()
-                .map(|event| BASE64.encode(encode_event(event)))
-                .collect(),
-        };
         let body = serde_json::to_vec(&record).unwrap_or_default();
         self.check_size(
             || "the attempt's emits and commit record".to_owned(),
@@ -297,7 +324,7 @@ impl Shared {
             .await
         {
             Ok(()) => {}
-            Err(BatchError::Conflict) => {
+            Err(BatchError::Conflict | BatchError::Repeated) => {
                 // This delivery's record exists when an earlier try of this settlement,
                 // or another host holding the same delivery, committed first.
                 if self.finish_committed(plugin, sequence).await? {
@@ -311,7 +338,10 @@ impl Shared {
             }
             Err(BatchError::Storage(error)) => return Err(error),
         }
-        self.publish_events(&effects.emits, false).await?;
+        self.store_events(&effects.emits, false).await?;
+        for id in &effects.cancels {
+            self.cancel(id).await?;
+        }
         Ok(())
     }
 
@@ -337,31 +367,67 @@ impl Shared {
         queue.send(pending).map_err(|_| closed())?;
         outcome.await.unwrap_or_else(|_| Err(closed()))
     }
-    /// Finishes a delivery whose commit record exists: publishes the record's emits
-    /// again (their copies are dropped by `Nats-Msg-Id`). `false` when there is none.
+    /// Finishes a delivery whose commit record exists: stores the record's emits again
+    /// (their copies are dropped by `Nats-Msg-Id`) and its cancellations. `false` when
+    /// there is none. A KV commit's record is in the plugin's bucket; a conditional
+    /// commit's is in the event stream, with its emits, which need no second store.
     pub(super) async fn finish_committed(
         &self,
         plugin: &str,
         sequence: u64,
     ) -> Result<bool, BusError> {
+        let subject = self.record_subject(plugin, sequence);
+        if let Some(record) = read_record(&self.events, &subject).await? {
+            self.finish_schedules(&record).await?;
+            return Ok(true);
+        }
         let store = self.plugin_store(plugin).await?;
         let subject = record_subject(&store.name, sequence);
-        let message = match store.stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) => message,
-            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(false);
-            }
-            Err(error) => return Err(nats_error("reading a commit record")(&error)),
+        let Some(record) = read_record(&store.stream, &subject).await? else {
+            return Ok(false);
         };
-        let record: CommitRecord = serde_json::from_slice(&message.payload).map_err(|error| {
+        self.store_events(&record.emits()?, false).await?;
+        for id in &record.cancels {
+            self.cancel(id).await?;
+        }
+        Ok(true)
+    }
+
+    /// Checks that the scheduled events the attempt looked at are still pending, or
+    /// still not. (Between this check and the commit, a due event may still fire: its
+    /// cancellation then finds nothing to cancel.)
+    async fn check_schedule_reads(&self, effects: &Effects) -> Result<(), BusError> {
+        for read in &effects.schedule_reads {
+            if self.is_scheduled(&read.id).await? != read.pending {
+                return Err(BusError::Conflict(format!("scheduled event `{}`", read.id)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The commit record stored at `subject` of `stream`, if there is one.
+async fn read_record(
+    stream: &stream::Stream,
+    subject: &str,
+) -> Result<Option<CommitRecord>, BusError> {
+    let message = match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+            return Ok(None);
+        }
+        Err(error) => return Err(nats_error("reading a commit record")(&error)),
+    };
+    serde_json::from_slice(&message.payload)
+        .map(Some)
+        .map_err(|error| {
             BusError::Storage(format!(
                 "the commit record {subject} is unreadable: {error}"
             ))
-        })?;
-        self.publish_events(&record.emits()?, false).await?;
-        Ok(true)
-    }
+        })
 }
+
+impl Shared {}
 
 /// Checks one read of an attempt against the bucket now; for a value read, returns the
 /// encoded key and its revision.
@@ -396,10 +462,10 @@ async fn last_revision(stream: &stream::Stream, subject: &str) -> Result<u64, Bu
 
 /// Sends `batch` as one atomic batch: every message but the last without a reply, the
 /// last with the commit header, whose answer is the batch's.
-async fn publish_batch(
+pub(super) async fn publish_batch(
     client: &async_nats::Client,
     batch: Vec<Conditional>,
-) -> Result<(), BatchError> {
+) -> Result<u64, BatchError> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let last = batch.len();
     for (index, message) in batch.into_iter().enumerate() {
@@ -422,12 +488,15 @@ async fn publish_batch(
             BatchError::Storage(nats_error("reading the commit's answer")(&error))
         })?;
         return match answer.error {
-            None => Ok(()),
+            None => Ok(answer.seq),
             Some(error) if super::compare_and_set_failed(&error) => Err(BatchError::Conflict),
+            Some(error) if error.error_code().0 == BATCH_REPEATS_MESSAGE_ID => {
+                Err(BatchError::Repeated)
+            }
             Some(error) => Err(BatchError::Storage(nats_error("committing")(&error))),
         };
     }
-    Ok(())
+    Ok(0)
 }
 
 /// A commit waiting for its bucket's committer.
@@ -512,7 +581,7 @@ async fn run_committer(client: async_nats::Client, mut queue: mpsc::UnboundedRec
         for mut pending in group {
             let messages = std::mem::take(&mut pending.messages);
             let outcome = publish_batch(&client, messages).await;
-            pending.answer(outcome);
+            pending.answer(outcome.map(|_| ()));
         }
     }
 }

@@ -103,14 +103,32 @@ where
 }
 
 /// What a plugin's consumer filters on: `cover`, the [`disjoint_cover`] of its patterns
-/// (the server refuses overlapping filters) under `P.events.`, and its replay subject.
+/// (the server refuses overlapping filters) under `P.events.` and under every subject
+/// stream (`P.streams.*.`), and its replay subject.
 fn filter_subjects(prefix: &str, plugin: &str, cover: &[Pattern]) -> Vec<String> {
     let mut subjects: Vec<String> = cover
         .iter()
-        .map(|pattern| format!("{prefix}.events.{pattern}"))
+        .flat_map(|pattern| {
+            [
+                format!("{prefix}.events.{pattern}"),
+                format!("{prefix}.streams.*.{pattern}"),
+            ]
+        })
         .collect();
     subjects.push(format!("{prefix}.replay.{plugin}"));
     subjects
+}
+
+/// The type's words of an event's subject (`P.events.<words>` or
+/// `P.streams.<token>.<words>`).
+fn type_words<'s>(prefix: &str, subject: &'s str) -> Option<&'s str> {
+    let rest = subject.strip_prefix(prefix)?;
+    if let Some(words) = rest.strip_prefix(".events.") {
+        return Some(words);
+    }
+    rest.strip_prefix(".streams.")?
+        .split_once('.')
+        .map(|(_, words)| words)
 }
 
 fn same_subjects(a: &[String], b: &[String]) -> bool {
@@ -258,11 +276,7 @@ impl NatsConsumer {
     /// such a host, and skipped after [`UNSETTLED_LIMIT`] hand-outs so that it cannot
     /// circulate forever.
     async fn pass_on(&self, message: &Message, ty: &str, delivered: i64) {
-        let events_prefix = format!("{}.events.", self.shared.options.prefix);
-        let in_own_filter = message
-            .subject
-            .as_str()
-            .strip_prefix(&events_prefix)
+        let in_own_filter = type_words(&self.shared.options.prefix, &message.subject)
             .is_some_and(|words| self.cover.iter().any(|p| p.matches(words)));
         if !in_own_filter && delivered <= UNSETTLED_LIMIT {
             let _ = message

@@ -164,16 +164,18 @@ impl KvSource for NatsBus {
         let store = self.shared.plugin_store(plugin).await?;
         Ok(list_keys(&store, prefix).await?)
     }
+
     async fn read_stream(
         &self,
-        _s: &str,
-        _a: u64,
-        _l: usize,
+        subject: &str,
+        after: u64,
+        limit: usize,
     ) -> Result<crate::stream::StreamPage, KvError> {
-        Err(KvError::new("todo"))
+        Ok(self.shared.read_stream_page(subject, after, limit).await?)
     }
-    async fn scheduled(&self, _id: &str) -> Result<bool, KvError> {
-        Err(KvError::new("todo"))
+
+    async fn scheduled(&self, id: &str) -> Result<bool, KvError> {
+        Ok(self.shared.is_scheduled(id).await?)
     }
 }
 

@@ -27,10 +27,44 @@ pub(super) const INGESTED_AT: &str = "Switchyard-Ingested-At-Us";
 /// notices. It rides on the message, not in the event.
 pub(super) const WATCHED: &str = "Switchyard-Watched";
 
-/// The subject of an event: `P.events.` and the type's words, each kept to the
-/// characters subjects allow. Routing never reads it back (the envelope has the type).
+/// Header with a stream event's version (also in its envelope), read without decoding.
+pub(super) const STREAM_VERSION: &str = "Switchyard-Stream-Version";
+
+/// The subject of an event without a CloudEvents subject: `P.events.` and the type's
+/// words, each kept to the characters subjects allow. Routing never reads it back (the
+/// envelope has the type).
 pub(super) fn event_subject(prefix: &str, ty: &str) -> String {
-    let mut subject = format!("{prefix}.events");
+    type_words(format!("{prefix}.events"), ty)
+}
+
+/// The one subject token that stands for a CloudEvents subject: 32 hex digits of its
+/// SHA-256, whatever characters the subject holds.
+pub(super) fn subject_token(subject: &str) -> String {
+    hex::encode(&Sha256::digest(subject.as_bytes())[..16])
+}
+
+/// What every event of one CloudEvents subject's stream is stored under:
+/// `P.streams.<token>.>`.
+pub(super) fn stream_filter(prefix: &str, subject: &str) -> String {
+    format!("{prefix}.streams.{}.>", subject_token(subject))
+}
+
+/// The subject of an event with a CloudEvents subject: `P.streams.<token>.` and the
+/// type's words, so its stream is one wildcard and its type still filters.
+pub(super) fn stream_event_subject(prefix: &str, subject: &str, ty: &str) -> String {
+    type_words(format!("{prefix}.streams.{}", subject_token(subject)), ty)
+}
+
+/// The subject an event is stored under.
+pub(super) fn subject_of(prefix: &str, event: &Event) -> String {
+    match &event.subject {
+        Some(subject) => stream_event_subject(prefix, subject, &event.ty),
+        None => event_subject(prefix, &event.ty),
+    }
+}
+
+/// The type's words after `head`, each kept to the characters subjects allow.
+fn type_words(mut subject: String, ty: &str) -> String {
     for word in ty.split('.') {
         subject.push('.');
         if word.is_empty() {
@@ -136,6 +170,17 @@ mod tests {
             "sy.events.payment.completed"
         );
         assert_eq!(event_subject("sy", "a..b*>"), "sy.events.a._.b__");
+        let token = subject_token("show/42 ü.*");
+        assert_eq!(token.len(), 32);
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(
+            stream_event_subject("sy", "show/42 ü.*", "seat.reserved"),
+            format!("sy.streams.{token}.seat.reserved")
+        );
+        assert_eq!(
+            stream_filter("sy", "show/42 ü.*"),
+            format!("sy.streams.{token}.>")
+        );
     }
 
     #[test]

@@ -64,14 +64,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::Context as JetStream;
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
 use self::consumer::NatsConsumer;
-use self::messages::{decode_event, encode_event, event_subject, message_id, micros};
+use self::messages::{decode_event, micros};
 use super::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, StoredEvent,
 };
@@ -138,8 +137,10 @@ mod controls;
 mod dead_letters;
 mod kv;
 mod messages;
+mod schedules;
 mod schemas;
 mod setup;
+mod streams;
 
 /// The NATS JetStream bus.
 #[derive(Clone)]
@@ -153,6 +154,10 @@ struct Shared {
     options: NatsOptions,
     events: stream::Stream,
     dead_letters: stream::Stream,
+    /// Scheduled events (see `schedules.rs`).
+    schedules: stream::Stream,
+    /// The scheduler's consumer on `schedules`, created on first use.
+    scheduler: tokio::sync::OnceCell<PullConsumer>,
     attempts: jetstream::kv::Store,
     plugin_kv: Mutex<HashMap<String, jetstream::kv::Store>>,
     /// Per plugin bucket, the queue of this host's committer (see `commit.rs`).
@@ -189,45 +194,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Publishes events, all before awaiting any acknowledgement; none when one of them
-    /// is too large. `watched` marks them for settlement notices.
-    async fn publish_events(
-        &self,
-        events: &[Event],
-        watched: bool,
-    ) -> Result<Vec<Appended>, BusError> {
-        let payloads: Vec<Bytes> = events.iter().map(encode_event).collect();
-        for (event, payload) in events.iter().zip(&payloads) {
-            self.check_size(|| format!("event `{}`", event.id), payload.len())?;
-        }
-        let mut pending = Vec::with_capacity(events.len());
-        for (event, payload) in events.iter().zip(payloads) {
-            let mut publish = PublishMessage::build()
-                .payload(payload)
-                .message_id(message_id(event));
-            if watched {
-                publish = publish.header(messages::WATCHED, "1");
-            }
-            pending.push(
-                self.jetstream
-                    .send_publish(event_subject(&self.options.prefix, &event.ty), publish)
-                    .await
-                    .map_err(storage!("publishing an event"))?,
-            );
-        }
-        let mut appended = Vec::with_capacity(pending.len());
-        for ack in pending {
-            let ack = ack.await.map_err(storage!("storing an event"))?;
-            appended.push(Appended {
-                sequence: ack.sequence,
-                duplicate: ack.duplicate,
-                stream_version: None,
-                due_at_ms: None,
-            });
-        }
-        Ok(appended)
-    }
-
     fn journal_key(plugin: &str, sequence: u64) -> String {
         format!("{plugin}.{sequence}")
     }
@@ -262,16 +228,18 @@ async fn next_message(
 #[async_trait]
 impl Bus for NatsBus {
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
-        self.shared.publish_events(&events, false).await
+        self.shared.store_events(&events, false).await
     }
 
     async fn append_watched(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
-        self.shared.publish_events(&events, true).await
+        self.shared.store_events(&events, true).await
     }
 
     async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {
         let limit = query.limit.max(1);
-        let filter = format!("{}.events.>", self.shared.options.prefix);
+        let prefix = &self.shared.options.prefix;
+        let filter = format!("{prefix}.>");
+        let logged = [format!("{prefix}.events."), format!("{prefix}.streams.")];
         let mut page = LogPage {
             events: Vec::new(),
             scanned_to: query.after,
@@ -289,6 +257,12 @@ impl Bus for NatsBus {
                 break;
             };
             page.scanned_to = message.sequence;
+            if !logged
+                .iter()
+                .any(|head| message.subject.starts_with(head.as_str()))
+            {
+                continue; // a replay, a commit record or a guard
+            }
             let event = decode_event(&message.payload)?;
             if query.wants(&event) {
                 page.events.push(StoredEvent {
@@ -410,25 +384,5 @@ mod tests {
         assert!(!compare_and_set_failed(&PublishError::new(
             PublishErrorKind::TimedOut
         )));
-    }
-}
-
-// TEMPORARY while the NATS design is probed.
-#[async_trait]
-impl super::Schedules for NatsBus {
-    async fn list_scheduled(
-        &self,
-        _q: super::ScheduledQuery,
-    ) -> Result<Vec<super::ScheduledEvent>, BusError> {
-        Err(BusError::Storage("todo".into()))
-    }
-    async fn scheduled_count(&self) -> Result<u64, BusError> {
-        Err(BusError::Storage("todo".into()))
-    }
-    async fn cancel_scheduled(&self, _id: &str) -> Result<bool, BusError> {
-        Err(BusError::Storage("todo".into()))
-    }
-    async fn fire_due(&self, _limit: usize) -> Result<super::Fired, BusError> {
-        Err(BusError::Storage("todo".into()))
     }
 }

@@ -193,27 +193,39 @@ impl NatsBus {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, BusError> {
         use crate::bus::Bus as _;
-        let subject = event_subject(&self.shared.options.prefix, event_type);
+        // Events of the type without a subject, and in every subject's stream.
+        let prefix = &self.shared.options.prefix;
+        let subjects = [
+            event_subject(prefix, event_type),
+            event_subject(prefix, event_type).replacen(
+                &format!("{prefix}.events."),
+                &format!("{prefix}.streams.*."),
+                1,
+            ),
+        ];
         let mut end = self.head().await?;
         let mut width = 1024u64;
         let mut newest_first = Vec::new();
         while newest_first.len() < limit && end > 0 {
             let start = end.saturating_sub(width) + 1;
             let mut window = Vec::new();
-            let mut from = start;
-            while let Some(message) =
-                next_message(&self.shared.events, self.shared.direct(), &subject, from).await?
-            {
-                if message.sequence > end {
-                    break;
+            for subject in &subjects {
+                let mut from = start;
+                while let Some(message) =
+                    next_message(&self.shared.events, self.shared.direct(), subject, from).await?
+                {
+                    if message.sequence > end {
+                        break;
+                    }
+                    from = message.sequence + 1;
+                    window.push(StoredEvent {
+                        sequence: message.sequence,
+                        ingested_at_us: micros(message.time),
+                        event: decode_event(&message.payload)?,
+                    });
                 }
-                from = message.sequence + 1;
-                window.push(StoredEvent {
-                    sequence: message.sequence,
-                    ingested_at_us: micros(message.time),
-                    event: decode_event(&message.payload)?,
-                });
             }
+            window.sort_by_key(|stored| stored.sequence);
             newest_first.extend(window.into_iter().rev());
             end = start - 1;
             width = width.saturating_mul(2);

@@ -52,7 +52,7 @@ impl NatsBus {
         // A cluster that is still electing its JetStream leader (hosts started together
         // with it) answers setup requests with errors for a while: wait for it, bounded.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
-        let (events, dead_letters, attempts) = loop {
+        let (events, dead_letters, schedules, attempts) = loop {
             match open_streams(&jetstream, &options).await {
                 Ok(opened) => break opened,
                 Err(Setup::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
@@ -71,6 +71,8 @@ impl NatsBus {
                 options,
                 events,
                 dead_letters,
+                schedules,
+                scheduler: tokio::sync::OnceCell::new(),
                 attempts,
                 plugin_kv: Mutex::new(HashMap::new()),
                 committers: Mutex::new(HashMap::new()),
@@ -83,8 +85,8 @@ impl NatsBus {
 }
 
 /// The oldest nats-server this backend runs on: commits are atomic batches (2.12), their
-/// records expire by per-message TTL (2.11), and each plugin's consumer filters on
-/// several subjects (2.10).
+/// records expire by per-message TTL (2.11), scheduled events are the server's message
+/// schedules (2.12), and each plugin's consumer filters on several subjects (2.10).
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
 
 /// Refuses a server older than [`MIN_SERVER_VERSION`], as its `INFO` reports itself
@@ -122,7 +124,7 @@ enum Setup {
 async fn open_streams(
     jetstream: &JetStream,
     options: &NatsOptions,
-) -> Result<(stream::Stream, stream::Stream, kv::Store), Setup> {
+) -> Result<(stream::Stream, stream::Stream, stream::Stream, kv::Store), Setup> {
     let prefix = &options.prefix;
     // The server refuses a dedupe window longer than the stream keeps events.
     let duplicate_window = match options.max_age {
@@ -133,12 +135,30 @@ async fn open_streams(
         jetstream,
         stream::Config {
             name: format!("{prefix}-events"),
-            subjects: vec![format!("{prefix}.events.>"), format!("{prefix}.replay.*")],
+            subjects: event_subjects(prefix),
             max_age: options.max_age.unwrap_or_default(),
             max_bytes: options
                 .max_bytes
                 .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             duplicate_window,
+            // Conditional appends of several events, and commits with stream conditions,
+            // are atomic batches; their commit records and guards expire by TTL.
+            allow_atomic_publish: true,
+            allow_message_ttl: true,
+            ..stream_defaults(options)
+        },
+    )
+    .await?;
+    let schedules = ensure_stream(
+        jetstream,
+        stream::Config {
+            name: format!("{prefix}-schedules"),
+            subjects: vec![format!("{prefix}.schedule.*"), format!("{prefix}.due.*")],
+            duplicate_window: options.duplicate_window,
+            allow_message_schedules: true,
+            // The server requires both of a stream with schedules.
+            allow_rollup: true,
+            deny_purge: false,
             ..stream_defaults(options)
         },
     )
@@ -156,7 +176,19 @@ async fn open_streams(
     let attempts = ensure_bucket(jetstream, options, &format!("{prefix}-attempts"))
         .await
         .map_err(Setup::Unavailable)?;
-    Ok((events, dead_letters, attempts))
+    Ok((events, dead_letters, schedules, attempts))
+}
+
+/// The subjects of the event stream: events without and with a CloudEvents subject,
+/// replays, conditional commit records and their stream guards.
+fn event_subjects(prefix: &str) -> Vec<String> {
+    vec![
+        format!("{prefix}.events.>"),
+        format!("{prefix}.streams.>"),
+        format!("{prefix}.replay.*"),
+        format!("{prefix}.commits.>"),
+        format!("{prefix}.guards"),
+    ]
 }
 
 fn stream_defaults(options: &NatsOptions) -> stream::Config {
@@ -183,22 +215,28 @@ async fn ensure_stream(
     match jetstream.get_stream(&config.name).await {
         Ok(existing) => {
             let current = existing.cached_info().config.clone();
-            let mut want = current.subjects.clone();
-            let mut have = config.subjects.clone();
-            want.sort();
-            have.sort();
-            if want != have {
+            // A stream made by an earlier version of the host has some of the subjects:
+            // it takes the others. One with subjects of its own belongs to someone else.
+            let foreign = current
+                .subjects
+                .iter()
+                .any(|subject| !config.subjects.contains(subject));
+            if foreign {
                 return Err(Setup::Fatal(BusError::Storage(format!(
                     "the NATS stream `{}` exists with subjects {:?}, not {:?}: another \
                      deployment uses this `[bus] prefix`",
                     config.name, current.subjects, config.subjects
                 ))));
             }
-            let differs = current.num_replicas != config.num_replicas
+            let differs = current.subjects.len() != config.subjects.len()
+                || current.num_replicas != config.num_replicas
                 || current.max_age != config.max_age
                 || current.max_bytes != config.max_bytes
                 || current.duplicate_window != config.duplicate_window
-                || current.allow_direct != config.allow_direct;
+                || current.allow_direct != config.allow_direct
+                || current.allow_atomic_publish != config.allow_atomic_publish
+                || current.allow_message_ttl != config.allow_message_ttl
+                || current.allow_message_schedules != config.allow_message_schedules;
             if differs {
                 jetstream.update_stream(&config).await.map_err(|error| {
                     Setup::Fatal(BusError::Storage(format!(

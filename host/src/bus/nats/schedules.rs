@@ -1,0 +1,262 @@
+//! Scheduled events on JetStream: the server's message schedules (nats-server 2.12)
+//! keep the time, the hosts append.
+//!
+//! Stream `P-schedules` (schedules allowed, no age limit, so a schedule a year ahead
+//! outlives the event stream's `max_age`):
+//! - `P.schedule.<token>`: the pending event with id `<token>`'s source (a hash of the
+//!   id), sent with `Nats-Schedule: @at <due>` and `Nats-Schedule-Target: P.due.<token>`.
+//!   One message per id: the server keeps one schedule per subject. A repeat is dropped
+//!   by `Nats-Msg-Id`.
+//! - `P.due.<token>`: what the server stores there at the due time (the same payload and
+//!   headers), removing the schedule in the same step.
+//! - the durable consumer `P-scheduler` on `P.due.>`, shared by every host (competing
+//!   consumers): a host's scheduler pulls due events, appends each to the log like any
+//!   event (`Nats-Msg-Id` on its `(source, id)`), then acknowledges and deletes the due
+//!   message. A host that dies in between leaves it unacknowledged; another host gets it
+//!   after `ack_wait` and its append is dropped as a duplicate. So each due event reaches
+//!   the log once, over all hosts.
+//!
+//! A cancellation purges the schedule's subject: after that the server has nothing to
+//! fire, and one that fired first leaves nothing to purge (`false`).
+//!
+//! Why the server's schedules rather than a schedule stream with leases: the server
+//! fires at the due time (within its quarter-second tick) whether or not a host runs,
+//! survives restarts with the stream, and needs no lease to keep two hosts from firing
+//! one event twice; the competing consumer does that for the append.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+
+use super::messages::{decode_event, encode_event, header, message_id, subject_token};
+use super::{NatsBus, Shared, nats_error, next_message};
+use crate::bus::{Appended, BusError, Fired, ScheduledEvent, ScheduledQuery, Schedules};
+use crate::clock::{now_ms, rfc3339_ms};
+use crate::event::Event;
+use crate::schedule::{self, DELIVER_AT};
+
+/// Header with a scheduled event's due time, in milliseconds since the Unix epoch.
+const DUE_AT: &str = "Switchyard-Due-Ms";
+/// Header with when an event was scheduled, in milliseconds since the Unix epoch.
+const SCHEDULED_AT: &str = "Switchyard-Scheduled-Ms";
+/// Most pending schedules one listing looks at.
+const MAX_LISTING_SCAN: usize = 100_000;
+/// Longest a scheduler's pull waits for due events.
+const PULL_WAIT: Duration = Duration::from_millis(100);
+
+impl Shared {
+    fn schedule_subject(&self, id: &str) -> String {
+        format!("{}.schedule.{}", self.options.prefix, subject_token(id))
+    }
+
+    fn due_subject(&self, id: &str) -> String {
+        format!("{}.due.{}", self.options.prefix, subject_token(id))
+    }
+
+    /// Schedules an event carrying `deliverat`.
+    pub(super) async fn schedule(&self, event: &Event) -> Result<Appended, BusError> {
+        let mut pending = event.clone();
+        let due = pending
+            .extensions
+            .remove(DELIVER_AT)
+            .ok_or_else(|| BusError::Invalid(format!("`{DELIVER_AT}` is missing")))?;
+        let due_at_ms = schedule::parse_rfc3339_ms(&due).map_err(BusError::Invalid)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Schedule",
+            format!("@at {}", rfc3339_ms(due_at_ms)).as_str(),
+        );
+        headers.insert("Nats-Schedule-Target", self.due_subject(&event.id).as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("schedule-{}", message_id(event)).as_str(),
+        );
+        headers.insert(DUE_AT, due_at_ms.to_string().as_str());
+        headers.insert(SCHEDULED_AT, now_ms().to_string().as_str());
+        let publish = PublishMessage::build()
+            .payload(encode_event(&pending))
+            .headers(headers);
+        let ack = self
+            .jetstream
+            .send_publish(self.schedule_subject(&event.id), publish)
+            .await
+            .map_err(storage!("scheduling an event"))?
+            .await
+            .map_err(storage!("storing a scheduled event"))?;
+        Ok(Appended {
+            sequence: 0,
+            duplicate: ack.duplicate,
+            stream_version: None,
+            due_at_ms: Some(due_at_ms),
+        })
+    }
+
+    /// Cancels a pending scheduled event; whether there was one.
+    pub(super) async fn cancel(&self, id: &str) -> Result<bool, BusError> {
+        let purged = self
+            .schedules
+            .purge()
+            .filter(self.schedule_subject(id))
+            .await
+            .map_err(storage!("cancelling a scheduled event"))?;
+        Ok(purged.purged > 0)
+    }
+
+    /// Whether a scheduled event with this id is pending.
+    pub(super) async fn is_scheduled(&self, id: &str) -> Result<bool, BusError> {
+        let subject = self.schedule_subject(id);
+        match self
+            .schedules
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(false)
+            }
+            Err(error) => Err(nats_error("reading the schedules")(&error)),
+        }
+    }
+
+    /// The scheduler's consumer, created on first use.
+    async fn scheduler(&self) -> Result<&PullConsumer, BusError> {
+        self.scheduler
+            .get_or_try_init(|| async {
+                let name = format!("{}-scheduler", self.options.prefix);
+                self.schedules
+                    .get_or_create_consumer(
+                        &name,
+                        pull::Config {
+                            durable_name: Some(name.clone()),
+                            filter_subject: format!("{}.due.>", self.options.prefix),
+                            deliver_policy: DeliverPolicy::All,
+                            ack_policy: AckPolicy::Explicit,
+                            ack_wait: self.options.ack_wait,
+                            max_deliver: -1,
+                            num_replicas: 0,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(storage!("creating the scheduler's consumer"))
+            })
+            .await
+    }
+}
+
+/// A pending schedule as the listing shows it.
+fn listed(message: &async_nats::jetstream::message::StreamMessage) -> Option<ScheduledEvent> {
+    let headers = Some(&message.headers);
+    Some(ScheduledEvent {
+        due_at_ms: header(headers, DUE_AT)?,
+        scheduled_at_ms: header(headers, SCHEDULED_AT).unwrap_or(0),
+        event: decode_event(&message.payload).ok()?,
+    })
+}
+
+#[async_trait]
+impl Schedules for NatsBus {
+    async fn list_scheduled(&self, query: ScheduledQuery) -> Result<Vec<ScheduledEvent>, BusError> {
+        let shared = &self.shared;
+        let filter = format!("{}.schedule.*", shared.options.prefix);
+        let mut pending = Vec::new();
+        let mut from = 1;
+        for _ in 0..MAX_LISTING_SCAN {
+            let Some(message) =
+                next_message(&shared.schedules, shared.direct(), &filter, from).await?
+            else {
+                break;
+            };
+            from = message.sequence + 1;
+            if let Some(entry) = listed(&message)
+                && query
+                    .event_type
+                    .as_deref()
+                    .is_none_or(|ty| entry.event.ty == ty)
+            {
+                pending.push(entry);
+            }
+        }
+        pending.sort_by(|a, b| (a.due_at_ms, &a.event.id).cmp(&(b.due_at_ms, &b.event.id)));
+        pending.truncate(query.limit.max(1));
+        Ok(pending)
+    }
+
+    async fn scheduled_count(&self) -> Result<u64, BusError> {
+        let filter = format!("{}.schedule.*", self.shared.options.prefix);
+        let mut subjects = self
+            .shared
+            .schedules
+            .info_with_subjects(&filter)
+            .await
+            .map_err(storage!("counting scheduled events"))?;
+        let mut count = 0u64;
+        while let Some(entry) = subjects.next().await {
+            let (_, messages) = entry.map_err(storage!("counting scheduled events"))?;
+            count += u64::try_from(messages).unwrap_or(0);
+        }
+        Ok(count)
+    }
+
+    async fn cancel_scheduled(&self, id: &str) -> Result<bool, BusError> {
+        self.shared.cancel(id).await
+    }
+
+    async fn fire_due(&self, limit: usize) -> Result<Fired, BusError> {
+        let shared = &self.shared;
+        let consumer = shared.scheduler().await?;
+        let mut messages = Vec::new();
+        if let Ok(Ok(mut batch)) = tokio::time::timeout(
+            PULL_WAIT * 10,
+            consumer
+                .batch()
+                .max_messages(limit.max(1))
+                .expires(PULL_WAIT)
+                .messages(),
+        )
+        .await
+        {
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout(PULL_WAIT * 10, batch.next()).await
+            {
+                messages.push(message);
+            }
+        }
+        let mut fired = Fired {
+            more: messages.len() >= limit,
+            ..Fired::default()
+        };
+        for message in messages {
+            let Ok(event) = decode_event(&message.payload) else {
+                tracing::error!(subject = %message.subject, "dropping a due event that cannot be read");
+                let _ = message.ack_with(AckKind::Term).await;
+                continue;
+            };
+            let due_at_ms: i64 = header(message.headers.as_ref(), DUE_AT).unwrap_or_else(now_ms);
+            if let Err(error) = shared
+                .store_events(std::slice::from_ref(&event), false)
+                .await
+            {
+                // Left unacknowledged, it comes back after `ack_wait`.
+                tracing::warn!(event_id = %event.id, %error, "cannot append a due event yet");
+                continue;
+            }
+            fired
+                .lags_ms
+                .push(u64::try_from(now_ms().saturating_sub(due_at_ms)).unwrap_or(0));
+            let sequence = message.info().map(|info| info.stream_sequence).ok();
+            if message.double_ack().await.is_ok()
+                && let Some(sequence) = sequence
+            {
+                let _ = shared.schedules.delete_message(sequence).await;
+            }
+        }
+        Ok(fired)
+    }
+}

@@ -1,0 +1,653 @@
+//! Subject streams on JetStream, and storing events: the one path that ingest, emits and
+//! the scheduler take into the event stream.
+//!
+//! An event with a CloudEvents subject is stored under `P.streams.<token>.<type>` (the
+//! token stands for the subject, see `messages.rs`), so its subject's stream is the
+//! wildcard `P.streams.<token>.>`: the server finds the stream's newest message by that
+//! wildcard, and checks a condition on it (`Nats-Expected-Last-Subject-Sequence` with
+//! `…-Subject` set to the wildcard). An event's version is its stream's newest version
+//! plus one; it is published on the condition that the newest message is still the one
+//! read, so versions are dense however many hosts append: a publish that lost the race is
+//! tried again on the new head, or refused as a [`VersionConflict`] when the event
+//! expected a version.
+//!
+//! Storing events ([`Shared::store_events`]):
+//! - one with `deliverat` goes to the schedules (see `schedules.rs`);
+//! - a batch holding an expected version is one atomic batch (every condition checked
+//!   against the stream before it, so one conflict stores nothing); one whose events were
+//!   all stored before is refused by the server as a whole (repeated `Nats-Msg-Id`) and is
+//!   then stored event by event, which answers each as the duplicate it is;
+//! - otherwise plain events are published without waiting for each other, and stream
+//!   events one at a time.
+//!
+//! A repeat of a conditional append that was stored may be answered by a single-copy
+//! stream as a failed condition rather than a duplicate (the server checks conditions
+//! first there): the event at the expected version's successor is then looked at, and if
+//! it is this one, the answer is "duplicate".
+//!
+//! An attempt whose effects hold conditions on streams (an expected version, a stream it
+//! read) stores its emits as one atomic batch with a commit record
+//! ([`Shared::commit_conditional`]), so a redelivery after a crash finishes the commit
+//! instead of running the handler again, as KV commits do (`commit.rs`).
+
+use std::collections::BTreeMap;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+
+use super::commit::{BatchError, COMMIT_RECORD_AGE, CommitRecord, Conditional, publish_batch};
+use super::messages::{
+    self, STREAM_VERSION, decode_event, encode_event, event_subject, header, message_id,
+    stream_filter, subject_of, subject_token,
+};
+use super::{Shared, compare_and_set_failed, nats_error, next_message};
+use crate::bus::{Appended, BusError};
+use crate::effects::Effects;
+use crate::event::Event;
+use crate::schedule::DELIVER_AT;
+use crate::stream::{self as streams, EXPECTED_VERSION, StreamPage, VersionConflict};
+
+/// Times a stream append is tried again after other appends came first.
+const APPEND_TRIES: usize = 1000;
+/// Most messages the server takes in one atomic batch.
+const MAX_BATCH_MESSAGES: usize = 1000;
+
+/// The newest message of a subject's stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Head {
+    /// Its sequence in the event stream; 0 when the stream is empty.
+    pub(super) sequence: u64,
+    /// Its stream version; 0 when the stream is empty.
+    pub(super) version: u64,
+}
+
+/// The stream version a stored message carries.
+fn version_of(message: &StreamMessage) -> u64 {
+    header(Some(&message.headers), STREAM_VERSION)
+        .or_else(|| {
+            decode_event(&message.payload)
+                .ok()
+                .and_then(|event| streams::stream_version(&event))
+        })
+        .unwrap_or(0)
+}
+
+/// Whether a publish was refused on its condition.
+fn wrong_last_sequence(error: &PublishError) -> bool {
+    error.kind() == PublishErrorKind::WrongLastSequence || compare_and_set_failed(error)
+}
+
+/// How an atomic batch that the server refused for a repeated `Nats-Msg-Id` is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnRepeat {
+    /// Store the events one by one, each answered as what it is.
+    EventByEvent,
+    /// The batch was committed before: nothing to do.
+    Done,
+}
+
+/// An event as one message of a batch, and what its answer will say.
+struct Planned {
+    message: Conditional,
+    stream_version: Option<u64>,
+}
+
+impl Shared {
+    /// The newest message of the stream whose wildcard is `filter`.
+    pub(super) async fn stream_head(&self, filter: &str) -> Result<Head, BusError> {
+        let newest = if self.direct() {
+            match self.events.direct_get_last_for_subject(filter).await {
+                Ok(message) => Some(message),
+                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => None,
+                Err(error) => return Err(nats_error("reading a stream's head")(&error)),
+            }
+        } else {
+            match self.events.get_last_raw_message_by_subject(filter).await {
+                Ok(message) => Some(message),
+                Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    None
+                }
+                Err(error) => return Err(nats_error("reading a stream's head")(&error)),
+            }
+        };
+        Ok(newest.map_or_else(Head::default, |message| Head {
+            sequence: message.sequence,
+            version: version_of(&message),
+        }))
+    }
+
+    /// The first message of the stream `filter` with a version of at least `version`, by
+    /// bisecting the event stream's sequences up to `head` (versions grow with them).
+    async fn seek(
+        &self,
+        filter: &str,
+        version: u64,
+        head: Head,
+    ) -> Result<Option<StreamMessage>, BusError> {
+        let (mut low, mut high) = (1u64, head.sequence);
+        let mut found = None;
+        while low <= high {
+            let middle = low + (high - low) / 2;
+            match next_message(&self.events, self.direct(), filter, middle).await? {
+                Some(message) if message.sequence <= high => {
+                    if version_of(&message) >= version {
+                        high = middle - 1;
+                        found = Some(message);
+                    } else {
+                        low = message.sequence + 1;
+                    }
+                }
+                _ => {
+                    if middle == 0 {
+                        break;
+                    }
+                    high = middle - 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Up to `limit` events of `subject`'s stream after version `after`.
+    pub(super) async fn read_stream_page(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<StreamPage, BusError> {
+        let filter = stream_filter(&self.options.prefix, subject);
+        let head = self.stream_head(&filter).await?;
+        let mut page = StreamPage {
+            events: Vec::new(),
+            version: head.version,
+        };
+        if limit == 0 || after >= head.version {
+            return Ok(page);
+        }
+        let mut next = self.seek(&filter, after + 1, head).await?;
+        while let Some(message) = next {
+            if message.sequence > head.sequence {
+                break;
+            }
+            let event = decode_event(&message.payload)?;
+            // A token is a hash: only events of this very subject belong to the page.
+            if event.subject.as_deref() == Some(subject) {
+                page.events.push(event);
+                if page.events.len() == limit {
+                    break;
+                }
+            }
+            next = next_message(&self.events, self.direct(), &filter, message.sequence + 1).await?;
+        }
+        Ok(page)
+    }
+
+    /// Stores events in order (see the module docs); none when one of them is too large.
+    pub(super) async fn store_events(
+        &self,
+        events: &[Event],
+        watched: bool,
+    ) -> Result<Vec<Appended>, BusError> {
+        for event in events {
+            self.check_size(
+                || format!("event `{}`", event.id),
+                encode_event(event).len(),
+            )?;
+        }
+        if events.len() > 1
+            && events
+                .iter()
+                .any(|e| e.extensions.contains_key(EXPECTED_VERSION))
+        {
+            return self
+                .store_atomically(events, watched, OnRepeat::EventByEvent)
+                .await;
+        }
+        self.store_each(events, watched).await
+    }
+
+    /// Stores events one by one: plain ones without waiting for each other's answers.
+    async fn store_each(&self, events: &[Event], watched: bool) -> Result<Vec<Appended>, BusError> {
+        let mut answers: Vec<Option<Appended>> = vec![None; events.len()];
+        let mut pending = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            if event.extensions.contains_key(DELIVER_AT) {
+                answers[index] = Some(self.schedule(event).await?);
+            } else if event.subject.is_some() {
+                answers[index] = Some(self.append_to_stream(event, watched).await?);
+            } else {
+                let publish = self.plain_message(event, watched);
+                pending.push((
+                    index,
+                    self.jetstream
+                        .send_publish(event_subject(&self.options.prefix, &event.ty), publish)
+                        .await
+                        .map_err(storage!("publishing an event"))?,
+                ));
+            }
+        }
+        for (index, ack) in pending {
+            let ack = ack.await.map_err(storage!("storing an event"))?;
+            answers[index] = Some(Appended {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+                stream_version: None,
+                due_at_ms: None,
+            });
+        }
+        Ok(answers.into_iter().flatten().collect())
+    }
+
+    fn plain_message(&self, event: &Event, watched: bool) -> PublishMessage {
+        let mut publish = PublishMessage::build()
+            .payload(encode_event(event))
+            .message_id(message_id(event));
+        if watched {
+            publish = publish.header(messages::WATCHED, "1");
+        }
+        publish
+    }
+
+    /// The event as its stream stores it: its version set, its condition taken off.
+    fn versioned(event: &Event, version: u64) -> Event {
+        let mut stored = event.clone();
+        stored.extensions.remove(EXPECTED_VERSION);
+        stored
+            .extensions
+            .insert(streams::STREAM_VERSION.to_owned(), version.to_string());
+        stored
+    }
+
+    /// Appends one event to its subject's stream (see the module docs).
+    async fn append_to_stream(&self, event: &Event, watched: bool) -> Result<Appended, BusError> {
+        let subject = event.subject.clone().unwrap_or_default();
+        let expected = streams::expected_version(event).map_err(BusError::Invalid)?;
+        let filter = stream_filter(&self.options.prefix, &subject);
+        for _ in 0..APPEND_TRIES {
+            let head = self.stream_head(&filter).await?;
+            if let Some(expected) = expected
+                && expected != head.version
+            {
+                if let Some(stored) = self.stored_after(&filter, event, expected, head).await? {
+                    return Ok(stored);
+                }
+                return Err(BusError::VersionConflict(VersionConflict {
+                    subject,
+                    expected,
+                    current: head.version,
+                }));
+            }
+            let version = head.version + 1;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", message_id(event).as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                head.sequence.to_string().as_str(),
+            );
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                filter.as_str(),
+            );
+            headers.insert(STREAM_VERSION, version.to_string().as_str());
+            if watched {
+                headers.insert(messages::WATCHED, "1");
+            }
+            let publish = PublishMessage::build()
+                .payload(encode_event(&Self::versioned(event, version)))
+                .headers(headers);
+            let answer = self
+                .jetstream
+                .send_publish(subject_of(&self.options.prefix, event), publish)
+                .await
+                .map_err(storage!("publishing an event"))?
+                .await;
+            match answer {
+                Ok(ack) if ack.duplicate => return self.duplicate_at(ack.sequence).await,
+                Ok(ack) => {
+                    return Ok(Appended {
+                        sequence: ack.sequence,
+                        duplicate: false,
+                        stream_version: Some(version),
+                        due_at_ms: None,
+                    });
+                }
+                // Another append came first (or this one was stored before): look again.
+                Err(error) if wrong_last_sequence(&error) => {}
+                Err(error) => return Err(nats_error("storing an event")(&error)),
+            }
+        }
+        Err(BusError::Storage(format!(
+            "the stream of `{subject}` kept moving: {APPEND_TRIES} appends came first"
+        )))
+    }
+
+    /// The answer for an event found stored at `sequence` before.
+    async fn duplicate_at(&self, sequence: u64) -> Result<Appended, BusError> {
+        let stream_version = match self.events.get_raw_message(sequence).await {
+            Ok(message) => Some(version_of(&message)).filter(|v| *v > 0),
+            Err(_) => None,
+        };
+        Ok(Appended {
+            sequence,
+            duplicate: true,
+            stream_version,
+            due_at_ms: None,
+        })
+    }
+
+    /// Whether `event` itself is stored in its stream right after version `after`: the
+    /// repeat of an append that got through.
+    async fn stored_after(
+        &self,
+        filter: &str,
+        event: &Event,
+        after: u64,
+        head: Head,
+    ) -> Result<Option<Appended>, BusError> {
+        if head.version <= after {
+            return Ok(None);
+        }
+        let Some(message) = self.seek(filter, after + 1, head).await? else {
+            return Ok(None);
+        };
+        let stored = decode_event(&message.payload)?;
+        Ok(
+            (stored.id == event.id && stored.source == event.source).then(|| Appended {
+                sequence: message.sequence,
+                duplicate: true,
+                stream_version: Some(version_of(&message)),
+                due_at_ms: None,
+            }),
+        )
+    }
+
+    /// Whether the event of a batch that met `conflict` is itself stored where it
+    /// expected to be.
+    async fn is_stored_repeat(
+        &self,
+        events: &[&Event],
+        conflict: &VersionConflict,
+    ) -> Result<bool, BusError> {
+        let Some(event) = events.iter().find(|e| {
+            e.subject.as_deref() == Some(conflict.subject.as_str())
+                && streams::expected_version(e).ok().flatten() == Some(conflict.expected)
+        }) else {
+            return Ok(false);
+        };
+        let filter = stream_filter(&self.options.prefix, &conflict.subject);
+        let head = self.stream_head(&filter).await?;
+        Ok(self
+            .stored_after(&filter, event, conflict.expected, head)
+            .await?
+            .is_some())
+    }
+
+    /// Plans `events` as one atomic batch: each stream event numbered after its stream's
+    /// head (read now) and the events before it in the batch, the first of each stream
+    /// conditional on that head. Fails with the conflict of an expected version that
+    /// does not hold.
+    async fn plan_batch(&self, events: &[&Event], watched: bool) -> Result<Vec<Planned>, BusError> {
+        let prefix = &self.options.prefix;
+        let mut heads: BTreeMap<String, (Head, u64)> = BTreeMap::new();
+        let mut planned = Vec::with_capacity(events.len());
+        for event in events {
+            let mut headers = vec![("Nats-Msg-Id", message_id(event))];
+            if watched {
+                headers.push((messages::WATCHED, "1".to_owned()));
+            }
+            let Some(subject) = &event.subject else {
+                planned.push(Planned {
+                    message: Conditional {
+                        subject: event_subject(prefix, &event.ty),
+                        payload: encode_event(event),
+                        expected: None,
+                        condition_on: None,
+                        headers,
+                    },
+                    stream_version: None,
+                });
+                continue;
+            };
+            let filter = stream_filter(prefix, subject);
+            let first = !heads.contains_key(&filter);
+            if first {
+                let head = self.stream_head(&filter).await?;
+                heads.insert(filter.clone(), (head, head.version));
+            }
+            let Some((head, running)) = heads.get_mut(&filter) else {
+                continue;
+            };
+            if let Some(expected) = streams::expected_version(event).map_err(BusError::Invalid)?
+                && expected != *running
+            {
+                return Err(BusError::VersionConflict(VersionConflict {
+                    subject: subject.clone(),
+                    expected,
+                    current: *running,
+                }));
+            }
+            *running += 1;
+            headers.push((STREAM_VERSION, running.to_string()));
+            planned.push(Planned {
+                message: Conditional {
+                    subject: subject_of(prefix, event),
+                    payload: encode_event(&Self::versioned(event, *running)),
+                    // The batch is applied whole or not at all: one condition per stream,
+                    // on the head before the batch, covers its events after the first.
+                    expected: first.then_some(head.sequence),
+                    condition_on: first.then(|| filter.clone()),
+                    headers,
+                },
+                stream_version: Some(*running),
+            });
+        }
+        Ok(planned)
+    }
+
+    /// Stores `events` (a producer's batch) as one atomic batch; its scheduled events
+    /// after it.
+    async fn store_atomically(
+        &self,
+        events: &[Event],
+        watched: bool,
+        on_repeat: OnRepeat,
+    ) -> Result<Vec<Appended>, BusError> {
+        let logged: Vec<&Event> = events
+            .iter()
+            .filter(|e| !e.extensions.contains_key(DELIVER_AT))
+            .collect();
+        if logged.len() > MAX_BATCH_MESSAGES {
+            return Err(BusError::TooLarge {
+                what: "a batch of conditional appends".to_owned(),
+                bytes: logged.len(),
+                limit: MAX_BATCH_MESSAGES,
+            });
+        }
+        let mut stored = None;
+        for _ in 0..APPEND_TRIES {
+            let planned = match self.plan_batch(&logged, watched).await {
+                Err(BusError::VersionConflict(conflict)) if on_repeat == OnRepeat::EventByEvent => {
+                    // A repeat of a batch that got through meets its own events: a batch
+                    // is stored whole, so one of its events stored means all of them.
+                    if self.is_stored_repeat(&logged, &conflict).await? {
+                        return self.store_each(events, watched).await;
+                    }
+                    return Err(BusError::VersionConflict(conflict));
+                }
+                other => other?,
+            };
+            let versions: Vec<Option<u64>> = planned.iter().map(|p| p.stream_version).collect();
+            let messages = planned.into_iter().map(|p| p.message).collect();
+            match publish_batch(&self.client, messages).await {
+                Ok(last) => {
+                    stored = Some((last, versions));
+                    break;
+                }
+                // A stream moved between the heads and the batch: plan again.
+                Err(BatchError::Conflict) => {}
+                Err(BatchError::Repeated) => {
+                    if on_repeat == OnRepeat::Done {
+                        return Ok(Vec::new());
+                    }
+                    return self.store_each(events, watched).await;
+                }
+                Err(BatchError::Storage(error)) => return Err(error),
+            }
+        }
+        let Some((last, versions)) = stored else {
+            return Err(BusError::Storage(
+                "the streams of a batch kept moving; nothing of it was stored".to_owned(),
+            ));
+        };
+        // An atomic batch is stored in one piece: its messages hold the sequences up to
+        // the last.
+        let first = last + 1 - versions.len() as u64;
+        let mut logged_answers = versions
+            .into_iter()
+            .enumerate()
+            .map(|(i, version)| Appended {
+                sequence: first + i as u64,
+                duplicate: false,
+                stream_version: version,
+                due_at_ms: None,
+            });
+        let mut answers = Vec::with_capacity(events.len());
+        for event in events {
+            if event.extensions.contains_key(DELIVER_AT) {
+                answers.push(self.schedule(event).await?);
+            } else if let Some(answer) = logged_answers.next() {
+                answers.push(answer);
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Commits the effects of an attempt that hold stream conditions and write no KV: its
+    /// emits, the stream versions it read and a commit record, as one atomic batch of the
+    /// event stream; then its schedules and cancellations, which the record also holds so
+    /// that a redelivery after a crash finishes them ([`Shared::finish_committed`]).
+    pub(super) async fn commit_conditional(
+        &self,
+        plugin: &str,
+        sequence: u64,
+        effects: &Effects,
+    ) -> Result<(), BusError> {
+        let record = CommitRecord::of(effects);
+        let body = serde_json::to_vec(&record).unwrap_or_default();
+        self.check_size(
+            || "the attempt's emits and commit record".to_owned(),
+            body.len(),
+        )?;
+        let logged: Vec<&Event> = effects
+            .emits
+            .iter()
+            .filter(|e| !e.extensions.contains_key(DELIVER_AT))
+            .collect();
+        for _ in 0..APPEND_TRIES {
+            let mut batch = vec![Conditional {
+                subject: self.record_subject(plugin, sequence),
+                payload: Bytes::from(body.clone()),
+                expected: Some(0),
+                condition_on: None,
+                headers: vec![("Nats-TTL", COMMIT_RECORD_AGE.as_secs().to_string())],
+            }];
+            // A stream the attempt read and appends nothing to still has to be where it
+            // was read: a guard message on it, conditional on its head.
+            for read in &effects.stream_reads {
+                let filter = stream_filter(&self.options.prefix, &read.subject);
+                let head = self.stream_head(&filter).await?;
+                if head.version != read.version {
+                    return Err(BusError::Conflict(format!(
+                        "the stream of `{}` (read at version {}, now {})",
+                        read.subject, read.version, head.version
+                    )));
+                }
+                batch.push(Conditional {
+                    subject: self.guard_subject(),
+                    payload: Bytes::new(),
+                    expected: Some(head.sequence),
+                    condition_on: Some(filter),
+                    headers: vec![("Nats-TTL", "60".to_owned())],
+                });
+            }
+            let planned = match self.plan_batch(&logged, false).await {
+                Err(BusError::VersionConflict(conflict)) => {
+                    if self.finish_committed(plugin, sequence).await? {
+                        return Ok(());
+                    }
+                    return Err(BusError::Conflict(format!(
+                        "the stream of `{}` (expected at version {}, now {})",
+                        conflict.subject, conflict.expected, conflict.current
+                    )));
+                }
+                other => other?,
+            };
+            batch.extend(planned.into_iter().map(|p| p.message));
+            if batch.len() > MAX_BATCH_MESSAGES {
+                return Err(BusError::TooLarge {
+                    what: "the attempt's emits and stream reads".to_owned(),
+                    bytes: batch.len(),
+                    limit: MAX_BATCH_MESSAGES,
+                });
+            }
+            match publish_batch(&self.client, batch).await {
+                Ok(_) => return self.finish_schedules(&record).await,
+                Err(BatchError::Conflict | BatchError::Repeated) => {
+                    // Committed by an earlier try (the record exists), or a stream moved.
+                    if self.finish_committed(plugin, sequence).await? {
+                        return Ok(());
+                    }
+                }
+                Err(BatchError::Storage(error)) => return Err(error),
+            }
+        }
+        Err(BusError::Conflict(
+            "the streams the attempt appends to kept moving".to_owned(),
+        ))
+    }
+
+    /// Stores a commit record's scheduled events and cancellations (both idempotent).
+    pub(super) async fn finish_schedules(&self, record: &CommitRecord) -> Result<(), BusError> {
+        for event in record.emits()? {
+            if event.extensions.contains_key(DELIVER_AT) {
+                self.schedule(&event).await?;
+            }
+        }
+        for id in &record.cancels {
+            self.cancel(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Where a plugin's conditional commit records go in the event stream.
+    pub(super) fn record_subject(&self, plugin: &str, sequence: u64) -> String {
+        format!(
+            "{}.commits.{}.{sequence}",
+            self.options.prefix,
+            subject_token(plugin)
+        )
+    }
+
+    fn guard_subject(&self) -> String {
+        format!("{}.guards", self.options.prefix)
+    }
+}
+
+impl CommitRecord {
+    /// The record of an attempt's emits and cancellations.
+    pub(super) fn of(effects: &Effects) -> Self {
+        Self {
+            emits: effects
+                .emits
+                .iter()
+                .map(|event| BASE64.encode(encode_event(event)))
+                .collect(),
+            cancels: effects.cancels.clone(),
+        }
+    }
+}
