@@ -458,3 +458,47 @@ async fn a_wait_is_answered_by_the_host_it_reached_whichever_host_ran_the_plugin
         "the other host ran none of the 20 ({ran_here} here): the test proves nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_events_fire_once_in_total_across_two_hosts_one_of_them_killed() {
+    let server = NatsServer::start();
+    let start = || {
+        let mut host = Host::on(&Backend::Nats(server.url()));
+        host.config("[bus]\nack_wait = \"2s\"\n");
+        host.start();
+        host
+    };
+    let first = start();
+    let mut second = start();
+    let ids: Vec<String> = (0..200).map(|i| format!("timer-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let host = if i % 2 == 0 { &first } else { &second };
+        let (status, body) = crate::scheduled::schedule(host, id, Some("1s"), None).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    // One scheduler goes away around the due time; the other fires everything.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    second.kill();
+    first
+        .wait_for("all 200 timers", Duration::from_secs(30), || async {
+            let log = first.log().await;
+            let fired = log
+                .iter()
+                .filter(|e| e["event"]["type"] == "reminder.due")
+                .count();
+            (fired >= 200).then_some(())
+        })
+        .await;
+    // Long enough for a second copy of any timer to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = first.log().await;
+    for id in &ids {
+        let copies = log
+            .iter()
+            .filter(|e| e["event"]["id"] == id.as_str())
+            .count();
+        assert_eq!(copies, 1, "{id} fired {copies} times");
+    }
+    let listed = first.get_json("/v1/scheduled").await;
+    assert_eq!(listed["pending"], 0, "{listed}");
+}

@@ -18,6 +18,7 @@ mod retention;
 mod runtime_effects;
 mod runtime_failures;
 mod runtime_isolation;
+mod scheduled;
 mod serve_controls;
 mod serve_disk;
 mod serve_flow;

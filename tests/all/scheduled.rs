@@ -1,0 +1,165 @@
+//! Scheduled events with the real binary, on both backends: a due event fires once and
+//! on time, a cancelled one never, one due while the host was SIGKILLed fires after the
+//! restart, once; bad schedules are refused. (Plugins scheduling and cancelling are in
+//! `event_sourcing.rs`; two hosts firing once in total in `distributed.rs`.)
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::host::{Backend, Host};
+
+/// POSTs one event of type `ty`, `?delay=` or `deliverat` when given; the answer.
+pub(crate) async fn schedule(
+    host: &Host,
+    id: &str,
+    delay: Option<&str>,
+    deliver_at: Option<&str>,
+) -> (u16, Value) {
+    let path = match delay {
+        Some(delay) => format!("/v1/events/reminder.due?delay={delay}"),
+        None => "/v1/events/reminder.due".to_owned(),
+    };
+    let mut request = host
+        .http
+        .post(host.url(&path))
+        .header("ce-id", id)
+        .json(&json!({"id": id}));
+    if let Some(at) = deliver_at {
+        request = request.header("ce-deliverat", at);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// How many times each event id is in the log.
+pub(crate) async fn count_in_log(host: &Host, id: &str) -> usize {
+    host.log()
+        .await
+        .iter()
+        .filter(|e| e["event"]["id"] == id)
+        .count()
+}
+
+fn millis(rfc3339: &str) -> i64 {
+    rfc3339.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+}
+
+async fn a_scheduled_event_fires_once_on_time_and_a_cancelled_one_never(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.start();
+    let (status, body) = schedule(&host, "soon", Some("1500ms"), None).await;
+    assert_eq!(status, 202, "{body}");
+    let due = body["accepted"][0]["scheduled"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(body["accepted"][0].get("sequence").is_none(), "{body}");
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_millis(1500);
+    let (status, body) = schedule(&host, "cancelled", None, Some(&format!("{later:.3}"))).await;
+    assert_eq!(status, 202, "{body}");
+    let listed = host.get_json("/v1/scheduled?type=reminder.due").await;
+    assert_eq!(listed["pending"], 2, "{listed}");
+    let ids: Vec<&str> = listed["scheduled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{listed}");
+    let cancelled = host
+        .http
+        .delete(host.url("/v1/scheduled/cancelled"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 204);
+    let again = host
+        .http
+        .delete(host.url("/v1/scheduled/cancelled"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    assert_eq!(
+        count_in_log(&host, "soon").await,
+        0,
+        "fired before it was due"
+    );
+
+    let fired = host
+        .wait_for("the due event", Duration::from_secs(10), || async {
+            host.log()
+                .await
+                .into_iter()
+                .find(|e| e["event"]["id"] == "soon")
+        })
+        .await;
+    let lag = millis(fired["ingested_at"].as_str().unwrap()) - millis(&due);
+    assert!(
+        (0..1000).contains(&lag),
+        "fired {lag} ms after its due time"
+    );
+    assert!(fired["event"].get("deliverat").is_none(), "{fired}");
+    // Long enough for a second firing, or the cancelled one, to show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count_in_log(&host, "soon").await, 1);
+    assert_eq!(count_in_log(&host, "cancelled").await, 0);
+    let listed = host.get_json("/v1/scheduled").await;
+    assert_eq!(listed["pending"], 0, "{listed}");
+    assert!(host.metric("switchyard_scheduled_fired_total").await >= 1.0);
+
+    // Refusals: a bad time, both `delay` and `deliverat`, a time too far ahead, a
+    // condition on a scheduled event.
+    for (delay, at) in [
+        (None, Some("tomorrow")),
+        (Some("5s"), Some("2030-01-01T00:00:00Z")),
+        (None, Some("9999-01-01T00:00:00Z")),
+        (Some("soon"), None),
+    ] {
+        let (status, body) = schedule(&host, "bad", delay, at).await;
+        assert_eq!(status, 400, "{delay:?} {at:?}: {body}");
+    }
+    let response = host
+        .http
+        .post(host.url("/v1/events/reminder.due?delay=1s"))
+        .header("ce-id", "conditional")
+        .header("ce-subject", "s")
+        .header("ce-expectedversion", "0")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
+
+async fn an_event_due_while_the_host_was_killed_fires_after_the_restart_once(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.config("[bus]\nack_wait = \"2s\"\n");
+    host.start();
+    let (status, _) = schedule(&host, "while-down", Some("500ms"), None).await;
+    assert_eq!(status, 202);
+    host.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarted = Instant::now();
+    host.start();
+    host.wait_for(
+        "the event due while the host was down",
+        Duration::from_secs(20),
+        || async { (count_in_log(&host, "while-down").await > 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        restarted.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        restarted.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count_in_log(&host, "while-down").await, 1);
+}
+
+crate::on_both_backends!(
+    a_scheduled_event_fires_once_on_time_and_a_cancelled_one_never,
+    an_event_due_while_the_host_was_killed_fires_after_the_restart_once,
+);
