@@ -13,8 +13,9 @@ use futures_util::stream::BoxStream;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, ControlStore, DeadLetter,
-    DeadLetterQuery, DeadLetters, Delivery, LogPage, LogQuery, Notice, Notices, PluginControl,
-    SchemaStore, Settlement, StoredEvent, StoredSchema,
+    DeadLetterQuery, DeadLetters, Delivery, Fired, LogPage, LogQuery, Notice, Notices,
+    PluginControl, ScheduledEvent, ScheduledQuery, Schedules, SchemaStore, Settlement, StoredEvent,
+    StoredSchema,
 };
 use switchyard_host::dispatch::valve::Valves;
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
@@ -24,6 +25,7 @@ use switchyard_host::pattern::Pattern;
 use switchyard_host::plugins::manifest::Manifest;
 use switchyard_host::runtime::{self, Plugin, Runtime, RuntimeConfig};
 use switchyard_host::schema::Schemas;
+use switchyard_host::stream::StreamPage;
 use switchyard_host::{EmptyKv, KvError, KvSource};
 use switchyard_host::{PluginDefaults, PluginPolicy};
 use tokio::sync::Notify;
@@ -81,6 +83,13 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     }
     if wanted("nats") {
         figures.extend(crate::nats::figures(options).await.context("nats")?);
+    }
+    if wanted("sourcing") || wanted("scheduled") {
+        figures.extend(
+            crate::sourcing::figures(options)
+                .await
+                .context("sourcing")?,
+        );
     }
     Ok(figures)
 }
@@ -163,6 +172,38 @@ impl KvSource for SharedMemoryBus {
 
     async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
         EmptyKv.keys(plugin, prefix).await
+    }
+
+    async fn read_stream(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<StreamPage, KvError> {
+        EmptyKv.read_stream(subject, after, limit).await
+    }
+
+    async fn scheduled(&self, id: &str) -> Result<bool, KvError> {
+        EmptyKv.scheduled(id).await
+    }
+}
+
+#[async_trait]
+impl Schedules for SharedMemoryBus {
+    async fn list_scheduled(
+        &self,
+        _query: ScheduledQuery,
+    ) -> Result<Vec<ScheduledEvent>, BusError> {
+        Ok(Vec::new())
+    }
+    async fn scheduled_count(&self) -> Result<u64, BusError> {
+        Ok(0)
+    }
+    async fn cancel_scheduled(&self, _id: &str) -> Result<bool, BusError> {
+        Ok(false)
+    }
+    async fn fire_due(&self, _limit: usize) -> Result<Fired, BusError> {
+        Ok(Fired::default())
     }
 }
 

@@ -33,6 +33,7 @@ mod host;
 mod nats;
 mod peers;
 mod producers;
+mod sourcing;
 mod traces;
 mod ui;
 

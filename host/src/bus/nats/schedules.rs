@@ -47,8 +47,9 @@ const DUE_AT: &str = "Switchyard-Due-Ms";
 const SCHEDULED_AT: &str = "Switchyard-Scheduled-Ms";
 /// Most pending schedules one listing looks at.
 const MAX_LISTING_SCAN: usize = 100_000;
-/// Longest a scheduler's pull waits for due events.
-const PULL_WAIT: Duration = Duration::from_millis(100);
+/// Longest a scheduler's pull waits for due events (a long poll: the server fires them
+/// into the consumer).
+const PULL_WAIT: Duration = Duration::from_millis(250);
 
 impl Shared {
     fn schedule_subject(&self, id: &str) -> String {
@@ -230,33 +231,52 @@ impl Schedules for NatsBus {
         }
         let mut fired = Fired {
             more: messages.len() >= limit,
+            // The pull itself waits for the server to fire: ask again at once.
+            next_due_ms: Some(now_ms()),
             ..Fired::default()
         };
+        let mut due = Vec::with_capacity(messages.len());
+        let mut events = Vec::with_capacity(messages.len());
         for message in messages {
-            let Ok(event) = decode_event(&message.payload) else {
-                tracing::error!(subject = %message.subject, "dropping a due event that cannot be read");
-                let _ = message.ack_with(AckKind::Term).await;
-                continue;
-            };
-            let due_at_ms: i64 = header(message.headers.as_ref(), DUE_AT).unwrap_or_else(now_ms);
-            if let Err(error) = shared
-                .store_events(std::slice::from_ref(&event), false)
-                .await
-            {
-                // Left unacknowledged, it comes back after `ack_wait`.
-                tracing::warn!(event_id = %event.id, %error, "cannot append a due event yet");
-                continue;
-            }
-            fired
-                .lags_ms
-                .push(u64::try_from(now_ms().saturating_sub(due_at_ms)).unwrap_or(0));
-            let sequence = message.info().map(|info| info.stream_sequence).ok();
-            if message.double_ack().await.is_ok()
-                && let Some(sequence) = sequence
-            {
-                let _ = shared.schedules.delete_message(sequence).await;
+            match decode_event(&message.payload) {
+                Ok(event) => {
+                    let due_at_ms: i64 =
+                        header(message.headers.as_ref(), DUE_AT).unwrap_or_else(now_ms);
+                    events.push(event);
+                    due.push((message, due_at_ms));
+                }
+                Err(_) => {
+                    tracing::error!(subject = %message.subject, "dropping a due event that cannot be read");
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
             }
         }
+        if events.is_empty() {
+            return Ok(fired);
+        }
+        // One store for the lot: plain events go without waiting for each other. Left
+        // unacknowledged on an error, they come back after `ack_wait`, and what was
+        // stored of them is then dropped as a duplicate.
+        shared.store_events(&events, false).await?;
+        let appended_at = now_ms();
+        let mut done = Vec::with_capacity(due.len());
+        for (message, due_at_ms) in due {
+            fired
+                .lags_ms
+                .push(u64::try_from(appended_at.saturating_sub(due_at_ms)).unwrap_or(0));
+            // A lost acknowledgement means one more append, which `Nats-Msg-Id` drops.
+            let _ = message.ack().await;
+            if let Ok(info) = message.info() {
+                done.push(info.stream_sequence);
+            }
+        }
+        // Acknowledged due messages are only clutter now: removed off the firing path.
+        let schedules = shared.schedules.clone();
+        tokio::spawn(async move {
+            for sequence in done {
+                let _ = schedules.delete_message(sequence).await;
+            }
+        });
         Ok(fired)
     }
 }

@@ -77,7 +77,7 @@ fn append_event(conn: &Connection, event: &Event) -> Result<Appended, BusError> 
         if expected.is_some()
             && let Some(sequence) = existing(conn).map_err(storage)?
         {
-            return Ok(duplicate_of(conn, sequence)?);
+            return duplicate_of(conn, sequence);
         }
         let current = stream_head(conn, subject).map_err(storage)?;
         if let Some(expected) = expected
