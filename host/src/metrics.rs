@@ -757,6 +757,9 @@ mod tests {
             block.sort_by_key(|line| {
                 let labels = line.split_once('{').map_or("", |(_, rest)| rest);
                 let labels = labels.split('}').next().unwrap_or(labels);
+                if labels.starts_with("le=") {
+                    return String::new(); // an unlabelled histogram's own line
+                }
                 labels.split(",le=").next().unwrap_or(labels).to_owned()
             });
             for line in block.drain(..) {
@@ -809,6 +812,9 @@ mod tests {
         metrics.dead_lettered("ticketing", "rejected");
         metrics.dead_lettered("ticketing", "exhausted");
         metrics.breaker_transition("ticketing", "open");
+        metrics.scheduled_fired(&[250, 500]);
+        metrics.scheduled_pending(5);
+        metrics.scheduled_cancelled();
         let mut gauges = BTreeMap::new();
         gauges.insert(
             "ticketing".to_owned(),
@@ -832,7 +838,7 @@ mod tests {
     /// The encoder leaves out a family with no series, `# HELP` and `# TYPE` included;
     /// such a family carries no samples for a scraper to keep.
     #[test]
-    fn a_fresh_host_lists_only_its_unlabelled_counters() {
+    fn a_fresh_host_lists_only_its_unlabelled_families() {
         let text = Metrics::default().render(&BTreeMap::new(), CacheStats::default());
         assert_eq!(
             text,
@@ -844,7 +850,41 @@ mod tests {
              switchyard_compile_cache_misses_total 0\n\
              # HELP switchyard_events_ingested_total Events made durable by ingest.\n\
              # TYPE switchyard_events_ingested_total counter\n\
-             switchyard_events_ingested_total 0\n"
+             switchyard_events_ingested_total 0\n\
+             # HELP switchyard_scheduled_pending Scheduled events waiting for their due time.\n\
+             # TYPE switchyard_scheduled_pending gauge\n\
+             switchyard_scheduled_pending 0\n\
+             # HELP switchyard_scheduled_fired_total Scheduled events this host appended to the log when due.\n\
+             # TYPE switchyard_scheduled_fired_total counter\n\
+             switchyard_scheduled_fired_total 0\n\
+             # HELP switchyard_scheduled_cancelled_total Scheduled events cancelled over HTTP before they were due.\n\
+             # TYPE switchyard_scheduled_cancelled_total counter\n\
+             switchyard_scheduled_cancelled_total 0\n\
+             # HELP switchyard_scheduled_fire_lag_seconds From a scheduled event's due time to its append to the log.\n\
+             # TYPE switchyard_scheduled_fire_lag_seconds histogram\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.00025\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.0005\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.00075\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.001\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.0015\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.002\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.0025\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.003\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.004\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.005\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.0075\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.01\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.025\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.05\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.1\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.25\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"0.5\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"1\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"5\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"30\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_bucket{le=\"+Inf\"} 0\n\
+             switchyard_scheduled_fire_lag_seconds_sum 0.0\n\
+             switchyard_scheduled_fire_lag_seconds_count 0\n"
         );
     }
 
@@ -1099,5 +1139,39 @@ switchyard_plugin_breaker_open{plugin="ticketing"} 1
 # HELP switchyard_breaker_transitions_total Circuit breaker transitions made by this host, by the state entered.
 # TYPE switchyard_breaker_transitions_total counter
 switchyard_breaker_transitions_total{plugin="ticketing",state="open"} 1
+# HELP switchyard_scheduled_pending Scheduled events waiting for their due time.
+# TYPE switchyard_scheduled_pending gauge
+switchyard_scheduled_pending 5
+# HELP switchyard_scheduled_fired_total Scheduled events this host appended to the log when due.
+# TYPE switchyard_scheduled_fired_total counter
+switchyard_scheduled_fired_total 2
+# HELP switchyard_scheduled_cancelled_total Scheduled events cancelled over HTTP before they were due.
+# TYPE switchyard_scheduled_cancelled_total counter
+switchyard_scheduled_cancelled_total 1
+# HELP switchyard_scheduled_fire_lag_seconds From a scheduled event's due time to its append to the log.
+# TYPE switchyard_scheduled_fire_lag_seconds histogram
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.00025"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.0005"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.00075"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.001"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.0015"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.002"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.0025"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.003"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.004"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.005"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.0075"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.01"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.025"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.05"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.1"} 0
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.25"} 1
+switchyard_scheduled_fire_lag_seconds_bucket{le="0.5"} 2
+switchyard_scheduled_fire_lag_seconds_bucket{le="1"} 2
+switchyard_scheduled_fire_lag_seconds_bucket{le="5"} 2
+switchyard_scheduled_fire_lag_seconds_bucket{le="30"} 2
+switchyard_scheduled_fire_lag_seconds_bucket{le="+Inf"} 2
+switchyard_scheduled_fire_lag_seconds_sum 0.75
+switchyard_scheduled_fire_lag_seconds_count 2
 "#;
 }

@@ -622,4 +622,106 @@ mod tests {
         assert_eq!(bus.head().await.unwrap(), 3);
         bus.close().await.unwrap();
     }
+
+    fn in_stream(id: &str, subject: &str, expected: Option<u64>) -> Event {
+        let mut event = event("/s", id);
+        event.subject = Some(subject.to_owned());
+        if let Some(expected) = expected {
+            event
+                .extensions
+                .insert(crate::stream::EXPECTED_VERSION.into(), expected.to_string());
+        }
+        event
+    }
+
+    #[tokio::test]
+    async fn streams_stay_dense_when_retention_deletes_and_a_conflict_stores_nothing() {
+        use crate::bus::BusError;
+        use crate::kv::KvSource as _;
+
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap();
+        let appended = bus
+            .append(vec![
+                in_stream("1", "a", Some(0)),
+                in_stream("2", "b", None),
+                in_stream("3", "a", Some(1)),
+            ])
+            .await
+            .unwrap();
+        let versions: Vec<Option<u64>> = appended.iter().map(|a| a.stream_version).collect();
+        assert_eq!(versions, [Some(1), Some(1), Some(2)]);
+        let conflict = bus
+            .append(vec![
+                in_stream("4", "c", None),
+                in_stream("5", "a", Some(1)),
+            ])
+            .await;
+        assert!(matches!(
+            conflict,
+            Err(BusError::VersionConflict(ref c)) if c.current == 2 && c.expected == 1
+        ));
+        assert_eq!(bus.read_stream("c", 0, 10).await.unwrap().version, 0);
+        let page = bus.read_stream("a", 1, 10).await.unwrap();
+        assert_eq!(page.version, 2);
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(page.events[0].id, "3");
+        assert_eq!(crate::stream::stream_version(&page.events[0]), Some(2));
+        assert!(
+            page.events[0]
+                .extension(crate::stream::EXPECTED_VERSION)
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_event_waits_aside_until_due_and_a_cancelled_one_never_fires() {
+        use crate::bus::{ScheduledQuery, Schedules as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap();
+        let mut now = event("/s", "now");
+        now.extensions.insert(
+            crate::schedule::DELIVER_AT.into(),
+            crate::clock::rfc3339_ms(crate::clock::now_ms() - 1),
+        );
+        let mut later = event("/s", "later");
+        later.extensions.insert(
+            crate::schedule::DELIVER_AT.into(),
+            crate::clock::rfc3339_ms(crate::clock::now_ms() + 3_600_000),
+        );
+        let mut gone = later.clone();
+        gone.id = "gone".into();
+        let appended = bus.append(vec![now, later, gone]).await.unwrap();
+        assert!(
+            appended
+                .iter()
+                .all(|a| a.sequence == 0 && a.due_at_ms.is_some())
+        );
+        assert_eq!(
+            bus.head().await.unwrap(),
+            0,
+            "nothing enters the log before it is due"
+        );
+        assert!(bus.cancel_scheduled("gone").await.unwrap());
+        assert!(!bus.cancel_scheduled("gone").await.unwrap());
+        let fired = bus.fire_due(100).await.unwrap();
+        assert_eq!(fired.lags_ms.len(), 1);
+        assert!(fired.next_due_ms.is_some());
+        assert_eq!(bus.head().await.unwrap(), 1);
+        assert!(
+            bus.fire_due(100).await.unwrap().lags_ms.is_empty(),
+            "fired twice"
+        );
+        let pending = bus
+            .list_scheduled(ScheduledQuery {
+                event_type: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        let ids: Vec<&str> = pending.iter().map(|p| p.event.id.as_str()).collect();
+        assert_eq!(ids, ["later"]);
+        assert_eq!(bus.scheduled_count().await.unwrap(), 1);
+    }
 }

@@ -308,6 +308,8 @@ pub(super) fn delete(
             }
             deleted.events += 1;
             deleted.bytes += candidate.bytes;
+            // The stream keeps its version (`streams`); only the deleted event's entry goes.
+            exec(conn, "DELETE FROM stream_events WHERE seq = ?1", [seq])?;
             if candidate.dead_ok {
                 exec(conn, "DELETE FROM dead_letters WHERE seq = ?1", [seq])?;
             }
