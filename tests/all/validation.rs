@@ -86,14 +86,14 @@ async fn a_component_of_another_world() {
 #[tokio::test]
 async fn a_component_of_another_contract_version() {
     let (text, reason) = refusal(&component(
-        r#"(component (instance $i) (export "switchyard:plugin/handler@0.2.0" (instance $i)))"#,
+        r#"(component (instance $i) (export "switchyard:plugin/handler@0.3.0" (instance $i)))"#,
     ))
     .await;
     assert!(
-        matches!(&reason, LoadErrorReason::UnsupportedVersion { found } if found == "0.2.0"),
+        matches!(&reason, LoadErrorReason::UnsupportedVersion { found } if found == "0.3.0"),
         "{text}"
     );
-    assert!(text.contains("this host serves 0.1.0"), "{text}");
+    assert!(text.contains("this host serves 0.1.0, 0.2.0"), "{text}");
 }
 
 #[tokio::test]
