@@ -114,6 +114,8 @@ struct Families {
     plugin_paused: Family<PluginLabels, CountGauge>,
     plugin_breaker_open: Family<PluginLabels, CountGauge>,
     breaker_transitions: Family<StateLabels, Counter>,
+    batch_calls: Family<PluginLabels, Counter>,
+    batch_events: Family<PluginLabels, Counter>,
     scheduled_pending: CountGauge,
     scheduled_fired: Counter,
     scheduled_cancelled: Counter,
@@ -242,6 +244,18 @@ impl Families {
                 registry,
                 "breaker_transitions",
                 "Circuit breaker transitions made by this host, by the state entered",
+                Family::default(),
+            ),
+            batch_calls: registered(
+                registry,
+                "batch_calls",
+                "Calls of the plugin's batch handler",
+                Family::default(),
+            ),
+            batch_events: registered(
+                registry,
+                "batch_events",
+                "Events handed to the plugin's batch handler",
                 Family::default(),
             ),
             scheduled_pending: registered(
@@ -558,6 +572,18 @@ impl Metrics {
     /// Counts events made durable by ingest (duplicates not included).
     pub fn events_ingested(&self, n: u64) {
         self.families.events_ingested.inc_by(n);
+    }
+
+    /// Counts a call of a plugin's batch handler with `events` events.
+    pub fn batch_call(&self, plugin: &str, events: usize) {
+        let labels = PluginLabels {
+            plugin: Arc::from(plugin),
+        };
+        self.families.batch_calls.get_or_create(&labels).inc();
+        self.families
+            .batch_events
+            .get_or_create(&labels)
+            .inc_by(events as u64);
     }
 
     /// Records scheduled events appended when due, each with its lag in milliseconds.

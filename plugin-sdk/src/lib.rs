@@ -100,6 +100,12 @@
 //!   reminder); [`cancel_scheduled`] takes one back.
 //! - A plugin has no filesystem, network, environment or clock beyond what the host grants;
 //!   its stdout and stderr go to the host's log.
+//! - Every plugin built with this SDK can also take its events in batches: the operator
+//!   turns it on with a `[batch]` table in the sidecar, and the host then hands the
+//!   plugin several events in one call, which the SDK runs through the same handler one
+//!   by one. Each event keeps its own outcome: its effects commit only if it returns
+//!   `Ok(())`, a failed event takes nothing of its effects along, and the events after it
+//!   see what the acknowledged ones before them wrote.
 //!
 //! The SDK compiles on native targets too, so a plugin crate can be checked, linted and
 //! unit-tested with plain `cargo`. There the host functions are stubs that abort the
@@ -186,15 +192,33 @@ pub mod __private {
     pub mod bindings {
         wit_bindgen::generate!({
             path: "wit",
-            world: "switchyard:plugin/plugin@0.2.0",
+            world: "switchyard:plugin/batch-plugin@0.2.0",
             pub_export_macro: true,
             default_bindings_module: "::switchyard_sdk::__private::bindings",
             additional_derives: [PartialEq, Eq],
         });
     }
 
+    pub use bindings::exports::switchyard::plugin::batch_handler::{
+        BatchItem, Guest as BatchGuest,
+    };
     pub use bindings::exports::switchyard::plugin::handler::Guest;
     pub use bindings::switchyard::plugin::host;
+
+    use crate::{Delivery, Event, HandlerError};
+
+    /// The batch handler every plugin exports: each item through the one handler, between
+    /// `begin-item` and `end-item`, so its effects are the item's own.
+    pub fn run_batch(
+        items: Vec<BatchItem>,
+        handler: fn(Event, Delivery) -> Result<(), HandlerError>,
+    ) {
+        for (index, item) in items.into_iter().enumerate() {
+            host::begin_item(u32::try_from(index).unwrap_or(u32::MAX));
+            let outcome = handler(item.event, item.delivery);
+            host::end_item(outcome.as_ref().map(|_| ()));
+        }
+    }
 }
 
 pub use __private::bindings::switchyard::plugin::types::{

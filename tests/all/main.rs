@@ -7,6 +7,7 @@
 
 mod support;
 
+mod batches;
 mod check_cli;
 mod cloudevents_sdk;
 mod distributed;

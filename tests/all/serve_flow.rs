@@ -186,15 +186,25 @@ fn serve_refuses_a_public_address_without_tokens() {
 }
 
 async fn ordering_by_key_keeps_log_order_per_key_even_across_a_retry(backend: Backend) {
+    keeps_log_order_per_key(backend, "").await;
+}
+
+async fn ordering_by_key_holds_with_batches(backend: Backend) {
+    keeps_log_order_per_key(backend, "[batch]\nmax_size = 8\nlinger = \"20ms\"\n").await;
+}
+
+/// Sends steps of three keys, one failing once, to a plugin with `ordering = "key"` (and
+/// `extra` in its sidecar), and checks each key's steps were handled in log order.
+async fn keeps_log_order_per_key(backend: Backend, extra: &str) {
     let mut host = Host::on(&backend);
     host.plugin(
         "sequencer",
         Guest::Hostile,
-        Some(
+        Some(&format!(
             "subscribe = [\"order.step\"]\nconcurrency = 8\nordering = \"key\"\n\
              [retry]\nbackoff = \"constant\"\ninitial = \"200ms\"\njitter = false\n\
-             [config]\nbehaviour = \"hostile.sequence\"\n",
-        ),
+             [config]\nbehaviour = \"hostile.sequence\"\n{extra}"
+        )),
     );
     host.start();
     let keys = ["a", "b", "c"];
@@ -435,6 +445,7 @@ crate::on_both_backends!(
     a_slow_plugin_does_not_hold_back_a_fast_one,
     the_client_commands_talk_to_a_running_host,
     ordering_by_key_keeps_log_order_per_key_even_across_a_retry,
+    ordering_by_key_holds_with_batches,
     a_new_plugin_starts_at_the_end_of_the_log_unless_told_earliest,
     concurrent_calls_of_one_plugin_never_lose_each_others_kv_updates,
 );

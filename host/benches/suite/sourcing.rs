@@ -37,11 +37,12 @@ async fn post_batch(host: &Process, events: &[Value]) -> anyhow::Result<()> {
 }
 
 /// Handler and API read rates (events/s) of one host.
-async fn stream_read(options: &Options, config: Option<&str>) -> anyhow::Result<(f64, f64)> {
+async fn stream_read(options: &Options, bus: Option<&str>) -> anyhow::Result<(f64, f64)> {
     let sidecar = "[limits]\nfuel = 100_000_000_000\ntimeout = \"120s\"\nmemory = \"512MiB\"\n";
+    let config = format!("{}[ingest]\nmax_wait = \"120s\"\n", bus.unwrap_or(""));
     let host = Process::host(
         &[("box-office".into(), Guest::BoxOffice, Some(sidecar.into()))],
-        config,
+        Some(&config),
     )?;
     let subject = "show/bench";
     let mut events = vec![

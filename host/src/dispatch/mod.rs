@@ -53,11 +53,14 @@ use crate::bus::{
     Settlement, StartPosition,
 };
 use crate::clock::{now_ms, now_us};
+use crate::effects::Effects;
 use crate::event::PARTITION_KEY;
 use crate::failure::{AttemptError, FailureKind};
 use crate::kv::{KvError, KvSource};
 use crate::metrics::{Cost, Metrics};
 use crate::pattern::Pattern;
+use crate::policy::batch::BatchPolicy;
+use crate::policy::breaker::counts_against;
 use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
@@ -235,10 +238,18 @@ async fn run(
         pending: Arc::default(),
     });
     let releasing = Arc::clone(&context.consumer);
+    // A `[batch]` table is only followed for a plugin that exports the batch handler.
+    let batch = target
+        .policy
+        .batch
+        .filter(|_| context.plugin.takes_batches());
+    if target.policy.batch.is_some() && batch.is_none() {
+        tracing::warn!(plugin = %target.name, "the sidecar asks for batches, but the plugin exports no batch handler (switchyard:plugin/batch-handler): one event per call");
+    }
     if target.policy.ordering == Ordering::Key {
-        route_by_key(context, incoming, stopped).await;
+        route_by_key(context, incoming, stopped, batch).await;
     } else {
-        run_lanes(context, incoming, stopped, concurrency).await;
+        run_lanes(context, incoming, stopped, concurrency, batch).await;
     }
     fetcher.abort();
     // What was fetched and never run (held by a pause or an open breaker, or waiting in
@@ -254,15 +265,17 @@ async fn run_lanes(
     incoming: mpsc::Receiver<Delivery>,
     mut stopped: watch::Receiver<bool>,
     lanes: usize,
+    batch: Option<BatchPolicy>,
 ) {
     let incoming = Arc::new(tokio::sync::Mutex::new(incoming));
     let mut running = JoinSet::new();
     for _ in 0..lanes {
-        running.spawn(lane(
-            Arc::clone(&context),
-            Arc::clone(&incoming),
-            stopped.clone(),
-        ));
+        let (context, incoming, stopped) =
+            (Arc::clone(&context), Arc::clone(&incoming), stopped.clone());
+        match batch {
+            Some(batch) => running.spawn(batch_lane(context, incoming, stopped, batch)),
+            None => running.spawn(lane(context, incoming, stopped)),
+        };
     }
     tokio::select! {
         _ = stopped.changed() => {}
@@ -324,15 +337,43 @@ async fn route_by_key(
     context: Arc<Context>,
     mut incoming: mpsc::Receiver<Delivery>,
     mut stopped: watch::Receiver<bool>,
+    batch: Option<BatchPolicy>,
 ) {
     // Keys with a delivery in flight or waiting for its retry: the holder's sequence and
     // the later deliveries parked behind it.
     let mut held: HashMap<String, (u64, VecDeque<Delivery>)> = HashMap::new();
-    let mut tasks: JoinSet<Finished> = JoinSet::new();
+    let mut tasks: JoinSet<Vec<Finished>> = JoinSet::new();
+    // With `[batch]`: deliveries free to run (one per key), gathered into the next batch
+    // until it is full or its linger ends.
+    let mut ready: Vec<(Delivery, Option<String>)> = Vec::new();
+    let mut linger_until = tokio::time::Instant::now();
+    let start = |tasks: &mut JoinSet<Vec<Finished>>,
+                 ready: &mut Vec<(Delivery, Option<String>)>,
+                 delivery: Delivery,
+                 key: String,
+                 linger_until: &mut tokio::time::Instant| {
+        match batch {
+            None => {
+                tasks.spawn(handle(Arc::clone(&context), delivery, Some(key)).map(|f| vec![f]));
+            }
+            Some(policy) => {
+                if ready.is_empty() {
+                    *linger_until = tokio::time::Instant::now() + policy.linger;
+                }
+                ready.push((delivery, Some(key)));
+                if ready.len() >= policy.max_size {
+                    tasks.spawn(run_batch(Arc::clone(&context), std::mem::take(ready)));
+                }
+            }
+        }
+    };
 
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
+            () = tokio::time::sleep_until(linger_until), if !ready.is_empty() => {
+                tasks.spawn(run_batch(Arc::clone(&context), std::mem::take(&mut ready)));
+            }
             received = incoming.recv() => {
                 let Some(delivery) = received else { break };
                 let key = ordering_key(&delivery);
@@ -346,21 +387,23 @@ async fn route_by_key(
                         held.insert(key.clone(), (delivery.stored.sequence, VecDeque::new()));
                     }
                 }
-                tasks.spawn(handle(Arc::clone(&context), delivery, Some(key)));
+                start(&mut tasks, &mut ready, delivery, key, &mut linger_until);
             }
             Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
-                let Ok(Finished { key: Some(key), sequence, released }) = finished else { continue };
-                if !released {
-                    continue;
-                }
-                if let Some((holder, parked)) = held.get_mut(&key) {
+                let Ok(finished) = finished else { continue };
+                for Finished { key, sequence, released } in finished {
+                    let Some(key) = key else { continue };
+                    if !released {
+                        continue;
+                    }
+                    let Some((holder, parked)) = held.get_mut(&key) else { continue };
                     if *holder != sequence {
                         continue;
                     }
                     match parked.pop_front() {
                         Some(next) => {
                             *holder = next.stored.sequence;
-                            tasks.spawn(handle(Arc::clone(&context), next, Some(key)));
+                            start(&mut tasks, &mut ready, next, key, &mut linger_until);
                         }
                         None => {
                             held.remove(&key);
@@ -430,6 +473,24 @@ fn since(at_us: i64) -> Duration {
     Duration::from_micros(u64::try_from(now_us().saturating_sub(at_us)).unwrap_or(0))
 }
 
+/// Runs deliveries of distinct keys as one batch call and settles each.
+async fn run_batch(
+    context: Arc<Context>,
+    deliveries: Vec<(Delivery, Option<String>)>,
+) -> Vec<Finished> {
+    match batch_call(&context, &deliveries).await {
+        Some(called) => settle_batch(context, deliveries, called).await,
+        None => deliveries
+            .into_iter()
+            .map(|(delivery, key)| Finished {
+                key,
+                sequence: delivery.stored.sequence,
+                released: false,
+            })
+            .collect(),
+    }
+}
+
 /// Runs one attempt and settles it.
 async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
     match first_call(&context, &delivery).await {
@@ -494,6 +555,171 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
         attempt,
         span,
     })
+}
+
+/// Runs deliveries' first attempts as one call of the plugin's batch handler, once the
+/// valve lets it and under one call permit. Each item comes back with its attempt, or
+/// `None` when the call did not handle it (it then runs alone, [`handle`]); `None` for
+/// the whole batch when shutting down.
+async fn batch_call(
+    context: &Context,
+    deliveries: &[(Delivery, Option<String>)],
+) -> Option<Vec<Option<Called>>> {
+    let admission = match context.valve.admit().now_or_never() {
+        Some(admission) => admission,
+        None => {
+            let mut stopped = context.stopped.clone();
+            tokio::select! {
+                admission = context.valve.admit() => admission,
+                _ = stopped.wait_for(|stop| *stop) => return None,
+            }
+        }
+    };
+    let permit = context.permits.acquire().await.ok()?;
+    let count = deliveries.len();
+    context
+        .state
+        .in_flight
+        .fetch_add(count as u64, AtomicOrdering::Relaxed);
+    let start_latencies: Vec<Duration> = deliveries
+        .iter()
+        .map(|(delivery, _)| since(delivery.stored.ingested_at_us))
+        .collect();
+    let (kv, read) = context.pending.reader(&context.kv);
+    let items: Vec<(&crate::event::Event, runtime::Delivery)> = deliveries
+        .iter()
+        .map(|(delivery, _)| (&delivery.stored.event, runtime_delivery(context, delivery)))
+        .collect();
+    let outcome = context.plugin.invoke_batch(&items, kv).await;
+    drop(permit);
+    context.metrics.batch_call(&context.name, count);
+    // Each item's share of what the call cost.
+    let share = |total: Duration| total / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+    let cost = Cost {
+        duration: share(outcome.duration),
+        fuel: outcome.fuel_used / count.max(1) as u64,
+        cpu: share(outcome.cpu),
+    };
+    let mut counted_failure = None;
+    let called: Vec<Option<Called>> = deliveries
+        .iter()
+        .zip(outcome.items)
+        .zip(start_latencies)
+        .map(|(((delivery, _), item), start_latency)| {
+            let Some(result) = item else {
+                // Not handled: it runs again alone, and counts itself in then.
+                context
+                    .state
+                    .in_flight
+                    .fetch_sub(1, AtomicOrdering::Relaxed);
+                return None;
+            };
+            let attempt = attempted(context, delivery, result, cost, read.clone());
+            if counted_failure.is_none() {
+                counted_failure = failure_of(&attempt.settlement)
+                    .filter(|error| counts_against(error.kind))
+                    .cloned();
+            }
+            Some(Called {
+                start_latency,
+                attempt,
+                span: deliver_span(context, delivery),
+            })
+        })
+        .collect();
+    context
+        .valve
+        .record(admission, counted_failure.as_ref())
+        .await;
+    Some(called)
+}
+
+/// Settles a batch call's items: each handled one like a lone attempt ([`finish`]: a
+/// conflict runs it again alone), each one the call did not handle by running it alone.
+async fn settle_batch(
+    context: Arc<Context>,
+    deliveries: Vec<(Delivery, Option<String>)>,
+    called: Vec<Option<Called>>,
+) -> Vec<Finished> {
+    let settling = deliveries
+        .into_iter()
+        .zip(called)
+        .map(|((delivery, key), called)| {
+            let context = Arc::clone(&context);
+            async move {
+                match called {
+                    Some(called) => finish(context, delivery, key, called).await,
+                    None => handle(context, delivery, key).await,
+                }
+            }
+        });
+    futures_util::future::join_all(settling).await
+}
+
+/// Takes the next batch off `incoming`: the first delivery, then as many more as are
+/// waiting, up to `max_size`, waiting up to `linger` for them. Empty when `incoming` ends.
+async fn next_batch(
+    incoming: &tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
+    batch: BatchPolicy,
+) -> Vec<Delivery> {
+    let mut incoming = incoming.lock().await;
+    let Some(first) = incoming.recv().await else {
+        return Vec::new();
+    };
+    let mut deliveries = Vec::with_capacity(batch.max_size);
+    deliveries.push(first);
+    let deadline = tokio::time::Instant::now() + batch.linger;
+    while deliveries.len() < batch.max_size {
+        match incoming.try_recv() {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                match tokio::time::timeout_at(deadline, incoming.recv()).await {
+                    Ok(Some(delivery)) => deliveries.push(delivery),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+    deliveries
+}
+
+/// `[batch]` with `ordering = "none"`: as [`lane`], but each call takes a batch.
+async fn batch_lane(
+    context: Arc<Context>,
+    incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivery>>>,
+    mut stopped: watch::Receiver<bool>,
+    batch: BatchPolicy,
+) {
+    let mut settling = FuturesUnordered::new();
+    loop {
+        let deliveries = tokio::select! {
+            biased;
+            Some(_) = settling.next(), if !settling.is_empty() => continue,
+            _ = stopped.changed() => break,
+            deliveries = next_batch(&incoming, batch) => deliveries,
+        };
+        if deliveries.is_empty() {
+            break;
+        }
+        let deliveries: Vec<(Delivery, Option<String>)> =
+            deliveries.into_iter().map(|d| (d, None)).collect();
+        let called = {
+            let call = batch_call(&context, &deliveries);
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    biased;
+                    called = &mut call => break called,
+                    Some(_) = settling.next(), if !settling.is_empty() => {}
+                }
+            }
+        };
+        let Some(called) = called else { break };
+        settling.push(settle_batch(Arc::clone(&context), deliveries, called));
+        tokio::task::yield_now().await;
+    }
+    while settling.next().await.is_some() {}
 }
 
 /// The span of a delivery's attempt (disabled unless traces are exported), continuing
@@ -648,15 +874,36 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
         .plugin
         .invoke(
             &delivery.stored.event,
-            runtime::Delivery {
-                attempt: delivery.attempt,
-                max_attempts: context.policy.retry.max_attempts,
-                sequence: delivery.stored.sequence,
-            },
+            runtime_delivery(context, delivery),
             kv,
         )
         .await;
-    let checked = outcome.result.and_then(|mut effects| {
+    let cost = Cost {
+        duration: outcome.duration,
+        fuel: outcome.fuel_used,
+        cpu: outcome.cpu,
+    };
+    attempted(context, delivery, outcome.result, cost, read)
+}
+
+fn runtime_delivery(context: &Context, delivery: &Delivery) -> runtime::Delivery {
+    runtime::Delivery {
+        attempt: delivery.attempt,
+        max_attempts: context.policy.retry.max_attempts,
+        sequence: delivery.stored.sequence,
+    }
+}
+
+/// How an attempt that ran ends: its emits checked against their schemas, its failure
+/// decided, its KV writes registered as pending.
+fn attempted(
+    context: &Context,
+    delivery: &Delivery,
+    result: Result<Effects, runtime::Failure>,
+    cost: Cost,
+    read: Option<Arc<Overlay>>,
+) -> Attempted {
+    let checked = result.and_then(|mut effects| {
         for emit in &mut effects.emits {
             context
                 .schemas
@@ -681,11 +928,6 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
             ));
             (decide(context, delivery, failure.kind, errors), name)
         }
-    };
-    let cost = Cost {
-        duration: outcome.duration,
-        fuel: outcome.fuel_used,
-        cpu: outcome.cpu,
     };
     // Registered before the lane starts the plugin's next call.
     let pending = match &settlement {

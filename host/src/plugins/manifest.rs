@@ -38,6 +38,10 @@
 //! memory = "64MiB"
 //! timeout = "5s"
 //!
+//! [batch]
+//! max_size = 64
+//! linger = "1ms"
+//!
 //! [effects]
 //! max_emits = 100
 //! max_emit_bytes = "1MiB"
@@ -57,6 +61,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::pattern::Pattern;
+pub use crate::policy::batch::BatchTable;
 pub use crate::policy::breaker::BreakerTable;
 pub use crate::policy::{
     EffectsTable, InstanceMode, LimitsTable, ManifestError, Ordering, PluginDefaults, PluginPolicy,
@@ -120,6 +125,12 @@ pub struct Manifest {
     /// Default: no breaker.
     pub breaker: Option<BreakerTable>,
 
+    /// `[batch]`: several events in one call of the plugin's batch handler (see
+    /// [`BatchTable`]).
+    ///
+    /// Default: one event per call.
+    pub batch: Option<BatchTable>,
+
     /// `[limits]`: resources one invocation may use.
     #[serde(default)]
     pub limits: LimitsTable,
@@ -166,6 +177,7 @@ impl Manifest {
             .as_ref()
             .map(BreakerTable::resolve)
             .transpose()?;
+        let batch = self.batch.as_ref().map(BatchTable::resolve).transpose()?;
         Ok(PluginPolicy {
             subscribe: self.subscribe,
             concurrency: merged.concurrency,
@@ -173,6 +185,7 @@ impl Manifest {
             start: merged.start,
             retry: merged.retry,
             breaker,
+            batch,
             settings: PluginSettings {
                 limits: merged.limits,
                 isolation: merged.isolation(),
@@ -297,6 +310,7 @@ mod tests {
                 start: Start::Latest,
                 retry: RetryPolicy::default(),
                 breaker: None,
+                batch: None,
                 settings: PluginSettings::default(),
             }
         );

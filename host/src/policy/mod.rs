@@ -10,6 +10,7 @@
 //! through [`PolicyTable::apply_to`], which refuses a bad value and names its key as a
 //! sidecar would (`retry.max_attempts`).
 
+pub mod batch;
 pub mod breaker;
 pub mod retry;
 
@@ -238,6 +239,8 @@ pub struct PluginPolicy {
     pub retry: RetryPolicy,
     /// The circuit breaker, when the sidecar has a `[breaker]` table.
     pub breaker: Option<breaker::BreakerPolicy>,
+    /// Batch delivery, when the sidecar has a `[batch]` table.
+    pub batch: Option<batch::BatchPolicy>,
     /// Limits, isolation mode, effect bounds and `[config]` for the runtime.
     pub settings: PluginSettings,
 }

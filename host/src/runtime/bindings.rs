@@ -31,6 +31,21 @@ pub(crate) mod v0_2 {
     pub(crate) use self::switchyard::plugin::{host, types};
 }
 
+/// The `batch-plugin` world of `0.2.0`: the same imports and types (one implementation),
+/// and the batch handler among the exports.
+pub(crate) mod v0_2_batch {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "switchyard:plugin/batch-plugin@0.2.0",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "switchyard:plugin/types": super::v0_2::switchyard::plugin::types,
+            "switchyard:plugin/host": super::v0_2::switchyard::plugin::host,
+        },
+    });
+}
+
 /// The contract `switchyard:plugin@0.1.0`, frozen: what it lacks over `0.2.0` is simply
 /// not offered to its plugins.
 pub(crate) mod v0_1 {
@@ -72,27 +87,37 @@ impl ContractVersion {
     }
 }
 
-/// Adds the imports of every contract version to `linker`.
+/// Adds the imports of every contract version to `linker` (the batch world's are the
+/// current version's).
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
     v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
 }
 
-/// A component pre-instantiated against the bindings of its contract version.
+/// A component pre-instantiated against the bindings of its contract version (and
+/// world: with or without the batch handler).
 pub(crate) enum PluginPre {
     V0_1(v0_1::PluginPre<HostState>),
     V0_2(v0_2::PluginPre<HostState>),
+    V0_2Batch(v0_2_batch::BatchPluginPre<HostState>),
 }
 
 impl PluginPre {
     pub(crate) fn new(
         version: ContractVersion,
+        batch: bool,
         pre: InstancePre<HostState>,
     ) -> wasmtime::Result<Self> {
-        Ok(match version {
-            ContractVersion::V0_1 => Self::V0_1(v0_1::PluginPre::new(pre)?),
-            ContractVersion::V0_2 => Self::V0_2(v0_2::PluginPre::new(pre)?),
+        Ok(match (version, batch) {
+            (ContractVersion::V0_1, _) => Self::V0_1(v0_1::PluginPre::new(pre)?),
+            (ContractVersion::V0_2, false) => Self::V0_2(v0_2::PluginPre::new(pre)?),
+            (ContractVersion::V0_2, true) => Self::V0_2Batch(v0_2_batch::BatchPluginPre::new(pre)?),
         })
+    }
+
+    /// Whether the component exports the batch handler.
+    pub(crate) fn has_batch_handler(&self) -> bool {
+        matches!(self, Self::V0_2Batch(_))
     }
 
     pub(crate) async fn instantiate_async(
@@ -102,6 +127,7 @@ impl PluginPre {
         Ok(match self {
             Self::V0_1(pre) => PluginWorld::V0_1(pre.instantiate_async(store).await?),
             Self::V0_2(pre) => PluginWorld::V0_2(pre.instantiate_async(store).await?),
+            Self::V0_2Batch(pre) => PluginWorld::V0_2Batch(pre.instantiate_async(store).await?),
         })
     }
 }
@@ -110,6 +136,7 @@ impl PluginPre {
 pub(crate) enum PluginWorld {
     V0_1(v0_1::Plugin),
     V0_2(v0_2::Plugin),
+    V0_2Batch(v0_2_batch::BatchPlugin),
 }
 
 /// What `describe()` returned, whatever the version.
@@ -174,7 +201,38 @@ impl PluginWorld {
         match self {
             Self::V0_1(plugin) => wit_calls!(v0_1, &mut *store, plugin, event, delivery),
             Self::V0_2(plugin) => wit_calls!(v0_2, &mut *store, plugin, event, delivery),
+            Self::V0_2Batch(plugin) => wit_calls!(v0_2, &mut *store, plugin, event, delivery),
         }
+    }
+
+    /// Calls the batch handler's `handle-batch`; `None` for a plugin without one.
+    pub(crate) async fn handle_batch(
+        &self,
+        store: &mut Store<HostState>,
+        items: &[(&Event, Delivery)],
+    ) -> Option<wasmtime::Result<()>> {
+        let Self::V0_2Batch(plugin) = self else {
+            return None;
+        };
+        let items: Vec<v0_2_batch::exports::switchyard::plugin::batch_handler::BatchItem> = items
+            .iter()
+            .map(|(event, delivery)| {
+                v0_2_batch::exports::switchyard::plugin::batch_handler::BatchItem {
+                    event: super::host::to_wit_event(event),
+                    delivery: types::Delivery {
+                        attempt: delivery.attempt,
+                        max_attempts: delivery.max_attempts,
+                        sequence: delivery.sequence,
+                    },
+                }
+            })
+            .collect();
+        Some(
+            plugin
+                .switchyard_plugin_batch_handler()
+                .call_handle_batch(store, &items)
+                .await,
+        )
     }
 
     /// Calls the handler's `describe`.
@@ -195,6 +253,17 @@ impl PluginWorld {
                 }
             }
             Self::V0_2(plugin) => {
+                let info = plugin
+                    .switchyard_plugin_handler()
+                    .call_describe(store)
+                    .await?;
+                Described {
+                    name: info.name,
+                    version: info.version,
+                    subscriptions: info.subscriptions,
+                }
+            }
+            Self::V0_2Batch(plugin) => {
                 let info = plugin
                     .switchyard_plugin_handler()
                     .call_describe(store)

@@ -16,10 +16,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{host, types};
 use super::limits::MemoryLimiter;
+use super::outcome::Failure;
 use super::settings::EffectBounds;
 use super::stdio::StderrTail;
 use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
+use crate::failure::FailureKind;
 use crate::kv::{KvError, KvRead, KvSource, KvWrite, keys_digest, value_digest};
 use crate::schedule::{DELIVER_AT, Due, ScheduledRead};
 use crate::stream::{EXPECTED_VERSION, STREAM_VERSION, StreamRead};
@@ -55,7 +57,30 @@ struct CallContext {
     /// exported, else the event's own.
     traceparent: Option<String>,
     kv: Arc<dyn KvSource>,
+    /// In a batch, what the items acknowledged before this one wrote and emitted.
+    inherited: Option<Arc<Inherited>>,
     effects: EffectBuffer,
+}
+
+/// What the acknowledged items of a batch left for the later ones: their KV writes (the
+/// last to each key) and their emits that enter the log at commit.
+#[derive(Default, Clone)]
+struct Inherited {
+    kv: BTreeMap<String, Option<Vec<u8>>>,
+    emits: Vec<Event>,
+}
+
+/// A batch call in progress (see the WIT's `batch-handler`).
+struct BatchCall {
+    events: Vec<Event>,
+    kv: Arc<dyn KvSource>,
+    /// The item being handled.
+    current: Option<usize>,
+    /// The lowest index `begin-item` may start.
+    next: usize,
+    inherited: Arc<Inherited>,
+    /// Each item's outcome; `None` for an item not handled (yet).
+    outcomes: Vec<Option<Result<Effects, Failure>>>,
 }
 
 /// Effects buffered by the current call, and what it read of the committed state.
@@ -86,6 +111,7 @@ pub(crate) struct HostState {
     pub(crate) stderr_tail: StderrTail,
     identity: Arc<PluginIdentity>,
     call: Option<CallContext>,
+    batch: Option<BatchCall>,
 }
 
 impl HostState {
@@ -102,11 +128,115 @@ impl HostState {
             stderr_tail,
             identity,
             call: None,
+            batch: None,
         }
     }
 
     /// Starts buffering effects for a call that handles `event`.
     pub(crate) fn begin_call(&mut self, event: &Event, kv: Arc<dyn KvSource>) {
+        self.batch = None;
+        self.call = Some(CallContext::new(event, kv, None));
+    }
+
+    /// Starts a batch call over `events`; each item's effects are buffered between its
+    /// `begin-item` and `end-item`.
+    pub(crate) fn begin_batch(&mut self, events: Vec<Event>, kv: Arc<dyn KvSource>) {
+        self.call = None;
+        self.batch = Some(BatchCall {
+            outcomes: vec![None; events.len()],
+            events,
+            kv,
+            current: None,
+            next: 0,
+            inherited: Arc::default(),
+        });
+    }
+
+    /// Ends a batch call: each item's outcome, `None` for those not handled. `failure` is
+    /// how the call itself failed, which is the outcome of the item it was in.
+    pub(crate) fn end_batch(
+        &mut self,
+        failure: Option<Failure>,
+    ) -> Vec<Option<Result<Effects, Failure>>> {
+        self.call = None;
+        let Some(mut batch) = self.batch.take() else {
+            return Vec::new();
+        };
+        if let (Some(current), Some(failure)) = (batch.current, failure) {
+            batch.outcomes[current] = Some(Err(failure));
+        }
+        batch.outcomes
+    }
+
+    fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
+        let Some(batch) = self.batch.as_mut() else {
+            return Err(effects_trap(
+                "`begin-item` may only be called while handling a batch".to_owned(),
+            ));
+        };
+        let index = usize::try_from(index).unwrap_or(usize::MAX);
+        if batch.current.is_some() {
+            return Err(effects_trap(
+                "`begin-item` before the previous item ended with `end-item`".to_owned(),
+            ));
+        }
+        if index < batch.next || index >= batch.events.len() {
+            return Err(effects_trap(format!(
+                "`begin-item({index})`: items start in order, each once, below {}",
+                batch.events.len()
+            )));
+        }
+        batch.current = Some(index);
+        batch.next = index + 1;
+        let call = CallContext::new(
+            &batch.events[index],
+            Arc::clone(&batch.kv),
+            Some(Arc::clone(&batch.inherited)),
+        );
+        self.call = Some(call);
+        Ok(())
+    }
+
+    fn end_item(&mut self, outcome: Result<(), types::HandlerError>) -> wasmtime::Result<()> {
+        let Some(index) = self.batch.as_ref().and_then(|batch| batch.current) else {
+            return Err(effects_trap(
+                "`end-item` without an item begun by `begin-item`".to_owned(),
+            ));
+        };
+        let effects = self.end_call();
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        batch.current = None;
+        batch.outcomes[index] = Some(match outcome {
+            Ok(()) => {
+                // Later items read what this one wrote and emitted, as it would have.
+                let inherited = Arc::make_mut(&mut batch.inherited);
+                for write in &effects.kv_writes {
+                    inherited.kv.insert(write.key.clone(), write.value.clone());
+                }
+                inherited.emits.extend(
+                    effects
+                        .emits
+                        .iter()
+                        .filter(|e| e.extension(DELIVER_AT).is_none())
+                        .cloned(),
+                );
+                Ok(effects)
+            }
+            Err(types::HandlerError::Retry(message)) => {
+                Err(Failure::new(FailureKind::Retry, message))
+            }
+            Err(types::HandlerError::Reject(message)) => {
+                Err(Failure::new(FailureKind::Reject, message))
+            }
+        });
+        Ok(())
+    }
+}
+
+impl CallContext {
+    fn new(event: &Event, kv: Arc<dyn KvSource>, inherited: Option<Arc<Inherited>>) -> Self {
         let correlation_id = event
             .extension(CORRELATION_ID)
             .unwrap_or(&event.id)
@@ -122,17 +252,20 @@ impl HostState {
             None
         }
         .or_else(|| event.extension(TRACEPARENT).map(str::to_owned));
-        self.call = Some(CallContext {
+        CallContext {
             event_id: event.id.clone(),
             event_source: event.source.clone(),
             correlation_id,
             depth,
             traceparent,
             kv,
+            inherited,
             effects: EffectBuffer::default(),
-        });
+        }
     }
+}
 
+impl HostState {
     /// Ends the current call and hands back what it buffered.
     pub(crate) fn end_call(&mut self) -> Effects {
         let Some(call) = self.call.take() else {
@@ -327,6 +460,16 @@ impl host::Host for HostState {
         if let Some(buffered) = call.effects.kv.get(&key) {
             return Ok(buffered.clone());
         }
+        if let Some(inherited) = call.inherited.as_ref().and_then(|i| i.kv.get(&key)) {
+            // An earlier item's write: committed before this item, if all goes well, and
+            // checked as such.
+            let value = inherited.clone();
+            call.effects.reads.push(KvRead::Value {
+                key,
+                digest: value.as_deref().map(value_digest),
+            });
+            return Ok(value);
+        }
         let committed = unavailable_kv("kv-get", &key, call.kv.get(&plugin, &key).await)?;
         call.effects.reads.push(KvRead::Value {
             key,
@@ -356,21 +499,15 @@ impl host::Host for HostState {
         let plugin = Arc::clone(&self.identity.name);
         let call = self.call("kv-keys")?;
         let committed = unavailable_kv("kv-keys", &prefix, call.kv.keys(&plugin, &prefix).await)?;
+        let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
+        if let Some(inherited) = &call.inherited {
+            overlay_keys(&mut keys, &inherited.kv, &prefix);
+        }
         call.effects.reads.push(KvRead::Keys {
             prefix: prefix.clone(),
-            digest: keys_digest(committed.iter().map(String::as_str)),
+            digest: keys_digest(keys.iter().map(String::as_str)),
         });
-        let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
-        for (key, value) in call.effects.kv.range(prefix.clone()..) {
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            if value.is_some() {
-                keys.insert(key.clone());
-            } else {
-                keys.remove(key);
-            }
-        }
+        overlay_keys(&mut keys, &call.effects.kv, &prefix);
         Ok(keys.into_iter().collect())
     }
 
@@ -393,24 +530,36 @@ impl host::Host for HostState {
             .read_stream(&subject, after_version, limit)
             .await
             .map_err(|e| host_trap(format!("read-stream `{subject}`: {e:#}")))?;
+        let mut events: Vec<types::Event> = page.events.iter().map(to_wit_event).collect();
+        // Earlier items' emits to this subject (in a batch), then the call's own, follow
+        // the stored events, numbered as the commits will number them; what the call
+        // read is the stream with the earlier items' appends, as it will be committed.
+        let to_subject = |e: &&Event| {
+            e.subject.as_deref() == Some(subject.as_str()) && e.extension(DELIVER_AT).is_none()
+        };
+        let earlier = call.inherited.clone();
+        let inherited: Vec<&Event> = earlier
+            .iter()
+            .flat_map(|i| i.emits.iter())
+            .filter(to_subject)
+            .collect();
+        let read_version = page.version + inherited.len() as u64;
         if !call
             .effects
             .stream_reads
             .iter()
-            .any(|read| read.subject == subject && read.version == page.version)
+            .any(|read| read.subject == subject && read.version == read_version)
         {
             call.effects.stream_reads.push(StreamRead {
                 subject: subject.clone(),
-                version: page.version,
+                version: read_version,
             });
         }
-        let mut events: Vec<types::Event> = page.events.iter().map(to_wit_event).collect();
-        // The call's own emits to this subject follow the stored events, numbered as the
-        // commit will number them.
         let mut version = page.version;
-        for emitted in call.effects.emits.iter().filter(|e| {
-            e.subject.as_deref() == Some(subject.as_str()) && e.extension(DELIVER_AT).is_none()
-        }) {
+        for emitted in inherited
+            .into_iter()
+            .chain(call.effects.emits.iter().filter(to_subject))
+        {
             version += 1;
             if version > after_version && events.len() < limit {
                 let mut emitted = emitted.clone();
@@ -422,6 +571,14 @@ impl host::Host for HostState {
             }
         }
         Ok(types::StreamPage { events, version })
+    }
+
+    async fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
+        HostState::begin_item(self, index)
+    }
+
+    async fn end_item(&mut self, outcome: Result<(), types::HandlerError>) -> wasmtime::Result<()> {
+        HostState::end_item(self, outcome)
     }
 
     async fn cancel_scheduled(&mut self, id: String) -> wasmtime::Result<bool> {
@@ -517,6 +674,24 @@ impl HostState {
         call.effects.kv_write_count += 1;
         call.effects.kv.insert(key, value);
         Ok(())
+    }
+}
+
+/// Applies the buffered writes under `prefix` to a key listing.
+fn overlay_keys(
+    keys: &mut std::collections::BTreeSet<String>,
+    writes: &BTreeMap<String, Option<Vec<u8>>>,
+    prefix: &str,
+) {
+    for (key, value) in writes.range(prefix.to_owned()..) {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if value.is_some() {
+            keys.insert(key.clone());
+        } else {
+            keys.remove(key);
+        }
     }
 }
 

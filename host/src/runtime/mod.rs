@@ -32,7 +32,7 @@ use wasmtime::{
 };
 
 pub use self::outcome::{Failure, Outcome};
-pub use self::plugin::{Delivery, InstanceStats, Plugin, PluginInfo};
+pub use self::plugin::{BatchOutcome, Delivery, InstanceStats, Plugin, PluginInfo};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
 pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS};
 

@@ -67,6 +67,23 @@ pub struct PluginInfo {
     pub contract: &'static str,
 }
 
+/// What one batch call produced, item by item.
+///
+/// Invariant, as for [`Outcome`]: an item has effects only if it was acknowledged.
+#[derive(Debug)]
+pub struct BatchOutcome {
+    /// Each item's outcome, in order: its effects, why it failed, or `None` for an item
+    /// not handled (after the call failed in an earlier item, or one the handler left
+    /// out), which runs again alone without counting an attempt.
+    pub items: Vec<Option<Result<Effects, Failure>>>,
+    /// Fuel the call burned.
+    pub fuel_used: u64,
+    /// Wall-clock time of the call.
+    pub duration: Duration,
+    /// Time the guest ran on a thread.
+    pub cpu: Duration,
+}
+
 /// Counters of a plugin's instances, for status and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct InstanceStats {
@@ -173,14 +190,14 @@ impl Runtime {
     fn prepare(&self, bytes: &[u8]) -> Result<(PluginPre, ContractVersion), LoadErrorReason> {
         let component = Component::new(self.engine(), bytes)
             .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}")))?;
-        let contract = validate::check_world(self.engine(), &component)?;
+        let world = validate::check_world(self.engine(), &component)?;
         let pre = self
             .linker()
             .instantiate_pre(&component)
             .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
-        let pre =
-            PluginPre::new(contract, pre).map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
-        Ok((pre, contract))
+        let pre = PluginPre::new(world.contract, world.batch, pre)
+            .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
+        Ok((pre, world.contract))
     }
 }
 
@@ -285,6 +302,126 @@ impl Plugin {
             duration: started.elapsed(),
             cpu: Duration::from_nanos(spent.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Whether the plugin exports the batch handler (`switchyard:plugin/batch-handler`).
+    pub fn takes_batches(&self) -> bool {
+        self.pre.has_batch_handler()
+    }
+
+    /// Handles several events in one call of the batch handler. The call gets the
+    /// plugin's fuel and time for each item; see [`BatchOutcome`] for what comes back. A
+    /// plugin without a batch handler handles none of them.
+    pub async fn invoke_batch(
+        &self,
+        items: &[(&Event, Delivery)],
+        kv: Arc<dyn KvSource>,
+    ) -> BatchOutcome {
+        let count = u32::try_from(items.len().max(1)).unwrap_or(u32::MAX);
+        let limits = PluginLimits {
+            fuel: self.settings.limits.fuel.saturating_mul(u64::from(count)),
+            timeout: self.settings.limits.timeout.saturating_mul(count),
+            ..self.settings.limits
+        };
+        let started = Instant::now();
+        let mut slot = match self.settings.isolation {
+            Isolation::Reuse { .. } => self.warm_pool().pop(),
+            Isolation::PerEvent => None,
+        };
+        let spent = AtomicU64::new(0);
+        let call = Fair::new(
+            self.runtime.gate(),
+            &self.cpu,
+            &spent,
+            self.batch_attempt(&mut slot, items, kv, limits),
+        );
+        let (outcomes, timed_out) = match (Within {
+            inner: call,
+            deadline: tokio::time::Instant::now() + overall_timeout(limits),
+            timer: None,
+        })
+        .await
+        {
+            Some(outcomes) => (outcomes, false),
+            None => {
+                // Cut off mid-call: the item it was in timed out; the others stand.
+                let outcomes = slot.as_mut().map_or_else(
+                    || vec![None; items.len()],
+                    |instance| {
+                        instance
+                            .store
+                            .data_mut()
+                            .end_batch(Some(timeout_failure(limits)))
+                    },
+                );
+                (outcomes, true)
+            }
+        };
+        let fuel_used = slot.as_ref().map_or(0, |instance| {
+            limits
+                .fuel
+                .saturating_sub(instance.store.get_fuel().unwrap_or(0))
+        });
+        if let Some(mut instance) = slot {
+            let healthy = !timed_out
+                && outcomes.iter().all(|outcome| match outcome {
+                    Some(Err(failure)) => {
+                        matches!(failure.kind, FailureKind::Retry | FailureKind::Reject)
+                    }
+                    _ => true,
+                });
+            instance.calls += 1;
+            self.release(instance, healthy);
+        }
+        BatchOutcome {
+            items: outcomes,
+            fuel_used,
+            duration: started.elapsed(),
+            cpu: Duration::from_nanos(spent.load(Ordering::Relaxed)),
+        }
+    }
+
+    async fn batch_attempt(
+        &self,
+        slot: &mut Option<Instance>,
+        items: &[(&Event, Delivery)],
+        kv: Arc<dyn KvSource>,
+        limits: PluginLimits,
+    ) -> Vec<Option<Result<Effects, Failure>>> {
+        let mut outcomes = vec![None; items.len()];
+        if slot.is_none() {
+            self.created.fetch_add(1, Ordering::Relaxed);
+            match self.instantiate().await {
+                Ok(instance) => *slot = Some(instance),
+                Err(failure) => {
+                    // The first item takes the failure; the others run again alone.
+                    if let Some(first) = outcomes.first_mut() {
+                        *first = Some(Err(failure));
+                    }
+                    return outcomes;
+                }
+            }
+        }
+        let Some(instance) = slot.as_mut() else {
+            return outcomes;
+        };
+        if let Err(failure) = arm(&mut instance.store, limits) {
+            if let Some(first) = outcomes.first_mut() {
+                *first = Some(Err(failure));
+            }
+            return outcomes;
+        }
+        let events = items.iter().map(|(event, _)| (*event).clone()).collect();
+        instance.store.data_mut().begin_batch(events, kv);
+        let called = instance
+            .world
+            .handle_batch(&mut instance.store, items)
+            .await;
+        let failure = match called {
+            Some(Err(error)) => Some(classify(&error, instance.store.data(), limits)),
+            Some(Ok(())) | None => None,
+        };
+        instance.store.data_mut().end_batch(failure)
     }
 
     async fn attempt(

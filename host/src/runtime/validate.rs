@@ -18,6 +18,8 @@ pub const CONTRACT_PACKAGE: &str = "switchyard:plugin";
 pub const CONTRACT_VERSIONS: &[&str] = &["0.1.0", "0.2.0"];
 /// The export every plugin must provide, without its version.
 const HANDLER_EXPORT: &str = "switchyard:plugin/handler";
+/// The export a plugin may add to take several events in one call (`0.2.0` on).
+const BATCH_HANDLER_EXPORT: &str = "switchyard:plugin/batch-handler";
 
 /// WASI interfaces granted to plugins. Clocks and random are harmless; stdio goes to the
 /// host's log; the environment and arguments are empty.
@@ -78,12 +80,20 @@ fn is_contract(base: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// What a valid plugin component is built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct World {
+    pub(crate) contract: ContractVersion,
+    /// Whether it exports the batch handler too.
+    pub(crate) batch: bool,
+}
+
 /// Checks what the compiled component imports and exports, and returns the contract
 /// version it was built against.
 pub(crate) fn check_world(
     engine: &Engine,
     component: &Component,
-) -> Result<ContractVersion, LoadErrorReason> {
+) -> Result<World, LoadErrorReason> {
     let ty = component.component_type();
 
     let exports: Vec<String> = ty
@@ -135,7 +145,11 @@ pub(crate) fn check_world(
             return Err(LoadErrorReason::UnknownImport(name.to_owned()));
         }
     }
-    Ok(contract)
+    let batch = exports.iter().any(|name| {
+        let (base, version) = split_version(name);
+        base == BATCH_HANDLER_EXPORT && version == Some(contract.as_str())
+    }) && contract != ContractVersion::V0_1;
+    Ok(World { contract, batch })
 }
 
 fn check_contract_version(version: Option<&str>) -> Result<ContractVersion, LoadErrorReason> {

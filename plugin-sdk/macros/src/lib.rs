@@ -198,6 +198,15 @@ fn expand(config: Config, mut function: ItemFn) -> syn::Result<proc_macro2::Toke
                 }
             }
 
+            impl ::switchyard_sdk::__private::BatchGuest for __SwitchyardHandler {
+                fn handle_batch(
+                    items: ::std::vec::Vec<::switchyard_sdk::__private::BatchItem>,
+                ) {
+                    #checked
+                    ::switchyard_sdk::__private::run_batch(items, handler)
+                }
+            }
+
             ::switchyard_sdk::__private::bindings::export!(
                 __SwitchyardHandler with_types_in ::switchyard_sdk::__private::bindings
             );

@@ -1,0 +1,116 @@
+//! Batch delivery with the real binary, on both backends: a batch with mixed outcomes
+//! commits exactly the acknowledged events' effects and runs the others down their own
+//! paths, alone. (Ordering by key with batches is in `serve_flow.rs`.)
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::guests::Guest;
+use crate::support::host::{Backend, Host};
+
+async fn a_batch_with_mixed_outcomes_commits_exactly_the_acknowledged_events(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.config("[bus]\nack_wait = \"2s\"\n");
+    host.plugin(
+        "mixed",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.count\", \"hostile.effects-then-retry\", \"hostile.reject\", \"hostile.effects-then-trap\"]\n\
+             concurrency = 1\n\
+             [retry]\nmax_attempts = 2\nbackoff = \"constant\"\ninitial = \"100ms\"\njitter = false\n\
+             [batch]\nmax_size = 16\nlinger = \"300ms\"\n",
+        ),
+    );
+    host.start();
+    // One request, so the events reach the plugin together: counting events around a
+    // retry, a reject and a trap, each after effects of its own.
+    let kinds = [
+        ("c1", "hostile.count"),
+        ("c2", "hostile.count"),
+        ("r", "hostile.effects-then-retry"),
+        ("c3", "hostile.count"),
+        ("j", "hostile.reject"),
+        ("c4", "hostile.count"),
+        ("t", "hostile.effects-then-trap"),
+        ("c5", "hostile.count"),
+        ("c6", "hostile.count"),
+    ];
+    let batch: Vec<Value> = kinds
+        .iter()
+        .map(|(id, ty)| json!({"specversion": "1.0", "id": id, "source": "/test", "type": ty, "data": {}}))
+        .collect();
+    let response = host
+        .http
+        .post(host.url("/v1/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(Value::Array(batch).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let letters = host
+        .wait_for("three dead letters", Duration::from_secs(60), || async {
+            let letters = host.get_json("/v1/dlq?plugin=mixed").await;
+            let letters = letters["dead_letters"].as_array()?.clone();
+            (letters.len() == 3).then_some(letters)
+        })
+        .await;
+    let mut dead: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l["event"]["id"].as_str().unwrap().to_owned(),
+                l["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        [
+            ("j".to_owned(), "rejected".to_owned()),
+            ("r".to_owned(), "exhausted".to_owned()),
+            ("t".to_owned(), "exhausted".to_owned()),
+        ]
+    );
+    host.wait_caught_up("mixed", Duration::from_secs(30)).await;
+    // Every counting event's effects once; none of the failed events' effects.
+    let log = host.log().await;
+    let mut counted: Vec<String> = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+        .map(|e| e["event"]["data"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    counted.sort();
+    assert_eq!(counted, ["c1", "c2", "c3", "c4", "c5", "c6"]);
+    assert!(
+        log.iter().all(|e| e["event"]["type"] != "hostile.emitted"),
+        "a failed event's emit was committed"
+    );
+    let mut total = 0u64;
+    for shard in 0..16 {
+        if let Some(value) = host.kv("mixed", &format!("total/{shard}")).await {
+            total += value.parse::<u64>().unwrap();
+        }
+    }
+    assert_eq!(total, 6, "the counters hold each acknowledged event once");
+    assert_eq!(
+        host.kv("mixed", "written").await,
+        None,
+        "a failed event's KV write was committed"
+    );
+    // The events went through the batch handler, in fewer calls than events.
+    let batches = host
+        .metric("switchyard_batch_calls_total{plugin=\"mixed\"}")
+        .await;
+    let in_batches = host
+        .metric("switchyard_batch_events_total{plugin=\"mixed\"}")
+        .await;
+    assert!(
+        batches >= 1.0 && in_batches >= 9.0 && batches < in_batches,
+        "{batches} calls, {in_batches} events"
+    );
+}
+
+crate::on_both_backends!(a_batch_with_mixed_outcomes_commits_exactly_the_acknowledged_events);
