@@ -626,9 +626,22 @@ pub fn quantile(sorted: &[Duration], q: f64) -> f64 {
 }
 
 async fn end_to_end(options: &Options) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = paced_end_to_end(options, "e2e", None).await?;
+    // The same with batches on: the linger is part of the start latency.
+    let batched = "[batch]\nmax_size = 64\nlinger = \"1ms\"\n".to_owned();
+    figures.extend(paced_end_to_end(options, "e2e.batch", Some(batched)).await?);
+    Ok(figures)
+}
+
+/// Latencies at 5,000 events/s into the no-op plugin with `sidecar`, named `prefix.…`.
+async fn paced_end_to_end(
+    options: &Options,
+    prefix: &str,
+    sidecar: Option<String>,
+) -> anyhow::Result<Vec<Figure>> {
     const RATE: f64 = 5_000.0;
     let duration = options.pick(Duration::from_secs(10), Duration::from_secs(3));
-    let host = Process::host(&[("probe".into(), Guest::Noop, None)], None)?;
+    let host = Process::host(&[("probe".into(), Guest::Noop, sidecar)], None)?;
     // Warm up the connections and the plugin's first instances.
     client::paced(host.address, 64, RATE, Duration::from_millis(500), "warm").await?;
     host.wait_caught_up("probe", Duration::from_secs(60))
@@ -642,7 +655,7 @@ async fn end_to_end(options: &Options) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
         figures.push(Figure {
-            name: format!("e2e.ack.{label}"),
+            name: format!("{prefix}.ack.{label}"),
             value: quantile(&acks, q),
             unit: "ms",
             baseline: None,
@@ -661,7 +674,7 @@ async fn end_to_end(options: &Options) -> anyhow::Result<Vec<Figure>> {
         let measured = subtract_histograms(&metrics, &warm_metrics, series);
         for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
             figures.push(Figure {
-                name: format!("e2e.{stage}.{label}"),
+                name: format!("{prefix}.{stage}.{label}"),
                 value: host::histogram_quantile(&measured, series, q)? * 1000.0,
                 unit: "ms",
                 baseline: None,
