@@ -72,8 +72,8 @@ struct Inherited {
 
 /// A batch call in progress (see the WIT's `batch-handler`).
 struct BatchCall {
-    events: Vec<Event>,
-    kv: Arc<dyn KvSource>,
+    /// Each item's call context, taken when the item begins.
+    items: Vec<Option<CallContext>>,
     /// The item being handled.
     current: Option<usize>,
     /// The lowest index `begin-item` may start.
@@ -140,12 +140,14 @@ impl HostState {
 
     /// Starts a batch call over `events`; each item's effects are buffered between its
     /// `begin-item` and `end-item`.
-    pub(crate) fn begin_batch(&mut self, events: Vec<Event>, kv: Arc<dyn KvSource>) {
+    pub(crate) fn begin_batch(&mut self, events: &[&Event], kv: &Arc<dyn KvSource>) {
         self.call = None;
         self.batch = Some(BatchCall {
             outcomes: vec![None; events.len()],
-            events,
-            kv,
+            items: events
+                .iter()
+                .map(|event| Some(CallContext::new(event, Arc::clone(kv), None)))
+                .collect(),
             current: None,
             next: 0,
             inherited: Arc::default(),
@@ -180,19 +182,20 @@ impl HostState {
                 "`begin-item` before the previous item ended with `end-item`".to_owned(),
             ));
         }
-        if index < batch.next || index >= batch.events.len() {
+        let count = batch.items.len();
+        let Some(mut call) = batch
+            .items
+            .get_mut(index)
+            .filter(|_| index >= batch.next)
+            .and_then(Option::take)
+        else {
             return Err(effects_trap(format!(
-                "`begin-item({index})`: items start in order, each once, below {}",
-                batch.events.len()
+                "`begin-item({index})`: items start in order, each once, below {count}"
             )));
-        }
+        };
         batch.current = Some(index);
         batch.next = index + 1;
-        let call = CallContext::new(
-            &batch.events[index],
-            Arc::clone(&batch.kv),
-            Some(Arc::clone(&batch.inherited)),
-        );
+        call.inherited = Some(Arc::clone(&batch.inherited));
         self.call = Some(call);
         Ok(())
     }

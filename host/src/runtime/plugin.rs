@@ -411,8 +411,8 @@ impl Plugin {
             }
             return outcomes;
         }
-        let events = items.iter().map(|(event, _)| (*event).clone()).collect();
-        instance.store.data_mut().begin_batch(events, kv);
+        let events: Vec<&Event> = items.iter().map(|(event, _)| *event).collect();
+        instance.store.data_mut().begin_batch(&events, &kv);
         let called = instance
             .world
             .handle_batch(&mut instance.store, items)

@@ -11,10 +11,11 @@
 //!   headers), removing the schedule in the same step.
 //! - the durable consumer `P-scheduler` on `P.due.>`, shared by every host (competing
 //!   consumers): a host's scheduler pulls due events, appends each to the log like any
-//!   event (`Nats-Msg-Id` on its `(source, id)`), then acknowledges and deletes the due
-//!   message. A host that dies in between leaves it unacknowledged; another host gets it
-//!   after `ack_wait` and its append is dropped as a duplicate. So each due event reaches
-//!   the log once, over all hosts.
+//!   event (`Nats-Msg-Id` on its `(source, id)`), then acknowledges the due message,
+//!   which the stream then drops (work-queue retention: pending schedules match no
+//!   consumer and stay). A host that dies in between leaves it unacknowledged; another
+//!   host gets it after `ack_wait` and its append is dropped as a duplicate. So each due
+//!   event reaches the log once, over all hosts.
 //!
 //! A cancellation purges the schedule's subject: after that the server has nothing to
 //! fire, and one that fired first leaves nothing to purge (`false`).
@@ -62,6 +63,28 @@ impl Shared {
 
     /// Schedules an event carrying `deliverat`.
     pub(super) async fn schedule(&self, event: &Event) -> Result<Appended, BusError> {
+        let (subject, publish, due_at_ms) = self.schedule_message(event)?;
+        let ack = self
+            .jetstream
+            .send_publish(subject, publish)
+            .await
+            .map_err(storage!("scheduling an event"))?
+            .await
+            .map_err(storage!("storing a scheduled event"))?;
+        Ok(Appended {
+            sequence: 0,
+            duplicate: ack.duplicate,
+            stream_version: None,
+            due_at_ms: Some(due_at_ms),
+        })
+    }
+
+    /// The message that schedules an event carrying `deliverat`: its subject, the
+    /// message, and the due time.
+    pub(super) fn schedule_message(
+        &self,
+        event: &Event,
+    ) -> Result<(String, PublishMessage, i64), BusError> {
         let mut pending = event.clone();
         let due = pending
             .extensions
@@ -83,19 +106,7 @@ impl Shared {
         let publish = PublishMessage::build()
             .payload(encode_event(&pending))
             .headers(headers);
-        let ack = self
-            .jetstream
-            .send_publish(self.schedule_subject(&event.id), publish)
-            .await
-            .map_err(storage!("scheduling an event"))?
-            .await
-            .map_err(storage!("storing a scheduled event"))?;
-        Ok(Appended {
-            sequence: 0,
-            duplicate: ack.duplicate,
-            stream_version: None,
-            due_at_ms: Some(due_at_ms),
-        })
+        Ok((self.schedule_subject(&event.id), publish, due_at_ms))
     }
 
     /// Cancels a pending scheduled event; whether there was one.
@@ -259,24 +270,14 @@ impl Schedules for NatsBus {
         // stored of them is then dropped as a duplicate.
         shared.store_events(&events, false).await?;
         let appended_at = now_ms();
-        let mut done = Vec::with_capacity(due.len());
         for (message, due_at_ms) in due {
             fired
                 .lags_ms
                 .push(u64::try_from(appended_at.saturating_sub(due_at_ms)).unwrap_or(0));
-            // A lost acknowledgement means one more append, which `Nats-Msg-Id` drops.
+            // A lost acknowledgement means one more append, which `Nats-Msg-Id` drops;
+            // an acknowledged one removes the due message (work-queue retention).
             let _ = message.ack().await;
-            if let Ok(info) = message.info() {
-                done.push(info.stream_sequence);
-            }
         }
-        // Acknowledged due messages are only clutter now: removed off the firing path.
-        let schedules = shared.schedules.clone();
-        tokio::spawn(async move {
-            for sequence in done {
-                let _ = schedules.delete_message(sequence).await;
-            }
-        });
         Ok(fired)
     }
 }

@@ -155,6 +155,9 @@ async fn open_streams(
             name: format!("{prefix}-schedules"),
             subjects: vec![format!("{prefix}.schedule.*"), format!("{prefix}.due.*")],
             duplicate_window: options.duplicate_window,
+            // A due message goes once the scheduler acknowledges it (its only consumer);
+            // pending schedules match no consumer and stay.
+            retention: RetentionPolicy::WorkQueue,
             allow_message_schedules: true,
             // The server requires both of a stream with schedules.
             allow_rollup: true,

@@ -33,12 +33,14 @@
 use std::collections::BTreeMap;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 
 use super::commit::{BatchError, COMMIT_RECORD_AGE, CommitRecord, Conditional, publish_batch};
 use super::messages::{
@@ -56,6 +58,11 @@ use crate::stream::{self as streams, EXPECTED_VERSION, StreamPage, VersionConfli
 const APPEND_TRIES: usize = 1000;
 /// Most messages the server takes in one atomic batch.
 const MAX_BATCH_MESSAGES: usize = 1000;
+/// Longest a stream page waits for its next message from the server.
+const STREAM_READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Pages of up to this many events are read by direct gets, one round trip each; longer
+/// ones through an ordered consumer.
+const DIRECT_READS: usize = 16;
 
 /// The newest message of a subject's stream.
 #[derive(Debug, Clone, Copy, Default)]
@@ -169,20 +176,63 @@ impl Shared {
         if limit == 0 || after >= head.version {
             return Ok(page);
         }
-        let mut next = self.seek(&filter, after + 1, head).await?;
-        while let Some(message) = next {
-            if message.sequence > head.sequence {
-                break;
-            }
-            let event = decode_event(&message.payload)?;
-            // A token is a hash: only events of this very subject belong to the page.
+        let Some(first) = self.seek(&filter, after + 1, head).await? else {
+            return Ok(page);
+        };
+        let wanted = usize::try_from(head.version - after)
+            .unwrap_or(usize::MAX)
+            .min(limit);
+        // A token is a hash: only events of this very subject belong to the page.
+        let mut take = |payload: &[u8]| -> Result<bool, BusError> {
+            let event = decode_event(payload)?;
             if event.subject.as_deref() == Some(subject) {
                 page.events.push(event);
-                if page.events.len() == limit {
+            }
+            Ok(page.events.len() < limit)
+        };
+        if wanted <= DIRECT_READS {
+            let mut next = Some(first);
+            while let Some(message) = next {
+                if message.sequence > head.sequence || !take(&message.payload)? {
+                    break;
+                }
+                next = next_message(&self.events, self.direct(), &filter, message.sequence + 1)
+                    .await?;
+            }
+        } else {
+            // A longer page streams through an ordered consumer: one request, not one
+            // round trip per event.
+            let consumer = self
+                .events
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: filter.clone(),
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: first.sequence,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(storage!("reading a stream"))?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(storage!("reading a stream"))?;
+            // Bounded: the head message can be deleted (retention) while the page streams.
+            while let Ok(Some(message)) =
+                tokio::time::timeout(STREAM_READ_PATIENCE, messages.next()).await
+            {
+                let message = message.map_err(storage!("reading a stream"))?;
+                let sequence = message
+                    .info()
+                    .map(|info| info.stream_sequence)
+                    .map_err(|error| nats_error("reading a stream")(&*error))?;
+                if sequence > head.sequence || !take(&message.payload)? {
+                    break;
+                }
+                if sequence == head.sequence {
                     break;
                 }
             }
-            next = next_message(&self.events, self.direct(), &filter, message.sequence + 1).await?;
         }
         Ok(page)
     }
@@ -216,28 +266,30 @@ impl Shared {
         let mut answers: Vec<Option<Appended>> = vec![None; events.len()];
         let mut pending = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            if event.extensions.contains_key(DELIVER_AT) {
-                answers[index] = Some(self.schedule(event).await?);
+            let (subject, publish, due_at_ms) = if event.extensions.contains_key(DELIVER_AT) {
+                let (subject, publish, due) = self.schedule_message(event)?;
+                (subject, publish, Some(due))
             } else if event.subject.is_some() {
                 answers[index] = Some(self.append_to_stream(event, watched).await?);
+                continue;
             } else {
-                let publish = self.plain_message(event, watched);
-                pending.push((
-                    index,
-                    self.jetstream
-                        .send_publish(event_subject(&self.options.prefix, &event.ty), publish)
-                        .await
-                        .map_err(storage!("publishing an event"))?,
-                ));
-            }
+                let subject = event_subject(&self.options.prefix, &event.ty);
+                (subject, self.plain_message(event, watched), None)
+            };
+            let ack = self
+                .jetstream
+                .send_publish(subject, publish)
+                .await
+                .map_err(storage!("publishing an event"))?;
+            pending.push((index, ack, due_at_ms));
         }
-        for (index, ack) in pending {
+        for (index, ack, due_at_ms) in pending {
             let ack = ack.await.map_err(storage!("storing an event"))?;
             answers[index] = Some(Appended {
-                sequence: ack.sequence,
+                sequence: if due_at_ms.is_some() { 0 } else { ack.sequence },
                 duplicate: ack.duplicate,
                 stream_version: None,
-                due_at_ms: None,
+                due_at_ms,
             });
         }
         Ok(answers.into_iter().flatten().collect())
