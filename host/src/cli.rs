@@ -199,6 +199,12 @@ pub enum Command {
         /// subscribed to the event, and print them.
         #[arg(long, value_name = "DURATION")]
         wait: Option<String>,
+        /// Schedule the event this long from now (`15m`) instead of appending it now.
+        #[arg(long, value_name = "DURATION", conflicts_with = "wait")]
+        delay: Option<String>,
+        /// Append only if the subject's stream is at this version (`0`: new stream).
+        #[arg(long, value_name = "VERSION", requires = "subject")]
+        expected_version: Option<u64>,
         /// Where the host is.
         #[command(flatten)]
         client: ClientArgs,
@@ -300,6 +306,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             subject,
             wait,
+            delay,
+            expected_version,
             client,
         } => {
             let attributes = SendAttributes {
@@ -307,6 +315,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 source,
                 subject,
                 wait,
+                delay,
+                expected_version,
             };
             send(&client, &ty, &data, attributes).await
         }
@@ -431,6 +441,8 @@ struct SendAttributes {
     source: Option<String>,
     subject: Option<String>,
     wait: Option<String>,
+    delay: Option<String>,
+    expected_version: Option<u64>,
 }
 
 async fn send(
@@ -445,15 +457,20 @@ async fn send(
         ("ce-id", attributes.id),
         ("ce-source", attributes.source),
         ("ce-subject", attributes.subject),
+        (
+            "ce-expectedversion",
+            attributes.expected_version.map(|v| v.to_string()),
+        ),
     ] {
         if let Some(value) = value {
             headers.push((name, value));
         }
     }
-    let query = attributes
-        .wait
-        .map(|wait| format!("?wait={wait}"))
-        .unwrap_or_default();
+    let query = match (attributes.wait, attributes.delay) {
+        (Some(wait), _) => format!("?wait={wait}"),
+        (None, Some(delay)) => format!("?delay={delay}"),
+        (None, None) => String::new(),
+    };
     request(
         client,
         reqwest::Method::POST,

@@ -165,6 +165,43 @@ async fn the_client_commands_talk_to_a_running_host(backend: Backend) {
     let bad = cli(&["send", "no..type", "--url", &url]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("400 Bad Request"));
+
+    // A conditional append, its stale repeat, and a schedule.
+    let send = |args: &[&str]| {
+        let mut all = vec![
+            "send",
+            "ledger.entry",
+            "--subject",
+            "ledger-1",
+            "--url",
+            &url,
+        ];
+        all.extend_from_slice(args);
+        cli(&all)
+    };
+    let first = send(&["--expected-version", "0"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(first["accepted"][0]["streamversion"], 1);
+    let stale = send(&["--expected-version", "0"]);
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("409 Conflict"),
+        "{}",
+        String::from_utf8_lossy(&stale.stderr)
+    );
+    let later = send(&["--delay", "1h", "--id", "cli-later"]);
+    assert!(
+        later.status.success(),
+        "{}",
+        String::from_utf8_lossy(&later.stderr)
+    );
+    let later: serde_json::Value = serde_json::from_slice(&later.stdout).unwrap();
+    assert!(later["accepted"][0]["scheduled"].is_string(), "{later}");
 }
 
 #[test]

@@ -522,19 +522,22 @@ struct Attempted {
     pending: Option<PendingCommit>,
 }
 
+/// Waits until the valve lets a call start; `None` when shutting down first.
+async fn admitted(context: &Context) -> Option<valve::Admission> {
+    if let Some(admission) = context.valve.admit().now_or_never() {
+        return Some(admission);
+    }
+    let mut stopped = context.stopped.clone();
+    tokio::select! {
+        admission = context.valve.admit() => Some(admission),
+        _ = stopped.wait_for(|stop| *stop) => None,
+    }
+}
+
 /// Runs a delivery's first attempt once the valve lets it and under a call permit;
 /// `None` when shutting down.
 async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
-    let admission = match context.valve.admit().now_or_never() {
-        Some(admission) => admission,
-        None => {
-            let mut stopped = context.stopped.clone();
-            tokio::select! {
-                admission = context.valve.admit() => admission,
-                _ = stopped.wait_for(|stop| *stop) => return None,
-            }
-        }
-    };
+    let admission = admitted(context).await?;
     let permit = context.permits.acquire().await.ok()?;
     context
         .state
@@ -565,16 +568,7 @@ async fn batch_call(
     context: &Context,
     deliveries: &[(Delivery, Option<String>)],
 ) -> Option<Vec<Option<Called>>> {
-    let admission = match context.valve.admit().now_or_never() {
-        Some(admission) => admission,
-        None => {
-            let mut stopped = context.stopped.clone();
-            tokio::select! {
-                admission = context.valve.admit() => admission,
-                _ = stopped.wait_for(|stop| *stop) => return None,
-            }
-        }
-    };
+    let admission = admitted(context).await?;
     let permit = context.permits.acquire().await.ok()?;
     let count = deliveries.len();
     context

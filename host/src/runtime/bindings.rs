@@ -240,40 +240,23 @@ impl PluginWorld {
         &self,
         store: &mut Store<HostState>,
     ) -> wasmtime::Result<Described> {
+        macro_rules! described {
+            ($plugin:expr) => {{
+                let info = $plugin
+                    .switchyard_plugin_handler()
+                    .call_describe(store)
+                    .await?;
+                Described {
+                    name: info.name,
+                    version: info.version,
+                    subscriptions: info.subscriptions,
+                }
+            }};
+        }
         Ok(match self {
-            Self::V0_1(plugin) => {
-                let info = plugin
-                    .switchyard_plugin_handler()
-                    .call_describe(store)
-                    .await?;
-                Described {
-                    name: info.name,
-                    version: info.version,
-                    subscriptions: info.subscriptions,
-                }
-            }
-            Self::V0_2(plugin) => {
-                let info = plugin
-                    .switchyard_plugin_handler()
-                    .call_describe(store)
-                    .await?;
-                Described {
-                    name: info.name,
-                    version: info.version,
-                    subscriptions: info.subscriptions,
-                }
-            }
-            Self::V0_2Batch(plugin) => {
-                let info = plugin
-                    .switchyard_plugin_handler()
-                    .call_describe(store)
-                    .await?;
-                Described {
-                    name: info.name,
-                    version: info.version,
-                    subscriptions: info.subscriptions,
-                }
-            }
+            Self::V0_1(plugin) => described!(plugin),
+            Self::V0_2(plugin) => described!(plugin),
+            Self::V0_2Batch(plugin) => described!(plugin),
         })
     }
 }

@@ -256,11 +256,7 @@ impl Plugin {
         };
         let started = Instant::now();
         let limits = self.settings.limits;
-        let warm = match self.settings.isolation {
-            Isolation::Reuse { .. } => self.warm_pool().pop(),
-            Isolation::PerEvent => None,
-        };
-        let mut slot = warm;
+        let mut slot = self.warm_instance();
         let spent = AtomicU64::new(0);
         let attempt = Fair::new(
             self.runtime.gate(),
@@ -279,23 +275,9 @@ impl Plugin {
             Some(result) => (result, false),
             None => (Err(timeout_failure(limits)), true),
         };
-        let fuel_used = slot.as_ref().map_or(0, |instance| {
-            limits
-                .fuel
-                .saturating_sub(instance.store.get_fuel().unwrap_or(0))
-        });
-        if let Some(mut instance) = slot {
-            // A call cut off by the timeout leaves the store mid-call: never reuse it.
-            let healthy = !timed_out
-                && match &result {
-                    Ok(_) => true,
-                    Err(failure) => {
-                        matches!(failure.kind, FailureKind::Retry | FailureKind::Reject)
-                    }
-                };
-            instance.calls += 1;
-            self.release(instance, healthy);
-        }
+        // A call cut off by the timeout leaves the store mid-call: never reuse it.
+        let healthy = !timed_out && result.as_ref().err().is_none_or(leaves_instance_healthy);
+        let fuel_used = self.put_back(slot, limits, healthy);
         Outcome {
             result,
             fuel_used,
@@ -324,10 +306,7 @@ impl Plugin {
             ..self.settings.limits
         };
         let started = Instant::now();
-        let mut slot = match self.settings.isolation {
-            Isolation::Reuse { .. } => self.warm_pool().pop(),
-            Isolation::PerEvent => None,
-        };
+        let mut slot = self.warm_instance();
         let spent = AtomicU64::new(0);
         let call = Fair::new(
             self.runtime.gate(),
@@ -357,22 +336,11 @@ impl Plugin {
                 (outcomes, true)
             }
         };
-        let fuel_used = slot.as_ref().map_or(0, |instance| {
-            limits
-                .fuel
-                .saturating_sub(instance.store.get_fuel().unwrap_or(0))
-        });
-        if let Some(mut instance) = slot {
-            let healthy = !timed_out
-                && outcomes.iter().all(|outcome| match outcome {
-                    Some(Err(failure)) => {
-                        matches!(failure.kind, FailureKind::Retry | FailureKind::Reject)
-                    }
-                    _ => true,
-                });
-            instance.calls += 1;
-            self.release(instance, healthy);
-        }
+        let healthy = !timed_out
+            && outcomes
+                .iter()
+                .all(|outcome| !matches!(outcome, Some(Err(failure)) if !leaves_instance_healthy(failure)));
+        let fuel_used = self.put_back(slot, limits, healthy);
         BatchOutcome {
             items: outcomes,
             fuel_used,
@@ -497,6 +465,27 @@ impl Plugin {
         }
     }
 
+    /// A warm instance from the pool in `reuse` mode.
+    fn warm_instance(&self) -> Option<Instance> {
+        match self.settings.isolation {
+            Isolation::Reuse { .. } => self.warm_pool().pop(),
+            Isolation::PerEvent => None,
+        }
+    }
+
+    /// Puts a call's instance back (or drops it) and returns the fuel the call burned.
+    fn put_back(&self, slot: Option<Instance>, limits: PluginLimits, healthy: bool) -> u64 {
+        let Some(mut instance) = slot else {
+            return 0;
+        };
+        let fuel_used = limits
+            .fuel
+            .saturating_sub(instance.store.get_fuel().unwrap_or(0));
+        instance.calls += 1;
+        self.release(instance, healthy);
+        fuel_used
+    }
+
     fn release(&self, instance: Instance, healthy: bool) {
         if let Isolation::Reuse { max_calls } = self.settings.isolation {
             if healthy && instance.calls < max_calls {
@@ -585,6 +574,12 @@ fn arm(store: &mut Store<HostState>, limits: PluginLimits) -> Result<(), Failure
 fn deadline_ticks(timeout: Duration) -> u64 {
     let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+/// Whether an instance is fit for another call after a call failed this way: only the
+/// handler's own errors leave it as it was.
+fn leaves_instance_healthy(failure: &Failure) -> bool {
+    matches!(failure.kind, FailureKind::Retry | FailureKind::Reject)
 }
 
 /// The tokio timeout sits two ticks past the epoch deadline, so CPU-bound guests are
