@@ -287,6 +287,21 @@ async fn run_lanes(
     while running.join_next().await.is_some() {}
 }
 
+/// Awaits `call` while driving a lane's settlements, so they go on meanwhile.
+async fn driving<T, S: std::future::Future>(
+    call: impl std::future::Future<Output = T>,
+    settling: &mut FuturesUnordered<S>,
+) -> T {
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut call => return output,
+            Some(_) = settling.next(), if !settling.is_empty() => {}
+        }
+    }
+}
+
 /// Longest a lane runs calls back to back before it lets the other tasks of its thread run.
 const LANE_SLICE: Duration = Duration::from_micros(100);
 
@@ -305,17 +320,7 @@ async fn lane(
             received = async { incoming.lock().await.recv().await } => received,
         };
         let Some(delivery) = received else { break };
-        let called = {
-            let call = first_call(&context, &delivery);
-            tokio::pin!(call);
-            loop {
-                tokio::select! {
-                    biased;
-                    called = &mut call => break called,
-                    Some(_) = settling.next(), if !settling.is_empty() => {}
-                }
-            }
-        };
+        let called = driving(first_call(&context, &delivery), &mut settling).await;
         if let Some(called) = called {
             settling.push(finish(Arc::clone(&context), delivery, None, called));
         }
@@ -698,17 +703,7 @@ async fn batch_lane(
         }
         let deliveries: Vec<(Delivery, Option<String>)> =
             deliveries.into_iter().map(|d| (d, None)).collect();
-        let called = {
-            let call = batch_call(&context, &deliveries);
-            tokio::pin!(call);
-            loop {
-                tokio::select! {
-                    biased;
-                    called = &mut call => break called,
-                    Some(_) = settling.next(), if !settling.is_empty() => {}
-                }
-            }
-        };
+        let called = driving(batch_call(&context, &deliveries), &mut settling).await;
         let Some(called) = called else { break };
         settling.push(settle_batch(Arc::clone(&context), deliveries, called));
         tokio::task::yield_now().await;
