@@ -17,6 +17,12 @@
 //! pending from before a restart does not hold its key: the restarted dispatcher learns
 //! of it when it is due.)
 //!
+//! With a `[batch]` table (and a plugin that exports the batch handler), a call takes a
+//! batch: a lane gathers up to `max_size` deliveries, waiting up to `linger`, and the key
+//! router gathers deliveries of distinct keys. Each item of a batch then settles like a
+//! lone attempt ([`finish`]: a conflict runs that item again alone); items the call did
+//! not handle (after a trap in an earlier item) run alone ([`handle`]).
+//!
 //! Before a call starts, the plugin's [`valve::Valve`] says whether it may: an
 //! operator's pause or an open circuit breaker holds calls (and so the plugin's
 //! deliveries) until it lets them through; see that module.

@@ -6,8 +6,12 @@
 //! - [`Runtime::load`] turns a file's bytes into a [`Plugin`]: header checks, compile
 //!   (on a blocking thread), world and import validation ([`validate`]), pre-instantiation
 //!   and a call to `describe()`. Every refusal is a [`LoadError`] naming the file.
-//! - [`Plugin::invoke`] runs one event and returns an [`Outcome`]; see [`plugin`] for the
-//!   instance lifecycle in each [`Isolation`] mode. Guest calls longer than one timeslice
+//! - [`Plugin::invoke`] runs one event and returns an [`Outcome`];
+//!   [`Plugin::invoke_batch`] runs several through the plugin's batch handler and returns
+//!   each one's outcome ([`BatchOutcome`]); see [`plugin`] for the instance lifecycle in
+//!   each [`Isolation`] mode.
+//! - A plugin is bound to the contract version it was built against; every version's
+//!   imports share one implementation ([`bindings`], [`host`]). Guest calls longer than one timeslice
 //!   share the CPU through one gate that serves the least-served plugin first ([`fair`]).
 //!
 //! The runtime never applies effects: emits and KV writes come back in the outcome for

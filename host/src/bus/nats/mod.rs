@@ -4,10 +4,18 @@
 //!
 //! Names (`P` is `[bus] prefix`):
 //! - stream `P-events`, subjects `P.events.<type>` (the event type's dot-separated words,
-//!   each made subject-safe) and `P.replay.<plugin>` (dead letters sent back to one plugin);
+//!   each made subject-safe; events without a CloudEvents subject),
+//!   `P.streams.<token>.<type>` (events with one: `<token>` stands for the subject, so a
+//!   subject's stream is one wildcard, see `streams.rs`), `P.replay.<plugin>` (dead
+//!   letters sent back to one plugin), `P.commits.<token>.<sequence>` (records of commits
+//!   with stream conditions) and `P.guards` (their conditions on streams read);
 //! - durable consumer `P-<plugin>` on it, filtering on the plugin's patterns (made
-//!   disjoint, as the server requires) and its replay subject; the host still matches each
-//!   event's type against the patterns, as the filter may be wider;
+//!   disjoint, as the server requires) under `P.events.` and `P.streams.*.`, and its
+//!   replay subject; the host still matches each event's type against the patterns, as
+//!   the filter may be wider;
+//! - stream `P-schedules` (a work queue with the server's message schedules): pending
+//!   scheduled events `P.schedule.<id token>`, fired into `P.due.<id token>`, and the
+//!   durable consumer `P-scheduler` every host's scheduler pulls from (`schedules.rs`);
 //! - stream `P-dead-letters`, subjects `P.dlq.<plugin>`: one JSON record per dead letter,
 //!   its id the record's stream sequence;
 //! - KV buckets `P-kv-<plugin>` (plugin state; its stream also holds the plugin's commit
@@ -19,7 +27,9 @@
 //! - **Append** publishes each event with `Nats-Msg-Id` = SHA-256 of `(source, id)`; the
 //!   stream drops a copy sent again within `duplicate_window` and answers with the
 //!   original's sequence. A batch is not atomic: on an error some events may be stored,
-//!   and the producer's retry of the batch is absorbed by the dedupe.
+//!   and the producer's retry of the batch is absorbed by the dedupe; a batch holding an
+//!   `expectedversion` is one atomic batch. An event with a subject is appended on the
+//!   condition that its stream has not moved since its version was read (`streams.rs`).
 //! - **Delivery**: a retry is a `Nak` with the backoff's delay; a dead letter is a record
 //!   in the dead-letter stream followed by the acknowledgement. The server's own
 //!   `max_deliver` is left unlimited because the server drops a message silently when it
@@ -47,6 +57,10 @@
 //! - `setup.rs`: connecting, and creating or checking the streams and buckets at start;
 //! - `messages.rs`: how an event becomes a message (subject, `Nats-Msg-Id`, payload,
 //!   replay headers) and back;
+//! - `streams.rs`: subject streams (versions, conditional appends, pages) and storing
+//!   events, the one path of ingest, emits and the scheduler; commits with stream
+//!   conditions;
+//! - `schedules.rs`: scheduled events on the server's message schedules;
 //! - `commit.rs`: the commit protocol (atomic, conditional batches and commit records);
 //! - `consumer.rs`: a plugin's consumer on one host: pulling, keep-alive, settling, and
 //!   the errors of earlier attempts;
