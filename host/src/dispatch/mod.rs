@@ -1045,7 +1045,19 @@ fn notify(context: &Context, delivery: &Delivery, settlement: &Settlement) {
     let event = &delivery.stored.event;
     context.bus.notify(&event.source, &event.id, &|| {
         let (outcome, error, emitted) = match settlement {
-            Settlement::Ack(effects) => (NoticeOutcome::Ok, None, effects.emits.clone()),
+            Settlement::Ack(effects) => {
+                // As stored: an expected version is a condition, not part of the event.
+                let emitted = effects
+                    .emits
+                    .iter()
+                    .map(|emit| {
+                        let mut emit = emit.clone();
+                        emit.extensions.remove(crate::stream::EXPECTED_VERSION);
+                        emit
+                    })
+                    .collect();
+                (NoticeOutcome::Ok, None, emitted)
+            }
             Settlement::Retry { errors, .. } => {
                 (NoticeOutcome::Retrying, errors.last().cloned(), Vec::new())
             }
