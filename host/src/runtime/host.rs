@@ -87,6 +87,9 @@ struct BatchCall {
 #[derive(Default)]
 struct EffectBuffer {
     emits: Vec<Event>,
+    /// Emits made, cancelled ones included: an emit's id derives from its index, which a
+    /// cancelled schedule must not hand out again.
+    emit_count: usize,
     emit_bytes: usize,
     kv: BTreeMap<String, Option<Vec<u8>>>,
     kv_write_count: usize,
@@ -370,7 +373,7 @@ impl host::Host for HostState {
                 outgoing.type_, call.depth, bounds.max_causation_depth
             ))));
         }
-        if call.effects.emits.len() >= bounds.max_emits {
+        if call.effects.emit_count >= bounds.max_emits {
             return Err(effects_trap(format!(
                 "emit: more than {} events emitted in one call",
                 bounds.max_emits
@@ -436,8 +439,9 @@ impl host::Host for HostState {
             &plugin,
             &call.event_source,
             &call.event_id,
-            call.effects.emits.len(),
+            call.effects.emit_count,
         );
+        call.effects.emit_count += 1;
         call.effects.emits.push(Event {
             id: id.clone(),
             source: format!("/switchyard/plugins/{plugin}"),
