@@ -392,12 +392,33 @@ impl Consumer for NatsConsumer {
             return Ok(Vec::new());
         }
         let mut deliveries = Vec::new();
+        let mut failed = None;
         for message in self.pull(room).await? {
-            if let Some(delivery) = self.accept(message).await? {
-                deliveries.push(delivery);
+            if failed.is_some() {
+                // Not looked at: back to the server for a later pull (held by no one, it
+                // would otherwise wait out `ack_wait`).
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                continue;
+            }
+            match self.accept(message).await {
+                Ok(Some(delivery)) => deliveries.push(delivery),
+                Ok(None) => {}
+                // The message that failed is not held: the server hands it out again.
+                Err(error) => failed = Some(error),
             }
         }
-        Ok(deliveries)
+        // The deliveries accepted before a failure are held and kept alive: they must
+        // reach the dispatcher, or nothing would ever settle them.
+        match failed {
+            Some(error) if deliveries.is_empty() => Err(error),
+            Some(error) => {
+                tracing::warn!(plugin = %self.plugin, %error, "a pulled message could not be taken yet; it comes back");
+                Ok(deliveries)
+            }
+            None => Ok(deliveries),
+        }
     }
 
     async fn release(&self) {
