@@ -40,14 +40,7 @@ async fn a_batch_with_mixed_outcomes_commits_exactly_the_acknowledged_events(bac
         .iter()
         .map(|(id, ty)| json!({"specversion": "1.0", "id": id, "source": "/test", "type": ty, "data": {}}))
         .collect();
-    let response = host
-        .http
-        .post(host.url("/v1/events"))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(Value::Array(batch).to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = host.send_batch(&Value::Array(batch)).await;
     assert_eq!(response.status(), 202);
     let letters = host
         .wait_for("three dead letters", Duration::from_secs(60), || async {

@@ -111,15 +111,7 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
         {"specversion": "1.0", "id": "b3", "source": "/test", "type": "account.debited",
          "subject": "acct-2", "expectedversion": "7", "data": {}},
     ]);
-    let response = host
-        .http
-        .post(host.url("/v1/events"))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(batch.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 409);
+    assert_eq!(host.send_batch(&batch).await.status(), 409);
     assert_eq!(versions(&host, "acct-1").await, [1, 2, 3, 4]);
     let missing = host
         .http

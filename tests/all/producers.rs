@@ -241,13 +241,8 @@ async fn schemas_check_what_is_published_and_emitted_and_survive_a_restart(backe
                "data": payment("B-3", amount)})
     };
     let response = host
-        .http
-        .post(host.url("/v1/events"))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(json!([event("batch-ok", 100), event("batch-bad", 0)]).to_string())
-        .send()
-        .await
-        .unwrap();
+        .send_batch(&json!([event("batch-ok", 100), event("batch-bad", 0)]))
+        .await;
     assert_eq!(response.status(), 400);
     let error: Value = response.json().await.unwrap();
     assert!(

@@ -214,6 +214,17 @@ impl Host {
             .status()
     }
 
+    /// POSTs `events` (a JSON array of CloudEvents) as one batch; the response.
+    pub async fn send_batch(&self, events: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(events.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GETs a JSON document, asserting 200.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let response = self.http.get(self.url(path)).send().await.unwrap();

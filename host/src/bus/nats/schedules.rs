@@ -37,7 +37,7 @@ use futures_util::StreamExt;
 
 use super::messages::{decode_event, encode_event, header, message_id, subject_token};
 use super::{NatsBus, Shared, nats_error, next_message};
-use crate::bus::{Appended, BusError, Fired, ScheduledEvent, ScheduledQuery, Schedules};
+use crate::bus::{BusError, Fired, ScheduledEvent, ScheduledQuery, Schedules};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::event::Event;
 use crate::schedule::{self, DELIVER_AT};
@@ -59,24 +59,6 @@ impl Shared {
 
     fn due_subject(&self, id: &str) -> String {
         format!("{}.due.{}", self.options.prefix, subject_token(id))
-    }
-
-    /// Schedules an event carrying `deliverat`.
-    pub(super) async fn schedule(&self, event: &Event) -> Result<Appended, BusError> {
-        let (subject, publish, due_at_ms) = self.schedule_message(event)?;
-        let ack = self
-            .jetstream
-            .send_publish(subject, publish)
-            .await
-            .map_err(storage!("scheduling an event"))?
-            .await
-            .map_err(storage!("storing a scheduled event"))?;
-        Ok(Appended {
-            sequence: 0,
-            duplicate: ack.duplicate,
-            stream_version: None,
-            due_at_ms: Some(due_at_ms),
-        })
     }
 
     /// The message that schedules an event carrying `deliverat`: its subject, the

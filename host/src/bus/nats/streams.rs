@@ -568,14 +568,22 @@ impl Shared {
                 stream_version: version,
                 due_at_ms: None,
             });
-        let mut answers = Vec::with_capacity(events.len());
-        for event in events {
-            if event.extensions.contains_key(DELIVER_AT) {
-                answers.push(self.schedule(event).await?);
-            } else if let Some(answer) = logged_answers.next() {
-                answers.push(answer);
-            }
-        }
+        let scheduled: Vec<Event> = events
+            .iter()
+            .filter(|e| e.extensions.contains_key(DELIVER_AT))
+            .cloned()
+            .collect();
+        let mut scheduled_answers = self.store_each(&scheduled, watched).await?.into_iter();
+        let answers = events
+            .iter()
+            .filter_map(|event| {
+                if event.extensions.contains_key(DELIVER_AT) {
+                    scheduled_answers.next()
+                } else {
+                    logged_answers.next()
+                }
+            })
+            .collect();
         Ok(answers)
     }
 
@@ -665,11 +673,12 @@ impl Shared {
 
     /// Stores a commit record's scheduled events and cancellations (both idempotent).
     pub(super) async fn finish_schedules(&self, record: &CommitRecord) -> Result<(), BusError> {
-        for event in record.emits()? {
-            if event.extensions.contains_key(DELIVER_AT) {
-                self.schedule(&event).await?;
-            }
-        }
+        let scheduled: Vec<Event> = record
+            .emits()?
+            .into_iter()
+            .filter(|e| e.extensions.contains_key(DELIVER_AT))
+            .collect();
+        self.store_each(&scheduled, false).await?;
         for id in &record.cancels {
             self.cancel(id).await?;
         }
