@@ -421,7 +421,56 @@ async fn a_plugin_of_contract_0_1_runs_beside_plugins_of_0_2(backend: Backend) {
     assert_eq!(versions(&host, "meter-1").await, [1, 2, 3, 4, 5, 6]);
 }
 
+/// KV writes and a conditional stream append in one call: one transaction on the
+/// embedded log; on NATS two streams that no atomic batch spans, so the call is refused
+/// with the reason, to the dead letters, rather than half committed.
+async fn kv_writes_with_a_stream_condition_commit_together_or_are_refused(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "mixed",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.kv-and-stream\"]\n"),
+    );
+    host.start();
+    assert_eq!(
+        host.send("hostile.kv-and-stream", "m1", json!({})).await,
+        202
+    );
+    match backend {
+        Backend::Embedded => {
+            let written = host
+                .wait_for("the KV write", Duration::from_secs(30), || async {
+                    host.kv("mixed", "mixed/m1").await
+                })
+                .await;
+            assert_eq!(written, "1");
+            assert_eq!(versions(&host, "ledger").await, [1]);
+        }
+        Backend::Nats(_) => {
+            let letters = host
+                .wait_for("the dead letter", Duration::from_secs(30), || async {
+                    let list = host.get_json("/v1/dlq?plugin=mixed").await;
+                    let letters = list["dead_letters"].as_array()?.clone();
+                    (!letters.is_empty()).then_some(letters)
+                })
+                .await;
+            assert_eq!(letters[0]["reason"], "effects", "{letters:?}");
+            let errors = letters[0]["errors"].to_string();
+            assert!(errors.contains("cannot both write KV"), "{errors}");
+            assert_eq!(host.kv("mixed", "mixed/m1").await, None, "half committed");
+            let stream = host
+                .http
+                .get(host.url("/v1/streams/ledger"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(stream.status(), 404, "half committed");
+        }
+    }
+}
+
 crate::on_both_backends!(
+    kv_writes_with_a_stream_condition_commit_together_or_are_refused,
     stream_versions_are_dense_and_stale_appends_are_refused,
     the_last_seats_go_to_exactly_as_many_reservations_as_fit,
     the_saga_reserves_pays_expires_fails_and_refunds_through_a_sigkill,

@@ -122,6 +122,21 @@ async fn emitted_events_carry_causation_correlation_and_stable_ids() {
 }
 
 #[tokio::test]
+async fn a_schedule_cancelled_in_its_own_call_is_dropped_and_its_id_not_reused() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, PluginSettings::default()).await;
+    let outcome = invoke(
+        &plugin,
+        &event("hostile.schedule-cancel", serde_json::json!({})),
+    )
+    .await;
+    let effects = effects(&outcome);
+    let types: Vec<&str> = effects.emits.iter().map(|e| e.ty.as_str()).collect();
+    assert_eq!(types, ["hostile.after-cancel"]);
+    assert!(effects.cancels.is_empty(), "nothing stored to cancel");
+}
+
+#[tokio::test]
 async fn an_unavailable_kv_store_is_a_host_failure() {
     let runtime = runtime();
     let plugin = load(&runtime, Guest::Ticketing, PluginSettings::default()).await;

@@ -43,6 +43,8 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.kv-pair` | writes `a/<id>` and `b/<id>` in KV, reading nothing; nothing when config `writes` is `off` |
 /// | `hostile.echo` | emits an event of the type it is handling: an endless causation chain |
 /// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
+/// | `hostile.kv-and-stream` | writes `mixed/<id>` in KV and appends `hostile.appended` to the stream `ledger` at the version it reads |
+/// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
 /// Calls this instance has handled; a fresh instance starts from zero.
 static INSTANCE_CALLS: AtomicU64 = AtomicU64::new(0);
 
@@ -129,6 +131,32 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             if config::get("writes").as_deref() != Some("off") {
                 kv::set(&format!("a/{}", event.id), b"1");
                 kv::set(&format!("b/{}", event.id), b"1");
+            }
+            Ok(())
+        }
+        "hostile.kv-and-stream" => {
+            kv::set(&format!("mixed/{}", event.id), b"1");
+            Emit::new("hostile.appended")
+                .subject("ledger")
+                .expected_version(switchyard_sdk::stream::version("ledger"))
+                .json(&json!({ "id": event.id }))?
+                .send();
+            Ok(())
+        }
+        "hostile.schedule-cancel" => {
+            let later = Emit::new("hostile.later")
+                .delay(Duration::from_secs(3600))
+                .send();
+            if !switchyard_sdk::cancel_scheduled(&later) {
+                return Err(HandlerError::reject(
+                    "cancelling the call's own schedule found nothing",
+                ));
+            }
+            let after = emit_json("hostile.after-cancel", &json!({}))?;
+            if after == later {
+                return Err(HandlerError::reject(
+                    "the cancelled schedule's id was handed out again",
+                ));
             }
             Ok(())
         }
