@@ -54,6 +54,37 @@ if [ ! -d "$python_dir/cloudevents-$CLOUDEVENTS_SDK_VERSION.dist-info" ]; then
     test -d "$python_dir/cloudevents-$CLOUDEVENTS_SDK_VERSION.dist-info"
 fi
 
+# Plugins in Python and JavaScript are built with the stock component toolchains, pinned
+# and installed into `.tools/` like the rest: componentize-py from PyPI, componentize-js
+# from npm (Node.js 18 or later). `scripts/componentize.sh` runs them. To move to another
+# release, change the pin; the next run replaces the install.
+COMPONENTIZE_PY_VERSION=0.25.1
+COMPONENTIZE_JS_VERSION=0.23.0
+py_dir="$tools/componentize-py"
+if [ ! -d "$py_dir/componentize_py-$COMPONENTIZE_PY_VERSION.dist-info" ]; then
+    rm -rf "$py_dir"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target "$py_dir" "componentize-py==$COMPONENTIZE_PY_VERSION" 2>&1 \
+        | grep -v "Running pip as the 'root' user" >&2 || true
+    test -d "$py_dir/componentize_py-$COMPONENTIZE_PY_VERSION.dist-info"
+fi
+js_dir="$tools/componentize-js"
+js_package="$js_dir/node_modules/@bytecodealliance/componentize-js/package.json"
+if ! grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package" 2>/dev/null; then
+    if ! command -v npm >/dev/null 2>&1; then
+        sudo=""
+        if [ "$(id -u)" != 0 ]; then
+            sudo=sudo
+        fi
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    rm -rf "$js_dir"
+    npm install --silent --no-audit --no-fund --prefix "$js_dir" \
+        "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION" >&2
+    grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package"
+fi
+
 # The status page's tests drive Debian's Chromium over WebDriver (chromedriver).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     sudo=""

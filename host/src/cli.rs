@@ -513,8 +513,24 @@ async fn schema(client: &ClientArgs, command: SchemaCommand) -> anyhow::Result<E
     }
 }
 
+/// The runtime of the one-shot commands (`check`, `invoke`): it shares a compile cache
+/// across runs, so a plugin compiled once is checked again in a fraction of a second.
 fn runtime() -> anyhow::Result<Runtime> {
-    Runtime::new(RuntimeConfig::default()).context("starting the WebAssembly runtime")
+    Runtime::new(RuntimeConfig {
+        compile_cache: user_compile_cache(),
+        ..RuntimeConfig::default()
+    })
+    .context("starting the WebAssembly runtime")
+}
+
+/// `$SWITCHYARD_CACHE_DIR`, else `$XDG_CACHE_HOME/switchyard`, else
+/// `~/.cache/switchyard`; `None` (no cache) when none is known.
+fn user_compile_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("SWITCHYARD_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("switchyard")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/switchyard")))?;
+    std::path::absolute(base.join(crate::server::COMPILE_CACHE_DIR)).ok()
 }
 
 async fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
@@ -537,18 +553,31 @@ async fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
 }
 
 /// The text `check` prints for a valid plugin.
+///
+/// The name is the one the host gives the plugin, its file stem; the name the plugin
+/// describes itself with follows when it differs.
 pub fn describe_plugin(file: &Path, plugin: &Plugin) -> String {
     let info = plugin.info();
     let subscriptions: Vec<&str> = info.subscriptions.iter().map(|p| p.as_str()).collect();
-    format!(
-        "{}: ok\n  name           {}\n  version        {}\n  contract       switchyard:plugin@{}\n  subscriptions  {}\n  sha256         {}\n",
+    let described = if info.name == plugin.name() {
+        String::new()
+    } else {
+        format!(" (describes itself as `{}`)", info.name)
+    };
+    let mut text = format!(
+        "{}: ok\n  name           {}{described}\n  version        {}\n  contract       switchyard:plugin@{}\n  subscriptions  {}\n  sha256         {}\n  imports\n",
         file.display(),
-        info.name,
+        plugin.name(),
         info.version,
         info.contract,
         subscriptions.join(", "),
         plugin.sha256(),
-    )
+    );
+    let width = info.imports.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    for import in &info.imports {
+        text.push_str(&format!("    {:width$}  {}\n", import.name, import.grant));
+    }
+    text
 }
 
 async fn invoke(file: &Path, ty: String, data: &str, attempt: u32) -> anyhow::Result<ExitCode> {

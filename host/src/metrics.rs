@@ -32,7 +32,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::bus::sqlite::RetentionObserver;
-use crate::runtime::CacheStats;
+use crate::runtime::{Access, CacheStats};
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -88,6 +88,12 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccessLabels {
+    plugin: Arc<str>,
+    access: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: &'static str,
 }
@@ -113,6 +119,7 @@ struct Families {
     plugin_in_flight: Family<PluginLabels, CountGauge>,
     plugin_paused: Family<PluginLabels, CountGauge>,
     plugin_breaker_open: Family<PluginLabels, CountGauge>,
+    plugin_refused: Family<AccessLabels, Counter>,
     breaker_transitions: Family<StateLabels, Counter>,
     batch_calls: Family<PluginLabels, Counter>,
     batch_events: Family<PluginLabels, Counter>,
@@ -238,6 +245,12 @@ impl Families {
                 registry,
                 "plugin_breaker_open",
                 "1 while the plugin's circuit breaker is open or probing",
+                Family::default(),
+            ),
+            plugin_refused: registered(
+                registry,
+                "plugin_refused",
+                "Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused, since it was loaded",
                 Family::default(),
             ),
             breaker_transitions: registered(
@@ -383,6 +396,8 @@ pub struct PluginGauges {
     pub paused: bool,
     /// Whether its circuit breaker is open or probing.
     pub breaker_open: bool,
+    /// Attempts to reach outside the sandbox, refused, in the order of [`Access::ALL`].
+    pub refused: [u64; 3],
 }
 
 /// Running totals read by the stats history ([`Metrics::totals`]).
@@ -740,6 +755,7 @@ impl Metrics {
         families.plugin_in_flight.clear();
         families.plugin_paused.clear();
         families.plugin_breaker_open.clear();
+        families.plugin_refused.clear();
         for (plugin, g) in gauges {
             let labels = PluginLabels {
                 plugin: Arc::from(plugin.as_str()),
@@ -761,6 +777,16 @@ impl Metrics {
                 .plugin_breaker_open
                 .get_or_create(&labels)
                 .set(u64::from(g.breaker_open));
+            for (access, count) in Access::ALL.into_iter().zip(g.refused) {
+                families
+                    .plugin_refused
+                    .get_or_create(&AccessLabels {
+                        plugin: Arc::clone(&labels.plugin),
+                        access: access.as_str(),
+                    })
+                    .inner()
+                    .store(count, Ordering::Relaxed);
+            }
         }
         let mut out = String::new();
         // Writing to a `String` cannot fail; an encoder error would only cut the text short,
@@ -850,6 +876,7 @@ mod tests {
                 in_flight: 2,
                 paused: false,
                 breaker_open: true,
+                refused: [2, 0, 1],
             },
         );
         gauges.insert("audit".to_owned(), PluginGauges::default());
@@ -1162,6 +1189,14 @@ switchyard_plugin_paused{plugin="ticketing"} 0
 # TYPE switchyard_plugin_breaker_open gauge
 switchyard_plugin_breaker_open{plugin="audit"} 0
 switchyard_plugin_breaker_open{plugin="ticketing"} 1
+# HELP switchyard_plugin_refused_total Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused, since it was loaded.
+# TYPE switchyard_plugin_refused_total counter
+switchyard_plugin_refused_total{plugin="audit",access="file"} 0
+switchyard_plugin_refused_total{plugin="audit",access="http"} 0
+switchyard_plugin_refused_total{plugin="audit",access="socket"} 0
+switchyard_plugin_refused_total{plugin="ticketing",access="file"} 2
+switchyard_plugin_refused_total{plugin="ticketing",access="http"} 1
+switchyard_plugin_refused_total{plugin="ticketing",access="socket"} 0
 # HELP switchyard_breaker_transitions_total Circuit breaker transitions made by this host, by the state entered.
 # TYPE switchyard_breaker_transitions_total counter
 switchyard_breaker_transitions_total{plugin="ticketing",state="open"} 1

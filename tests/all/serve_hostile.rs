@@ -128,14 +128,15 @@ async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_ser
         ),
         ("other-world", other_world, "not a Switchyard plugin"),
         (
-            "files",
-            std::fs::read(guests::path(Guest::FsReader)).unwrap(),
-            "no filesystem access",
-        ),
-        (
-            "sockets",
-            std::fs::read(guests::path(Guest::TcpConnect)).unwrap(),
-            "no network access",
+            "secrets",
+            wat::parse_str(
+                r#"(component
+                    (import "acme:secrets/vault@1.0.0" (instance))
+                    (instance $i)
+                    (export "switchyard:plugin/handler@0.2.0" (instance $i)))"#,
+            )
+            .unwrap(),
+            "imports `acme:secrets/vault@1.0.0`, which the host does not provide",
         ),
     ];
     for (name, bytes, _) in &cases {

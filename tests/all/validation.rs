@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use switchyard_host::runtime::{LoadError, LoadErrorReason, PluginSettings, Runtime};
+use switchyard_host::runtime::{Access, LoadError, LoadErrorReason, PluginSettings, Runtime};
 
 use crate::support::guests::{self, Guest};
 use crate::support::runtime;
@@ -97,31 +97,31 @@ async fn a_component_of_another_contract_version() {
 }
 
 #[tokio::test]
-async fn a_component_that_imports_sockets_or_unknown_interfaces() {
-    for (import, expected) in [
-        ("wasi:sockets/tcp@0.2.0", "plugins have no network access"),
-        (
-            "wasi:http/outgoing-handler@0.2.0",
-            "plugins have no network access",
-        ),
-        (
-            "wasi:filesystem/types@0.2.0",
-            "plugins have no filesystem access",
-        ),
-        (
-            "acme:secrets/vault@1.0.0",
-            "which the host does not provide",
-        ),
-    ] {
-        let (text, _) = refusal(&component(&format!(
-            r#"(component
-                (import "{import}" (instance))
-                (instance $i)
-                (export "switchyard:plugin/handler@0.1.0" (instance $i)))"#
-        )))
-        .await;
-        assert!(text.contains(import) && text.contains(expected), "{text}");
+async fn a_component_that_imports_what_the_host_does_not_provide_names_every_import() {
+    let missing = [
+        "acme:secrets/vault@1.0.0",
+        "wasi:keyvalue/store@0.2.0-draft",
+        "wasi:filesystem/types@0.3.0",
+    ];
+    let (text, reason) = refusal(&component(&format!(
+        r#"(component
+            (import "wasi:clocks/wall-clock@0.2.3" (instance))
+            (import "{}" (instance))
+            (import "{}" (instance))
+            (import "{}" (instance))
+            (instance $i)
+            (export "switchyard:plugin/handler@0.1.0" (instance $i)))"#,
+        missing[0], missing[1], missing[2]
+    )))
+    .await;
+    assert!(
+        matches!(&reason, LoadErrorReason::UnknownImports(names) if names == &missing),
+        "{text}"
+    );
+    for name in missing {
+        assert!(text.contains(&format!("`{name}`")), "{text}");
     }
+    assert!(!text.contains("wall-clock"), "{text}");
 }
 
 #[tokio::test]
@@ -133,23 +133,30 @@ async fn a_component_whose_handler_has_the_wrong_shape() {
     assert!(matches!(reason, LoadErrorReason::Link(_)), "{text}");
 }
 
+/// Plugins built with the standard library's files and sockets load, since the host
+/// links those interfaces, and meet an empty filesystem and refused sockets.
 #[tokio::test]
-async fn real_plugins_that_reach_for_files_or_sockets() {
+async fn real_plugins_that_reach_for_files_or_sockets_load_and_are_refused() {
     let runtime = runtime();
-    for (guest, expected) in [
-        (Guest::FsReader, "plugins have no filesystem access"),
-        (Guest::TcpConnect, "plugins have no network access"),
+    for (guest, access, expected) in [
+        (Guest::FsReader, Access::File, "denied: "),
+        (Guest::TcpConnect, Access::Socket, "denied: "),
     ] {
-        let path = guests::path(guest);
-        let error = runtime
-            .load_file(&path, PluginSettings::default())
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("{guest:?} must be refused"));
-        assert!(
-            matches!(error.reason, LoadErrorReason::RefusedImport { .. }),
-            "{error}"
-        );
-        assert!(error.to_string().contains(expected), "{error}");
+        let plugin = crate::support::load(&runtime, guest, PluginSettings::default()).await;
+        let filesystem = plugin
+            .info()
+            .imports
+            .iter()
+            .find(|import| import.name.starts_with("wasi:filesystem/preopens"))
+            .unwrap_or_else(|| panic!("{guest:?} imports wasi:filesystem"));
+        assert!(filesystem.grant.contains("no directories"), "{filesystem:?}");
+        let outcome = crate::support::invoke(&plugin, &crate::support::event("probe", serde_json::json!({}))).await;
+        let (kind, message) = crate::support::failure(&outcome);
+        assert_eq!(kind, "reject", "{message}");
+        assert!(message.starts_with(expected), "{guest:?}: {message}");
+        let refused: Vec<(Access, u64)> = plugin.refusals().counts().to_vec();
+        for (counted, count) in refused {
+            assert_eq!(count, u64::from(counted == access), "{guest:?}: {counted:?}");
+        }
     }
 }

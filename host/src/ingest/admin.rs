@@ -25,7 +25,7 @@ use crate::metrics::PluginGauges;
 use crate::plugins::{LoadedPlugin, PluginEntry};
 use crate::policy::retry::Backoff;
 use crate::policy::{InstanceMode, Ordering, Start};
-use crate::runtime::Isolation;
+use crate::runtime::{Access, Isolation};
 
 fn bus_error(error: BusError) -> ApiError {
     match error {
@@ -93,6 +93,8 @@ struct RunningView {
     limits: LimitsView,
     policy: PolicyView,
     in_flight: u64,
+    /// Attempts to reach outside the sandbox, refused, by kind (`file`, `socket`, `http`).
+    refused: BTreeMap<&'static str, u64>,
     last_error: Option<AttemptView>,
     recent_errors: Vec<RecentErrorView>,
 }
@@ -148,6 +150,12 @@ impl RunningView {
             Isolation::Reuse { max_calls } => (InstanceMode::Reuse, Some(max_calls)),
         };
         Self {
+            refused: plugin
+                .refusals()
+                .counts()
+                .into_iter()
+                .map(|(access, count)| (access.as_str(), count))
+                .collect(),
             sha256: plugin.sha256().to_owned(),
             describe: DescribeView {
                 name: plugin.info().name.clone(),
@@ -578,6 +586,8 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 in_flight: running.in_flight,
                 paused: control.paused.is_some(),
                 breaker_open: control.breaker != Breaker::Closed,
+                refused: Access::ALL
+                    .map(|access| running.refused.get(access.as_str()).copied().unwrap_or(0)),
             },
         );
     }

@@ -13,10 +13,15 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
 
 use super::bindings::{host, types};
 use super::limits::MemoryLimiter;
 use super::outcome::Failure;
+use super::sandbox::{Access, Refusals};
 use super::settings::EffectBounds;
 use super::stdio::StderrTail;
 use crate::effects::Effects;
@@ -102,6 +107,8 @@ struct EffectBuffer {
 /// Identity and settings shared by every instance of one plugin.
 pub(crate) struct PluginIdentity {
     pub(crate) name: Arc<str>,
+    /// Attempts to reach outside the sandbox, refused.
+    pub(crate) refusals: Refusals,
     pub(crate) bounds: EffectBounds,
     pub(crate) config: BTreeMap<String, String>,
 }
@@ -109,6 +116,8 @@ pub(crate) struct PluginIdentity {
 /// The data of one plugin instance's store.
 pub(crate) struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_hooks: DenyRequests,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) stderr_tail: StderrTail,
@@ -126,6 +135,8 @@ impl HostState {
     ) -> Self {
         Self {
             wasi,
+            http: WasiHttpCtx::new(),
+            http_hooks: DenyRequests(Arc::clone(&identity)),
             table: ResourceTable::new(),
             limiter,
             stderr_tail,
@@ -324,6 +335,58 @@ fn unavailable_kv<T>(import: &str, key: &str, read: Result<T, KvError>) -> wasmt
 fn emitted_event_id(plugin: &str, source: &str, id: &str, index: usize) -> String {
     let name = format!("{plugin}\n{source}\n{id}\n{index}");
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes()).to_string()
+}
+
+impl HostState {
+    pub(crate) fn table_mut(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
+    /// Counts and logs an attempt of this plugin to reach outside its sandbox.
+    pub(crate) fn refuse(&self, access: Access, what: &str) {
+        self.identity
+            .refusals
+            .refuse(&self.identity.name, access, what);
+    }
+}
+
+/// Refuses every outgoing HTTP request, counting it against the plugin.
+struct DenyRequests(Arc<PluginIdentity>);
+
+impl WasiHttpHooks for DenyRequests {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        hyper::Response<WasiBody>,
+                        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                    ),
+                    HttpError,
+                >,
+            > + Send,
+    > {
+        self.0.refusals.refuse(
+            &self.0.name,
+            Access::Http,
+            &format!("{} {}", request.method(), request.uri()),
+        );
+        Box::new(async { Err(HttpError::HttpRequestDenied) })
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            hooks: &mut self.http_hooks,
+            table: &mut self.table,
+            ctx: &mut self.http,
+        }
+    }
 }
 
 impl WasiView for HostState {

@@ -23,6 +23,7 @@ mod host;
 mod limits;
 mod outcome;
 mod plugin;
+mod sandbox;
 mod settings;
 mod stdio;
 mod validate;
@@ -37,8 +38,9 @@ use wasmtime::{
 
 pub use self::outcome::{Failure, Outcome};
 pub use self::plugin::{BatchOutcome, Delivery, InstanceStats, Plugin, PluginInfo};
+pub use self::sandbox::{Access, Refusals};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
-pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS};
+pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS, Import};
 
 use self::fair::CpuGate;
 use self::host::HostState;
@@ -150,17 +152,12 @@ pub enum LoadErrorReason {
         /// The version the component names.
         found: String,
     },
-    /// Imports an interface the host deliberately refuses.
-    #[error("imports `{import}`, which the host does not grant: {why}")]
-    RefusedImport {
-        /// The import's full name.
-        import: String,
-        /// Why it is refused.
-        why: &'static str,
-    },
-    /// Imports an interface the host does not provide.
-    #[error("imports `{0}`, which the host does not provide")]
-    UnknownImport(String),
+    /// Imports interfaces the host does not provide.
+    #[error(
+        "imports {}, which the host does not provide (it links the contract and WASI 0.2)",
+        .0.iter().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownImports(Vec<String>),
     /// Linking against the host's imports failed.
     #[error("cannot link: {0}")]
     Link(String),
@@ -203,7 +200,11 @@ impl Runtime {
         let engine =
             Engine::new(&wasm_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
+        let empty_root = sandbox::EmptyRoot::new()
+            .map_err(|e| RuntimeError::Engine(format!("cannot make the plugins' empty root: {e}")))?;
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .and_then(|()| sandbox::link(&mut linker, Arc::new(empty_root)))
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         bindings::add_to_linker(&mut linker).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         spawn_epoch_ticker(&engine)?;

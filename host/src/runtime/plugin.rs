@@ -29,13 +29,15 @@ use wasmtime::component::Component;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::{ContractVersion, HandlerError, PluginPre, PluginWorld};
+use super::bindings::{HandlerError, PluginPre, PluginWorld};
 use super::fair::{CpuShare, Fair};
 use super::host::{HostState, HostTrap, PluginIdentity};
 use super::limits::MemoryLimiter;
 use super::outcome::{Failure, Outcome};
+use super::sandbox::Refusals;
 use super::settings::{Isolation, PluginLimits, PluginSettings};
 use super::stdio::{PluginOutput, StderrTail};
+use super::validate::Import;
 use super::{EPOCH_TICK, LoadError, LoadErrorReason, Runtime, validate};
 use crate::effects::Effects;
 use crate::event::Event;
@@ -65,6 +67,8 @@ pub struct PluginInfo {
     pub subscriptions: Vec<Pattern>,
     /// The contract version it was built against, such as `0.2.0`.
     pub contract: &'static str,
+    /// Every import of the component, with what the host gives it.
+    pub imports: Vec<Import>,
 }
 
 /// What one batch call produced, item by item.
@@ -134,7 +138,7 @@ impl Runtime {
         validate::check_header(&bytes).map_err(fail)?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let runtime = self.clone();
-        let (pre, contract) = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
+        let (pre, world) = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
             .await
             .map_err(|e| {
                 fail(LoadErrorReason::Invalid(format!(
@@ -144,6 +148,7 @@ impl Runtime {
             .map_err(fail)?;
         let identity = Arc::new(PluginIdentity {
             name: Arc::from(name),
+            refusals: Refusals::default(),
             bounds: settings.bounds,
             config: settings.config.clone(),
         });
@@ -155,7 +160,8 @@ impl Runtime {
                 name: String::new(),
                 version: String::new(),
                 subscriptions: Vec::new(),
-                contract: contract.as_str(),
+                contract: world.contract.as_str(),
+                imports: world.imports,
             },
             settings,
             sha256,
@@ -164,7 +170,9 @@ impl Runtime {
             created: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
         };
+        let imports = std::mem::take(&mut plugin.info.imports);
         plugin.info = plugin.describe().await.map_err(fail)?;
+        plugin.info.imports = imports;
         Ok(plugin)
     }
 
@@ -187,7 +195,7 @@ impl Runtime {
     }
 
     /// Compiles and checks a component; CPU-heavy, so callers run it off the async threads.
-    fn prepare(&self, bytes: &[u8]) -> Result<(PluginPre, ContractVersion), LoadErrorReason> {
+    fn prepare(&self, bytes: &[u8]) -> Result<(PluginPre, validate::World), LoadErrorReason> {
         let component = Component::new(self.engine(), bytes)
             .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}")))?;
         let world = validate::check_world(self.engine(), &component)?;
@@ -197,7 +205,7 @@ impl Runtime {
             .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
         let pre = PluginPre::new(world.contract, world.batch, pre)
             .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
-        Ok((pre, world.contract))
+        Ok((pre, world))
     }
 }
 
@@ -205,6 +213,11 @@ impl Plugin {
     /// The plugin's name in the host.
     pub fn name(&self) -> &str {
         &self.identity.name
+    }
+
+    /// The plugin's attempts to reach outside its sandbox, refused since it was loaded.
+    pub fn refusals(&self) -> &Refusals {
+        &self.identity.refusals
     }
 
     /// What `describe()` returned.
@@ -522,6 +535,7 @@ impl Plugin {
             version: info.version,
             subscriptions,
             contract: self.info.contract,
+            imports: Vec::new(),
         })
     }
 }
@@ -633,6 +647,9 @@ fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) ->
 /// Appends the last lines the plugin wrote to stderr, where a panic message lands.
 fn with_stderr(message: String, state: &HostState) -> String {
     let tail = state.stderr_tail.take();
+    if let Some(report) = uncaught_exception(&tail) {
+        return report;
+    }
     // Rust's panic hook adds a hint about RUST_BACKTRACE, which means nothing in a plugin.
     let last: Vec<&str> = tail
         .lines()
@@ -645,4 +662,55 @@ fn with_stderr(message: String, state: &HostState) -> String {
     }
     let last: Vec<&str> = last.into_iter().rev().collect();
     format!("{message} (stderr: {})", last.join(" / "))
+}
+
+/// Lines the Python and JavaScript runtimes print after an uncaught exception's report,
+/// on their way to the trap; they say nothing to the plugin's author.
+const RUNTIME_NOISE: &[&str] = &[
+    "thread '<unnamed>'",
+    "Python function threw an unexpected exception",
+    "note: run with `RUST_BACKTRACE",
+    "invalid variant tag value",
+    "Stack:",
+    "Redirecting call to abort()",
+];
+
+/// The report of an uncaught Python or JavaScript exception in what the call printed to
+/// stderr: `uncaught <type>: <message>` followed by the traceback or stack. Python's
+/// runtime prints a `Traceback (most recent call last):` block; the JavaScript SDK
+/// prints `Uncaught <type>: <message>` and the stack.
+fn uncaught_exception(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let start = lines.iter().rposition(|line| {
+        line.starts_with("Traceback (most recent call last):") || line.starts_with("Uncaught ")
+    })?;
+    let report: Vec<&str> = lines[start..]
+        .iter()
+        .copied()
+        .take_while(|line| !RUNTIME_NOISE.iter().any(|noise| line.starts_with(noise)))
+        .collect();
+    let (summary, body) = match report.first()?.strip_prefix("Uncaught ") {
+        Some(summary) => (summary, &report[1..]),
+        // Python's summary is the block's last line, such as `KeyError: 'missing'`.
+        None => (*report.iter().rev().find(|line| !line.starts_with(' '))?, &report[..]),
+    };
+    Some(format!("uncaught {summary}\n{}", body.join("\n")).trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uncaught_exceptions_are_reported_without_the_runtimes_noise() {
+        let python = "Traceback (most recent call last):\n  File \"/0/app.py\", line 18, in handle\nKeyError: 'missing'\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\nPython function threw an unexpected exception\n";
+        assert_eq!(
+            super::uncaught_exception(python).as_deref(),
+            Some("uncaught KeyError: 'missing'\nTraceback (most recent call last):\n  File \"/0/app.py\", line 18, in handle\nKeyError: 'missing'")
+        );
+        let js = "Uncaught TypeError: order is null\nhandle@app.js:17:48\ninvalid variant tag value `undefined`\nStack:\nRedirecting call to abort() to mozalloc_abort\n";
+        assert_eq!(
+            super::uncaught_exception(js).as_deref(),
+            Some("uncaught TypeError: order is null\nhandle@app.js:17:48")
+        );
+        assert_eq!(super::uncaught_exception("thread 'main' panicked at src/lib.rs:1:1:\nboom\n"), None);
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Each line is logged with the plugin's name; a line longer than [`MAX_LINE`] is cut.
 //! The tail of stderr is also kept per invocation so that a trap can be reported with
-//! what the plugin printed last (a Rust panic prints its message there before trapping).
+//! what the plugin printed last (a Rust panic prints its message there before trapping,
+//! Python its traceback, the JavaScript SDK the exception and its stack).
 
 use std::io;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 /// Longest line logged; the rest of a longer line is dropped.
 const MAX_LINE: usize = 4096;
 /// How much of stderr's tail is kept for trap reports.
-const MAX_TAIL: usize = 1024;
+const MAX_TAIL: usize = 8192;
 
 /// Which of the two output streams this is.
 #[derive(Debug, Clone, Copy)]

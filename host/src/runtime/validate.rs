@@ -2,9 +2,9 @@
 //!
 //! A plugin must be a component (not a core module) that exports
 //! `switchyard:plugin/handler` at a contract version this host serves, and imports
-//! nothing beyond the contract's `host` and `types` interfaces and the WASI interfaces
-//! the host grants: I/O streams, clocks, random and the CLI basics (stdio, an empty
-//! environment, exit). Filesystem, sockets and HTTP are refused here, before any code runs.
+//! nothing beyond the contract's `host` and `types` interfaces and WASI 0.2. Every
+//! import is listed with what the host gives it ([`Import`]); all imports the host
+//! does not provide are named together in one refusal, before any code runs.
 
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -21,35 +21,42 @@ const HANDLER_EXPORT: &str = "switchyard:plugin/handler";
 /// The export a plugin may add to take several events in one call (`0.2.0` on).
 const BATCH_HANDLER_EXPORT: &str = "switchyard:plugin/batch-handler";
 
-/// WASI interfaces granted to plugins. Clocks and random are harmless; stdio goes to the
-/// host's log; the environment and arguments are empty.
-const GRANTED_WASI: &[&str] = &[
-    "wasi:io/error",
-    "wasi:io/poll",
-    "wasi:io/streams",
-    "wasi:clocks/monotonic-clock",
-    "wasi:clocks/wall-clock",
-    "wasi:random/random",
-    "wasi:random/insecure",
-    "wasi:random/insecure-seed",
-    "wasi:cli/environment",
-    "wasi:cli/exit",
-    "wasi:cli/stdin",
-    "wasi:cli/stdout",
-    "wasi:cli/stderr",
-    "wasi:cli/terminal-input",
-    "wasi:cli/terminal-output",
-    "wasi:cli/terminal-stdin",
-    "wasi:cli/terminal-stdout",
-    "wasi:cli/terminal-stderr",
+/// What the host gives each WASI interface a plugin may import, by interface family.
+/// Every WASI 0.2 interface a stock toolchain imports is linked; the ones that reach
+/// outside the sandbox are answered by the host (see `sandbox`).
+const GRANTED_WASI: &[(&str, &str)] = &[
+    ("wasi:io/", "linked"),
+    ("wasi:clocks/", "linked"),
+    ("wasi:random/", "linked, seeded per instance"),
+    ("wasi:cli/environment", "linked, no variables and no arguments"),
+    ("wasi:cli/exit", "linked, exiting traps the call"),
+    ("wasi:cli/stdin", "linked, empty"),
+    ("wasi:cli/stdout", "linked, lines go to the host's log"),
+    ("wasi:cli/stderr", "linked, lines go to the host's log and to trap reports"),
+    ("wasi:cli/terminal-", "linked, not a terminal"),
+    (
+        "wasi:filesystem/",
+        "linked, no directories: `/` is empty and every open is refused",
+    ),
+    ("wasi:sockets/", "linked, every socket and name lookup is refused"),
+    ("wasi:http/types", "linked"),
+    ("wasi:http/outgoing-handler", "linked, every request is refused"),
 ];
 
-/// Interface families refused outright, with the reason given to the operator.
-const REFUSED_WASI: &[(&str, &str)] = &[
-    ("wasi:filesystem/", "plugins have no filesystem access"),
-    ("wasi:sockets/", "plugins have no network access"),
-    ("wasi:http/", "plugins have no network access"),
-];
+/// What the host gives an import, or `None` if it provides nothing under that name.
+fn grant(name: &str) -> Option<&'static str> {
+    let (base, version) = split_version(name);
+    if is_contract(base) {
+        return Some("the contract");
+    }
+    if !version.is_some_and(|v| v.starts_with("0.2.")) {
+        return None;
+    }
+    GRANTED_WASI
+        .iter()
+        .find(|(family, _)| base.starts_with(family))
+        .map(|(_, grant)| *grant)
+}
 
 /// Checks the raw bytes before compiling: present, WebAssembly, and a component.
 pub(crate) fn check_header(bytes: &[u8]) -> Result<(), LoadErrorReason> {
@@ -81,11 +88,22 @@ fn is_contract(base: &str) -> bool {
 }
 
 /// What a valid plugin component is built against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct World {
     pub(crate) contract: ContractVersion,
     /// Whether it exports the batch handler too.
     pub(crate) batch: bool,
+    /// Every import, with what the host gives it.
+    pub(crate) imports: Vec<Import>,
+}
+
+/// One import of a plugin and what the host gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Import {
+    /// The import's full name, such as `wasi:filesystem/types@0.2.9`.
+    pub name: String,
+    /// What the host gives it, such as `linked, every request is refused`.
+    pub grant: &'static str,
 }
 
 /// Checks what the compiled component imports and exports, and returns the contract
@@ -117,39 +135,39 @@ pub(crate) fn check_world(
         Some(version) => check_contract_version(version)?,
     };
 
+    let mut imports = Vec::new();
+    let mut missing = Vec::new();
     for (name, _) in ty.imports(engine) {
         let (base, version) = split_version(name);
-        if is_contract(base) {
-            if check_contract_version(version)? != contract {
-                return Err(LoadErrorReason::UnsupportedVersion {
-                    found: format!(
-                        "{} (imports `{name}` but exports the handler of {})",
-                        version.unwrap_or("(unversioned)"),
-                        contract.as_str()
-                    ),
-                });
-            }
-            continue;
-        }
-        if let Some((_, why)) = REFUSED_WASI
-            .iter()
-            .find(|(prefix, _)| base.starts_with(prefix))
-        {
-            return Err(LoadErrorReason::RefusedImport {
-                import: name.to_owned(),
-                why,
+        if is_contract(base) && check_contract_version(version)? != contract {
+            return Err(LoadErrorReason::UnsupportedVersion {
+                found: format!(
+                    "{} (imports `{name}` but exports the handler of {})",
+                    version.unwrap_or("(unversioned)"),
+                    contract.as_str()
+                ),
             });
         }
-        let wasi_02 = version.is_some_and(|v| v.starts_with("0.2."));
-        if !(GRANTED_WASI.contains(&base) && wasi_02) {
-            return Err(LoadErrorReason::UnknownImport(name.to_owned()));
+        match grant(name) {
+            Some(grant) => imports.push(Import {
+                name: name.to_owned(),
+                grant,
+            }),
+            None => missing.push(name.to_owned()),
         }
+    }
+    if !missing.is_empty() {
+        return Err(LoadErrorReason::UnknownImports(missing));
     }
     let batch = exports.iter().any(|name| {
         let (base, version) = split_version(name);
         base == BATCH_HANDLER_EXPORT && version == Some(contract.as_str())
     }) && contract != ContractVersion::V0_1;
-    Ok(World { contract, batch })
+    Ok(World {
+        contract,
+        batch,
+        imports,
+    })
 }
 
 fn check_contract_version(version: Option<&str>) -> Result<ContractVersion, LoadErrorReason> {
@@ -199,5 +217,17 @@ mod tests {
             assert!(check_contract_version(Some(version)).is_ok());
         }
         assert!(check_contract_version(None).is_err());
+    }
+
+    #[test]
+    fn grants() {
+        assert_eq!(grant("switchyard:plugin/host@0.2.0"), Some("the contract"));
+        assert!(grant("wasi:filesystem/types@0.2.9").is_some_and(|g| g.contains("no directories")));
+        assert!(grant("wasi:http/outgoing-handler@0.2.10").is_some_and(|g| g.contains("refused")));
+        assert!(grant("wasi:sockets/tcp@0.2.0").is_some_and(|g| g.contains("refused")));
+        assert!(grant("wasi:cli/terminal-stdout@0.2.3").is_some());
+        assert_eq!(grant("wasi:filesystem/types@0.3.0"), None);
+        assert_eq!(grant("wasi:keyvalue/store@0.2.0"), None);
+        assert_eq!(grant("acme:secrets/vault@1.0.0"), None);
     }
 }

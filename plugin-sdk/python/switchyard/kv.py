@@ -1,0 +1,44 @@
+"""The plugin's key-value store: its own keys, private to the plugin.
+
+Writes are buffered during the call and committed only if the handler returns; reads
+see the call's own writes. Reads are optimistic: when a key the call read changes
+before the call commits, the host runs the handler again on the new value.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from typing import Any, List, Optional, Union
+
+from wit_world.imports import host as _host
+
+
+def get(key: str) -> Optional[bytes]:
+    """The value stored at ``key``, or ``None``."""
+    return _host.kv_get(key)
+
+
+def set(key: str, value: Union[bytes, str]) -> None:  # noqa: A001 (mirrors the contract)
+    """Stores ``value`` (``str`` is stored as UTF-8) at ``key``."""
+    _host.kv_set(key, value.encode("utf-8") if isinstance(value, str) else bytes(value))
+
+
+def delete(key: str) -> None:
+    """Removes ``key``; removing a missing key is not an error."""
+    _host.kv_delete(key)
+
+
+def keys(prefix: str = "") -> List[str]:
+    """The keys starting with ``prefix``, sorted."""
+    return _host.kv_keys(prefix)
+
+
+def get_json(key: str, default: Any = None) -> Any:
+    """The JSON value stored at ``key``, or ``default`` when there is none."""
+    stored = _host.kv_get(key)
+    return default if stored is None else _json.loads(stored)
+
+
+def set_json(key: str, value: Any) -> None:
+    """Stores ``value`` encoded as JSON at ``key``."""
+    _host.kv_set(key, _json.dumps(value, separators=(",", ":")).encode("utf-8"))

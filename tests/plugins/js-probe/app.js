@@ -1,0 +1,44 @@
+// Test plugin in JavaScript: one behaviour per event type `probe.<kind>`.
+//
+// - `count`: increments KV `count` and emits `probe.counted` with the new count.
+// - `retry` / `reject`: throws `Retry("not yet")` / `Reject("never")`.
+// - `crash`: a bug, an uncaught `TypeError`.
+// - `loop`: loops until the host stops it.
+// - `fetch`: fetches http://127.0.0.1:9/ and stores what happened at KV `fetch`.
+// - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
+import { handler as define, kv, emit, Retry, Reject } from "./switchyard.js";
+
+export const { handler, batchHandler } = define({
+  name: "js-probe",
+  subscriptions: ["probe.>"],
+  handle(event) {
+    const kind = event.type.slice("probe.".length);
+    if (kind === "count") {
+      const count = (kv.getJson("count") ?? 0) + 1;
+      kv.setJson("count", count);
+      emit("probe.counted", { count, id: event.id });
+    } else if (kind === "retry") {
+      throw new Retry("not yet");
+    } else if (kind === "reject") {
+      throw new Reject("never");
+    } else if (kind === "crash") {
+      const order = JSON.parse("null");
+      kv.set("id", order.id);
+    } else if (kind === "loop") {
+      for (;;) {}
+    } else if (kind === "fetch") {
+      let outcome = "pending";
+      fetch("http://127.0.0.1:9/").then(
+        () => (outcome = "allowed"),
+        (e) => (outcome = `${e.name}: ${e.message}`),
+      );
+      kv.set("fetch-started", "yes");
+      // A handler is synchronous: the answer arrives after the call, so record the
+      // refusal the host counts, and the immediate outcome.
+      kv.set("fetch", outcome);
+    } else if (kind === "stdio") {
+      console.log("hello from javascript");
+      kv.setJson("stdio", { time: Date.now(), random: [Math.random(), Math.random()] });
+    }
+  },
+});

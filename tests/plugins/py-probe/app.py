@@ -1,0 +1,58 @@
+"""Test plugin in Python: one behaviour per event type `probe.<kind>`.
+
+- `count`: increments KV `count` and emits `probe.counted` with the new count.
+- `retry` / `reject`: raises `Retry("not yet")` / `Reject("never")`.
+- `crash`: a bug, an uncaught `KeyError`.
+- `loop`: loops until the host stops it.
+- `file`, `socket`, `lookup`: tries to read `/etc/passwd`, to connect to 127.0.0.1:9
+  and to resolve a name; stores what happened at KV `file`, `socket`, `lookup`.
+- `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
+"""
+
+import random
+import socket
+import time
+
+import switchyard
+from switchyard import BatchHandler, Event, Handler, Reject, Retry, kv  # noqa: F401
+
+
+def attempt(key, action):
+    try:
+        action()
+        kv.set(key, "allowed")
+    except OSError as e:
+        kv.set(key, f"{type(e).__name__}: {e}")
+
+
+def read_file():
+    with open("/etc/passwd") as f:
+        f.read()
+
+
+@switchyard.handler(subscriptions=["probe.>"], name="py-probe")
+def handle(event: Event) -> None:
+    kind = event.type.removeprefix("probe.")
+    if kind == "count":
+        count = kv.get_json("count", 0) + 1
+        kv.set_json("count", count)
+        switchyard.emit("probe.counted", {"count": count, "id": event.id})
+    elif kind == "retry":
+        raise Retry("not yet")
+    elif kind == "reject":
+        raise Reject("never")
+    elif kind == "crash":
+        orders = {}
+        print(orders["missing"])
+    elif kind == "loop":
+        while True:
+            pass
+    elif kind == "file":
+        attempt("file", read_file)
+    elif kind == "socket":
+        attempt("socket", lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
+    elif kind == "lookup":
+        attempt("lookup", lambda: socket.getaddrinfo("example.com", 80))
+    elif kind == "stdio":
+        print("hello from python")
+        kv.set_json("stdio", {"time": time.time(), "random": [random.random(), random.random()]})
