@@ -2,6 +2,7 @@
 //!
 //! Commands print results on stdout and errors on stderr, and exit non-zero on failure.
 
+mod scaffold;
 mod status;
 
 use std::borrow::Cow;
@@ -246,7 +247,24 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Validate plugin files and print each one's name, version and subscriptions.
+    /// Create a plugin project that builds with one command: a handler, a README, and
+    /// for Python and JavaScript the SDK and the contract's WIT.
+    New {
+        /// The plugin's name: lowercase letters, digits and dashes.
+        name: String,
+        /// The language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: scaffold::Lang,
+        /// Where to create the project folder (default: the current folder).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The Rust SDK crate (`plugin-sdk`) a Rust project depends on; found beside this
+        /// binary when it was built in a checkout.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Validate plugin files and print each one's name, version, subscriptions and
+    /// imports.
     Check {
         /// Plugin files (`.wasm` components).
         #[arg(required = true)]
@@ -377,6 +395,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             request(&client, method, &path, None).await
         }
         Command::Status { client } => status::status(&client).await,
+        Command::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => {
+            let project = scaffold::create(&dir, &name, lang, sdk.as_deref())?;
+            println!(
+                "created {}; its README.md has the build command",
+                project.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { files } => check(&files).await,
         Command::Invoke {
             file,

@@ -14,6 +14,7 @@ mod distributed;
 mod event_sourcing;
 mod examples;
 mod hot_reload;
+mod polyglot;
 mod producers;
 mod retention;
 mod runtime_effects;

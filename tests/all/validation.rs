@@ -138,25 +138,43 @@ async fn a_component_whose_handler_has_the_wrong_shape() {
 #[tokio::test]
 async fn real_plugins_that_reach_for_files_or_sockets_load_and_are_refused() {
     let runtime = runtime();
-    for (guest, access, expected) in [
-        (Guest::FsReader, Access::File, "denied: "),
-        (Guest::TcpConnect, Access::Socket, "denied: "),
+    for (guest, access, import, grant) in [
+        (
+            Guest::FsReader,
+            Access::File,
+            "wasi:filesystem/preopens",
+            "no directories",
+        ),
+        (
+            Guest::TcpConnect,
+            Access::Socket,
+            "wasi:sockets/tcp-create-socket",
+            "refused",
+        ),
     ] {
         let plugin = crate::support::load(&runtime, guest, PluginSettings::default()).await;
-        let filesystem = plugin
+        let linked = plugin
             .info()
             .imports
             .iter()
-            .find(|import| import.name.starts_with("wasi:filesystem/preopens"))
-            .unwrap_or_else(|| panic!("{guest:?} imports wasi:filesystem"));
-        assert!(filesystem.grant.contains("no directories"), "{filesystem:?}");
-        let outcome = crate::support::invoke(&plugin, &crate::support::event("probe", serde_json::json!({}))).await;
+            .find(|i| i.name.starts_with(import))
+            .unwrap_or_else(|| panic!("{guest:?} imports {import}"));
+        assert!(linked.grant.contains(grant), "{linked:?}");
+        let outcome = crate::support::invoke(
+            &plugin,
+            &crate::support::event("probe", serde_json::json!({})),
+        )
+        .await;
         let (kind, message) = crate::support::failure(&outcome);
         assert_eq!(kind, "reject", "{message}");
-        assert!(message.starts_with(expected), "{guest:?}: {message}");
+        assert!(message.starts_with("denied: "), "{guest:?}: {message}");
         let refused: Vec<(Access, u64)> = plugin.refusals().counts().to_vec();
         for (counted, count) in refused {
-            assert_eq!(count, u64::from(counted == access), "{guest:?}: {counted:?}");
+            assert_eq!(
+                count,
+                u64::from(counted == access),
+                "{guest:?}: {counted:?}"
+            );
         }
     }
 }

@@ -200,8 +200,9 @@ impl Runtime {
         let engine =
             Engine::new(&wasm_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        let empty_root = sandbox::EmptyRoot::new()
-            .map_err(|e| RuntimeError::Engine(format!("cannot make the plugins' empty root: {e}")))?;
+        let empty_root = sandbox::EmptyRoot::new().map_err(|e| {
+            RuntimeError::Engine(format!("cannot make the plugins' empty root: {e}"))
+        })?;
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
             .and_then(|()| sandbox::link(&mut linker, Arc::new(empty_root)))

@@ -688,29 +688,42 @@ fn uncaught_exception(stderr: &str) -> Option<String> {
         .iter()
         .copied()
         .take_while(|line| !RUNTIME_NOISE.iter().any(|noise| line.starts_with(noise)))
+        .filter(|line| !line.trim().is_empty())
         .collect();
     let (summary, body) = match report.first()?.strip_prefix("Uncaught ") {
         Some(summary) => (summary, &report[1..]),
         // Python's summary is the block's last line, such as `KeyError: 'missing'`.
-        None => (*report.iter().rev().find(|line| !line.starts_with(' '))?, &report[..]),
+        None => (
+            *report.iter().rev().find(|line| !line.starts_with(' '))?,
+            &report[..],
+        ),
     };
-    Some(format!("uncaught {summary}\n{}", body.join("\n")).trim_end().to_owned())
+    Some(
+        format!("uncaught {summary}\n{}", body.join("\n"))
+            .trim_end()
+            .to_owned(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn uncaught_exceptions_are_reported_without_the_runtimes_noise() {
-        let python = "Traceback (most recent call last):\n  File \"/0/app.py\", line 18, in handle\nKeyError: 'missing'\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\nPython function threw an unexpected exception\n";
+        let python = "Traceback (most recent call last):\n  File \"/0/app.py\", line 18, in handle\nKeyError: 'missing'\n\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\nPython function threw an unexpected exception\n";
         assert_eq!(
             super::uncaught_exception(python).as_deref(),
-            Some("uncaught KeyError: 'missing'\nTraceback (most recent call last):\n  File \"/0/app.py\", line 18, in handle\nKeyError: 'missing'")
+            Some(
+                "uncaught KeyError: 'missing'\nTraceback (most recent call last):\n  File \"/0/app.py\", line 18, in handle\nKeyError: 'missing'"
+            )
         );
         let js = "Uncaught TypeError: order is null\nhandle@app.js:17:48\ninvalid variant tag value `undefined`\nStack:\nRedirecting call to abort() to mozalloc_abort\n";
         assert_eq!(
             super::uncaught_exception(js).as_deref(),
             Some("uncaught TypeError: order is null\nhandle@app.js:17:48")
         );
-        assert_eq!(super::uncaught_exception("thread 'main' panicked at src/lib.rs:1:1:\nboom\n"), None);
+        assert_eq!(
+            super::uncaught_exception("thread 'main' panicked at src/lib.rs:1:1:\nboom\n"),
+            None
+        );
     }
 }

@@ -16,10 +16,10 @@
 //! a rejected `fetch` in JavaScript), is logged once with the plugin's name and counted
 //! in [`Refusals`].
 
-use std::fs::File;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource, Val};
@@ -27,7 +27,9 @@ use wasmtime_wasi::filesystem::{Descriptor, Dir};
 use wasmtime_wasi::p2::bindings::filesystem::types::{
     DescriptorFlags, ErrorCode as FsErrorCode, OpenFlags, PathFlags,
 };
-use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode as SocketErrorCode, IpAddressFamily};
+use wasmtime_wasi::p2::bindings::sockets::network::{
+    ErrorCode as SocketErrorCode, IpAddressFamily,
+};
 use wasmtime_wasi::p2::{TcpSocket, UdpSocket};
 use wasmtime_wasi::{FsPerms, OpenMode};
 
@@ -86,12 +88,7 @@ const LOGGED_TARGETS: usize = 64;
 impl Refusals {
     /// The counts, in the order of [`Access::ALL`].
     pub fn counts(&self) -> [(Access, u64); 3] {
-        Access::ALL.map(|access| {
-            (
-                access,
-                self.counts[access.index()].load(Ordering::Relaxed),
-            )
-        })
+        Access::ALL.map(|access| (access, self.counts[access.index()].load(Ordering::Relaxed)))
     }
 
     /// Counts and logs one refused attempt of `plugin`.
@@ -183,7 +180,9 @@ pub(crate) fn link(linker: &mut Linker<HostState>, root: Arc<EmptyRoot>) -> wasm
                 OpenFlags,
                 DescriptorFlags,
             )| {
-                store.data().refuse(Access::File, &format!("opening `{path}`"));
+                store
+                    .data()
+                    .refuse(Access::File, &format!("opening `{path}`"));
                 Ok((Err::<Resource<Descriptor>, _>(FsErrorCode::Access),))
             },
         )?;
@@ -209,22 +208,30 @@ pub(crate) fn link(linker: &mut Linker<HostState>, root: Arc<EmptyRoot>) -> wasm
     // defined with dynamic values.
     linker
         .instance(&format!("wasi:sockets/ip-name-lookup@{WASI}"))?
-        .func_new(
+        .func_new_async(
             "resolve-addresses",
-            |store: StoreContextMut<'_, HostState>, _ty, params: &[Val], results: &mut [Val]| {
-                let name = match params.get(1) {
-                    Some(Val::String(name)) => name.as_str(),
-                    _ => "a host name",
-                };
-                store
-                    .data()
-                    .refuse(Access::Socket, &format!("resolving `{name}`"));
-                if let Some(result) = results.first_mut() {
-                    *result = Val::Result(Err(Some(Box::new(Val::Enum(
-                        "access-denied".to_owned(),
-                    )))));
-                }
-                Ok(())
+            |mut store: StoreContextMut<'_, HostState>,
+             _ty,
+             params: &[Val],
+             results: &mut [Val]| {
+                Box::new(async move {
+                    // The network is lent for the call; a dynamic function gives it back.
+                    if let Some(Val::Resource(network)) = params.first() {
+                        network.resource_drop_async(&mut store).await?;
+                    }
+                    let name = match params.get(1) {
+                        Some(Val::String(name)) => name.as_str(),
+                        _ => "a host name",
+                    };
+                    store
+                        .data()
+                        .refuse(Access::Socket, &format!("resolving `{name}`"));
+                    if let Some(result) = results.first_mut() {
+                        *result =
+                            Val::Result(Err(Some(Box::new(Val::Enum("access-denied".to_owned())))));
+                    }
+                    Ok(())
+                })
             },
         )?;
     linker.allow_shadowing(false);

@@ -28,19 +28,31 @@ const GRANTED_WASI: &[(&str, &str)] = &[
     ("wasi:io/", "linked"),
     ("wasi:clocks/", "linked"),
     ("wasi:random/", "linked, seeded per instance"),
-    ("wasi:cli/environment", "linked, no variables and no arguments"),
+    (
+        "wasi:cli/environment",
+        "linked, no variables and no arguments",
+    ),
     ("wasi:cli/exit", "linked, exiting traps the call"),
     ("wasi:cli/stdin", "linked, empty"),
     ("wasi:cli/stdout", "linked, lines go to the host's log"),
-    ("wasi:cli/stderr", "linked, lines go to the host's log and to trap reports"),
+    (
+        "wasi:cli/stderr",
+        "linked, lines go to the host's log and to trap reports",
+    ),
     ("wasi:cli/terminal-", "linked, not a terminal"),
     (
         "wasi:filesystem/",
         "linked, no directories: `/` is empty and every open is refused",
     ),
-    ("wasi:sockets/", "linked, every socket and name lookup is refused"),
+    (
+        "wasi:sockets/",
+        "linked, every socket and name lookup is refused",
+    ),
     ("wasi:http/types", "linked"),
-    ("wasi:http/outgoing-handler", "linked, every request is refused"),
+    (
+        "wasi:http/outgoing-handler",
+        "linked, every request is refused",
+    ),
 ];
 
 /// What the host gives an import, or `None` if it provides nothing under that name.

@@ -112,3 +112,69 @@ pub fn path(guest: Guest) -> PathBuf {
         .join("guest")
         .join(format!("{}.wasm", guest.crate_name().replace('-', "_")))
 }
+
+/// A guest written in Python or JavaScript, built with the pinned stock toolchains
+/// (`scripts/componentize.sh`) into `target/guests/polyglot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polyglot {
+    /// `tests/plugins/py-probe`: one behaviour per event type.
+    PyProbe,
+    /// `tests/plugins/js-probe`: the same in JavaScript.
+    JsProbe,
+    /// `plugins/loyalty`, the Python example.
+    Loyalty,
+    /// `plugins/receipts`, the JavaScript example.
+    Receipts,
+}
+
+impl Polyglot {
+    /// The plugin's directory, relative to the workspace.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Polyglot::PyProbe => "tests/plugins/py-probe",
+            Polyglot::JsProbe => "tests/plugins/js-probe",
+            Polyglot::Loyalty => "plugins/loyalty",
+            Polyglot::Receipts => "plugins/receipts",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The path of a built Python or JavaScript guest, building it on first use (the script
+/// skips a build that is up to date).
+pub fn polyglot_path(guest: Polyglot) -> PathBuf {
+    static BUILT: [OnceLock<Result<PathBuf, String>>; 4] = [
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+    ];
+    let built = BUILT[guest.index()].get_or_init(|| {
+        let root = workspace_root();
+        let name = Path::new(guest.dir())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let out = target_dir().join("polyglot").join(format!("{name}.wasm"));
+        let status = Command::new(root.join("scripts/componentize.sh"))
+            .arg(root.join(guest.dir()))
+            .arg(&out)
+            .status()
+            .map_err(|e| format!("cannot run scripts/componentize.sh: {e}"))?;
+        if status.success() {
+            Ok(out)
+        } else {
+            Err(format!(
+                "building {} failed ({status}); scripts/setup.sh installs the toolchains",
+                guest.dir()
+            ))
+        }
+    });
+    match built {
+        Ok(path) => path.clone(),
+        Err(error) => panic!("{error}"),
+    }
+}

@@ -1,0 +1,240 @@
+//! Plugins written in Python and JavaScript, built with the stock toolchains
+//! (componentize-py, componentize-js) and the SDKs in `plugin-sdk/`, run by the real
+//! binary: hot-dropped into a running host, handling events, KV, emits, `retry`,
+//! `reject`, a bug with its traceback, a loop stopped by fuel, and files, sockets and
+//! HTTP refused inside the sandbox.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::guests::{self, Guest, Polyglot};
+use crate::support::host::{Backend, Host};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Copies a built Python or JavaScript guest into the running host's plugin folder.
+fn drop_in(host: &Host, name: &str, guest: Polyglot, sidecar: Option<&str>) {
+    host.sidecar(name, sidecar);
+    let staged = host.plugins_dir().join(format!(".{name}.wasm.part"));
+    std::fs::copy(guests::polyglot_path(guest), &staged).unwrap();
+    std::fs::rename(&staged, host.plugins_dir().join(format!("{name}.wasm"))).unwrap();
+}
+
+async fn wait_running(host: &Host, name: &str) {
+    host.wait_for(&format!("{name} to be running"), WAIT, || async {
+        let status = host.status(name).await?;
+        (status["status"] == "running").then_some(())
+    })
+    .await;
+}
+
+async fn dead_letters(host: &Host, plugin: &str) -> Vec<serde_json::Value> {
+    host.get_json(&format!("/v1/dlq?plugin={plugin}")).await["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The dead letter of event `id` for `plugin`, once it exists.
+async fn dead_letter(host: &Host, plugin: &str, id: &str) -> serde_json::Value {
+    host.wait_for(&format!("{plugin}'s dead letter of {id}"), WAIT, || async {
+        dead_letters(host, plugin)
+            .await
+            .into_iter()
+            .find(|letter| letter["event"]["id"] == id)
+    })
+    .await
+}
+
+/// The Python and JavaScript examples join the Rust ticketing flow: a payment earns
+/// loyalty points (Python) and its tickets get a receipt (JavaScript).
+async fn python_and_javascript_examples_take_part_in_the_flow(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin("ticketing", Guest::Ticketing, None);
+    host.start();
+    drop_in(&host, "loyalty", Polyglot::Loyalty, None);
+    drop_in(&host, "receipts", Polyglot::Receipts, None);
+    wait_running(&host, "loyalty").await;
+    wait_running(&host, "receipts").await;
+
+    for (id, order, quantity) in [("pay-1", "o-1", 2), ("pay-2", "o-2", 1)] {
+        let data = json!({"order_id": order, "email": "fan@example.com", "quantity": quantity, "amount_cents": 4200});
+        assert_eq!(host.send("payment.completed", id, data).await, 202);
+    }
+    let balance = host
+        .wait_for("the loyalty balance", WAIT, || async {
+            let points = host.kv("loyalty", "points/fan@example.com").await?;
+            (points == "30").then_some(points)
+        })
+        .await;
+    assert_eq!(balance, "30");
+    let receipt = host
+        .wait_for("the receipt of o-1", WAIT, || async {
+            host.kv("receipts", "receipt/o-1").await
+        })
+        .await;
+    let receipt: serde_json::Value = serde_json::from_str(&receipt).unwrap();
+    assert_eq!(receipt["tickets"], json!(["o-1-1", "o-1-2"]));
+    assert_eq!(receipt["email"], "fan@example.com");
+
+    let log = host
+        .wait_for("the examples' emits", WAIT, || async {
+            let log = host.log().await;
+            let count = |ty: &str| log.iter().filter(|e| e["event"]["type"] == ty).count();
+            (count("loyalty.points-awarded") == 2 && count("receipt.issued") == 2).then_some(log)
+        })
+        .await;
+    // The payments may be handled in either order; the balances add up either way.
+    let mut awarded: Vec<(u64, u64)> = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "loyalty.points-awarded")
+        .map(|e| {
+            let data = &e["event"]["data"];
+            (
+                data["balance"].as_u64().unwrap(),
+                data["earned"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    awarded.sort_unstable();
+    assert!(
+        awarded == [(10, 10), (30, 20)] || awarded == [(20, 20), (30, 10)],
+        "{awarded:?}"
+    );
+    // A payment without an email is a permanent failure of the Python handler.
+    assert_eq!(
+        host.send("payment.completed", "pay-bad", json!({"order_id": "o-3"}))
+            .await,
+        202
+    );
+    let letter = dead_letter(&host, "loyalty", "pay-bad").await;
+    assert_eq!(letter["reason"], "rejected");
+    assert_eq!(letter["errors"][0]["message"], "payment without an email");
+}
+
+crate::on_both_backends!(python_and_javascript_examples_take_part_in_the_flow);
+
+const PROBE_SIDECAR: &str = "[limits]\nfuel = 20000000\n[retry]\nbackoff = \"constant\"\ninitial = \"100ms\"\njitter = false\nmax_attempts = 2\n";
+
+/// Everything a handler team can do or get wrong, in both languages, against one host.
+#[tokio::test]
+async fn python_and_javascript_handlers_are_contained_and_their_failures_readable() {
+    let mut host = Host::new();
+    host.start();
+    drop_in(&host, "py", Polyglot::PyProbe, Some(PROBE_SIDECAR));
+    drop_in(&host, "js", Polyglot::JsProbe, Some(PROBE_SIDECAR));
+    wait_running(&host, "py").await;
+    wait_running(&host, "js").await;
+
+    for n in 1..=3 {
+        assert_eq!(
+            host.send("probe.count", &format!("count-{n}"), json!({}))
+                .await,
+            202
+        );
+    }
+    for kind in [
+        "retry", "reject", "crash", "loop", "file", "socket", "fetch", "stdio",
+    ] {
+        assert_eq!(
+            host.send(&format!("probe.{kind}"), kind, json!({})).await,
+            202
+        );
+    }
+
+    for plugin in ["py", "js"] {
+        // KV and emits.
+        host.wait_for(&format!("{plugin}'s count"), WAIT, || async {
+            (host.kv(plugin, "count").await.as_deref() == Some("3")).then_some(())
+        })
+        .await;
+        // `Retry` is retried, then dead-lettered as exhausted.
+        let retried = dead_letter(&host, plugin, "retry").await;
+        assert_eq!(retried["reason"], "exhausted", "{retried}");
+        assert_eq!(retried["errors"].as_array().unwrap().len(), 2, "{retried}");
+        assert_eq!(retried["errors"][1]["kind"], "retry");
+        assert_eq!(retried["errors"][1]["message"], "not yet");
+        // `Reject` is dead-lettered at once.
+        let rejected = dead_letter(&host, plugin, "reject").await;
+        assert_eq!(rejected["reason"], "rejected");
+        assert_eq!(rejected["errors"][0]["message"], "never");
+        // A bug is a trap, retried, with the exception and its traceback.
+        let crashed = dead_letter(&host, plugin, "crash").await;
+        assert_eq!(crashed["errors"][0]["kind"], "trap", "{crashed}");
+        let message = crashed["errors"][1]["message"].as_str().unwrap();
+        let (summary, trace) = match plugin {
+            "py" => ("uncaught KeyError: 'missing'", "app.py\", line"),
+            _ => ("uncaught TypeError:", "handle@app.js:"),
+        };
+        assert!(message.starts_with(summary), "{message}");
+        assert!(message.contains(trace), "{message}");
+        // A loop is stopped by fuel.
+        let looped = dead_letter(&host, plugin, "loop").await;
+        assert_eq!(looped["errors"][0]["kind"], "fuel", "{looped}");
+        host.wait_for(&format!("{plugin}'s stdio"), WAIT, || async {
+            host.kv(plugin, "stdio").await
+        })
+        .await;
+    }
+
+    // Clocks and random work, and differ between calls.
+    for plugin in ["py", "js"] {
+        let stdio: serde_json::Value =
+            serde_json::from_str(&host.kv(plugin, "stdio").await.unwrap()).unwrap();
+        assert!(stdio["time"].as_f64().unwrap() > 1.7e9, "{stdio}");
+        assert_ne!(stdio["random"][0], stdio["random"][1], "{stdio}");
+    }
+    // The last error names the bug too.
+    let status = host.status("py").await.unwrap();
+    assert!(
+        host.get_json("/v1/plugins/py").await["recent_errors"]
+            .to_string()
+            .contains("KeyError"),
+        "{status}"
+    );
+
+    // Files and sockets fail inside the Python handler with an ordinary OSError.
+    let file = host
+        .wait_for("py's file attempt", WAIT, || async {
+            host.kv("py", "file").await
+        })
+        .await;
+    assert!(file.starts_with("PermissionError"), "{file}");
+    let socket = host
+        .wait_for("py's socket attempt", WAIT, || async {
+            host.kv("py", "socket").await
+        })
+        .await;
+    assert!(socket.contains("Error"), "{socket}");
+    assert_ne!(socket, "allowed");
+    // JavaScript's fetch never leaves the host.
+    host.wait_for("js's fetch attempt", WAIT, || async {
+        host.kv("js", "fetch-started").await
+    })
+    .await;
+
+    // Each refusal is counted per plugin, in the status and the metrics.
+    let refused = host
+        .wait_for("the refusals", WAIT, || async {
+            let py = host.get_json("/v1/plugins/py").await["refused"].clone();
+            let js = host.get_json("/v1/plugins/js").await["refused"].clone();
+            (py["file"].as_u64()? >= 1 && py["socket"].as_u64()? >= 1 && js["http"].as_u64()? >= 1)
+                .then_some((py, js))
+        })
+        .await;
+    assert_eq!(refused.0["http"], 0, "{refused:?}");
+    assert_eq!(refused.1["file"], 0, "{refused:?}");
+    assert_eq!(refused.1["socket"], 0, "{refused:?}");
+    assert_eq!(
+        host.metric("switchyard_plugin_refused_total{plugin=\"js\",access=\"http\"}")
+            .await,
+        1.0
+    );
+    assert!(
+        host.metric("switchyard_plugin_refused_total{plugin=\"py\",access=\"socket\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(host.get_json("/healthz").await["status"], "ok");
+}
