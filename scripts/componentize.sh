@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a plugin written in Python (DIR/app.py) or JavaScript (DIR/app.js) into the
-# component OUT, with the pinned toolchains that scripts/setup.sh installs into .tools/
-# and the SDK and WIT in plugin-sdk/python or plugin-sdk/js. A JavaScript plugin imports
+# component OUT, with the pinned toolchains that scripts/setup.sh installs into
+# .tools/bin and the SDK and WIT in plugin-sdk/python or plugin-sdk/js. A JavaScript plugin imports
 # the SDK as "./switchyard.js", which is put beside it for the build.
 # Does nothing when OUT is newer than the plugin's and the SDK's files.
 set -euo pipefail
@@ -27,24 +27,19 @@ if [ -f "$out" ] && [ -z "$(find "$dir" "$sdk" -newer "$out" -type f | head -n 1
     exit 0
 fi
 
+tools="$root/.tools/bin"
+if [ ! -x "$tools/componentize-py" ] || [ ! -x "$tools/componentize-js" ]; then
+    echo "$0: the plugin toolchains are not installed; run scripts/setup.sh" >&2
+    exit 1
+fi
 if [ -f "$dir/app.py" ]; then
-    tool="$root/.tools/componentize-py"
-    if [ ! -x "$tool/bin/componentize-py" ]; then
-        echo "$0: componentize-py is not installed; run scripts/setup.sh" >&2
-        exit 1
-    fi
-    (cd "$dir" && PYTHONPATH="$tool" "$tool/bin/componentize-py" --quiet \
+    (cd "$dir" && "$tools/componentize-py" --quiet \
         -d "$sdk/wit" -w batch-plugin componentize app -p "$dir" -p "$sdk" -o "$out.tmp")
 else
-    cli="$root/.tools/componentize-js/node_modules/@bytecodealliance/componentize-js/src/cli.js"
-    if [ ! -f "$cli" ]; then
-        echo "$0: componentize-js is not installed; run scripts/setup.sh" >&2
-        exit 1
-    fi
     stage=$(mktemp -d)
     trap 'rm -rf "$stage"' EXIT
     cp -r "$dir"/. "$stage"/
     cp "$sdk/switchyard.js" "$stage/switchyard.js"
-    node "$cli" "$stage/app.js" -w "$sdk/wit" -n batch-plugin -o "$out.tmp" >/dev/null
+    "$tools/componentize-js" "$stage/app.js" -w "$sdk/wit" -n batch-plugin -o "$out.tmp" >/dev/null
 fi
 mv "$out.tmp" "$out"

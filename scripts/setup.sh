@@ -84,6 +84,20 @@ if ! grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package" 2>/dev/nu
         "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION" >&2
     grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package"
 fi
+# Commands on the PATH of whoever adds `.tools/bin` to it, as a plugin project's README
+# expects them.
+mkdir -p "$tools/bin"
+cat > "$tools/bin/componentize-py" <<'EOF_PY'
+#!/bin/sh
+tools=$(cd "$(dirname "$0")/.." && pwd)
+PYTHONPATH="$tools/componentize-py${PYTHONPATH:+:$PYTHONPATH}" exec "$tools/componentize-py/bin/componentize-py" "$@"
+EOF_PY
+cat > "$tools/bin/componentize-js" <<'EOF_JS'
+#!/bin/sh
+tools=$(cd "$(dirname "$0")/.." && pwd)
+exec node "$tools/componentize-js/node_modules/@bytecodealliance/componentize-js/src/cli.js" "$@"
+EOF_JS
+chmod +x "$tools/bin/componentize-py" "$tools/bin/componentize-js"
 
 # The status page's tests drive Debian's Chromium over WebDriver (chromedriver).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then

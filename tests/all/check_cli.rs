@@ -9,6 +9,10 @@ use crate::support::guests::{self, Guest};
 
 fn check(path: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .env(
+            "SWITCHYARD_CACHE_DIR",
+            guests::target_dir().join("compile-cache"),
+        )
         .arg("check")
         .arg(path)
         .output()
@@ -34,10 +38,14 @@ fn check_accepts_every_example_plugin() {
             stdout.starts_with(&format!("{}: ok\n", path.display())),
             "{stdout}"
         );
-        assert!(
-            stdout.contains(&format!("\n  name           {name}\n")),
-            "{stdout}"
-        );
+        // The host names a plugin after its file; the described name follows if it differs.
+        let stem = path.file_stem().unwrap().to_string_lossy();
+        let named = if stem == name {
+            format!("\n  name           {name}\n")
+        } else {
+            format!("\n  name           {stem} (describes itself as `{name}`)\n")
+        };
+        assert!(stdout.contains(&named), "{stdout}");
         assert!(stdout.contains("\n  version        0.1.0\n"), "{stdout}");
         assert!(
             stdout.contains(&format!("\n  subscriptions  {subscriptions}\n")),
@@ -88,6 +96,10 @@ fn check_fails_on_a_missing_file() {
 
 fn invoke(path: &Path, ty: &str, data: &str) -> (Output, serde_json::Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .env(
+            "SWITCHYARD_CACHE_DIR",
+            guests::target_dir().join("compile-cache"),
+        )
         .arg("invoke")
         .arg(path)
         .args(["--type", ty, "--data", data])
@@ -140,4 +152,114 @@ fn invoke_reports_a_failed_call_by_kind_and_exits_1() {
             .contains("hostile plugin panicked on purpose"),
         "{report}"
     );
+}
+
+/// The code blocks of a README section, in order.
+fn sh_blocks<'a>(readme: &'a str, heading: &str) -> Vec<&'a str> {
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with(heading))
+        .unwrap_or_else(|| panic!("no section {heading}: {readme}"));
+    section
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .collect()
+}
+
+/// `switchyard new` in each language writes a project whose README's build command
+/// builds it, and whose `check` and `invoke` commands pass, exactly as written.
+#[test]
+fn new_projects_build_and_pass_check_and_invoke_as_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let tools = root.join(".tools/bin");
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cache = guests::target_dir().join("compile-cache");
+    let parent = tempfile::tempdir().unwrap();
+    for lang in ["python", "js", "rust"] {
+        let name = format!("greeter-{lang}");
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["new", &name, "--lang", lang, "--dir"])
+            .arg(parent.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let project = parent.path().join(&name);
+        let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+
+        let build = sh_blocks(&readme, "Build");
+        assert_eq!(build.len(), 1, "one build command: {readme}");
+        let mut command = Command::new("sh");
+        command
+            .args(["-ec", build[0]])
+            .current_dir(&project)
+            .env("PATH", &path);
+        for var in [
+            "CARGO_ENCODED_RUSTFLAGS",
+            "RUSTFLAGS",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+        ] {
+            command.env_remove(var);
+        }
+        let built = command.output().unwrap();
+        assert!(
+            built.status.success(),
+            "{lang}: {}\n{}",
+            build[0],
+            String::from_utf8_lossy(&built.stderr)
+        );
+
+        let try_it = sh_blocks(&readme, "Try it");
+        let lines: Vec<&str> = try_it[0].lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 2, "{readme}");
+        for line in lines {
+            let args = line.strip_prefix("switchyard ").unwrap();
+            let output = Command::new("sh")
+                .arg("-ec")
+                .arg(format!("\"$SWITCHYARD\" {args}"))
+                .current_dir(&project)
+                .env("SWITCHYARD", env!("CARGO_BIN_EXE_switchyard"))
+                .env("SWITCHYARD_CACHE_DIR", &cache)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "{lang}: {line}\n{stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            if args.starts_with("check") {
+                assert!(
+                    stdout.contains(": ok\n") && stdout.contains(&name),
+                    "{stdout}"
+                );
+            } else {
+                let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+                assert_eq!(report["status"], "ok", "{report}");
+                assert_eq!(
+                    report["result"]["emits"][0]["type"], "greeting.sent",
+                    "{report}"
+                );
+                assert_eq!(
+                    report["result"]["emits"][0]["data"]["text"], "Hello, Ada!",
+                    "{report}"
+                );
+                assert_eq!(
+                    report["result"]["kv_writes"]["greeted/Ada"], "1",
+                    "{report}"
+                );
+            }
+        }
+    }
 }
