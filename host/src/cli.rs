@@ -263,6 +263,21 @@ pub enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// Compile a plugin for a host's engine into OUT (run by the host itself, in a child
+    /// process, so that the compiler's memory is not kept by the host).
+    #[command(hide = true)]
+    CompilePlugin {
+        /// The host's `[runtime] max_instances`.
+        #[arg(long)]
+        max_instances: u32,
+        /// The host's `[runtime] max_memory`, in bytes.
+        #[arg(long)]
+        max_memory_bytes: u64,
+        /// The component.
+        input: PathBuf,
+        /// Where to write the compiled code.
+        out: PathBuf,
+    },
     /// Validate plugin files and print each one's name, version, subscriptions and
     /// imports.
     Check {
@@ -278,12 +293,15 @@ pub enum Command {
         /// The event type.
         #[arg(long = "type")]
         ty: String,
-        /// The event data, as JSON.
+        /// The event data, as JSON, or `@FILE` to read it from a file.
         #[arg(long, default_value = "{}")]
         data: String,
         /// Attempt number to report to the handler.
         #[arg(long, default_value_t = 1)]
         attempt: u32,
+        /// The call's fuel budget (default: the host's default, 50,000,000).
+        #[arg(long)]
+        fuel: Option<u64>,
     },
 }
 
@@ -408,13 +426,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::CompilePlugin {
+            max_instances,
+            max_memory_bytes,
+            input,
+            out,
+        } => {
+            let config = RuntimeConfig {
+                max_instances,
+                max_memory_bytes,
+                ..RuntimeConfig::default()
+            };
+            Runtime::compile_file(&config, &input, &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { files } => check(&files).await,
         Command::Invoke {
             file,
             ty,
             data,
             attempt,
-        } => invoke(&file, ty, &data, attempt).await,
+            fuel,
+        } => invoke(&file, ty, &data, attempt, fuel).await,
     }
 }
 
@@ -611,11 +644,28 @@ pub fn describe_plugin(file: &Path, plugin: &Plugin) -> String {
     text
 }
 
-async fn invoke(file: &Path, ty: String, data: &str, attempt: u32) -> anyhow::Result<ExitCode> {
+async fn invoke(
+    file: &Path,
+    ty: String,
+    data: &str,
+    attempt: u32,
+    fuel: Option<u64>,
+) -> anyhow::Result<ExitCode> {
     event::validate_event_type(&ty)?;
-    let json: serde_json::Value = serde_json::from_str(data).context("--data is not valid JSON")?;
+    let data: Cow<'_, str> = match data.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --data from {path}"))?
+            .into(),
+        None => data.into(),
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&data).context("--data is not valid JSON")?;
     let runtime = runtime()?;
-    let plugin = runtime.load_file(file, PluginSettings::default()).await?;
+    let mut settings = PluginSettings::default();
+    if let Some(fuel) = fuel {
+        settings.limits.fuel = fuel;
+    }
+    let plugin = runtime.load_file(file, settings).await?;
     let event = Event {
         id: uuid::Uuid::now_v7().to_string(),
         source: "/switchyard/cli".to_owned(),

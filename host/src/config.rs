@@ -81,7 +81,7 @@
 //! [plugin_defaults.retry]
 //! max_attempts = 5
 //! [plugin_defaults.limits]
-//! fuel = 50_000_000
+//! fuel = 1_000_000_000
 //! [plugin_defaults.effects]
 //! max_emits = 100
 //! ```
@@ -681,6 +681,7 @@ impl RuntimeSection {
             max_instances: self.max_instances,
             max_memory_bytes: self.max_memory,
             compile_cache: None,
+            compiler: None,
             guest_threads: self.guest_threads,
         }
     }
@@ -1042,6 +1043,7 @@ mod tests {
                 max_instances: 50,
                 max_memory_bytes: 512 << 20,
                 compile_cache: None,
+                compiler: None,
                 guest_threads: 3,
             }
         );

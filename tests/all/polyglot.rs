@@ -238,3 +238,36 @@ async fn python_and_javascript_handlers_are_contained_and_their_failures_readabl
     );
     assert_eq!(host.get_json("/healthz").await["status"], "ok");
 }
+
+/// The Python and JavaScript SDKs carry their own copy of the contract; it must not
+/// drift from the workspace's `wit/`.
+#[test]
+fn the_sdks_wit_copies_match_the_contract() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let contract = root.join("wit");
+    let mut files: Vec<String> = std::fs::read_dir(&contract)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".wit"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 4, "{files:?}");
+    for sdk in ["plugin-sdk/python/wit", "plugin-sdk/js/wit"] {
+        let copy = root.join(sdk);
+        let mut copied: Vec<String> = std::fs::read_dir(&copy)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        copied.sort();
+        assert_eq!(copied, files, "{sdk} holds other files than wit/");
+        for file in &files {
+            assert_eq!(
+                std::fs::read_to_string(copy.join(file)).unwrap(),
+                std::fs::read_to_string(contract.join(file)).unwrap(),
+                "{sdk}/{file} differs from wit/{file}"
+            );
+        }
+    }
+}

@@ -59,6 +59,13 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("memory") {
         figures.extend(idle_memory(options).await.context("memory")?);
     }
+    if wanted("polyglot") {
+        figures.extend(
+            crate::polyglot::figures(options)
+                .await
+                .context("polyglot")?,
+        );
+    }
     if wanted("swap") {
         figures.extend(hot_swap(options).await.context("swap")?);
     }

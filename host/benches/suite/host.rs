@@ -52,6 +52,14 @@ impl Process {
                 std::fs::write(plugin_dir.join(format!("{name}.toml")), text)?;
             }
         }
+        Self::serve(dir, config)
+    }
+
+    /// Starts `switchyard serve` on loopback in `dir`, with the plugins already in
+    /// `dir/plugins` and the data (and compile cache) in `dir/data`.
+    pub fn serve(dir: tempfile::TempDir, config: Option<&str>) -> anyhow::Result<Self> {
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugin_dir)?;
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
@@ -74,6 +82,13 @@ impl Process {
             dir,
             http: reqwest::Client::new(),
         })
+    }
+
+    /// Stops the process and hands back its directories.
+    pub fn stop(mut self) -> anyhow::Result<tempfile::TempDir> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(std::mem::replace(&mut self.dir, tempfile::tempdir()?))
     }
 
     /// Starts the bare HTTP server (this binary with [`crate::bare::SERVER_FLAG`]).

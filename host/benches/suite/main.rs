@@ -32,6 +32,7 @@ mod figures;
 mod host;
 mod nats;
 mod peers;
+mod polyglot;
 mod producers;
 mod sourcing;
 mod traces;

@@ -34,7 +34,7 @@
 //! max_age = "24h"
 //!
 //! [limits]
-//! fuel = 50_000_000
+//! fuel = 1_000_000_000
 //! memory = "64MiB"
 //! timeout = "5s"
 //!

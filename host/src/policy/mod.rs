@@ -138,7 +138,7 @@ pub struct RetryTable {
 pub struct LimitsTable {
     /// Fuel one invocation may burn (roughly, WebAssembly instructions). At least 1.
     ///
-    /// Default: 50000000.
+    /// Default: 1000000000.
     pub fuel: Option<u64>,
 
     /// Largest linear memory an instance may grow to: bytes, or a size such as `"64MiB"`.

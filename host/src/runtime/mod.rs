@@ -17,6 +17,7 @@
 //! The runtime never applies effects: emits and KV writes come back in the outcome for
 //! the caller to commit with the acknowledgement.
 
+mod artifacts;
 mod bindings;
 mod fair;
 mod host;
@@ -28,20 +29,21 @@ mod settings;
 mod stdio;
 mod validate;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::Linker;
-use wasmtime::{
-    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
-};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+pub use self::artifacts::Compiler;
 pub use self::outcome::{Failure, Outcome};
 pub use self::plugin::{BatchOutcome, Delivery, InstanceStats, Plugin, PluginInfo};
 pub use self::sandbox::{Access, Refusals};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
 pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS, Import};
 
+use self::artifacts::Artifacts;
 use self::fair::CpuGate;
 use self::host::HostState;
 
@@ -56,8 +58,12 @@ pub struct RuntimeConfig {
     /// Ceiling on any plugin's memory limit, in bytes; sizes the pooling allocator's slots.
     pub max_memory_bytes: u64,
     /// Directory of the compiled-code cache, keyed by the file's bytes and the engine's
-    /// settings, so a restart or the same bytes again do not recompile. `None`: no cache.
+    /// settings, so a restart or the same bytes again do not recompile, and compiled code
+    /// is mapped rather than read into memory. `None`: no cache, compiled in memory.
     pub compile_cache: Option<std::path::PathBuf>,
+    /// Compile new plugins in a child process of this program (`compile-plugin`), so the
+    /// compiler's peak memory is not kept by the host. Needs `compile_cache`.
+    pub compiler: Option<Compiler>,
     /// Guest timeslices after a call's first that execute at the same moment over all
     /// plugins (calls waiting for I/O do not count); the others wait at the gate,
     /// least-served plugin first.
@@ -70,6 +76,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_memory_bytes: 1024 * 1024 * 1024,
             compile_cache: None,
+            compiler: None,
             guest_threads: default_guest_threads(),
         }
     }
@@ -178,27 +185,21 @@ pub struct Runtime {
 struct RuntimeInner {
     engine: Engine,
     linker: Linker<HostState>,
-    cache: Option<Cache>,
+    artifacts: Option<Artifacts>,
     gate: CpuGate,
 }
 
 impl Runtime {
     /// Builds the engine, links the host imports and WASI, and starts the epoch thread.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
-        let cache = match &config.compile_cache {
-            Some(dir) => {
-                let mut cache_config = CacheConfig::new();
-                cache_config.with_directory(dir);
-                Some(Cache::new(cache_config).map_err(|e| {
-                    RuntimeError::Engine(format!("compile cache in {}: {e:#}", dir.display()))
-                })?)
-            }
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let artifacts = match &config.compile_cache {
+            Some(dir) => Some(Artifacts::new(&engine, dir, &config).map_err(|e| {
+                RuntimeError::Engine(format!("compile cache in {}: {e}", dir.display()))
+            })?),
             None => None,
         };
-        let mut wasm_config = engine_config(&config);
-        wasm_config.cache(cache.clone());
-        let engine =
-            Engine::new(&wasm_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         let empty_root = sandbox::EmptyRoot::new().map_err(|e| {
             RuntimeError::Engine(format!("cannot make the plugins' empty root: {e}"))
@@ -213,7 +214,7 @@ impl Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
-                cache,
+                artifacts,
                 gate: CpuGate::new(config.guest_threads),
             }),
         })
@@ -222,12 +223,31 @@ impl Runtime {
     /// Hits and misses of the compiled-code cache.
     pub fn cache_stats(&self) -> CacheStats {
         self.inner
-            .cache
+            .artifacts
             .as_ref()
-            .map_or_else(CacheStats::default, |cache| CacheStats {
-                hits: cache.cache_hits() as u64,
-                misses: cache.cache_misses() as u64,
-            })
+            .map_or_else(CacheStats::default, Artifacts::stats)
+    }
+
+    /// Compiles a component for the engine `config` describes, into `out`: the work of
+    /// the `compile-plugin` child process.
+    pub fn compile_file(config: &RuntimeConfig, input: &Path, out: &Path) -> Result<(), LoadError> {
+        let fail = |reason| LoadError {
+            origin: input.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(input).map_err(|e| fail(LoadErrorReason::Io(e)))?;
+        let engine = Engine::new(&engine_config(config))
+            .map_err(|e| fail(LoadErrorReason::Invalid(format!("{e:#}"))))?;
+        artifacts::compile_to_file(&engine, &bytes, out).map_err(fail)
+    }
+
+    /// The compiled component of `bytes`: from the compile cache when there is one.
+    pub(crate) fn compile(&self, sha256: &str, bytes: &[u8]) -> Result<Component, LoadErrorReason> {
+        match &self.inner.artifacts {
+            Some(artifacts) => artifacts.load(&self.inner.engine, sha256, bytes),
+            None => Component::new(&self.inner.engine, bytes)
+                .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}"))),
+        }
     }
 
     pub(crate) fn engine(&self) -> &Engine {

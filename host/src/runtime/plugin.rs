@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, Span};
-use wasmtime::component::Component;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
@@ -138,7 +137,8 @@ impl Runtime {
         validate::check_header(&bytes).map_err(fail)?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let runtime = self.clone();
-        let (pre, world) = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
+        let hash = sha256.clone();
+        let (pre, world) = tokio::task::spawn_blocking(move || runtime.prepare(&hash, &bytes))
             .await
             .map_err(|e| {
                 fail(LoadErrorReason::Invalid(format!(
@@ -195,9 +195,12 @@ impl Runtime {
     }
 
     /// Compiles and checks a component; CPU-heavy, so callers run it off the async threads.
-    fn prepare(&self, bytes: &[u8]) -> Result<(PluginPre, validate::World), LoadErrorReason> {
-        let component = Component::new(self.engine(), bytes)
-            .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}")))?;
+    fn prepare(
+        &self,
+        sha256: &str,
+        bytes: &[u8],
+    ) -> Result<(PluginPre, validate::World), LoadErrorReason> {
+        let component = self.compile(sha256, bytes)?;
         let world = validate::check_world(self.engine(), &component)?;
         let pre = self
             .linker()

@@ -25,7 +25,7 @@ use crate::dispatch::valve::Valves;
 use crate::ingest::{AppState, router};
 use crate::metrics::Metrics;
 use crate::plugins::Registry;
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{Compiler, Runtime, RuntimeConfig};
 use crate::schema::Schemas;
 
 /// The database file inside the data directory.
@@ -41,6 +41,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .context("locating the data directory")?;
     let runtime = Runtime::new(RuntimeConfig {
         compile_cache: Some(cache_dir),
+        // New plugins compile in a child process: the compiler's peak memory (hundreds of
+        // megabytes for an interpreter's component) then never stays with the host.
+        compiler: std::env::current_exe()
+            .ok()
+            .map(|program| Compiler { program }),
         ..config.runtime.runtime_config()
     })
     .context("starting the WebAssembly runtime")?;

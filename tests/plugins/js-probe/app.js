@@ -5,6 +5,7 @@
 // - `crash`: a bug, an uncaught `TypeError`.
 // - `loop`: loops until the host stops it.
 // - `fetch`: fetches http://127.0.0.1:9/ and stores what happened at KV `fetch`.
+// - `json`: decodes a list of `{"n": …}` objects and stores their count and sum at KV `json`.
 // - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
 import { handler as define, kv, emit, Retry, Reject } from "./switchyard.js";
 
@@ -36,6 +37,9 @@ export const { handler, batchHandler } = define({
       // A handler is synchronous: the answer arrives after the call, so record the
       // refusal the host counts, and the immediate outcome.
       kv.set("fetch", outcome);
+    } else if (kind === "json") {
+      const items = event.json();
+      kv.setJson("json", { items: items.length, total: items.reduce((sum, item) => sum + item.n, 0) });
     } else if (kind === "stdio") {
       console.log("hello from javascript");
       kv.setJson("stdio", { time: Date.now(), random: [Math.random(), Math.random()] });

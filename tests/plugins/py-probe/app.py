@@ -6,6 +6,7 @@
 - `loop`: loops until the host stops it.
 - `file`, `socket`, `lookup`: tries to read `/etc/passwd`, to connect to 127.0.0.1:9
   and to resolve a name; stores what happened at KV `file`, `socket`, `lookup`.
+- `json`: decodes a list of `{"n": …}` objects and stores their count and sum at KV `json`.
 - `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
 """
 
@@ -53,6 +54,9 @@ def handle(event: Event) -> None:
         attempt("socket", lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
     elif kind == "lookup":
         attempt("lookup", lambda: socket.getaddrinfo("example.com", 80))
+    elif kind == "json":
+        items = event.json()
+        kv.set_json("json", {"items": len(items), "total": sum(item["n"] for item in items)})
     elif kind == "stdio":
         print("hello from python")
         kv.set_json("stdio", {"time": time.time(), "random": [random.random(), random.random()]})
