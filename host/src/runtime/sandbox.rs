@@ -120,7 +120,7 @@ pub(crate) struct EmptyRoot(File);
 
 impl EmptyRoot {
     pub(crate) fn new() -> std::io::Result<Self> {
-        let dir = tempfile_dir()?;
+        let dir = fresh_dir()?;
         let file = File::open(&dir);
         std::fs::remove_dir(&dir)?;
         Ok(Self(file?))
@@ -136,7 +136,8 @@ impl EmptyRoot {
     }
 }
 
-fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+/// A new, empty directory under the system's temporary directory.
+fn fresh_dir() -> std::io::Result<std::path::PathBuf> {
     let base = std::env::temp_dir();
     for attempt in 0u32..100 {
         let dir = base.join(format!(
@@ -236,4 +237,41 @@ pub(crate) fn link(linker: &mut Linker<HostState>, root: Arc<EmptyRoot>) -> wasm
         )?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_empty_root_has_no_path_and_no_entries() {
+        let root = EmptyRoot::new().unwrap();
+        let entries = std::fs::read_dir(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            root.0.as_raw_fd()
+        }));
+        // A removed directory can still be listed through its descriptor, and is empty.
+        assert_eq!(entries.map(|e| e.count()).unwrap_or(0), 0);
+        assert!(root.descriptor().is_ok());
+    }
+
+    #[test]
+    fn refusals_are_counted_every_time_and_logged_once_per_target() {
+        let refusals = Refusals::default();
+        for _ in 0..3 {
+            refusals.refuse("p", Access::File, "opening `etc/passwd`");
+        }
+        refusals.refuse("p", Access::Http, "GET http://example.com/");
+        assert_eq!(
+            refusals.counts(),
+            [(Access::File, 3), (Access::Socket, 0), (Access::Http, 1)]
+        );
+        let logged = refusals.logged.lock().unwrap().len();
+        assert_eq!(logged, 2);
+        for n in 0..100 {
+            refusals.refuse("p", Access::Socket, &format!("resolving `host{n}`"));
+        }
+        assert_eq!(refusals.logged.lock().unwrap().len(), LOGGED_TARGETS);
+        assert_eq!(refusals.counts()[1], (Access::Socket, 100));
+    }
 }
