@@ -202,17 +202,7 @@ fn new_projects_build_and_pass_check_and_invoke_as_written() {
             .args(["-ec", build[0]])
             .current_dir(&project)
             .env("PATH", &path);
-        for var in [
-            "CARGO_ENCODED_RUSTFLAGS",
-            "RUSTFLAGS",
-            "RUSTC_WRAPPER",
-            "RUSTC_WORKSPACE_WRAPPER",
-            "CARGO_TARGET_DIR",
-            "CARGO_BUILD_TARGET",
-        ] {
-            command.env_remove(var);
-        }
-        let built = command.output().unwrap();
+        let built = guests::without_outer_build(&mut command).output().unwrap();
         assert!(
             built.status.success(),
             "{lang}: {}\n{}",

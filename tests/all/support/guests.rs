@@ -78,17 +78,7 @@ fn build_all() -> Result<(), String> {
     for guest in Guest::ALL {
         command.args(["-p", guest.crate_name()]);
     }
-    // Flags and wrappers of the outer build are meant for the host target.
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        command.env_remove(var);
-    }
+    without_outer_build(&mut command);
     let status = command
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -99,6 +89,22 @@ fn build_all() -> Result<(), String> {
             "building the guest plugins for wasm32-wasip2 failed ({status}); scripts/setup.sh installs the target"
         ))
     }
+}
+
+/// Removes the flags and wrappers of the outer build, which are meant for the host
+/// target, from a command that runs cargo for a guest.
+pub fn without_outer_build(command: &mut Command) -> &mut Command {
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        command.env_remove(var);
+    }
+    command
 }
 
 /// The path of a built guest, building all guests on first use.
