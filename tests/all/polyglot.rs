@@ -271,3 +271,54 @@ fn the_sdks_wit_copies_match_the_contract() {
         }
     }
 }
+
+/// The SDKs' batch export: each item keeps its own outcome; a later item reads what an
+/// earlier acknowledged one wrote, and nothing of a failed item.
+#[tokio::test]
+async fn the_sdks_batch_export_gives_each_event_its_outcome() {
+    let runtime = crate::support::runtime();
+    for guest in [Polyglot::PyProbe, Polyglot::JsProbe] {
+        let path = guests::polyglot_path(guest);
+        let plugin = runtime
+            .load_file(&path, switchyard_host::runtime::PluginSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let events = [
+            crate::support::event("probe.count", json!({})),
+            crate::support::event("probe.reject", json!({})),
+            crate::support::event("probe.count", json!({})),
+            crate::support::event("probe.retry", json!({})),
+        ];
+        let items: Vec<_> = events
+            .iter()
+            .map(|e| (e, crate::support::delivery(1)))
+            .collect();
+        let kv: std::sync::Arc<dyn switchyard_host::KvSource> =
+            std::sync::Arc::new(switchyard_host::EmptyKv);
+        let outcome = plugin.invoke_batch(&items, kv).await;
+        let kinds: Vec<String> = outcome
+            .items
+            .iter()
+            .map(|item| match item {
+                Some(Ok(effects)) => format!(
+                    "ok:{}",
+                    String::from_utf8_lossy(
+                        effects
+                            .kv_writes
+                            .iter()
+                            .find(|w| w.key == "count")
+                            .and_then(|w| w.value.as_deref())
+                            .unwrap_or_default()
+                    )
+                ),
+                Some(Err(failure)) => format!("{}:{}", failure.kind.as_str(), failure.message),
+                None => "not handled".to_owned(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["ok:1", "reject:never", "ok:2", "retry:not yet"],
+            "{guest:?}"
+        );
+    }
+}
