@@ -322,3 +322,54 @@ async fn the_sdks_batch_export_gives_each_event_its_outcome() {
         );
     }
 }
+
+/// Every option of the contract's outgoing event reaches the host from both SDKs.
+#[tokio::test]
+async fn the_sdks_emit_every_option_of_the_contract() {
+    let runtime = crate::support::runtime();
+    for guest in [Polyglot::PyProbe, Polyglot::JsProbe] {
+        let path = guests::polyglot_path(guest);
+        let plugin = runtime
+            .load_file(&path, switchyard_host::runtime::PluginSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let outcome = crate::support::invoke(
+            &plugin,
+            &crate::support::event("probe.emit-options", json!({})),
+        )
+        .await;
+        let emits = &crate::support::effects(&outcome).emits;
+        assert_eq!(emits.len(), 3, "{guest:?}: {emits:?}");
+        let plain = &emits[0];
+        assert_eq!(plain.ty, "probe.plain");
+        assert_eq!(plain.subject.as_deref(), Some("s-1"));
+        assert_eq!(plain.data, [0u8, 1]);
+        assert_eq!(
+            plain.datacontenttype.as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(plain.extension("partitionkey"), Some("k-1"), "{guest:?}");
+        assert_eq!(plain.extension("region"), Some("eu"), "{guest:?}");
+        assert_eq!(plain.extension("expectedversion"), Some("3"), "{guest:?}");
+        let later = &emits[1];
+        assert_eq!(later.data, b"text");
+        assert_eq!(later.datacontenttype.as_deref(), Some("text/plain"));
+        assert!(
+            later.extension("deliverat").is_some(),
+            "{guest:?}: {later:?}"
+        );
+        let at = &emits[2];
+        assert_eq!(at.datacontenttype.as_deref(), Some("application/json"));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&at.data).unwrap(),
+            json!({"a": 1})
+        );
+        // A day ahead: an aware `datetime` in Python, a `Date` in JavaScript.
+        let due: jiff::Timestamp = at.extension("deliverat").unwrap().parse().unwrap();
+        let ahead = due.duration_since(jiff::Timestamp::now()).as_secs();
+        assert!(
+            (86_000..=86_400).contains(&ahead),
+            "{guest:?}: due {due}, {ahead} s ahead"
+        );
+    }
+}

@@ -6,6 +6,7 @@
 // - `loop`: loops until the host stops it.
 // - `fetch`: fetches http://127.0.0.1:9/ and stores what happened at KV `fetch`.
 // - `json`: decodes a list of `{"n": …}` objects and stores their count and sum at KV `json`.
+// - `emit-options`: emits with every option of the contract (see the test).
 // - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
 import { handler as define, kv, emit, Retry, Reject } from "./switchyard.js";
 
@@ -40,6 +41,15 @@ export const { handler, batchHandler } = define({
     } else if (kind === "json") {
       const items = event.json();
       kv.setJson("json", { items: items.length, total: items.reduce((sum, item) => sum + item.n, 0) });
+    } else if (kind === "emit-options") {
+      emit("probe.plain", new Uint8Array([0, 1]), {
+        subject: "s-1",
+        partitionKey: "k-1",
+        extensions: { region: "eu" },
+        expectedVersion: 3,
+      });
+      emit("probe.later", "text", { delay: 1500 });
+      emit("probe.at", { a: 1 }, { deliverAt: new Date(Date.now() + 86_400_000) });
     } else if (kind === "stdio") {
       console.log("hello from javascript");
       kv.setJson("stdio", { time: Date.now(), random: [Math.random(), Math.random()] });

@@ -7,9 +7,11 @@
 - `file`, `socket`, `lookup`: tries to read `/etc/passwd`, to connect to 127.0.0.1:9
   and to resolve a name; stores what happened at KV `file`, `socket`, `lookup`.
 - `json`: decodes a list of `{"n": …}` objects and stores their count and sum at KV `json`.
+- `emit-options`: emits with every option of the contract (see the test).
 - `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
 """
 
+import datetime
 import random
 import socket
 import time
@@ -57,6 +59,18 @@ def handle(event: Event) -> None:
     elif kind == "json":
         items = event.json()
         kv.set_json("json", {"items": len(items), "total": sum(item["n"] for item in items)})
+    elif kind == "emit-options":
+        switchyard.emit(
+            "probe.plain",
+            b"\x00\x01",
+            subject="s-1",
+            partition_key="k-1",
+            extensions={"region": "eu"},
+            expected_version=3,
+        )
+        switchyard.emit("probe.later", "text", delay=1.5)
+        tomorrow = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+        switchyard.emit("probe.at", {"a": 1}, deliver_at=tomorrow)
     elif kind == "stdio":
         print("hello from python")
         kv.set_json("stdio", {"time": time.time(), "random": [random.random(), random.random()]})
