@@ -412,7 +412,8 @@ pub struct Totals {
 /// One plugin's running totals.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PluginTotals {
-    /// Invocations by outcome (`ok` or a failure kind, `conflict` for reruns).
+    /// Invocations by outcome (`ok` or a failure kind, `conflict` for reruns, `deferred`
+    /// for a hand-back after conflicts that persisted).
     pub deliveries: BTreeMap<&'static str, u64>,
     /// Handler time of all invocations, in microseconds.
     pub duration_us: u64,
@@ -426,11 +427,12 @@ impl PluginTotals {
         self.deliveries.get("ok").copied().unwrap_or(0)
     }
 
-    /// Invocations that failed. A rerun after a KV conflict is neither handled nor failed.
+    /// Invocations that failed. A rerun after a KV conflict, and a hand-back after
+    /// conflicts that persisted, are neither handled nor failed.
     pub fn failed(&self) -> u64 {
         self.deliveries
             .iter()
-            .filter(|(outcome, _)| !matches!(**outcome, "ok" | "conflict"))
+            .filter(|(outcome, _)| !matches!(**outcome, "ok" | "conflict" | "deferred"))
             .map(|(_, count)| count)
             .sum()
     }

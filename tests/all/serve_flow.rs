@@ -475,7 +475,65 @@ async fn a_burst_into_a_one_at_a_time_plugin_never_conflicts_with_itself(backend
     assert_eq!(conflicts, None, "no attempt ran again after a KV conflict");
 }
 
+/// A call whose KV read keeps being changed by the plugin's own other calls conflicts
+/// past its reruns; that is not a failure of the handler: the event is handed back as the
+/// same attempt, records no error, and completes once the other calls stop.
+async fn a_conflict_that_persists_is_not_a_failed_attempt(backend: Backend) {
+    let mut host = Host::on(&backend);
+    // Bumps write without reading, so only the slow call conflicts: with every bump that
+    // commits while it runs, in the other lane.
+    host.plugin(
+        "hot",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.slow-read\", \"hostile.bump\"]\nconcurrency = 2\n[config]\nread_ms = \"40\"\n",
+        ),
+    );
+    host.start();
+    let event = |id: String, ty: &str, key: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "/tests", "type": ty,
+               "partitionkey": key, "datacontenttype": "application/json", "data": {}})
+    };
+    // Bumps keep committing while the slow call runs and runs again: 30 batches of 100,
+    // the slow call in the second.
+    let bumps = 3_000;
+    for batch in 0..bumps / 100 {
+        let mut events: Vec<serde_json::Value> = (0..100)
+            .map(|n| event(format!("bump-{batch}-{n}"), "hostile.bump", "bumps"))
+            .collect();
+        if batch == 1 {
+            events.insert(50, event("slow-1".to_owned(), "hostile.slow-read", "slow"));
+        }
+        assert_eq!(host.send_batch(&json!(events)).await.status(), 202);
+    }
+    host.wait_for(
+        "the slow call and every bump",
+        Duration::from_secs(120),
+        || async {
+            host.kv("hot", "seen/slow-1").await?;
+            let status = host.status("hot").await?;
+            let settled = status["handled"] == bumps + 1
+                && status["in_flight"] == 0
+                && status["pending_retries"] == 0;
+            settled.then_some(())
+        },
+    )
+    .await;
+    let deferred = host
+        .metric("switchyard_deliveries_total{plugin=\"hot\",outcome=\"deferred\"}")
+        .await;
+    assert!(
+        deferred >= 1.0,
+        "the slow call conflicted past its reruns: {deferred}"
+    );
+    let status = host.status("hot").await.unwrap();
+    assert_eq!(status["failed"], 0, "{status}");
+    assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["dead_letters"], 0, "{status}");
+}
+
 crate::on_both_backends!(
+    a_conflict_that_persists_is_not_a_failed_attempt,
     a_burst_into_a_one_at_a_time_plugin_never_conflicts_with_itself,
     overlapping_patterns_deliver_each_event_once_and_resends_are_deduplicated,
     a_payment_becomes_tickets_and_a_notification,

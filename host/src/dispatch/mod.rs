@@ -807,6 +807,32 @@ async fn finish(
                 context.metrics.delivery(&context.name, "conflict", cost);
                 tracing::debug!(plugin = %context.name, event_id = %delivery.stored.event.id, %conflict, "rerunning after a KV conflict");
             }
+            Err(conflict)
+                if context
+                    .policy
+                    .retry
+                    .max_age
+                    .is_none_or(|max_age| since(delivery.stored.ingested_at_us) < max_age) =>
+            {
+                // The plugin's own calls keep changing what this one reads: nothing is
+                // wrong with the handler. The event goes back for later, as the same
+                // attempt, and records no error.
+                context.metrics.delivery(&context.name, "deferred", cost);
+                tracing::warn!(
+                    plugin = %context.name,
+                    event_id = %delivery.stored.event.id,
+                    %conflict,
+                    "still conflicting after {runs} runs; handing the event back for {} ms without counting an attempt",
+                    CONFLICT_DEFERRAL.as_millis()
+                );
+                let settlement = Settlement::Retry {
+                    delay: CONFLICT_DEFERRAL,
+                    errors: delivery.errors.clone(),
+                };
+                // A retry reads nothing, so it cannot conflict.
+                let _ = settle(&context, &delivery, &settlement).await;
+                break Some(false);
+            }
             Err(conflict) => {
                 context.metrics.delivery(&context.name, "conflict", cost);
                 let mut errors = delivery.errors.clone();
@@ -861,6 +887,11 @@ fn failure_of(settlement: &Settlement) -> Option<&AttemptError> {
 
 /// Times one attempt may run again after KV conflicts before it counts as failed.
 const MAX_CONFLICT_RUNS: u32 = 8;
+
+/// How long an event whose KV reads kept conflicting waits before it is handed out again,
+/// as the same attempt; until the retry policy's `max_age`, after which the conflict is a
+/// failed attempt like any other.
+const CONFLICT_DEFERRAL: Duration = Duration::from_millis(200);
 
 /// Invokes the plugin once and decides how the attempt ends.
 async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {

@@ -153,6 +153,9 @@ pub(super) struct NatsConsumer {
     outstanding: Arc<Mutex<HashMap<u64, Message>>>,
     /// Signalled when a settlement frees room in the window.
     room: tokio::sync::Notify,
+    /// Held deliveries that were handed back before without counting an attempt (see
+    /// [`Journal`]), by log position, with how often.
+    deferred: Mutex<HashMap<u64, i64>>,
     keep_alive: tokio::task::JoinHandle<()>,
 }
 
@@ -239,8 +242,13 @@ impl NatsConsumer {
             consumer,
             outstanding,
             room: tokio::sync::Notify::new(),
+            deferred: Mutex::default(),
             keep_alive,
         })
+    }
+
+    fn deferrals(&self) -> std::sync::MutexGuard<'_, HashMap<u64, i64>> {
+        self.deferred.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Message>> {
@@ -338,12 +346,15 @@ impl NatsConsumer {
                 .map_err(storage!("acknowledging a finished commit"))?;
             return Ok(None);
         }
-        let errors = if delivered > 1 {
-            self.shared.attempt_errors(&self.plugin, sequence).await?
+        let Journal { errors, deferrals } = if delivered > 1 {
+            self.shared.journal(&self.plugin, sequence).await?
         } else {
-            Vec::new()
+            Journal::default()
         };
-        let unsettled = delivered - i64::try_from(errors.len()).unwrap_or(0);
+        if deferrals > 0 {
+            self.deferrals().insert(sequence, deferrals);
+        }
+        let unsettled = delivered - i64::try_from(errors.len()).unwrap_or(0) - deferrals;
         if unsettled > UNSETTLED_LIMIT {
             let mut errors = errors;
             errors.push(AttemptError {
@@ -448,12 +459,18 @@ impl Consumer for NatsConsumer {
                     self.room.notify_one();
                     return Ok(());
                 }
-                if delivery.attempt > 1 {
+                let deferred = self.deferrals().remove(&sequence).is_some();
+                if delivery.attempt > 1 || deferred {
                     self.shared.forget_attempts(&self.plugin, sequence).await;
                 }
             }
             Settlement::Retry { delay, errors } => {
-                let body = serde_json::to_vec(&errors).unwrap_or_default();
+                // A retry that adds no error hands the delivery back without counting an
+                // attempt (a conflict that persisted): the journal counts it, so that it
+                // is not taken for a hand-out to a host that crashed.
+                let earlier = self.deferrals().remove(&sequence).unwrap_or(0);
+                let deferrals = earlier + i64::from(errors.len() == delivery.errors.len());
+                let body = Journal { errors, deferrals }.to_json();
                 self.shared
                     .attempts
                     .put(
@@ -468,6 +485,7 @@ impl Consumer for NatsConsumer {
                     .map_err(storage!("scheduling the retry"))?;
             }
             Settlement::DeadLetter { reason, errors } => {
+                self.deferrals().remove(&sequence);
                 self.dead_letter(&message, &delivery.stored, reason, errors)
                     .await?;
             }
@@ -478,21 +496,48 @@ impl Consumer for NatsConsumer {
     }
 }
 
+/// A delivery's record in the attempts bucket: the errors of its failed attempts, and how
+/// often it was handed back without counting an attempt. Stored as the bare list of
+/// errors while there is no deferral, the form hosts have always written and read.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Journal {
+    errors: Vec<AttemptError>,
+    #[serde(default)]
+    deferrals: i64,
+}
+
+impl Journal {
+    fn parse(bytes: &[u8]) -> Self {
+        match serde_json::from_slice::<Vec<AttemptError>>(bytes) {
+            Ok(errors) => Self {
+                errors,
+                deferrals: 0,
+            },
+            Err(_) => serde_json::from_slice(bytes).unwrap_or_default(),
+        }
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        let written = if self.deferrals == 0 {
+            serde_json::to_vec(&self.errors)
+        } else {
+            serde_json::to_vec(self)
+        };
+        written.unwrap_or_default()
+    }
+}
+
 impl Shared {
-    /// The errors of a delivery's earlier attempts (none recorded: a first attempt, or
+    /// What is recorded of a delivery's earlier hand-outs (nothing: a first attempt, or
     /// one whose host died before settling it).
-    async fn attempt_errors(
-        &self,
-        plugin: &str,
-        sequence: u64,
-    ) -> Result<Vec<AttemptError>, BusError> {
+    async fn journal(&self, plugin: &str, sequence: u64) -> Result<Journal, BusError> {
         let recorded = self
             .attempts
             .get(Self::journal_key(plugin, sequence))
             .await
             .map_err(storage!("reading the errors of earlier attempts"))?;
         Ok(recorded
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .map(|bytes| Journal::parse(&bytes))
             .unwrap_or_default())
     }
 
@@ -504,5 +549,39 @@ impl Shared {
         {
             tracing::warn!(%plugin, sequence, %error, "cannot delete attempt errors");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(attempt: u32) -> AttemptError {
+        AttemptError {
+            attempt,
+            kind: FailureKind::Retry,
+            message: "later".to_owned(),
+            at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_journal_without_deferrals_is_the_bare_list_hosts_have_always_written() {
+        let journal = Journal {
+            errors: vec![error(1)],
+            deferrals: 0,
+        };
+        let bytes = journal.to_json();
+        let list: Vec<AttemptError> = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(Journal::parse(&bytes).errors.len(), 1);
+
+        let deferred = Journal {
+            errors: vec![error(1), error(2)],
+            deferrals: 3,
+        };
+        let parsed = Journal::parse(&deferred.to_json());
+        assert_eq!((parsed.errors.len(), parsed.deferrals), (2, 3));
+        assert_eq!(Journal::parse(b"not json").errors.len(), 0);
     }
 }

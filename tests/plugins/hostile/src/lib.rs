@@ -44,6 +44,8 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.echo` | emits an event of the type it is handling: an endless causation chain |
 /// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
 /// | `hostile.kv-and-stream` | writes `mixed/<id>` in KV and appends `hostile.appended` to the stream `ledger` at the version it reads |
+/// | `hostile.slow-read` | reads `hot`, sleeps config `read_ms` (default 100) ms, then records `seen/<id>` = what it read: it conflicts while `hostile.bump` events commit |
+/// | `hostile.bump` | writes its id to `hot`, reading nothing (so bumps never conflict with each other) |
 /// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
 /// Calls this instance has handled; a fresh instance starts from zero.
 static INSTANCE_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -141,6 +143,17 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
                 .expected_version(switchyard_sdk::stream::version("ledger"))
                 .json(&json!({ "id": event.id }))?
                 .send();
+            Ok(())
+        }
+        "hostile.slow-read" => {
+            let hot = kv::get("hot").unwrap_or_else(|| b"0".to_vec());
+            let read_ms = config::get_parsed::<u64>("read_ms")?.unwrap_or(100);
+            std::thread::sleep(Duration::from_millis(read_ms));
+            kv::set(&format!("seen/{}", event.id), &hot);
+            Ok(())
+        }
+        "hostile.bump" => {
+            kv::set("hot", event.id.as_bytes());
             Ok(())
         }
         "hostile.schedule-cancel" => {
