@@ -272,17 +272,25 @@ fn the_sdks_wit_copies_match_the_contract() {
     }
 }
 
+/// A probe loaded into `runtime` with the default settings.
+async fn load_probe(
+    runtime: &switchyard_host::runtime::Runtime,
+    guest: Polyglot,
+) -> switchyard_host::runtime::Plugin {
+    let path = guests::polyglot_path(guest);
+    runtime
+        .load_file(&path, switchyard_host::runtime::PluginSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The SDKs' batch export: each item keeps its own outcome; a later item reads what an
 /// earlier acknowledged one wrote, and nothing of a failed item.
 #[tokio::test]
 async fn the_sdks_batch_export_gives_each_event_its_outcome() {
     let runtime = crate::support::runtime();
     for guest in [Polyglot::PyProbe, Polyglot::JsProbe] {
-        let path = guests::polyglot_path(guest);
-        let plugin = runtime
-            .load_file(&path, switchyard_host::runtime::PluginSettings::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let plugin = load_probe(&runtime, guest).await;
         let events = [
             crate::support::event("probe.count", json!({})),
             crate::support::event("probe.reject", json!({})),
@@ -328,11 +336,7 @@ async fn the_sdks_batch_export_gives_each_event_its_outcome() {
 async fn the_sdks_emit_every_option_of_the_contract() {
     let runtime = crate::support::runtime();
     for guest in [Polyglot::PyProbe, Polyglot::JsProbe] {
-        let path = guests::polyglot_path(guest);
-        let plugin = runtime
-            .load_file(&path, switchyard_host::runtime::PluginSettings::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let plugin = load_probe(&runtime, guest).await;
         let outcome = crate::support::invoke(
             &plugin,
             &crate::support::event("probe.emit-options", json!({})),
