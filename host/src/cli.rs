@@ -299,7 +299,7 @@ pub enum Command {
         /// Attempt number to report to the handler.
         #[arg(long, default_value_t = 1)]
         attempt: u32,
-        /// The call's fuel budget (default: the host's default, 50,000,000).
+        /// The call's fuel budget (default: the host's default, 1,000,000,000).
         #[arg(long)]
         fuel: Option<u64>,
     },

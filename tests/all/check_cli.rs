@@ -95,6 +95,10 @@ fn check_fails_on_a_missing_file() {
 }
 
 fn invoke(path: &Path, ty: &str, data: &str) -> (Output, serde_json::Value) {
+    invoke_with(path, ty, data, &[])
+}
+
+fn invoke_with(path: &Path, ty: &str, data: &str, extra: &[&str]) -> (Output, serde_json::Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .env(
             "SWITCHYARD_CACHE_DIR",
@@ -103,6 +107,7 @@ fn invoke(path: &Path, ty: &str, data: &str) -> (Output, serde_json::Value) {
         .arg("invoke")
         .arg(path)
         .args(["--type", ty, "--data", data])
+        .args(extra)
         .output()
         .expect("the switchyard binary runs");
     let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
@@ -152,6 +157,34 @@ fn invoke_reports_a_failed_call_by_kind_and_exits_1() {
             .contains("hostile plugin panicked on purpose"),
         "{report}"
     );
+}
+
+#[test]
+fn invoke_reads_data_from_a_file_and_takes_a_fuel_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payment.json");
+    let payment = r#"{"order_id": "F-1", "amount_cents": 900, "email": "fan@example.com"}"#;
+    std::fs::write(&file, payment).unwrap();
+    let (output, report) = invoke(
+        &guests::path(Guest::Ticketing),
+        "payment.completed",
+        &format!("@{}", file.display()),
+    );
+    assert!(output.status.success(), "{report}");
+    assert_eq!(
+        report["result"]["emits"][0]["data"]["order_id"], "F-1",
+        "{report}"
+    );
+
+    let (output, report) = invoke_with(
+        &guests::path(Guest::Hostile),
+        "hostile.loop",
+        "{}",
+        &["--fuel", "1000000"],
+    );
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert_eq!(report["result"]["kind"], "fuel", "{report}");
+    assert_eq!(report["fuel_used"], 1_000_000, "{report}");
 }
 
 /// The code blocks of a README section, in order.

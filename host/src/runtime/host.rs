@@ -344,9 +344,13 @@ impl HostState {
 
     /// Counts and logs an attempt of this plugin to reach outside its sandbox.
     pub(crate) fn refuse(&self, access: Access, what: &str) {
-        self.identity
-            .refusals
-            .refuse(&self.identity.name, access, what);
+        self.identity.refuse(access, what);
+    }
+}
+
+impl PluginIdentity {
+    fn refuse(&self, access: Access, what: &str) {
+        self.refusals.refuse(&self.name, access, what);
     }
 }
 
@@ -370,8 +374,7 @@ impl WasiHttpHooks for DenyRequests {
                 >,
             > + Send,
     > {
-        self.0.refusals.refuse(
-            &self.0.name,
+        self.0.refuse(
             Access::Http,
             &format!("{} {}", request.method(), request.uri()),
         );

@@ -170,9 +170,7 @@ impl Runtime {
             created: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
         };
-        let imports = std::mem::take(&mut plugin.info.imports);
         plugin.info = plugin.describe().await.map_err(fail)?;
-        plugin.info.imports = imports;
         Ok(plugin)
     }
 
@@ -538,7 +536,7 @@ impl Plugin {
             version: info.version,
             subscriptions,
             contract: self.info.contract,
-            imports: Vec::new(),
+            imports: self.info.imports.clone(),
         })
     }
 }
