@@ -250,6 +250,49 @@ async fn a_warm_compile_cache_loads_plugins_without_compiling() {
     );
 }
 
+/// Compiled code is mapped from the cache; a cache file that does not deserialize (cut
+/// short, overwritten) is compiled again rather than failing the plugin.
+#[tokio::test]
+async fn a_damaged_compiled_plugin_in_the_cache_is_compiled_again() {
+    let mut host = Host::new();
+    host.plugin("audit", Guest::AuditTrail, None);
+    host.start();
+    host.stop();
+    let mut damaged = 0;
+    for entry in walk(&host.data_dir().join("compile-cache")) {
+        if entry.extension().is_some_and(|e| e == "cwasm") {
+            std::fs::write(&entry, b"not compiled code").unwrap();
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 1, "one compiled plugin in the cache");
+    host.start();
+    wait_serving(&host, "audit", None).await;
+    assert_eq!(
+        host.metric("switchyard_compile_cache_misses_total").await,
+        1.0
+    );
+    assert_eq!(host.send("audit.check", "a-1", json!({})).await, 202);
+    host.wait_for("the event counted", Duration::from_secs(30), || async {
+        host.kv("audit", "count/audit.check").await
+    })
+    .await;
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
 async fn swapping_versions_under_load_handles_every_event_exactly_once(backend: Backend) {
     // Fewer on NATS: its commits with KV writes take the plugin's commit lock in turn.
     let events: usize = match backend {
