@@ -383,6 +383,16 @@ pub struct Cost {
     pub cpu: Duration,
 }
 
+/// One acknowledged attempt, for [`Metrics::acknowledged`]: what it cost, and for a
+/// first attempt how long after ingest it started and was committed.
+#[derive(Debug, Clone, Copy)]
+pub struct Handled {
+    /// What the call cost.
+    pub cost: Cost,
+    /// Start and commit latency of a first attempt; `None` for a later one.
+    pub latency: Option<(Duration, Duration)>,
+}
+
 /// A per-plugin gauge value read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PluginGauges {
@@ -674,6 +684,53 @@ impl Metrics {
                 series.deliveries.inc_or_insert_with(outcome, || {
                     families.deliveries.get_or_create_owned(&labels)
                 });
+            });
+        }
+    }
+
+    /// Records acknowledged attempts settled together, as [`Metrics::delivery`] with the
+    /// outcome `ok` (and [`Metrics::delivery_latency`] for each first attempt) would one
+    /// by one, under one look-up of the plugin's series.
+    pub fn acknowledged(&self, plugin: &str, handled: &[Handled]) {
+        if handled.is_empty() {
+            return;
+        }
+        let counted = self.with_plugin(plugin, |series| {
+            let mut duration_us = 0u64;
+            let mut fuel = 0u64;
+            let mut cpu = Duration::ZERO;
+            for item in handled {
+                series.duration.observe(item.cost.duration.as_secs_f64());
+                duration_us = duration_us.saturating_add(
+                    u64::try_from(item.cost.duration.as_micros()).unwrap_or(u64::MAX),
+                );
+                fuel = fuel.saturating_add(item.cost.fuel);
+                cpu = cpu.saturating_add(item.cost.cpu);
+                if let Some((start, commit)) = item.latency {
+                    series.start_latency.observe(start.as_secs_f64());
+                    series.commit_latency.observe(commit.as_secs_f64());
+                }
+            }
+            series.duration_us.fetch_add(duration_us, Ordering::Relaxed);
+            series.fuel.inc_by(fuel);
+            series.cpu.inc_by(cpu.as_secs_f64());
+            series
+                .deliveries
+                .get("ok")
+                .map(|counter| counter.inc_by(handled.len() as u64))
+                .is_some()
+        });
+        if !counted {
+            self.with_plugin_mut(plugin, |series, families| {
+                let labels = OutcomeLabels {
+                    plugin: Arc::clone(&series.labels.plugin),
+                    outcome: "ok",
+                };
+                let counter = families.deliveries.get_or_create_owned(&labels);
+                counter.inc_by(handled.len() as u64);
+                if series.deliveries.get("ok").is_none() {
+                    series.deliveries.0.push(("ok", counter));
+                }
             });
         }
     }

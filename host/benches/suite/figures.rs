@@ -155,6 +155,19 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn settle(&self, _delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
+        self.settle_one(&settlement)
+    }
+
+    async fn settle_all(&self, items: &[(&Delivery, &Settlement)]) -> Vec<Result<(), BusError>> {
+        items
+            .iter()
+            .map(|(_, settlement)| self.settle_one(settlement))
+            .collect()
+    }
+}
+
+impl MemoryConsumer {
+    fn settle_one(&self, settlement: &Settlement) -> Result<(), BusError> {
         if !matches!(settlement, Settlement::Ack(_)) {
             return Err(BusError::Storage("a benchmark call failed".into()));
         }

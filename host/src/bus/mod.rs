@@ -238,6 +238,17 @@ pub trait Consumer: Send + Sync {
     /// Ends a delivery; see the module docs for the transaction it commits.
     async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError>;
 
+    /// Ends several deliveries, each exactly as [`Consumer::settle`] would: one result per
+    /// item, in order, and an item's failure leaves the others' settlements standing.
+    async fn settle_all(&self, items: &[(&Delivery, &Settlement)]) -> Vec<Result<(), BusError>> {
+        futures_util::future::join_all(
+            items
+                .iter()
+                .map(|(delivery, settlement)| self.settle(delivery, (*settlement).clone())),
+        )
+        .await
+    }
+
     /// Gives back, at once, the deliveries handed out and never settled (fetched but not
     /// run when the dispatcher stopped), so they need not wait out a lease elsewhere.
     async fn release(&self) {}

@@ -63,7 +63,7 @@ use crate::effects::Effects;
 use crate::event::PARTITION_KEY;
 use crate::failure::{AttemptError, FailureKind};
 use crate::kv::{KvError, KvSource};
-use crate::metrics::{Cost, Metrics};
+use crate::metrics::{Cost, Handled, Metrics};
 use crate::pattern::Pattern;
 use crate::policy::batch::BatchPolicy;
 use crate::policy::breaker::counts_against;
@@ -218,7 +218,7 @@ async fn run(
     // Fetching a whole window at a time costs one log read per window rather than one
     // per delivery, and the channel takes it at once; the consumer's window bounds what
     // is fetched and not yet settled.
-    let (deliveries, incoming) = mpsc::channel::<Delivery>(window(concurrency));
+    let (deliveries, incoming) = mpsc::channel::<Vec<Delivery>>(window(concurrency));
     let fetcher = tokio::spawn(fetch(
         Arc::clone(&consumer),
         deliveries,
@@ -255,6 +255,10 @@ async fn run(
     if target.policy.ordering == Ordering::Key {
         route_by_key(context, incoming, stopped, batch).await;
     } else {
+        let incoming = Incoming {
+            chunks: incoming,
+            ready: VecDeque::new(),
+        };
         run_lanes(context, incoming, stopped, concurrency, batch).await;
     }
     fetcher.abort();
@@ -268,7 +272,7 @@ async fn run(
 /// delivery costs no task of its own and no hand-off between tasks.
 async fn run_lanes(
     context: Arc<Context>,
-    incoming: mpsc::Receiver<Delivery>,
+    incoming: Incoming,
     mut stopped: watch::Receiver<bool>,
     lanes: usize,
     batch: Option<BatchPolicy>,
@@ -311,24 +315,122 @@ async fn driving<T, S: std::future::Future>(
 /// Longest a lane runs calls back to back before it lets the other tasks of its thread run.
 const LANE_SLICE: Duration = Duration::from_micros(100);
 
+/// Most acknowledged attempts a lane settles together.
+const GROUP_MAX: usize = 64;
+
+/// Deliveries fetched for a plugin's lanes. The fetch task sends what each read of the
+/// consumer returned as one chunk, so a hand-off between tasks costs one message per read
+/// rather than one per delivery; a lane takes deliveries one by one from the chunk.
+struct Incoming {
+    chunks: mpsc::Receiver<Vec<Delivery>>,
+    ready: VecDeque<Delivery>,
+}
+
+impl Incoming {
+    /// The next delivery, waiting for one; `None` once fetching has ended.
+    async fn next(&mut self) -> Option<Delivery> {
+        if let Some(delivery) = self.ready.pop_front() {
+            return Some(delivery);
+        }
+        let chunk = self.chunks.recv().await?;
+        self.ready.extend(chunk);
+        self.ready.pop_front()
+    }
+
+    /// The next delivery if one is already fetched.
+    fn try_next(&mut self) -> Option<Delivery> {
+        if self.ready.is_empty() {
+            let chunk = self.chunks.try_recv().ok()?;
+            self.ready.extend(chunk);
+        }
+        self.ready.pop_front()
+    }
+}
+
+type Settling = FuturesUnordered<futures_util::future::BoxFuture<'static, ()>>;
+
+/// Drives whichever of a lane's settlements can go on, without waiting for any.
+async fn drive_settling(settling: &mut Settling) {
+    std::future::poll_fn(|cx| {
+        while let std::task::Poll::Ready(Some(())) = settling.poll_next_unpin(cx) {}
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// Starts settling a lane's group of acknowledged attempts, if it has any.
+fn flush(context: &Arc<Context>, group: &mut Vec<(Delivery, Called)>, settling: &mut Settling) {
+    if !group.is_empty() {
+        settling.push(settle_group(Arc::clone(context), std::mem::take(group)).boxed());
+    }
+}
+
+/// Settles a lane's attempt: an acknowledgement that read nothing in flight and is not
+/// traced joins the lane's group, which is settled together ([`settle_group`]); any other
+/// first ends the group, so nothing it holds waits behind it, and settles alone.
+fn settle_lane_attempt(
+    context: &Arc<Context>,
+    delivery: Delivery,
+    called: Called,
+    group: &mut Vec<(Delivery, Called)>,
+    settling: &mut Settling,
+) {
+    let joins_group = matches!(called.attempt.settlement, Settlement::Ack(_))
+        && called.attempt.read.is_none()
+        && called.span.is_disabled();
+    if joins_group {
+        group.push((delivery, called));
+        if group.len() >= GROUP_MAX {
+            flush(context, group, settling);
+        }
+    } else {
+        flush(context, group, settling);
+        settling.push(
+            finish(Arc::clone(context), delivery, None, called, None)
+                .map(drop)
+                .boxed(),
+        );
+    }
+}
+
 async fn lane(
     context: Arc<Context>,
-    incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivery>>>,
+    incoming: Arc<tokio::sync::Mutex<Incoming>>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut settling = FuturesUnordered::new();
+    let mut settling = Settling::new();
+    let mut group = Vec::with_capacity(GROUP_MAX);
     let mut slice_started = std::time::Instant::now();
     loop {
-        let received = tokio::select! {
-            biased;
-            Some(_) = settling.next(), if !settling.is_empty() => continue,
-            _ = stopped.changed() => break,
-            received = async { incoming.lock().await.recv().await } => received,
+        drive_settling(&mut settling).await;
+        if stopped.has_changed().unwrap_or(true) {
+            break;
+        }
+        // Another lane holding the deliveries is waiting for the next chunk: nothing is
+        // ready, and this lane must not wait for the lock outside the select below, which
+        // also drives its settlements.
+        let ready = incoming
+            .try_lock()
+            .ok()
+            .and_then(|mut incoming| incoming.try_next());
+        let delivery = match ready {
+            Some(delivery) => delivery,
+            None => {
+                // Nothing more to call now: settle what the lane holds before it waits.
+                flush(&context, &mut group, &mut settling);
+                let received = tokio::select! {
+                    biased;
+                    Some(()) = settling.next(), if !settling.is_empty() => continue,
+                    _ = stopped.changed() => break,
+                    received = async { incoming.lock().await.next().await } => received,
+                };
+                let Some(delivery) = received else { break };
+                delivery
+            }
         };
-        let Some(delivery) = received else { break };
         let called = driving(first_call(&context, &delivery), &mut settling).await;
         if let Some(called) = called {
-            settling.push(finish(Arc::clone(&context), delivery, None, called));
+            settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
         }
         // A lane with deliveries waiting never returns to the scheduler by itself, and a
         // task it woke on this thread (the bus client's connection, which carries its
@@ -336,17 +438,19 @@ async fn lane(
         // for the lane. So the lane steps aside every slice; every call would cost the
         // quick calls too much.
         if slice_started.elapsed() >= LANE_SLICE {
+            flush(&context, &mut group, &mut settling);
             tokio::task::yield_now().await;
             slice_started = std::time::Instant::now();
         }
     }
+    flush(&context, &mut group, &mut settling);
     while settling.next().await.is_some() {}
 }
 
 /// `ordering = "key"`: one delivery per key in flight, later ones parked in log order.
 async fn route_by_key(
     context: Arc<Context>,
-    mut incoming: mpsc::Receiver<Delivery>,
+    mut incoming: mpsc::Receiver<Vec<Delivery>>,
     mut stopped: watch::Receiver<bool>,
     batch: Option<BatchPolicy>,
 ) {
@@ -386,19 +490,21 @@ async fn route_by_key(
                 tasks.spawn(run_batch(Arc::clone(&context), std::mem::take(&mut ready)));
             }
             received = incoming.recv() => {
-                let Some(delivery) = received else { break };
-                let key = ordering_key(&delivery);
-                match held.get_mut(&key) {
-                    Some((holder, parked)) if *holder != delivery.stored.sequence => {
-                        parked.push_back(delivery);
-                        continue;
+                let Some(chunk) = received else { break };
+                for delivery in chunk {
+                    let key = ordering_key(&delivery);
+                    match held.get_mut(&key) {
+                        Some((holder, parked)) if *holder != delivery.stored.sequence => {
+                            parked.push_back(delivery);
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => {
+                            held.insert(key.clone(), (delivery.stored.sequence, VecDeque::new()));
+                        }
                     }
-                    Some(_) => {}
-                    None => {
-                        held.insert(key.clone(), (delivery.stored.sequence, VecDeque::new()));
-                    }
+                    start(&mut tasks, &mut ready, delivery, key, &mut linger_until);
                 }
-                start(&mut tasks, &mut ready, delivery, key, &mut linger_until);
             }
             Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
                 let Ok(finished) = finished else { continue };
@@ -432,7 +538,7 @@ async fn route_by_key(
 
 async fn fetch(
     consumer: Arc<dyn Consumer>,
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: mpsc::Sender<Vec<Delivery>>,
     batch: usize,
     mut stopped: watch::Receiver<bool>,
     plugin: String,
@@ -443,11 +549,10 @@ async fn fetch(
             next = consumer.next(batch) => next,
         };
         match next {
+            Ok(batch) if batch.is_empty() => {}
             Ok(batch) => {
-                for delivery in batch {
-                    if deliveries.send(delivery).await.is_err() {
-                        return;
-                    }
+                if deliveries.send(batch).await.is_err() {
+                    return;
                 }
             }
             Err(BusError::Closed) => return,
@@ -505,7 +610,7 @@ async fn run_batch(
 /// Runs one attempt and settles it.
 async fn handle(context: Arc<Context>, delivery: Delivery, key: Option<String>) -> Finished {
     match first_call(&context, &delivery).await {
-        Some(called) => finish(context, delivery, key, called).await,
+        Some(called) => finish(context, delivery, key, called, None).await,
         None => Finished {
             key,
             sequence: delivery.stored.sequence,
@@ -549,7 +654,10 @@ async fn admitted(context: &Context) -> Option<valve::Admission> {
 /// `None` when shutting down.
 async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
     let admission = admitted(context).await?;
-    let permit = context.permits.acquire().await.ok()?;
+    let permit = match context.permits.try_acquire() {
+        Ok(permit) => permit,
+        Err(_) => context.permits.acquire().await.ok()?,
+    };
     context
         .state
         .in_flight
@@ -653,7 +761,7 @@ async fn settle_batch(
             let context = Arc::clone(&context);
             async move {
                 match called {
-                    Some(called) => finish(context, delivery, key, called).await,
+                    Some(called) => finish(context, delivery, key, called, None).await,
                     None => handle(context, delivery, key).await,
                 }
             }
@@ -663,27 +771,21 @@ async fn settle_batch(
 
 /// Takes the next batch off `incoming`: the first delivery, then as many more as are
 /// waiting, up to `max_size`, waiting up to `linger` for them. Empty when `incoming` ends.
-async fn next_batch(
-    incoming: &tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
-    batch: BatchPolicy,
-) -> Vec<Delivery> {
+async fn next_batch(incoming: &tokio::sync::Mutex<Incoming>, batch: BatchPolicy) -> Vec<Delivery> {
     let mut incoming = incoming.lock().await;
-    let Some(first) = incoming.recv().await else {
+    let Some(first) = incoming.next().await else {
         return Vec::new();
     };
     let mut deliveries = Vec::with_capacity(batch.max_size);
     deliveries.push(first);
     let deadline = tokio::time::Instant::now() + batch.linger;
     while deliveries.len() < batch.max_size {
-        match incoming.try_recv() {
-            Ok(delivery) => deliveries.push(delivery),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(deadline, incoming.recv()).await {
-                    Ok(Some(delivery)) => deliveries.push(delivery),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        match incoming.try_next() {
+            Some(delivery) => deliveries.push(delivery),
+            None => match tokio::time::timeout_at(deadline, incoming.next()).await {
+                Ok(Some(delivery)) => deliveries.push(delivery),
+                Ok(None) | Err(_) => break,
+            },
         }
     }
     deliveries
@@ -692,15 +794,16 @@ async fn next_batch(
 /// `[batch]` with `ordering = "none"`: as [`lane`], but each call takes a batch.
 async fn batch_lane(
     context: Arc<Context>,
-    incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivery>>>,
+    incoming: Arc<tokio::sync::Mutex<Incoming>>,
     mut stopped: watch::Receiver<bool>,
     batch: BatchPolicy,
 ) {
-    let mut settling = FuturesUnordered::new();
+    let mut settling = Settling::new();
+    let mut group = Vec::with_capacity(batch.max_size);
     loop {
         let deliveries = tokio::select! {
             biased;
-            Some(_) = settling.next(), if !settling.is_empty() => continue,
+            Some(()) = settling.next(), if !settling.is_empty() => continue,
             _ = stopped.changed() => break,
             deliveries = next_batch(&incoming, batch) => deliveries,
         };
@@ -711,10 +814,67 @@ async fn batch_lane(
             deliveries.into_iter().map(|d| (d, None)).collect();
         let called = driving(batch_call(&context, &deliveries), &mut settling).await;
         let Some(called) = called else { break };
-        settling.push(settle_batch(Arc::clone(&context), deliveries, called));
+        for ((delivery, _), called) in deliveries.into_iter().zip(called) {
+            match called {
+                Some(called) => {
+                    settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
+                }
+                // Not handled by the call: it runs again alone.
+                None => settling.push(
+                    handle(Arc::clone(&context), delivery, None)
+                        .map(drop)
+                        .boxed(),
+                ),
+            }
+        }
+        flush(&context, &mut group, &mut settling);
         tokio::task::yield_now().await;
     }
     while settling.next().await.is_some() {}
+}
+
+/// Settles a group of acknowledged attempts that read nothing in flight with one call of
+/// the bus ([`Consumer::settle_all`]), then accounts for them together. An item the bus
+/// refused goes on alone, as any attempt would ([`finish`]): a conflict runs it again, a
+/// storage failure is retried.
+async fn settle_group(context: Arc<Context>, group: Vec<(Delivery, Called)>) {
+    let settlements: Vec<(&Delivery, &Settlement)> = group
+        .iter()
+        .map(|(delivery, called)| (delivery, &called.attempt.settlement))
+        .collect();
+    let results = context.consumer.settle_all(&settlements).await;
+    drop(settlements);
+    let mut handled = Vec::with_capacity(group.len());
+    let mut refused = Vec::new();
+    for ((delivery, called), result) in group.into_iter().zip(results) {
+        match result {
+            Ok(()) | Err(BusError::Closed) => {
+                let latency = (delivery.attempt == 1)
+                    .then(|| (called.start_latency, since(delivery.stored.ingested_at_us)));
+                handled.push(Handled {
+                    cost: called.attempt.cost,
+                    latency,
+                });
+                notify(&context, &delivery, &called.attempt.settlement);
+            }
+            Err(conflict @ BusError::Conflict(_)) => {
+                refused.push(finish(
+                    Arc::clone(&context),
+                    delivery,
+                    None,
+                    called,
+                    Some(conflict),
+                ));
+            }
+            Err(_) => refused.push(finish(Arc::clone(&context), delivery, None, called, None)),
+        }
+    }
+    context.metrics.acknowledged(&context.name, &handled);
+    context
+        .state
+        .in_flight
+        .fetch_sub(handled.len() as u64, AtomicOrdering::Relaxed);
+    futures_util::future::join_all(refused).await;
 }
 
 /// The span of a delivery's attempt (disabled unless traces are exported), continuing
@@ -738,11 +898,15 @@ fn deliver_span(context: &Context, delivery: &Delivery) -> tracing::Span {
 }
 
 /// Settles an attempt, running it again while its KV reads conflict.
+///
+/// `conflicted` is the conflict the bus already answered to the first attempt's
+/// settlement, which is then not stored again.
 async fn finish(
     context: Arc<Context>,
     delivery: Delivery,
     key: Option<String>,
     called: Called,
+    mut conflicted: Option<BusError>,
 ) -> Finished {
     let sequence = delivery.stored.sequence;
     let start_latency = called.start_latency;
@@ -789,14 +953,19 @@ async fn finish(
                 outcome = outcome_name
             )
         };
-        let settled = async {
-            if let Some(read) = &read {
-                read.settled().await;
+        let settled = match conflicted.take() {
+            Some(conflict) => Err(conflict),
+            None => {
+                async {
+                    if let Some(read) = &read {
+                        read.settled().await;
+                    }
+                    settle(&context, &delivery, &settlement).await
+                }
+                .instrument(commit)
+                .await
             }
-            settle(&context, &delivery, &settlement).await
-        }
-        .instrument(commit)
-        .await;
+        };
         // Stored or refused, the commit has ended: its writes are no longer pending (a
         // rerun must not read its own refused writes).
         drop(pending);

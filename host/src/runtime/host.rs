@@ -646,11 +646,11 @@ impl host::Host for HostState {
         Ok(types::StreamPage { events, version })
     }
 
-    async fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
+    fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
         HostState::begin_item(self, index)
     }
 
-    async fn end_item(&mut self, outcome: Result<(), types::HandlerError>) -> wasmtime::Result<()> {
+    fn end_item(&mut self, outcome: Result<(), types::HandlerError>) -> wasmtime::Result<()> {
         HostState::end_item(self, outcome)
     }
 
