@@ -44,7 +44,13 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
             .is_none_or(|only| name.contains(only))
     };
     let mut figures = Vec::new();
-    if wanted("dispatch") {
+    let one_mode = |section: &str| {
+        options
+            .only
+            .as_deref()
+            .is_some_and(|only| only.starts_with(section))
+    };
+    if wanted("dispatch") || one_mode("dispatch.") || one_mode("runtime.") {
         figures.extend(dispatch(options).await.context("dispatch")?);
     }
     if wanted("log") {
@@ -492,6 +498,13 @@ async fn dispatch(options: &Options) -> anyhow::Result<Vec<Figure>> {
             options.pick(200_000, 40_000),
         ),
     ] {
+        // `--only dispatch.batch` (or `runtime.invoke.reuse`) runs one mode.
+        if let Some(only) = options.only.as_deref().filter(|only| only.contains('.')) {
+            let names = [format!("dispatch.{mode}"), format!("runtime.invoke.{mode}")];
+            if !names.iter().any(|name| name.contains(only)) {
+                continue;
+            }
+        }
         // Warm up code paths and the pooling allocator's slots, then alternate the three
         // loops so that a busy moment of the machine does not land on one of them only.
         bare::wasmtime_loop(&path, 200, mode == "per-event").await?;
