@@ -94,7 +94,7 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("traces") {
         figures.extend(crate::traces::figures(options).await.context("traces")?);
     }
-    if wanted("nats") {
+    if wanted("nats") || one_mode("nats.") {
         figures.extend(crate::nats::figures(options).await.context("nats")?);
     }
     if wanted("sourcing") || wanted("scheduled") {

@@ -188,7 +188,7 @@ impl Dispatcher {
 fn window(concurrency: usize) -> usize {
     // Deep enough to keep calls busy while earlier settlements wait for a group commit,
     // and to pull from a remote log in large requests (whose commits then group well).
-    concurrency.saturating_mul(32).max(64)
+    concurrency.saturating_mul(32).max(256)
 }
 
 fn ordering_key(delivery: &Delivery) -> String {
