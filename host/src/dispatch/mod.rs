@@ -9,8 +9,14 @@
 //!
 //! With `ordering = "none"`, `concurrency` lanes each take the next delivery, call the
 //! plugin and drive the settlement while they call the next: a delivery costs no task
-//! of its own. A lane yields to its thread's other tasks after [`LANE_SLICE`] of calls
-//! back to back, so the tasks its settlements woke are not held behind it. With
+//! of its own. The fetch task hands each read of the consumer to the lanes as one chunk.
+//! A lane gathers its acknowledged attempts that read no writes in flight while more
+//! deliveries are ready (at most [`GROUP_MAX`], for at most a slice) and settles them
+//! with one call of the bus ([`Consumer::settle_all`]) and one update of the metrics;
+//! any other attempt (a failure, a read of writes in flight, a traced one) first ends the
+//! group, then settles alone. A lane yields to its thread's other tasks after
+//! [`LANE_SLICE`] of calls back to back, so the tasks its settlements woke are not held
+//! behind it. With
 //! `ordering = "key"`, a routing loop keeps one delivery per key in flight, each in its
 //! own task, and parks later events of that key in log order; a delivery waiting for its
 //! retry keeps its key held, so a later event of the key cannot overtake it. (A retry
