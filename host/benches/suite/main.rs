@@ -7,7 +7,9 @@
 //!
 //! It prints a table; `--json` prints one JSON object per figure instead
 //! (`{"name", "value", "unit", "baseline", "ratio", ...}`); `--quick` runs reduced counts
-//! in well under a minute; `--only NAME` runs the figures whose name contains `NAME`.
+//! in well under a minute; `--only NAME` runs the figures whose name contains `NAME`, and
+//! a figure's full name of the `dispatch`, `runtime.invoke` or `nats` figures (such as
+//! `dispatch.reuse` or `nats.hosts1`) runs that one with its baseline.
 //! Every loop is bounded by a count and a deadline, and all traffic stays on loopback.
 //! The host under test is the real `switchyard` binary of this build, started per figure
 //! with its own temporary directories; the guest plugins come from `tests/plugins`.
