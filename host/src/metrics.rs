@@ -318,13 +318,22 @@ impl ByLabel {
     }
 
     fn inc_or_insert_with(&mut self, value: &'static str, create: impl FnOnce() -> Counter) {
+        self.add_or_insert_with(value, 1, create);
+    }
+
+    fn add_or_insert_with(
+        &mut self,
+        value: &'static str,
+        n: u64,
+        create: impl FnOnce() -> Counter,
+    ) {
         match self.get(value) {
             Some(counter) => {
-                counter.inc();
+                counter.inc_by(n);
             }
             None => {
                 let counter = create();
-                counter.inc();
+                counter.inc_by(n);
                 self.0.push((value, counter));
             }
         }
@@ -665,15 +674,48 @@ impl Metrics {
 
     /// Records one invocation: its outcome (`ok` or a failure kind), duration and fuel.
     pub fn delivery(&self, plugin: &str, outcome: &'static str, cost: Cost) {
+        self.deliveries(
+            plugin,
+            outcome,
+            &[Handled {
+                cost,
+                latency: None,
+            }],
+        );
+    }
+
+    /// Records acknowledged attempts settled together, as [`Metrics::delivery`] with the
+    /// outcome `ok` (and [`Metrics::delivery_latency`] for each first attempt) would one
+    /// by one, under one look-up of the plugin's series.
+    pub fn acknowledged(&self, plugin: &str, handled: &[Handled]) {
+        self.deliveries(plugin, "ok", handled);
+    }
+
+    fn deliveries(&self, plugin: &str, outcome: &'static str, handled: &[Handled]) {
+        if handled.is_empty() {
+            return;
+        }
+        let count = handled.len() as u64;
         let counted = self.with_plugin(plugin, |series| {
-            series.duration.observe(cost.duration.as_secs_f64());
-            series.duration_us.fetch_add(
-                u64::try_from(cost.duration.as_micros()).unwrap_or(u64::MAX),
-                Ordering::Relaxed,
-            );
-            series.fuel.inc_by(cost.fuel);
-            series.cpu.inc_by(cost.cpu.as_secs_f64());
-            series.deliveries.get(outcome).map(Counter::inc).is_some()
+            for item in handled {
+                let cost = item.cost;
+                series.duration.observe(cost.duration.as_secs_f64());
+                series.duration_us.fetch_add(
+                    u64::try_from(cost.duration.as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                series.fuel.inc_by(cost.fuel);
+                series.cpu.inc_by(cost.cpu.as_secs_f64());
+                if let Some((start, commit)) = item.latency {
+                    series.start_latency.observe(start.as_secs_f64());
+                    series.commit_latency.observe(commit.as_secs_f64());
+                }
+            }
+            series
+                .deliveries
+                .get(outcome)
+                .map(|counter| counter.inc_by(count))
+                .is_some()
         });
         if !counted {
             self.with_plugin_mut(plugin, |series, families| {
@@ -681,56 +723,9 @@ impl Metrics {
                     plugin: Arc::clone(&series.labels.plugin),
                     outcome,
                 };
-                series.deliveries.inc_or_insert_with(outcome, || {
+                series.deliveries.add_or_insert_with(outcome, count, || {
                     families.deliveries.get_or_create_owned(&labels)
                 });
-            });
-        }
-    }
-
-    /// Records acknowledged attempts settled together, as [`Metrics::delivery`] with the
-    /// outcome `ok` (and [`Metrics::delivery_latency`] for each first attempt) would one
-    /// by one, under one look-up of the plugin's series.
-    pub fn acknowledged(&self, plugin: &str, handled: &[Handled]) {
-        if handled.is_empty() {
-            return;
-        }
-        let counted = self.with_plugin(plugin, |series| {
-            let mut duration_us = 0u64;
-            let mut fuel = 0u64;
-            let mut cpu = Duration::ZERO;
-            for item in handled {
-                series.duration.observe(item.cost.duration.as_secs_f64());
-                duration_us = duration_us.saturating_add(
-                    u64::try_from(item.cost.duration.as_micros()).unwrap_or(u64::MAX),
-                );
-                fuel = fuel.saturating_add(item.cost.fuel);
-                cpu = cpu.saturating_add(item.cost.cpu);
-                if let Some((start, commit)) = item.latency {
-                    series.start_latency.observe(start.as_secs_f64());
-                    series.commit_latency.observe(commit.as_secs_f64());
-                }
-            }
-            series.duration_us.fetch_add(duration_us, Ordering::Relaxed);
-            series.fuel.inc_by(fuel);
-            series.cpu.inc_by(cpu.as_secs_f64());
-            series
-                .deliveries
-                .get("ok")
-                .map(|counter| counter.inc_by(handled.len() as u64))
-                .is_some()
-        });
-        if !counted {
-            self.with_plugin_mut(plugin, |series, families| {
-                let labels = OutcomeLabels {
-                    plugin: Arc::clone(&series.labels.plugin),
-                    outcome: "ok",
-                };
-                let counter = families.deliveries.get_or_create_owned(&labels);
-                counter.inc_by(handled.len() as u64);
-                if series.deliveries.get("ok").is_none() {
-                    series.deliveries.0.push(("ok", counter));
-                }
             });
         }
     }

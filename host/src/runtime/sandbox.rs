@@ -242,13 +242,17 @@ mod tests {
 
     #[test]
     fn the_empty_root_has_no_path_and_no_entries() {
+        use std::os::fd::AsRawFd;
         let root = EmptyRoot::new().unwrap();
-        let entries = std::fs::read_dir(format!("/proc/self/fd/{}", {
-            use std::os::fd::AsRawFd;
-            root.0.as_raw_fd()
-        }));
-        // A removed directory can still be listed through its descriptor, and is empty.
-        assert_eq!(entries.map(|e| e.count()).unwrap_or(0), 0);
+        let link = format!("/proc/self/fd/{}", root.0.as_raw_fd());
+        // The directory was removed once opened: no path on the host leads to it.
+        let target = std::fs::read_link(&link).unwrap();
+        assert!(
+            target.to_string_lossy().ends_with(" (deleted)"),
+            "{target:?}"
+        );
+        // It can still be listed through its descriptor, and it is empty.
+        assert_eq!(std::fs::read_dir(&link).unwrap().count(), 0);
         assert!(root.descriptor().is_ok());
     }
 
