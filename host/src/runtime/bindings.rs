@@ -4,16 +4,25 @@
 //! `wit/` holds the current contract (`0.2.0`); every earlier version is frozen in
 //! `wit/<version>/`. The host state implements the current `host` interface
 //! ([`super::host`]); an older version's imports are adapted onto it here, so there is one
-//! implementation of every import. A loaded component is bound to the version it was
-//! built against ([`PluginPre`], [`PluginWorld`]), and the runtime calls its exports
-//! through them without knowing which version it is.
+//! implementation of every import.
+//!
+//! The exports are called without the generated bindings: the records the host passes
+//! (the event, a batch's items) are lowered from views that borrow the host's own event
+//! ([`EventView`]), so no call clones an event's strings before they are written into
+//! the guest. A component's exports are found when it loads and type-checked by its
+//! first instance ([`PluginPre`]); the records are the same in every contract version so
+//! far, so one set of calls ([`Exports`]) serves them all.
 //!
 //! Every host import but `begin-item` and `end-item` is `async` (KV and stream reads may
 //! wait on the bus), and every one is `trappable` (a call that breaks a host rule is
 //! stopped with a trap that carries a [`super::host::HostTrap`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use wasmtime::Store;
-use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::component::{
+    ComponentExportIndex, ComponentType, Func, HasSelf, InstancePre, Linker, Lower, TypedFunc,
+};
 
 use super::host::HostState;
 use super::plugin::Delivery;
@@ -34,21 +43,6 @@ pub(crate) mod v0_2 {
     });
 
     pub(crate) use self::switchyard::plugin::{host, types};
-}
-
-/// The `batch-plugin` world of `0.2.0`: the same imports and types (one implementation),
-/// and the batch handler among the exports.
-pub(crate) mod v0_2_batch {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "switchyard:plugin/batch-plugin@0.2.0",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "switchyard:plugin/types": super::v0_2::switchyard::plugin::types,
-            "switchyard:plugin/host": super::v0_2::switchyard::plugin::host,
-        },
-    });
 }
 
 /// The contract `switchyard:plugin@0.1.0`, frozen: what it lacks over `0.2.0` is simply
@@ -92,19 +86,83 @@ impl ContractVersion {
     }
 }
 
-/// Adds the imports of every contract version to `linker` (the batch world's are the
-/// current version's).
+/// Adds the imports of every contract version to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
     v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
 }
 
-/// A component pre-instantiated against the bindings of its contract version (and
-/// world: with or without the batch handler).
-pub(crate) enum PluginPre {
-    V0_1(v0_1::PluginPre<HostState>),
-    V0_2(v0_2::PluginPre<HostState>),
-    V0_2Batch(v0_2_batch::BatchPluginPre<HostState>),
+/// The event as a guest receives it (`switchyard:plugin/types.event`), lowered straight
+/// from the host's own event: its strings are written once, into the guest's memory, and
+/// never cloned on the way.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct EventView<'a> {
+    id: &'a str,
+    source: &'a str,
+    #[component(name = "type")]
+    ty: &'a str,
+    subject: Option<&'a str>,
+    time: Option<&'a str>,
+    datacontenttype: Option<&'a str>,
+    dataschema: Option<&'a str>,
+    data: &'a [u8],
+    extensions: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> EventView<'a> {
+    fn of(event: &'a Event) -> Self {
+        Self {
+            id: &event.id,
+            source: &event.source,
+            ty: &event.ty,
+            subject: event.subject.as_deref(),
+            time: event.time.as_deref(),
+            datacontenttype: event.datacontenttype.as_deref(),
+            dataschema: event.dataschema.as_deref(),
+            data: &event.data,
+            extensions: event
+                .extensions
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect(),
+        }
+    }
+}
+
+/// One item of a batch (`switchyard:plugin/batch-handler.batch-item`).
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct BatchItemView<'a> {
+    event: EventView<'a>,
+    delivery: types::Delivery,
+}
+
+fn wit_delivery(delivery: Delivery) -> types::Delivery {
+    types::Delivery {
+        attempt: delivery.attempt,
+        max_attempts: delivery.max_attempts,
+        sequence: delivery.sequence,
+    }
+}
+
+/// `handle`'s parameters and results; the same in every contract version so far.
+type HandleParams<'a> = (EventView<'a>, types::Delivery);
+type HandleResults = (Result<(), types::HandlerError>,);
+/// `handle-batch`'s.
+type BatchParams<'a> = (&'a [BatchItemView<'a>],);
+/// `describe`'s.
+type DescribeResults = (types::PluginInfo,);
+
+/// A component pre-instantiated, with where its handler's exports are. The exports are
+/// found once, when the component loads, and type-checked once, by its first instance;
+/// every later instance and call uses them as they are.
+pub(crate) struct PluginPre {
+    pre: InstancePre<HostState>,
+    handle: ComponentExportIndex,
+    describe: ComponentExportIndex,
+    handle_batch: Option<ComponentExportIndex>,
+    checked: AtomicBool,
 }
 
 impl PluginPre {
@@ -113,35 +171,64 @@ impl PluginPre {
         batch: bool,
         pre: InstancePre<HostState>,
     ) -> wasmtime::Result<Self> {
-        Ok(match (version, batch) {
-            (ContractVersion::V0_1, _) => Self::V0_1(v0_1::PluginPre::new(pre)?),
-            (ContractVersion::V0_2, false) => Self::V0_2(v0_2::PluginPre::new(pre)?),
-            (ContractVersion::V0_2, true) => Self::V0_2Batch(v0_2_batch::BatchPluginPre::new(pre)?),
+        let version = version.as_str();
+        let component = pre.component();
+        let export = |interface: &str, name: &str| {
+            let interface = format!("switchyard:plugin/{interface}@{version}");
+            component
+                .get_export_index(None, &interface)
+                .and_then(|index| component.get_export_index(Some(&index), name))
+                .ok_or_else(|| wasmtime::format_err!("no export `{name}` in `{interface}`"))
+        };
+        Ok(Self {
+            handle: export("handler", "handle")?,
+            describe: export("handler", "describe")?,
+            handle_batch: if batch {
+                Some(export("batch-handler", "handle-batch")?)
+            } else {
+                None
+            },
+            pre,
+            checked: AtomicBool::new(false),
         })
     }
 
     /// Whether the component exports the batch handler.
     pub(crate) fn has_batch_handler(&self) -> bool {
-        matches!(self, Self::V0_2Batch(_))
+        self.handle_batch.is_some()
     }
 
     pub(crate) async fn instantiate_async(
         &self,
         store: &mut Store<HostState>,
-    ) -> wasmtime::Result<PluginWorld> {
-        Ok(match self {
-            Self::V0_1(pre) => PluginWorld::V0_1(pre.instantiate_async(store).await?),
-            Self::V0_2(pre) => PluginWorld::V0_2(pre.instantiate_async(store).await?),
-            Self::V0_2Batch(pre) => PluginWorld::V0_2Batch(pre.instantiate_async(store).await?),
-        })
+    ) -> wasmtime::Result<Exports> {
+        let instance = self.pre.instantiate_async(&mut *store).await?;
+        let func = |store: &mut Store<HostState>, index: &ComponentExportIndex| {
+            instance
+                .get_func(store, index)
+                .ok_or_else(|| wasmtime::format_err!("a handler export is not a function"))
+        };
+        let exports = Exports {
+            handle: func(store, &self.handle)?,
+            describe: func(store, &self.describe)?,
+            handle_batch: match &self.handle_batch {
+                Some(index) => Some(func(store, index)?),
+                None => None,
+            },
+        };
+        if !self.checked.load(Ordering::Acquire) {
+            exports.check(store)?;
+            self.checked.store(true, Ordering::Release);
+        }
+        Ok(exports)
     }
 }
 
-/// An instance's exports, in the types of its contract version.
-pub(crate) enum PluginWorld {
-    V0_1(v0_1::Plugin),
-    V0_2(v0_2::Plugin),
-    V0_2Batch(v0_2_batch::BatchPlugin),
+/// An instance's handler exports.
+pub(crate) struct Exports {
+    handle: Func,
+    describe: Func,
+    handle_batch: Option<Func>,
 }
 
 /// What `describe()` returned, whatever the version.
@@ -151,51 +238,24 @@ pub(crate) struct Described {
     pub(crate) subscriptions: Vec<String>,
 }
 
-/// Converts the host's event and delivery into one version's WIT records, and a
-/// handler's answer back; the records are the same in every version so far.
-macro_rules! wit_calls {
-    ($version:ident, $store:expr, $plugin:expr, $event:expr, $delivery:expr) => {{
-        use $version::types as wit;
-        let event = wit::Event {
-            id: $event.id.clone(),
-            source: $event.source.clone(),
-            type_: $event.ty.clone(),
-            subject: $event.subject.clone(),
-            time: $event.time.clone(),
-            datacontenttype: $event.datacontenttype.clone(),
-            dataschema: $event.dataschema.clone(),
-            data: $event.data.clone(),
-            extensions: $event
-                .extensions
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
-        let delivery = wit::Delivery {
-            attempt: $delivery.attempt,
-            max_attempts: $delivery.max_attempts,
-            sequence: $delivery.sequence,
-        };
-        $plugin
-            .switchyard_plugin_handler()
-            .call_handle($store, &event, delivery)
-            .await
-            .map(|answer| {
-                answer.map_err(|error| match error {
-                    wit::HandlerError::Retry(message) => HandlerError::Retry(message),
-                    wit::HandlerError::Reject(message) => HandlerError::Reject(message),
-                })
-            })
-    }};
-}
-
 /// A handler's own error, whatever the version.
 pub(crate) enum HandlerError {
     Retry(String),
     Reject(String),
 }
 
-impl PluginWorld {
+impl Exports {
+    /// Checks that the exports have the types the calls below give them.
+    fn check(&self, store: &Store<HostState>) -> wasmtime::Result<()> {
+        self.handle
+            .typed::<HandleParams<'static>, HandleResults>(store)?;
+        self.describe.typed::<(), DescribeResults>(store)?;
+        if let Some(handle_batch) = self.handle_batch {
+            handle_batch.typed::<BatchParams<'static>, ()>(store)?;
+        }
+        Ok(())
+    }
+
     /// Calls the handler's `handle`.
     pub(crate) async fn handle(
         &self,
@@ -203,11 +263,13 @@ impl PluginWorld {
         event: &Event,
         delivery: Delivery,
     ) -> wasmtime::Result<Result<(), HandlerError>> {
-        match self {
-            Self::V0_1(plugin) => wit_calls!(v0_1, &mut *store, plugin, event, delivery),
-            Self::V0_2(plugin) => wit_calls!(v0_2, &mut *store, plugin, event, delivery),
-            Self::V0_2Batch(plugin) => wit_calls!(v0_2, &mut *store, plugin, event, delivery),
-        }
+        let (answer,) = typed_handle(self.handle)
+            .call_async(store, (EventView::of(event), wit_delivery(delivery)))
+            .await?;
+        Ok(answer.map_err(|error| match error {
+            types::HandlerError::Retry(message) => HandlerError::Retry(message),
+            types::HandlerError::Reject(message) => HandlerError::Reject(message),
+        }))
     }
 
     /// Calls the batch handler's `handle-batch`; `None` for a plugin without one.
@@ -216,26 +278,17 @@ impl PluginWorld {
         store: &mut Store<HostState>,
         items: &[(&Event, Delivery)],
     ) -> Option<wasmtime::Result<()>> {
-        let Self::V0_2Batch(plugin) = self else {
-            return None;
-        };
-        let items: Vec<v0_2_batch::exports::switchyard::plugin::batch_handler::BatchItem> = items
+        let handle_batch = self.handle_batch?;
+        let items: Vec<BatchItemView<'_>> = items
             .iter()
-            .map(|(event, delivery)| {
-                v0_2_batch::exports::switchyard::plugin::batch_handler::BatchItem {
-                    event: super::host::to_wit_event(event),
-                    delivery: types::Delivery {
-                        attempt: delivery.attempt,
-                        max_attempts: delivery.max_attempts,
-                        sequence: delivery.sequence,
-                    },
-                }
+            .map(|(event, delivery)| BatchItemView {
+                event: EventView::of(event),
+                delivery: wit_delivery(*delivery),
             })
             .collect();
         Some(
-            plugin
-                .switchyard_plugin_batch_handler()
-                .call_handle_batch(store, &items)
+            typed_handle_batch(handle_batch)
+                .call_async(store, (&items,))
                 .await,
         )
     }
@@ -245,25 +298,35 @@ impl PluginWorld {
         &self,
         store: &mut Store<HostState>,
     ) -> wasmtime::Result<Described> {
-        macro_rules! described {
-            ($plugin:expr) => {{
-                let info = $plugin
-                    .switchyard_plugin_handler()
-                    .call_describe(store)
-                    .await?;
-                Described {
-                    name: info.name,
-                    version: info.version,
-                    subscriptions: info.subscriptions,
-                }
-            }};
-        }
-        Ok(match self {
-            Self::V0_1(plugin) => described!(plugin),
-            Self::V0_2(plugin) => described!(plugin),
-            Self::V0_2Batch(plugin) => described!(plugin),
+        let (info,) = self
+            .describe
+            .typed::<(), DescribeResults>(&*store)?
+            .call_async(store, ())
+            .await?;
+        Ok(Described {
+            name: info.name,
+            version: info.version,
+            subscriptions: info.subscriptions,
         })
     }
+}
+
+/// `handle` as a typed function whose event borrows the host's.
+#[allow(unsafe_code)]
+fn typed_handle<'a>(func: Func) -> TypedFunc<HandleParams<'a>, HandleResults> {
+    // SAFETY: `func` is an instance's `handle`, whose type `Exports::check` compared with
+    // exactly these parameters and results when the component's first instance was
+    // made; every instance of a component has the same types, and the lifetime of the
+    // borrowed strings plays no part in a component type.
+    unsafe { TypedFunc::new_unchecked(func) }
+}
+
+/// `handle-batch` as a typed function whose events borrow the host's.
+#[allow(unsafe_code)]
+fn typed_handle_batch<'a>(func: Func) -> TypedFunc<BatchParams<'a>, ()> {
+    // SAFETY: as for `typed_handle`: `Exports::check` compared `handle-batch`'s type with
+    // exactly these parameters and results.
+    unsafe { TypedFunc::new_unchecked(func) }
 }
 
 impl v0_1::types::Host for HostState {}

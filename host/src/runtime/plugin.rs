@@ -28,7 +28,7 @@ use tracing::{Instrument, Span};
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::{HandlerError, PluginPre, PluginWorld};
+use super::bindings::{Exports, HandlerError, PluginPre};
 use super::fair::{CpuShare, Fair};
 use super::host::{HostState, HostTrap, PluginIdentity};
 use super::limits::MemoryLimiter;
@@ -114,7 +114,7 @@ pub struct Plugin {
 
 struct Instance {
     store: Store<HostState>,
-    world: PluginWorld,
+    exports: Exports,
     calls: u64,
 }
 
@@ -396,7 +396,7 @@ impl Plugin {
         let events: Vec<&Event> = items.iter().map(|(event, _)| *event).collect();
         instance.store.data_mut().begin_batch(&events, &kv);
         let called = instance
-            .world
+            .exports
             .handle_batch(&mut instance.store, items)
             .await;
         let failure = match called {
@@ -424,7 +424,7 @@ impl Plugin {
         arm(&mut instance.store, limits)?;
         instance.store.data_mut().begin_call(event, kv);
         let called = instance
-            .world
+            .exports
             .handle(&mut instance.store, event, delivery)
             .await;
         // Ending the call drops the buffers whatever happened; only success keeps them.
@@ -470,9 +470,9 @@ impl Plugin {
             .map_err(|e| Failure::new(FailureKind::Host, format!("cannot set yielding: {e}")))?;
         arm(&mut store, limits)?;
         match self.pre.instantiate_async(&mut store).await {
-            Ok(world) => Ok(Instance {
+            Ok(exports) => Ok(Instance {
                 store,
-                world,
+                exports,
                 calls: 0,
             }),
             Err(error) => Err(classify(&error, store.data(), limits)),
@@ -516,7 +516,7 @@ impl Plugin {
         let describe = async {
             let mut instance = self.instantiate().await?;
             let info = instance
-                .world
+                .exports
                 .describe(&mut instance.store)
                 .await
                 .map_err(|e| classify(&e, instance.store.data(), limits))?;
