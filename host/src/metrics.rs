@@ -16,19 +16,21 @@
 //!   one lock from writing them to encoding so that concurrent scrapes cannot interleave.
 //! - The log's size and retention series are set by the embedded log's retention worker
 //!   (this module's [`RetentionObserver`]) and absent until it first reports.
-//! - The per-event paths take no global mutex: a read lock on the map of cached
-//!   per-plugin handles, then atomics for counters and a histogram's own lock.
+//! - The per-event paths take no mutex: a read lock on the map of cached per-plugin
+//!   handles, then atomics, for counters and histograms alike ([`Durations`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::bus::sqlite::RetentionObserver;
@@ -49,16 +51,88 @@ const LATENCY_BUCKETS: [f64; 20] = [
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
+fn duration_histogram() -> Durations {
+    Durations::new(&DURATION_BUCKETS)
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+fn latency_histogram() -> Durations {
+    Durations::new(&LATENCY_BUCKETS)
 }
 
 /// A family of histograms, each built with its family's bounds.
-type HistogramFamily = Family<PluginLabels, Histogram>;
+type HistogramFamily = Family<PluginLabels, Durations>;
+
+/// A Prometheus histogram of durations whose observations take no lock: each bucket and
+/// the sum (in nanoseconds) are atomic counters, added up when scraped.
+/// `prometheus-client`'s own histogram takes a lock per observation, and a delivery
+/// makes three. A scrape during observations may see the sum and the buckets one
+/// observation apart, which Prometheus tolerates.
+#[derive(Debug, Clone)]
+struct Durations(Arc<DurationCells>);
+
+#[derive(Debug)]
+struct DurationCells {
+    /// Upper bounds in seconds, as exported.
+    bounds: &'static [f64],
+    /// The same in nanoseconds, as observed.
+    bounds_ns: Box<[u64]>,
+    /// Observations per bucket (not cumulative); the last is above every bound.
+    counts: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+impl Durations {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self(Arc::new(DurationCells {
+            bounds,
+            // Bounds are whole nanoseconds, well inside u64.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            bounds_ns: bounds
+                .iter()
+                .map(|seconds| (seconds * 1e9).round() as u64)
+                .collect(),
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }))
+    }
+
+    fn observe(&self, value: Duration) {
+        let ns = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
+        // The first bucket whose bound is at least the value (`le`).
+        let bucket = self.0.bounds_ns.partition_point(|&bound| bound < ns);
+        if let Some(count) = self.0.counts.get(bucket) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // As `prometheus-client` hands its own to the encoder: each bucket's own count
+        // (the encoder adds them up), the last one's bound infinite (`+Inf`).
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.0.counts.iter())
+            .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
+            .collect();
+        let total = buckets.iter().map(|(_, count)| count).sum();
+        let sum = Duration::from_nanos(self.0.sum_ns.load(Ordering::Relaxed)).as_secs_f64();
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 /// Gauges are read from the bus as unsigned counts.
 type CountGauge = Gauge<u64, AtomicU64>;
@@ -126,7 +200,7 @@ struct Families {
     scheduled_pending: CountGauge,
     scheduled_fired: Counter,
     scheduled_cancelled: Counter,
-    scheduled_fire_lag: Histogram,
+    scheduled_fire_lag: Durations,
 }
 
 impl Families {
@@ -348,9 +422,9 @@ struct PluginSeries {
     dead_letters: ByLabel,
     loads: Counter,
     load_failures: Counter,
-    duration: Histogram,
-    start_latency: Histogram,
-    commit_latency: Histogram,
+    duration: Durations,
+    start_latency: Durations,
+    commit_latency: Durations,
     fuel: Counter,
     cpu: Counter<f64, AtomicU64>,
     retries: Counter,
@@ -628,7 +702,7 @@ impl Metrics {
         for lag in lags_ms {
             self.families
                 .scheduled_fire_lag
-                .observe(*lag as f64 / 1000.0);
+                .observe(Duration::from_millis(*lag));
         }
     }
 
@@ -699,7 +773,7 @@ impl Metrics {
         let counted = self.with_plugin(plugin, |series| {
             for item in handled {
                 let cost = item.cost;
-                series.duration.observe(cost.duration.as_secs_f64());
+                series.duration.observe(cost.duration);
                 series.duration_us.fetch_add(
                     u64::try_from(cost.duration.as_micros()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,
@@ -707,8 +781,8 @@ impl Metrics {
                 series.fuel.inc_by(cost.fuel);
                 series.cpu.inc_by(cost.cpu.as_secs_f64());
                 if let Some((start, commit)) = item.latency {
-                    series.start_latency.observe(start.as_secs_f64());
-                    series.commit_latency.observe(commit.as_secs_f64());
+                    series.start_latency.observe(start);
+                    series.commit_latency.observe(commit);
                 }
             }
             series
@@ -734,8 +808,8 @@ impl Metrics {
     /// committed.
     pub fn delivery_latency(&self, plugin: &str, start: Duration, commit: Duration) {
         self.with_plugin(plugin, |series| {
-            series.start_latency.observe(start.as_secs_f64());
-            series.commit_latency.observe(commit.as_secs_f64());
+            series.start_latency.observe(start);
+            series.commit_latency.observe(commit);
         });
     }
 

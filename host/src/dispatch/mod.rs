@@ -321,6 +321,22 @@ async fn driving<T, S: std::future::Future>(
 /// Longest a lane runs calls back to back before it lets the other tasks of its thread run.
 const LANE_SLICE: Duration = Duration::from_micros(100);
 
+/// The time a lane has run calls back to back, told by the start times its calls already
+/// read, so that keeping it reads no clock.
+#[derive(Default)]
+struct Slice {
+    started: Option<std::time::Instant>,
+}
+
+impl Slice {
+    /// Counts a call (or a batch call) that started at `call_started`; whether the slice
+    /// is over.
+    fn count(&mut self, call_started: std::time::Instant) -> bool {
+        let first = *self.started.get_or_insert(call_started);
+        call_started.saturating_duration_since(first) >= LANE_SLICE
+    }
+}
+
 /// Most acknowledged attempts a lane settles together.
 const GROUP_MAX: usize = 64;
 
@@ -406,7 +422,7 @@ async fn lane(
 ) {
     let mut settling = Settling::new();
     let mut group = Vec::with_capacity(GROUP_MAX);
-    let mut slice_started = std::time::Instant::now();
+    let mut slice = Slice::default();
     loop {
         drive_settling(&mut settling).await;
         if stopped.has_changed().unwrap_or(true) {
@@ -435,7 +451,9 @@ async fn lane(
             }
         };
         let called = driving(first_call(&context, &delivery), &mut settling).await;
+        let mut slice_over = false;
         if let Some(called) = called {
+            slice_over = slice.count(called.attempt.started);
             settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
         }
         // A lane with deliveries waiting never returns to the scheduler by itself, and a
@@ -443,10 +461,10 @@ async fn lane(
         // acknowledgements and next pull) cannot be stolen by another thread: it waits
         // for the lane. So the lane steps aside every slice; every call would cost the
         // quick calls too much.
-        if slice_started.elapsed() >= LANE_SLICE {
+        if slice_over {
             flush(&context, &mut group, &mut settling);
             tokio::task::yield_now().await;
-            slice_started = std::time::Instant::now();
+            slice = Slice::default();
         }
     }
     flush(&context, &mut group, &mut settling);
@@ -592,7 +610,12 @@ struct Context {
 
 /// How long ago `at_us` (microseconds since the Unix epoch) was; zero if in the future.
 fn since(at_us: i64) -> Duration {
-    Duration::from_micros(u64::try_from(now_us().saturating_sub(at_us)).unwrap_or(0))
+    between(at_us, now_us())
+}
+
+/// The time from `at_us` to `now_us`; zero if `at_us` is later.
+fn between(at_us: i64, now_us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(now_us.saturating_sub(at_us)).unwrap_or(0))
 }
 
 /// Runs deliveries of distinct keys as one batch call and settles each.
@@ -638,6 +661,8 @@ struct Attempted {
     settlement: Settlement,
     outcome: &'static str,
     cost: Cost,
+    /// When its call started.
+    started: std::time::Instant,
     /// The pending writes it read (its commit waits for theirs to end).
     read: Option<Arc<Overlay>>,
     /// Its own KV writes, which the plugin's next calls read until its settlement ends.
@@ -700,9 +725,10 @@ async fn batch_call(
         .state
         .in_flight
         .fetch_add(count as u64, AtomicOrdering::Relaxed);
+    let now = now_us();
     let start_latencies: Vec<Duration> = deliveries
         .iter()
-        .map(|(delivery, _)| since(delivery.stored.ingested_at_us))
+        .map(|(delivery, _)| between(delivery.stored.ingested_at_us, now))
         .collect();
     let (kv, read) = context.pending.reader(&context.kv);
     let items: Vec<(&crate::event::Event, runtime::Delivery)> = deliveries
@@ -710,6 +736,7 @@ async fn batch_call(
         .map(|(delivery, _)| (&delivery.stored.event, runtime_delivery(context, delivery)))
         .collect();
     let outcome = context.plugin.invoke_batch(&items, kv).await;
+    let started = outcome.started;
     drop(permit);
     context.metrics.batch_call(&context.name, count);
     // Each item's share of what the call cost.
@@ -733,7 +760,7 @@ async fn batch_call(
                     .fetch_sub(1, AtomicOrdering::Relaxed);
                 return None;
             };
-            let attempt = attempted(context, delivery, result, cost, read.clone());
+            let attempt = attempted(context, delivery, result, cost, started, read.clone());
             if counted_failure.is_none() {
                 counted_failure = failure_of(&attempt.settlement)
                     .filter(|error| counts_against(error.kind))
@@ -806,6 +833,7 @@ async fn batch_lane(
 ) {
     let mut settling = Settling::new();
     let mut group = Vec::with_capacity(batch.max_size);
+    let mut slice = Slice::default();
     loop {
         let deliveries = tokio::select! {
             biased;
@@ -820,9 +848,11 @@ async fn batch_lane(
             deliveries.into_iter().map(|d| (d, None)).collect();
         let called = driving(batch_call(&context, &deliveries), &mut settling).await;
         let Some(called) = called else { break };
+        let mut slice_over = false;
         for ((delivery, _), called) in deliveries.into_iter().zip(called) {
             match called {
                 Some(called) => {
+                    slice_over |= slice.count(called.attempt.started);
                     settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
                 }
                 // Not handled by the call: it runs again alone.
@@ -834,7 +864,11 @@ async fn batch_lane(
             }
         }
         flush(&context, &mut group, &mut settling);
-        tokio::task::yield_now().await;
+        // As a lane does, every slice.
+        if slice_over {
+            tokio::task::yield_now().await;
+            slice = Slice::default();
+        }
     }
     while settling.next().await.is_some() {}
 }
@@ -852,11 +886,17 @@ async fn settle_group(context: Arc<Context>, group: Vec<(Delivery, Called)>) {
     drop(settlements);
     let mut handled = Vec::with_capacity(group.len());
     let mut refused = Vec::new();
+    // The group's outcomes were all committed by the one call above.
+    let committed_at = now_us();
     for ((delivery, called), result) in group.into_iter().zip(results) {
         match result {
             Ok(()) | Err(BusError::Closed) => {
-                let latency = (delivery.attempt == 1)
-                    .then(|| (called.start_latency, since(delivery.stored.ingested_at_us)));
+                let latency = (delivery.attempt == 1).then(|| {
+                    (
+                        called.start_latency,
+                        between(delivery.stored.ingested_at_us, committed_at),
+                    )
+                });
                 handled.push(Handled {
                     cost: called.attempt.cost,
                     latency,
@@ -932,6 +972,7 @@ async fn finish(
             cost,
             read,
             pending,
+            ..
         } = match first.take() {
             Some(attempted) => attempted,
             None => {
@@ -1084,7 +1125,14 @@ async fn attempt(context: &Context, delivery: &Delivery) -> Attempted {
         fuel: outcome.fuel_used,
         cpu: outcome.cpu,
     };
-    attempted(context, delivery, outcome.result, cost, read)
+    attempted(
+        context,
+        delivery,
+        outcome.result,
+        cost,
+        outcome.started,
+        read,
+    )
 }
 
 fn runtime_delivery(context: &Context, delivery: &Delivery) -> runtime::Delivery {
@@ -1102,6 +1150,7 @@ fn attempted(
     delivery: &Delivery,
     result: Result<Effects, runtime::Failure>,
     cost: Cost,
+    started: std::time::Instant,
     read: Option<Arc<Overlay>>,
 ) -> Attempted {
     let checked = result.and_then(|mut effects| {
@@ -1139,6 +1188,7 @@ fn attempted(
         settlement,
         outcome: name,
         cost,
+        started,
         read,
         pending,
     }

@@ -51,6 +51,46 @@ struct GateState {
     floor: u64,
 }
 
+/// The clock of one guest call, kept by [`Fair`] as it polls the call: when the call
+/// started, the time its polls ran, and the time from its start to the end of its latest
+/// poll. Each poll reads the clock once, at its end; the first poll starts at `started`.
+#[derive(Debug)]
+pub struct CallClock {
+    started: Instant,
+    cpu_ns: AtomicU64,
+    elapsed_ns: AtomicU64,
+}
+
+impl CallClock {
+    /// A clock started now.
+    pub fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            cpu_ns: AtomicU64::new(0),
+            elapsed_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// When the call started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The time the call's polls ran: its own CPU time.
+    pub fn cpu(&self) -> Duration {
+        Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
+    }
+
+    /// The time from the call's start to the end of its latest poll.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.elapsed_ns.load(Ordering::Relaxed))
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A plugin's account at the gate: the CPU its calls have used, in nanoseconds, plus
 /// what catching up added.
 #[derive(Debug, Default)]
@@ -145,7 +185,7 @@ pin_project_lite::pin_project! {
         inner: F,
         gate: &'g CpuGate,
         share: &'g CpuShare,
-        spent: &'g AtomicU64,
+        clock: &'g CallClock,
         ticket: u64,
         queued: Option<u64>,
         yielded: bool,
@@ -163,14 +203,14 @@ pin_project_lite::pin_project! {
 }
 
 impl<'g, F: Future> Fair<'g, F> {
-    /// Wraps `inner`, charging `share` at `gate`; the time its polls run is also added to
-    /// `spent` (in nanoseconds), the call's own CPU time.
-    pub fn new(gate: &'g CpuGate, share: &'g CpuShare, spent: &'g AtomicU64, inner: F) -> Self {
+    /// Wraps `inner`, charging `share` at `gate`; the time its polls run is also kept by
+    /// `clock`, the call's own.
+    pub fn new(gate: &'g CpuGate, share: &'g CpuShare, clock: &'g CallClock, inner: F) -> Self {
         Self {
             inner,
             gate,
             share,
-            spent,
+            clock,
             ticket: gate.next_ticket.fetch_add(1, Ordering::Relaxed),
             queued: None,
             yielded: false,
@@ -193,11 +233,21 @@ impl<F: Future> Future for Fair<'_, F> {
         {
             return Poll::Pending;
         }
-        let started = Instant::now();
+        // The first poll starts with the call: one clock read per poll, at its end.
+        let started = if *this.yielded {
+            Instant::now()
+        } else {
+            this.clock.started
+        };
         let polled = this.inner.poll(cx);
-        let ran = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let ended = Instant::now();
+        let ran = nanos(ended.saturating_duration_since(started));
         this.share.used_ns.fetch_add(ran, Ordering::Relaxed);
-        this.spent.fetch_add(ran, Ordering::Relaxed);
+        this.clock.cpu_ns.fetch_add(ran, Ordering::Relaxed);
+        this.clock.elapsed_ns.store(
+            nanos(ended.saturating_duration_since(this.clock.started)),
+            Ordering::Relaxed,
+        );
         if gated {
             this.gate.release();
         }
@@ -298,8 +348,8 @@ mod tests {
                 Poll::Pending
             }
         });
-        let spent = AtomicU64::new(0);
-        let mut call = std::pin::pin!(Fair::new(&gate, &share, &spent, call));
+        let clock = CallClock::start();
+        let mut call = std::pin::pin!(Fair::new(&gate, &share, &clock, call));
         let waker = waker();
         let mut cx = Context::from_waker(&waker);
         // The slot is taken, yet the first poll runs.
@@ -331,9 +381,10 @@ mod tests {
                 Poll::Pending
             }
         });
-        let spent = AtomicU64::new(0);
-        Fair::new(&gate, &share, &spent, burn).await;
-        assert!(spent.load(Ordering::Relaxed) > 0);
+        let clock = CallClock::start();
+        Fair::new(&gate, &share, &clock, burn).await;
+        assert!(clock.cpu() >= Duration::from_millis(6), "{:?}", clock.cpu());
+        assert!(clock.elapsed() >= clock.cpu(), "{clock:?}");
         assert!(
             used(&share) >= Duration::from_millis(6),
             "{:?}",

@@ -53,9 +53,7 @@ pub(crate) enum HostTrap {
 
 /// What the host knows about the event being handled, to derive follow-up events.
 struct CallContext {
-    event_id: String,
-    event_source: String,
-    correlation_id: String,
+    origin: Origin,
     /// Causation depth of the emits of this call.
     depth: u32,
     /// The trace context of the emits of this call: the call's span when traces are
@@ -66,6 +64,38 @@ struct CallContext {
     inherited: Option<Arc<Inherited>>,
     effects: EffectBuffer,
 }
+
+/// The handled event's identity, which its emits derive theirs from.
+struct Origin {
+    event_id: String,
+    event_source: String,
+    correlation_id: String,
+}
+
+impl Origin {
+    fn of(event: &Event) -> Self {
+        let mut origin = Self {
+            event_id: String::new(),
+            event_source: String::new(),
+            correlation_id: String::new(),
+        };
+        origin.set(event);
+        origin
+    }
+
+    /// Becomes `event`'s origin, in the strings' existing buffers: a reused instance's
+    /// calls allocate none.
+    fn set(&mut self, event: &Event) {
+        self.event_id.clone_from(&event.id);
+        self.event_source.clone_from(&event.source);
+        self.correlation_id.clear();
+        self.correlation_id
+            .push_str(event.extension(CORRELATION_ID).unwrap_or(&event.id));
+    }
+}
+
+/// Origins an instance keeps for reuse: a batch's worth.
+const MAX_SPARE_ORIGINS: usize = 256;
 
 /// What the acknowledged items of a batch left for the later ones: their KV writes (the
 /// last to each key) and their emits that enter the log at commit.
@@ -124,6 +154,8 @@ pub(crate) struct HostState {
     identity: Arc<PluginIdentity>,
     call: Option<CallContext>,
     batch: Option<BatchCall>,
+    /// Origins of ended calls, whose buffers the next calls reuse.
+    spare: Vec<Origin>,
 }
 
 impl HostState {
@@ -143,25 +175,31 @@ impl HostState {
             identity,
             call: None,
             batch: None,
+            spare: Vec::new(),
         }
     }
 
     /// Starts buffering effects for a call that handles `event`.
     pub(crate) fn begin_call(&mut self, event: &Event, kv: Arc<dyn KvSource>) {
         self.batch = None;
-        self.call = Some(CallContext::new(event, kv, None));
+        let origin = self.origin(event);
+        self.call = Some(CallContext::new(origin, event, kv, None));
     }
 
     /// Starts a batch call over `events`; each item's effects are buffered between its
     /// `begin-item` and `end-item`.
     pub(crate) fn begin_batch(&mut self, events: &[&Event], kv: &Arc<dyn KvSource>) {
         self.call = None;
+        let items = events
+            .iter()
+            .map(|event| {
+                let origin = self.origin(event);
+                Some(CallContext::new(origin, event, Arc::clone(kv), None))
+            })
+            .collect();
         self.batch = Some(BatchCall {
             outcomes: vec![None; events.len()],
-            items: events
-                .iter()
-                .map(|event| Some(CallContext::new(event, Arc::clone(kv), None)))
-                .collect(),
+            items,
             current: None,
             next: 0,
             inherited: Arc::default(),
@@ -253,11 +291,12 @@ impl HostState {
 }
 
 impl CallContext {
-    fn new(event: &Event, kv: Arc<dyn KvSource>, inherited: Option<Arc<Inherited>>) -> Self {
-        let correlation_id = event
-            .extension(CORRELATION_ID)
-            .unwrap_or(&event.id)
-            .to_owned();
+    fn new(
+        origin: Origin,
+        event: &Event,
+        kv: Arc<dyn KvSource>,
+        inherited: Option<Arc<Inherited>>,
+    ) -> Self {
         let depth = event
             .extension(CAUSATION_DEPTH)
             .and_then(|d| d.parse::<u32>().ok())
@@ -270,9 +309,7 @@ impl CallContext {
         }
         .or_else(|| event.extension(TRACEPARENT).map(str::to_owned));
         CallContext {
-            event_id: event.id.clone(),
-            event_source: event.source.clone(),
-            correlation_id,
+            origin,
             depth,
             traceparent,
             kv,
@@ -288,6 +325,9 @@ impl HostState {
         let Some(call) = self.call.take() else {
             return Effects::default();
         };
+        if self.spare.len() < MAX_SPARE_ORIGINS {
+            self.spare.push(call.origin);
+        }
         Effects {
             emits: call.effects.emits,
             kv_writes: call
@@ -300,6 +340,17 @@ impl HostState {
             stream_reads: call.effects.stream_reads,
             schedule_reads: call.effects.schedule_reads,
             cancels: call.effects.cancels,
+        }
+    }
+
+    /// `event`'s origin, in a spare one's buffers if there is one.
+    fn origin(&mut self, event: &Event) -> Origin {
+        match self.spare.pop() {
+            Some(mut origin) => {
+                origin.set(event);
+                origin
+            }
+            None => Origin::of(event),
         }
     }
 
@@ -493,8 +544,11 @@ impl host::Host for HostState {
                 .map_err(|e| effects_trap(format!("emit: `{}`: {e}", outgoing.type_)))?;
             extensions.insert(DELIVER_AT.to_owned(), due);
         }
-        extensions.insert(CAUSATION_ID.to_owned(), call.event_id.clone());
-        extensions.insert(CORRELATION_ID.to_owned(), call.correlation_id.clone());
+        extensions.insert(CAUSATION_ID.to_owned(), call.origin.event_id.clone());
+        extensions.insert(
+            CORRELATION_ID.to_owned(),
+            call.origin.correlation_id.clone(),
+        );
         extensions.insert(CAUSATION_DEPTH.to_owned(), call.depth.to_string());
         if let Some(traceparent) = &call.traceparent {
             extensions
@@ -503,8 +557,8 @@ impl host::Host for HostState {
         }
         let id = emitted_event_id(
             &plugin,
-            &call.event_source,
-            &call.event_id,
+            &call.origin.event_source,
+            &call.origin.event_id,
             call.effects.emit_count,
         );
         call.effects.emit_count += 1;

@@ -4,7 +4,7 @@
 //! writes are dropped inside the runtime and cannot be reached through an [`Outcome`].
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::effects::Effects;
 use crate::failure::FailureKind;
@@ -16,6 +16,8 @@ pub struct Outcome {
     pub result: Result<Effects, Failure>,
     /// Fuel the invocation burned (including instantiation in `per-event` mode).
     pub fuel_used: u64,
+    /// When the invocation started.
+    pub started: Instant,
     /// Wall-clock time of the invocation.
     pub duration: Duration,
     /// Time the guest ran on a thread (its polls), as the CPU gate charges it.

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, Span};
@@ -29,7 +29,7 @@ use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{Exports, HandlerError, PluginPre};
-use super::fair::{CpuShare, Fair};
+use super::fair::{CallClock, CpuShare, Fair};
 use super::host::{HostState, HostTrap, PluginIdentity};
 use super::limits::MemoryLimiter;
 use super::outcome::{Failure, Outcome};
@@ -81,6 +81,8 @@ pub struct BatchOutcome {
     pub items: Vec<Option<Result<Effects, Failure>>>,
     /// Fuel the call burned.
     pub fuel_used: u64,
+    /// When the call started.
+    pub started: std::time::Instant,
     /// Wall-clock time of the call.
     pub duration: Duration,
     /// Time the guest ran on a thread.
@@ -268,24 +270,17 @@ impl Plugin {
         } else {
             Span::none()
         };
-        let started = Instant::now();
         let limits = self.settings.limits;
+        let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let spent = AtomicU64::new(0);
         let attempt = Fair::new(
             self.runtime.gate(),
             &self.cpu,
-            &spent,
+            &clock,
             self.attempt(&mut slot, event, delivery, kv)
                 .instrument(span),
         );
-        let (result, timed_out) = match (Within {
-            inner: attempt,
-            deadline: tokio::time::Instant::now() + overall_timeout(limits),
-            timer: None,
-        })
-        .await
-        {
+        let (result, timed_out) = match Within::new(attempt, &clock, limits).await {
             Some(result) => (result, false),
             None => (Err(timeout_failure(limits)), true),
         };
@@ -295,8 +290,9 @@ impl Plugin {
         Outcome {
             result,
             fuel_used,
-            duration: started.elapsed(),
-            cpu: Duration::from_nanos(spent.load(Ordering::Relaxed)),
+            started: clock.started(),
+            duration: call_duration(&clock, timed_out),
+            cpu: clock.cpu(),
         }
     }
 
@@ -319,22 +315,15 @@ impl Plugin {
             timeout: self.settings.limits.timeout.saturating_mul(count),
             ..self.settings.limits
         };
-        let started = Instant::now();
+        let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let spent = AtomicU64::new(0);
         let call = Fair::new(
             self.runtime.gate(),
             &self.cpu,
-            &spent,
+            &clock,
             self.batch_attempt(&mut slot, items, kv, limits),
         );
-        let (outcomes, timed_out) = match (Within {
-            inner: call,
-            deadline: tokio::time::Instant::now() + overall_timeout(limits),
-            timer: None,
-        })
-        .await
-        {
+        let (outcomes, timed_out) = match Within::new(call, &clock, limits).await {
             Some(outcomes) => (outcomes, false),
             None => {
                 // Cut off mid-call: the item it was in timed out; the others stand.
@@ -358,8 +347,9 @@ impl Plugin {
         BatchOutcome {
             items: outcomes,
             fuel_used,
-            duration: started.elapsed(),
-            cpu: Duration::from_nanos(spent.load(Ordering::Relaxed)),
+            started: clock.started(),
+            duration: call_duration(&clock, timed_out),
+            cpu: clock.cpu(),
         }
     }
 
@@ -550,6 +540,27 @@ pin_project_lite::pin_project! {
         inner: F,
         deadline: tokio::time::Instant,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F> Within<F> {
+    /// `inner` cut off at the plugin's overall timeout after the call's start.
+    fn new(inner: F, clock: &CallClock, limits: PluginLimits) -> Self {
+        Self {
+            inner,
+            deadline: tokio::time::Instant::from_std(clock.started()) + overall_timeout(limits),
+            timer: None,
+        }
+    }
+}
+
+/// A call's wall-clock time: up to the end of its last poll, or, for a call cut off by
+/// the timeout (whose last poll ended before the cut), up to now.
+fn call_duration(clock: &CallClock, timed_out: bool) -> Duration {
+    if timed_out {
+        clock.started().elapsed()
+    } else {
+        clock.elapsed()
     }
 }
 
