@@ -52,7 +52,7 @@ pub mod valve;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -325,13 +325,13 @@ const LANE_SLICE: Duration = Duration::from_micros(100);
 /// read, so that keeping it reads no clock.
 #[derive(Default)]
 struct Slice {
-    started: Option<std::time::Instant>,
+    started: Option<Instant>,
 }
 
 impl Slice {
     /// Counts a call (or a batch call) that started at `call_started`; whether the slice
     /// is over.
-    fn count(&mut self, call_started: std::time::Instant) -> bool {
+    fn count(&mut self, call_started: Instant) -> bool {
         let first = *self.started.get_or_insert(call_started);
         call_started.saturating_duration_since(first) >= LANE_SLICE
     }
@@ -662,7 +662,7 @@ struct Attempted {
     outcome: &'static str,
     cost: Cost,
     /// When its call started.
-    started: std::time::Instant,
+    started: Instant,
     /// The pending writes it read (its commit waits for theirs to end).
     read: Option<Arc<Overlay>>,
     /// Its own KV writes, which the plugin's next calls read until its settlement ends.
@@ -848,11 +848,15 @@ async fn batch_lane(
             deliveries.into_iter().map(|d| (d, None)).collect();
         let called = driving(batch_call(&context, &deliveries), &mut settling).await;
         let Some(called) = called else { break };
-        let mut slice_over = false;
+        // The items of a call share its start.
+        let slice_over = called
+            .iter()
+            .flatten()
+            .next()
+            .is_some_and(|called| slice.count(called.attempt.started));
         for ((delivery, _), called) in deliveries.into_iter().zip(called) {
             match called {
                 Some(called) => {
-                    slice_over |= slice.count(called.attempt.started);
                     settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
                 }
                 // Not handled by the call: it runs again alone.
@@ -1150,7 +1154,7 @@ fn attempted(
     delivery: &Delivery,
     result: Result<Effects, runtime::Failure>,
     cost: Cost,
-    started: std::time::Instant,
+    started: Instant,
     read: Option<Arc<Overlay>>,
 ) -> Attempted {
     let checked = result.and_then(|mut effects| {

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, Span};
@@ -82,7 +82,7 @@ pub struct BatchOutcome {
     /// Fuel the call burned.
     pub fuel_used: u64,
     /// When the call started.
-    pub started: std::time::Instant,
+    pub started: Instant,
     /// Wall-clock time of the call.
     pub duration: Duration,
     /// Time the guest ran on a thread.
@@ -273,14 +273,10 @@ impl Plugin {
         let limits = self.settings.limits;
         let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let attempt = Fair::new(
-            self.runtime.gate(),
-            &self.cpu,
-            &clock,
-            self.attempt(&mut slot, event, delivery, kv)
-                .instrument(span),
-        );
-        let (result, timed_out) = match Within::new(attempt, &clock, limits).await {
+        let attempt = self
+            .attempt(&mut slot, event, delivery, kv)
+            .instrument(span);
+        let (result, timed_out) = match self.guarded(attempt, &clock, limits).await {
             Some(result) => (result, false),
             None => (Err(timeout_failure(limits)), true),
         };
@@ -294,6 +290,21 @@ impl Plugin {
             duration: call_duration(&clock, timed_out),
             cpu: clock.cpu(),
         }
+    }
+
+    /// A guest call as every call runs: taking turns at the CPU gate, timed by `clock`,
+    /// and cut off at the overall timeout (`None`).
+    fn guarded<'a, F: Future>(
+        &'a self,
+        call: F,
+        clock: &'a CallClock,
+        limits: PluginLimits,
+    ) -> Within<Fair<'a, F>> {
+        Within::new(
+            Fair::new(self.runtime.gate(), &self.cpu, clock, call),
+            clock,
+            limits,
+        )
     }
 
     /// Whether the plugin exports the batch handler (`switchyard:plugin/batch-handler`).
@@ -317,13 +328,8 @@ impl Plugin {
         };
         let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let call = Fair::new(
-            self.runtime.gate(),
-            &self.cpu,
-            &clock,
-            self.batch_attempt(&mut slot, items, kv, limits),
-        );
-        let (outcomes, timed_out) = match Within::new(call, &clock, limits).await {
+        let call = self.batch_attempt(&mut slot, items, kv, limits);
+        let (outcomes, timed_out) = match self.guarded(call, &clock, limits).await {
             Some(outcomes) => (outcomes, false),
             None => {
                 // Cut off mid-call: the item it was in timed out; the others stand.
