@@ -172,7 +172,7 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
             .as_deref()
             .is_none_or(|only| !only.contains('.') || name.contains(only))
     };
-    let events = options.pick(20_000, 4_000);
+    let events = options.pick(60_000, 4_000);
     let server = NatsServer::start();
     let mut figures = Vec::new();
     let hosts_wanted = wanted("nats.hosts1") || wanted("nats.hosts2");
@@ -210,7 +210,7 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         return Ok(figures);
     }
     // Fewer events: a KV-writing commit costs several round trips.
-    let kv_events = options.pick(4_000, 1_000);
+    let kv_events = options.pick(12_000, 1_000);
     let mut kv = Vec::new();
     for writes in ["off", "on"] {
         kv.push(

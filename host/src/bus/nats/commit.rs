@@ -32,7 +32,9 @@
 //!    ([`run_committer`]), which sends the commits waiting for it that touch no key in
 //!    common as one atomic batch, one batch at a time. The server checks each condition
 //!    against the stream as it was before the batch, so disjoint keys are what keeps a
-//!    group equivalent to its commits one after the other. A group refused as a whole
+//!    group equivalent to its commits one after the other. No commit joins a group ahead
+//!    of an earlier commit of one of its keys that was left out, so each key's commits
+//!    reach the server in the order they came. A group refused as a whole
 //!    (it stored nothing) is sent again one commit a batch, each for its own outcome. A
 //!    commit that listed keys goes alone.
 //! 4. **Emits.** Published after the batch; the consumer then acknowledges.
@@ -354,14 +356,15 @@ impl Shared {
                 .committers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            committers
-                .entry(bucket.to_owned())
-                .or_insert_with(|| {
+            match committers.get(bucket) {
+                Some(queue) => queue.clone(),
+                None => {
                     let (queue, incoming) = mpsc::unbounded_channel();
                     tokio::spawn(run_committer(self.client.clone(), incoming));
+                    committers.insert(bucket.to_owned(), queue.clone());
                     queue
-                })
-                .clone()
+                }
+            }
         };
         let closed = || BatchError::Storage(BusError::Storage("the committer stopped".into()));
         queue.send(pending).map_err(|_| closed())?;
@@ -462,26 +465,26 @@ async fn last_revision(stream: &stream::Stream, subject: &str) -> Result<u64, Bu
 
 /// Sends `batch` as one atomic batch: every message but the last without a reply, the
 /// last with the commit header, whose answer is the batch's.
-pub(super) async fn publish_batch(
+pub(super) async fn publish_batch<'m>(
     client: &async_nats::Client,
-    batch: Vec<Conditional>,
+    batch: impl ExactSizeIterator<Item = &'m Conditional>,
 ) -> Result<u64, BatchError> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let last = batch.len();
-    for (index, message) in batch.into_iter().enumerate() {
+    for (index, message) in batch.enumerate() {
         let mut headers = message.headers();
         headers.insert("Nats-Batch-Id", id.as_str());
         headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
         if index + 1 < last {
             client
-                .publish_with_headers(message.subject, headers, message.payload)
+                .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
                 .await
                 .map_err(|error| BatchError::Storage(nats_error("sending a commit")(&error)))?;
             continue;
         }
         headers.insert("Nats-Batch-Commit", "1");
         let answer = client
-            .request_with_headers(message.subject, headers, message.payload)
+            .request_with_headers(message.subject.clone(), headers, message.payload.clone())
             .await
             .map_err(|error| BatchError::Storage(nats_error("committing")(&error)))?;
         let answer: BatchAnswer = serde_json::from_slice(&answer.payload).map_err(|error| {
@@ -526,51 +529,28 @@ const GROUP_CANDIDATES: usize = 256;
 /// condition of a batch against the stream as it was before the batch, so two commits
 /// of one key in one batch could both pass). A group refused as a whole is sent again
 /// one commit a batch, so that each gets its own outcome; a refused batch stores nothing.
-/// The server makes one batch cost about as much as one message, so grouping is what
-/// lets a plugin's commits go faster than one batch round trip each.
+/// Grouping is what lets a plugin's commits go faster than one batch round trip each:
+/// the server's answer to a batch costs it a fixed part (it stages each batch in a store
+/// of its own) besides a part per message.
 async fn run_committer(client: async_nats::Client, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     loop {
-        let first = match waiting.pop_front() {
-            Some(pending) => pending,
-            None => match queue.recv().await {
-                Some(pending) => pending,
+        if waiting.is_empty() {
+            match queue.recv().await {
+                Some(pending) => waiting.push_back(pending),
                 None => return,
-            },
-        };
+            }
+        }
         while let Ok(pending) = queue.try_recv() {
             waiting.push_back(pending);
         }
-        let mut group = vec![first];
-        if !group[0].alone {
-            let mut touched = group[0].touched.clone();
-            let mut size = group[0].messages.len();
-            let mut passed = VecDeque::new();
-            for _ in 0..GROUP_CANDIDATES {
-                let Some(next) = waiting.pop_front() else {
-                    break;
-                };
-                let fits = !next.alone
-                    && size + next.messages.len() <= MAX_BATCH_MESSAGES
-                    && next.touched.is_disjoint(&touched);
-                if fits {
-                    touched.extend(next.touched.iter().cloned());
-                    size += next.messages.len();
-                    group.push(next);
-                } else {
-                    passed.push_back(next);
-                }
-            }
-            while let Some(pending) = passed.pop_back() {
-                waiting.push_front(pending);
-            }
-        }
+        let mut group = next_group(&mut waiting);
         if group.len() > 1 {
-            let messages = group
+            let messages: Vec<&Conditional> = group
                 .iter()
-                .flat_map(|pending| pending.messages.iter().cloned())
+                .flat_map(|pending| pending.messages.iter())
                 .collect();
-            if publish_batch(&client, messages).await.is_ok() {
+            if publish_batch(&client, messages.into_iter()).await.is_ok() {
                 for pending in &mut group {
                     pending.answer(Ok(()));
                 }
@@ -579,9 +559,118 @@ async fn run_committer(client: async_nats::Client, mut queue: mpsc::UnboundedRec
             // The group stored nothing: each commit goes again alone, for its own outcome.
         }
         for mut pending in group {
-            let messages = std::mem::take(&mut pending.messages);
-            let outcome = publish_batch(&client, messages).await;
+            let outcome = publish_batch(&client, pending.messages.iter()).await;
             pending.answer(outcome.map(|_| ()));
         }
+    }
+}
+
+/// Takes the next group from `waiting` (not empty): the oldest commit, and after it those
+/// that touch no key of the group or of a commit passed over, up to
+/// [`MAX_BATCH_MESSAGES`]. A commit passed over (too large to fit, or touching a key of
+/// the group) blocks its keys for the rest of the group, so that no commit overtakes an
+/// earlier one of the same key. A commit that listed keys goes alone.
+fn next_group(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let Some(first) = waiting.pop_front() else {
+        return Vec::new();
+    };
+    if first.alone {
+        return vec![first];
+    }
+    let mut blocked = first.touched.clone();
+    let mut size = first.messages.len();
+    let mut group = vec![first];
+    let mut passed = Vec::new();
+    for _ in 0..GROUP_CANDIDATES {
+        let Some(next) = waiting.pop_front() else {
+            break;
+        };
+        let fits = !next.alone
+            && size + next.messages.len() <= MAX_BATCH_MESSAGES
+            && next.touched.is_disjoint(&blocked);
+        blocked.extend(next.touched.iter().cloned());
+        if fits {
+            size += next.messages.len();
+            group.push(next);
+        } else {
+            passed.push(next);
+        }
+    }
+    while let Some(pending) = passed.pop() {
+        waiting.push_front(pending);
+    }
+    group
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit of `messages` messages touching `keys`.
+    fn commit(keys: &[&str], messages: usize, alone: bool) -> Pending {
+        let message = Conditional {
+            subject: "s".to_owned(),
+            payload: Bytes::new(),
+            expected: None,
+            condition_on: None,
+            headers: Vec::new(),
+        };
+        Pending {
+            messages: vec![message; messages],
+            touched: keys.iter().map(|key| (*key).to_owned()).collect(),
+            alone,
+            answer: None,
+        }
+    }
+
+    fn keys(group: &[Pending]) -> Vec<Vec<String>> {
+        group
+            .iter()
+            .map(|pending| pending.touched.iter().cloned().collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_group_takes_disjoint_commits_and_none_overtakes_an_earlier_commit_of_its_keys() {
+        let mut waiting: VecDeque<Pending> = [
+            commit(&["a"], 3, false),
+            commit(&["a"], 3, false),
+            commit(&["b"], 3, false),
+            commit(&["c"], MAX_BATCH_MESSAGES, false),
+            commit(&["c", "d"], 3, false),
+            commit(&["e"], 3, false),
+        ]
+        .into_iter()
+        .collect();
+
+        let first = next_group(&mut waiting);
+        // The second `a` shares a key with the group; the big `c` does not fit, so the
+        // later `c` may not go before it either.
+        assert_eq!(keys(&first), [vec!["a"], vec!["b"], vec!["e"]]);
+        assert_eq!(waiting.len(), 3);
+
+        let second = next_group(&mut waiting);
+        assert_eq!(keys(&second), [vec!["a"]]);
+        let third = next_group(&mut waiting);
+        assert_eq!(keys(&third), [vec!["c"]]);
+        let fourth = next_group(&mut waiting);
+        assert_eq!(keys(&fourth), [vec!["c", "d"]]);
+        assert!(waiting.is_empty());
+        assert!(next_group(&mut waiting).is_empty());
+    }
+
+    #[test]
+    fn a_commit_that_listed_keys_goes_alone() {
+        let mut waiting: VecDeque<Pending> = [
+            commit(&["a"], 3, false),
+            commit(&[], 2, true),
+            commit(&["b"], 3, false),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(keys(&next_group(&mut waiting)), [vec!["a"], vec!["b"]]);
+        let alone = next_group(&mut waiting);
+        assert_eq!(alone.len(), 1);
+        assert!(alone[0].alone);
     }
 }

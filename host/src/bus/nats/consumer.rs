@@ -42,13 +42,13 @@ use crate::pattern::{Pattern, disjoint_cover};
 
 /// Tells the server, every `every`, that the deliveries a host holds are still being
 /// worked on, so none goes to another host while this one lives.
-async fn keep_alive(outstanding: std::sync::Weak<Mutex<HashMap<u64, Message>>>, every: Duration) {
+async fn keep_alive(outstanding: std::sync::Weak<Mutex<Held>>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(outstanding) = outstanding.upgrade() else {
             return;
         };
-        let held: Vec<Message> = outstanding
+        let held: Vec<Arc<Message>> = outstanding
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
@@ -139,6 +139,10 @@ fn same_subjects(a: &[String], b: &[String]) -> bool {
     a == b
 }
 
+/// Deliveries handed out and not yet settled, by log position; shared, so that settling
+/// or keeping one alive takes no copy of the message.
+type Held = HashMap<u64, Arc<Message>>;
+
 /// One plugin's consumer on one host.
 pub(super) struct NatsConsumer {
     pub(super) shared: Arc<Shared>,
@@ -146,11 +150,13 @@ pub(super) struct NatsConsumer {
     patterns: Vec<Pattern>,
     /// What the consumer filters on when this host opens it (see [`filter_subjects`]).
     cover: Vec<Pattern>,
+    /// `P.replay.`: the subjects of replays, one per plugin.
+    replay_prefix: String,
     window: usize,
     one_at_a_time: bool,
     consumer: PullConsumer,
     /// Deliveries handed out and not yet settled, by log position.
-    outstanding: Arc<Mutex<HashMap<u64, Message>>>,
+    outstanding: Arc<Mutex<Held>>,
     /// Signalled when a settlement frees room in the window.
     room: tokio::sync::Notify,
     /// Held deliveries that were handed back before without counting an attempt (see
@@ -164,7 +170,8 @@ impl Drop for NatsConsumer {
         self.keep_alive.abort();
         // Deliveries fetched but never settled (the dispatcher stopped for a reload or a
         // shutdown before running them) go back at once rather than after `ack_wait`.
-        let unsettled: Vec<Message> = self.held().drain().map(|(_, message)| message).collect();
+        let unsettled: Vec<Arc<Message>> =
+            self.held().drain().map(|(_, message)| message).collect();
         if !unsettled.is_empty()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -227,7 +234,7 @@ impl NatsConsumer {
                 .await
                 .map_err(storage!("creating the plugin's consumer"))?,
         };
-        let outstanding: Arc<Mutex<HashMap<u64, Message>>> = Arc::default();
+        let outstanding: Arc<Mutex<Held>> = Arc::default();
         let keep_alive = tokio::spawn(keep_alive(
             Arc::downgrade(&outstanding),
             shared.options.ack_wait / 3,
@@ -237,6 +244,7 @@ impl NatsConsumer {
             plugin: plugin.to_owned(),
             cover,
             patterns: spec.patterns,
+            replay_prefix: format!("{}.replay.", shared.options.prefix),
             window: spec.window.max(1),
             one_at_a_time: spec.one_at_a_time,
             consumer,
@@ -251,7 +259,7 @@ impl NatsConsumer {
         self.deferred.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Message>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.outstanding
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -308,9 +316,8 @@ impl NatsConsumer {
                 .map_err(|error| nats_error("reading delivery metadata")(&*error))?;
             (info.stream_sequence, info.delivered, micros(info.published))
         };
-        let replay_prefix = format!("{}.replay.", self.shared.options.prefix);
         let (sequence, ingested_at_us, replayed) =
-            match message.subject.as_str().strip_prefix(&replay_prefix) {
+            match message.subject.as_str().strip_prefix(&self.replay_prefix) {
                 Some(target) if target != self.plugin => {
                     let _ = message.ack().await;
                     return Ok(None);
@@ -372,7 +379,7 @@ impl NatsConsumer {
         }
         let attempt = u32::try_from(errors.len() + 1).unwrap_or(u32::MAX);
         let watched = header::<String>(message.headers.as_ref(), WATCHED).is_some();
-        self.held().insert(sequence, message);
+        self.held().insert(sequence, Arc::new(message));
         Ok(Some(Delivery {
             stored,
             attempt,
@@ -433,7 +440,8 @@ impl Consumer for NatsConsumer {
     }
 
     async fn release(&self) {
-        let unsettled: Vec<Message> = self.held().drain().map(|(_, message)| message).collect();
+        let unsettled: Vec<Arc<Message>> =
+            self.held().drain().map(|(_, message)| message).collect();
         for message in unsettled {
             let _ = message.ack_with(AckKind::Nak(None)).await;
         }

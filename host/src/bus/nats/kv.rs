@@ -8,7 +8,7 @@
 //!   encoded keys.
 //! - Nothing is cached but the open bucket handles: every read asks the server.
 
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 
 use async_nats::jetstream::kv;
 use async_trait::async_trait;
@@ -51,21 +51,21 @@ pub(super) fn decode_key(encoded: &str) -> Option<String> {
 }
 
 impl Shared {
-    pub(super) async fn plugin_store(&self, plugin: &str) -> Result<kv::Store, BusError> {
+    pub(super) async fn plugin_store(&self, plugin: &str) -> Result<Arc<kv::Store>, BusError> {
         if let Some(store) = self
             .plugin_kv
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(plugin)
         {
-            return Ok(store.clone());
+            return Ok(Arc::clone(store));
         }
         let bucket = format!("{}-kv-{plugin}", self.options.prefix);
-        let store = ensure_bucket(&self.jetstream, &self.options, &bucket).await?;
+        let store = Arc::new(ensure_bucket(&self.jetstream, &self.options, &bucket).await?);
         self.plugin_kv
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(plugin.to_owned(), store.clone());
+            .insert(plugin.to_owned(), Arc::clone(&store));
         Ok(store)
     }
 }

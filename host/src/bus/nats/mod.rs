@@ -173,7 +173,7 @@ struct Shared {
     /// The scheduler's consumer on `schedules`, created on first use.
     scheduler: tokio::sync::OnceCell<PullConsumer>,
     attempts: jetstream::kv::Store,
-    plugin_kv: Mutex<HashMap<String, jetstream::kv::Store>>,
+    plugin_kv: Mutex<HashMap<String, Arc<jetstream::kv::Store>>>,
     /// Per plugin bucket, the queue of this host's committer (see `commit.rs`).
     committers: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<commit::Pending>>>,
     /// The schemas bucket, opened when first used.
@@ -193,11 +193,7 @@ impl Shared {
     /// Refuses a message the server would not take (its `max_payload`, less room for
     /// headers), before anything is sent.
     fn check_size(&self, what: impl Fn() -> String, bytes: usize) -> Result<(), BusError> {
-        let limit = self
-            .client
-            .server_info()
-            .max_payload
-            .saturating_sub(HEADER_ROOM);
+        let limit = self.client.max_payload().saturating_sub(HEADER_ROOM);
         if bytes > limit {
             return Err(BusError::TooLarge {
                 what: what(),

@@ -534,8 +534,8 @@ impl Shared {
                 other => other?,
             };
             let versions: Vec<Option<u64>> = planned.iter().map(|p| p.stream_version).collect();
-            let messages = planned.into_iter().map(|p| p.message).collect();
-            match publish_batch(&self.client, messages).await {
+            let messages: Vec<Conditional> = planned.into_iter().map(|p| p.message).collect();
+            match publish_batch(&self.client, messages.iter()).await {
                 Ok(last) => {
                     stored = Some((last, versions));
                     break;
@@ -655,7 +655,7 @@ impl Shared {
                     limit: MAX_BATCH_MESSAGES,
                 });
             }
-            match publish_batch(&self.client, batch).await {
+            match publish_batch(&self.client, batch.iter()).await {
                 Ok(_) => return self.finish_schedules(&record).await,
                 Err(BatchError::Conflict | BatchError::Repeated) => {
                     // Committed by an earlier try (the record exists), or a stream moved.
