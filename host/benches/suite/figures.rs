@@ -552,7 +552,8 @@ async fn dispatch(options: &Options) -> anyhow::Result<Vec<Figure>> {
     Ok(figures)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The middle value (the upper one of an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

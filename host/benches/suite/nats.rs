@@ -13,6 +13,7 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use futures_util::StreamExt;
 
 use crate::client::{self, Batch, Single};
+use crate::figures::median;
 use crate::guests::Guest;
 use crate::host::Process;
 use crate::nats_server::NatsServer;
@@ -159,10 +160,16 @@ async fn bare_loop(server: &NatsServer, events: usize) -> anyhow::Result<f64> {
             consumed += 1;
         }
     }
-    Ok(events as f64 / started.elapsed().as_secs_f64())
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    // The next round starts from an empty stream.
+    js.delete_stream("bare").await?;
+    Ok(rate)
 }
 
-/// `nats.hosts1` and `nats.hosts2` beside the bare loop.
+/// `nats.hosts1` and `nats.hosts2` beside the bare loop, and `nats.kv_writes2` beside its
+/// plugin without writes: each the median of [`Options::pick`]`(3, 1)` rounds, a round
+/// measuring a figure and its baseline one after the other, so that both see the machine
+/// as it is then (the bare loop alone moves by a fifth from run to run).
 pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
     // `--only nats.hosts1` (or another of the names below) measures that figure alone,
     // with its baseline.
@@ -173,67 +180,77 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
             .is_none_or(|only| !only.contains('.') || name.contains(only))
     };
     let events = options.pick(60_000, 4_000);
+    // Fewer events: a KV-writing commit costs several round trips.
+    let kv_events = options.pick(12_000, 1_000);
+    let rounds = options.pick(3, 1);
     let server = NatsServer::start();
-    let mut figures = Vec::new();
-    let hosts_wanted = wanted("nats.hosts1") || wanted("nats.hosts2");
-    let bare = if hosts_wanted {
-        bare_loop(&server, events)
-            .await
-            .context("bare JetStream loop")?
-    } else {
-        0.0
-    };
-    for (name, hosts) in [("nats.hosts1", 1), ("nats.hosts2", 2)] {
-        if !wanted(name) {
-            continue;
+    let hosts_figures = [("nats.hosts1", 1), ("nats.hosts2", 2)]
+        .into_iter()
+        .filter(|(name, _)| wanted(name))
+        .collect::<Vec<_>>();
+    let kv_wanted = wanted("nats.kv_writes2");
+    let mut bare = Vec::new();
+    let mut through: Vec<Vec<f64>> = vec![Vec::new(); hosts_figures.len()];
+    let (mut without_writes, mut with_writes) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        if !hosts_figures.is_empty() {
+            bare.push(
+                bare_loop(&server, events)
+                    .await
+                    .context("bare JetStream loop")?,
+            );
         }
-        let value = through_hosts(
-            &server,
-            &format!("h{hosts}"),
-            hosts,
-            events,
-            &Probe::noop(),
-            options,
-        )
-        .await
-        .with_context(|| format!("{hosts} hosts"))?;
+        for ((_, hosts), values) in hosts_figures.iter().zip(&mut through) {
+            values.push(
+                through_hosts(
+                    &server,
+                    &format!("h{hosts}-{round}"),
+                    *hosts,
+                    events,
+                    &Probe::noop(),
+                    options,
+                )
+                .await
+                .with_context(|| format!("{hosts} hosts"))?,
+            );
+        }
+        if kv_wanted {
+            for (writes, values) in [("off", &mut without_writes), ("on", &mut with_writes)] {
+                values.push(
+                    through_hosts(
+                        &server,
+                        &format!("kv-{writes}-{round}"),
+                        1,
+                        kv_events,
+                        &Probe::kv_pair(writes),
+                        options,
+                    )
+                    .await
+                    .with_context(|| format!("the KV plugin, writes {writes}"))?,
+                );
+            }
+        }
+    }
+    let mut figures = Vec::new();
+    for ((name, hosts), values) in hosts_figures.into_iter().zip(through) {
         figures.push(Figure {
             name: name.into(),
-            value,
+            value: median(values),
             unit: "events/s",
-            baseline: Some(bare),
+            baseline: Some(median(bare.clone())),
             baseline_name: "bare JetStream publish+consume",
             target: if hosts == 1 { "ratio >= 0.7" } else { "" },
         });
     }
-    if !wanted("nats.kv_writes2") {
-        return Ok(figures);
+    if kv_wanted {
+        figures.push(Figure {
+            name: "nats.kv_writes2".into(),
+            value: median(with_writes),
+            unit: "events/s",
+            baseline: Some(median(without_writes)),
+            baseline_name: "the same plugin, no KV writes",
+            target: "ratio >= 0.5",
+        });
     }
-    // Fewer events: a KV-writing commit costs several round trips.
-    let kv_events = options.pick(12_000, 1_000);
-    let mut kv = Vec::new();
-    for writes in ["off", "on"] {
-        kv.push(
-            through_hosts(
-                &server,
-                &format!("kv-{writes}"),
-                1,
-                kv_events,
-                &Probe::kv_pair(writes),
-                options,
-            )
-            .await
-            .with_context(|| format!("the KV plugin, writes {writes}"))?,
-        );
-    }
-    let (without_writes, with_writes) = (kv[0], kv[1]);
-    figures.push(Figure {
-        name: "nats.kv_writes2".into(),
-        value: with_writes,
-        unit: "events/s",
-        baseline: Some(without_writes),
-        baseline_name: "the same plugin, no KV writes",
-        target: "ratio >= 0.5",
-    });
     Ok(figures)
 }

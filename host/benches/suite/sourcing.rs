@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use crate::figures::median;
 use crate::guests::Guest;
 use crate::host::Process;
 use crate::nats_server::NatsServer;
@@ -95,12 +96,7 @@ async fn stream_read(options: &Options, bus: Option<&str>) -> anyhow::Result<(f6
         }
         api.push(read as f64 / started.elapsed().as_secs_f64());
     }
-    Ok((median(&mut handler), median(&mut api)))
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    Ok((median(handler), median(api)))
 }
 
 /// Fire lags of [`TIMERS`] timers due in the same second: (p50, p99, max) in ms.
