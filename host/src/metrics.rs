@@ -105,6 +105,11 @@ impl Durations {
         }
         self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
+
+    /// The sum of every observation.
+    fn sum(&self) -> Duration {
+        Duration::from_nanos(self.0.sum_ns.load(Ordering::Relaxed))
+    }
 }
 
 impl TypedMetric for Durations {
@@ -125,7 +130,7 @@ impl EncodeMetric for Durations {
             .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
             .collect();
         let total = buckets.iter().map(|(_, count)| count).sum();
-        let sum = Duration::from_nanos(self.0.sum_ns.load(Ordering::Relaxed)).as_secs_f64();
+        let sum = self.sum().as_secs_f64();
         encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
     }
 
@@ -428,9 +433,6 @@ struct PluginSeries {
     fuel: Counter,
     cpu: Counter<f64, AtomicU64>,
     retries: Counter,
-    /// Handler time in microseconds, summed, for the stats history (the histogram keeps
-    /// its sum to itself).
-    duration_us: AtomicU64,
 }
 
 impl PluginSeries {
@@ -449,7 +451,6 @@ impl PluginSeries {
             retries: families.retries_scheduled.get_or_create_owned(&labels),
             deliveries: ByLabel::default(),
             dead_letters: ByLabel::default(),
-            duration_us: AtomicU64::new(0),
             labels,
         }
     }
@@ -670,7 +671,8 @@ impl Metrics {
                             .iter()
                             .map(|(o, c)| (*o, c.get()))
                             .collect(),
-                        duration_us: series.duration_us.load(Ordering::Relaxed),
+                        duration_us: u64::try_from(series.duration.sum().as_micros())
+                            .unwrap_or(u64::MAX),
                         dead_lettered: series.dead_letters.0.iter().map(|(_, c)| c.get()).sum(),
                     };
                     (name.to_string(), totals)
@@ -774,10 +776,6 @@ impl Metrics {
             for item in handled {
                 let cost = item.cost;
                 series.duration.observe(cost.duration);
-                series.duration_us.fetch_add(
-                    u64::try_from(cost.duration.as_micros()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
                 series.fuel.inc_by(cost.fuel);
                 series.cpu.inc_by(cost.cpu.as_secs_f64());
                 if let Some((start, commit)) = item.latency {
