@@ -232,12 +232,13 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         }
     }
     let mut figures = Vec::new();
+    let bare = (!bare.is_empty()).then(|| median(bare));
     for ((name, hosts), values) in hosts_figures.into_iter().zip(through) {
         figures.push(Figure {
             name: name.into(),
             value: median(values),
             unit: "events/s",
-            baseline: Some(median(bare.clone())),
+            baseline: bare,
             baseline_name: "bare JetStream publish+consume",
             target: if hosts == 1 { "ratio >= 0.7" } else { "" },
         });
