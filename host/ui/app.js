@@ -3,9 +3,9 @@
 // - Every call goes through `api()`, which sends the admin token (kept in this tab's
 //   sessionStorage, never in a URL or a cookie) as a bearer header; a 401 shows the token
 //   form instead of the page.
-// - Views are chosen by the URL's hash (#/, #/plugins/NAME, #/dlq, #/events) and render
-//   with DOM calls and textContent only: event data and error messages come from
-//   producers and plugins and are never parsed as HTML.
+// - Views are chosen by the URL's hash (#/, #/plugins/NAME, #/dlq, #/events,
+//   #/scheduled) and render with DOM calls and textContent only: event data and error
+//   messages come from producers and plugins and are never parsed as HTML.
 // - Live: the current view refreshes every 2 s while the tab is visible; each refresh
 //   asks for one page of data (lists are paginated), so an open page costs the host a few
 //   small requests every 2 s whatever the number of plugins or dead letters.
@@ -79,6 +79,7 @@ function route() {
   if (parts[0] === "plugins" && parts[1]) return { view: "plugin", name: decodeURIComponent(parts[1]), params };
   if (parts[0] === "dlq") return { view: "dlq", params };
   if (parts[0] === "events") return { view: "events", params };
+  if (parts[0] === "scheduled") return { view: "scheduled", params };
   return { view: "overview", params };
 }
 
@@ -392,6 +393,44 @@ async function events(params, first) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Scheduled events
+
+async function scheduled(params, first) {
+  const list = await api("/v1/scheduled" + qs({ type: params.type, limit: PAGE }));
+  if (first) {
+    const type = el("input", { id: "scheduled-type", value: params.type || "", placeholder: "any" });
+    main.replaceChildren(
+      el("h1", {}, "Scheduled events"),
+      el("form", { class: "toolbar", onsubmit: (e) => { e.preventDefault(); setHash("/scheduled", { type: type.value }); } },
+        el("label", {}, "Type", type), el("button", { type: "submit" }, "Filter")),
+      el("div", { id: "flash" }),
+      el("div", { id: "scheduled" }),
+    );
+  }
+  if (!changed("scheduled", list)) return;
+  // The API lists the soonest first and has no further pages: say when there are more.
+  const summary = `${num(list.pending)} pending in all, soonest first` +
+    (list.scheduled.length === PAGE ? `; the first ${PAGE}${params.type ? " of this type" : ""} shown` : "");
+  const rows = list.scheduled.map((s) => el("tr", { "data-id": s.id },
+    el("td", {}, s.due),
+    el("td", {}, el("div", {}, s.type), el("div", { class: "mono muted" }, s.id)),
+    el("td", { class: "wide" }, s.source),
+    el("td", { class: "wide" }, s.scheduled_at),
+    el("td", { class: "wide" }, el("details", {}, el("summary", {}, "event"), el("pre", {}, JSON.stringify(s.event, null, 2)))),
+    el("td", {},
+      el("button", { class: "cancel", onclick: () => confirmThen(
+        `Cancel scheduled event ${s.id}? It will never be appended.`, async () => {
+          await api(`/v1/scheduled/${encodeURIComponent(s.id)}`, { method: "DELETE" });
+          flash(`Scheduled event ${s.id} cancelled.`);
+        }) }, "Cancel event"))));
+  document.getElementById("scheduled").replaceChildren(
+    el("p", { class: "muted", id: "scheduled-summary" }, summary),
+    rows.length ? el("div", { class: "scroll" }, el("table", { id: "scheduled-table" },
+      el("thead", {}, el("tr", {}, ["Due", "Event", "Source", "Scheduled at", "", ""].map((h, i) => el("th", { class: [2, 3, 4].includes(i) ? "wide" : "" }, h)))),
+      el("tbody", {}, rows))) : el("p", { class: "muted", id: "scheduled-empty" }, "No scheduled events here."));
+}
+
+// ---------------------------------------------------------------------------------------
 // Token, confirmation, messages, refresh
 
 function loginForm() {
@@ -441,6 +480,7 @@ async function refresh(first = false) {
     if (where.view === "plugin") await pluginPage(where.name, where.params, first);
     else if (where.view === "dlq") await deadLetters(where.params, first);
     else if (where.view === "events") await events(where.params, first);
+    else if (where.view === "scheduled") await scheduled(where.params, first);
     else await overview(where.params, first);
     if (current === generation) main.dataset.loaded = String(Date.now());
   } catch (error) {

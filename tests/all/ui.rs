@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::on_both_backends;
+use crate::scheduled::{count_in_log, schedule};
 use crate::support::browser::{Browser, DESKTOP, PHONE};
 use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
@@ -339,4 +340,83 @@ async fn with_admin_tokens_the_page_shows_nothing_until_a_token_is_entered() {
     browser.close().await;
 }
 
+async fn scheduled_events_are_listed_live_and_one_is_cancelled_from_the_page(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.start();
+    for (id, delay) in [("soon", "10s"), ("reminder-1", "1h"), ("reminder-2", "2h")] {
+        let (status, body) = schedule(&host, id, Some(delay), None).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let invoice = host
+        .http
+        .post(host.url("/v1/events/invoice.due?delay=3h"))
+        .header("ce-id", "invoice-1")
+        .json(&json!({"invoice": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(invoice.status(), 202);
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui#/scheduled")).await;
+    browser
+        .wait_text("#scheduled-summary", |t| t.starts_with("4 pending"))
+        .await;
+    let table = browser.text("#scheduled-table tbody").await.unwrap();
+    let order: Vec<usize> = ["soon", "reminder-1", "reminder-2", "invoice-1"]
+        .iter()
+        .map(|id| table.find(id).unwrap())
+        .collect();
+    assert!(order.is_sorted(), "soonest first: {table}");
+    if matches!(backend, Backend::Embedded) {
+        screenshots(&browser, "scheduled").await;
+    }
+
+    // The page is live: the due event leaves the list once it is appended to the log.
+    browser
+        .wait_text("#scheduled-summary", |t| t.starts_with("3 pending"))
+        .await;
+    assert!(
+        browser
+            .find("#scheduled-table tr[data-id='soon']")
+            .await
+            .is_none()
+    );
+    assert_eq!(count_in_log(&host, "soon").await, 1);
+
+    // Cancelled from the page: gone from the list and from the host.
+    confirm(
+        &browser,
+        "#scheduled-table tr[data-id='reminder-2'] button.cancel",
+        "Cancel scheduled event reminder-2?",
+    )
+    .await;
+    browser
+        .wait_text("#flash-text", |t| t.contains("reminder-2 cancelled"))
+        .await;
+    browser
+        .wait_text("#scheduled-summary", |t| t.starts_with("2 pending"))
+        .await;
+    let listed = host.get_json("/v1/scheduled").await;
+    let ids: Vec<&str> = listed["scheduled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["reminder-1", "invoice-1"], "{listed}");
+
+    // Filtered by type.
+    browser
+        .type_into("#scheduled-type", "invoice.due\u{E007}")
+        .await;
+    browser
+        .wait_text("#scheduled-table tbody", |t| {
+            t.contains("invoice-1") && !t.contains("reminder-1")
+        })
+        .await;
+    browser.close().await;
+}
+
 on_both_backends!(multi_thread: a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed);
+on_both_backends!(multi_thread: scheduled_events_are_listed_live_and_one_is_cancelled_from_the_page);
