@@ -193,7 +193,8 @@ async fn the_last_seats_go_to_exactly_as_many_reservations_as_fit(backend: Backe
     }
     // One `show.opened`, five `seats.reserved`: no gap, no duplicate.
     assert_eq!(versions(&host, "show/s1").await, [1, 2, 3, 4, 5, 6]);
-    // A waiting producer sees the emitted event as stored: its condition is not in it.
+    // A waiting producer sees the emitted event as stored: its condition is not in it,
+    // the version it took in its stream is.
     let answer: Value = host
         .http
         .post(host.url("/v1/events/reservation.requested?wait=10s"))
@@ -208,6 +209,8 @@ async fn the_last_seats_go_to_exactly_as_many_reservations_as_fit(backend: Backe
     let emitted = &answer["accepted"][0]["plugins"][0]["emitted"][0];
     assert_eq!(emitted["type"], "reservation.rejected", "{answer}");
     assert!(emitted.get("expectedversion").is_none(), "{answer}");
+    assert_eq!(emitted["subject"], "reservation/late", "{answer}");
+    assert_eq!(emitted["streamversion"], "1", "{answer}");
     let status = host.status("box-office").await.unwrap();
     assert_eq!(status["dead_letters"], 0, "{status}");
 }

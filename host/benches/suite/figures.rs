@@ -14,8 +14,8 @@ use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, ControlStore, DeadLetter,
     DeadLetterQuery, DeadLetters, Delivery, Fired, LogPage, LogQuery, Notice, Notices,
-    PluginControl, ScheduledEvent, ScheduledQuery, Schedules, SchemaStore, Settlement, StoredEvent,
-    StoredSchema,
+    PluginControl, ScheduledEvent, ScheduledQuery, Schedules, SchemaStore, Settled, Settlement,
+    StoredEvent, StoredSchema,
 };
 use switchyard_host::dispatch::valve::Valves;
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
@@ -160,11 +160,18 @@ impl Consumer for MemoryConsumer {
         Ok(batch)
     }
 
-    async fn settle(&self, _delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
+    async fn settle(
+        &self,
+        _delivery: &Delivery,
+        settlement: Settlement,
+    ) -> Result<Settled, BusError> {
         self.settle_one(&settlement)
     }
 
-    async fn settle_all(&self, items: &[(&Delivery, &Settlement)]) -> Vec<Result<(), BusError>> {
+    async fn settle_all(
+        &self,
+        items: &[(&Delivery, &Settlement)],
+    ) -> Vec<Result<Settled, BusError>> {
         items
             .iter()
             .map(|(_, settlement)| self.settle_one(settlement))
@@ -173,7 +180,7 @@ impl Consumer for MemoryConsumer {
 }
 
 impl MemoryConsumer {
-    fn settle_one(&self, settlement: &Settlement) -> Result<(), BusError> {
+    fn settle_one(&self, settlement: &Settlement) -> Result<Settled, BusError> {
         if !matches!(settlement, Settlement::Ack(_)) {
             return Err(BusError::Storage("a benchmark call failed".into()));
         }
@@ -184,7 +191,7 @@ impl MemoryConsumer {
         if self.bus.handed_out.load(Ordering::Acquire) - settled <= self.window / 2 {
             self.bus.room.notify_one();
         }
-        Ok(())
+        Ok(Settled::default())
     }
 }
 

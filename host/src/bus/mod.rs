@@ -86,6 +86,25 @@ pub enum BusError {
     Invalid(String),
 }
 
+/// What storing a settlement tells its caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// For an acknowledgement, the version each emitted event took in its subject's
+    /// stream, in the order of the emits: `None` for one without a subject, one scheduled
+    /// for later, or one stored by an earlier try whose version was not read back. Empty
+    /// for any other settlement.
+    pub stream_versions: Vec<Option<u64>>,
+}
+
+impl Settled {
+    /// The versions of `appended`, one per emitted event.
+    pub fn of(appended: &[Appended]) -> Self {
+        Self {
+            stream_versions: appended.iter().map(|a| a.stream_version).collect(),
+        }
+    }
+}
+
 /// Where an appended event landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Appended {
@@ -236,11 +255,18 @@ pub trait Consumer: Send + Sync {
     async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError>;
 
     /// Ends a delivery; see the module docs for the transaction it commits.
-    async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError>;
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        settlement: Settlement,
+    ) -> Result<Settled, BusError>;
 
     /// Ends several deliveries, each exactly as [`Consumer::settle`] would: one result per
     /// item, in order, and an item's failure leaves the others' settlements standing.
-    async fn settle_all(&self, items: &[(&Delivery, &Settlement)]) -> Vec<Result<(), BusError>> {
+    async fn settle_all(
+        &self,
+        items: &[(&Delivery, &Settlement)],
+    ) -> Vec<Result<Settled, BusError>> {
         futures_util::future::join_all(
             items
                 .iter()

@@ -62,7 +62,7 @@ use tracing::Instrument as _;
 
 use crate::bus::{
     Bus, BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Notice, NoticeOutcome,
-    Settlement, StartPosition,
+    Settled, Settlement, StartPosition,
 };
 use crate::clock::{now_ms, now_us};
 use crate::effects::Effects;
@@ -77,7 +77,7 @@ use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
 use crate::schema::Schemas;
-use crate::stream::StreamPage;
+use crate::stream::{STREAM_VERSION, StreamPage};
 use crate::telemetry;
 
 use self::pending::{Overlay, PendingCommit, PendingWrites};
@@ -893,8 +893,13 @@ async fn settle_group(context: Arc<Context>, group: Vec<(Delivery, Called)>) {
     // The group's outcomes were all committed by the one call above.
     let committed_at = now_us();
     for ((delivery, called), result) in group.into_iter().zip(results) {
-        match result {
-            Ok(()) | Err(BusError::Closed) => {
+        let stored = match result {
+            Ok(stored) => Ok(stored),
+            Err(BusError::Closed) => Ok(Settled::default()),
+            Err(error) => Err(error),
+        };
+        match stored {
+            Ok(stored) => {
                 let latency = (delivery.attempt == 1).then(|| {
                     (
                         called.start_latency,
@@ -905,7 +910,7 @@ async fn settle_group(context: Arc<Context>, group: Vec<(Delivery, Called)>) {
                     cost: called.attempt.cost,
                     latency,
                 });
-                notify(&context, &delivery, &called.attempt.settlement);
+                notify(&context, &delivery, &called.attempt.settlement, &stored);
             }
             Err(conflict @ BusError::Conflict(_)) => {
                 refused.push(finish(
@@ -1067,10 +1072,10 @@ async fn finish(
                 count_settlement(&context, &settlement);
                 // A retry or dead letter reads nothing, so it cannot conflict.
                 let _ = settle(&context, &delivery, &settlement).await;
-                notify(&context, &delivery, &settlement);
+                notify(&context, &delivery, &settlement, &Settled::default());
                 break Some(released);
             }
-            Ok(()) => {
+            Ok(stored) => {
                 context.metrics.delivery(&context.name, outcome_name, cost);
                 if delivery.attempt == 1 {
                     // Later attempts wait out a backoff on purpose; only first attempts
@@ -1081,7 +1086,7 @@ async fn finish(
                         .delivery_latency(&context.name, start_latency, commit_latency);
                 }
                 count_settlement(&context, &settlement);
-                notify(&context, &delivery, &settlement);
+                notify(&context, &delivery, &settlement, &stored);
                 break Some(released);
             }
         }
@@ -1297,8 +1302,9 @@ fn decide(
     }
 }
 
-/// Tells waiters on the event (`?wait=`) how this plugin's attempt ended.
-fn notify(context: &Context, delivery: &Delivery, settlement: &Settlement) {
+/// Tells waiters on the event (`?wait=`) how this plugin's attempt ended, with the
+/// stream versions its emits took (`stored`).
+fn notify(context: &Context, delivery: &Delivery, settlement: &Settlement, stored: &Settled) {
     if !delivery.watched {
         return;
     }
@@ -1306,13 +1312,19 @@ fn notify(context: &Context, delivery: &Delivery, settlement: &Settlement) {
     context.bus.notify(&event.source, &event.id, &|| {
         let (outcome, error, emitted) = match settlement {
             Settlement::Ack(effects) => {
-                // As stored: an expected version is a condition, not part of the event.
+                // As stored: an expected version is a condition, not part of the event;
+                // the version it took is.
+                let mut versions = stored.stream_versions.iter().copied();
                 let emitted = effects
                     .emits
                     .iter()
                     .map(|emit| {
                         let mut emit = emit.clone();
                         emit.extensions.remove(crate::stream::EXPECTED_VERSION);
+                        if let Some(version) = versions.next().flatten() {
+                            emit.extensions
+                                .insert(STREAM_VERSION.to_owned(), version.to_string());
+                        }
                         emit
                     })
                     .collect();
@@ -1346,11 +1358,12 @@ async fn settle(
     context: &Context,
     delivery: &Delivery,
     settlement: &Settlement,
-) -> Result<(), BusError> {
+) -> Result<Settled, BusError> {
     let mut wait = Duration::from_millis(50);
     loop {
         match context.consumer.settle(delivery, settlement.clone()).await {
-            Ok(()) | Err(BusError::Closed) => return Ok(()),
+            Ok(settled) => return Ok(settled),
+            Err(BusError::Closed) => return Ok(Settled::default()),
             Err(conflict @ BusError::Conflict(_)) => return Err(conflict),
             Err(too_large @ (BusError::TooLarge { .. } | BusError::Invalid(_)))
                 if matches!(settlement, Settlement::Ack(_)) =>

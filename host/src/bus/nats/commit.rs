@@ -79,7 +79,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::kv::{current, decode_key, encode_key, list_keys};
 use super::messages::decode_event;
 use super::{Shared, nats_error};
-use crate::bus::BusError;
+use crate::bus::{BusError, Settled};
 use crate::effects::Effects;
 use crate::event::Event;
 use crate::kv::{KvRead, keys_digest, value_digest};
@@ -187,7 +187,7 @@ impl Shared {
         plugin: &str,
         sequence: u64,
         effects: Effects,
-    ) -> Result<(), BusError> {
+    ) -> Result<Settled, BusError> {
         let conditional = !effects.stream_reads.is_empty()
             || effects
                 .emits
@@ -206,11 +206,11 @@ impl Shared {
             }
             // Nothing to make atomic: the emits' ids make a repeat harmless, and so do
             // the schedules' and cancellations'.
-            self.store_events(&effects.emits, false).await?;
+            let appended = self.store_events(&effects.emits, false).await?;
             for id in &effects.cancels {
                 self.cancel(id).await?;
             }
-            return Ok(());
+            return Ok(Settled::of(&appended));
         }
         if conditional {
             // The KV batch and the event stream are two streams: no batch holds both.
@@ -330,7 +330,7 @@ impl Shared {
                 // This delivery's record exists when an earlier try of this settlement,
                 // or another host holding the same delivery, committed first.
                 if self.finish_committed(plugin, sequence).await? {
-                    return Ok(());
+                    return Ok(Settled::default());
                 }
                 let keys: Vec<String> = writes
                     .keys()
@@ -340,11 +340,11 @@ impl Shared {
             }
             Err(BatchError::Storage(error)) => return Err(error),
         }
-        self.store_events(&effects.emits, false).await?;
+        let appended = self.store_events(&effects.emits, false).await?;
         for id in &effects.cancels {
             self.cancel(id).await?;
         }
-        Ok(())
+        Ok(Settled::of(&appended))
     }
 
     /// Hands a commit's batch to the bucket's committer and waits for its outcome.

@@ -33,8 +33,8 @@ use futures_util::StreamExt;
 use super::messages::{INGESTED_AT, REPLAY_OF, WATCHED, decode_event, header, micros};
 use super::{Shared, UNSETTLED_LIMIT, nats_error};
 use crate::bus::{
-    BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settlement, StartPosition,
-    StoredEvent,
+    BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settled, Settlement,
+    StartPosition, StoredEvent,
 };
 use crate::clock::now_ms;
 use crate::failure::{AttemptError, FailureKind};
@@ -447,15 +447,21 @@ impl Consumer for NatsConsumer {
         }
     }
 
-    async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        settlement: Settlement,
+    ) -> Result<Settled, BusError> {
         let sequence = delivery.stored.sequence;
         let Some(message) = self.held().get(&sequence).cloned() else {
             // Settled already (a retried settlement whose first try got through).
-            return Ok(());
+            return Ok(Settled::default());
         };
+        let mut settled = Settled::default();
         match settlement {
             Settlement::Ack(effects) => {
-                self.shared
+                settled = self
+                    .shared
                     .commit_effects(&self.plugin, sequence, effects)
                     .await?;
                 // Not waiting for the server's word on the acknowledgement: one that
@@ -465,7 +471,7 @@ impl Consumer for NatsConsumer {
                     tracing::warn!(plugin = %self.plugin, sequence, %error, "cannot acknowledge a committed delivery; it will be redelivered and recognised");
                     self.held().remove(&sequence);
                     self.room.notify_one();
-                    return Ok(());
+                    return Ok(settled);
                 }
                 let deferred = self.deferrals().remove(&sequence).is_some();
                 if delivery.attempt > 1 || deferred {
@@ -500,7 +506,7 @@ impl Consumer for NatsConsumer {
         }
         self.held().remove(&sequence);
         self.room.notify_one();
-        Ok(())
+        Ok(settled)
     }
 }
 

@@ -48,7 +48,7 @@ use super::messages::{
     stream_filter, subject_of, subject_token,
 };
 use super::{Shared, compare_and_set_failed, nats_error, next_message};
-use crate::bus::{Appended, BusError};
+use crate::bus::{Appended, BusError, Settled};
 use crate::effects::Effects;
 use crate::event::Event;
 use crate::schedule::DELIVER_AT;
@@ -596,7 +596,7 @@ impl Shared {
         plugin: &str,
         sequence: u64,
         effects: &Effects,
-    ) -> Result<(), BusError> {
+    ) -> Result<Settled, BusError> {
         let record = CommitRecord::of(effects);
         let body = serde_json::to_vec(&record).unwrap_or_default();
         self.check_size(
@@ -638,7 +638,7 @@ impl Shared {
             let planned = match self.plan_batch(&logged, false).await {
                 Err(BusError::VersionConflict(conflict)) => {
                     if self.finish_committed(plugin, sequence).await? {
-                        return Ok(());
+                        return Ok(Settled::default());
                     }
                     return Err(BusError::Conflict(format!(
                         "the stream of `{}` (expected at version {}, now {})",
@@ -646,6 +646,21 @@ impl Shared {
                     )));
                 }
                 other => other?,
+            };
+            // The emits' versions, in their order: the scheduled ones take none.
+            let mut versions = planned.iter().map(|p| p.stream_version);
+            let settled = Settled {
+                stream_versions: effects
+                    .emits
+                    .iter()
+                    .map(|e| {
+                        if e.extensions.contains_key(DELIVER_AT) {
+                            None
+                        } else {
+                            versions.next().flatten()
+                        }
+                    })
+                    .collect(),
             };
             batch.extend(planned.into_iter().map(|p| p.message));
             if batch.len() > MAX_BATCH_MESSAGES {
@@ -656,11 +671,14 @@ impl Shared {
                 });
             }
             match publish_batch(&self.client, batch.iter()).await {
-                Ok(_) => return self.finish_schedules(&record).await,
+                Ok(_) => {
+                    self.finish_schedules(&record).await?;
+                    return Ok(settled);
+                }
                 Err(BatchError::Conflict | BatchError::Repeated) => {
                     // Committed by an earlier try (the record exists), or a stream moved.
                     if self.finish_committed(plugin, sequence).await? {
-                        return Ok(());
+                        return Ok(Settled::default());
                     }
                 }
                 Err(BatchError::Storage(error)) => return Err(error),

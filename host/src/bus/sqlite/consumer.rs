@@ -27,7 +27,7 @@ use super::writer::{Job, SettleJob};
 use super::{
     EVENT_COLUMNS, SCAN_CHUNK, SqliteBus, load_event, parse_errors, row_to_stored, to_i64, to_u64,
 };
-use crate::bus::{BusError, Consumer, ConsumerSpec, Delivery, Settlement, StoredEvent};
+use crate::bus::{BusError, Consumer, ConsumerSpec, Delivery, Settled, Settlement, StoredEvent};
 use crate::clock::now_ms;
 use crate::pattern::Pattern;
 
@@ -311,7 +311,11 @@ impl Consumer for SqliteConsumer {
         }
     }
 
-    async fn settle(&self, delivery: &Delivery, settlement: Settlement) -> Result<(), BusError> {
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        settlement: Settlement,
+    ) -> Result<Settled, BusError> {
         let seq = delivery.stored.sequence;
         let retry_due = match &settlement {
             Settlement::Retry { delay, .. } => {

@@ -24,7 +24,7 @@ use std::borrow::Cow;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{errors_json, storage, to_i64, to_u64};
-use crate::bus::{Appended, BusError, Fired, Settlement, StartPosition};
+use crate::bus::{Appended, BusError, Fired, Settled, Settlement, StartPosition};
 use crate::clock::{now_ms, now_us};
 use crate::effects::Effects;
 use crate::event::Event;
@@ -309,8 +309,13 @@ pub(super) fn move_cursor(conn: &Connection, plugin: &str, cursor: u64) -> rusql
     Ok(())
 }
 
-fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> Result<(), BusError> {
-    append_events(conn, &effects.emits).map_err(|e| match e {
+/// Stores an acknowledgement's effects; where each emitted event landed.
+fn apply_effects(
+    conn: &Connection,
+    plugin: &str,
+    effects: &Effects,
+) -> Result<Vec<Appended>, BusError> {
+    let appended = append_events(conn, &effects.emits).map_err(|e| match e {
         // The attempt saw an older stream than the one it would append to: run it again.
         BusError::VersionConflict(conflict) => BusError::Conflict(format!(
             "the stream of `{}` (expected at version {}, now {})",
@@ -321,7 +326,8 @@ fn apply_effects(conn: &Connection, plugin: &str, effects: &Effects) -> Result<(
     for id in &effects.cancels {
         exec(conn, "DELETE FROM scheduled WHERE id = ?1", [id]).map_err(storage)?;
     }
-    apply_kv_writes(conn, plugin, effects).map_err(storage)
+    apply_kv_writes(conn, plugin, effects).map_err(storage)?;
+    Ok(appended)
 }
 
 fn apply_kv_writes(conn: &Connection, plugin: &str, effects: &Effects) -> rusqlite::Result<()> {
@@ -414,11 +420,12 @@ pub(super) fn settle(
     is_retry: bool,
     cursor: u64,
     settlement: Settlement,
-) -> Result<(), BusError> {
+) -> Result<Settled, BusError> {
+    let mut settled = Settled::default();
     if let Settlement::Ack(effects) = &settlement {
         check_reads(conn, plugin, &effects.kv_reads)?;
         check_stream_and_schedule_reads(conn, effects)?;
-        apply_effects(conn, plugin, effects)?;
+        settled = Settled::of(&apply_effects(conn, plugin, effects)?);
     }
     let record = || -> rusqlite::Result<()> {
         let now = now_ms();
@@ -468,7 +475,8 @@ pub(super) fn settle(
         }
         Ok(())
     };
-    record().map_err(storage)
+    record().map_err(storage)?;
+    Ok(settled)
 }
 
 pub(super) fn replay(

@@ -36,7 +36,7 @@ use super::ops::{
 };
 use super::retention::{self, Candidate, Deleted};
 use super::{Durability, Inner, SqliteOptions, storage};
-use crate::bus::{Appended, BusError, Fired, Settlement, StartPosition};
+use crate::bus::{Appended, BusError, Fired, Settled, Settlement, StartPosition};
 use crate::event::Event;
 
 /// Page cache of the writer's connection, in KiB.
@@ -118,7 +118,7 @@ pub(super) struct SettleJob {
     /// The new cursor, for settlements of main-stream deliveries.
     pub(super) cursor: u64,
     pub(super) settlement: Settlement,
-    pub(super) reply: Reply<()>,
+    pub(super) reply: Reply<Settled>,
 }
 
 impl Job {
@@ -195,6 +195,7 @@ enum Answer {
     Count(Reply<u64>, Result<u64, BusError>),
     Deleted(Reply<Deleted>, Result<Deleted, BusError>),
     Fired(Reply<Fired>, Result<Fired, BusError>),
+    Settled(Reply<Settled>, Result<Settled, BusError>),
     Done(Reply<()>, Result<(), BusError>),
     Nothing,
 }
@@ -211,6 +212,7 @@ impl Answer {
             Answer::Count(reply, _) => Answer::Count(reply, Err(again())),
             Answer::Deleted(reply, _) => Answer::Deleted(reply, Err(again())),
             Answer::Fired(reply, _) => Answer::Fired(reply, Err(again())),
+            Answer::Settled(reply, _) => Answer::Settled(reply, Err(again())),
             Answer::Done(reply, _) => Answer::Done(reply, Err(again())),
             Answer::Nothing => Answer::Nothing,
         }
@@ -232,6 +234,9 @@ impl Answer {
                 let _ = reply.send(result);
             }
             Answer::Fired(reply, result) => {
+                let _ = reply.send(result);
+            }
+            Answer::Settled(reply, result) => {
                 let _ = reply.send(result);
             }
             Answer::Nothing => {}
@@ -379,7 +384,7 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let result = settle(savepoint, &plugin, seq, is_retry, cursor, settlement);
             let ok = result.is_ok();
             *wake |= ok && adds_events;
-            (Answer::Done(reply, result), ok)
+            (Answer::Settled(reply, result), ok)
         }
         Job::MoveCursor { plugin, cursor } => {
             let ok = move_cursor(savepoint, &plugin, cursor).is_ok();
@@ -472,7 +477,7 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
     let answer = match job {
         Job::Append { events, reply } => Answer::Appended(reply, Ok(Vec::new()), events.len()),
         Job::OpenCursor { reply, .. } => Answer::Position(reply, Ok(0)),
-        Job::Settle(job) => Answer::Done(job.reply, Ok(())),
+        Job::Settle(job) => Answer::Settled(job.reply, Ok(Settled::default())),
         Job::Replay { reply, .. }
         | Job::PutSchema { reply, .. }
         | Job::PutControl { reply, .. } => Answer::Count(reply, Ok(0)),
