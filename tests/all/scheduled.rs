@@ -33,6 +33,16 @@ pub(crate) async fn schedule(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The ids of a `GET /v1/scheduled` answer, soonest first.
+pub(crate) fn scheduled_ids(listed: &Value) -> Vec<&str> {
+    listed["scheduled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect()
+}
+
 /// How many times each event id is in the log.
 pub(crate) async fn count_in_log(host: &Host, id: &str) -> usize {
     host.log()
@@ -61,13 +71,7 @@ async fn a_scheduled_event_fires_once_on_time_and_a_cancelled_one_never(backend:
     assert_eq!(status, 202, "{body}");
     let listed = host.get_json("/v1/scheduled?type=reminder.due").await;
     assert_eq!(listed["pending"], 2, "{listed}");
-    let ids: Vec<&str> = listed["scheduled"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 2, "{listed}");
+    assert_eq!(scheduled_ids(&listed).len(), 2, "{listed}");
     let cancelled = host
         .http
         .delete(host.url("/v1/scheduled/cancelled"))

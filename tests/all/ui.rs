@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::on_both_backends;
-use crate::scheduled::{count_in_log, schedule};
+use crate::scheduled::{count_in_log, schedule, scheduled_ids};
 use crate::support::browser::{Browser, DESKTOP, PHONE};
 use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
@@ -398,13 +398,11 @@ async fn scheduled_events_are_listed_live_and_one_is_cancelled_from_the_page(bac
         .wait_text("#scheduled-summary", |t| t.starts_with("2 pending"))
         .await;
     let listed = host.get_json("/v1/scheduled").await;
-    let ids: Vec<&str> = listed["scheduled"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["reminder-1", "invoice-1"], "{listed}");
+    assert_eq!(
+        scheduled_ids(&listed),
+        ["reminder-1", "invoice-1"],
+        "{listed}"
+    );
 
     // Filtered by type.
     browser
