@@ -91,7 +91,7 @@ pub(super) fn message_id(event: &Event) -> String {
 }
 
 /// The attributes of an event, stored as one JSON line before the data bytes.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Envelope {
     id: String,
     source: String,
@@ -109,20 +109,41 @@ struct Envelope {
     extensions: BTreeMap<String, String>,
 }
 
+/// [`Envelope`] as it is written: borrowed from the event, in the same order.
+#[derive(Serialize)]
+struct EnvelopeRef<'e> {
+    id: &'e str,
+    source: &'e str,
+    #[serde(rename = "type")]
+    ty: &'e str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'e str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'e str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datacontenttype: Option<&'e str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataschema: Option<&'e str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    extensions: &'e BTreeMap<String, String>,
+}
+
 /// A message payload: the envelope's JSON (which never holds a raw newline), `\n`, then
 /// the data bytes as they are.
 pub(super) fn encode_event(event: &Event) -> Bytes {
-    let envelope = Envelope {
-        id: event.id.clone(),
-        source: event.source.clone(),
-        ty: event.ty.clone(),
-        subject: event.subject.clone(),
-        time: event.time.clone(),
-        datacontenttype: event.datacontenttype.clone(),
-        dataschema: event.dataschema.clone(),
-        extensions: event.extensions.clone(),
+    let envelope = EnvelopeRef {
+        id: &event.id,
+        source: &event.source,
+        ty: &event.ty,
+        subject: event.subject.as_deref(),
+        time: event.time.as_deref(),
+        datacontenttype: event.datacontenttype.as_deref(),
+        dataschema: event.dataschema.as_deref(),
+        extensions: &event.extensions,
     };
-    let mut payload = serde_json::to_vec(&envelope).unwrap_or_default();
+    let mut payload = Vec::with_capacity(256 + event.data.len());
+    // Writing strings and a map of strings into a vector cannot fail.
+    let _ = serde_json::to_writer(&mut payload, &envelope);
     payload.push(b'\n');
     payload.extend_from_slice(&event.data);
     Bytes::from(payload)

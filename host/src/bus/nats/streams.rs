@@ -243,11 +243,10 @@ impl Shared {
         events: &[Event],
         watched: bool,
     ) -> Result<Vec<Appended>, BusError> {
-        for event in events {
-            self.check_size(
-                || format!("event `{}`", event.id),
-                encode_event(event).len(),
-            )?;
+        // Encoded once: a plain event is published as checked.
+        let encoded: Vec<Bytes> = events.iter().map(encode_event).collect();
+        for (event, payload) in events.iter().zip(&encoded) {
+            self.check_size(|| format!("event `{}`", event.id), payload.len())?;
         }
         if events.len() > 1
             && events
@@ -258,11 +257,17 @@ impl Shared {
                 .store_atomically(events, watched, OnRepeat::EventByEvent)
                 .await;
         }
-        self.store_each(events, watched).await
+        self.store_each(events, &encoded, watched).await
     }
 
     /// Stores events one by one: plain ones without waiting for each other's answers.
-    async fn store_each(&self, events: &[Event], watched: bool) -> Result<Vec<Appended>, BusError> {
+    /// `encoded` holds the events' payloads when the caller has them (else none).
+    async fn store_each(
+        &self,
+        events: &[Event],
+        encoded: &[Bytes],
+        watched: bool,
+    ) -> Result<Vec<Appended>, BusError> {
         let mut answers: Vec<Option<Appended>> = vec![None; events.len()];
         let mut pending = Vec::new();
         for (index, event) in events.iter().enumerate() {
@@ -274,7 +279,11 @@ impl Shared {
                 continue;
             } else {
                 let subject = event_subject(&self.options.prefix, &event.ty);
-                (subject, self.plain_message(event, watched), None)
+                let payload = encoded
+                    .get(index)
+                    .cloned()
+                    .unwrap_or_else(|| encode_event(event));
+                (subject, Self::plain_message(event, payload, watched), None)
             };
             let ack = self
                 .jetstream
@@ -295,9 +304,9 @@ impl Shared {
         Ok(answers.into_iter().flatten().collect())
     }
 
-    fn plain_message(&self, event: &Event, watched: bool) -> PublishMessage {
+    fn plain_message(event: &Event, payload: Bytes, watched: bool) -> PublishMessage {
         let mut publish = PublishMessage::build()
-            .payload(encode_event(event))
+            .payload(payload)
             .message_id(message_id(event));
         if watched {
             publish = publish.header(messages::WATCHED, "1");
@@ -527,7 +536,7 @@ impl Shared {
                     // A repeat of a batch that got through meets its own events: a batch
                     // is stored whole, so one of its events stored means all of them.
                     if self.is_stored_repeat(&logged, &conflict).await? {
-                        return self.store_each(events, watched).await;
+                        return self.store_each(events, &[], watched).await;
                     }
                     return Err(BusError::VersionConflict(conflict));
                 }
@@ -546,7 +555,7 @@ impl Shared {
                     if on_repeat == OnRepeat::Done {
                         return Ok(Vec::new());
                     }
-                    return self.store_each(events, watched).await;
+                    return self.store_each(events, &[], watched).await;
                 }
                 Err(BatchError::Storage(error)) => return Err(error),
             }
@@ -573,7 +582,7 @@ impl Shared {
             .filter(|e| e.extensions.contains_key(DELIVER_AT))
             .cloned()
             .collect();
-        let mut scheduled_answers = self.store_each(&scheduled, watched).await?.into_iter();
+        let mut scheduled_answers = self.store_each(&scheduled, &[], watched).await?.into_iter();
         let answers = events
             .iter()
             .filter_map(|event| {
@@ -696,7 +705,7 @@ impl Shared {
             .into_iter()
             .filter(|e| e.extensions.contains_key(DELIVER_AT))
             .collect();
-        self.store_each(&scheduled, false).await?;
+        self.store_each(&scheduled, &[], false).await?;
         for id in &record.cancels {
             self.cancel(id).await?;
         }
