@@ -260,7 +260,15 @@ class Bug extends Error {}
 
 function run(handle, event, delivery) {
   try {
-    handle(new Event(event, delivery));
+    const result = handle(new Event(event, delivery));
+    // The call ends before any promise settles: an async handler's outcome, and a
+    // `Retry` or `Reject` it throws, would be lost and the event acknowledged.
+    if (result !== null && typeof result === "object" && typeof result.then === "function") {
+      throw new TypeError(
+        "handle returned a Promise: handlers are synchronous (no `async`, no `await`), " +
+          "and the outcome of a promise would be lost",
+      );
+    }
     return undefined;
   } catch (error) {
     const failure = outcome(error);

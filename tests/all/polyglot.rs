@@ -135,7 +135,7 @@ async fn python_and_javascript_handlers_are_contained_and_their_failures_readabl
         );
     }
     for kind in [
-        "retry", "reject", "crash", "loop", "file", "socket", "fetch", "stdio",
+        "retry", "reject", "crash", "loop", "file", "socket", "fetch", "stdio", "async",
     ] {
         assert_eq!(
             host.send(&format!("probe.{kind}"), kind, json!({})).await,
@@ -208,6 +208,26 @@ async fn python_and_javascript_handlers_are_contained_and_their_failures_readabl
         .await;
     assert!(socket.contains("Error"), "{socket}");
     assert_ne!(socket, "allowed");
+    // A JavaScript handler that returns a promise is a bug, not an acknowledgement: its
+    // writes are not committed.
+    let returned_promise = dead_letter(&host, "js", "async").await;
+    assert_eq!(
+        returned_promise["errors"][0]["kind"], "trap",
+        "{returned_promise}"
+    );
+    assert!(
+        returned_promise["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|error| error["kind"] == "trap"
+                && error["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("handle returned a Promise: handlers are synchronous")),
+        "{returned_promise}"
+    );
+    assert_eq!(host.kv("js", "async").await, None);
     // JavaScript's fetch never leaves the host.
     host.wait_for("js's fetch attempt", WAIT, || async {
         host.kv("js", "fetch-started").await

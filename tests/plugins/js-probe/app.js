@@ -8,6 +8,7 @@
 // - `json`: decodes a list of `{"n": …}` objects and stores their count and sum at KV `json`.
 // - `emit-options`: emits with every option of the contract (see the test).
 // - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
+// - `async`: writes KV `async`, then returns a promise that would throw `Retry`.
 import { handler as define, kv, emit, Retry, Reject } from "./switchyard.js";
 
 export const { handler, batchHandler } = define({
@@ -53,6 +54,12 @@ export const { handler, batchHandler } = define({
     } else if (kind === "stdio") {
       console.log("hello from javascript");
       kv.setJson("stdio", { time: Date.now(), random: [Math.random(), Math.random()] });
+    } else if (kind === "async") {
+      kv.set("async", "written");
+      return (async () => {
+        await null;
+        throw new Retry("too late to be seen");
+      })();
     }
   },
 });
