@@ -208,26 +208,19 @@ async fn python_and_javascript_handlers_are_contained_and_their_failures_readabl
         .await;
     assert!(socket.contains("Error"), "{socket}");
     assert_ne!(socket, "allowed");
-    // A JavaScript handler that returns a promise is a bug, not an acknowledgement: its
-    // writes are not committed.
-    let returned_promise = dead_letter(&host, "js", "async").await;
-    assert_eq!(
-        returned_promise["errors"][0]["kind"], "trap",
-        "{returned_promise}"
-    );
-    assert!(
-        returned_promise["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|error| error["kind"] == "trap"
-                && error["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("handle returned a Promise: handlers are synchronous")),
-        "{returned_promise}"
-    );
-    assert_eq!(host.kv("js", "async").await, None);
+    // A handler that returns a promise or a coroutine is a bug, not an acknowledgement:
+    // its writes are not committed.
+    for (plugin, what) in [("py", "a coroutine"), ("js", "a Promise")] {
+        let returned = dead_letter(&host, plugin, "async").await;
+        let expected = format!("handle returned {what}: handlers are synchronous");
+        assert!(
+            returned["errors"].as_array().unwrap().iter().all(|error| {
+                error["kind"] == "trap" && error["message"].as_str().unwrap().contains(&expected)
+            }),
+            "{returned}"
+        );
+        assert_eq!(host.kv(plugin, "async").await, None);
+    }
     // JavaScript's fetch never leaves the host.
     host.wait_for("js's fetch attempt", WAIT, || async {
         host.kv("js", "fetch-started").await

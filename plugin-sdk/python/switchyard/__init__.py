@@ -273,7 +273,16 @@ def _run(function: HandlerFunction, event: _types.Event, delivery: _types.Delive
     """Runs the handler and returns its outcome. A bug propagates: the runtime prints its
     traceback to stderr, where the host reads it when the call traps."""
     try:
-        function(Event(event, delivery))
+        result = function(Event(event, delivery))
+        if hasattr(result, "__await__"):
+            # Nothing runs a coroutine after the call: an `async def` handler's outcome,
+            # and a `Retry` or `Reject` it raises, would be lost and the event acknowledged.
+            if hasattr(result, "close"):
+                result.close()
+            raise TypeError(
+                "handle returned a coroutine: handlers are synchronous (no `async def`, no "
+                "`await`), and the outcome of a coroutine would be lost"
+            )
     except Retry as e:
         return _types.HandlerError_Retry(str(e) or "retry")
     except Reject as e:

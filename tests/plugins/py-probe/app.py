@@ -9,6 +9,7 @@
 - `json`: decodes a list of `{"n": …}` objects and stores their count and sum at KV `json`.
 - `emit-options`: emits with every option of the contract (see the test).
 - `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
+- `async`: writes KV `async`, then returns a coroutine that would raise `Retry`.
 """
 
 import datetime
@@ -74,3 +75,10 @@ def handle(event: Event) -> None:
     elif kind == "stdio":
         print("hello from python")
         kv.set_json("stdio", {"time": time.time(), "random": [random.random(), random.random()]})
+    elif kind == "async":
+        kv.set("async", "written")
+
+        async def later():
+            raise Retry("too late to be seen")
+
+        return later()
