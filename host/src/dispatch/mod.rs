@@ -894,9 +894,8 @@ async fn settle_group(context: Arc<Context>, group: Vec<(Delivery, Called)>) {
     let committed_at = now_us();
     for ((delivery, called), result) in group.into_iter().zip(results) {
         let stored = match result {
-            Ok(stored) => Ok(stored),
             Err(BusError::Closed) => Ok(Settled::default()),
-            Err(error) => Err(error),
+            other => other,
         };
         match stored {
             Ok(stored) => {
