@@ -472,7 +472,63 @@ async fn kv_writes_with_a_stream_condition_commit_together_or_are_refused(backen
     }
 }
 
+async fn a_stream_whose_events_aged_out_goes_on_from_its_version(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.config(
+        "[log]\nretention_interval = \"100ms\"\n\n\
+         [[log.retention]]\ntypes = \">\"\nmax_age = \"1s\"\n",
+    );
+    host.start();
+    for (i, expected) in [None, Some(1)].into_iter().enumerate() {
+        let id = format!("c{i}");
+        let (status, body) = append(
+            &host,
+            "account.credited",
+            &id,
+            "acct-9",
+            expected,
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(versions(&host, "acct-9").await, [1, 2]);
+    // The embedded log keeps its newest event whatever its age: let it be another's.
+    let (status, body) = append(&host, "account.opened", "o1", "acct-10", None, json!({})).await;
+    assert_eq!(status, 202, "{body}");
+
+    let page = host
+        .wait_for(
+            "the stream's events to age out",
+            Duration::from_secs(30),
+            || async {
+                let page = host.get_json("/v1/streams/acct-9?limit=10").await;
+                (page["events"].as_array().map(Vec::len) == Some(0)).then_some(page)
+            },
+        )
+        .await;
+    assert_eq!(page["version"], 2, "{page}");
+
+    // Its versions go on: the stream still exists, at version 2.
+    let (status, body) = append(&host, "account.opened", "o2", "acct-9", Some(0), json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["details"]["currentversion"], 2);
+    let (status, body) = append(&host, "account.debited", "d1", "acct-9", Some(2), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"][0]["streamversion"], 3);
+    let (status, body) = append(&host, "account.debited", "d2", "acct-9", None, json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"][0]["streamversion"], 4);
+    // A producer's retry of a stored append is answered as the duplicate it is.
+    let (status, body) = append(&host, "account.debited", "d2", "acct-9", None, json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"][0]["duplicate"], true, "{body}");
+    assert_eq!(body["accepted"][0]["streamversion"], 4);
+    assert_eq!(versions(&host, "acct-9").await, [3, 4]);
+}
+
 crate::on_both_backends!(
+    a_stream_whose_events_aged_out_goes_on_from_its_version,
     kv_writes_with_a_stream_condition_commit_together_or_are_refused,
     stream_versions_are_dense_and_stale_appends_are_refused,
     the_last_seats_go_to_exactly_as_many_reservations_as_fit,

@@ -138,7 +138,7 @@ pub(super) struct Conditional {
 }
 
 impl Conditional {
-    fn headers(&self) -> HeaderMap {
+    pub(super) fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
         if let Some(expected) = self.expected {
             headers.insert(

@@ -49,6 +49,13 @@ pub(super) fn stream_filter(prefix: &str, subject: &str) -> String {
     format!("{prefix}.streams.{}.>", subject_token(subject))
 }
 
+/// Where a CloudEvents subject's stream keeps its newest version, `P.heads.<token>`: one
+/// message per subject (each replaces the one before) that `max_age` never removes, so a
+/// stream whose events all aged out goes on from its version.
+pub(super) fn stream_head_subject(prefix: &str, subject: &str) -> String {
+    format!("{prefix}.heads.{}", subject_token(subject))
+}
+
 /// The subject of an event with a CloudEvents subject: `P.streams.<token>.` and the
 /// type's words, so its stream is one wildcard and its type still filters.
 pub(super) fn stream_event_subject(prefix: &str, subject: &str, ty: &str) -> String {

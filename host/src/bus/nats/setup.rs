@@ -145,6 +145,8 @@ async fn open_streams(
             // are atomic batches; their commit records and guards expire by TTL.
             allow_atomic_publish: true,
             allow_message_ttl: true,
+            // A subject's head message replaces the one before (`Nats-Rollup: sub`).
+            allow_rollup: true,
             ..stream_defaults(options)
         },
     )
@@ -183,11 +185,13 @@ async fn open_streams(
 }
 
 /// The subjects of the event stream: events without and with a CloudEvents subject,
-/// replays, conditional commit records and their stream guards.
+/// the heads of subject streams, replays, conditional commit records and their stream
+/// guards.
 fn event_subjects(prefix: &str) -> Vec<String> {
     vec![
         format!("{prefix}.events.>"),
         format!("{prefix}.streams.>"),
+        format!("{prefix}.heads.*"),
         format!("{prefix}.replay.*"),
         format!("{prefix}.commits.>"),
         format!("{prefix}.guards"),
@@ -239,6 +243,7 @@ async fn ensure_stream(
                 || current.allow_direct != config.allow_direct
                 || current.allow_atomic_publish != config.allow_atomic_publish
                 || current.allow_message_ttl != config.allow_message_ttl
+                || current.allow_rollup != config.allow_rollup
                 || current.allow_message_schedules != config.allow_message_schedules;
             if differs {
                 jetstream.update_stream(&config).await.map_err(|error| {

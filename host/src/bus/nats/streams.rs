@@ -11,6 +11,12 @@
 //! tried again on the new head, or refused as a [`VersionConflict`] when the event
 //! expected a version.
 //!
+//! Every append also writes its stream's head, `P.heads.<token>` (its newest version), in
+//! the same atomic batch: `Nats-Rollup: sub` keeps one message per subject, and
+//! `Nats-TTL: never` keeps it past the stream's `max_age`. A stream whose events all aged
+//! out is empty under its wildcard; its version is then the head's, so versions are never
+//! used twice. (A stream written before heads existed has none until its next append.)
+//!
 //! Storing events ([`Shared::store_events`]):
 //! - one with `deliverat` goes to the schedules (see `schedules.rs`);
 //! - a batch holding an expected version is one atomic batch (every condition checked
@@ -30,9 +36,8 @@
 //! ([`Shared::commit_conditional`]), so a redelivery after a crash finishes the commit
 //! instead of running the handler again, as KV commits do (`commit.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
@@ -45,7 +50,7 @@ use futures_util::StreamExt as _;
 use super::commit::{BatchError, COMMIT_RECORD_AGE, CommitRecord, Conditional, publish_batch};
 use super::messages::{
     self, STREAM_VERSION, decode_event, encode_event, event_subject, header, message_id,
-    stream_filter, subject_of, subject_token,
+    stream_filter, stream_head_subject, subject_of, subject_token,
 };
 use super::{Shared, compare_and_set_failed, nats_error, next_message};
 use crate::bus::{Appended, BusError, Settled};
@@ -64,12 +69,13 @@ const STREAM_READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs
 /// ones through an ordered consumer.
 const DIRECT_READS: usize = 16;
 
-/// The newest message of a subject's stream.
+/// Where a subject's stream stands.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Head {
-    /// Its sequence in the event stream; 0 when the stream is empty.
+    /// The sequence of its newest event in the event stream; 0 when none is kept.
     pub(super) sequence: u64,
-    /// Its stream version; 0 when the stream is empty.
+    /// Its newest version: that event's, or, when its events aged out, its head
+    /// message's; 0 for a stream never written.
     pub(super) version: u64,
 }
 
@@ -105,27 +111,62 @@ struct Planned {
 }
 
 impl Shared {
-    /// The newest message of the stream whose wildcard is `filter`.
-    pub(super) async fn stream_head(&self, filter: &str) -> Result<Head, BusError> {
-        let newest = if self.direct() {
-            match self.events.direct_get_last_for_subject(filter).await {
-                Ok(message) => Some(message),
-                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => None,
-                Err(error) => return Err(nats_error("reading a stream's head")(&error)),
+    /// Where `subject`'s stream stands: its newest event, or when none is kept, its head
+    /// message.
+    pub(super) async fn stream_head(&self, subject: &str) -> Result<Head, BusError> {
+        let prefix = &self.options.prefix;
+        if let Some(newest) = self.last_message(&stream_filter(prefix, subject)).await? {
+            return Ok(Head {
+                sequence: newest.sequence,
+                version: version_of(&newest),
+            });
+        }
+        let head = self
+            .last_message(&stream_head_subject(prefix, subject))
+            .await?;
+        Ok(Head {
+            sequence: 0,
+            version: head.map_or(0, |message| {
+                std::str::from_utf8(&message.payload)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .unwrap_or(0)
+            }),
+        })
+    }
+
+    /// The newest message of the event stream whose subject matches `subject`.
+    async fn last_message(&self, subject: &str) -> Result<Option<StreamMessage>, BusError> {
+        if self.direct() {
+            match self.events.direct_get_last_for_subject(subject).await {
+                Ok(message) => Ok(Some(message)),
+                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                Err(error) => Err(nats_error("reading a stream's head")(&error)),
             }
         } else {
-            match self.events.get_last_raw_message_by_subject(filter).await {
-                Ok(message) => Some(message),
+            match self.events.get_last_raw_message_by_subject(subject).await {
+                Ok(message) => Ok(Some(message)),
                 Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                    None
+                    Ok(None)
                 }
-                Err(error) => return Err(nats_error("reading a stream's head")(&error)),
+                Err(error) => Err(nats_error("reading a stream's head")(&error)),
             }
-        };
-        Ok(newest.map_or_else(Head::default, |message| Head {
-            sequence: message.sequence,
-            version: version_of(&message),
-        }))
+        }
+    }
+
+    /// The message that makes `version` the head of `subject`'s stream, sent last in the
+    /// batch that appends it.
+    fn head_message(&self, subject: &str, version: u64) -> Conditional {
+        Conditional {
+            subject: stream_head_subject(&self.options.prefix, subject),
+            payload: Bytes::from(version.to_string()),
+            expected: None,
+            condition_on: None,
+            headers: vec![
+                ("Nats-Rollup", "sub".to_owned()),
+                ("Nats-TTL", "never".to_owned()),
+            ],
+        }
     }
 
     /// The first message of the stream `filter` with a version of at least `version`, by
@@ -168,7 +209,7 @@ impl Shared {
         limit: usize,
     ) -> Result<StreamPage, BusError> {
         let filter = stream_filter(&self.options.prefix, subject);
-        let head = self.stream_head(&filter).await?;
+        let head = self.stream_head(subject).await?;
         let mut page = StreamPage {
             events: Vec::new(),
             version: head.version,
@@ -330,7 +371,7 @@ impl Shared {
         let expected = streams::expected_version(event).map_err(BusError::Invalid)?;
         let filter = stream_filter(&self.options.prefix, &subject);
         for _ in 0..APPEND_TRIES {
-            let head = self.stream_head(&filter).await?;
+            let head = self.stream_head(&subject).await?;
             if let Some(expected) = expected
                 && expected != head.version
             {
@@ -344,47 +385,90 @@ impl Shared {
                 }));
             }
             let version = head.version + 1;
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", message_id(event).as_str());
-            headers.insert(
-                "Nats-Expected-Last-Subject-Sequence",
-                head.sequence.to_string().as_str(),
-            );
-            headers.insert(
-                "Nats-Expected-Last-Subject-Sequence-Subject",
-                filter.as_str(),
-            );
-            headers.insert(STREAM_VERSION, version.to_string().as_str());
+            let mut headers = vec![
+                ("Nats-Msg-Id", message_id(event)),
+                (STREAM_VERSION, version.to_string()),
+            ];
             if watched {
-                headers.insert(messages::WATCHED, "1");
+                headers.push((messages::WATCHED, "1".to_owned()));
             }
-            let publish = PublishMessage::build()
-                .payload(encode_event(&Self::versioned(event, version)))
-                .headers(headers);
-            let answer = self
-                .jetstream
-                .send_publish(subject_of(&self.options.prefix, event), publish)
-                .await
-                .map_err(storage!("publishing an event"))?
-                .await;
-            match answer {
-                Ok(ack) if ack.duplicate => return self.duplicate_at(ack.sequence).await,
-                Ok(ack) => {
+            let batch = [
+                Conditional {
+                    subject: subject_of(&self.options.prefix, event),
+                    payload: encode_event(&Self::versioned(event, version)),
+                    expected: Some(head.sequence),
+                    condition_on: Some(filter.clone()),
+                    headers,
+                },
+                self.head_message(&subject, version),
+            ];
+            match publish_batch(&self.client, batch.iter()).await {
+                Ok(last) => {
                     return Ok(Appended {
-                        sequence: ack.sequence,
+                        // The batch's messages are stored in a row: the event, its head.
+                        sequence: last - 1,
                         duplicate: false,
                         stream_version: Some(version),
                         due_at_ms: None,
                     });
                 }
-                // Another append came first (or this one was stored before): look again.
-                Err(error) if wrong_last_sequence(&error) => {}
-                Err(error) => return Err(nats_error("storing an event")(&error)),
+                // Another append came first: look again.
+                Err(BatchError::Conflict) => {}
+                // The event was stored before: its copy alone is answered as the duplicate
+                // it is, with where it was stored.
+                Err(BatchError::Repeated) => {
+                    if let Some(appended) = self.publish_alone(&batch, version).await? {
+                        return Ok(appended);
+                    }
+                }
+                Err(BatchError::Storage(error)) => return Err(error),
             }
         }
         Err(BusError::Storage(format!(
             "the stream of `{subject}` kept moving: {APPEND_TRIES} appends came first"
         )))
+    }
+
+    /// Publishes an append's event without its head: the server answers a copy of an
+    /// event it holds as a duplicate with the copy's sequence, which a refused batch does
+    /// not tell. `None`: the stream moved since the head was read. (Should the dedupe
+    /// window have passed since the batch was refused, the event is stored here, on its
+    /// condition, and its head follows it.)
+    async fn publish_alone(
+        &self,
+        [appended, head]: &[Conditional; 2],
+        version: u64,
+    ) -> Result<Option<Appended>, BusError> {
+        let publish = |message: &Conditional| {
+            PublishMessage::build()
+                .payload(message.payload.clone())
+                .headers(message.headers())
+        };
+        let answer = self
+            .jetstream
+            .send_publish(appended.subject.clone(), publish(appended))
+            .await
+            .map_err(storage!("publishing an event"))?
+            .await;
+        match answer {
+            Ok(ack) if ack.duplicate => self.duplicate_at(ack.sequence).await.map(Some),
+            Ok(ack) => {
+                self.jetstream
+                    .send_publish(head.subject.clone(), publish(head))
+                    .await
+                    .map_err(storage!("publishing a stream's head"))?
+                    .await
+                    .map_err(storage!("storing a stream's head"))?;
+                Ok(Some(Appended {
+                    sequence: ack.sequence,
+                    duplicate: false,
+                    stream_version: Some(version),
+                    due_at_ms: None,
+                }))
+            }
+            Err(error) if wrong_last_sequence(&error) => Ok(None),
+            Err(error) => Err(nats_error("storing an event")(&error)),
+        }
     }
 
     /// The answer for an event found stored at `sequence` before.
@@ -441,7 +525,7 @@ impl Shared {
             return Ok(false);
         };
         let filter = stream_filter(&self.options.prefix, &conflict.subject);
-        let head = self.stream_head(&filter).await?;
+        let head = self.stream_head(&conflict.subject).await?;
         Ok(self
             .stored_after(&filter, event, conflict.expected, head)
             .await?
@@ -450,11 +534,15 @@ impl Shared {
 
     /// Plans `events` as one atomic batch: each stream event numbered after its stream's
     /// head (read now) and the events before it in the batch, the first of each stream
-    /// conditional on that head. Fails with the conflict of an expected version that
-    /// does not hold.
-    async fn plan_batch(&self, events: &[&Event], watched: bool) -> Result<Vec<Planned>, BusError> {
+    /// conditional on that head; then the new head of each stream, to send after the
+    /// events. Fails with the conflict of an expected version that does not hold.
+    async fn plan_batch(
+        &self,
+        events: &[&Event],
+        watched: bool,
+    ) -> Result<(Vec<Planned>, Vec<Conditional>), BusError> {
         let prefix = &self.options.prefix;
-        let mut heads: BTreeMap<String, (Head, u64)> = BTreeMap::new();
+        let mut heads: BTreeMap<&str, (Head, u64)> = BTreeMap::new();
         let mut planned = Vec::with_capacity(events.len());
         for event in events {
             let mut headers = vec![("Nats-Msg-Id", message_id(event))];
@@ -475,12 +563,12 @@ impl Shared {
                 continue;
             };
             let filter = stream_filter(prefix, subject);
-            let first = !heads.contains_key(&filter);
+            let first = !heads.contains_key(subject.as_str());
             if first {
-                let head = self.stream_head(&filter).await?;
-                heads.insert(filter.clone(), (head, head.version));
+                let head = self.stream_head(subject).await?;
+                heads.insert(subject, (head, head.version));
             }
-            let Some((head, running)) = heads.get_mut(&filter) else {
+            let Some((head, running)) = heads.get_mut(subject.as_str()) else {
                 continue;
             };
             if let Some(expected) = streams::expected_version(event).map_err(BusError::Invalid)?
@@ -501,13 +589,17 @@ impl Shared {
                     // The batch is applied whole or not at all: one condition per stream,
                     // on the head before the batch, covers its events after the first.
                     expected: first.then_some(head.sequence),
-                    condition_on: first.then(|| filter.clone()),
+                    condition_on: first.then_some(filter),
                     headers,
                 },
                 stream_version: Some(*running),
             });
         }
-        Ok(planned)
+        let new_heads = heads
+            .into_iter()
+            .map(|(subject, (_, version))| self.head_message(subject, version))
+            .collect();
+        Ok((planned, new_heads))
     }
 
     /// Stores `events` (a producer's batch) as one atomic batch; its scheduled events
@@ -522,10 +614,12 @@ impl Shared {
             .iter()
             .filter(|e| !e.extensions.contains_key(DELIVER_AT))
             .collect();
-        if logged.len() > MAX_BATCH_MESSAGES {
+        // Each event's stream adds its head to the batch.
+        let streams: BTreeSet<&str> = logged.iter().filter_map(|e| e.subject.as_deref()).collect();
+        if logged.len() + streams.len() > MAX_BATCH_MESSAGES {
             return Err(BusError::TooLarge {
                 what: "a batch of conditional appends".to_owned(),
-                bytes: logged.len(),
+                bytes: logged.len() + streams.len(),
                 limit: MAX_BATCH_MESSAGES,
             });
         }
@@ -542,11 +636,17 @@ impl Shared {
                 }
                 other => other?,
             };
+            let (planned, heads) = planned;
             let versions: Vec<Option<u64>> = planned.iter().map(|p| p.stream_version).collect();
-            let messages: Vec<Conditional> = planned.into_iter().map(|p| p.message).collect();
+            let messages: Vec<Conditional> = planned
+                .into_iter()
+                .map(|p| p.message)
+                .chain(heads.iter().cloned())
+                .collect();
             match publish_batch(&self.client, messages.iter()).await {
                 Ok(last) => {
-                    stored = Some((last, versions));
+                    // The heads follow the events.
+                    stored = Some((last - heads.len() as u64, versions));
                     break;
                 }
                 // A stream moved between the heads and the batch: plan again.
@@ -629,7 +729,7 @@ impl Shared {
             // was read: a guard message on it, conditional on its head.
             for read in &effects.stream_reads {
                 let filter = stream_filter(&self.options.prefix, &read.subject);
-                let head = self.stream_head(&filter).await?;
+                let head = self.stream_head(&read.subject).await?;
                 if head.version != read.version {
                     return Err(BusError::Conflict(format!(
                         "the stream of `{}` (read at version {}, now {})",
@@ -644,7 +744,7 @@ impl Shared {
                     headers: vec![("Nats-TTL", "60".to_owned())],
                 });
             }
-            let planned = match self.plan_batch(&logged, false).await {
+            let (planned, heads) = match self.plan_batch(&logged, false).await {
                 Err(BusError::VersionConflict(conflict)) => {
                     if self.finish_committed(plugin, sequence).await? {
                         return Ok(Settled::default());
@@ -672,6 +772,7 @@ impl Shared {
                     .collect(),
             };
             batch.extend(planned.into_iter().map(|p| p.message));
+            batch.extend(heads);
             if batch.len() > MAX_BATCH_MESSAGES {
                 return Err(BusError::TooLarge {
                     what: "the attempt's emits and stream reads".to_owned(),
