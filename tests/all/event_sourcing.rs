@@ -497,16 +497,7 @@ async fn a_stream_whose_events_aged_out_goes_on_from_its_version(backend: Backen
     let (status, body) = append(&host, "account.opened", "o1", "acct-10", None, json!({})).await;
     assert_eq!(status, 202, "{body}");
 
-    let page = host
-        .wait_for(
-            "the stream's events to age out",
-            Duration::from_secs(30),
-            || async {
-                let page = host.get_json("/v1/streams/acct-9?limit=10").await;
-                (page["events"].as_array().map(Vec::len) == Some(0)).then_some(page)
-            },
-        )
-        .await;
+    let page = aged_out(&host, "acct-9").await;
     assert_eq!(page["version"], 2, "{page}");
 
     // Its versions go on: the stream still exists, at version 2.
@@ -525,6 +516,29 @@ async fn a_stream_whose_events_aged_out_goes_on_from_its_version(backend: Backen
     assert_eq!(body["accepted"][0]["duplicate"], true, "{body}");
     assert_eq!(body["accepted"][0]["streamversion"], 4);
     assert_eq!(versions(&host, "acct-9").await, [3, 4]);
+
+    // The duplicate took no version: once these age out too, the stream goes on at 5.
+    let (status, body) = append(&host, "account.opened", "o3", "acct-11", None, json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(aged_out(&host, "acct-9").await["version"], 4);
+    let (status, body) = append(&host, "account.debited", "d3", "acct-9", None, json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"][0]["streamversion"], 5);
+}
+
+/// The page of `subject`'s stream once none of its events is kept.
+async fn aged_out(host: &Host, subject: &str) -> Value {
+    host.wait_for(
+        "the stream's events to age out",
+        Duration::from_secs(30),
+        || async {
+            let page = host
+                .get_json(&format!("/v1/streams/{subject}?limit=10"))
+                .await;
+            (page["events"].as_array().map(Vec::len) == Some(0)).then_some(page)
+        },
+    )
+    .await
 }
 
 crate::on_both_backends!(

@@ -11,11 +11,20 @@
 //! tried again on the new head, or refused as a [`VersionConflict`] when the event
 //! expected a version.
 //!
-//! Every append also writes its stream's head, `P.heads.<token>` (its newest version), in
-//! the same atomic batch: `Nats-Rollup: sub` keeps one message per subject, and
-//! `Nats-TTL: never` keeps it past the stream's `max_age`. A stream whose events all aged
-//! out is empty under its wildcard; its version is then the head's, so versions are never
-//! used twice. (A stream written before heads existed has none until its next append.)
+//! When the event stream has limits (`max_age`, `max_bytes`), its events can go, and a
+//! stream whose events all went is empty under its wildcard. Each append then also writes
+//! its stream's head, `P.heads.<token>`: the newest version, one message per subject
+//! (`Nats-Rollup: sub`) that `max_age` never removes (`Nats-TTL: never`). An empty stream
+//! takes its version from its head, so versions are never used twice:
+//! - a lone append sends the head just before its event, both on the condition that the
+//!   stream's newest event is still the one read (once moved on it never comes back), so
+//!   no event is stored without its head before it. A head whose event was refused
+//!   reserves a version no event took: the next append takes it while the stream has
+//!   events, and an append to an empty stream skips it (a gap, never a version used
+//!   twice). A resent copy, answered as a duplicate, puts the head back.
+//! - an atomic batch carries the heads of its streams after its events.
+//!
+//! A stream written before heads were kept has none until its next append.
 //!
 //! Storing events ([`Shared::store_events`]):
 //! - one with `deliverat` goes to the schedules (see `schedules.rs`);
@@ -39,7 +48,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream;
 use base64::Engine as _;
@@ -154,8 +163,23 @@ impl Shared {
         }
     }
 
-    /// The message that makes `version` the head of `subject`'s stream, sent last in the
-    /// batch that appends it.
+    /// Whether appends keep their streams' heads: only a stream whose events can go
+    /// (`max_age`, `max_bytes`) needs them.
+    fn keeps_heads(&self) -> bool {
+        self.options.max_age.is_some() || self.options.max_bytes.is_some()
+    }
+
+    /// The head message of a lone append: `version`, on the condition that the stream's
+    /// newest event is still the one `head` read.
+    fn stream_head_message(&self, subject: &str, version: u64, head: Head) -> Conditional {
+        Conditional {
+            expected: Some(head.sequence),
+            condition_on: Some(stream_filter(&self.options.prefix, subject)),
+            ..self.head_message(subject, version)
+        }
+    }
+
+    /// The message that makes `version` the head of `subject`'s stream.
     fn head_message(&self, subject: &str, version: u64) -> Conditional {
         Conditional {
             subject: stream_head_subject(&self.options.prefix, subject),
@@ -385,6 +409,15 @@ impl Shared {
                 }));
             }
             let version = head.version + 1;
+            // Both messages are conditional on the stream's newest event as read: once
+            // that has moved on it never comes back, so the head is refused whenever the
+            // event is, and the head, sent first, is stored first.
+            let reserved = if self.keeps_heads() {
+                let message = self.stream_head_message(&subject, version, head);
+                Some(self.publish(&message).await?)
+            } else {
+                None
+            };
             let mut headers = vec![
                 ("Nats-Msg-Id", message_id(event)),
                 (STREAM_VERSION, version.to_string()),
@@ -392,36 +425,49 @@ impl Shared {
             if watched {
                 headers.push((messages::WATCHED, "1".to_owned()));
             }
-            let batch = [
-                Conditional {
+            let appended = self
+                .publish(&Conditional {
                     subject: subject_of(&self.options.prefix, event),
                     payload: encode_event(&Self::versioned(event, version)),
                     expected: Some(head.sequence),
                     condition_on: Some(filter.clone()),
                     headers,
-                },
-                self.head_message(&subject, version),
-            ];
-            match publish_batch(&self.client, batch.iter()).await {
-                Ok(last) => {
+                })
+                .await?;
+            if let Some(reserved) = reserved {
+                match reserved.await {
+                    Ok(_) => {}
+                    Err(error) if wrong_last_sequence(&error) => {}
+                    Err(error) => return Err(nats_error("storing a stream's head")(&error)),
+                }
+            }
+            match appended.await {
+                Ok(ack) if ack.duplicate => {
+                    if self.keeps_heads() {
+                        // The head reserved a version this copy does not take: give the
+                        // head back the stream's (unless another append came since).
+                        let back = self.stream_head_message(&subject, head.version, head);
+                        match self.publish(&back).await?.await {
+                            Ok(_) => {}
+                            Err(error) if wrong_last_sequence(&error) => {}
+                            Err(error) => {
+                                return Err(nats_error("storing a stream's head")(&error));
+                            }
+                        }
+                    }
+                    return self.duplicate_at(ack.sequence).await;
+                }
+                Ok(ack) => {
                     return Ok(Appended {
-                        // The batch's messages are stored in a row: the event, its head.
-                        sequence: last - 1,
+                        sequence: ack.sequence,
                         duplicate: false,
                         stream_version: Some(version),
                         due_at_ms: None,
                     });
                 }
-                // Another append came first: look again.
-                Err(BatchError::Conflict) => {}
-                // The event was stored before: its copy alone is answered as the duplicate
-                // it is, with where it was stored.
-                Err(BatchError::Repeated) => {
-                    if let Some(appended) = self.publish_alone(&batch, version).await? {
-                        return Ok(appended);
-                    }
-                }
-                Err(BatchError::Storage(error)) => return Err(error),
+                // Another append came first (or this one was stored before): look again.
+                Err(error) if wrong_last_sequence(&error) => {}
+                Err(error) => return Err(nats_error("storing an event")(&error)),
             }
         }
         Err(BusError::Storage(format!(
@@ -429,46 +475,15 @@ impl Shared {
         )))
     }
 
-    /// Publishes an append's event without its head: the server answers a copy of an
-    /// event it holds as a duplicate with the copy's sequence, which a refused batch does
-    /// not tell. `None`: the stream moved since the head was read. (Should the dedupe
-    /// window have passed since the batch was refused, the event is stored here, on its
-    /// condition, and its head follows it.)
-    async fn publish_alone(
-        &self,
-        [appended, head]: &[Conditional; 2],
-        version: u64,
-    ) -> Result<Option<Appended>, BusError> {
-        let publish = |message: &Conditional| {
-            PublishMessage::build()
-                .payload(message.payload.clone())
-                .headers(message.headers())
-        };
-        let answer = self
-            .jetstream
-            .send_publish(appended.subject.clone(), publish(appended))
+    /// Sends one message to the event stream; the future answers once it is stored.
+    async fn publish(&self, message: &Conditional) -> Result<PublishAckFuture, BusError> {
+        let publish = PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(message.headers());
+        self.jetstream
+            .send_publish(message.subject.clone(), publish)
             .await
-            .map_err(storage!("publishing an event"))?
-            .await;
-        match answer {
-            Ok(ack) if ack.duplicate => self.duplicate_at(ack.sequence).await.map(Some),
-            Ok(ack) => {
-                self.jetstream
-                    .send_publish(head.subject.clone(), publish(head))
-                    .await
-                    .map_err(storage!("publishing a stream's head"))?
-                    .await
-                    .map_err(storage!("storing a stream's head"))?;
-                Ok(Some(Appended {
-                    sequence: ack.sequence,
-                    duplicate: false,
-                    stream_version: Some(version),
-                    due_at_ms: None,
-                }))
-            }
-            Err(error) if wrong_last_sequence(&error) => Ok(None),
-            Err(error) => Err(nats_error("storing an event")(&error)),
-        }
+            .map_err(storage!("publishing an event"))
     }
 
     /// The answer for an event found stored at `sequence` before.
@@ -595,10 +610,14 @@ impl Shared {
                 stream_version: Some(*running),
             });
         }
-        let new_heads = heads
-            .into_iter()
-            .map(|(subject, (_, version))| self.head_message(subject, version))
-            .collect();
+        let new_heads = if self.keeps_heads() {
+            heads
+                .into_iter()
+                .map(|(subject, (_, version))| self.head_message(subject, version))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok((planned, new_heads))
     }
 
@@ -614,12 +633,13 @@ impl Shared {
             .iter()
             .filter(|e| !e.extensions.contains_key(DELIVER_AT))
             .collect();
-        // Each event's stream adds its head to the batch.
+        // Each event's stream may add its head to the batch.
         let streams: BTreeSet<&str> = logged.iter().filter_map(|e| e.subject.as_deref()).collect();
-        if logged.len() + streams.len() > MAX_BATCH_MESSAGES {
+        let messages = logged.len() + if self.keeps_heads() { streams.len() } else { 0 };
+        if messages > MAX_BATCH_MESSAGES {
             return Err(BusError::TooLarge {
                 what: "a batch of conditional appends".to_owned(),
-                bytes: logged.len() + streams.len(),
+                bytes: messages,
                 limit: MAX_BATCH_MESSAGES,
             });
         }
