@@ -833,7 +833,7 @@ impl Config {
         let mut limits = stream_limits(&self.log.retention, self.log.max_bytes)
             .map_err(|e| ConfigError::invalid(&e.key, e.reason))?;
         if let Some(age) = self.bus.max_age {
-            if limits.max_age.is_some() || limits.keeps_forever {
+            if limits.max_age.is_some() || limits.keeps_forever || !limits.per_type.is_empty() {
                 return Err(ConfigError::invalid(
                     "bus.max_age",
                     "sets the event stream's age limit, which `[[log.retention]]` sets too: \
@@ -1448,10 +1448,26 @@ mod tests {
         assert_eq!(limits.max_age, Some(Duration::from_secs(86_400)));
         assert!(limits.warnings.is_empty());
 
+        // Rules that differ by type become each event's time to live.
+        let per_type = Config::parse(&format!(
+            "{nats}[[log.retention]]\ntypes = \"order.>\"\nmax_age = \"forever\"\n\
+             [[log.retention]]\ntypes = \">\"\nmax_age = \"1d\"\n"
+        ))
+        .unwrap()
+        .nats_stream_limits()
+        .unwrap();
+        assert_eq!(per_type.max_age, None);
+        assert_eq!(per_type.per_type.len(), 2);
+
         for (text, key) in [
             (
-                "[[log.retention]]\ntypes = \"order.>\"\nmax_age = \"forever\"\n",
-                "log.retention[0].types",
+                "[log]\nmax_bytes = \"1GiB\"\n[[log.retention]]\ntypes = \"order.>\"\n\
+                 max_age = \"forever\"\n[[log.retention]]\ntypes = \">\"\nmax_age = \"1d\"\n",
+                "log.max_bytes",
+            ),
+            (
+                "max_age = \"1d\"\n[[log.retention]]\ntypes = \"order.>\"\nmax_age = \"2d\"\n",
+                "bus.max_age",
             ),
             (
                 "max_age = \"1d\"\n[[log.retention]]\ntypes = \">\"\nmax_age = \"2d\"\n",

@@ -119,9 +119,13 @@ pub struct StreamLimits {
     pub max_age: Option<Duration>,
     /// The stream's `max_bytes`.
     pub max_bytes: Option<u64>,
-    /// Whether the settings keep every event forever (one `>` rule with
-    /// `max_age = "forever"`), so no other limit may be set.
+    /// Whether the settings keep some events forever (a rule with
+    /// `max_age = "forever"`), so no size limit may be set.
     pub keeps_forever: bool,
+    /// Rules that differ by type: each event is stored with the age of the first rule
+    /// that matches its type as its own time to live (`Nats-TTL`), and the stream has no
+    /// `max_age`. Empty when one rule covers every type (the stream's `max_age`).
+    pub per_type: Vec<RetentionRule>,
     /// Where JetStream will do something else than the embedded log would, in words
     /// for the host's log at start.
     pub warnings: Vec<String>,
@@ -137,66 +141,80 @@ pub struct UnmappableRule {
 }
 
 /// Maps `[[log.retention]]` rules and `[log] max_bytes` onto the limits of one JetStream
-/// stream. Every event type shares that stream, and JetStream's limits retention deletes
-/// at a limit whether or not consumers have acknowledged, so: per-type rules, and a
-/// `forever` rule beside a size limit, are refused; a limit that would delete events
-/// plugins have not settled is allowed with a warning unless the rule says
-/// `delete_unsettled = true`. Dead letters are copies in their own stream on NATS, so
-/// `delete_dead_lettered` has nothing to map to.
+/// stream, which every event type shares. One rule for every type (`types = ">"`) is the
+/// stream's `max_age`; rules that differ by type become each event's own time to live
+/// (`Nats-TTL`, set when the event is stored, so a rule changed later applies to events
+/// stored after it). JetStream's limits delete whether or not consumers have
+/// acknowledged, so: a `forever` rule beside a size limit is refused (the size limit
+/// drops the oldest messages whatever they are); an age or size limit that would delete
+/// events plugins have not settled is allowed with a warning unless every rule with an
+/// age says `delete_unsettled = true`. Dead letters are copies in their own stream on
+/// NATS, so `delete_dead_lettered` has nothing to map to.
 pub fn stream_limits(
     rules: &[RetentionRule],
     max_bytes: Option<u64>,
 ) -> Result<StreamLimits, UnmappableRule> {
-    const PER_TYPE: &str = "cannot be mapped onto NATS: every event type shares one \
-        JetStream stream, whose age and size limits cannot differ by type. On NATS give \
-        at most one rule, with `types = \">\"`";
-    if rules.len() > 1 {
-        return Err(UnmappableRule {
-            key: "log.retention[1]".to_owned(),
-            reason: PER_TYPE.to_owned(),
-        });
-    }
     let mut limits = StreamLimits {
         max_bytes,
         ..StreamLimits::default()
     };
-    let mut says_unsettled_may_go = false;
-    if let Some(rule) = rules.first() {
-        if rule.types.len() != 1 || rule.types.iter().any(|p| p.as_str() != ">") {
-            return Err(UnmappableRule {
-                key: "log.retention[0].types".to_owned(),
-                reason: PER_TYPE.to_owned(),
-            });
-        }
-        says_unsettled_may_go = rule.delete_unsettled;
-        match rule.max_age {
-            Keep::UntilFull => {}
-            Keep::For(age) => limits.max_age = Some(age),
-            Keep::Forever => {
-                if max_bytes.is_some() {
-                    return Err(UnmappableRule {
-                        key: "log.max_bytes".to_owned(),
-                        reason: "cannot be honoured on NATS beside a rule that keeps every \
-                                 type forever: JetStream deletes the oldest events at the \
-                                 stream's size limit whatever keeps them"
-                            .to_owned(),
-                    });
-                }
-                limits.keeps_forever = true;
+    if let Some(index) = rules.iter().position(|rule| rule.max_age == Keep::Forever)
+        && max_bytes.is_some()
+    {
+        return Err(UnmappableRule {
+            key: "log.max_bytes".to_owned(),
+            reason: format!(
+                "cannot be honoured on NATS beside `log.retention[{index}]`, which keeps its \
+                 types forever: JetStream deletes the oldest events at the stream's size \
+                 limit whatever keeps them"
+            ),
+        });
+    }
+    limits.keeps_forever = rules.iter().any(|rule| rule.max_age == Keep::Forever);
+    let ages_apply = rules
+        .iter()
+        .any(|rule| matches!(rule.max_age, Keep::For(_)));
+    // Every rule whose events a limit may delete says that unsettled ones may go.
+    let says_unsettled_may_go = !rules.is_empty()
+        && rules
+            .iter()
+            .filter(|rule| match rule.max_age {
+                Keep::For(_) => true,
+                Keep::UntilFull => max_bytes.is_some(),
+                Keep::Forever => false,
+            })
+            .all(|rule| rule.delete_unsettled);
+    match rules {
+        [rule] if rule.types.iter().any(|p| p.as_str() == ">") => {
+            if let Keep::For(age) = rule.max_age {
+                limits.max_age = Some(age);
             }
         }
+        [] => {}
+        _ => limits.per_type = rules.to_vec(),
     }
-    if (limits.max_age.is_some() || limits.max_bytes.is_some()) && !says_unsettled_may_go {
+    if (ages_apply || limits.max_bytes.is_some()) && !says_unsettled_may_go {
         limits.warnings.push(
             "on NATS the event stream's limits (retention max_age, max_bytes) delete events \
              whether or not every plugin has settled them (JetStream limits retention), \
              where the embedded log keeps unsettled events; a plugin further behind than \
-             the limits misses what they delete. Set `delete_unsettled = true` on the \
-             `[[log.retention]]` rule to say this is intended"
+             the limits misses what they delete. Set `delete_unsettled = true` on each \
+             `[[log.retention]]` rule whose events a limit may delete to say this is \
+             intended"
                 .to_owned(),
         );
     }
     Ok(limits)
+}
+
+/// The time to live an event of `event_type` is stored with on NATS under rules that
+/// differ by type: its rule's age in whole seconds (at least one, the server's least),
+/// or none when its rule keeps it (forever, or until the size limit) or no rule matches.
+pub fn message_ttl(per_type: &[RetentionRule], event_type: &str) -> Option<u64> {
+    match rule_for(per_type, event_type)?.max_age {
+        Keep::For(age) => Some(age.as_secs_f64().ceil().max(1.0) as u64),
+        Keep::Forever | Keep::UntilFull => None,
+    }
 }
 
 /// serde `deserialize_with` helpers for the rule's keys and `[log]`'s.
@@ -371,25 +389,51 @@ mod tests {
         assert!(stream_limits(&explicit, None).unwrap().warnings.is_empty());
         assert_eq!(stream_limits(&[], None).unwrap(), StreamLimits::default());
 
-        let per_type = parse("[[rule]]\ntypes = \"order.>\"\nmax_age = \"forever\"\n").unwrap();
-        let error = stream_limits(&per_type, None).unwrap_err();
-        assert_eq!(error.key, "log.retention[0].types");
-        assert!(
-            error.reason.contains("one JetStream stream"),
-            "{}",
-            error.reason
-        );
-        let two = parse("[[rule]]\ntypes = \">\"\n[[rule]]\ntypes = \">\"\n").unwrap();
-        assert_eq!(
-            stream_limits(&two, None).unwrap_err().key,
-            "log.retention[1]"
-        );
-
         let forever = parse("[[rule]]\ntypes = \">\"\nmax_age = \"forever\"\n").unwrap();
         assert!(stream_limits(&forever, None).unwrap().keeps_forever);
         assert_eq!(
             stream_limits(&forever, Some(1 << 20)).unwrap_err().key,
             "log.max_bytes"
         );
+    }
+
+    #[test]
+    fn on_nats_rules_that_differ_by_type_become_each_events_time_to_live() {
+        let rules = parse(
+            "[[rule]]\ntypes = [\"account.>\", \"order.>\"]\nmax_age = \"forever\"\n\
+             [[rule]]\ntypes = \"metrics.>\"\nmax_age = \"1500ms\"\ndelete_unsettled = true\n\
+             [[rule]]\ntypes = \"audit.>\"\n\
+             [[rule]]\ntypes = \">\"\nmax_age = \"7d\"\ndelete_unsettled = true\n",
+        )
+        .unwrap();
+        let limits = stream_limits(&rules, None).unwrap();
+        assert_eq!(limits.max_age, None, "the ages are the events' own");
+        assert!(limits.keeps_forever);
+        assert_eq!(limits.per_type, rules);
+        assert!(limits.warnings.is_empty(), "{:?}", limits.warnings);
+        let ttl = |ty| message_ttl(&limits.per_type, ty);
+        assert_eq!(ttl("account.opened"), None);
+        assert_eq!(ttl("metrics.cpu"), Some(2), "whole seconds, rounded up");
+        assert_eq!(ttl("audit.login"), None, "kept until the size limit");
+        assert_eq!(ttl("payment.completed"), Some(7 * 86_400));
+        assert_eq!(
+            message_ttl(&limits.per_type[..1], "payment.completed"),
+            None
+        );
+
+        // A size limit drops the oldest messages whatever keeps them.
+        let error = stream_limits(&rules, Some(1 << 30)).unwrap_err();
+        assert_eq!(error.key, "log.max_bytes");
+        assert!(
+            error.reason.contains("log.retention[0]"),
+            "{}",
+            error.reason
+        );
+
+        // An age that would delete unsettled events without saying so is warned about.
+        let silent = parse("[[rule]]\ntypes = \"metrics.>\"\nmax_age = \"1h\"\n").unwrap();
+        let limits = stream_limits(&silent, None).unwrap();
+        assert_eq!(limits.per_type, silent);
+        assert_eq!(limits.warnings.len(), 1);
     }
 }

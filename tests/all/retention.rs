@@ -4,8 +4,8 @@
 //! and a type kept forever survives; a plugin added afterwards with `start = "earliest"`
 //! starts at the oldest event kept.
 //!
-//! Retention is the embedded log's: on NATS the same settings are the event stream's
-//! limits, checked by the config's unit tests.
+//! Rules that differ by type hold on both backends: on NATS each event is stored with
+//! its rule's age as its own time to live.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::guests::Guest;
-use crate::support::host::Host;
+use crate::support::host::{Backend, Host};
 
 /// `[log] max_bytes`.
 const MAX_BYTES: u64 = 8 << 20;
@@ -292,3 +292,35 @@ async fn a_small_max_bytes_bounds_the_file_and_keeps_what_is_unsettled_or_kept_f
     let late = host.status("late").await.unwrap();
     assert_eq!(late["failed"], 0, "{late}");
 }
+
+/// A type kept forever, a type kept a second, and a type no rule matches.
+async fn ages_by_type_keep_each_type_as_long_as_its_rule_says(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.config(
+        "[log]\nretention_interval = \"100ms\"\n\n\
+         [[log.retention]]\ntypes = \"ledger.>\"\nmax_age = \"forever\"\n\n\
+         [[log.retention]]\ntypes = \"tick.>\"\nmax_age = \"1s\"\ndelete_unsettled = true\n",
+    );
+    host.start();
+    let events: Vec<Value> = ["ledger.entry", "tick.a", "note.added", "tick.b"]
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| {
+            json!({"specversion": "1.0", "id": format!("r{i}"), "source": "/retention",
+                   "type": ty, "data": {}})
+        })
+        .collect();
+    let response = host.send_batch(&Value::Array(events)).await;
+    assert_eq!(response.status(), 202);
+    // The embedded log keeps its newest event whatever its age: let it be a kept one.
+    assert_eq!(host.send("note.added", "r4", json!({})).await, 202);
+
+    host.wait_for("the ticks to age out", Duration::from_secs(30), || async {
+        ids_in_log(&host, "tick.>").await.is_empty().then_some(())
+    })
+    .await;
+    let kept: Vec<String> = ids_in_log(&host, ">").await.into_iter().collect();
+    assert_eq!(kept, ["r0", "r2", "r4"]);
+}
+
+crate::on_both_backends!(ages_by_type_keep_each_type_as_long_as_its_rule_says);

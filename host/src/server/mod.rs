@@ -189,6 +189,7 @@ async fn open_bus(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc
                     replicas: bus.replicas,
                     max_age: limits.max_age,
                     max_bytes: limits.max_bytes,
+                    per_type_retention: limits.per_type,
                     duplicate_window: bus.duplicate_window,
                     ack_wait: bus.ack_wait,
                 })

@@ -110,6 +110,9 @@ pub struct NatsOptions {
     pub max_age: Option<Duration>,
     /// Most bytes the stream keeps.
     pub max_bytes: Option<u64>,
+    /// Retention rules that differ by type: each event's own time to live
+    /// ([`crate::retention::message_ttl`]); empty when `max_age` covers every type.
+    pub per_type_retention: Vec<crate::retention::RetentionRule>,
     /// How long a resent `(source, id)` is recognised.
     pub duplicate_window: Duration,
     /// How long a delivery may go without word before another host gets it.

@@ -65,6 +65,7 @@ use super::{Shared, compare_and_set_failed, nats_error, next_message};
 use crate::bus::{Appended, BusError, Settled};
 use crate::effects::Effects;
 use crate::event::Event;
+use crate::retention::message_ttl;
 use crate::schedule::DELIVER_AT;
 use crate::stream::{self as streams, EXPECTED_VERSION, StreamPage, VersionConflict};
 
@@ -164,9 +165,11 @@ impl Shared {
     }
 
     /// Whether appends keep their streams' heads: only a stream whose events can go
-    /// (`max_age`, `max_bytes`) needs them.
+    /// (`max_age`, `max_bytes`, ages by type) needs them.
     fn keeps_heads(&self) -> bool {
-        self.options.max_age.is_some() || self.options.max_bytes.is_some()
+        self.options.max_age.is_some()
+            || self.options.max_bytes.is_some()
+            || !self.options.per_type_retention.is_empty()
     }
 
     /// The head message of a lone append: `version`, on the condition that the stream's
@@ -348,7 +351,7 @@ impl Shared {
                     .get(index)
                     .cloned()
                     .unwrap_or_else(|| encode_event(event));
-                (subject, Self::plain_message(event, payload, watched), None)
+                (subject, self.plain_message(event, payload, watched), None)
             };
             let ack = self
                 .jetstream
@@ -369,14 +372,24 @@ impl Shared {
         Ok(answers.into_iter().flatten().collect())
     }
 
-    fn plain_message(event: &Event, payload: Bytes, watched: bool) -> PublishMessage {
+    fn plain_message(&self, event: &Event, payload: Bytes, watched: bool) -> PublishMessage {
         let mut publish = PublishMessage::build()
             .payload(payload)
             .message_id(message_id(event));
         if watched {
             publish = publish.header(messages::WATCHED, "1");
         }
+        if let Some((name, value)) = self.time_to_live(&event.ty) {
+            publish = publish.header(name, value);
+        }
         publish
+    }
+
+    /// The `Nats-TTL` header of an event of `event_type`, when its retention rule ages
+    /// it and the rules differ by type.
+    pub(super) fn time_to_live(&self, event_type: &str) -> Option<(&'static str, String)> {
+        message_ttl(&self.options.per_type_retention, event_type)
+            .map(|seconds| ("Nats-TTL", seconds.to_string()))
     }
 
     /// The event as its stream stores it: its version set, its condition taken off.
@@ -425,6 +438,7 @@ impl Shared {
             if watched {
                 headers.push((messages::WATCHED, "1".to_owned()));
             }
+            headers.extend(self.time_to_live(&event.ty));
             let appended = self
                 .publish(&Conditional {
                     subject: subject_of(&self.options.prefix, event),
@@ -564,6 +578,7 @@ impl Shared {
             if watched {
                 headers.push((messages::WATCHED, "1".to_owned()));
             }
+            headers.extend(self.time_to_live(&event.ty));
             let Some(subject) = &event.subject else {
                 planned.push(Planned {
                     message: Conditional {
