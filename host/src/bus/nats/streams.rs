@@ -18,7 +18,8 @@
 //! takes its version from its head, so versions are never used twice:
 //! - a lone append sends the head just before its event, both on the condition that the
 //!   stream's newest event is still the one read (once moved on it never comes back), so
-//!   no event is stored without its head before it. A head whose event was refused
+//!   no event is stored without its head before it (should the server fail the head
+//!   alone, it follows the event). A head whose event was refused
 //!   reserves a version no event took: the next append takes it while the stream has
 //!   events, and an append to an empty stream skips it (a gap, never a version used
 //!   twice). A resent copy, answered as a duplicate, puts the head back.
@@ -448,30 +449,30 @@ impl Shared {
                     headers,
                 })
                 .await?;
-            if let Some(reserved) = reserved {
-                match reserved.await {
-                    Ok(_) => {}
-                    Err(error) if wrong_last_sequence(&error) => {}
-                    Err(error) => return Err(nats_error("storing a stream's head")(&error)),
-                }
-            }
+            // A head refused on its condition goes with an event refused too.
+            let head_lost = match reserved {
+                Some(reserved) => reserved.await.is_err_and(|e| !wrong_last_sequence(&e)),
+                None => false,
+            };
             match appended.await {
                 Ok(ack) if ack.duplicate => {
                     if self.keeps_heads() {
                         // The head reserved a version this copy does not take: give the
-                        // head back the stream's (unless another append came since).
-                        let back = self.stream_head_message(&subject, head.version, head);
-                        match self.publish(&back).await?.await {
-                            Ok(_) => {}
-                            Err(error) if wrong_last_sequence(&error) => {}
-                            Err(error) => {
-                                return Err(nats_error("storing a stream's head")(&error));
-                            }
-                        }
+                        // head back the stream's.
+                        self.put_head(&subject, head.version, head).await?;
                     }
                     return self.duplicate_at(ack.sequence).await;
                 }
                 Ok(ack) => {
+                    if head_lost {
+                        // Stored without the head sent before it (the server failed that
+                        // one): the head follows it, while it is the stream's newest.
+                        let stored = Head {
+                            sequence: ack.sequence,
+                            version,
+                        };
+                        self.put_head(&subject, version, stored).await?;
+                    }
                     return Ok(Appended {
                         sequence: ack.sequence,
                         duplicate: false,
@@ -487,6 +488,17 @@ impl Shared {
         Err(BusError::Storage(format!(
             "the stream of `{subject}` kept moving: {APPEND_TRIES} appends came first"
         )))
+    }
+
+    /// Makes `version` the head of `subject`'s stream if `newest` is still its newest
+    /// event (otherwise a later append has written a newer head).
+    async fn put_head(&self, subject: &str, version: u64, newest: Head) -> Result<(), BusError> {
+        let message = self.stream_head_message(subject, version, newest);
+        match self.publish(&message).await?.await {
+            Ok(_) => Ok(()),
+            Err(error) if wrong_last_sequence(&error) => Ok(()),
+            Err(error) => Err(nats_error("storing a stream's head")(&error)),
+        }
     }
 
     /// Sends one message to the event stream; the future answers once it is stored.
