@@ -11,18 +11,18 @@
 //! tried again on the new head, or refused as a [`VersionConflict`] when the event
 //! expected a version.
 //!
-//! When the event stream has limits (`max_age`, `max_bytes`), its events can go, and a
-//! stream whose events all went is empty under its wildcard. Each append then also writes
-//! its stream's head, `P.heads.<token>`: the newest version, one message per subject
-//! (`Nats-Rollup: sub`) that `max_age` never removes (`Nats-TTL: never`). An empty stream
-//! takes its version from its head, so versions are never used twice:
+//! When events can go (the stream's `max_age` or `max_bytes`, or retention ages by
+//! type), a stream whose events all went is empty under its wildcard. Each append then
+//! also writes its stream's head, `P.heads.<token>`: the newest version, one message per
+//! subject (`Nats-Rollup: sub`) that `max_age` never removes (`Nats-TTL: never`). An
+//! empty stream takes its version from its head, so versions are never used twice:
 //! - a lone append sends the head just before its event, both on the condition that the
 //!   stream's newest event is still the one read (once moved on it never comes back), so
 //!   no event is stored without its head before it (should the server fail the head
-//!   alone, it follows the event). A head whose event was refused
-//!   reserves a version no event took: the next append takes it while the stream has
-//!   events, and an append to an empty stream skips it (a gap, never a version used
-//!   twice). A resent copy, answered as a duplicate, puts the head back.
+//!   alone, it follows the event). A head whose event was refused reserves a version no
+//!   event took: the next append takes it while the stream has events, and an append to
+//!   an empty stream skips it (a gap, never a version used twice). A resent copy,
+//!   answered as a duplicate, puts the head back.
 //! - an atomic batch carries the heads of its streams after its events.
 //!
 //! A stream written before heads were kept has none until its next append.
