@@ -1456,7 +1456,7 @@ mod tests {
         .unwrap()
         .nats_stream_limits()
         .unwrap();
-        assert_eq!(per_type.max_age, None);
+        assert_eq!(per_type.max_age, Some(Duration::from_secs(86_400)));
         assert_eq!(per_type.per_type.len(), 2);
 
         for (text, key) in [

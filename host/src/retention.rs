@@ -122,9 +122,9 @@ pub struct StreamLimits {
     /// Whether the settings keep some events forever (a rule with
     /// `max_age = "forever"`), so no size limit may be set.
     pub keeps_forever: bool,
-    /// Rules that differ by type: each event is stored with the age of the first rule
-    /// that matches its type as its own time to live (`Nats-TTL`), and the stream has no
-    /// `max_age`. Empty when one rule covers every type (the stream's `max_age`).
+    /// Rules that differ by type: each event is stored with its own time to live
+    /// ([`message_ttl`]), and the stream's `max_age` is the longest age of a rule, which
+    /// ages out what was stored before. Empty when one rule covers every type.
     pub per_type: Vec<RetentionRule>,
     /// Where JetStream will do something else than the embedded log would, in words
     /// for the host's log at start.
@@ -191,7 +191,16 @@ pub fn stream_limits(
             }
         }
         [] => {}
-        _ => limits.per_type = rules.to_vec(),
+        _ => {
+            limits.per_type = rules.to_vec();
+            limits.max_age = rules
+                .iter()
+                .filter_map(|rule| match rule.max_age {
+                    Keep::For(age) => Some(age),
+                    Keep::Forever | Keep::UntilFull => None,
+                })
+                .max();
+        }
     }
     if (ages_apply || limits.max_bytes.is_some()) && !says_unsettled_may_go {
         limits.warnings.push(
@@ -207,14 +216,20 @@ pub fn stream_limits(
     Ok(limits)
 }
 
-/// The time to live an event of `event_type` is stored with on NATS under rules that
-/// differ by type: its rule's age in whole seconds (at least one, the server's least),
-/// or none when its rule keeps it (forever, or until the size limit) or no rule matches.
-pub fn message_ttl(per_type: &[RetentionRule], event_type: &str) -> Option<u64> {
-    match rule_for(per_type, event_type)?.max_age {
-        Keep::For(age) => Some(age.as_secs_f64().ceil().max(1.0) as u64),
-        Keep::Forever | Keep::UntilFull => None,
+/// The time to live (`Nats-TTL`) an event of `event_type` is stored with on NATS under
+/// rules that differ by type (none without them): its rule's age in whole seconds (at
+/// least one, the server's least), or `never` when its rule keeps it (forever, or until
+/// the size limit) or no rule matches, which exempts it from the stream's `max_age`.
+pub fn message_ttl(per_type: &[RetentionRule], event_type: &str) -> Option<String> {
+    if per_type.is_empty() {
+        return None;
     }
+    Some(
+        match rule_for(per_type, event_type).map(|rule| rule.max_age) {
+            Some(Keep::For(age)) => (age.as_secs_f64().ceil().max(1.0) as u64).to_string(),
+            Some(Keep::Forever | Keep::UntilFull) | None => "never".to_owned(),
+        },
+    )
 }
 
 /// serde `deserialize_with` helpers for the rule's keys and `[log]`'s.
@@ -407,19 +422,27 @@ mod tests {
         )
         .unwrap();
         let limits = stream_limits(&rules, None).unwrap();
-        assert_eq!(limits.max_age, None, "the ages are the events' own");
+        // The events' own ages; the longest ages out what was stored before.
+        assert_eq!(limits.max_age, Some(Duration::from_secs(7 * 86_400)));
         assert!(limits.keeps_forever);
         assert_eq!(limits.per_type, rules);
         assert!(limits.warnings.is_empty(), "{:?}", limits.warnings);
         let ttl = |ty| message_ttl(&limits.per_type, ty);
-        assert_eq!(ttl("account.opened"), None);
-        assert_eq!(ttl("metrics.cpu"), Some(2), "whole seconds, rounded up");
-        assert_eq!(ttl("audit.login"), None, "kept until the size limit");
-        assert_eq!(ttl("payment.completed"), Some(7 * 86_400));
+        assert_eq!(ttl("account.opened").as_deref(), Some("never"));
         assert_eq!(
-            message_ttl(&limits.per_type[..1], "payment.completed"),
-            None
+            ttl("metrics.cpu").as_deref(),
+            Some("2"),
+            "whole seconds, rounded up"
         );
+        assert_eq!(
+            ttl("audit.login").as_deref(),
+            Some("never"),
+            "kept until the size limit"
+        );
+        assert_eq!(ttl("payment.completed"), Some((7 * 86_400).to_string()));
+        let unmatched = message_ttl(&limits.per_type[..1], "payment.completed");
+        assert_eq!(unmatched.as_deref(), Some("never"), "no rule: no age limit");
+        assert_eq!(message_ttl(&[], "payment.completed"), None);
 
         // A size limit drops the oldest messages whatever keeps them.
         let error = stream_limits(&rules, Some(1 << 30)).unwrap_err();
@@ -434,6 +457,7 @@ mod tests {
         let silent = parse("[[rule]]\ntypes = \"metrics.>\"\nmax_age = \"1h\"\n").unwrap();
         let limits = stream_limits(&silent, None).unwrap();
         assert_eq!(limits.per_type, silent);
+        assert_eq!(limits.max_age, Some(Duration::from_secs(3600)));
         assert_eq!(limits.warnings.len(), 1);
     }
 }

@@ -386,11 +386,9 @@ impl Shared {
         publish
     }
 
-    /// The `Nats-TTL` header of an event of `event_type`, when its retention rule ages
-    /// it and the rules differ by type.
+    /// The `Nats-TTL` header of an event of `event_type` when retention differs by type.
     pub(super) fn time_to_live(&self, event_type: &str) -> Option<(&'static str, String)> {
-        message_ttl(&self.options.per_type_retention, event_type)
-            .map(|seconds| ("Nats-TTL", seconds.to_string()))
+        message_ttl(&self.options.per_type_retention, event_type).map(|ttl| ("Nats-TTL", ttl))
     }
 
     /// The event as its stream stores it: its version set, its condition taken off.
