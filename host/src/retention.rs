@@ -143,13 +143,14 @@ pub struct UnmappableRule {
 /// Maps `[[log.retention]]` rules and `[log] max_bytes` onto the limits of one JetStream
 /// stream, which every event type shares. One rule for every type (`types = ">"`) is the
 /// stream's `max_age`; rules that differ by type become each event's own time to live
-/// (`Nats-TTL`, set when the event is stored, so a rule changed later applies to events
-/// stored after it). JetStream's limits delete whether or not consumers have
-/// acknowledged, so: a `forever` rule beside a size limit is refused (the size limit
-/// drops the oldest messages whatever they are); an age or size limit that would delete
-/// events plugins have not settled is allowed with a warning unless every rule with an
-/// age says `delete_unsettled = true`. Dead letters are copies in their own stream on
-/// NATS, so `delete_dead_lettered` has nothing to map to.
+/// ([`message_ttl`], set when the event is stored, so a rule changed later applies to
+/// events stored after it) under the longest of their ages as the stream's. JetStream's
+/// limits delete whether or not consumers have acknowledged, so: a `forever` rule beside
+/// a size limit is refused (the size limit drops the oldest messages whatever they
+/// are); an age or size limit that would delete events plugins have not settled is
+/// allowed with a warning unless every rule whose events it may delete says
+/// `delete_unsettled = true`. Dead letters are copies in their own stream on NATS, so
+/// `delete_dead_lettered` has nothing to map to.
 pub fn stream_limits(
     rules: &[RetentionRule],
     max_bytes: Option<u64>,
