@@ -198,15 +198,13 @@ impl DeadLetters for NatsBus {
         let mut replayed = 0;
         for letter in letters {
             let subject = format!("{}.replay.{}", self.shared.options.prefix, letter.plugin);
-            let mut publish = PublishMessage::build()
+            let publish = PublishMessage::build()
                 .payload(encode_event(&letter.stored.event))
                 .message_id(format!("replay-{}", letter.id))
                 .header(REPLAY_OF, letter.stored.sequence.to_string())
                 .header(INGESTED_AT, letter.stored.ingested_at_us.to_string());
             // A replay is kept as long as an event of its type.
-            if let Some((name, value)) = self.shared.time_to_live(&letter.stored.event.ty) {
-                publish = publish.header(name, value);
-            }
+            let publish = self.shared.aged(publish, &letter.stored.event.ty);
             self.shared
                 .jetstream
                 .send_publish(subject, publish)

@@ -380,14 +380,20 @@ impl Shared {
         if watched {
             publish = publish.header(messages::WATCHED, "1");
         }
-        if let Some((name, value)) = self.time_to_live(&event.ty) {
-            publish = publish.header(name, value);
+        self.aged(publish, &event.ty)
+    }
+
+    /// `publish` with the `Nats-TTL` of an event of `event_type` when retention differs
+    /// by type.
+    pub(super) fn aged(&self, publish: PublishMessage, event_type: &str) -> PublishMessage {
+        match self.time_to_live(event_type) {
+            Some((name, value)) => publish.header(name, value),
+            None => publish,
         }
-        publish
     }
 
     /// The `Nats-TTL` header of an event of `event_type` when retention differs by type.
-    pub(super) fn time_to_live(&self, event_type: &str) -> Option<(&'static str, String)> {
+    fn time_to_live(&self, event_type: &str) -> Option<(&'static str, String)> {
         message_ttl(&self.options.per_type_retention, event_type).map(|ttl| ("Nats-TTL", ttl))
     }
 
@@ -670,7 +676,7 @@ impl Shared {
         }
         let mut stored = None;
         for _ in 0..APPEND_TRIES {
-            let planned = match self.plan_batch(&logged, watched).await {
+            let (planned, heads) = match self.plan_batch(&logged, watched).await {
                 Err(BusError::VersionConflict(conflict)) if on_repeat == OnRepeat::EventByEvent => {
                     // A repeat of a batch that got through meets its own events: a batch
                     // is stored whole, so one of its events stored means all of them.
@@ -681,17 +687,17 @@ impl Shared {
                 }
                 other => other?,
             };
-            let (planned, heads) = planned;
+            let heads_sent = heads.len() as u64;
             let versions: Vec<Option<u64>> = planned.iter().map(|p| p.stream_version).collect();
             let messages: Vec<Conditional> = planned
                 .into_iter()
                 .map(|p| p.message)
-                .chain(heads.iter().cloned())
+                .chain(heads)
                 .collect();
             match publish_batch(&self.client, messages.iter()).await {
                 Ok(last) => {
                     // The heads follow the events.
-                    stored = Some((last - heads.len() as u64, versions));
+                    stored = Some((last - heads_sent, versions));
                     break;
                 }
                 // A stream moved between the heads and the batch: plan again.
