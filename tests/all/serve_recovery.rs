@@ -107,6 +107,52 @@ async fn a_graceful_restart_loses_and_repeats_nothing() {
     assert_all_handled_once(&host, &acked).await;
 }
 
+/// A second host started on a running host's data directory would deliver every event
+/// again: it is refused before it listens, naming the log and the running host, which goes
+/// on serving. A host killed with SIGKILL leaves its lock file behind but not its lock.
+#[tokio::test]
+async fn a_second_host_on_the_same_log_is_refused_and_a_killed_hosts_lock_is_released() {
+    let mut host = Host::new();
+    host.plugin("counter", Guest::Hostile, Some(COUNTER));
+    host.start();
+    let mut acked = send_stream(&host, "l1", 20).await;
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+        .arg(host.plugins_dir())
+        .arg("--data")
+        .arg(host.data_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("a second host started on a log another host holds");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(second.stdout.is_empty(), "it never listened: {stderr}");
+    let pid = host.pid().unwrap();
+    assert!(
+        stderr.contains(&format!("is in use by another process (pid {pid})")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("switchyard.db"), "{stderr}");
+    acked.extend(send_stream(&host, "l2", 20).await);
+    host.kill();
+    assert!(host.data_dir().join("switchyard.db.lock").exists());
+    host.start();
+    acked.extend(send_stream(&host, "l3", 20).await);
+    assert_eq!(acked.len(), 60);
+    assert_all_handled_once(&host, &acked).await;
+}
+
 /// The crash test's two subscribers: each records every `crash.*` event under its tag.
 pub(crate) fn crash_counter(tag: &str) -> String {
     format!(

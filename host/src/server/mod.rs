@@ -4,6 +4,9 @@
 //! HTTP is served by `http` (hyper, with a header timeout). Shutdown order: stop
 //! accepting HTTP requests and finish the ones in flight (their appends commit), stop the dispatchers and let in-flight invocations finish and settle
 //! within `shutdown_grace`, then close the bus so the last commits are durable.
+//!
+//! On the embedded log the host takes the log's lock first and holds it until it stops,
+//! so a second host started on the same data directory is refused before it starts.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -18,7 +21,7 @@ use self::http::serve_http;
 use crate::bus::Bus;
 use crate::bus::nats::{NatsBus, NatsOptions};
 use crate::bus::sqlite::{
-    Durability, RetentionObserver, RetentionOptions, SqliteBus, SqliteOptions,
+    Durability, RetentionObserver, RetentionOptions, SqliteBus, SqliteOptions, lock_log,
 };
 use crate::config::{BusKind, Config, Synchronous};
 use crate::dispatch::valve::Valves;
@@ -37,6 +40,13 @@ pub const COMPILE_CACHE_DIR: &str = "compile-cache";
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let config = Arc::new(config);
+    // Held until the host stops, before anything is compiled or started.
+    let _log_lock = match config.bus.kind {
+        BusKind::Embedded => Some(
+            lock_log(&config.data_dir.join(DATABASE_FILE)).context("opening the embedded log")?,
+        ),
+        BusKind::Nats => None,
+    };
     let cache_dir = std::path::absolute(config.data_dir.join(COMPILE_CACHE_DIR))
         .context("locating the data directory")?;
     let runtime = Runtime::new(RuntimeConfig {

@@ -45,6 +45,7 @@
 //! - `controls.rs`: the [`ControlStore`](super::ControlStore) impl (table `controls`);
 //! - `dead_letters.rs`: the [`DeadLetters`](super::DeadLetters) impl;
 //! - `kv.rs`: the [`KvSource`](crate::kv::KvSource) impl (KV, stream and schedule reads);
+//! - `lock.rs`: the lock that keeps a second host off the log file;
 //! - `schedules.rs`: the [`Schedules`](super::Schedules) impl;
 //! - `schemas.rs`: the [`SchemaStore`](super::SchemaStore) impl (table `schemas`) and
 //!   the process's settlement notices;
@@ -55,6 +56,7 @@ mod consumer;
 mod controls;
 mod dead_letters;
 mod kv;
+mod lock;
 mod ops;
 mod retention;
 mod schedules;
@@ -71,6 +73,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::lock::{LogLock, lock_log};
 pub use self::retention::{NoObserver, RetentionObserver, RetentionOptions};
 
 use self::consumer::SqliteConsumer;
