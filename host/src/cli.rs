@@ -247,6 +247,28 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Save a consistent copy of a running host's embedded log to a file, taken while it
+    /// serves and checked before it is kept.
+    Backup {
+        /// The file to write; refused if it exists.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// Where the host is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Put a backup in place of a data directory's embedded log; no host may be serving
+    /// that directory. Start `switchyard serve` on it afterwards.
+    Restore {
+        /// The backup file (from `switchyard backup`).
+        file: PathBuf,
+        /// The data directory.
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
+        /// Replace a log that is already there; it is kept beside it, renamed.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Create a plugin project that builds with one command: a handler, a README, and
     /// for Python and JavaScript the SDK and the contract's WIT.
     New {
@@ -413,6 +435,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             request(&client, method, &path, None).await
         }
         Command::Status { client } => status::status(&client).await,
+        Command::Backup { output, client } => backup(&client, &output).await,
+        Command::Restore {
+            file,
+            data,
+            replace,
+        } => {
+            let log = data.join(crate::server::DATABASE_FILE);
+            let (summary, kept) = tokio::task::spawn_blocking(move || {
+                crate::bus::sqlite::restore_backup(&file, &log, replace)
+            })
+            .await
+            .context("restoring")??;
+            if let Some(kept) = kept {
+                println!("the log that was there is kept as {}", kept.display());
+            }
+            println!(
+                "restored {} events (last sequence {}) into {}; start `switchyard serve --data {}`",
+                summary.events,
+                summary.last_sequence,
+                data.display(),
+                data.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::New {
             name,
             lang,
@@ -484,10 +530,16 @@ async fn request(
         }
         return Ok(ExitCode::SUCCESS);
     }
+    api_error(status, &text)
+}
+
+/// Prints an API error answer: its message, and its details when it has any.
+fn api_error(status: reqwest::StatusCode, text: &str) -> anyhow::Result<ExitCode> {
+    let json: Option<serde_json::Value> = serde_json::from_str(text).ok();
     let message = json
         .as_ref()
         .and_then(|j| j["error"]["message"].as_str())
-        .map_or(text.clone(), str::to_owned);
+        .map_or_else(|| text.to_owned(), str::to_owned);
     eprintln!("error: {status}: {message}");
     if let Some(details) = json
         .as_ref()
@@ -497,6 +549,70 @@ async fn request(
         eprintln!("{}", serde_json::to_string_pretty(details)?);
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// `switchyard backup`: fetches a copy of the host's log into `OUTPUT.partial`, checks
+/// it is a whole log, then renames it to `output`, so a file at `output` is always whole.
+async fn backup(client: &ClientArgs, output: &Path) -> anyhow::Result<ExitCode> {
+    use tokio::io::AsyncWriteExt as _;
+
+    if output.exists() {
+        anyhow::bail!("{} already exists; choose another file", output.display());
+    }
+    let (url, builder) = client.request(reqwest::Method::GET, "/v1/backup");
+    let mut response = builder
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        return api_error(status, &text);
+    }
+    let mut name = output.as_os_str().to_owned();
+    name.push(".partial");
+    let partial = PathBuf::from(name);
+    let received = async {
+        let mut file = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        while let Some(chunk) = response.chunk().await.context("receiving the backup")? {
+            file.write_all(&chunk)
+                .await
+                .with_context(|| format!("cannot write {}", partial.display()))?;
+        }
+        file.sync_all()
+            .await
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        let checked = partial.clone();
+        tokio::task::spawn_blocking(move || crate::bus::sqlite::inspect_backup(&checked))
+            .await
+            .context("checking the backup")?
+            .map_err(anyhow::Error::from)
+    }
+    .await;
+    let summary = match received {
+        Ok(summary) => summary,
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
+    std::fs::rename(&partial, output).with_context(|| {
+        format!(
+            "cannot rename {} to {}",
+            partial.display(),
+            output.display()
+        )
+    })?;
+    println!(
+        "backed up {} events (last sequence {}), {} bytes, to {}",
+        summary.events,
+        summary.last_sequence,
+        summary.bytes,
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `switchyard send` sets besides the type and data.

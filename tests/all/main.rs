@@ -7,6 +7,7 @@
 
 mod support;
 
+mod backup;
 mod batches;
 mod check_cli;
 mod cloudevents_sdk;

@@ -59,6 +59,9 @@ pub enum BusError {
     /// The bus is shutting down.
     #[error("the bus is shut down")]
     Closed,
+    /// This bus does not do what was asked; the text says what to do instead.
+    #[error("{0}")]
+    Unsupported(String),
     /// The thing asked for does not exist.
     #[error("{0} not found")]
     NotFound(String),
@@ -320,6 +323,15 @@ pub trait Bus:
 
     /// Makes everything committed so far durable and stops the writer.
     async fn close(&self) -> Result<(), BusError>;
+
+    /// A consistent copy of everything the bus keeps, taken while it serves: an open file
+    /// that no directory lists, and its size in bytes. A bus whose store is a server of
+    /// its own is backed up with that server's tools ([`BusError::Unsupported`]).
+    async fn backup(&self) -> Result<(std::fs::File, u64), BusError> {
+        Err(BusError::Unsupported(
+            "this bus keeps no file of its own to back up".into(),
+        ))
+    }
 }
 
 impl From<BusError> for KvError {

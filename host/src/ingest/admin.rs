@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::controls::DeliveryView;
+use super::error::code;
 use super::{ApiError, ApiQuery, AppState, cloudevents};
 use crate::bus::{
     Breaker, BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView,
@@ -543,6 +544,44 @@ pub(super) async fn delete_dead_letter(
 ) -> Result<Response, ApiError> {
     state.bus.delete_dead_letter(id).await.map_err(bus_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v1/backup`: a consistent copy of the embedded log, taken while the host serves,
+/// as an SQLite file (`switchyard backup` fetches, checks and saves it). On NATS
+/// JetStream the server keeps everything and its own tools back it up: `409`.
+pub(super) async fn backup(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let (file, bytes) = state.bus.backup().await.map_err(|error| match error {
+        BusError::Unsupported(why) => ApiError::new(StatusCode::CONFLICT, code::CONFLICT, why),
+        other => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            code::INTERNAL,
+            format!("the backup failed: {other}"),
+        ),
+    })?;
+    let chunks =
+        futures_util::stream::try_unfold(tokio::fs::File::from_std(file), |mut file| async move {
+            let mut chunk = vec![0; 256 << 10];
+            let read = tokio::io::AsyncReadExt::read(&mut file, &mut chunk).await?;
+            if read == 0 {
+                return Ok::<_, std::io::Error>(None);
+            }
+            chunk.truncate(read);
+            Ok(Some((bytes::Bytes::from(chunk), file)))
+        });
+    let name = format!(
+        "attachment; filename=\"switchyard-{}.db\"",
+        crate::clock::now_rfc3339().replace(':', "-")
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/vnd.sqlite3".to_owned()),
+            (header::CONTENT_LENGTH, bytes.to_string()),
+            (header::CONTENT_DISPOSITION, name),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 /// `GET /healthz`: the process is up.

@@ -362,6 +362,15 @@ impl Bus for NatsBus {
         })
     }
 
+    async fn backup(&self) -> Result<(std::fs::File, u64), BusError> {
+        Err(BusError::Unsupported(format!(
+            "this host runs on NATS JetStream, which keeps the events, KV and dead letters: \
+             back up the server's streams with the NATS tools (`nats account backup`, or \
+             `nats stream backup` for each stream named `{prefix}-…` or `KV_{prefix}-…`)",
+            prefix = self.shared.options.prefix
+        )))
+    }
+
     async fn close(&self) -> Result<(), BusError> {
         self.shared
             .client

@@ -34,6 +34,7 @@
 //! they succeed or die.
 //!
 //! Files:
+//! - `backup.rs`: consistent copies of the log while it serves, and restoring one;
 //! - `mod.rs`: the options, [`SqliteBus`] with its read pool, the [`Bus`] impl, and what
 //!   the other files share (storage errors, integer conversions, event rows, the
 //!   encoding of attempt errors);
@@ -52,6 +53,7 @@
 //! - `retention.rs`: the retention worker (deleting old events, giving space back) and
 //!   the SQL of its writer jobs.
 
+mod backup;
 mod consumer;
 mod controls;
 mod dead_letters;
@@ -73,6 +75,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::backup::{BackupSummary, inspect_backup, restore_backup};
 pub use self::lock::{LogLock, lock_log};
 pub use self::retention::{NoObserver, RetentionObserver, RetentionOptions};
 
@@ -185,6 +188,7 @@ impl SqliteBus {
         if let Some(dir) = options.path.parent() {
             check_writable(dir)?;
         }
+        backup::remove_stale_copies(&options.path);
         let conn = open_connection(&options.path, options.durability).map_err(|e| {
             BusError::Storage(format!("cannot open {}: {e}", options.path.display()))
         })?;
@@ -429,6 +433,10 @@ impl Bus for SqliteBus {
             })
         })
         .await
+    }
+
+    async fn backup(&self) -> Result<(std::fs::File, u64), BusError> {
+        self.backup_file().await
     }
 
     async fn close(&self) -> Result<(), BusError> {

@@ -19,7 +19,7 @@ use crate::bus::BusError;
 
 /// The layout version kept in `PRAGMA user_version`; a log of another version is refused
 /// rather than misread.
-const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (

@@ -1,0 +1,184 @@
+//! Backups of the embedded log: a consistent copy taken while the host serves, checked
+//! before it is trusted, and put in place of a data directory's log by a restore.
+//!
+//! Invariants:
+//! - A copy is one read transaction of the log (`VACUUM INTO`): it holds every commit up
+//!   to one point and nothing after it, while the writer goes on committing beside it.
+//! - The copy is written next to the log (same file system, so a full disk says so
+//!   early) under a name of its own, opened, and unlinked before it is handed out: the
+//!   caller reads an anonymous file that disappears with its handle. A host that dies
+//!   mid-copy leaves `<log>.backup-*`, which the next open of the log removes.
+//! - A file is trusted as a backup only if SQLite's `integrity_check` passes and it has
+//!   this host's layout version.
+//! - A restore replaces a log only under the log's lock (no host serves it), keeps the
+//!   log it replaces with its WAL beside it, and renames the copy into place only once it
+//!   is whole on disk.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::schema::SCHEMA_VERSION;
+use super::{SqliteBus, storage, to_u64};
+use crate::bus::BusError;
+use crate::bus::sqlite::lock_log;
+
+/// What a backup holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// Events in its log.
+    pub events: u64,
+    /// The sequence of its last event (0 when empty).
+    pub last_sequence: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// The prefix of the temporary copies of the log at `log`.
+fn copy_prefix(log: &Path) -> String {
+    let name = log
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{name}.backup-")
+}
+
+/// Removes the copies a host that died mid-backup left beside the log at `log`.
+pub(super) fn remove_stale_copies(log: &Path) {
+    let (Some(dir), prefix) = (log.parent(), copy_prefix(log)) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+impl SqliteBus {
+    /// A consistent copy of the log, taken while it serves: an open file already
+    /// unlinked from the data directory, and its size.
+    pub async fn backup_file(&self) -> Result<(std::fs::File, u64), BusError> {
+        let log = self.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let copy = log.with_file_name(format!("{}{}", copy_prefix(&log), uuid::Uuid::new_v4()));
+            let taken = copy_log(&log, &copy);
+            let opened = taken.and_then(|()| {
+                std::fs::File::open(&copy)
+                    .map_err(|e| BusError::Storage(format!("cannot read the backup: {e}")))
+            });
+            let _ = std::fs::remove_file(&copy);
+            let file = opened?;
+            let bytes = file
+                .metadata()
+                .map_err(|e| BusError::Storage(format!("cannot read the backup: {e}")))?
+                .len();
+            Ok((file, bytes))
+        })
+        .await
+        .map_err(|e| BusError::Storage(format!("the backup task failed: {e}")))?
+    }
+}
+
+fn copy_log(log: &Path, copy: &Path) -> Result<(), BusError> {
+    let conn =
+        Connection::open_with_flags(log, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(storage)?;
+    let target = copy.to_string_lossy().into_owned();
+    conn.execute("VACUUM INTO ?1", [target]).map_err(storage)?;
+    Ok(())
+}
+
+/// Checks that the file at `path` is a whole log of this host's layout, and what it holds.
+pub fn inspect_backup(path: &Path) -> Result<BackupSummary, BusError> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| BusError::Storage(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    let not_a_log = |why: String| {
+        BusError::Storage(format!(
+            "{} is not a backup of a Switchyard log: {why}",
+            path.display()
+        ))
+    };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| not_a_log(e.to_string()))?;
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .map_err(|e| not_a_log(e.to_string()))?;
+    if integrity != "ok" {
+        return Err(not_a_log(format!("the integrity check found: {integrity}")));
+    }
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(storage)?;
+    if version != SCHEMA_VERSION {
+        return Err(not_a_log(format!(
+            "its layout version is {version}, and this host reads version {SCHEMA_VERSION}"
+        )));
+    }
+    let (events, last): (i64, Option<i64>) = conn
+        .query_row("SELECT count(*), max(seq) FROM events", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .map_err(|e| not_a_log(e.to_string()))?;
+    Ok(BackupSummary {
+        events: to_u64(events),
+        last_sequence: last.map_or(0, to_u64),
+        bytes,
+    })
+}
+
+/// Puts the backup at `backup` in place of the log at `log`, which no host may be serving.
+/// A log already there is refused unless `replace`; it is then kept beside, with its WAL,
+/// under a name that ends in `.replaced-<time>`, which is returned.
+pub fn restore_backup(
+    backup: &Path,
+    log: &Path,
+    replace: bool,
+) -> Result<(BackupSummary, Option<PathBuf>), BusError> {
+    let summary = inspect_backup(backup)?;
+    let _lock = lock_log(log)?;
+    let io = |what: &str, e: std::io::Error| BusError::Storage(format!("cannot {what}: {e}"));
+    let mut kept = None;
+    if log.exists() {
+        if !replace {
+            return Err(BusError::Storage(format!(
+                "{} already holds a log; pass --replace to put the backup in its place (the \
+                 log there is kept beside it)",
+                log.display()
+            )));
+        }
+        // The WAL keeps its place after the database's name, where SQLite looks for it.
+        let suffix = format!(".replaced-{}", crate::clock::now_ms());
+        for ending in ["", "-wal", "-shm"] {
+            let from = sibling(log, "", ending);
+            if from.exists() {
+                std::fs::rename(&from, sibling(log, &suffix, ending))
+                    .map_err(|e| io("keep the log being replaced", e))?;
+            }
+        }
+        kept = Some(sibling(log, &suffix, ""));
+    }
+    let partial = sibling(log, ".restoring", "");
+    std::fs::copy(backup, &partial).map_err(|e| io("copy the backup", e))?;
+    std::fs::File::open(&partial)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| io("flush the restored log", e))?;
+    std::fs::rename(&partial, log).map_err(|e| io("put the restored log in place", e))?;
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::File::open(dir).and_then(|dir| dir.sync_all());
+    }
+    Ok((summary, kept))
+}
+
+/// `log` with `suffix` and then `ending` (`-wal`, `-shm` or nothing) added to its name.
+fn sibling(log: &Path, suffix: &str, ending: &str) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(suffix);
+    name.push(ending);
+    PathBuf::from(name)
+}

@@ -1,0 +1,175 @@
+//! Backup and restore with the real binary: `switchyard backup` copies a serving host's
+//! embedded log while producers go on, and `switchyard restore` puts it in place for a
+//! host that then carries on from it. On NATS JetStream the server's tools back up, and
+//! the command says so.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::guests::Guest;
+use crate::support::host::{Backend, Host};
+
+const COUNTER: &str =
+    "subscribe = [\"backup.>\"]\nconcurrency = 4\n[config]\nbehaviour = \"hostile.count\"\n";
+
+fn switchyard(args: &[&str], paths: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .args(paths)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// The ids and sequences of a log, in order.
+fn ids_of(log: &[serde_json::Value]) -> Vec<(u64, String)> {
+    log.iter()
+        .map(|e| {
+            (
+                e["sequence"].as_u64().unwrap(),
+                e["event"]["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn a_backup_taken_while_serving_restores_a_consistent_log(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin("counter", Guest::Hostile, Some(COUNTER));
+    host.start();
+    for n in 0..40 {
+        let status = host.send("backup.tick", &format!("b-{n}"), json!({})).await;
+        assert_eq!(status, 202);
+    }
+    host.wait_caught_up("counter", Duration::from_secs(60))
+        .await;
+    let files = tempfile::tempdir().unwrap();
+    let copy = files.path().join("log.backup");
+    let url = host.url("");
+
+    // Producers go on while the copy is taken.
+    let producer = {
+        let (http, url) = (host.http.clone(), host.url("/v1/events/backup.tick"));
+        tokio::spawn(async move {
+            for n in 40..240 {
+                let sent = http
+                    .post(&url)
+                    .header("ce-id", format!("b-{n}"))
+                    .json(&json!({}));
+                assert_eq!(sent.send().await.unwrap().status(), 202);
+            }
+        })
+    };
+    let backup = tokio::task::spawn_blocking({
+        let (url, copy) = (url.clone(), copy.clone());
+        move || switchyard(&["backup", "--url", &url, "-o"], &[&copy])
+    })
+    .await
+    .unwrap();
+    producer.await.unwrap();
+    let stderr = String::from_utf8_lossy(&backup.stderr);
+    if let Backend::Nats(_) = backend {
+        assert_eq!(backup.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("409") && stderr.contains("nats account backup"),
+            "{stderr}"
+        );
+        assert!(!copy.exists());
+        return;
+    }
+    assert!(backup.status.success(), "{stderr}");
+    let said = String::from_utf8_lossy(&backup.stdout);
+    assert!(said.starts_with("backed up "), "{said}");
+    // A second backup never overwrites the first.
+    let again = switchyard(&["backup", "--url", &url, "-o"], &[&copy]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    // The serving host's log cannot be replaced under it.
+    let refused = switchyard(
+        &["restore"],
+        &[&copy, Path::new("--data"), &host.data_dir()],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is in use by another process"), "{stderr}");
+
+    let mut restored = Host::on(&backend);
+    restored.plugin("counter", Guest::Hostile, Some(COUNTER));
+    let done = switchyard(
+        &["restore"],
+        &[&copy, Path::new("--data"), &restored.data_dir()],
+    );
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    restored.start();
+    restored
+        .wait_caught_up("counter", Duration::from_secs(60))
+        .await;
+
+    // One point in time: the backup is the start of the original log, event for event,
+    // and holds at least what was there before the copy began. (The restored host then
+    // appends what its plugin emits for the ticks it had not handled yet.)
+    let copied: usize = said
+        .trim_start_matches("backed up ")
+        .split(' ')
+        .next()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no event count in {said:?}"));
+    assert!(copied >= 80, "{copied} events backed up");
+    let original = ids_of(&host.log().await);
+    let log = restored.log().await;
+    let kept = ids_of(&log);
+    assert_eq!(kept[..copied], original[..copied]);
+
+    // The plugin goes on from its restored position: every tick handled, none twice.
+    let ticks: BTreeSet<&str> = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "backup.tick")
+        .map(|e| e["event"]["id"].as_str().unwrap())
+        .collect();
+    let counted: Vec<&str> = log
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+        .map(|e| e["event"]["data"]["id"].as_str().unwrap())
+        .collect();
+    let distinct: BTreeSet<&str> = counted.iter().copied().collect();
+    assert_eq!(counted.len(), distinct.len(), "an event was handled twice");
+    assert_eq!(distinct, ticks);
+    // Its read-modify-write counters came along too: a tick handled again after the
+    // restore would be counted twice.
+    let mut total = 0;
+    for shard in 0..16 {
+        if let Some(count) = restored.kv("counter", &format!("total/{shard}")).await {
+            total += count.parse::<usize>().unwrap();
+        }
+    }
+    assert_eq!(total, ticks.len());
+}
+
+crate::on_both_backends!(a_backup_taken_while_serving_restores_a_consistent_log);
+
+/// A file that is not a whole log is refused by `restore`, and the data directory keeps
+/// what it had.
+#[tokio::test]
+async fn restore_refuses_a_file_that_is_not_a_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bogus.db");
+    std::fs::write(&bogus, b"not a database at all").unwrap();
+    let data = dir.path().join("data");
+    let output = switchyard(&["restore"], &[&bogus, Path::new("--data"), &data]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is not a backup of a Switchyard log"),
+        "{stderr}"
+    );
+    assert!(!data.join("switchyard.db").exists());
+}
