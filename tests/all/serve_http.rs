@@ -17,7 +17,7 @@ use tower::ServiceExt;
 
 struct Api {
     state: Arc<AppState>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Api {
@@ -35,7 +35,7 @@ impl Api {
         state
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
-        Self { state, _dir: dir }
+        Self { state, dir }
     }
 
     async fn call(&self, request: Request<Body>) -> (StatusCode, Value) {
@@ -371,7 +371,13 @@ async fn tokens_guard_ingest_and_admin_routes() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
-    for path in ["/v1/plugins", "/v1/dlq", "/v1/events", "/v1/schemas"] {
+    for path in [
+        "/v1/plugins",
+        "/v1/dlq",
+        "/v1/events",
+        "/v1/schemas",
+        "/v1/backup",
+    ] {
         let (status, _) = api
             .call(Request::get(path).body(Body::empty()).unwrap())
             .await;
@@ -386,6 +392,16 @@ async fn tokens_guard_ingest_and_admin_routes() {
             .await;
         assert_eq!(status, StatusCode::OK, "{path}");
     }
+    // A copy of the whole log is the operators' alone.
+    let (status, _) = api
+        .call(
+            Request::get("/v1/backup")
+                .header(header::AUTHORIZATION, "Bearer in-secret")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Registering a schema is an admin action, not an ingest one.
     let (status, _) = api
         .call(
@@ -400,6 +416,53 @@ async fn tokens_guard_ingest_and_admin_routes() {
         .call(Request::get("/healthz").body(Body::empty()).unwrap())
         .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_backup_is_the_log_as_an_sqlite_file() {
+    let api = Api::new(Config::default());
+    for n in 0..3 {
+        let (status, _) = api
+            .post(
+                "/v1/events",
+                "application/cloudevents+json",
+                structured(&format!("copy-{n}")).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let response = router(Arc::clone(&api.state))
+        .oneshot(Request::get("/v1/backup").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "application/vnd.sqlite3"
+    );
+    let length: usize = response.headers()[header::CONTENT_LENGTH]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(bytes.len(), length);
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    std::fs::write(&copy, &bytes).unwrap();
+    let summary = switchyard_host::bus::sqlite::inspect_backup(&copy).unwrap();
+    assert_eq!((summary.events, summary.last_sequence), (3, 3));
+    // The copy left nothing behind in the data directory.
+    let left: Vec<_> = std::fs::read_dir(api.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("backup"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test]
