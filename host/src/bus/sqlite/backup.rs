@@ -4,6 +4,8 @@
 //! Invariants:
 //! - A copy is one read transaction of the log (`VACUUM INTO`): it holds every commit up
 //!   to one point and nothing after it, while the writer goes on committing beside it.
+//! - One copy is made at a time: backups asked for together take turns instead of
+//!   reading the whole log side by side.
 //! - The copy is written next to the log (same file system, so a full disk says so
 //!   early) under a name of its own, opened, and unlinked before it is handed out: the
 //!   caller reads an anonymous file that disappears with its handle. A host that dies
@@ -62,6 +64,7 @@ impl SqliteBus {
     /// A consistent copy of the log, taken while it serves: an open file already
     /// unlinked from the data directory, and its size.
     pub async fn backup_file(&self) -> Result<(std::fs::File, u64), BusError> {
+        let _one_at_a_time = self.inner.backup.lock().await;
         let log = self.path().to_owned();
         tokio::task::spawn_blocking(move || {
             let copy = log.with_file_name(format!("{}{}", copy_prefix(&log), uuid::Uuid::new_v4()));

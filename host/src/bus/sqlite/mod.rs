@@ -156,6 +156,8 @@ struct Inner {
     notices: LocalNotices,
     /// Which plugins have a consumer open, and the retention worker's stop signal.
     retention: retention::Shared,
+    /// Taken by a backup while it copies the log: one copy is made at a time.
+    backup: tokio::sync::Mutex<()>,
 }
 
 /// Names the storage failures an operator can act on (a full disk, read-only storage) in
@@ -215,6 +217,7 @@ impl SqliteBus {
             control_changes: tokio::sync::broadcast::channel(64).0,
             notices: LocalNotices::default(),
             retention: retention::Shared::default(),
+            backup: tokio::sync::Mutex::new(()),
         });
         writer::start(conn, &options, Arc::clone(&inner), receiver)?;
         retention::start(&inner, &options.path, &options.retention)?;
