@@ -446,7 +446,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::bus::sqlite::restore_backup(&file, &log, replace)
             })
             .await
-            .context("restoring")??;
+            .context("restoring")?
+            .map_err(in_words)?;
             if let Some(kept) = kept {
                 println!("the log that was there is kept as {}", kept.display());
             }
@@ -551,6 +552,15 @@ fn api_error(status: reqwest::StatusCode, text: &str) -> anyhow::Result<ExitCode
     Ok(ExitCode::FAILURE)
 }
 
+/// A storage error of the log as its message alone: the commands that handle log files
+/// say what is wrong with the file in words of their own.
+fn in_words(error: crate::bus::BusError) -> anyhow::Error {
+    match error {
+        crate::bus::BusError::Storage(message) => anyhow::anyhow!(message),
+        other => other.into(),
+    }
+}
+
 /// `switchyard backup`: fetches a copy of the host's log into `OUTPUT.partial`, checks
 /// it is a whole log, then renames it to `output`, so a file at `output` is always whole.
 async fn backup(client: &ClientArgs, output: &Path) -> anyhow::Result<ExitCode> {
@@ -588,7 +598,7 @@ async fn backup(client: &ClientArgs, output: &Path) -> anyhow::Result<ExitCode> 
         tokio::task::spawn_blocking(move || crate::bus::sqlite::inspect_backup(&checked))
             .await
             .context("checking the backup")?
-            .map_err(anyhow::Error::from)
+            .map_err(in_words)
     }
     .await;
     let summary = match received {
