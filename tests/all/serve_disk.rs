@@ -1,7 +1,8 @@
 //! Disk trouble under the real binary: the data directory lives on a small tmpfs that is
 //! filled up while the host runs, and remounted read-only while it is stopped. Ingest must
 //! answer `503` with a clear error, keep serving everything else, lose nothing it
-//! acknowledged, and recover by itself once space returns.
+//! acknowledged, and recover by itself once space returns. A backup on the full disk fails
+//! with that cause and leaves no partial copy behind.
 //!
 //! Mounting needs root (CAP_SYS_ADMIN); without it each test says so and returns.
 
@@ -204,4 +205,34 @@ async fn a_read_only_data_directory_is_refused_at_start_with_a_clear_error() {
     disk.remount("rw");
     host.start();
     assert_eq!(host.send("disk.write", "after-rw", json!({})).await, 202);
+}
+
+#[tokio::test]
+async fn a_backup_on_a_full_disk_fails_with_the_cause_and_leaves_nothing_behind() {
+    let mut host = Host::new();
+    let Some(_disk) = Tmpfs::mount(&host.data_dir(), "16m") else {
+        return;
+    };
+    host.start();
+    for n in 0..20 {
+        assert_eq!(post(&host, &format!("copy-{n}")).await.0, 202);
+    }
+    let filler = fill(&host.data_dir());
+    let response = host.http.get(host.url("/v1/backup")).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the disk holding the log is full"), "{message}");
+    let left: Vec<String> = std::fs::read_dir(host.data_dir())
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".backup-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    std::fs::remove_file(filler).unwrap();
+    let response = host.http.get(host.url("/v1/backup")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.unwrap();
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
 }
