@@ -222,7 +222,10 @@ async fn a_backup_on_a_full_disk_fails_with_the_cause_and_leaves_nothing_behind(
     assert_eq!(response.status(), 500);
     let body: serde_json::Value = response.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("the disk holding the log is full"), "{message}");
+    assert!(
+        message.contains("the disk holding the log is full"),
+        "{message}"
+    );
     let left: Vec<String> = std::fs::read_dir(host.data_dir())
         .unwrap()
         .flatten()
