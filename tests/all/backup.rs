@@ -135,11 +135,7 @@ async fn a_backup_taken_while_serving_restores_a_consistent_log(backend: Backend
         .filter(|e| e["event"]["type"] == "backup.tick")
         .map(|e| e["event"]["id"].as_str().unwrap())
         .collect();
-    let counted: Vec<&str> = log
-        .iter()
-        .filter(|e| e["event"]["type"] == "hostile.counted")
-        .map(|e| e["event"]["data"]["id"].as_str().unwrap())
-        .collect();
+    let counted = crate::support::counted_ids(&log);
     let distinct: BTreeSet<&str> = counted.iter().copied().collect();
     assert_eq!(counted.len(), distinct.len(), "an event was handled twice");
     assert_eq!(distinct, ticks);

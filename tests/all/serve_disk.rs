@@ -163,11 +163,7 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_by_itself() {
         stored, acked,
         "the log holds exactly the acknowledged events"
     );
-    let counted: Vec<&str> = log
-        .iter()
-        .filter(|e| e["event"]["type"] == "hostile.counted")
-        .map(|e| e["event"]["data"]["id"].as_str().unwrap())
-        .collect();
+    let counted = crate::support::counted_ids(&log);
     let distinct: BTreeSet<&str> = counted.iter().copied().collect();
     assert_eq!(
         counted.len(),

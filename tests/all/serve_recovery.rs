@@ -80,11 +80,7 @@ async fn assert_all_handled_once(host: &Host, acked: &BTreeSet<String>) {
     }
     // Exactly one follow-up per stored event: a redelivery after a committed attempt
     // would have emitted it again under a new sequence.
-    let counted: Vec<&str> = log
-        .iter()
-        .filter(|e| e["event"]["type"] == "hostile.counted")
-        .map(|e| e["event"]["data"]["id"].as_str().unwrap())
-        .collect();
+    let counted = crate::support::counted_ids(&log);
     let distinct: BTreeSet<&str> = counted.iter().copied().collect();
     assert_eq!(
         counted.len(),

@@ -72,6 +72,15 @@ where
     }
 }
 
+/// The ids of the events the `hostile.count` behaviour handled, in log order: one
+/// `hostile.counted` follow-up per committed attempt.
+pub fn counted_ids(log: &[serde_json::Value]) -> Vec<&str> {
+    log.iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+        .map(|e| e["event"]["data"]["id"].as_str().unwrap())
+        .collect()
+}
+
 /// A runtime with default settings.
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig::default()).expect("the runtime starts")
