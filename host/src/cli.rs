@@ -262,9 +262,12 @@ pub enum Command {
     Restore {
         /// The backup file (from `switchyard backup`).
         file: PathBuf,
-        /// The data directory.
-        #[arg(long, default_value = "./data")]
-        data: PathBuf,
+        /// The host's config file, for its `data_dir`.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// The data directory, overriding the config (default `./data`).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Replace a log that is already there; it is kept beside it, renamed.
         #[arg(long)]
         replace: bool,
@@ -438,9 +441,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup { output, client } => backup(&client, &output).await,
         Command::Restore {
             file,
+            config,
             data,
             replace,
         } => {
+            let data = match (data, config) {
+                (Some(data), _) => data,
+                (None, Some(path)) => Config::load(&path)?.data_dir,
+                (None, None) => Config::default().data_dir,
+            };
             let log = data.join(crate::server::DATABASE_FILE);
             let (summary, kept) = tokio::task::spawn_blocking(move || {
                 crate::bus::sqlite::restore_backup(&file, &log, replace)

@@ -98,12 +98,19 @@ async fn a_backup_taken_while_serving_restores_a_consistent_log(backend: Backend
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("is in use by another process"), "{stderr}");
 
+    // The data directory comes from the host's config file, as `serve` reads it.
     let mut restored = Host::on(&backend);
     restored.plugin("counter", Guest::Hostile, Some(COUNTER));
-    let done = switchyard(
-        &["restore"],
-        &[&copy, Path::new("--data"), &restored.data_dir()],
-    );
+    let config = files.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n",
+            restored.data_dir().display().to_string()
+        ),
+    )
+    .unwrap();
+    let done = switchyard(&["restore"], &[&copy, Path::new("--config"), &config]);
     assert!(
         done.status.success(),
         "{}",
