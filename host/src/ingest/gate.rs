@@ -64,9 +64,6 @@ pub(super) async fn admit(
     let refused = if !allowed {
         ApiError::unauthorized()
     } else if let Ok(_place) = gate.in_flight.try_acquire() {
-        if request.uri().path() == BACKUP_ROUTE {
-            return Ok(next.run(request).await);
-        }
         let limit = time_limit(state, &request);
         return within_time_limit(limit, next.run(request)).await;
     } else {
@@ -84,29 +81,33 @@ pub(super) async fn admit(
     Err(refused)
 }
 
-/// The route whose requests have no time limit.
-const BACKUP_ROUTE: &str = "/v1/backup";
-
 /// `http.request_timeout`, plus `[ingest] max_wait` for a request that asks to wait
-/// for outcomes (`?wait=`, whose own bound is checked by its handler).
-fn time_limit(state: &AppState, request: &Request) -> Duration {
+/// for outcomes (`?wait=`, whose own bound is checked by its handler); none for a backup,
+/// which takes as long as copying the log does.
+fn time_limit(state: &AppState, request: &Request) -> Option<Duration> {
+    if request.uri().path() == "/v1/backup" {
+        return None;
+    }
     let waits = request
         .uri()
         .query()
         .is_some_and(|query| query.split('&').any(|pair| pair.starts_with("wait=")));
     let limit = state.config.http.request_timeout;
-    if waits {
+    Some(if waits {
         limit + state.config.ingest.max_wait
     } else {
         limit
-    }
+    })
 }
 
 /// Answers `408` when the handler takes longer than `limit`.
 async fn within_time_limit(
-    limit: Duration,
+    limit: Option<Duration>,
     handled: impl Future<Output = Response>,
 ) -> Result<Response, ApiError> {
+    let Some(limit) = limit else {
+        return Ok(handled.await);
+    };
     tokio::time::timeout(limit, handled).await.map_err(|_| {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,

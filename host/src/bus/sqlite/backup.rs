@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 
 use super::schema::SCHEMA_VERSION;
-use super::{SqliteBus, storage, to_u64};
+use super::{SqliteBus, storage, to_u64, with_suffix};
 use crate::bus::BusError;
 use crate::bus::sqlite::lock_log;
 
@@ -36,20 +36,15 @@ pub struct BackupSummary {
     pub bytes: u64,
 }
 
-/// The prefix of the temporary copies of the log at `log`.
-fn copy_prefix(log: &Path) -> String {
-    let name = log
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    format!("{name}.backup-")
-}
+/// What the name of a temporary copy adds to the log's, before a unique id.
+const COPY: &str = ".backup-";
 
 /// Removes the copies a host that died mid-backup left beside the log at `log`.
 pub(super) fn remove_stale_copies(log: &Path) {
-    let (Some(dir), prefix) = (log.parent(), copy_prefix(log)) else {
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name()) else {
         return;
     };
+    let prefix = format!("{}{COPY}", name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -67,7 +62,7 @@ impl SqliteBus {
         let _one_at_a_time = self.inner.backup.lock().await;
         let log = self.path().to_owned();
         tokio::task::spawn_blocking(move || {
-            let copy = log.with_file_name(format!("{}{}", copy_prefix(&log), uuid::Uuid::new_v4()));
+            let copy = with_suffix(&log, &format!("{COPY}{}", uuid::Uuid::new_v4()));
             let taken = copy_log(&log, &copy);
             let opened = taken.and_then(|()| {
                 std::fs::File::open(&copy)
@@ -158,15 +153,15 @@ pub fn restore_backup(
         // The WAL keeps its place after the database's name, where SQLite looks for it.
         let suffix = format!(".replaced-{}", crate::clock::now_ms());
         for ending in ["", "-wal", "-shm"] {
-            let from = sibling(log, "", ending);
+            let from = with_suffix(log, ending);
             if from.exists() {
-                std::fs::rename(&from, sibling(log, &suffix, ending))
+                std::fs::rename(&from, with_suffix(log, &format!("{suffix}{ending}")))
                     .map_err(|e| io("keep the log being replaced", e))?;
             }
         }
-        kept = Some(sibling(log, &suffix, ""));
+        kept = Some(with_suffix(log, &suffix));
     }
-    let partial = sibling(log, ".restoring", "");
+    let partial = with_suffix(log, ".restoring");
     std::fs::copy(backup, &partial).map_err(|e| io("copy the backup", e))?;
     std::fs::File::open(&partial)
         .and_then(|file| file.sync_all())
@@ -178,10 +173,20 @@ pub fn restore_backup(
     Ok((summary, kept))
 }
 
-/// `log` with `suffix` and then `ending` (`-wal`, `-shm` or nothing) added to its name.
-fn sibling(log: &Path, suffix: &str, ending: &str) -> PathBuf {
-    let mut name = log.as_os_str().to_owned();
-    name.push(suffix);
-    name.push(ending);
-    PathBuf::from(name)
+#[cfg(test)]
+mod tests {
+    use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+
+    #[test]
+    fn opening_the_log_removes_copies_a_dead_backup_left_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("switchyard.db");
+        let left = dir.path().join("switchyard.db.backup-0f1e");
+        let other = dir.path().join("keep.db.backup-0f1e");
+        std::fs::write(&left, b"half a copy").unwrap();
+        std::fs::write(&other, b"not ours").unwrap();
+        drop(SqliteBus::open(SqliteOptions::new(&log)).unwrap());
+        assert!(!left.exists());
+        assert!(other.exists());
+    }
 }

@@ -27,9 +27,7 @@ pub struct LogLock {
 
 /// The lock file of the log at `log`.
 pub fn lock_path(log: &Path) -> PathBuf {
-    let mut name = log.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+    super::with_suffix(log, ".lock")
 }
 
 /// Takes the lock on the log at `log`, creating its directory if needed; refused when

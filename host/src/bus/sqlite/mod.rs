@@ -172,6 +172,14 @@ fn storage(error: rusqlite::Error) -> BusError {
     BusError::Storage(format!("{condition} ({error})"))
 }
 
+/// `path` with `suffix` added to its file name: the files that go with the log
+/// (`.lock`, `.backup-…`, `.replaced-…`, and SQLite's own `-wal` and `-shm`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
