@@ -86,6 +86,10 @@ pub enum DlqCommand {
         /// Only this plugin's.
         #[arg(long)]
         plugin: Option<String>,
+        /// Only those dead-lettered for this reason: rejected, exhausted, expired,
+        /// effects, loop or schema.
+        #[arg(long)]
+        reason: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -103,12 +107,31 @@ pub enum DlqCommand {
         /// Replay all of this plugin's dead letters.
         #[arg(long)]
         plugin: Option<String>,
+        /// With `--plugin`: only those dead-lettered for this reason.
+        #[arg(long, requires = "plugin")]
+        reason: Option<String>,
     },
-    /// Delete a dead letter.
+    /// Delete one dead letter, or every dead letter of a plugin.
     Delete {
         /// The dead letter's id.
-        id: u64,
+        #[arg(conflicts_with = "plugin", required_unless_present = "plugin")]
+        id: Option<u64>,
+        /// Delete all of this plugin's dead letters.
+        #[arg(long)]
+        plugin: Option<String>,
+        /// With `--plugin`: only those dead-lettered for this reason.
+        #[arg(long, requires = "plugin")]
+        reason: Option<String>,
     },
+}
+
+/// The query naming a plugin's dead letters, or only those with a reason.
+fn plugin_dead_letters(plugin: Option<String>, reason: Option<String>) -> String {
+    let mut query = format!("plugin={}", plugin.unwrap_or_default());
+    if let Some(reason) = reason {
+        query.push_str(&format!("&reason={reason}"));
+    }
+    query
 }
 
 /// `switchyard plugins pause|resume …`.
@@ -418,22 +441,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dlq { command, client } => {
             let (method, path) = match command {
-                DlqCommand::List { plugin, limit } => (
-                    reqwest::Method::GET,
-                    match plugin {
-                        Some(p) => format!("/v1/dlq?plugin={p}&limit={limit}"),
-                        None => format!("/v1/dlq?limit={limit}"),
-                    },
-                ),
+                DlqCommand::List {
+                    plugin,
+                    reason,
+                    limit,
+                } => {
+                    let mut path = format!("/v1/dlq?limit={limit}");
+                    for (key, value) in [("plugin", plugin), ("reason", reason)] {
+                        if let Some(value) = value {
+                            path.push_str(&format!("&{key}={value}"));
+                        }
+                    }
+                    (reqwest::Method::GET, path)
+                }
                 DlqCommand::Show { id } => (reqwest::Method::GET, format!("/v1/dlq/{id}")),
                 DlqCommand::Replay { id: Some(id), .. } => {
                     (reqwest::Method::POST, format!("/v1/dlq/{id}/replay"))
                 }
-                DlqCommand::Replay { plugin, .. } => (
+                DlqCommand::Replay { plugin, reason, .. } => (
                     reqwest::Method::POST,
-                    format!("/v1/dlq/replay?plugin={}", plugin.unwrap_or_default()),
+                    format!("/v1/dlq/replay?{}", plugin_dead_letters(plugin, reason)),
                 ),
-                DlqCommand::Delete { id } => (reqwest::Method::DELETE, format!("/v1/dlq/{id}")),
+                DlqCommand::Delete { id: Some(id), .. } => {
+                    (reqwest::Method::DELETE, format!("/v1/dlq/{id}"))
+                }
+                DlqCommand::Delete { plugin, reason, .. } => (
+                    reqwest::Method::DELETE,
+                    format!("/v1/dlq?{}", plugin_dead_letters(plugin, reason)),
+                ),
             };
             request(&client, method, &path, None).await
         }

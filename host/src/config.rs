@@ -55,6 +55,7 @@
 //! max_bytes = "10GiB"          # default: no size limit
 //! retention_interval = "1s"
 //! absent_plugin_hold = "forever"
+//! dead_letter_max_age = "forever"
 //! [[log.retention]]            # default: no rules
 //! types = "order.>"
 //! max_age = "forever"
@@ -449,6 +450,15 @@ pub struct LogSection {
     #[serde(deserialize_with = "crate::retention::deser::duration_or_forever")]
     pub absent_plugin_hold: Option<Duration>,
 
+    /// How long a dead letter is kept: a duration, or `"forever"`. Counted from when the
+    /// delivery was dead-lettered; an older one is deleted as an operator's `DELETE`
+    /// would, and the event it held back is then free for the rules below. On NATS it
+    /// is the dead-letter stream's `max_age`.
+    ///
+    /// Default: `"forever"` (a dead letter stays until it is replayed or deleted).
+    #[serde(deserialize_with = "crate::retention::deser::duration_or_forever")]
+    pub dead_letter_max_age: Option<Duration>,
+
     /// `[[log.retention]]`: which events may be deleted, and after how long, by event
     /// type; the first rule whose `types` match an event decides for it, and an event
     /// no rule matches is deleted only to meet `max_bytes`. Keys: `types`, `max_age`
@@ -658,6 +668,7 @@ impl Default for LogSection {
             max_bytes: None,
             retention_interval: Duration::from_secs(1),
             absent_plugin_hold: None,
+            dead_letter_max_age: None,
             retention: Vec::new(),
         }
     }
@@ -806,6 +817,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 "log.retention_interval",
                 "must be at least 10ms",
+            ));
+        }
+        if log
+            .dead_letter_max_age
+            .is_some_and(|age| age < Duration::from_secs(1))
+        {
+            return Err(ConfigError::invalid(
+                "log.dead_letter_max_age",
+                "must be at least 1s, or \"forever\"",
             ));
         }
         if log.max_bytes.is_some_and(|bytes| bytes < 1 << 20) {
@@ -1362,7 +1382,7 @@ mod tests {
         use crate::retention::Keep;
         let config = Config::parse(
             "[log]\nmax_bytes = \"2GiB\"\nretention_interval = \"250ms\"\n\
-             absent_plugin_hold = \"7d\"\n\
+             absent_plugin_hold = \"7d\"\ndead_letter_max_age = \"30d\"\n\
              [[log.retention]]\ntypes = [\"account.>\", \"order.>\"]\nmax_age = \"forever\"\n\
              [[log.retention]]\ntypes = \">\"\nmax_age = \"7d\"\ndelete_dead_lettered = true\n",
         )
@@ -1374,6 +1394,10 @@ mod tests {
             log.absent_plugin_hold,
             Some(Duration::from_secs(7 * 86_400))
         );
+        assert_eq!(
+            log.dead_letter_max_age,
+            Some(Duration::from_secs(30 * 86_400))
+        );
         assert_eq!(log.retention.len(), 2);
         assert_eq!(log.retention[0].max_age, Keep::Forever);
         assert_eq!(
@@ -1384,6 +1408,7 @@ mod tests {
         let defaults = Config::default().log;
         assert_eq!(defaults.max_bytes, None);
         assert_eq!(defaults.absent_plugin_hold, None);
+        assert_eq!(defaults.dead_letter_max_age, None);
         assert!(defaults.retention.is_empty());
         let forever = Config::parse("[log]\nabsent_plugin_hold = \"forever\"\n").unwrap();
         assert_eq!(forever.log.absent_plugin_hold, None);
@@ -1413,6 +1438,10 @@ mod tests {
         }
         for (text, key) in [
             ("[log]\nmax_bytes = 1000\n", "log.max_bytes"),
+            (
+                "[log]\ndead_letter_max_age = \"0s\"\n",
+                "log.dead_letter_max_age",
+            ),
             (
                 "[log]\nretention_interval = \"1ms\"\n",
                 "log.retention_interval",

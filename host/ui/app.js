@@ -310,6 +310,24 @@ function kvBrowser(name) {
 
 const REASONS = ["", "rejected", "exhausted", "expired", "effects", "loop", "schema"];
 
+// "Replay all" and "Delete all" for the plugin (and kind) the page is filtered on.
+function bulkActions(params) {
+  const which = { plugin: params.plugin, reason: params.reason };
+  const what = params.reason ? `${params.plugin}'s ${params.reason} dead letters` : `${params.plugin}'s dead letters`;
+  return [
+    el("button", { id: "replay-all", class: "primary", type: "button", onclick: () => confirmThen(
+      `Replay all of ${what}?`, async () => {
+        const done = await api("/v1/dlq/replay" + qs(which), { method: "POST" });
+        flash(`Replayed ${done.replayed} of ${what}.`);
+      }) }, "Replay all"),
+    el("button", { id: "delete-all", class: "delete", type: "button", onclick: () => confirmThen(
+      `Delete all of ${what} for good?`, async () => {
+        const done = await api("/v1/dlq" + qs(which), { method: "DELETE" });
+        flash(`Deleted ${done.deleted} of ${what}.`);
+      }) }, "Delete all"),
+  ];
+}
+
 async function deadLetters(params, first) {
   const page = await api("/v1/dlq" + qs({ plugin: params.plugin, reason: params.reason, after: params.after, limit: PAGE }));
   if (first) {
@@ -319,11 +337,7 @@ async function deadLetters(params, first) {
       el("h1", {}, "Dead letters"),
       el("form", { class: "toolbar", onsubmit: (e) => { e.preventDefault(); setHash("/dlq", { plugin: plugin.value, reason: reason.value }); } },
         el("label", {}, "Plugin", plugin), el("label", {}, "Kind", reason), el("button", { type: "submit" }, "Filter"),
-        params.plugin ? el("button", { id: "replay-all", class: "primary", type: "button", onclick: () => confirmThen(
-          `Replay every dead letter of ${params.plugin}?`, async () => {
-            const done = await api("/v1/dlq/replay" + qs({ plugin: params.plugin }), { method: "POST" });
-            flash(`Replayed ${done.replayed} dead letters of ${params.plugin}.`);
-          }) }, "Replay all of " + params.plugin) : null),
+        ...(params.plugin ? bulkActions(params) : [])),
       el("div", { id: "flash" }),
       el("div", { id: "dlq" }),
     );

@@ -124,7 +124,8 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
 }
 
 async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backend: Backend) {
-    let broken = "subscribe = [\"hostile.needs-fix\"]\n[retry]\nmax_attempts = 1\n";
+    let broken =
+        "subscribe = [\"hostile.needs-fix\", \"hostile.reject\"]\n[retry]\nmax_attempts = 1\n";
     let mut host = Host::on(&backend);
     host.plugin("mender", Guest::Hostile, Some(broken));
     host.start();
@@ -132,8 +133,29 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backen
         host.send("hostile.needs-fix", "job-1", json!({})).await,
         202
     );
+    assert_eq!(host.send("hostile.reject", "junk-1", json!({})).await, 202);
 
+    // "Delete all" on a page filtered by kind deletes that kind only.
     let browser = Browser::start(DESKTOP).await;
+    browser
+        .goto(&host.url("/ui#/dlq?plugin=mender&reason=rejected"))
+        .await;
+    browser
+        .wait_text("#dlq-table tr[data-id]", |t| t.contains("junk-1"))
+        .await;
+    confirm(
+        &browser,
+        "#delete-all",
+        "Delete all of mender's rejected dead letters",
+    )
+    .await;
+    browser
+        .wait_text("#flash-text", |t| {
+            t.contains("Deleted 1 of mender's rejected dead letters")
+        })
+        .await;
+    browser.wait_for("#dlq-empty").await;
+
     browser
         .goto(&host.url("/ui#/dlq?plugin=mender&reason=exhausted"))
         .await;

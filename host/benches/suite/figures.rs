@@ -13,9 +13,9 @@ use futures_util::stream::BoxStream;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, ControlStore, DeadLetter,
-    DeadLetterQuery, DeadLetters, Delivery, Fired, LogPage, LogQuery, Notice, Notices,
-    PluginControl, ScheduledEvent, ScheduledQuery, Schedules, SchemaStore, Settled, Settlement,
-    StoredEvent, StoredSchema,
+    DeadLetterQuery, DeadLetterSelection, DeadLetters, Delivery, Fired, LogPage, LogQuery, Notice,
+    Notices, PluginControl, ScheduledEvent, ScheduledQuery, Schedules, SchemaStore, Settled,
+    Settlement, StoredEvent, StoredSchema,
 };
 use switchyard_host::dispatch::valve::Valves;
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
@@ -286,15 +286,11 @@ impl DeadLetters for SharedMemoryBus {
     async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError> {
         Err(BusError::NotFound(format!("dead letter {id}")))
     }
-    async fn replay_dead_letters(
-        &self,
-        _id: Option<u64>,
-        _plugin: Option<&str>,
-    ) -> Result<u64, BusError> {
+    async fn replay_dead_letters(&self, _which: &DeadLetterSelection) -> Result<u64, BusError> {
         Ok(0)
     }
-    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
-        Err(BusError::NotFound(format!("dead letter {id}")))
+    async fn delete_dead_letters(&self, _which: &DeadLetterSelection) -> Result<u64, BusError> {
+        Ok(0)
     }
 }
 

@@ -130,15 +130,37 @@ pub trait DeadLetters: Send + Sync {
     /// One dead letter.
     async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError>;
 
-    /// Moves dead letters back into their plugins' retry schedules, due now, with a fresh
-    /// attempt count; returns how many moved. `Some(id)` replays one, `None` with a
-    /// plugin replays all of that plugin's.
-    async fn replay_dead_letters(
-        &self,
-        id: Option<u64>,
-        plugin: Option<&str>,
-    ) -> Result<u64, BusError>;
+    /// Moves the selected dead letters back into their plugins' retry schedules, due now,
+    /// with a fresh attempt count; returns how many moved. A missing `One` is `NotFound`.
+    async fn replay_dead_letters(&self, which: &DeadLetterSelection) -> Result<u64, BusError>;
 
-    /// Deletes a dead letter.
-    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError>;
+    /// Deletes the selected dead letters; returns how many went. A missing `One` is
+    /// `NotFound`.
+    async fn delete_dead_letters(&self, which: &DeadLetterSelection) -> Result<u64, BusError>;
+}
+
+/// Which dead letters a replay or a deletion takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterSelection {
+    /// The dead letter with this id.
+    One(u64),
+    /// Every dead letter of a plugin, or only those dead-lettered for `reason`.
+    Plugin {
+        /// The plugin.
+        plugin: String,
+        /// Only those with this reason.
+        reason: Option<DeadLetterReason>,
+    },
+}
+
+impl DeadLetterSelection {
+    /// Whether `letter` is selected.
+    pub fn takes(&self, letter: &DeadLetter) -> bool {
+        match self {
+            Self::One(id) => letter.id == *id,
+            Self::Plugin { plugin, reason } => {
+                letter.plugin == *plugin && reason.is_none_or(|reason| reason == letter.reason)
+            }
+        }
+    }
 }

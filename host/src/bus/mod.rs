@@ -26,7 +26,7 @@ pub mod sqlite;
 
 pub use self::controls::{Breaker, ControlStore, Paused, PluginControl};
 pub use self::dead_letters::{
-    DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView, DeadLetters,
+    DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetterView, DeadLetters,
 };
 pub use self::notices::{LocalNotices, Notice, NoticeOutcome, Notices, notice_key};
 pub use self::schedules::{Fired, ScheduledEvent, ScheduledQuery, Schedules};

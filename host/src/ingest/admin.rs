@@ -18,7 +18,8 @@ use super::controls::DeliveryView;
 use super::error::code;
 use super::{ApiError, ApiQuery, AppState, cloudevents};
 use crate::bus::{
-    Breaker, BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterView,
+    Breaker, BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection,
+    DeadLetterView,
 };
 use crate::clock::rfc3339_ms;
 use crate::failure::AttemptView;
@@ -499,42 +500,51 @@ pub(super) async fn replay_one(
     State(state): State<Arc<AppState>>,
     Path(id): Path<u64>,
 ) -> Result<Response, ApiError> {
-    replay(&state, Some(id), None).await
+    replay(&state, DeadLetterSelection::One(id)).await
 }
 
 /// Replays dead letters (see `DeadLetters::replay_dead_letters`) and answers how many.
-async fn replay(
-    state: &AppState,
-    id: Option<u64>,
-    plugin: Option<&str>,
-) -> Result<Response, ApiError> {
+async fn replay(state: &AppState, which: DeadLetterSelection) -> Result<Response, ApiError> {
     let replayed = state
         .bus
-        .replay_dead_letters(id, plugin)
+        .replay_dead_letters(&which)
         .await
         .map_err(bus_error)?;
     Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })).into_response())
 }
 
-/// Query of `POST /v1/dlq/replay`.
+/// Query of `POST /v1/dlq/replay` and `DELETE /v1/dlq`: one plugin's dead letters, or
+/// only those dead-lettered for `reason`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ReplayParams {
+pub(super) struct PluginDeadLetters {
     plugin: Option<String>,
+    reason: Option<DeadLetterReason>,
 }
 
-/// `POST /v1/dlq/replay?plugin=NAME`: every dead letter of one plugin.
+impl PluginDeadLetters {
+    /// The selection; `plugin` is required, so that no request takes every plugin's at
+    /// once by leaving it out.
+    fn selection(self, route: &str) -> Result<DeadLetterSelection, ApiError> {
+        match self.plugin {
+            Some(plugin) => Ok(DeadLetterSelection::Plugin {
+                plugin,
+                reason: self.reason,
+            }),
+            None => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("`plugin` is required: {route}?plugin=NAME[&reason=REASON]"),
+            )),
+        }
+    }
+}
+
+/// `POST /v1/dlq/replay?plugin=NAME[&reason=]`: every dead letter of one plugin.
 pub(super) async fn replay_plugin(
     State(state): State<Arc<AppState>>,
-    ApiQuery(params): ApiQuery<ReplayParams>,
+    ApiQuery(params): ApiQuery<PluginDeadLetters>,
 ) -> Result<Response, ApiError> {
-    let Some(plugin) = params.plugin else {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "`plugin` is required: POST /v1/dlq/replay?plugin=NAME",
-        ));
-    };
-    replay(&state, None, Some(&plugin)).await
+    replay(&state, params.selection("POST /v1/dlq/replay")?).await
 }
 
 /// `DELETE /v1/dlq/{id}`.
@@ -542,8 +552,33 @@ pub(super) async fn delete_dead_letter(
     State(state): State<Arc<AppState>>,
     Path(id): Path<u64>,
 ) -> Result<Response, ApiError> {
-    state.bus.delete_dead_letter(id).await.map_err(bus_error)?;
+    state
+        .bus
+        .delete_dead_letters(&DeadLetterSelection::One(id))
+        .await
+        .map_err(bus_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The answer of a deletion of many.
+#[derive(Debug, Serialize)]
+struct Deleted {
+    deleted: u64,
+}
+
+/// `DELETE /v1/dlq?plugin=NAME[&reason=]`: every dead letter of one plugin; answers how
+/// many went.
+pub(super) async fn delete_plugin_dead_letters(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(params): ApiQuery<PluginDeadLetters>,
+) -> Result<Response, ApiError> {
+    let which = params.selection("DELETE /v1/dlq")?;
+    let deleted = state
+        .bus
+        .delete_dead_letters(&which)
+        .await
+        .map_err(bus_error)?;
+    Ok(Json(Deleted { deleted }).into_response())
 }
 
 /// `GET /v1/backup`: a consistent copy of the embedded log, taken while the host serves,

@@ -120,7 +120,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/plugins/{name}/kv/{*key}", get(admin::read_kv))
         .route("/v1/stats", get(admin::stats))
         .route("/v1/backup", get(admin::backup))
-        .route("/v1/dlq", get(admin::list_dead_letters))
+        .route(
+            "/v1/dlq",
+            get(admin::list_dead_letters).delete(admin::delete_plugin_dead_letters),
+        )
         .route("/v1/dlq/replay", post(admin::replay_plugin))
         .route(
             "/v1/dlq/{id}",

@@ -179,6 +179,7 @@ async fn open_bus(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc
                     max_bytes: config.log.max_bytes,
                     interval: config.log.retention_interval,
                     absent_plugin_hold: config.log.absent_plugin_hold,
+                    dead_letter_max_age: config.log.dead_letter_max_age,
                     observer: Arc::clone(metrics) as Arc<dyn RetentionObserver>,
                 },
             })
@@ -201,6 +202,7 @@ async fn open_bus(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc
                     max_bytes: limits.max_bytes,
                     per_type_retention: limits.per_type,
                     duplicate_window: bus.duplicate_window,
+                    dead_letter_max_age: config.log.dead_letter_max_age,
                     ack_wait: bus.ack_wait,
                 })
                 .await

@@ -24,7 +24,8 @@ use super::consumer::NatsConsumer;
 use super::messages::{INGESTED_AT, REPLAY_OF, decode_event, encode_event};
 use super::{NatsBus, Shared, nats_error, next_message};
 use crate::bus::{
-    BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetters, StoredEvent,
+    BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetters,
+    StoredEvent,
 };
 use crate::clock::now_ms;
 use crate::failure::AttemptError;
@@ -169,34 +170,9 @@ impl DeadLetters for NatsBus {
         self.shared.dead_letter_record(id).await
     }
 
-    async fn replay_dead_letters(
-        &self,
-        id: Option<u64>,
-        plugin: Option<&str>,
-    ) -> Result<u64, BusError> {
-        let letters = match id {
-            Some(id) => vec![self.shared.dead_letter_record(id).await?],
-            None => {
-                let mut all = Vec::new();
-                let mut after = 0;
-                loop {
-                    let page = self
-                        .dead_letters(DeadLetterQuery {
-                            plugin: plugin.map(str::to_owned),
-                            after,
-                            limit: 1000,
-                            reason: None,
-                        })
-                        .await?;
-                    let Some(last) = page.last() else { break };
-                    after = last.id;
-                    all.extend(page);
-                }
-                all
-            }
-        };
+    async fn replay_dead_letters(&self, which: &DeadLetterSelection) -> Result<u64, BusError> {
         let mut replayed = 0;
-        for letter in letters {
+        for letter in self.selected(which).await? {
             let subject = format!("{}.replay.{}", self.shared.options.prefix, letter.plugin);
             let publish = PublishMessage::build()
                 .payload(encode_event(&letter.stored.event))
@@ -221,6 +197,66 @@ impl DeadLetters for NatsBus {
         Ok(replayed)
     }
 
+    async fn delete_dead_letters(&self, which: &DeadLetterSelection) -> Result<u64, BusError> {
+        match which {
+            DeadLetterSelection::One(id) => self.delete_dead_letter(*id).await.map(|()| 1),
+            // All of a plugin's are its subject's messages: one purge.
+            DeadLetterSelection::Plugin {
+                plugin,
+                reason: None,
+            } => self
+                .shared
+                .dead_letters
+                .purge()
+                .filter(format!("{}.dlq.{plugin}", self.shared.options.prefix))
+                .await
+                .map(|purged| purged.purged)
+                .map_err(storage!("deleting dead letters")),
+            DeadLetterSelection::Plugin { .. } => {
+                let mut deleted = 0;
+                for letter in self.selected(which).await? {
+                    match self.delete_dead_letter(letter.id).await {
+                        // Deleted meanwhile, by another request or host.
+                        Ok(()) | Err(BusError::NotFound(_)) => deleted += 1,
+                        Err(error) => return Err(error),
+                    }
+                }
+                Ok(deleted)
+            }
+        }
+    }
+}
+
+impl NatsBus {
+    /// The dead letters a selection takes, oldest first (every one of a plugin's is read).
+    async fn selected(&self, which: &DeadLetterSelection) -> Result<Vec<DeadLetter>, BusError> {
+        let plugin = match which {
+            DeadLetterSelection::One(id) => {
+                return Ok(vec![self.shared.dead_letter_record(*id).await?]);
+            }
+            DeadLetterSelection::Plugin { plugin, .. } => plugin,
+        };
+        let subject = format!("{}.dlq.{plugin}", self.shared.options.prefix);
+        let mut all = Vec::new();
+        let mut after = 0;
+        while let Some(message) = next_message(
+            &self.shared.dead_letters,
+            self.shared.direct(),
+            &subject,
+            after + 1,
+        )
+        .await?
+        {
+            after = message.sequence;
+            let letter = to_dead_letter(message.sequence, &message.payload)?;
+            if which.takes(&letter) {
+                all.push(letter);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Deletes one dead letter.
     async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
         match self.shared.dead_letters.delete_message(id).await {
             Ok(true) => Ok(()),

@@ -115,6 +115,8 @@ pub struct NatsOptions {
     pub per_type_retention: Vec<crate::retention::RetentionRule>,
     /// How long a resent `(source, id)` is recognised.
     pub duplicate_window: Duration,
+    /// Oldest dead letter the dead-letter stream keeps; `None`: every one until deleted.
+    pub dead_letter_max_age: Option<Duration>,
     /// How long a delivery may go without word before another host gets it.
     pub ack_wait: Duration,
 }

@@ -173,7 +173,12 @@ async fn open_streams(
         stream::Config {
             name: format!("{prefix}-dead-letters"),
             subjects: vec![format!("{prefix}.dlq.*")],
-            duplicate_window: options.duplicate_window,
+            max_age: options.dead_letter_max_age.unwrap_or_default(),
+            duplicate_window: options
+                .dead_letter_max_age
+                .map_or(options.duplicate_window, |age| {
+                    options.duplicate_window.min(age)
+                }),
             ..stream_defaults(options)
         },
     )

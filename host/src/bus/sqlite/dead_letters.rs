@@ -1,8 +1,11 @@
 //! The dead letters of the embedded bus: reading them from `dead_letters` (each joined
 //! with its event from the log) and handing replays and deletions to the writer.
 //!
-//! Reads run on the read pool and see only committed rows; a replay or a deletion is a
-//! writer job, so it commits in one transaction and is answered only once committed.
+//! Reads run on the read pool and see only committed rows; a replay is a writer job, so
+//! it commits in one transaction and is answered only once committed. Deleting many
+//! (a plugin's, say) takes one short writer job per thousand, each committed before the
+//! next, so appends never wait behind a long deletion; one that fails part way leaves
+//! the rest for a repeat.
 //! A dead letter whose event is missing from the log is left out of what is read.
 
 use async_trait::async_trait;
@@ -11,7 +14,8 @@ use rusqlite::{OptionalExtension, params};
 use super::writer::Job;
 use super::{SqliteBus, load_event, parse_errors, to_i64, to_u64};
 use crate::bus::{
-    BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetters, StoredEvent,
+    BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetters,
+    StoredEvent,
 };
 
 #[async_trait]
@@ -75,20 +79,34 @@ impl DeadLetters for SqliteBus {
         found.ok_or_else(|| BusError::NotFound(format!("dead letter {id}")))
     }
 
-    async fn replay_dead_letters(
-        &self,
-        id: Option<u64>,
-        plugin: Option<&str>,
-    ) -> Result<u64, BusError> {
-        let plugin = plugin.map(str::to_owned);
-        self.submit(|reply| Job::Replay { id, plugin, reply }).await
+    async fn replay_dead_letters(&self, which: &DeadLetterSelection) -> Result<u64, BusError> {
+        let which = which.clone();
+        self.submit(|reply| Job::Replay { which, reply }).await
     }
 
-    async fn delete_dead_letter(&self, id: u64) -> Result<(), BusError> {
-        self.submit(|reply| Job::DeleteDeadLetter { id, reply })
-            .await
+    async fn delete_dead_letters(&self, which: &DeadLetterSelection) -> Result<u64, BusError> {
+        // In writer jobs of at most `DELETE_STEP`, so appends wait for one short job at a
+        // time however many go.
+        let mut deleted = 0;
+        loop {
+            let which = which.clone();
+            let step = self
+                .submit(|reply| Job::DeleteDeadLetters {
+                    which,
+                    limit: DELETE_STEP,
+                    reply,
+                })
+                .await?;
+            deleted += step;
+            if step < DELETE_STEP as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 }
+
+/// Dead letters one writer job deletes at most.
+const DELETE_STEP: usize = 1000;
 
 fn dead_letter(
     id: i64,

@@ -24,7 +24,10 @@ use std::borrow::Cow;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{errors_json, storage, to_i64, to_u64};
-use crate::bus::{Appended, BusError, Fired, Settled, Settlement, StartPosition};
+use crate::bus::{
+    Appended, BusError, DeadLetterReason, DeadLetterSelection, Fired, Settled, Settlement,
+    StartPosition,
+};
 use crate::clock::{now_ms, now_us};
 use crate::effects::Effects;
 use crate::event::Event;
@@ -479,28 +482,44 @@ pub(super) fn settle(
     Ok(settled)
 }
 
-pub(super) fn replay(
+/// Dead letters a selection takes, as `(id, plugin, seq)`, oldest first, at most `limit`.
+fn selected_dead_letters(
     conn: &Connection,
-    id: Option<u64>,
-    plugin: Option<&str>,
-) -> Result<u64, BusError> {
-    let rows: Vec<(i64, String, i64)> = {
-        let mut select = conn
-            .prepare(
-                "SELECT id, plugin, seq FROM dead_letters
-                 WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR plugin = ?2)",
-            )
-            .map_err(storage)?;
-        let rows = select
-            .query_map(params![id.map(to_i64), plugin], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .map_err(storage)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(storage)?
+    which: &DeadLetterSelection,
+    limit: usize,
+) -> Result<Vec<(i64, String, i64)>, BusError> {
+    let (id, plugin, reason) = match which {
+        DeadLetterSelection::One(id) => (Some(to_i64(*id)), None, None),
+        DeadLetterSelection::Plugin { plugin, reason } => (
+            None,
+            Some(plugin.as_str()),
+            reason.map(DeadLetterReason::as_str),
+        ),
     };
-    if let (true, Some(id)) = (rows.is_empty(), id) {
-        return Err(BusError::NotFound(format!("dead letter {id}")));
+    let mut select = conn
+        .prepare_cached(
+            "SELECT id, plugin, seq FROM dead_letters
+             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR plugin = ?2)
+               AND (?3 IS NULL OR reason = ?3)
+             ORDER BY id LIMIT ?4",
+        )
+        .map_err(storage)?;
+    let rows = select
+        .query_map(params![id, plugin, reason, to_i64(limit as u64)], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .map_err(storage)?;
+    let rows: Vec<_> = rows.collect::<rusqlite::Result<_>>().map_err(storage)?;
+    match which {
+        DeadLetterSelection::One(id) if rows.is_empty() => {
+            Err(BusError::NotFound(format!("dead letter {id}")))
+        }
+        _ => Ok(rows),
     }
+}
+
+pub(super) fn replay(conn: &Connection, which: &DeadLetterSelection) -> Result<u64, BusError> {
+    let rows = selected_dead_letters(conn, which, usize::MAX)?;
     let now = now_ms();
     for (dead_id, plugin, seq) in &rows {
         exec(
@@ -515,16 +534,34 @@ pub(super) fn replay(
     Ok(rows.len() as u64)
 }
 
-pub(super) fn delete_dead_letter(conn: &Connection, id: u64) -> Result<(), BusError> {
-    exec(conn, "DELETE FROM dead_letters WHERE id = ?1", [to_i64(id)])
-        .map_err(storage)
-        .and_then(|n| {
-            if n == 0 {
-                Err(BusError::NotFound(format!("dead letter {id}")))
-            } else {
-                Ok(())
-            }
-        })
+/// Deletes at most `limit` of the selected dead letters, oldest first; returns how many.
+pub(super) fn delete_dead_letters(
+    conn: &Connection,
+    which: &DeadLetterSelection,
+    limit: usize,
+) -> Result<u64, BusError> {
+    let rows = selected_dead_letters(conn, which, limit)?;
+    for (dead_id, _, _) in &rows {
+        exec(conn, "DELETE FROM dead_letters WHERE id = ?1", [dead_id]).map_err(storage)?;
+    }
+    Ok(rows.len() as u64)
+}
+
+/// Deletes at most `limit` of the oldest dead letters (by id) that were dead-lettered
+/// before `before_ms`; returns how many.
+pub(super) fn expire_dead_letters(
+    conn: &Connection,
+    before_ms: i64,
+    limit: usize,
+) -> Result<u64, BusError> {
+    exec(
+        conn,
+        "DELETE FROM dead_letters WHERE id IN
+           (SELECT id FROM dead_letters ORDER BY id LIMIT ?2) AND dead_at < ?1",
+        params![before_ms, to_i64(limit as u64)],
+    )
+    .map(|n| n as u64)
+    .map_err(storage)
 }
 
 /// Stores the next version of a type's schema if its latest is still `latest`; answers

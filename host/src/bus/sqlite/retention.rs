@@ -40,6 +40,9 @@
 //!   shrink the file to about `max_bytes` (or keep an eighth of the used size free for new
 //!   events without it). A log created before cannot shrink without a `VACUUM`: its free
 //!   pages are reused by new events, so the file stops growing at its high-water mark.
+//! - Dead letters: with `dead_letter_max_age`, each check first deletes the dead letters
+//!   older than it (by when they were dead-lettered), oldest first, in writer jobs of at
+//!   most [`BATCH`]; the events they held back then go by the rules like any other.
 //! - Reporting: the [`RetentionObserver`] gets the deleted counts, the size, and whether
 //!   the log is blocked (above `max_bytes` with nothing left that may go). Entering and
 //!   leaving that state is logged once each, naming what holds the events.
@@ -114,6 +117,8 @@ pub struct RetentionOptions {
     /// How long a plugin with no consumer open still holds back its unsettled events;
     /// `None`: for as long as it has a cursor.
     pub absent_plugin_hold: Option<Duration>,
+    /// How long a dead letter is kept; `None`: until it is replayed or deleted.
+    pub dead_letter_max_age: Option<Duration>,
     /// Told what the worker does.
     pub observer: Arc<dyn RetentionObserver>,
 }
@@ -125,6 +130,7 @@ impl Default for RetentionOptions {
             max_bytes: None,
             interval: Duration::from_secs(1),
             absent_plugin_hold: None,
+            dead_letter_max_age: None,
             observer: Arc::new(NoObserver),
         }
     }
@@ -137,6 +143,7 @@ impl fmt::Debug for RetentionOptions {
             .field("max_bytes", &self.max_bytes)
             .field("interval", &self.interval)
             .field("absent_plugin_hold", &self.absent_plugin_hold)
+            .field("dead_letter_max_age", &self.dead_letter_max_age)
             .finish_non_exhaustive()
     }
 }
@@ -144,7 +151,7 @@ impl fmt::Debug for RetentionOptions {
 impl RetentionOptions {
     /// Whether anything may ever be deleted: a size limit or an age limit.
     pub fn is_active(&self) -> bool {
-        self.max_bytes.is_some() || self.min_age().is_some()
+        self.max_bytes.is_some() || self.min_age().is_some() || self.dead_letter_max_age.is_some()
     }
 
     /// The shortest age limit of any rule.
@@ -531,8 +538,10 @@ impl Worker {
         }
     }
 
-    /// One check: the size, a walk if one is due, then giving space back.
+    /// One check: expired dead letters, the size, a walk if one is due, then giving
+    /// space back.
     fn check(&mut self) -> Result<(), BusError> {
+        self.expire_dead_letters()?;
         let size = self.size()?;
         self.options
             .observer
@@ -563,6 +572,45 @@ impl Worker {
             self.set_blocked(false, &Tally::default())?;
         }
         self.give_back()
+    }
+
+    /// Deletes the dead letters older than `dead_letter_max_age`, oldest first, a writer
+    /// job per [`BATCH`]; the events they held back are then free for the rules.
+    fn expire_dead_letters(&self) -> Result<(), BusError> {
+        let Some(age) = self.options.dead_letter_max_age else {
+            return Ok(());
+        };
+        let before_ms = now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        // Read on the worker's own connection first, so that a check with nothing to
+        // expire costs the writer nothing. Ids grow with the time of dead-lettering.
+        let due: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM dead_letters
+                 WHERE id = (SELECT MIN(id) FROM dead_letters) AND dead_at < ?1)",
+                [before_ms],
+                |r| r.get(0),
+            )
+            .map_err(storage)?;
+        if !due {
+            return Ok(());
+        }
+        let mut expired = 0;
+        loop {
+            let deleted = self.job(|reply| Job::ExpireDeadLetters {
+                before_ms,
+                limit: BATCH,
+                reply,
+            })?;
+            expired += deleted;
+            if deleted < BATCH as u64 {
+                tracing::info!(
+                    expired,
+                    "deleted dead letters older than `dead_letter_max_age`"
+                );
+                return Ok(());
+            }
+        }
     }
 
     fn size(&self) -> Result<Size, BusError> {
@@ -1012,6 +1060,42 @@ mod tests {
             .unwrap();
         assert!(letters.is_empty());
         assert_eq!(bus.consumer_stats("p").await.unwrap().dead_letters, 0);
+        bus.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_letter_older_than_its_age_limit_goes_and_frees_its_event() {
+        let (_dir, bus) = open();
+        settle_some(&bus).await;
+        let options = RetentionOptions {
+            rules: vec![rule(">", Keep::For(Duration::ZERO))],
+            dead_letter_max_age: Some(Duration::from_secs(3600)),
+            ..RetentionOptions::default()
+        };
+        let dead_letters = |bus: &SqliteBus| {
+            let bus = bus.clone();
+            async move { bus.consumer_stats("p").await.unwrap().dead_letters }
+        };
+        check(&bus, options.clone(), now_ms()).await;
+        assert_eq!(dead_letters(&bus).await, 1, "younger than the limit: kept");
+        assert_eq!(sequences(&bus).await, [3, 4, 6, 7, 8, 9, 10]);
+
+        // Dead-lettered two hours ago.
+        let path = bus.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_connection(&path, Durability::Normal).unwrap();
+            conn.execute("UPDATE dead_letters SET dead_at = dead_at - 7200000", [])
+                .unwrap();
+        })
+        .await
+        .unwrap();
+        check(&bus, options, now_ms()).await;
+        assert_eq!(dead_letters(&bus).await, 0);
+        assert_eq!(
+            sequences(&bus).await,
+            [3, 6, 7, 8, 9, 10],
+            "its event went by the rule, in the same check"
+        );
         bus.close().await.unwrap();
     }
 

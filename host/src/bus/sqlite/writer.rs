@@ -31,12 +31,14 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{
-    append_events, cancel_scheduled, delete_dead_letter, exec, fire_due, move_cursor, open_cursor,
-    put_control, put_schema, replay, settle,
+    append_events, cancel_scheduled, delete_dead_letters, exec, expire_dead_letters, fire_due,
+    move_cursor, open_cursor, put_control, put_schema, replay, settle,
 };
 use super::retention::{self, Candidate, Deleted};
 use super::{Durability, Inner, SqliteOptions, storage};
-use crate::bus::{Appended, BusError, Fired, Settled, Settlement, StartPosition};
+use crate::bus::{
+    Appended, BusError, DeadLetterSelection, Fired, Settled, Settlement, StartPosition,
+};
 use crate::event::Event;
 
 /// Page cache of the writer's connection, in KiB.
@@ -64,13 +66,21 @@ pub(super) enum Job {
         cursor: u64,
     },
     Replay {
-        id: Option<u64>,
-        plugin: Option<String>,
+        which: DeadLetterSelection,
         reply: Reply<u64>,
     },
-    DeleteDeadLetter {
-        id: u64,
-        reply: Reply<()>,
+    /// Deletes at most `limit` of the selected dead letters.
+    DeleteDeadLetters {
+        which: DeadLetterSelection,
+        limit: usize,
+        reply: Reply<u64>,
+    },
+    /// Retention: deletes at most `limit` of the oldest dead letters dead-lettered before
+    /// `before_ms`.
+    ExpireDeadLetters {
+        before_ms: i64,
+        limit: usize,
+        reply: Reply<u64>,
     },
     PutSchema {
         event_type: String,
@@ -390,16 +400,29 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             let ok = move_cursor(savepoint, &plugin, cursor).is_ok();
             (Answer::Nothing, ok)
         }
-        Job::Replay { id, plugin, reply } => {
-            let result = replay(savepoint, id, plugin.as_deref());
+        Job::Replay { which, reply } => {
+            let result = replay(savepoint, &which);
             let ok = result.is_ok();
             *wake |= ok;
             (Answer::Count(reply, result), ok)
         }
-        Job::DeleteDeadLetter { id, reply } => {
-            let result = delete_dead_letter(savepoint, id);
+        Job::DeleteDeadLetters {
+            which,
+            limit,
+            reply,
+        } => {
+            let result = delete_dead_letters(savepoint, &which, limit);
             let ok = result.is_ok();
-            (Answer::Done(reply, result), ok)
+            (Answer::Count(reply, result), ok)
+        }
+        Job::ExpireDeadLetters {
+            before_ms,
+            limit,
+            reply,
+        } => {
+            let result = expire_dead_letters(savepoint, before_ms, limit);
+            let ok = result.is_ok();
+            (Answer::Count(reply, result), ok)
         }
         Job::PutSchema {
             event_type,
@@ -479,9 +502,11 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         Job::OpenCursor { reply, .. } => Answer::Position(reply, Ok(0)),
         Job::Settle(job) => Answer::Settled(job.reply, Ok(Settled::default())),
         Job::Replay { reply, .. }
+        | Job::DeleteDeadLetters { reply, .. }
+        | Job::ExpireDeadLetters { reply, .. }
         | Job::PutSchema { reply, .. }
         | Job::PutControl { reply, .. } => Answer::Count(reply, Ok(0)),
-        Job::DeleteDeadLetter { reply, .. } | Job::Close { reply } => Answer::Done(reply, Ok(())),
+        Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
         Job::Retain { reply, .. } => Answer::Deleted(reply, Ok(Deleted::default())),
         Job::Vacuum { reply, .. } | Job::CancelScheduled { reply, .. } => {
