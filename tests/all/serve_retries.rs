@@ -243,10 +243,149 @@ async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop(backe
     }
 }
 
+/// Sends `method path` and answers the status and the JSON body.
+async fn call(host: &Host, method: reqwest::Method, path: &str) -> (u16, serde_json::Value) {
+    let response = host
+        .http
+        .request(method, host.url(path))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
+    let mut host = Host::on(&backend);
+    let sidecar = "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
+                   [retry]\nmax_attempts = 1\n";
+    host.plugin("picky", Guest::Hostile, Some(sidecar));
+    host.plugin("other", Guest::Hostile, Some(sidecar));
+    host.start();
+    for n in 0..3 {
+        let id = format!("junk-{n}");
+        assert_eq!(host.send("hostile.reject", &id, json!({})).await, 202);
+    }
+    for n in 0..2 {
+        let id = format!("job-{n}");
+        assert_eq!(host.send("hostile.needs-fix", &id, json!({})).await, 202);
+    }
+    host.wait_for("ten dead letters", Duration::from_secs(30), || async {
+        let counts = (
+            dead_letters(&host, "picky").await.len(),
+            dead_letters(&host, "other").await.len(),
+        );
+        (counts == (5, 5)).then_some(())
+    })
+    .await;
+
+    // Leaving out the plugin, or naming no known kind, is refused and deletes nothing.
+    let delete = reqwest::Method::DELETE;
+    let (status, body) = call(&host, delete.clone(), "/v1/dlq").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`plugin` is required")
+    );
+    let (status, _) = call(&host, delete.clone(), "/v1/dlq?plugin=picky&reason=bored").await;
+    assert_eq!(status, 400);
+    assert_eq!(dead_letters(&host, "picky").await.len(), 5);
+
+    let (status, body) = call(
+        &host,
+        delete.clone(),
+        "/v1/dlq?plugin=picky&reason=rejected",
+    )
+    .await;
+    assert_eq!((status, &body), (200, &json!({ "deleted": 3 })));
+    let left = dead_letters(&host, "picky").await;
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|l| l["reason"] == "exhausted"), "{left:?}");
+    assert_eq!(
+        dead_letters(&host, "other").await.len(),
+        5,
+        "another plugin's stay"
+    );
+
+    // Replay takes a kind too: no rejected one is left to replay.
+    let (status, body) = call(
+        &host,
+        reqwest::Method::POST,
+        "/v1/dlq/replay?plugin=picky&reason=rejected",
+    )
+    .await;
+    assert_eq!((status, &body), (202, &json!({ "replayed": 0 })));
+
+    let (status, body) = call(&host, delete.clone(), "/v1/dlq?plugin=picky").await;
+    assert_eq!((status, &body), (200, &json!({ "deleted": 2 })));
+    assert!(dead_letters(&host, "picky").await.is_empty());
+    let (status, body) = call(&host, delete, "/v1/dlq?plugin=picky").await;
+    assert_eq!((status, &body), (200, &json!({ "deleted": 0 })));
+
+    // The command line, on the other plugin's exhausted ones.
+    let url = host.url("");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "dlq",
+            "delete",
+            "--plugin",
+            "other",
+            "--reason",
+            "exhausted",
+        ])
+        .args(["--url", url.trim_end_matches('/')])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"deleted\": 2"));
+    let left = dead_letters(&host, "other").await;
+    assert_eq!(left.len(), 3);
+    assert!(left.iter().all(|l| l["reason"] == "rejected"), "{left:?}");
+    // Its counts follow.
+    let status = host.status("other").await.unwrap();
+    assert_eq!(status["dead_letters"], 3);
+}
+
+async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.config("[log]\nretention_interval = \"100ms\"\ndead_letter_max_age = \"2s\"\n");
+    host.plugin(
+        "picky",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.reject\"]\n"),
+    );
+    host.start();
+    assert_eq!(host.send("hostile.reject", "old-1", json!({})).await, 202);
+    host.wait_for("the dead letter", Duration::from_secs(20), || async {
+        (!dead_letters(&host, "picky").await.is_empty()).then_some(())
+    })
+    .await;
+    host.wait_for("it to age out", Duration::from_secs(30), || async {
+        dead_letters(&host, "picky").await.is_empty().then_some(())
+    })
+    .await;
+    // The host goes on dead-lettering.
+    assert_eq!(host.send("hostile.reject", "new-1", json!({})).await, 202);
+    let letters = host
+        .wait_for("the next dead letter", Duration::from_secs(20), || async {
+            let letters = dead_letters(&host, "picky").await;
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+    assert_eq!(letters[0]["event"]["id"], "new-1");
+}
+
 crate::on_both_backends!(
     a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once,
     a_plugin_that_always_fails_is_dead_lettered_after_max_attempts,
     reject_dead_letters_after_one_attempt,
     replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry,
     an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop,
+    a_plugins_dead_letters_are_deleted_in_bulk_by_kind,
+    dead_letters_older_than_their_age_limit_go,
 );
