@@ -402,6 +402,16 @@ async fn tokens_guard_ingest_and_admin_routes() {
         )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // So is deleting dead letters in bulk.
+    let (status, _) = api
+        .call(
+            Request::delete("/v1/dlq?plugin=any")
+                .header(header::AUTHORIZATION, "Bearer in-secret")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Registering a schema is an admin action, not an ingest one.
     let (status, _) = api
         .call(
