@@ -195,6 +195,7 @@ struct Families {
     dead_letters: Family<ReasonLabels, Counter>,
     plugin_lag: Family<PluginLabels, CountGauge>,
     plugin_pending_retries: Family<PluginLabels, CountGauge>,
+    plugin_dead_letters: Family<PluginLabels, CountGauge>,
     plugin_in_flight: Family<PluginLabels, CountGauge>,
     plugin_paused: Family<PluginLabels, CountGauge>,
     plugin_breaker_open: Family<PluginLabels, CountGauge>,
@@ -306,6 +307,12 @@ impl Families {
                 registry,
                 "plugin_pending_retries",
                 "Deliveries waiting for a retry",
+                Family::default(),
+            ),
+            plugin_dead_letters: registered(
+                registry,
+                "plugin_dead_letters",
+                "Dead letters the plugin has now (replayed, deleted and expired ones gone)",
                 Family::default(),
             ),
             plugin_in_flight: registered(
@@ -484,6 +491,8 @@ pub struct PluginGauges {
     pub lag: u64,
     /// Deliveries waiting for a retry.
     pub pending_retries: u64,
+    /// Dead letters it has now.
+    pub dead_letters: u64,
     /// Deliveries being handled now.
     pub in_flight: u64,
     /// Whether an operator has paused the plugin.
@@ -878,6 +887,7 @@ impl Metrics {
         // Plugins that are gone must drop out of the gauges, as they drop out of `gauges`.
         families.plugin_lag.clear();
         families.plugin_pending_retries.clear();
+        families.plugin_dead_letters.clear();
         families.plugin_in_flight.clear();
         families.plugin_paused.clear();
         families.plugin_breaker_open.clear();
@@ -891,6 +901,10 @@ impl Metrics {
                 .plugin_pending_retries
                 .get_or_create(&labels)
                 .set(g.pending_retries);
+            families
+                .plugin_dead_letters
+                .get_or_create(&labels)
+                .set(g.dead_letters);
             families
                 .plugin_in_flight
                 .get_or_create(&labels)
@@ -999,6 +1013,7 @@ mod tests {
             PluginGauges {
                 lag: 7,
                 pending_retries: 1,
+                dead_letters: 2,
                 in_flight: 2,
                 paused: false,
                 breaker_open: true,
@@ -1303,6 +1318,10 @@ switchyard_plugin_lag_events{plugin="ticketing"} 7
 # TYPE switchyard_plugin_pending_retries gauge
 switchyard_plugin_pending_retries{plugin="audit"} 0
 switchyard_plugin_pending_retries{plugin="ticketing"} 1
+# HELP switchyard_plugin_dead_letters Dead letters the plugin has now (replayed, deleted and expired ones gone).
+# TYPE switchyard_plugin_dead_letters gauge
+switchyard_plugin_dead_letters{plugin="audit"} 0
+switchyard_plugin_dead_letters{plugin="ticketing"} 2
 # HELP switchyard_plugin_in_flight Deliveries being handled now.
 # TYPE switchyard_plugin_in_flight gauge
 switchyard_plugin_in_flight{plugin="audit"} 0

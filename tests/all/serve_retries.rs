@@ -349,6 +349,9 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     // Its counts follow.
     let status = host.status("other").await.unwrap();
     assert_eq!(status["dead_letters"], 3);
+    let held = |plugin: &str| format!("switchyard_plugin_dead_letters{{plugin=\"{plugin}\"}}");
+    assert_eq!(host.metric(&held("other")).await, 3.0);
+    assert_eq!(host.metric(&held("picky")).await, 0.0);
 }
 
 async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {

@@ -657,6 +657,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             PluginGauges {
                 lag: stats.lag,
                 pending_retries: stats.pending_retries,
+                dead_letters: stats.dead_letters,
                 in_flight: running.in_flight,
                 paused: control.paused.is_some(),
                 breaker_open: control.breaker != Breaker::Closed,
