@@ -757,6 +757,14 @@ fn runtime() -> anyhow::Result<Runtime> {
     .context("starting the WebAssembly runtime")
 }
 
+/// Prunes the user's compile cache, keeping the plugins loaded now (every build checked
+/// leaves a file); a failure only leaves more on disk.
+fn prune_compile_cache(runtime: &Runtime) {
+    if let Some(Err(error)) = runtime.prune_compile_cache() {
+        tracing::debug!(%error, "cannot prune the compile cache");
+    }
+}
+
 /// `$SWITCHYARD_CACHE_DIR`, else `$XDG_CACHE_HOME/switchyard`, else
 /// `~/.cache/switchyard`; `None` (no cache) when none is known.
 fn user_compile_cache() -> Option<PathBuf> {
@@ -770,15 +778,21 @@ fn user_compile_cache() -> Option<PathBuf> {
 async fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     let mut failed = false;
+    let mut loaded = Vec::new();
     for file in files {
         match runtime.load_file(file, PluginSettings::default()).await {
-            Ok(plugin) => print!("{}", describe_plugin(file, &plugin)),
+            Ok(plugin) => {
+                print!("{}", describe_plugin(file, &plugin));
+                loaded.push(plugin);
+            }
             Err(error) => {
                 eprintln!("error: {error}");
                 failed = true;
             }
         }
     }
+    prune_compile_cache(&runtime);
+    drop(loaded);
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -872,6 +886,7 @@ async fn invoke(
         duration_us: outcome.duration.as_micros(),
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
+    prune_compile_cache(&runtime);
     Ok(if outcome.result.is_ok() {
         ExitCode::SUCCESS
     } else {

@@ -67,6 +67,8 @@
 //! max_instances = 1000
 //! max_memory = "1GiB"
 //! guest_threads = 1            # default: CPU cores minus one, at least 1
+//! compile_cache_max_unused = "30d"
+//! compile_cache_max_bytes = "2GiB"
 //!
 //! [watch]
 //! mode = "events"
@@ -96,7 +98,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::PluginDefaults;
 use crate::retention::{RetentionRule, StreamLimits, stream_limits};
-use crate::runtime::RuntimeConfig;
+use crate::runtime::{CacheLimits, RuntimeConfig};
 use crate::units::deser;
 
 /// Why a config file was refused.
@@ -495,6 +497,22 @@ pub struct RuntimeSection {
     /// Default: the number of CPU cores minus one (at least 1), which leaves a core to
     /// ingest and the log.
     pub guest_threads: usize,
+
+    /// How long compiled code in `DATA_DIR/compile-cache` that no loaded plugin uses is
+    /// kept (a duration, or `"forever"`): the versions hot reload replaced, removed
+    /// plugins, other host versions'. Checked at start and every hour; a file in use is
+    /// never removed.
+    ///
+    /// Default: `"30d"`.
+    #[serde(deserialize_with = "crate::retention::deser::duration_or_forever")]
+    pub compile_cache_max_unused: Option<Duration>,
+
+    /// Most bytes the compile cache keeps: above it, the least recently used files no
+    /// loaded plugin uses go first. What loaded plugins use is kept even beyond it.
+    ///
+    /// Default: `"2GiB"`.
+    #[serde(deserialize_with = "deser::size")]
+    pub compile_cache_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -681,6 +699,8 @@ impl Default for RuntimeSection {
             max_instances: engine.max_instances,
             max_memory: engine.max_memory_bytes,
             guest_threads: engine.guest_threads,
+            compile_cache_max_unused: engine.compile_cache_limits.max_unused,
+            compile_cache_max_bytes: engine.compile_cache_limits.max_bytes.unwrap_or(u64::MAX),
         }
     }
 }
@@ -692,6 +712,10 @@ impl RuntimeSection {
             max_instances: self.max_instances,
             max_memory_bytes: self.max_memory,
             compile_cache: None,
+            compile_cache_limits: CacheLimits {
+                max_unused: self.compile_cache_max_unused,
+                max_bytes: Some(self.compile_cache_max_bytes),
+            },
             compiler: None,
             guest_threads: self.guest_threads,
         }
@@ -999,6 +1023,8 @@ mod tests {
             max_instances = 50
             max_memory = "512MiB"
             guest_threads = 3
+            compile_cache_max_unused = "7d"
+            compile_cache_max_bytes = "100MiB"
 
             [plugin_defaults]
             concurrency = 16
@@ -1063,6 +1089,10 @@ mod tests {
                 max_instances: 50,
                 max_memory_bytes: 512 << 20,
                 compile_cache: None,
+                compile_cache_limits: CacheLimits {
+                    max_unused: Some(Duration::from_secs(7 * 86_400)),
+                    max_bytes: Some(100 << 20),
+                },
                 compiler: None,
                 guest_threads: 3,
             }

@@ -279,6 +279,58 @@ async fn a_damaged_compiled_plugin_in_the_cache_is_compiled_again() {
     .await;
 }
 
+/// Compiled code nobody uses goes from the cache when the host starts: another engine's,
+/// and a version no plugin is loaded from, once unused for `compile_cache_max_unused`;
+/// the loaded plugin's stays, however old, and is marked used.
+#[tokio::test]
+async fn the_compile_cache_sheds_what_no_loaded_plugin_used_for_too_long() {
+    let mut host = Host::new();
+    host.config("[runtime]\ncompile_cache_max_unused = \"7d\"\n");
+    host.plugin("audit", Guest::AuditTrail, None);
+    host.start();
+    host.stop();
+    let cache = host.data_dir().join("compile-cache");
+    let loaded = walk(&cache);
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    let engine_dir = loaded[0].parent().unwrap().to_owned();
+    let month_ago = std::time::SystemTime::now() - Duration::from_secs(30 * 86_400);
+    let plant = |path: &std::path::Path| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"compiled code of an earlier version").unwrap();
+    };
+    let replaced = engine_dir.join(format!("{}.cwasm", "ab".repeat(32)));
+    let other_engine = cache.join("00000000deadbeef");
+    plant(&replaced);
+    plant(&other_engine.join(format!("{}.cwasm", "cd".repeat(32))));
+    let recent = engine_dir.join(format!("{}.cwasm", "ef".repeat(32)));
+    plant(&recent);
+    for path in walk(&cache).iter().filter(|path| **path != recent) {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(month_ago).unwrap();
+    }
+
+    host.start();
+    host.wait_for("the prune", Duration::from_secs(30), || async {
+        (!replaced.exists() && !other_engine.exists()).then_some(())
+    })
+    .await;
+    assert!(recent.exists(), "used within the limit: kept");
+    let used = std::fs::metadata(&loaded[0]).unwrap().modified().unwrap();
+    assert!(
+        used > month_ago,
+        "the loaded plugin's code is kept and marked used"
+    );
+    assert_eq!(
+        host.metric("switchyard_compile_cache_hits_total").await,
+        1.0
+    );
+    assert_eq!(host.send("audit.check", "a-1", json!({})).await, 202);
+    host.wait_for("the event counted", Duration::from_secs(30), || async {
+        host.kv("audit", "count/audit.check").await
+    })
+    .await;
+}
+
 /// Every file under `dir`.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -43,7 +43,8 @@ pub use self::sandbox::{Access, Refusals};
 pub use self::settings::{EffectBounds, Isolation, PluginLimits, PluginSettings};
 pub use self::validate::{CONTRACT_PACKAGE, CONTRACT_VERSIONS, Import};
 
-use self::artifacts::Artifacts;
+use self::artifacts::{ArtifactLease, Artifacts};
+pub use self::artifacts::{CacheLimits, Pruned};
 use self::fair::CpuGate;
 use self::host::HostState;
 
@@ -61,6 +62,9 @@ pub struct RuntimeConfig {
     /// settings, so a restart or the same bytes again do not recompile, and compiled code
     /// is mapped rather than read into memory. `None`: no cache, compiled in memory.
     pub compile_cache: Option<std::path::PathBuf>,
+    /// What the compile cache keeps of files no loaded plugin uses
+    /// ([`Runtime::prune_compile_cache`]).
+    pub compile_cache_limits: CacheLimits,
     /// Compile new plugins in a child process of this program (`compile-plugin`), so the
     /// compiler's peak memory is not kept by the host. Needs `compile_cache`.
     pub compiler: Option<Compiler>,
@@ -76,6 +80,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_memory_bytes: 1024 * 1024 * 1024,
             compile_cache: None,
+            compile_cache_limits: CacheLimits::default(),
             compiler: None,
             guest_threads: default_guest_threads(),
         }
@@ -241,13 +246,28 @@ impl Runtime {
         artifacts::compile_to_file(&engine, &bytes, out).map_err(fail)
     }
 
-    /// The compiled component of `bytes`: from the compile cache when there is one.
-    pub(crate) fn compile(&self, sha256: &str, bytes: &[u8]) -> Result<Component, LoadErrorReason> {
+    /// The compiled component of `bytes`: from the compile cache when there is one, with
+    /// the lease that keeps its file there while the plugin lives.
+    pub(crate) fn compile(
+        &self,
+        sha256: &str,
+        bytes: &[u8],
+    ) -> Result<(Component, Option<ArtifactLease>), LoadErrorReason> {
         match &self.inner.artifacts {
-            Some(artifacts) => artifacts.load(&self.inner.engine, sha256, bytes),
+            Some(artifacts) => artifacts
+                .load(&self.inner.engine, sha256, bytes)
+                .map(|(component, lease)| (component, Some(lease))),
             None => Component::new(&self.inner.engine, bytes)
+                .map(|component| (component, None))
                 .map_err(|e| LoadErrorReason::Invalid(format!("{e:#}"))),
         }
+    }
+
+    /// Removes from the compile cache what no loaded plugin uses and its limits let go
+    /// (see [`CacheLimits`]); `None` without a cache. Reads the disk: call it off the async
+    /// threads.
+    pub fn prune_compile_cache(&self) -> Option<std::io::Result<Pruned>> {
+        self.inner.artifacts.as_ref().map(Artifacts::prune)
     }
 
     pub(crate) fn engine(&self) -> &Engine {

@@ -28,6 +28,7 @@ use tracing::{Instrument, Span};
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
+use super::artifacts::ArtifactLease;
 use super::bindings::{Exports, HandlerError, PluginPre};
 use super::fair::{CallClock, CpuShare, Fair};
 use super::host::{HostState, HostTrap, PluginIdentity};
@@ -112,6 +113,8 @@ pub struct Plugin {
     cpu: CpuShare,
     created: AtomicU64,
     recycled: AtomicU64,
+    /// Keeps the compiled file in the cache while the plugin lives.
+    _artifact: Option<ArtifactLease>,
 }
 
 struct Instance {
@@ -140,14 +143,15 @@ impl Runtime {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let runtime = self.clone();
         let hash = sha256.clone();
-        let (pre, world) = tokio::task::spawn_blocking(move || runtime.prepare(&hash, &bytes))
-            .await
-            .map_err(|e| {
-                fail(LoadErrorReason::Invalid(format!(
-                    "compiler thread failed: {e}"
-                )))
-            })?
-            .map_err(fail)?;
+        let (pre, world, artifact) =
+            tokio::task::spawn_blocking(move || runtime.prepare(&hash, &bytes))
+                .await
+                .map_err(|e| {
+                    fail(LoadErrorReason::Invalid(format!(
+                        "compiler thread failed: {e}"
+                    )))
+                })?
+                .map_err(fail)?;
         let identity = Arc::new(PluginIdentity {
             name: Arc::from(name),
             refusals: Refusals::default(),
@@ -171,6 +175,7 @@ impl Runtime {
             cpu: CpuShare::default(),
             created: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
+            _artifact: artifact,
         };
         plugin.info = plugin.describe().await.map_err(fail)?;
         Ok(plugin)
@@ -199,8 +204,8 @@ impl Runtime {
         &self,
         sha256: &str,
         bytes: &[u8],
-    ) -> Result<(PluginPre, validate::World), LoadErrorReason> {
-        let component = self.compile(sha256, bytes)?;
+    ) -> Result<(PluginPre, validate::World, Option<ArtifactLease>), LoadErrorReason> {
+        let (component, lease) = self.compile(sha256, bytes)?;
         let world = validate::check_world(self.engine(), &component)?;
         let pre = self
             .linker()
@@ -208,7 +213,7 @@ impl Runtime {
             .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
         let pre = PluginPre::new(world.contract, world.batch, pre)
             .map_err(|e| LoadErrorReason::Link(format!("{e:#}")))?;
-        Ok((pre, world))
+        Ok((pre, world, lease))
     }
 }
 

@@ -12,6 +12,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -100,6 +101,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         stop_watching.subscribe(),
     ));
+    // Once the plugins are loaded, so that what they use is known to be in use.
+    let housekeeping = tokio::spawn(keep_compile_cache(
+        runtime.clone(),
+        stop_watching.subscribe(),
+    ));
     let (loaded, failed) = {
         let table = registry.table();
         let table = table
@@ -155,10 +161,37 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = stop_watching.send(true);
     let _ = watcher.await;
     let _ = scheduler.await;
+    let _ = housekeeping.await;
     registry.shutdown().await;
     bus.close().await.context("closing the log")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the compile cache is pruned while the host runs.
+const COMPILE_CACHE_PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
+
+/// Prunes the compile cache now and every [`COMPILE_CACHE_PRUNE_EVERY`] until `stopped`.
+async fn keep_compile_cache(runtime: Runtime, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let pruning = runtime.clone();
+        match tokio::task::spawn_blocking(move || pruning.prune_compile_cache()).await {
+            Ok(Some(Ok(pruned))) if pruned.files > 0 => tracing::info!(
+                files = pruned.files,
+                bytes = pruned.bytes,
+                kept_bytes = pruned.kept_bytes,
+                "removed compiled code no loaded plugin used from the compile cache"
+            ),
+            Ok(Some(Err(error))) => {
+                tracing::warn!(%error, "cannot prune the compile cache; trying again later");
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            () = tokio::time::sleep(COMPILE_CACHE_PRUNE_EVERY) => {}
+        }
+    }
 }
 
 /// Opens the configured backend of the bus, with retention reporting to `metrics`.
