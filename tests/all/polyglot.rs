@@ -11,7 +11,9 @@ use serde_json::json;
 use crate::support::guests::{self, Guest, Polyglot};
 use crate::support::host::{Backend, Host};
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Long enough for a first load, which compiles the interpreter's component: about 25 s
+/// alone on two cores, and twice that beside another test compiling one.
+const WAIT: Duration = Duration::from_secs(150);
 
 /// Copies a built Python or JavaScript guest into the running host's plugin folder.
 fn drop_in(host: &Host, name: &str, guest: Polyglot, sidecar: Option<&str>) {
