@@ -100,38 +100,40 @@ pub enum DlqCommand {
         id: u64,
     },
     /// Replay one dead letter, or every dead letter of a plugin.
-    Replay {
-        /// The dead letter's id.
-        #[arg(conflicts_with = "plugin", required_unless_present = "plugin")]
-        id: Option<u64>,
-        /// Replay all of this plugin's dead letters.
-        #[arg(long)]
-        plugin: Option<String>,
-        /// With `--plugin`: only those dead-lettered for this reason.
-        #[arg(long, requires = "plugin")]
-        reason: Option<String>,
-    },
+    Replay(DeadLetterTarget),
     /// Delete one dead letter, or every dead letter of a plugin.
-    Delete {
-        /// The dead letter's id.
-        #[arg(conflicts_with = "plugin", required_unless_present = "plugin")]
-        id: Option<u64>,
-        /// Delete all of this plugin's dead letters.
-        #[arg(long)]
-        plugin: Option<String>,
-        /// With `--plugin`: only those dead-lettered for this reason.
-        #[arg(long, requires = "plugin")]
-        reason: Option<String>,
-    },
+    Delete(DeadLetterTarget),
 }
 
-/// The query naming a plugin's dead letters, or only those with a reason.
-fn plugin_dead_letters(plugin: Option<String>, reason: Option<String>) -> String {
-    let mut query = format!("plugin={}", plugin.unwrap_or_default());
-    if let Some(reason) = reason {
-        query.push_str(&format!("&reason={reason}"));
+/// The dead letters `dlq replay` and `dlq delete` take.
+#[derive(Debug, clap::Args)]
+pub struct DeadLetterTarget {
+    /// The dead letter's id.
+    #[arg(conflicts_with = "plugin", required_unless_present = "plugin")]
+    id: Option<u64>,
+    /// All of this plugin's dead letters.
+    #[arg(long)]
+    plugin: Option<String>,
+    /// With `--plugin`: only those dead-lettered for this reason.
+    #[arg(long, requires = "plugin")]
+    reason: Option<String>,
+}
+
+impl DeadLetterTarget {
+    /// The route of one dead letter (`/v1/dlq/ID` and what follows), or the query of a
+    /// plugin's (`?plugin=…`) after `many`.
+    fn path(self, one: &str, many: &str) -> String {
+        match self.id {
+            Some(id) => format!("/v1/dlq/{id}{one}"),
+            None => {
+                let mut path = format!("{many}?plugin={}", self.plugin.unwrap_or_default());
+                if let Some(reason) = self.reason {
+                    path.push_str(&format!("&reason={reason}"));
+                }
+                path
+            }
+        }
     }
-    query
 }
 
 /// `switchyard plugins pause|resume …`.
@@ -455,20 +457,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (reqwest::Method::GET, path)
                 }
                 DlqCommand::Show { id } => (reqwest::Method::GET, format!("/v1/dlq/{id}")),
-                DlqCommand::Replay { id: Some(id), .. } => {
-                    (reqwest::Method::POST, format!("/v1/dlq/{id}/replay"))
-                }
-                DlqCommand::Replay { plugin, reason, .. } => (
+                DlqCommand::Replay(target) => (
                     reqwest::Method::POST,
-                    format!("/v1/dlq/replay?{}", plugin_dead_letters(plugin, reason)),
+                    target.path("/replay", "/v1/dlq/replay"),
                 ),
-                DlqCommand::Delete { id: Some(id), .. } => {
-                    (reqwest::Method::DELETE, format!("/v1/dlq/{id}"))
-                }
-                DlqCommand::Delete { plugin, reason, .. } => (
-                    reqwest::Method::DELETE,
-                    format!("/v1/dlq?{}", plugin_dead_letters(plugin, reason)),
-                ),
+                DlqCommand::Delete(target) => (reqwest::Method::DELETE, target.path("", "/v1/dlq")),
             };
             request(&client, method, &path, None).await
         }
