@@ -503,3 +503,49 @@ async fn scheduled_events_fire_once_in_total_across_two_hosts_one_of_them_killed
     let listed = first.get_json("/v1/scheduled").await;
     assert_eq!(listed["pending"], 0, "{listed}");
 }
+
+/// Messages in the stream `name` now.
+async fn stream_messages(url: &str, name: &str) -> u64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(name)
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// The errors of a delivery's failed attempts are kept only until it is settled: a
+/// plugin that fails now and then leaves nothing behind in the attempts bucket.
+#[tokio::test]
+async fn a_settled_deliverys_attempt_errors_leave_nothing_behind() {
+    let server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.plugin(
+        "flaky",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.fail-until\"]\n[retry]\nbackoff = \"constant\"\n\
+             initial = \"100ms\"\njitter = false\nmax_attempts = 5\n",
+        ),
+    );
+    host.start();
+    for id in ["flaky-1", "flaky-2"] {
+        assert_eq!(host.send("hostile.fail-until", id, json!({})).await, 202);
+    }
+    for id in ["flaky-1", "flaky-2"] {
+        let attempt = host
+            .wait_for("the third attempt", Duration::from_secs(20), || async {
+                host.kv("flaky", &format!("recovered/{id}")).await
+            })
+            .await;
+        assert_eq!(attempt, "3");
+    }
+    host.wait_for(
+        "the attempts bucket to empty",
+        Duration::from_secs(20),
+        || async {
+            (stream_messages(&server.url(), "KV_switchyard-attempts").await == 0).then_some(())
+        },
+    )
+    .await;
+}

@@ -541,6 +541,9 @@ impl Journal {
     }
 }
 
+/// How long the marker of a forgotten journal stays: the server's least time to live.
+const JOURNAL_MARKER_TTL: Duration = Duration::from_secs(1);
+
 impl Shared {
     /// What is recorded of a delivery's earlier hand-outs (nothing: a first attempt, or
     /// one whose host died before settling it).
@@ -555,10 +558,13 @@ impl Shared {
             .unwrap_or_default())
     }
 
+    /// Drops a delivery's journal once it is settled. The purge's marker, which a plain
+    /// purge leaves in the bucket for good (one per delivery that ever failed), expires
+    /// at once: nothing reads the journal's history.
     pub(super) async fn forget_attempts(&self, plugin: &str, sequence: u64) {
         if let Err(error) = self
             .attempts
-            .purge(Self::journal_key(plugin, sequence))
+            .purge_with_ttl(Self::journal_key(plugin, sequence), JOURNAL_MARKER_TTL)
             .await
         {
             tracing::warn!(%plugin, sequence, %error, "cannot delete attempt errors");
