@@ -549,3 +549,39 @@ async fn a_settled_deliverys_attempt_errors_leave_nothing_behind() {
     )
     .await;
 }
+
+/// A deleted KV key leaves nothing behind in the plugin's bucket either, as a deleted row
+/// on the embedded log: the bucket does not grow with every key a plugin ever deleted.
+#[tokio::test]
+async fn a_deleted_kv_key_leaves_nothing_behind() {
+    let server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.plugin(
+        "keeper",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.kv-pair\", \"hostile.kv-delete\"]\nordering = \"key\"\n"),
+    );
+    host.start();
+    let bucket = "KV_switchyard-kv-keeper";
+    assert_eq!(host.send("hostile.kv-pair", "x", json!({})).await, 202);
+    host.wait_for("the pair", Duration::from_secs(20), || async {
+        host.kv("keeper", "b/x").await
+    })
+    .await;
+    // The pair and its commit record.
+    assert_eq!(stream_messages(&server.url(), bucket).await, 3);
+    assert_eq!(
+        host.send("hostile.kv-delete", "del-x", json!({})).await,
+        202
+    );
+    host.wait_for("the deletion", Duration::from_secs(20), || async {
+        host.kv("keeper", "a/x").await.is_none().then_some(())
+    })
+    .await;
+    host.wait_for("its marker to go", Duration::from_secs(20), || async {
+        // `b/x` and the two commit records.
+        (stream_messages(&server.url(), bucket).await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(host.kv("keeper", "b/x").await.as_deref(), Some("1"));
+}

@@ -21,7 +21,8 @@
 //! 2. **Batch.** One atomic batch, its messages conditional
 //!    (`Nats-Expected-Last-Subject-Sequence`): the commit record, expecting none for the
 //!    delivery (it holds the emits, to publish again if need be); each write (the last
-//!    to each key wins) or delete (`KV-Operation: DEL`), expecting the revision the
+//!    to each key wins) or delete (`KV-Operation: DEL`, a marker that expires at once, as
+//!    a deleted row goes on the embedded log), expecting the revision the
 //!    attempt read when it read the key (a blind write has no condition: it depends on
 //!    nothing, and the last one wins, as on the embedded log); a
 //!    guard message for each key read and not written, expecting its revision on the
@@ -88,6 +89,12 @@ use crate::stream::EXPECTED_VERSION;
 /// How long a commit record marks its delivery as committed: a copy of the delivery that
 /// turns up later than this (a host stalled for a day) would run again.
 pub(super) const COMMIT_RECORD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long the marker a deleted key leaves stays in the bucket: the server's least time
+/// to live. Reading a key finds nothing either way, so markers kept for good would only
+/// grow the bucket by one message per key ever deleted. An attempt that read a marker
+/// which expires before its commit conflicts, and runs again.
+const DELETE_MARKER_TTL: Duration = Duration::from_secs(1);
 
 /// Most messages the server takes in one atomic batch.
 const MAX_BATCH_MESSAGES: usize = 1000;
@@ -282,7 +289,10 @@ impl Shared {
                     payload: Bytes::new(),
                     expected,
                     condition_on: None,
-                    headers: vec![("KV-Operation", "DEL".to_owned())],
+                    headers: vec![
+                        ("KV-Operation", "DEL".to_owned()),
+                        ("Nats-TTL", DELETE_MARKER_TTL.as_secs().to_string()),
+                    ],
                 },
             });
         }

@@ -41,6 +41,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.needs-fix` | asks for a retry unless config `fixed` is `true`; then records `fixed/<id>` in KV |
 /// | `hostile.count` | records `seen/<id>` = config `tag` (default `1`) in KV, adds one to the counter `total/<0-15>` and emits `hostile.counted` with the id and tag |
 /// | `hostile.kv-pair` | writes `a/<id>` and `b/<id>` in KV, reading nothing; nothing when config `writes` is `off` |
+/// | `hostile.kv-delete` | deletes `a/<id>` from KV, the id without a `del-` prefix (the pair of `hostile.kv-pair`'s event `<id>`) |
 /// | `hostile.echo` | emits an event of the type it is handling: an endless causation chain |
 /// | `hostile.sequence` | appends the data's `n` to the list at `order/<partitionkey>`; asks for one retry first when the data has `"fail_once": true` |
 /// | `hostile.kv-and-stream` | writes `mixed/<id>` in KV and appends `hostile.appended` to the stream `ledger` at the version it reads |
@@ -134,6 +135,11 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
                 kv::set(&format!("a/{}", event.id), b"1");
                 kv::set(&format!("b/{}", event.id), b"1");
             }
+            Ok(())
+        }
+        "hostile.kv-delete" => {
+            let pair = event.id.strip_prefix("del-").unwrap_or(&event.id);
+            kv::delete(&format!("a/{pair}"));
             Ok(())
         }
         "hostile.kv-and-stream" => {
