@@ -590,6 +590,7 @@ pub struct HttpSection {
     /// Longest a request may take, reading its body included; a slower one is answered
     /// `408` (`request_timeout`). An event whose append was already under way may still
     /// be stored: a producer that retries with the same `source` and `id` stores it once.
+    /// A backup and a replay or deletion of all of a plugin's dead letters have no limit.
     /// More than 0.
     ///
     /// Default: `"30s"`.

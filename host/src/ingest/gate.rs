@@ -9,15 +9,16 @@
 //!   answered `503` with `Retry-After` at once rather than queued, so memory stays bounded;
 //! - no API request runs longer than `http.request_timeout`: it is answered `408` and its
 //!   handler dropped. (A client slow to send its headers is cut off earlier, by the
-//!   connection's header timeout in `crate::server`.) A backup (`/v1/backup`) is the one
-//!   exception: copying the log takes as long as the log is large.
+//!   connection's header timeout in `crate::server`.) The exceptions are the admin
+//!   requests whose work grows with what is stored ([`takes_its_time`]): a backup, and a
+//!   bulk replay or deletion of dead letters, which a cut-off would stop part way.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use tokio::sync::Semaphore;
@@ -82,10 +83,10 @@ pub(super) async fn admit(
 }
 
 /// `http.request_timeout`, plus `[ingest] max_wait` for a request that asks to wait
-/// for outcomes (`?wait=`, whose own bound is checked by its handler); none for a backup,
-/// which takes as long as copying the log does.
+/// for outcomes (`?wait=`, whose own bound is checked by its handler); none for the
+/// requests that [`takes_its_time`].
 fn time_limit(state: &AppState, request: &Request) -> Option<Duration> {
-    if request.uri().path() == "/v1/backup" {
+    if takes_its_time(request.method(), request.uri().path()) {
         return None;
     }
     let waits = request
@@ -98,6 +99,18 @@ fn time_limit(state: &AppState, request: &Request) -> Option<Duration> {
     } else {
         limit
     })
+}
+
+/// Whether a request's work grows with what is stored, so that it has no time limit: a
+/// backup copies the whole log, and a bulk replay or deletion goes through every dead
+/// letter of a plugin (on NATS one request each).
+fn takes_its_time(method: &Method, path: &str) -> bool {
+    matches!(
+        (method, path),
+        (&Method::GET, "/v1/backup")
+            | (&Method::DELETE, "/v1/dlq")
+            | (&Method::POST, "/v1/dlq/replay")
+    )
 }
 
 /// Answers `408` when the handler takes longer than `limit`.
@@ -145,6 +158,22 @@ fn authorized(request: &Request, tokens: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_backups_and_bulk_dead_letter_operations_go_without_a_time_limit() {
+        assert!(takes_its_time(&Method::GET, "/v1/backup"));
+        assert!(takes_its_time(&Method::DELETE, "/v1/dlq"));
+        assert!(takes_its_time(&Method::POST, "/v1/dlq/replay"));
+        for (method, path) in [
+            (Method::DELETE, "/v1/dlq/7"),
+            (Method::POST, "/v1/dlq/7/replay"),
+            (Method::GET, "/v1/dlq"),
+            (Method::POST, "/v1/events"),
+            (Method::GET, "/v1/events"),
+        ] {
+            assert!(!takes_its_time(&method, path), "{method} {path}");
+        }
+    }
 
     #[test]
     fn token_comparison() {
