@@ -181,6 +181,7 @@ struct CodeLabels {
 struct Families {
     compile_cache_hits: Counter,
     compile_cache_misses: Counter,
+    compile_cache_bytes: CountGauge,
     events_ingested: Counter,
     ingest_rejected: Family<CodeLabels, Counter>,
     plugin_loads: Family<PluginLabels, Counter>,
@@ -224,6 +225,12 @@ impl Families {
                 "compile_cache_misses",
                 "Plugins compiled",
                 Counter::default(),
+            ),
+            compile_cache_bytes: registered(
+                registry,
+                "compile_cache_bytes",
+                "Bytes of compiled code in the cache after its last prune (at start, then hourly)",
+                CountGauge::default(),
             ),
             events_ingested: registered(
                 registry,
@@ -884,6 +891,7 @@ impl Metrics {
             .compile_cache_misses
             .inner()
             .store(cache.misses, Ordering::Relaxed);
+        families.compile_cache_bytes.set(cache.bytes);
         // Plugins that are gone must drop out of the gauges, as they drop out of `gauges`.
         families.plugin_lag.clear();
         families.plugin_pending_retries.clear();
@@ -1021,7 +1029,14 @@ mod tests {
             },
         );
         gauges.insert("audit".to_owned(), PluginGauges::default());
-        metrics.render(&gauges, CacheStats { hits: 2, misses: 1 })
+        metrics.render(
+            &gauges,
+            CacheStats {
+                hits: 2,
+                misses: 1,
+                bytes: 4096,
+            },
+        )
     }
 
     #[test]
@@ -1042,6 +1057,9 @@ mod tests {
              # HELP switchyard_compile_cache_misses_total Plugins compiled.\n\
              # TYPE switchyard_compile_cache_misses_total counter\n\
              switchyard_compile_cache_misses_total 0\n\
+             # HELP switchyard_compile_cache_bytes Bytes of compiled code in the cache after its last prune (at start, then hourly).\n\
+             # TYPE switchyard_compile_cache_bytes gauge\n\
+             switchyard_compile_cache_bytes 0\n\
              # HELP switchyard_events_ingested_total Events made durable by ingest.\n\
              # TYPE switchyard_events_ingested_total counter\n\
              switchyard_events_ingested_total 0\n\
@@ -1103,7 +1121,13 @@ mod tests {
                 ..Default::default()
             },
         );
-        let second = metrics.render(&gauges, CacheStats { hits: 5, misses: 0 });
+        let second = metrics.render(
+            &gauges,
+            CacheStats {
+                hits: 5,
+                ..CacheStats::default()
+            },
+        );
         assert!(!second.contains("plugin=\"old\""), "{second}");
         assert!(second.contains("switchyard_plugin_in_flight{plugin=\"new\"} 1\n"));
         assert!(second.contains("switchyard_compile_cache_hits_total 5\n"));
@@ -1146,6 +1170,9 @@ switchyard_compile_cache_hits_total 2
 # HELP switchyard_compile_cache_misses_total Plugins compiled.
 # TYPE switchyard_compile_cache_misses_total counter
 switchyard_compile_cache_misses_total 1
+# HELP switchyard_compile_cache_bytes Bytes of compiled code in the cache after its last prune (at start, then hourly).
+# TYPE switchyard_compile_cache_bytes gauge
+switchyard_compile_cache_bytes 4096
 # HELP switchyard_events_ingested_total Events made durable by ingest.
 # TYPE switchyard_events_ingested_total counter
 switchyard_events_ingested_total 3

@@ -315,6 +315,19 @@ async fn the_compile_cache_sheds_what_no_loaded_plugin_used_for_too_long() {
     })
     .await;
     assert!(recent.exists(), "used within the limit: kept");
+    let kept: u64 = walk(&cache)
+        .iter()
+        .map(|path| std::fs::metadata(path).unwrap().len())
+        .sum();
+    host.wait_for(
+        "the cache's size in /metrics",
+        Duration::from_secs(10),
+        || async {
+            let bytes = host.metric("switchyard_compile_cache_bytes").await;
+            (bytes == kept as f64).then_some(())
+        },
+    )
+    .await;
     let used = std::fs::metadata(&loaded[0]).unwrap().modified().unwrap();
     assert!(
         used > month_ago,

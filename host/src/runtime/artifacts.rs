@@ -115,6 +115,8 @@ pub(crate) struct Artifacts {
     max_memory_bytes: u64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// What the last prune kept.
+    bytes: AtomicU64,
 }
 
 impl Artifacts {
@@ -138,6 +140,7 @@ impl Artifacts {
             max_memory_bytes: config.max_memory_bytes,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
         })
     }
 
@@ -145,6 +148,7 @@ impl Artifacts {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -274,6 +278,7 @@ impl Artifacts {
             }
         }
         pruned.kept_bytes = total;
+        self.bytes.store(total, Ordering::Relaxed);
         for engine_dir in others {
             // Gone once empty; a directory with files left fails, and stays.
             let _ = std::fs::remove_dir(engine_dir);

@@ -94,13 +94,15 @@ pub fn default_guest_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
-/// Hits and misses of the compiled-code cache since the runtime started.
+/// Hits and misses of the compiled-code cache since the runtime started, and its size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// Components loaded from the cache without compiling.
     pub hits: u64,
     /// Components compiled (and stored in the cache).
     pub misses: u64,
+    /// Bytes the cache held after its last prune ([`Runtime::prune_compile_cache`]).
+    pub bytes: u64,
 }
 
 /// Errors setting up the runtime itself.
