@@ -79,7 +79,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::kv::{current, decode_key, encode_key, list_keys};
 use super::messages::decode_event;
-use super::{Shared, nats_error};
+use super::{MARKER_TTL, Shared, nats_error};
 use crate::bus::{BusError, Settled};
 use crate::effects::Effects;
 use crate::event::Event;
@@ -89,12 +89,6 @@ use crate::stream::EXPECTED_VERSION;
 /// How long a commit record marks its delivery as committed: a copy of the delivery that
 /// turns up later than this (a host stalled for a day) would run again.
 pub(super) const COMMIT_RECORD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// How long the marker a deleted key leaves stays in the bucket: the server's least time
-/// to live. Reading a key finds nothing either way, so markers kept for good would only
-/// grow the bucket by one message per key ever deleted. An attempt that read a marker
-/// which expires before its commit conflicts, and runs again.
-const DELETE_MARKER_TTL: Duration = Duration::from_secs(1);
 
 /// Most messages the server takes in one atomic batch.
 const MAX_BATCH_MESSAGES: usize = 1000;
@@ -291,7 +285,7 @@ impl Shared {
                     condition_on: None,
                     headers: vec![
                         ("KV-Operation", "DEL".to_owned()),
-                        ("Nats-TTL", DELETE_MARKER_TTL.as_secs().to_string()),
+                        ("Nats-TTL", MARKER_TTL.as_secs().to_string()),
                     ],
                 },
             });

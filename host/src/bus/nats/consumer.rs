@@ -31,7 +31,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::messages::{INGESTED_AT, REPLAY_OF, WATCHED, decode_event, header, micros};
-use super::{Shared, UNSETTLED_LIMIT, nats_error};
+use super::{MARKER_TTL, Shared, UNSETTLED_LIMIT, nats_error};
 use crate::bus::{
     BusError, Consumer, ConsumerSpec, DeadLetterReason, Delivery, Settled, Settlement,
     StartPosition, StoredEvent,
@@ -541,9 +541,6 @@ impl Journal {
     }
 }
 
-/// How long the marker of a forgotten journal stays: the server's least time to live.
-const JOURNAL_MARKER_TTL: Duration = Duration::from_secs(1);
-
 impl Shared {
     /// What is recorded of a delivery's earlier hand-outs (nothing: a first attempt, or
     /// one whose host died before settling it).
@@ -564,7 +561,7 @@ impl Shared {
     pub(super) async fn forget_attempts(&self, plugin: &str, sequence: u64) {
         if let Err(error) = self
             .attempts
-            .purge_with_ttl(Self::journal_key(plugin, sequence), JOURNAL_MARKER_TTL)
+            .purge_with_ttl(Self::journal_key(plugin, sequence), MARKER_TTL)
             .await
         {
             tracing::warn!(%plugin, sequence, %error, "cannot delete attempt errors");

@@ -97,6 +97,13 @@ pub const UNSETTLED_LIMIT: i64 = 10;
 /// Bytes of `max_payload` kept for message headers.
 const HEADER_ROOM: usize = 4096;
 
+/// How long the marker a KV delete or purge leaves stays in its bucket: the server's
+/// least time to live. Reading the key finds nothing either way, so markers kept for good
+/// would only grow the bucket by one message per key ever deleted (as on the embedded
+/// log, where a deleted row simply goes). An attempt that read a marker which expires
+/// before its commit conflicts, and runs again.
+const MARKER_TTL: Duration = Duration::from_secs(1);
+
 /// How the NATS backend is set up; see `[bus]` in the host config.
 #[derive(Debug, Clone)]
 pub struct NatsOptions {
