@@ -105,6 +105,14 @@ pub enum DlqCommand {
     Delete(DeadLetterTarget),
 }
 
+/// `&key=value` for each pair with a value.
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    pairs
+        .iter()
+        .filter_map(|(key, value)| value.as_ref().map(|value| format!("&{key}={value}")))
+        .collect()
+}
+
 /// The dead letters `dlq replay` and `dlq delete` take.
 #[derive(Debug, clap::Args)]
 pub struct DeadLetterTarget {
@@ -125,13 +133,11 @@ impl DeadLetterTarget {
     fn path(self, one: &str, many: &str) -> String {
         match self.id {
             Some(id) => format!("/v1/dlq/{id}{one}"),
-            None => {
-                let mut path = format!("{many}?plugin={}", self.plugin.unwrap_or_default());
-                if let Some(reason) = self.reason {
-                    path.push_str(&format!("&reason={reason}"));
-                }
-                path
-            }
+            None => format!(
+                "{many}?plugin={}{}",
+                self.plugin.unwrap_or_default(),
+                query(&[("reason", self.reason)])
+            ),
         }
     }
 }
@@ -447,15 +453,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     plugin,
                     reason,
                     limit,
-                } => {
-                    let mut path = format!("/v1/dlq?limit={limit}");
-                    for (key, value) in [("plugin", plugin), ("reason", reason)] {
-                        if let Some(value) = value {
-                            path.push_str(&format!("&{key}={value}"));
-                        }
-                    }
-                    (reqwest::Method::GET, path)
-                }
+                } => (
+                    reqwest::Method::GET,
+                    format!(
+                        "/v1/dlq?limit={limit}{}",
+                        query(&[("plugin", plugin), ("reason", reason)])
+                    ),
+                ),
                 DlqCommand::Show { id } => (reqwest::Method::GET, format!("/v1/dlq/{id}")),
                 DlqCommand::Replay(target) => (
                     reqwest::Method::POST,
