@@ -327,8 +327,27 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     let (status, body) = call(&host, delete, "/v1/dlq?plugin=picky").await;
     assert_eq!((status, &body), (200, &json!({ "deleted": 0 })));
 
-    // The command line, on the other plugin's exhausted ones.
+    // The command line lists one kind, then deletes the other plugin's exhausted ones.
     let url = host.url("");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dlq", "list", "--plugin", "other", "--reason", "exhausted"])
+        .args(["--url", url.trim_end_matches('/')])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let listed = listed["dead_letters"].as_array().unwrap();
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|letter| letter["event"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["job-0", "job-1"], "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|l| l["plugin"] == "other" && l["reason"] == "exhausted"),
+        "{listed:?}"
+    );
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
             "dlq",
@@ -352,6 +371,82 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     let held = |plugin: &str| format!("switchyard_plugin_dead_letters{{plugin=\"{plugin}\"}}");
     assert_eq!(host.metric(&held("other")).await, 3.0);
     assert_eq!(host.metric(&held("picky")).await, 0.0);
+}
+
+/// Bulk operations over more dead letters than one page of their work (a few hundred):
+/// every page is taken, letters of the other kind stay, and a replay leaves alone the
+/// dead letters its own replays make.
+async fn bulk_replay_and_deletion_take_every_page_of_one_kind(backend: Backend) {
+    const EACH: usize = 300;
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "picky",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
+             [retry]\nmax_attempts = 1\n",
+        ),
+    );
+    host.start();
+    // The two kinds interleaved in the log.
+    let events: Vec<serde_json::Value> = (0..EACH)
+        .flat_map(|n| {
+            [("hostile.reject", "junk"), ("hostile.needs-fix", "job")].map(|(ty, name)| {
+                json!({
+                    "specversion": "1.0",
+                    "id": format!("{name}-{n}"),
+                    "source": "/tests/bulk",
+                    "type": ty,
+                    "data": {},
+                })
+            })
+        })
+        .collect();
+    for chunk in events.chunks(200) {
+        assert_eq!(host.send_batch(&json!(chunk)).await.status(), 202);
+    }
+    let held = || async { host.status("picky").await.unwrap()["dead_letters"].as_u64() };
+    host.wait_for("every dead letter", Duration::from_secs(60), || async {
+        (held().await == Some(2 * EACH as u64)).then_some(())
+    })
+    .await;
+
+    let (status, body) = call(
+        &host,
+        reqwest::Method::POST,
+        "/v1/dlq/replay?plugin=picky&reason=rejected",
+    )
+    .await;
+    assert_eq!((status, &body), (202, &json!({ "replayed": EACH })));
+    // Each replay is rejected again: as many rejected ones as before, new ones.
+    host.wait_for(
+        "the replays dead-lettered again",
+        Duration::from_secs(60),
+        || async { (held().await == Some(2 * EACH as u64)).then_some(()) },
+    )
+    .await;
+
+    let (status, body) = call(
+        &host,
+        reqwest::Method::DELETE,
+        "/v1/dlq?plugin=picky&reason=exhausted",
+    )
+    .await;
+    assert_eq!((status, &body), (200, &json!({ "deleted": EACH })));
+    assert_eq!(held().await, Some(EACH as u64));
+    let left = host.get_json("/v1/dlq?plugin=picky&limit=1000").await["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert_eq!(left.len(), EACH);
+    assert!(left.iter().all(|l| l["reason"] == "rejected"));
+    let mut ids: Vec<&str> = left
+        .iter()
+        .map(|l| l["event"]["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), EACH, "each rejected event once");
 }
 
 async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
@@ -391,4 +486,5 @@ crate::on_both_backends!(
     an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop,
     a_plugins_dead_letters_are_deleted_in_bulk_by_kind,
     dead_letters_older_than_their_age_limit_go,
+    bulk_replay_and_deletion_take_every_page_of_one_kind,
 );

@@ -247,6 +247,30 @@ async fn next_message(
     }
 }
 
+/// The newest message whose subject matches `subject`, or `None`, read as
+/// [`next_message`] reads.
+async fn last_message(
+    stream: &stream::Stream,
+    direct: bool,
+    subject: &str,
+) -> Result<Option<jetstream::message::StreamMessage>, BusError> {
+    if direct {
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(nats_error("reading a stream")(&error)),
+        }
+    } else {
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(error) => Err(nats_error("reading a stream")(&error)),
+        }
+    }
+}
+
 #[async_trait]
 impl Bus for NatsBus {
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {

@@ -51,7 +51,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
-use async_nats::jetstream::stream;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -62,7 +61,7 @@ use super::messages::{
     self, STREAM_VERSION, decode_event, encode_event, event_subject, header, message_id,
     stream_filter, stream_head_subject, subject_of, subject_token,
 };
-use super::{Shared, compare_and_set_failed, nats_error, next_message};
+use super::{Shared, compare_and_set_failed, last_message, nats_error, next_message};
 use crate::bus::{Appended, BusError, Settled};
 use crate::effects::Effects;
 use crate::event::Event;
@@ -148,21 +147,7 @@ impl Shared {
 
     /// The newest message of the event stream whose subject matches `subject`.
     async fn last_message(&self, subject: &str) -> Result<Option<StreamMessage>, BusError> {
-        if self.direct() {
-            match self.events.direct_get_last_for_subject(subject).await {
-                Ok(message) => Ok(Some(message)),
-                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-                Err(error) => Err(nats_error("reading a stream's head")(&error)),
-            }
-        } else {
-            match self.events.get_last_raw_message_by_subject(subject).await {
-                Ok(message) => Ok(Some(message)),
-                Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                    Ok(None)
-                }
-                Err(error) => Err(nats_error("reading a stream's head")(&error)),
-            }
-        }
+        last_message(&self.events, self.direct(), subject).await
     }
 
     /// Whether appends keep their streams' heads: only a stream whose events can go
