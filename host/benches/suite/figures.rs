@@ -88,6 +88,13 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Vec<Figure>> {
     if wanted("ui") {
         figures.extend(crate::ui::figures(options).await.context("ui")?);
     }
+    if wanted("dlq") {
+        figures.extend(
+            crate::dead_letters::figures(options)
+                .await
+                .context("dead letters")?,
+        );
+    }
     if wanted("peer") {
         figures.extend(crate::peers::figures(options).await.context("peers")?);
     }

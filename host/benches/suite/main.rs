@@ -30,6 +30,7 @@ mod browser;
 
 mod bare;
 mod client;
+mod dead_letters;
 mod figures;
 mod host;
 mod nats;

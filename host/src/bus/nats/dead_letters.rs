@@ -10,8 +10,9 @@
 //!   consumer hands out, with the original log position and ingest time in headers; its
 //!   `Nats-Msg-Id` (`replay-<id>`) keeps a retried replay from sending it twice, and the
 //!   dead letter is deleted only once the replay is stored.
-//! - A bulk replay or deletion of one kind streams the plugin's letters through an ordered
-//!   consumer and works a page at a time, with its requests in flight together, so it
+//! - A bulk replay or deletion of one kind, and a list of more than a few, stream the
+//!   letters through an ordered consumer ([`Scan`]) rather than a request per letter; a
+//!   bulk operation works a page at a time with its requests in flight together, so it
 //!   holds one page in memory however many letters there are. Letters are deleted
 //!   without the server's erase (an overwrite on disk that made each deletion take
 //!   milliseconds); a whole plugin's are one subject purge.
@@ -150,26 +151,40 @@ impl DeadLetters for NatsBus {
             Some(plugin) => format!("{prefix}.dlq.{plugin}"),
             None => format!("{prefix}.dlq.*"),
         };
+        let limit = query.limit.max(1);
         let mut found = Vec::new();
-        let mut after = query.after;
         // A filter on the reason reads the records it skips: bounded per request.
         let mut scan = DEAD_LETTER_SCAN;
-        while found.len() < query.limit.max(1) && scan > 0 {
-            scan -= 1;
-            let Some(message) = next_message(
-                &self.shared.dead_letters,
-                self.shared.direct(),
-                &subject,
-                after + 1,
-            )
-            .await?
-            else {
-                break;
-            };
-            after = message.sequence;
-            let letter = to_dead_letter(message.sequence, &message.payload)?;
-            if query.reason.is_none_or(|reason| reason == letter.reason) {
-                found.push(letter);
+        let keep = |letter: &DeadLetter| query.reason.is_none_or(|reason| reason == letter.reason);
+        if limit <= DIRECT_READS {
+            let mut after = query.after;
+            while found.len() < limit && scan > 0 {
+                scan -= 1;
+                let Some(message) = next_message(
+                    &self.shared.dead_letters,
+                    self.shared.direct(),
+                    &subject,
+                    after + 1,
+                )
+                .await?
+                else {
+                    break;
+                };
+                after = message.sequence;
+                let letter = to_dead_letter(message.sequence, &message.payload)?;
+                if keep(&letter) {
+                    found.push(letter);
+                }
+            }
+        } else if let Some(mut letters) = self.shared.scan(subject, query.after + 1).await? {
+            while found.len() < limit && scan > 0 {
+                scan -= 1;
+                let Some(letter) = letters.next().await? else {
+                    break;
+                };
+                if keep(&letter) {
+                    found.push(letter);
+                }
             }
         }
         Ok(found)
@@ -226,9 +241,78 @@ const BULK_PAGE: usize = 256;
 /// Requests a bulk replay or deletion has in flight at once.
 const BULK_IN_FLIGHT: usize = 64;
 
-/// How long a bulk operation waits for the next dead letter of its plugin before it takes
-/// the rest as gone (deleted meanwhile by another request or host).
-const BULK_READ_PATIENCE: Duration = Duration::from_secs(2);
+/// Lists of up to this many dead letters are read by direct gets, one round trip each;
+/// longer ones, and bulk operations, through an ordered consumer ([`Scan`]).
+const DIRECT_READS: usize = 16;
+
+/// How long a [`Scan`] waits for the next dead letter before it takes the rest as gone
+/// (deleted meanwhile by another request or host).
+const SCAN_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Dead letters of one subject filter, oldest first, from a sequence on up to the newest
+/// one there when the scan began, streamed through one ordered consumer: one request
+/// rather than a round trip per letter, and letters stored meanwhile are left out.
+struct Scan {
+    messages: pull::Ordered,
+    last: u64,
+    ended: bool,
+}
+
+impl Shared {
+    /// A scan of `subject` from `from` on; `None` when it holds no letter there.
+    async fn scan(&self, subject: String, from: u64) -> Result<Option<Scan>, BusError> {
+        let Some(last) = last_message(&self.dead_letters, self.direct(), &subject).await? else {
+            return Ok(None);
+        };
+        if last.sequence < from {
+            return Ok(None);
+        }
+        let consumer = self
+            .dead_letters
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(storage!("reading dead letters"))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(storage!("reading dead letters"))?;
+        Ok(Some(Scan {
+            messages,
+            last: last.sequence,
+            ended: false,
+        }))
+    }
+}
+
+impl Scan {
+    /// The next dead letter, or `None` at the end.
+    async fn next(&mut self) -> Result<Option<DeadLetter>, BusError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, self.messages.next()).await
+        else {
+            self.ended = true;
+            return Ok(None);
+        };
+        let message = message.map_err(storage!("reading dead letters"))?;
+        let id = message
+            .info()
+            .map(|info| info.stream_sequence)
+            .map_err(|error| nats_error("reading dead letters")(&*error))?;
+        self.ended = id >= self.last;
+        if id > self.last {
+            return Ok(None);
+        }
+        to_dead_letter(id, &message.payload).map(Some)
+    }
+}
 
 impl NatsBus {
     /// Reads the dead letters of `plugin` that `which` takes, oldest first, through one
@@ -246,44 +330,17 @@ impl NatsBus {
             Bulk::Delete => self.delete_page(page).await,
         };
         let subject = format!("{}.dlq.{plugin}", self.shared.options.prefix);
-        let dead_letters = &self.shared.dead_letters;
-        let Some(last) = last_message(dead_letters, self.shared.direct(), &subject).await? else {
+        let Some(mut letters) = self.shared.scan(subject, 1).await? else {
             return Ok(0);
         };
-        let consumer = dead_letters
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: subject,
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(storage!("reading dead letters"))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(storage!("reading dead letters"))?;
         let mut page = Vec::with_capacity(BULK_PAGE);
         let mut done = 0;
-        while let Ok(Some(message)) =
-            tokio::time::timeout(BULK_READ_PATIENCE, messages.next()).await
-        {
-            let message = message.map_err(storage!("reading dead letters"))?;
-            let id = message
-                .info()
-                .map(|info| info.stream_sequence)
-                .map_err(|error| nats_error("reading dead letters")(&*error))?;
-            if id > last.sequence {
-                break;
-            }
-            let letter = to_dead_letter(id, &message.payload)?;
+        while let Some(letter) = letters.next().await? {
             if which.takes(&letter) {
                 page.push(letter);
             }
             if page.len() == BULK_PAGE {
                 done += act(std::mem::take(&mut page)).await?;
-            }
-            if id == last.sequence {
-                break;
             }
         }
         if !page.is_empty() {
