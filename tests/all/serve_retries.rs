@@ -447,6 +447,21 @@ async fn bulk_replay_and_deletion_take_every_page_of_one_kind(backend: Backend) 
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), EACH, "each rejected event once");
+    // Every plugin's, in pages.
+    let mut after = 0;
+    let mut listed = 0;
+    loop {
+        let page = host
+            .get_json(&format!("/v1/dlq?limit=128&after={after}"))
+            .await["dead_letters"]
+            .as_array()
+            .cloned()
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        after = last["id"].as_u64().unwrap();
+        listed += page.len();
+    }
+    assert_eq!(listed, EACH);
 }
 
 async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
