@@ -156,35 +156,14 @@ impl DeadLetters for NatsBus {
         // A filter on the reason reads the records it skips: bounded per request.
         let mut scan = DEAD_LETTER_SCAN;
         let keep = |letter: &DeadLetter| query.reason.is_none_or(|reason| reason == letter.reason);
-        if limit <= DIRECT_READS {
-            let mut after = query.after;
-            while found.len() < limit && scan > 0 {
-                scan -= 1;
-                let Some(message) = next_message(
-                    &self.shared.dead_letters,
-                    self.shared.direct(),
-                    &subject,
-                    after + 1,
-                )
-                .await?
-                else {
-                    break;
-                };
-                after = message.sequence;
-                let letter = to_dead_letter(message.sequence, &message.payload)?;
-                if keep(&letter) {
-                    found.push(letter);
-                }
-            }
-        } else if let Some(mut letters) = self.shared.scan(subject, query.after + 1).await? {
-            while found.len() < limit && scan > 0 {
-                scan -= 1;
-                let Some(letter) = letters.next().await? else {
-                    break;
-                };
-                if keep(&letter) {
-                    found.push(letter);
-                }
+        let mut letters = self.shared.scan(subject, query.after + 1, limit).await?;
+        while found.len() < limit && scan > 0 {
+            scan -= 1;
+            let Some(letter) = letters.next().await? else {
+                break;
+            };
+            if keep(&letter) {
+                found.push(letter);
             }
         }
         Ok(found)
@@ -241,36 +220,58 @@ const BULK_PAGE: usize = 256;
 /// Requests a bulk replay or deletion has in flight at once.
 const BULK_IN_FLIGHT: usize = 64;
 
-/// Lists of up to this many dead letters are read by direct gets, one round trip each;
-/// longer ones, and bulk operations, through an ordered consumer ([`Scan`]).
+/// Scans of up to this many dead letters read them by direct gets, one round trip each;
+/// longer ones through an ordered consumer.
 const DIRECT_READS: usize = 16;
 
 /// How long a [`Scan`] waits for the next dead letter before it takes the rest as gone
 /// (deleted meanwhile by another request or host).
 const SCAN_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Dead letters of one subject filter, oldest first, from a sequence on up to the newest
-/// one there when the scan began, streamed through one ordered consumer: one request
-/// rather than a round trip per letter, and letters stored meanwhile are left out.
+/// Dead letters of one subject filter, oldest first, from a sequence on.
 struct Scan {
-    messages: pull::Ordered,
-    last: u64,
+    stream: stream::Stream,
+    direct: bool,
+    subject: String,
+    source: Source,
     ended: bool,
 }
 
+/// Where a [`Scan`] reads.
+enum Source {
+    /// A direct get (or the leader's answer) per letter: the next at or after `from`.
+    OneByOne { from: u64 },
+    /// One ordered consumer streaming every letter up to `last`, the newest one there
+    /// when the scan began, so letters stored meanwhile are left out: one request
+    /// rather than a round trip per letter.
+    Streamed {
+        messages: Box<pull::Ordered>,
+        last: u64,
+    },
+}
+
 impl Shared {
-    /// A scan of `subject` from `from` on; `None` when it holds no letter there.
-    async fn scan(&self, subject: String, from: u64) -> Result<Option<Scan>, BusError> {
-        let Some(last) = last_message(&self.dead_letters, self.direct(), &subject).await? else {
-            return Ok(None);
+    /// A scan of `subject` from `from` on, expected to read about `wanted` letters.
+    async fn scan(&self, subject: String, from: u64, wanted: usize) -> Result<Scan, BusError> {
+        let mut scan = Scan {
+            stream: self.dead_letters.clone(),
+            direct: self.direct(),
+            subject,
+            source: Source::OneByOne { from },
+            ended: false,
         };
-        if last.sequence < from {
-            return Ok(None);
+        if wanted <= DIRECT_READS {
+            return Ok(scan);
         }
+        let last = last_message(&self.dead_letters, self.direct(), &scan.subject).await?;
+        let Some(last) = last.filter(|last| last.sequence >= from) else {
+            scan.ended = true;
+            return Ok(scan);
+        };
         let consumer = self
             .dead_letters
             .create_consumer(pull::OrderedConfig {
-                filter_subject: subject,
+                filter_subject: scan.subject.clone(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from.max(1),
                 },
@@ -282,11 +283,11 @@ impl Shared {
             .messages()
             .await
             .map_err(storage!("reading dead letters"))?;
-        Ok(Some(Scan {
-            messages,
+        scan.source = Source::Streamed {
+            messages: Box::new(messages),
             last: last.sequence,
-            ended: false,
-        }))
+        };
+        Ok(scan)
     }
 }
 
@@ -296,21 +297,36 @@ impl Scan {
         if self.ended {
             return Ok(None);
         }
-        let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, self.messages.next()).await
-        else {
-            self.ended = true;
-            return Ok(None);
+        let (id, payload) = match &mut self.source {
+            Source::OneByOne { from } => {
+                let Some(message) =
+                    next_message(&self.stream, self.direct, &self.subject, *from).await?
+                else {
+                    self.ended = true;
+                    return Ok(None);
+                };
+                *from = message.sequence + 1;
+                (message.sequence, message.payload)
+            }
+            Source::Streamed { messages, last } => {
+                let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, messages.next()).await
+                else {
+                    self.ended = true;
+                    return Ok(None);
+                };
+                let message = message.map_err(storage!("reading dead letters"))?;
+                let id = message
+                    .info()
+                    .map(|info| info.stream_sequence)
+                    .map_err(|error| nats_error("reading dead letters")(&*error))?;
+                self.ended = id >= *last;
+                if id > *last {
+                    return Ok(None);
+                }
+                (id, message.payload.clone())
+            }
         };
-        let message = message.map_err(storage!("reading dead letters"))?;
-        let id = message
-            .info()
-            .map(|info| info.stream_sequence)
-            .map_err(|error| nats_error("reading dead letters")(&*error))?;
-        self.ended = id >= self.last;
-        if id > self.last {
-            return Ok(None);
-        }
-        to_dead_letter(id, &message.payload).map(Some)
+        to_dead_letter(id, &payload).map(Some)
     }
 }
 
@@ -330,9 +346,7 @@ impl NatsBus {
             Bulk::Delete => self.delete_page(page).await,
         };
         let subject = format!("{}.dlq.{plugin}", self.shared.options.prefix);
-        let Some(mut letters) = self.shared.scan(subject, 1).await? else {
-            return Ok(0);
-        };
+        let mut letters = self.shared.scan(subject, 1, usize::MAX).await?;
         let mut page = Vec::with_capacity(BULK_PAGE);
         let mut done = 0;
         while let Some(letter) = letters.next().await? {
