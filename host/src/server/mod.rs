@@ -268,3 +268,54 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         let _ = tokio::signal::ctrl_c().await;
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::time::SystemTime;
+
+    use super::*;
+
+    /// A compiled file of another engine that nothing has used for 40 days.
+    fn stale(cache: &Path, name: &str) -> PathBuf {
+        let path = cache.join("another-engine").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"compiled").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        let forty_days = Duration::from_secs(40 * 24 * 60 * 60);
+        file.set_modified(SystemTime::now() - forty_days).unwrap();
+        path
+    }
+
+    /// When `path` is gone, waiting in steps of a (paused) minute, at most three hours.
+    async fn gone(path: &Path) -> tokio::time::Instant {
+        for _ in 0..180 {
+            if !path.exists() {
+                return tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        panic!("{} is still in the compile cache", path.display());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_compile_cache_is_pruned_at_start_and_every_hour_after() {
+        let cache = tempfile::tempdir().unwrap();
+        let runtime = Runtime::new(RuntimeConfig {
+            compile_cache: Some(cache.path().to_owned()),
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let first = stale(cache.path(), "first.cwasm");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let keeping = tokio::spawn(keep_compile_cache(runtime, stopped));
+        assert!(gone(&first).await - started < COMPILE_CACHE_PRUNE_EVERY);
+
+        // A file that goes stale once the host runs goes at a later prune.
+        let second = stale(cache.path(), "second.cwasm");
+        assert!(gone(&second).await - started >= COMPILE_CACHE_PRUNE_EVERY);
+        stop.send(true).unwrap();
+        keeping.await.unwrap();
+    }
+}
