@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::guests::Guest;
 use crate::host::Process;
 use crate::nats_server::NatsServer;
+use crate::sourcing::post_batch;
 use crate::{Figure, Options};
 
 /// Events per producer request.
@@ -58,16 +59,7 @@ async fn bulk(rejected: usize, config: Option<&str>) -> anyhow::Result<(f64, f64
         .collect();
     let total = events.len() as u64;
     for chunk in events.chunks(BATCH) {
-        let response = host
-            .http
-            .post(host.url("/v1/events"))
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(Value::Array(chunk.to_vec()).to_string())
-            .send()
-            .await?;
-        if response.status() != 202 {
-            bail!("a batch was refused: {}", response.text().await?);
-        }
+        post_batch(&host, chunk).await?;
     }
     wait_held(&host, total).await?;
 

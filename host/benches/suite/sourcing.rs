@@ -23,7 +23,8 @@ const TIMERS: usize = 10_000;
 /// Events per producer request.
 const BATCH: usize = 500;
 
-async fn post_batch(host: &Process, events: &[Value]) -> anyhow::Result<()> {
+/// POSTs `events` as one batch, refused unless `202`.
+pub async fn post_batch(host: &Process, events: &[Value]) -> anyhow::Result<()> {
     let response = host
         .http
         .post(host.url("/v1/events"))
