@@ -33,6 +33,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
+use crate::bus::Reach;
 use crate::bus::sqlite::RetentionObserver;
 use crate::runtime::{Access, CacheStats};
 
@@ -182,6 +183,8 @@ struct Families {
     compile_cache_hits: Counter,
     compile_cache_misses: Counter,
     compile_cache_bytes: CountGauge,
+    bus_connected: CountGauge,
+    bus_reconnects: Counter,
     events_ingested: Counter,
     ingest_rejected: Family<CodeLabels, Counter>,
     plugin_loads: Family<PluginLabels, Counter>,
@@ -231,6 +234,18 @@ impl Families {
                 "compile_cache_bytes",
                 "Bytes of compiled code in the cache after its last prune (at start, then hourly)",
                 CountGauge::default(),
+            ),
+            bus_connected: registered(
+                registry,
+                "bus_connected",
+                "1 while the bus can be reached (always, for the embedded log), else 0",
+                CountGauge::default(),
+            ),
+            bus_reconnects: registered(
+                registry,
+                "bus_reconnects",
+                "Connections to the bus made again since the first",
+                Counter::default(),
             ),
             events_ingested: registered(
                 registry,
@@ -878,8 +893,13 @@ impl Metrics {
     }
 
     /// Renders every metric in the Prometheus text format ([`CONTENT_TYPE`]), with the
-    /// gauges and compile-cache counts of this moment.
-    pub fn render(&self, gauges: &BTreeMap<String, PluginGauges>, cache: CacheStats) -> String {
+    /// gauges, compile-cache counts and bus connection of this moment.
+    pub fn render(
+        &self,
+        gauges: &BTreeMap<String, PluginGauges>,
+        cache: CacheStats,
+        bus: Reach,
+    ) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         let families = &self.families;
         // The runtime keeps these counts; mirroring them keeps them typed as counters.
@@ -892,6 +912,11 @@ impl Metrics {
             .inner()
             .store(cache.misses, Ordering::Relaxed);
         families.compile_cache_bytes.set(cache.bytes);
+        families.bus_connected.set(u64::from(bus.connected));
+        families
+            .bus_reconnects
+            .inner()
+            .store(bus.reconnects, Ordering::Relaxed);
         // Plugins that are gone must drop out of the gauges, as they drop out of `gauges`.
         families.plugin_lag.clear();
         families.plugin_pending_retries.clear();
@@ -1036,6 +1061,10 @@ mod tests {
                 misses: 1,
                 bytes: 4096,
             },
+            Reach {
+                connected: false,
+                reconnects: 3,
+            },
         )
     }
 
@@ -1048,7 +1077,8 @@ mod tests {
     /// such a family carries no samples for a scraper to keep.
     #[test]
     fn a_fresh_host_lists_only_its_unlabelled_families() {
-        let text = Metrics::default().render(&BTreeMap::new(), CacheStats::default());
+        let text =
+            Metrics::default().render(&BTreeMap::new(), CacheStats::default(), Reach::default());
         assert_eq!(
             text,
             "# HELP switchyard_compile_cache_hits_total Plugins loaded from the compiled-code cache.\n\
@@ -1060,6 +1090,12 @@ mod tests {
              # HELP switchyard_compile_cache_bytes Bytes of compiled code in the cache after its last prune (at start, then hourly).\n\
              # TYPE switchyard_compile_cache_bytes gauge\n\
              switchyard_compile_cache_bytes 0\n\
+             # HELP switchyard_bus_connected 1 while the bus can be reached (always, for the embedded log), else 0.\n\
+             # TYPE switchyard_bus_connected gauge\n\
+             switchyard_bus_connected 1\n\
+             # HELP switchyard_bus_reconnects_total Connections to the bus made again since the first.\n\
+             # TYPE switchyard_bus_reconnects_total counter\n\
+             switchyard_bus_reconnects_total 0\n\
              # HELP switchyard_events_ingested_total Events made durable by ingest.\n\
              # TYPE switchyard_events_ingested_total counter\n\
              switchyard_events_ingested_total 0\n\
@@ -1111,7 +1147,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let first = metrics.render(&gauges, CacheStats::default());
+        let first = metrics.render(&gauges, CacheStats::default(), Reach::default());
         assert!(first.contains("switchyard_plugin_lag_events{plugin=\"old\"} 4\n"));
         gauges.clear();
         gauges.insert(
@@ -1127,6 +1163,7 @@ mod tests {
                 hits: 5,
                 ..CacheStats::default()
             },
+            Reach::default(),
         );
         assert!(!second.contains("plugin=\"old\""), "{second}");
         assert!(second.contains("switchyard_plugin_in_flight{plugin=\"new\"} 1\n"));
@@ -1136,12 +1173,12 @@ mod tests {
     #[test]
     fn log_retention_series_appear_once_retention_reports() {
         let metrics = Metrics::default();
-        let before = metrics.render(&BTreeMap::new(), CacheStats::default());
+        let before = metrics.render(&BTreeMap::new(), CacheStats::default(), Reach::default());
         assert!(!before.contains("switchyard_log_"), "{before}");
         metrics.size(4096, 8192);
         metrics.deleted(3, 300);
         metrics.blocked(true);
-        let text = metrics.render(&BTreeMap::new(), CacheStats::default());
+        let text = metrics.render(&BTreeMap::new(), CacheStats::default(), Reach::default());
         for line in [
             "switchyard_log_retention_deleted_events_total 3\n",
             "switchyard_log_retention_deleted_bytes_total 300\n",
@@ -1157,7 +1194,7 @@ mod tests {
     fn plugin_names_are_escaped_in_labels() {
         let metrics = Metrics::default();
         metrics.plugin_loaded("a\"b");
-        let text = metrics.render(&BTreeMap::new(), CacheStats::default());
+        let text = metrics.render(&BTreeMap::new(), CacheStats::default(), Reach::default());
         assert!(text.contains("switchyard_plugin_loads_total{plugin=\"a\\\"b\"} 1\n"));
     }
 
@@ -1173,6 +1210,12 @@ switchyard_compile_cache_misses_total 1
 # HELP switchyard_compile_cache_bytes Bytes of compiled code in the cache after its last prune (at start, then hourly).
 # TYPE switchyard_compile_cache_bytes gauge
 switchyard_compile_cache_bytes 4096
+# HELP switchyard_bus_connected 1 while the bus can be reached (always, for the embedded log), else 0.
+# TYPE switchyard_bus_connected gauge
+switchyard_bus_connected 0
+# HELP switchyard_bus_reconnects_total Connections to the bus made again since the first.
+# TYPE switchyard_bus_reconnects_total counter
+switchyard_bus_reconnects_total 3
 # HELP switchyard_events_ingested_total Events made durable by ingest.
 # TYPE switchyard_events_ingested_total counter
 switchyard_events_ingested_total 3

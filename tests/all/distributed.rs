@@ -172,6 +172,58 @@ async fn a_replicated_stream_keeps_serving_with_one_cluster_node_killed() {
     audit.assert_whole(EVENTS, &acked);
 }
 
+/// A host that has lost its NATS server says so: `/readyz` answers `503` (so a load balancer
+/// sends producers elsewhere) and `switchyard_bus_connected` drops to 0, until the server
+/// is back; then the reconnection is counted and events are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_connection_to_the_nats_server() {
+    let mut server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.plugin("sink", Guest::Noop, None);
+    host.start();
+    let readiness = || async {
+        let response = reqwest::get(host.url("/readyz")).await.unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        (status, body)
+    };
+    assert_eq!(readiness().await.0, 200);
+    assert_eq!(host.metric("switchyard_bus_connected").await, 1.0);
+    assert_eq!(host.metric("switchyard_bus_reconnects_total").await, 0.0);
+
+    server.kill();
+    let body = host
+        .wait_for(
+            "the host to be unready",
+            Duration::from_secs(20),
+            || async {
+                let (status, body) = readiness().await;
+                (status == 503).then_some(body)
+            },
+        )
+        .await;
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not connected to the NATS server"),
+        "{body}"
+    );
+    assert_eq!(host.metric("switchyard_bus_connected").await, 0.0);
+
+    server.restart();
+    host.wait_for(
+        "the host to be ready again",
+        Duration::from_secs(30),
+        || async { (readiness().await.0 == 200).then_some(()) },
+    )
+    .await;
+    assert_eq!(host.metric("switchyard_bus_connected").await, 1.0);
+    assert!(host.metric("switchyard_bus_reconnects_total").await >= 1.0);
+    assert_eq!(host.send("after.return", "back-1", json!({})).await, 202);
+}
+
 /// Runs `switchyard serve` against `url` until it exits; returns its exit code and stderr.
 fn serve_until_refused(url: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();

@@ -220,6 +220,25 @@ pub enum Settlement {
     },
 }
 
+/// Whether this host reaches its bus now, for readiness and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// The bus answers: always for a log in the host's own process; for a server, while
+    /// the host is connected to it.
+    pub connected: bool,
+    /// Connections made again since the first (a server restarted, a network broke).
+    pub reconnects: u64,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Self {
+            connected: true,
+            reconnects: 0,
+        }
+    }
+}
+
 /// Counters of one plugin's consumer, for status and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ConsumerStats {
@@ -323,6 +342,11 @@ pub trait Bus:
 
     /// Makes everything committed so far durable and stops the writer.
     async fn close(&self) -> Result<(), BusError>;
+
+    /// Whether the bus can be reached now.
+    fn reach(&self) -> Reach {
+        Reach::default()
+    }
 
     /// A consistent copy of everything the bus keeps, taken while it serves: an open file
     /// that no directory lists, and its size in bytes. A bus whose store is a server of

@@ -630,13 +630,19 @@ pub(super) struct Health {
     status: &'static str,
 }
 
-/// `GET /readyz`: plugins are loaded and dispatching.
+/// `GET /readyz`: plugins are loaded and dispatching, and the bus can be reached, so a
+/// load balancer sends producers to another host while this one has lost its server.
 pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
-    if state.ready.load(std::sync::atomic::Ordering::Acquire) {
-        Ok(Json(Health { status: "ready" }))
-    } else {
-        Err(ApiError::unavailable("starting or shutting down", 1))
+    if !state.ready.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(ApiError::unavailable("starting or shutting down", 1));
     }
+    if !state.bus.reach().connected {
+        return Err(ApiError::unavailable(
+            "the bus cannot be reached (not connected to the NATS server); reconnecting",
+            1,
+        ));
+    }
+    Ok(Json(Health { status: "ready" }))
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -675,6 +681,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 .as_ref()
                 .map(|r| r.cache_stats())
                 .unwrap_or_default(),
+            state.bus.reach(),
         ),
     )
         .into_response()

@@ -86,7 +86,8 @@ use futures_util::StreamExt;
 use self::consumer::NatsConsumer;
 use self::messages::{decode_event, micros};
 use super::{
-    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, StoredEvent,
+    Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, Reach,
+    StoredEvent,
 };
 use crate::event::Event;
 
@@ -273,6 +274,20 @@ async fn last_message(
 
 #[async_trait]
 impl Bus for NatsBus {
+    fn reach(&self) -> Reach {
+        let connects = self
+            .shared
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Reach {
+            connected: self.shared.client.connection_state()
+                == async_nats::connection::State::Connected,
+            reconnects: connects.saturating_sub(1),
+        }
+    }
+
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
         self.shared.store_events(&events, false).await
     }
