@@ -506,15 +506,23 @@ pub struct Handled {
     pub latency: Option<(Duration, Duration)>,
 }
 
-/// A per-plugin gauge value read at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PluginGauges {
+/// A plugin's gauges that its consumer on the bus keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerGauges {
     /// Events in the log after the plugin's cursor.
     pub lag: u64,
     /// Deliveries waiting for a retry.
     pub pending_retries: u64,
     /// Dead letters it has now.
     pub dead_letters: u64,
+}
+
+/// A per-plugin gauge value read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PluginGauges {
+    /// Read from the plugin's consumer on the bus; `None` while the bus cannot be reached,
+    /// and then those series are left out rather than shown as zero.
+    pub consumer: Option<ConsumerGauges>,
     /// Deliveries being handled now.
     pub in_flight: u64,
     /// Whether an operator has paused the plugin.
@@ -929,15 +937,17 @@ impl Metrics {
             let labels = PluginLabels {
                 plugin: Arc::from(plugin.as_str()),
             };
-            families.plugin_lag.get_or_create(&labels).set(g.lag);
-            families
-                .plugin_pending_retries
-                .get_or_create(&labels)
-                .set(g.pending_retries);
-            families
-                .plugin_dead_letters
-                .get_or_create(&labels)
-                .set(g.dead_letters);
+            if let Some(consumer) = g.consumer {
+                families.plugin_lag.get_or_create(&labels).set(consumer.lag);
+                families
+                    .plugin_pending_retries
+                    .get_or_create(&labels)
+                    .set(consumer.pending_retries);
+                families
+                    .plugin_dead_letters
+                    .get_or_create(&labels)
+                    .set(consumer.dead_letters);
+            }
             families
                 .plugin_in_flight
                 .get_or_create(&labels)
@@ -1044,16 +1054,24 @@ mod tests {
         gauges.insert(
             "ticketing".to_owned(),
             PluginGauges {
-                lag: 7,
-                pending_retries: 1,
-                dead_letters: 2,
+                consumer: Some(ConsumerGauges {
+                    lag: 7,
+                    pending_retries: 1,
+                    dead_letters: 2,
+                }),
                 in_flight: 2,
                 paused: false,
                 breaker_open: true,
                 refused: [2, 0, 1],
             },
         );
-        gauges.insert("audit".to_owned(), PluginGauges::default());
+        gauges.insert(
+            "audit".to_owned(),
+            PluginGauges {
+                consumer: Some(ConsumerGauges::default()),
+                ..PluginGauges::default()
+            },
+        );
         metrics.render(
             &gauges,
             CacheStats {
@@ -1143,7 +1161,10 @@ mod tests {
         gauges.insert(
             "old".to_owned(),
             PluginGauges {
-                lag: 4,
+                consumer: Some(ConsumerGauges {
+                    lag: 4,
+                    ..ConsumerGauges::default()
+                }),
                 ..Default::default()
             },
         );

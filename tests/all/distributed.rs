@@ -173,8 +173,9 @@ async fn a_replicated_stream_keeps_serving_with_one_cluster_node_killed() {
 }
 
 /// A host that has lost its NATS server says so: `/readyz` answers `503` (so a load balancer
-/// sends producers elsewhere) and `switchyard_bus_connected` drops to 0, until the server
-/// is back; then the reconnection is counted and events are taken again.
+/// sends producers elsewhere), `switchyard_bus_connected` drops to 0, scrapes still answer
+/// and the API refuses what needs the bus at once, until the server is back; then the
+/// reconnection is counted and events are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_connection_to_the_nats_server() {
     let mut server = NatsServer::start();
@@ -211,6 +212,19 @@ async fn readiness_follows_the_connection_to_the_nats_server() {
         "{body}"
     );
     assert_eq!(host.metric("switchyard_bus_connected").await, 0.0);
+    // A scrape answers without the gauges the bus keeps, rather than zeros after a wait.
+    let lag = "switchyard_plugin_lag_events{plugin=\"sink\"}";
+    assert_eq!(host.metric_if_any(lag).await, None);
+    let in_flight = "switchyard_plugin_in_flight{plugin=\"sink\"}";
+    assert_eq!(host.metric_if_any(in_flight).await, Some(0.0));
+    // What the bus keeps is refused at once; the host's own history is not.
+    let response = reqwest::get(host.url("/v1/plugins")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let response = reqwest::get(host.url("/v1/stats")).await.unwrap();
+    assert_eq!(response.status(), 200);
 
     server.restart();
     host.wait_for(
@@ -221,6 +235,8 @@ async fn readiness_follows_the_connection_to_the_nats_server() {
     .await;
     assert_eq!(host.metric("switchyard_bus_connected").await, 1.0);
     assert!(host.metric("switchyard_bus_reconnects_total").await >= 1.0);
+    assert_eq!(host.metric(lag).await, 0.0);
+    assert_eq!(host.get_json("/v1/plugins/sink").await["lag"], 0);
     assert_eq!(host.send("after.return", "back-1", json!({})).await, 202);
 }
 

@@ -23,7 +23,7 @@ use crate::bus::{
 };
 use crate::clock::rfc3339_ms;
 use crate::failure::AttemptView;
-use crate::metrics::PluginGauges;
+use crate::metrics::{ConsumerGauges, PluginGauges};
 use crate::plugins::{LoadedPlugin, PluginEntry};
 use crate::policy::retry::Backoff;
 use crate::policy::{InstanceMode, Ordering, Start};
@@ -637,33 +637,35 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<He
         return Err(ApiError::unavailable("starting or shutting down", 1));
     }
     if !state.bus.reach().connected {
-        return Err(ApiError::unavailable(
-            "the bus cannot be reached (not connected to the NATS server); reconnecting",
-            1,
-        ));
+        return Err(ApiError::unavailable(super::gate::UNREACHABLE, 1));
     }
     Ok(Json(Health { status: "ready" }))
 }
 
 /// `GET /metrics`: Prometheus text.
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // A scrape must answer while the bus is down, when it matters most: the gauges the
+    // bus keeps are then left out rather than waited for.
+    let bus = state.bus.reach();
     let mut gauges = BTreeMap::new();
     for view in views(&state, None) {
         let Some(running) = &view.running else {
             continue;
         };
-        let stats = state
-            .bus
-            .consumer_stats(&view.name)
-            .await
-            .unwrap_or_default();
+        let consumer = if bus.connected {
+            state.bus.consumer_stats(&view.name).await.ok()
+        } else {
+            None
+        };
         let control = state.valves.control(&view.name).await.unwrap_or_default();
         gauges.insert(
             view.name.clone(),
             PluginGauges {
-                lag: stats.lag,
-                pending_retries: stats.pending_retries,
-                dead_letters: stats.dead_letters,
+                consumer: consumer.map(|stats| ConsumerGauges {
+                    lag: stats.lag,
+                    pending_retries: stats.pending_retries,
+                    dead_letters: stats.dead_letters,
+                }),
                 in_flight: running.in_flight,
                 paused: control.paused.is_some(),
                 breaker_open: control.breaker != Breaker::Closed,
@@ -681,7 +683,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 .as_ref()
                 .map(|r| r.cache_stats())
                 .unwrap_or_default(),
-            state.bus.reach(),
+            bus,
         ),
     )
         .into_response()

@@ -12,6 +12,9 @@
 //!   connection's header timeout in `crate::server`.) The exceptions are the admin
 //!   requests whose work grows with what is stored ([`takes_its_time`]): a backup, and a
 //!   bulk replay or deletion of dead letters, which a cut-off would stop part way.
+//! - a request that reads or changes what the bus keeps is answered `503` at once while
+//!   the host cannot reach its bus ([`reachable`]), not after the bus client's own
+//!   timeout; ingest is not, since the client holds a publish through a short break.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -153,6 +156,22 @@ fn authorized(request: &Request, tokens: &[String]) -> bool {
     tokens.iter().fold(false, |ok, token| {
         ok | constant_time_eq(token.as_bytes(), presented.as_bytes())
     })
+}
+
+/// The message of a request refused because the bus cannot be reached.
+pub(super) const UNREACHABLE: &str =
+    "the bus cannot be reached (not connected to the NATS server); reconnecting";
+
+/// Refuses, at once with `503`, a request that needs the bus while it cannot be reached.
+pub(super) async fn reachable(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if !state.bus.reach().connected {
+        return Err(ApiError::unavailable(UNREACHABLE, 1));
+    }
+    Ok(next.run(request).await)
 }
 
 #[cfg(test)]

@@ -107,6 +107,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/scheduled", get(streams::list_scheduled))
         .route("/v1/scheduled/{id}", delete(streams::cancel_scheduled))
         .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            gate::reachable,
+        ))
+        .route_layer(middleware::from_fn_with_state(
             gate(Guard::Producer),
             gate::admit,
         ));
@@ -118,7 +122,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/plugins/{name}/resume", post(controls::resume))
         .route("/v1/plugins/{name}/kv", get(admin::list_kv))
         .route("/v1/plugins/{name}/kv/{*key}", get(admin::read_kv))
-        .route("/v1/stats", get(admin::stats))
         .route("/v1/backup", get(admin::backup))
         .route(
             "/v1/dlq",
@@ -136,6 +139,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(schemas::show).put(schemas::register),
         )
         .route("/v1/schemas/{type}/{version}", get(schemas::version))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            gate::reachable,
+        ))
+        // The history is the host's own: it answers while the bus cannot be reached.
+        .route("/v1/stats", get(admin::stats))
         .route_layer(middleware::from_fn_with_state(
             gate(Guard::Admin),
             gate::admit,
