@@ -484,6 +484,23 @@ function show(error) {
   box.prepend(el("div", { class: "notice bad" }, String(error.message || error)));
 }
 
+/** Says why the page cannot refresh, in one banner that the next refresh replaces (a
+ * page left open through an outage does not pile up a notice every 2 s), or takes it
+ * away once a refresh succeeds. */
+function trouble(error) {
+  const banner = document.getElementById("trouble");
+  const live = document.getElementById("live");
+  if (error) {
+    banner.textContent = String(error.message || error) + " — retrying every 2 s";
+    banner.hidden = false;
+    live.textContent = "not updating";
+  } else {
+    banner.hidden = true;
+    live.textContent = "live";
+  }
+  live.classList.toggle("failing", Boolean(error));
+}
+
 async function refresh(first = false) {
   const current = generation;
   const where = route();
@@ -497,8 +514,10 @@ async function refresh(first = false) {
     else if (where.view === "scheduled") await scheduled(where.params, first);
     else await overview(where.params, first);
     if (current === generation) main.dataset.loaded = String(Date.now());
+    trouble(null);
   } catch (error) {
-    if (current === generation) show(error);
+    if (error instanceof Unauthorized) return loginForm();
+    if (current === generation) trouble(error);
   }
 }
 

@@ -11,6 +11,7 @@ use crate::scheduled::{count_in_log, schedule, scheduled_ids};
 use crate::support::browser::{Browser, DESKTOP, PHONE};
 use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
+use crate::support::nats::NatsServer;
 
 fn example_host() -> Host {
     let audit = std::fs::read_to_string(concat!(
@@ -325,6 +326,46 @@ async fn a_hot_dropped_broken_file_shows_its_load_error_while_the_old_version_se
         .wait_text("#history-table", |t| {
             t.contains("failed:") && t.contains("serving")
         })
+        .await;
+    browser.close().await;
+}
+
+/// NATS only: the embedded log is in the host's own process and cannot be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_once_that_the_host_lost_its_nats_server_and_recovers_with_it() {
+    let mut server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.plugin("sink", Guest::Noop, None);
+    host.start();
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui")).await;
+    browser.wait_for("tr[data-plugin='sink']").await;
+    assert_eq!(browser.text("#live").await.as_deref(), Some("live"));
+
+    server.kill();
+    let banner = browser
+        .wait_text("#trouble", |t| {
+            t.contains("not connected to the NATS server")
+        })
+        .await;
+    assert!(banner.starts_with("503: "), "{banner}");
+    assert_eq!(browser.text("#live").await.as_deref(), Some("not updating"));
+    // Refreshes go on failing every 2 s: still one notice, not one per refresh.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let notices = browser
+        .script("return document.querySelectorAll('.notice.bad').length;")
+        .await;
+    assert_eq!(notices, 1);
+    screenshots(&browser, "bus-lost").await;
+
+    server.restart();
+    browser.wait_text("#live", |t| t == "live").await;
+    let hidden = browser
+        .script("return document.getElementById('trouble').hidden;")
+        .await;
+    assert_eq!(hidden, true);
+    browser
+        .wait_text("tr[data-plugin='sink']", |t| t.contains("running"))
         .await;
     browser.close().await;
 }
