@@ -33,8 +33,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
-use crate::bus::Reach;
 use crate::bus::sqlite::RetentionObserver;
+use crate::bus::{ConsumerStats, Reach};
 use crate::runtime::{Access, CacheStats};
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
@@ -506,23 +506,13 @@ pub struct Handled {
     pub latency: Option<(Duration, Duration)>,
 }
 
-/// A plugin's gauges that its consumer on the bus keeps.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConsumerGauges {
-    /// Events in the log after the plugin's cursor.
-    pub lag: u64,
-    /// Deliveries waiting for a retry.
-    pub pending_retries: u64,
-    /// Dead letters it has now.
-    pub dead_letters: u64,
-}
-
 /// A per-plugin gauge value read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PluginGauges {
-    /// Read from the plugin's consumer on the bus; `None` while the bus cannot be reached,
-    /// and then those series are left out rather than shown as zero.
-    pub consumer: Option<ConsumerGauges>,
+    /// The plugin's consumer counters (lag, pending retries, dead letters); `None` while
+    /// the bus cannot be reached, and then those series are left out rather than shown
+    /// as zero.
+    pub consumer: Option<ConsumerStats>,
     /// Deliveries being handled now.
     pub in_flight: u64,
     /// Whether an operator has paused the plugin.
@@ -1054,10 +1044,11 @@ mod tests {
         gauges.insert(
             "ticketing".to_owned(),
             PluginGauges {
-                consumer: Some(ConsumerGauges {
+                consumer: Some(ConsumerStats {
                     lag: 7,
                     pending_retries: 1,
                     dead_letters: 2,
+                    ..ConsumerStats::default()
                 }),
                 in_flight: 2,
                 paused: false,
@@ -1068,7 +1059,7 @@ mod tests {
         gauges.insert(
             "audit".to_owned(),
             PluginGauges {
-                consumer: Some(ConsumerGauges::default()),
+                consumer: Some(ConsumerStats::default()),
                 ..PluginGauges::default()
             },
         );
@@ -1161,9 +1152,9 @@ mod tests {
         gauges.insert(
             "old".to_owned(),
             PluginGauges {
-                consumer: Some(ConsumerGauges {
+                consumer: Some(ConsumerStats {
                     lag: 4,
-                    ..ConsumerGauges::default()
+                    ..ConsumerStats::default()
                 }),
                 ..Default::default()
             },

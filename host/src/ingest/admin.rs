@@ -23,7 +23,7 @@ use crate::bus::{
 };
 use crate::clock::rfc3339_ms;
 use crate::failure::AttemptView;
-use crate::metrics::{ConsumerGauges, PluginGauges};
+use crate::metrics::PluginGauges;
 use crate::plugins::{LoadedPlugin, PluginEntry};
 use crate::policy::retry::Backoff;
 use crate::policy::{InstanceMode, Ordering, Start};
@@ -661,11 +661,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         gauges.insert(
             view.name.clone(),
             PluginGauges {
-                consumer: consumer.map(|stats| ConsumerGauges {
-                    lag: stats.lag,
-                    pending_retries: stats.pending_retries,
-                    dead_letters: stats.dead_letters,
-                }),
+                consumer,
                 in_flight: running.in_flight,
                 paused: control.paused.is_some(),
                 breaker_open: control.breaker != Breaker::Closed,
