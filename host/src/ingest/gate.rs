@@ -106,7 +106,7 @@ fn time_limit(state: &AppState, request: &Request) -> Option<Duration> {
 
 /// Whether a request's work grows with what is stored, so that it has no time limit: a
 /// backup copies the whole log, and a bulk replay or deletion goes through every dead
-/// letter of a plugin (on NATS one request each).
+/// letter of a plugin.
 fn takes_its_time(method: &Method, path: &str) -> bool {
     matches!(
         (method, path),

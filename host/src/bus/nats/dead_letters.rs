@@ -229,9 +229,8 @@ const DIRECT_READS: usize = 16;
 const SCAN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Dead letters of one subject filter, oldest first, from a sequence on.
-struct Scan {
-    stream: stream::Stream,
-    direct: bool,
+struct Scan<'a> {
+    shared: &'a Shared,
     subject: String,
     source: Source,
     ended: bool,
@@ -252,10 +251,9 @@ enum Source {
 
 impl Shared {
     /// A scan of `subject` from `from` on, expected to read about `wanted` letters.
-    async fn scan(&self, subject: String, from: u64, wanted: usize) -> Result<Scan, BusError> {
+    async fn scan(&self, subject: String, from: u64, wanted: usize) -> Result<Scan<'_>, BusError> {
         let mut scan = Scan {
-            stream: self.dead_letters.clone(),
-            direct: self.direct(),
+            shared: self,
             subject,
             source: Source::OneByOne { from },
             ended: false,
@@ -291,7 +289,7 @@ impl Shared {
     }
 }
 
-impl Scan {
+impl Scan<'_> {
     /// The next dead letter, or `None` at the end.
     async fn next(&mut self) -> Result<Option<DeadLetter>, BusError> {
         if self.ended {
@@ -299,8 +297,10 @@ impl Scan {
         }
         let (id, payload) = match &mut self.source {
             Source::OneByOne { from } => {
+                let shared = self.shared;
                 let Some(message) =
-                    next_message(&self.stream, self.direct, &self.subject, *from).await?
+                    next_message(&shared.dead_letters, shared.direct(), &self.subject, *from)
+                        .await?
                 else {
                     self.ended = true;
                     return Ok(None);
@@ -400,25 +400,8 @@ impl NatsBus {
                 }
             })
             .collect();
-        let mut cleared = futures_util::stream::iter(replayed)
-            .map(|letter| async move {
-                self.shared
-                    .forget_attempts(&letter.plugin, letter.stored.sequence)
-                    .await;
-                self.delete_dead_letter(letter.id).await
-            })
-            .buffer_unordered(BULK_IN_FLIGHT);
-        let mut done = 0;
-        while let Some(deleted) = cleared.next().await {
-            match deleted {
-                // Deleted meanwhile, by another request or host: replayed all the same.
-                Ok(()) | Err(BusError::NotFound(_)) => done += 1,
-                Err(error) => {
-                    failed.get_or_insert(error);
-                }
-            }
-        }
-        match failed {
+        let (done, cleared) = self.delete_letters(replayed, true).await;
+        match failed.or(cleared) {
             Some(error) => Err(error),
             None => Ok(done),
         }
@@ -426,18 +409,40 @@ impl NatsBus {
 
     /// Deletes dead letters, [`BULK_IN_FLIGHT`] at a time.
     async fn delete_page(&self, page: Vec<DeadLetter>) -> Result<u64, BusError> {
-        let mut deleting = futures_util::stream::iter(page)
-            .map(|letter| async move { self.delete_dead_letter(letter.id).await })
+        match self.delete_letters(page, false).await {
+            (deleted, None) => Ok(deleted),
+            (_, Some(error)) => Err(error),
+        }
+    }
+
+    /// Deletes `letters` ([`BULK_IN_FLIGHT`] at a time), each after its attempt errors when
+    /// `forget_attempts`: how many are gone, counting those deleted meanwhile by another
+    /// request or host, and the first error.
+    async fn delete_letters(
+        &self,
+        letters: Vec<DeadLetter>,
+        forget_attempts: bool,
+    ) -> (u64, Option<BusError>) {
+        let mut deleting = futures_util::stream::iter(letters)
+            .map(|letter| async move {
+                if forget_attempts {
+                    self.shared
+                        .forget_attempts(&letter.plugin, letter.stored.sequence)
+                        .await;
+                }
+                self.delete_dead_letter(letter.id).await
+            })
             .buffer_unordered(BULK_IN_FLIGHT);
-        let mut deleted = 0;
+        let (mut deleted, mut failed) = (0, None);
         while let Some(outcome) = deleting.next().await {
             match outcome {
-                // Deleted meanwhile, by another request or host.
                 Ok(()) | Err(BusError::NotFound(_)) => deleted += 1,
-                Err(error) => return Err(error),
+                Err(error) => {
+                    failed.get_or_insert(error);
+                }
             }
         }
-        Ok(deleted)
+        (deleted, failed)
     }
 
     /// Deletes one dead letter.
