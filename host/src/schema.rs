@@ -217,20 +217,26 @@ impl Schemas {
 
     /// Registers `text` as the next version of `event_type`'s schema: refused when it is
     /// not a usable schema, or (unless `force`) when one of the type's latest events in
-    /// the log fails it.
+    /// the log fails it. The latest version's document again is that version.
     pub async fn register(
         &self,
         event_type: &str,
         text: String,
         force: bool,
-    ) -> Result<StoredSchema, RegisterError> {
+    ) -> Result<Registered, RegisterError> {
         let validator = compile(&text).map_err(RegisterError::Invalid)?;
-        let latest = self
-            .bus
-            .schema_versions(event_type)
-            .await?
-            .last()
-            .map_or(0, |s| s.version);
+        let versions = self.bus.schema_versions(event_type).await?;
+        let last = versions.last();
+        // The latest version sent again (a retried PUT) is that version, not a new one.
+        if let Some(last) = last
+            && same_document(&last.schema, &text)
+        {
+            return Ok(Registered {
+                schema: last.clone(),
+                new: false,
+            });
+        }
+        let latest = last.map_or(0, |s| s.version);
         let candidate = Compiled {
             version: latest + 1,
             validator,
@@ -259,7 +265,30 @@ impl Schemas {
         }
         let stored = self.bus.put_schema(event_type, latest, text).await?;
         self.install(event_type, Some(Arc::new(candidate)));
-        Ok(stored)
+        Ok(Registered {
+            schema: stored,
+            new: true,
+        })
+    }
+}
+
+/// What [`Schemas::register`] did.
+#[derive(Debug)]
+pub struct Registered {
+    /// The version in force for the type.
+    pub schema: StoredSchema,
+    /// Whether it is a new version (else the document was already the latest one).
+    pub new: bool,
+}
+
+/// Whether two schema documents are the same JSON value, however they are spaced.
+fn same_document(stored: &str, sent: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(stored),
+        serde_json::from_str::<serde_json::Value>(sent),
+    ) {
+        (Ok(stored), Ok(sent)) => stored == sent,
+        _ => stored == sent,
     }
 }
 

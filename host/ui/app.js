@@ -367,7 +367,7 @@ async function deadLetters(params, first) {
       el("tbody", {}, rows))) : el("p", { class: "muted", id: "dlq-empty" }, "No dead letters here."),
     el("div", { class: "pager" },
       params.after ? el("button", { onclick: () => setHash("/dlq", { plugin: params.plugin, reason: params.reason }) }, "First page") : null,
-      page.next_after && rows.length === PAGE ? el("button", { onclick: () => setHash("/dlq", { plugin: params.plugin, reason: params.reason, after: page.next_after }) }, "Next page") : null));
+      page.next_after ? el("button", { onclick: () => setHash("/dlq", { plugin: params.plugin, reason: params.reason, after: page.next_after }) }, "Next page") : null));
 }
 
 // ---------------------------------------------------------------------------------------

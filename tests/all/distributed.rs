@@ -225,6 +225,30 @@ async fn readiness_follows_the_connection_to_the_nats_server() {
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     let response = reqwest::get(host.url("/v1/stats")).await.unwrap();
     assert_eq!(response.status(), 200);
+    // An event is held through a short break and refused after the acknowledgement's
+    // wait; once the break has lasted longer than that wait, it is refused at once.
+    let post = |id: &'static str, timeout: u64| {
+        host.http
+            .post(host.url("/v1/events/after.outage"))
+            .header("ce-id", id)
+            .timeout(Duration::from_secs(timeout))
+            .json(&json!({}))
+            .send()
+    };
+    let held = post("held", 30).await.unwrap();
+    assert_eq!(held.status(), 503);
+    assert!(held.headers().contains_key("retry-after"));
+    let refused = post("refused", 3)
+        .await
+        .expect("an event posted after a long break is answered without the wait");
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not connected to the NATS server for"),
+        "{body}"
+    );
 
     server.restart();
     host.wait_for(

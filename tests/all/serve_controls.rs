@@ -213,7 +213,18 @@ async fn an_operator_pauses_and_resumes_a_plugin(backend: Backend) {
         .unwrap();
     assert_eq!(bad.status(), 400);
     let error: Value = bad.json().await.unwrap();
-    assert_eq!(error["error"]["code"], "bad_request");
+    assert_eq!(error["error"]["code"], "malformed_json");
+    let not_json = host
+        .http
+        .post(host.url("/v1/plugins/counter/pause"))
+        .header("content-type", "text/plain")
+        .body("maintenance")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), 415);
+    let error: Value = not_json.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unsupported_media_type");
 
     // A pause outlives a restart.
     host.stop();

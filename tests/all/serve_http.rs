@@ -360,11 +360,12 @@ async fn tokens_guard_ingest_and_admin_routes() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
         assert_eq!(error_code(&body), "unauthorized");
     }
+    // The scheme's name is case-insensitive (RFC 9110 §11.1).
     let (status, _) = api
         .call(
             Request::post("/v1/events")
                 .header(header::CONTENT_TYPE, "application/cloudevents+json")
-                .header(header::AUTHORIZATION, "Bearer in-secret")
+                .header(header::AUTHORIZATION, "bearer in-secret")
                 .body(Body::from(event))
                 .unwrap(),
         )
@@ -551,6 +552,71 @@ async fn paging_a_sparse_filter_walks_the_whole_log() {
 }
 
 #[tokio::test]
+async fn every_error_is_json_and_the_binding_and_http_conventions_hold() {
+    let api = Api::new(Config::default());
+    // A route with another method: 405, `Allow`, and the JSON error shape.
+    let response = router(Arc::clone(&api.state))
+        .oneshot(Request::put("/v1/events").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let allow = response.headers()[header::ALLOW]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error_code(&body), "method_not_allowed", "{body}");
+    // A path part that cannot name anything: 404 in the same shape, not plain text.
+    for path in ["/v1/dlq/abc", "/v1/dlq/-1"] {
+        let (status, body) = api
+            .call(Request::get(path).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(error_code(&body), "not_found", "{path}: {body}");
+    }
+    // "The batch MAY be empty" (HTTP binding, 3.3.2): accepted, nothing stored.
+    let (status, body) = api
+        .post("/v1/events", "application/cloudevents-batch+json", "[]")
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["accepted"], json!([]));
+    assert_eq!(api.stored().await, 0);
+    // Quoted header values are unquoted before they are percent-decoded (3.1.3.2).
+    let (status, body) = api
+        .call(
+            Request::post("/v1/events")
+                .header("ce-specversion", "\"1.0\"")
+                .header("ce-id", "quoted-1")
+                .header("ce-source", "/shop")
+                .header("ce-type", "order.created")
+                .header("ce-subject", "\"order%2042\"")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (_, log) = api
+        .call(Request::get("/v1/events").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(log["events"][0]["event"]["subject"], "order 42", "{log}");
+    // A wait cannot be kept for an event that runs later.
+    let (status, body) = api
+        .post(
+            "/v1/events/order.created?wait=5s&delay=15m",
+            "application/json",
+            "{}",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_code(&body), "invalid_query", "{body}");
+    assert_eq!(api.stored().await, 1);
+}
+
+#[tokio::test]
 async fn a_bad_wait_is_400_and_stores_nothing_and_a_wait_with_no_plugin_answers_at_once() {
     let api = Api::new(Config::default());
     let typed = "/v1/events/order.created";
@@ -603,14 +669,36 @@ async fn schemas_that_cannot_be_used_are_400_with_the_reason_and_unknown_ones_40
     }
     let (status, _) = api.call(put(r#"{"type": "object"}"#)).await;
     assert_eq!(status, StatusCode::CREATED);
+    // The same document again (a retried PUT) is that version, not a new one.
+    let (status, answer) = api.call(put(r#"{ "type" : "object" }"#)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["version"], 1, "{answer}");
+    let (status, answer) = api
+        .call(
+            Request::put("/v1/schemas/order.created")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(r#"{"type": "string"}"#))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/schema+json"),
+        "{answer}"
+    );
     let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
     for path in [
         "/v1/schemas/order.updated",
         "/v1/schemas/order.created/2",
         "/v1/schemas/order.created/0",
+        "/v1/schemas/order.created/latest",
     ] {
         let (status, answer) = api.call(get(path)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
+        assert_eq!(error_code(&answer), "not_found", "{path}: {answer}");
     }
     let (status, answer) = api.call(get("/v1/schemas/order..created")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");

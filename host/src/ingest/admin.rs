@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::controls::DeliveryView;
 use super::error::code;
-use super::{ApiError, ApiQuery, AppState, cloudevents};
+use super::{ApiError, ApiPath, ApiQuery, AppState, cloudevents};
 use crate::bus::{
     Breaker, BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection,
     DeadLetterView,
@@ -339,7 +339,7 @@ pub(super) async fn list_plugins(
 /// `GET /v1/plugins/{name}`.
 pub(super) async fn show_plugin(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let Some(view) = views(&state, Some(&name)).into_iter().next() else {
         return Err(ApiError::not_found(format!("plugin `{name}`")));
@@ -368,7 +368,7 @@ struct KeyPage {
 /// `GET /v1/plugins/{name}/kv?prefix=&after=&limit=`: a page of keys, in order.
 pub(super) async fn list_kv(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiQuery(params): ApiQuery<KeysParams>,
 ) -> Result<Response, ApiError> {
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
@@ -408,9 +408,8 @@ pub(super) async fn stats(
 ) -> Result<Response, ApiError> {
     let window = match params.window.as_deref() {
         None => Duration::from_secs(15 * 60),
-        Some(text) => crate::units::parse_duration(text).map_err(|e| {
-            ApiError::bad_request(super::error::code::BAD_REQUEST, format!("`window`: {e}"))
-        })?,
+        Some(text) => crate::units::parse_duration(text)
+            .map_err(|e| ApiError::bad_request(code::INVALID_QUERY, format!("`window`: {e}")))?,
     }
     .min(Duration::from_secs(3600));
     let view = state.stats.view(
@@ -424,7 +423,7 @@ pub(super) async fn stats(
 /// `GET /v1/plugins/{name}/kv/{key}`: the raw value.
 pub(super) async fn read_kv(
     State(state): State<Arc<AppState>>,
-    Path((name, key)): Path<(String, String)>,
+    ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let value = state
         .bus
@@ -468,17 +467,21 @@ pub(super) async fn list_dead_letters(
     State(state): State<Arc<AppState>>,
     ApiQuery(params): ApiQuery<DeadLetterParams>,
 ) -> Result<Response, ApiError> {
-    let letters = state
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    // One more than the page tells whether another page follows.
+    let mut letters = state
         .bus
         .dead_letters(DeadLetterQuery {
             plugin: params.plugin,
             after: params.after.unwrap_or(0),
-            limit: params.limit.unwrap_or(100).clamp(1, 1000),
+            limit: limit + 1,
             reason: params.reason,
         })
         .await
         .map_err(bus_error)?;
-    let next_after = letters.last().map(|l| l.id);
+    let more = letters.len() > limit;
+    letters.truncate(limit);
+    let next_after = more.then(|| letters.last().map(|l| l.id)).flatten();
     Ok(Json(DeadLetterPage {
         dead_letters: letters.iter().map(dead_letter_view).collect(),
         next_after,
@@ -489,7 +492,7 @@ pub(super) async fn list_dead_letters(
 /// `GET /v1/dlq/{id}`.
 pub(super) async fn show_dead_letter(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<u64>,
+    ApiPath(id): ApiPath<u64>,
 ) -> Result<Response, ApiError> {
     let letter = state.bus.dead_letter(id).await.map_err(bus_error)?;
     Ok(Json(dead_letter_view(&letter)).into_response())
@@ -498,7 +501,7 @@ pub(super) async fn show_dead_letter(
 /// `POST /v1/dlq/{id}/replay`.
 pub(super) async fn replay_one(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<u64>,
+    ApiPath(id): ApiPath<u64>,
 ) -> Result<Response, ApiError> {
     replay(&state, DeadLetterSelection::One(id)).await
 }
@@ -532,7 +535,7 @@ impl PluginDeadLetters {
                 reason: self.reason,
             }),
             None => Err(ApiError::bad_request(
-                "invalid_query",
+                code::INVALID_QUERY,
                 format!("`plugin` is required: {route}?plugin=NAME[&reason=REASON]"),
             )),
         }
@@ -550,7 +553,7 @@ pub(super) async fn replay_plugin(
 /// `DELETE /v1/dlq/{id}`.
 pub(super) async fn delete_dead_letter(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<u64>,
+    ApiPath(id): ApiPath<u64>,
 ) -> Result<Response, ApiError> {
     state
         .bus

@@ -9,12 +9,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::error::code;
-use super::{ApiError, AppState};
+use super::{ApiError, ApiPath, AppState};
 use crate::bus::{Breaker, BusError, PluginControl};
 use crate::clock::rfc3339_ms;
 
@@ -147,16 +148,18 @@ fn stored(error: BusError) -> ApiError {
 /// `POST /v1/plugins/{name}/pause`, with an optional JSON body `{"reason": "…"}`.
 pub(super) async fn pause(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    body: Bytes,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<Changed>, ApiError> {
     known(&state, &name)?;
+    let body = super::events::read_json_body(&state, &headers, body, &["application/json"]).await?;
     let body: PauseBody = if body.iter().all(u8::is_ascii_whitespace) {
         PauseBody::default()
     } else {
         serde_json::from_slice(&body).map_err(|error| {
             ApiError::bad_request(
-                code::BAD_REQUEST,
+                code::MALFORMED_JSON,
                 format!("the body must be JSON such as {{\"reason\": \"maintenance\"}}: {error}"),
             )
         })?
@@ -175,7 +178,7 @@ pub(super) async fn pause(
 /// `POST /v1/plugins/{name}/resume`: ends a pause and closes an open breaker.
 pub(super) async fn resume(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Changed>, ApiError> {
     known(&state, &name)?;
     let control = state.valves.resume(&name).await.map_err(stored)?;

@@ -21,6 +21,8 @@ use serde::Serialize;
 pub mod code {
     /// The request was malformed in a way no more specific code describes (400).
     pub const BAD_REQUEST: &str = "bad_request";
+    /// A query parameter is missing, unknown or has a bad value (400).
+    pub const INVALID_QUERY: &str = "invalid_query";
     /// The body is not valid JSON (400).
     pub const MALFORMED_JSON: &str = "malformed_json";
     /// A CloudEvents attribute is missing, has the wrong type or an invalid value (400).
@@ -31,7 +33,9 @@ pub mod code {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The addressed resource does not exist (404).
     pub const NOT_FOUND: &str = "not_found";
-    /// The request took longer than `http.request_timeout` (408).
+    /// The route exists but not with this method (405); `Allow` lists the methods.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// The client did not send its whole request within `http.request_timeout` (408).
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// The body, one event or a batch is larger than allowed (413).
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";

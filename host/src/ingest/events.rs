@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::cloudevents::{self, ParseLimits};
 use super::error::code;
-use super::{ApiError, ApiQuery, AppState, wait};
+use super::{ApiError, ApiPath, ApiQuery, AppState, wait};
 use crate::bus::{BusError, LogQuery};
 use crate::clock::rfc3339_ms;
 use crate::event::Event;
@@ -54,9 +54,33 @@ pub(super) async fn read_body(
         if too_large {
             ApiError::payload_too_large(limit)
         } else {
-            ApiError::bad_request("bad_body", format!("cannot read the request body: {error}"))
+            ApiError::bad_request(
+                code::BAD_REQUEST,
+                format!("cannot read the request body: {error}"),
+            )
         }
     })
+}
+
+/// Reads a JSON request body (not a CloudEvent) up to the configured limit. A declared
+/// `Content-Type` must be a JSON one (`415` naming `accepted` otherwise); a body without
+/// one is read as JSON.
+pub(super) async fn read_json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    accepted: &[&str],
+) -> Result<bytes::Bytes, ApiError> {
+    if let Some(declared) = headers.get(header::CONTENT_TYPE) {
+        let json = declared
+            .to_str()
+            .is_ok_and(|value| cloudevents::is_json_media_type(cloudevents::media_type(value)));
+        if !json {
+            let lossy = String::from_utf8_lossy(declared.as_bytes());
+            return Err(ApiError::unsupported_media_type(Some(&lossy), accepted));
+        }
+    }
+    read_body(state, headers, body).await
 }
 
 fn limits(state: &AppState) -> ParseLimits {
@@ -117,6 +141,19 @@ async fn append(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     check_conditions_and_schedules(&mut events, delay)
+        .and_then(|()| {
+            let scheduled = events.iter().any(|e| e.extensions.contains_key(DELIVER_AT));
+            if wait.is_some() && scheduled {
+                return Err(ApiError::bad_request(
+                    code::INVALID_QUERY,
+                    format!(
+                        "`wait` cannot be used for a scheduled event (`?delay=` or \
+                         `{DELIVER_AT}`): its plugins run when it is due"
+                    ),
+                ));
+            }
+            Ok(())
+        })
         .inspect_err(|error| state.metrics.ingest_rejected(error.code()))?;
     let traceparent = headers
         .get(telemetry::TRACEPARENT)
@@ -154,6 +191,13 @@ async fn append_checked(
     mut events: Vec<Event>,
     wait: Option<Duration>,
 ) -> Result<Response, ApiError> {
+    if events.is_empty() {
+        // An empty batch is allowed (CloudEvents HTTP binding, 3.3.2) and stores nothing.
+        let accepted = AcceptedBody {
+            accepted: Vec::new(),
+        };
+        return Ok((StatusCode::ACCEPTED, Json(accepted)).into_response());
+    }
     let count = events.len();
     for (index, event) in events.iter_mut().enumerate() {
         state.schemas.check(event).map_err(|violation| {
@@ -223,8 +267,9 @@ impl IngestParams {
         self.delay
             .as_deref()
             .map(|text| {
-                crate::units::parse_duration(text)
-                    .map_err(|e| ApiError::bad_request(code::BAD_REQUEST, format!("`delay`: {e}")))
+                crate::units::parse_duration(text).map_err(|e| {
+                    ApiError::bad_request(code::INVALID_QUERY, format!("`delay`: {e}"))
+                })
             })
             .transpose()
             .inspect_err(|error| state.metrics.ingest_rejected(error.code()))
@@ -354,7 +399,7 @@ pub(super) async fn ingest(
 /// `POST /v1/events/{type}`: a plain JSON body as the data of one event.
 pub(super) async fn ingest_typed(
     State(state): State<Arc<AppState>>,
-    Path(ty): Path<String>,
+    ApiPath(ty): ApiPath<String>,
     ApiQuery(params): ApiQuery<IngestParams>,
     headers: HeaderMap,
     body: Body,
@@ -411,7 +456,7 @@ pub(super) async fn read_log(
         .as_deref()
         .map(Pattern::parse)
         .transpose()
-        .map_err(|e| ApiError::bad_request("invalid_query", format!("`type`: {e}")))?;
+        .map_err(|e| ApiError::bad_request(code::INVALID_QUERY, format!("`type`: {e}")))?;
     let limit = params.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     let after = params.after.unwrap_or(0);
     let page = state

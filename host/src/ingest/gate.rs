@@ -7,19 +7,25 @@
 //!   unauthenticated clients cannot crowd out authenticated ones;
 //! - at most `http.max_concurrent_requests` API requests run at once; the next one is
 //!   answered `503` with `Retry-After` at once rather than queued, so memory stays bounded;
-//! - no API request runs longer than `http.request_timeout`: it is answered `408` and its
-//!   handler dropped. (A client slow to send its headers is cut off earlier, by the
+//! - no API request runs longer than `http.request_timeout`: it is answered, and its
+//!   handler dropped: `408` when the client had not sent its whole body by then, `503`
+//!   with `Retry-After` when the host was the slow one. (A client slow to send its headers is cut off earlier, by the
 //!   connection's header timeout in `crate::server`.) The exceptions are the admin
 //!   requests whose work grows with what is stored ([`takes_its_time`]): a backup, and a
 //!   bulk replay or deletion of dead letters, which a cut-off would stop part way.
 //! - a request that reads or changes what the bus keeps is answered `503` at once while
 //!   the host cannot reach its bus ([`reachable`]), not after the bus client's own
-//!   timeout; ingest is not, since the client holds a publish through a short break.
+//!   timeout; ingest is not, since the client holds a publish through a short break
+//!   (the bus itself refuses an append at once when the break is longer).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
@@ -69,7 +75,23 @@ pub(super) async fn admit(
         ApiError::unauthorized()
     } else if let Ok(_place) = gate.in_flight.try_acquire() {
         let limit = time_limit(state, &request);
-        return within_time_limit(limit, next.run(request)).await;
+        let read = Arc::new(AtomicBool::new(false));
+        let request = request.map(|body| {
+            // A request without a body (most GETs) has sent all of it already.
+            read.store(http_body::Body::is_end_stream(&body), Ordering::Release);
+            Body::new(WatchedBody {
+                inner: body,
+                read: Arc::clone(&read),
+            })
+        });
+        return within_time_limit(limit, next.run(request))
+            .await
+            .map_err(|late| {
+                late.answer(
+                    read.load(Ordering::Acquire),
+                    state.config.ingest.retry_after.as_secs().max(1),
+                )
+            });
     } else {
         ApiError::unavailable(
             format!(
@@ -116,24 +138,82 @@ fn takes_its_time(method: &Method, path: &str) -> bool {
     )
 }
 
-/// Answers `408` when the handler takes longer than `limit`.
+/// A request that ran out of its time limit.
+struct Late(Duration);
+
+impl Late {
+    /// `408` when the client had not sent its whole body by then; `503` with
+    /// `Retry-After` when it had, and the host was slow to answer (a `408` would tell the
+    /// client that it was too slow).
+    fn answer(self, body_read: bool, retry_after_secs: u64) -> ApiError {
+        let limit = humantime::format_duration(self.0);
+        if body_read {
+            ApiError::unavailable(
+                format!(
+                    "the host took longer than {limit} (`http.request_timeout`) to answer; retry later"
+                ),
+                retry_after_secs,
+            )
+        } else {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                code::REQUEST_TIMEOUT,
+                format!("the request was not sent within {limit} (`http.request_timeout`)"),
+            )
+        }
+    }
+}
+
+/// Fails with [`Late`] when the handler takes longer than `limit`.
 async fn within_time_limit(
     limit: Option<Duration>,
     handled: impl Future<Output = Response>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Late> {
     let Some(limit) = limit else {
         return Ok(handled.await);
     };
-    tokio::time::timeout(limit, handled).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            code::REQUEST_TIMEOUT,
-            format!(
-                "the request took longer than {} (`http.request_timeout`)",
-                humantime::format_duration(limit)
-            ),
-        )
-    })
+    tokio::time::timeout(limit, handled)
+        .await
+        .map_err(|_| Late(limit))
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that records when it has been read to its end (at once for a
+    /// request without one).
+    struct WatchedBody {
+        #[pin]
+        inner: Body,
+        read: Arc<AtomicBool>,
+    }
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.read.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
@@ -149,13 +229,22 @@ fn authorized(request: &Request, tokens: &[String]) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
     else {
         return false;
     };
     tokens.iter().fold(false, |ok, token| {
         ok | constant_time_eq(token.as_bytes(), presented.as_bytes())
     })
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme's name is matched
+/// without regard to case (RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// The message of a request refused because the bus cannot be reached.
@@ -191,6 +280,45 @@ mod tests {
             (Method::GET, "/v1/events"),
         ] {
             assert!(!takes_its_time(&method, path), "{method} {path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_request_is_the_clients_fault_only_while_its_body_is_unread() {
+        let read = Arc::new(AtomicBool::new(false));
+        let body = WatchedBody {
+            inner: Body::from("{\"n\": 1}"),
+            read: Arc::clone(&read),
+        };
+        assert!(!read.load(Ordering::Acquire));
+        let bytes = axum::body::to_bytes(Body::new(body), 1024).await.unwrap();
+        assert_eq!(&bytes[..], b"{\"n\": 1}");
+        assert!(read.load(Ordering::Acquire));
+        let empty = Arc::new(AtomicBool::new(false));
+        let body = WatchedBody {
+            inner: Body::empty(),
+            read: Arc::clone(&empty),
+        };
+        assert!(http_body::Body::is_end_stream(&body));
+        assert!(empty.load(Ordering::Acquire));
+
+        let slow_client = Late(Duration::from_secs(1)).answer(false, 2);
+        assert_eq!(slow_client.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(slow_client.code(), code::REQUEST_TIMEOUT);
+        assert_eq!(slow_client.retry_after(), None);
+        let slow_host = Late(Duration::from_secs(1)).answer(true, 2);
+        assert_eq!(slow_host.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(slow_host.retry_after(), Some(2));
+        assert!(slow_host.message().contains("http.request_timeout"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in ["Bearer t0k", "bearer t0k", "BEARER t0k", "Bearer  t0k"] {
+            assert_eq!(bearer_token(value), Some("t0k"), "{value}");
+        }
+        for value in ["Basic t0k", "Bearer", "Bearert0k", "t0k"] {
+            assert_eq!(bearer_token(value), None, "{value}");
         }
     }
 

@@ -160,10 +160,60 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))
         .fallback(|| async { ApiError::not_found("route") })
+        // Called after every route is in, so it covers them all; the `Allow` header stays.
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                error::code::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed here; `Allow` lists the methods that are"),
+            )
+        })
         .with_state(state)
 }
 
-/// The query string of a request, parsed; a bad one is `400 bad_request` in the API's
+/// The path parameters of a request, parsed. A value that cannot be what the route takes
+/// (`/v1/dlq/abc`, where dead letters have numbers) names nothing: `404 not_found` in the
+/// API's JSON error shape; other failures (a value that is not UTF-8 once decoded) are
+/// `400 bad_request`. (axum's own `Path` answers both `400` in plain text.)
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(PathRejection::FailedToDeserializePathParams(failure)) => match failure.kind() {
+                ErrorKind::ParseErrorAtKey { value, .. }
+                | ErrorKind::ParseErrorAtIndex { value, .. }
+                | ErrorKind::ParseError { value, .. } => Err(ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    error::code::NOT_FOUND,
+                    format!("nothing is found at `{value}`: that part of the path is a number"),
+                )),
+                _ => Err(ApiError::bad_request(
+                    error::code::BAD_REQUEST,
+                    failure.body_text(),
+                )),
+            },
+            Err(rejection) => Err(ApiError::bad_request(
+                error::code::BAD_REQUEST,
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// The query string of a request, parsed; a bad one is `400 invalid_query` in the API's
 /// JSON error shape, naming what is wrong (axum's own `Query` answers in plain text).
 pub(crate) struct ApiQuery<T>(pub T);
 
@@ -182,7 +232,7 @@ where
             .await
             .map(|axum::extract::Query(value)| Self(value))
             .map_err(|rejection| {
-                ApiError::bad_request(error::code::BAD_REQUEST, rejection.body_text())
+                ApiError::bad_request(error::code::INVALID_QUERY, rejection.body_text())
             })
     }
 }

@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::code;
-use super::{ApiError, ApiQuery, AppState};
+use super::{ApiError, ApiPath, ApiQuery, AppState};
 use crate::bus::{BusError, StoredSchema};
 use crate::clock::rfc3339_ms;
 use crate::event::validate_event_type;
@@ -49,24 +49,32 @@ pub(super) struct RegisterParams {
     force: bool,
 }
 
-/// `PUT /v1/schemas/{type}[?force=true]`: the body is the next version's JSON Schema.
+/// `PUT /v1/schemas/{type}[?force=true]`: the body is the next version's JSON Schema
+/// (`201` with its `Location`), or the latest version's again (`200`, nothing changes),
+/// so a retried request does not make a version of its own.
 pub(super) async fn register(
     State(state): State<Arc<AppState>>,
-    Path(event_type): Path<String>,
+    ApiPath(event_type): ApiPath<String>,
     ApiQuery(params): ApiQuery<RegisterParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     checked_type(&event_type)?;
-    let body = super::events::read_body(&state, &headers, body).await?;
+    let body = super::events::read_json_body(
+        &state,
+        &headers,
+        body,
+        &["application/schema+json", "application/json"],
+    )
+    .await?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::bad_request(code::INVALID_SCHEMA, "the schema is not UTF-8 JSON"))?;
-    let stored = match state
+    let registered = match state
         .schemas
         .register(&event_type, text, params.force)
         .await
     {
-        Ok(stored) => stored,
+        Ok(registered) => registered,
         Err(RegisterError::Invalid(why)) => {
             return Err(ApiError::bad_request(code::INVALID_SCHEMA, why));
         }
@@ -103,9 +111,15 @@ pub(super) async fn register(
         }
         Err(RegisterError::Bus(error)) => return Err(ApiError::internal(error)),
     };
-    tracing::info!(event_type = %stored.event_type, version = stored.version, forced = params.force, "schema registered");
+    let stored = &registered.schema;
+    let status = if registered.new {
+        tracing::info!(event_type = %stored.event_type, version = stored.version, forced = params.force, "schema registered");
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let location = format!("/v1/schemas/{}/{}", stored.event_type, stored.version);
-    let mut response = (StatusCode::CREATED, Json(summary(&state, &stored))).into_response();
+    let mut response = (status, Json(summary(&state, stored))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
     }
@@ -136,7 +150,7 @@ async fn versions_of(state: &AppState, event_type: &str) -> Result<Vec<StoredSch
 /// `GET /v1/schemas/{type}`: the type's versions and its latest document.
 pub(super) async fn show(
     State(state): State<Arc<AppState>>,
-    Path(event_type): Path<String>,
+    ApiPath(event_type): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let versions = versions_of(&state, &event_type).await?;
     let Some(latest) = versions.last() else {
@@ -154,7 +168,7 @@ pub(super) async fn show(
 /// `GET /v1/schemas/{type}/{version}`: the document itself, `application/schema+json`.
 pub(super) async fn version(
     State(state): State<Arc<AppState>>,
-    Path((event_type, version)): Path<(String, u32)>,
+    ApiPath((event_type, version)): ApiPath<(String, u32)>,
 ) -> Result<Response, ApiError> {
     let versions = versions_of(&state, &event_type).await?;
     let Some(stored) = versions.into_iter().find(|s| s.version == version) else {

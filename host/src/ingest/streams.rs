@@ -11,12 +11,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiQuery, AppState, cloudevents};
+use super::{ApiError, ApiPath, ApiQuery, AppState, cloudevents};
 use crate::bus::ScheduledQuery;
 use crate::clock::rfc3339_ms;
 
@@ -47,7 +47,7 @@ struct StreamView {
 /// `GET /v1/streams/{subject}`; `404` for a subject never written.
 pub(super) async fn read_stream(
     State(state): State<Arc<AppState>>,
-    Path(subject): Path<String>,
+    ApiPath(subject): ApiPath<String>,
     ApiQuery(params): ApiQuery<StreamParams>,
 ) -> Result<Response, ApiError> {
     let after = params.after.unwrap_or(0);
@@ -139,7 +139,7 @@ pub(super) async fn list_scheduled(
 /// `DELETE /v1/scheduled/{id}`.
 pub(super) async fn cancel_scheduled(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let cancelled = state
         .bus

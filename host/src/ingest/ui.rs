@@ -5,11 +5,10 @@
 //! The vendored chart library (uPlot) and its licence live in `host/ui/vendor/uplot/`,
 //! with the version and how to update it.
 
-use axum::extract::Path;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::ApiError;
+use super::{ApiError, ApiPath};
 
 const INDEX: &str = include_str!("../../ui/index.html");
 
@@ -60,7 +59,7 @@ pub(super) async fn index() -> Response {
 }
 
 /// `GET /ui/{asset}`.
-pub(super) async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn asset(ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     ASSETS
         .iter()
         .find(|(asset, _, _)| *asset == name)

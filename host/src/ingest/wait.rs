@@ -40,14 +40,14 @@ pub(super) struct Waiting {
 pub(super) fn parse_wait(state: &AppState, text: &str) -> Result<Duration, ApiError> {
     let wait = crate::units::parse_duration(text).map_err(|e| {
         ApiError::bad_request(
-            super::error::code::BAD_REQUEST,
+            super::error::code::INVALID_QUERY,
             format!("`wait`: {e} (a duration such as `5s` or `250ms`)"),
         )
     })?;
     let max = state.config.ingest.max_wait;
     if wait > max {
         return Err(ApiError::bad_request(
-            super::error::code::BAD_REQUEST,
+            super::error::code::INVALID_QUERY,
             format!(
                 "`wait` is {}; this host waits at most {} (`[ingest] max_wait`)",
                 humantime::format_duration(wait),

@@ -195,6 +195,8 @@ struct Shared {
     controls: tokio::sync::OnceCell<jetstream::kv::Store>,
     /// Settlement notices for the publisher task (see `schemas.rs`).
     notices: tokio::sync::mpsc::Sender<(String, Bytes)>,
+    /// Since when the connection to the server has been lost, if it is.
+    outage: Arc<Outage>,
 }
 
 impl Shared {
@@ -219,6 +221,70 @@ impl Shared {
 
     fn journal_key(plugin: &str, sequence: u64) -> String {
         format!("{plugin}.{sequence}")
+    }
+
+    /// Refuses at once an append made after the connection has been lost for longer than
+    /// an append waits for its acknowledgement ([`PUBLISH_PATIENCE`]). A shorter break is
+    /// ridden out: the client holds the publish and sends it on reconnecting. A longer
+    /// one would hold every producer's request (and its place in flight) for the whole
+    /// wait, only to refuse it then.
+    fn check_reachable(&self) -> Result<(), BusError> {
+        match self.outage.lasted() {
+            Some(lasted) if lasted > PUBLISH_PATIENCE => Err(BusError::Storage(format!(
+                "not connected to the NATS server for {} s; reconnecting",
+                lasted.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How long a publish waits for the server's acknowledgement: the JetStream context's
+/// default timeout, which the backend does not change.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(5);
+
+/// When the connection to the server was lost, kept by the client's event callback (its
+/// events arrive in order: a loss, then the reconnection).
+pub(super) struct Outage {
+    /// The origin of `lost_at`.
+    epoch: std::time::Instant,
+    /// Milliseconds from `epoch` to the loss, plus one; 0 while connected.
+    lost_at: std::sync::atomic::AtomicU64,
+}
+
+impl Outage {
+    pub(super) fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            lost_at: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn observe(&self, event: &async_nats::Event) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match event {
+            async_nats::Event::Disconnected => {
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                // A second loss before a reconnection keeps the first one's time.
+                let _ = self
+                    .lost_at
+                    .compare_exchange(0, now.saturating_add(1), Relaxed, Relaxed);
+            }
+            async_nats::Event::Connected => self.lost_at.store(0, Relaxed),
+            _ => {}
+        }
+    }
+
+    /// How long the connection has been lost, or `None` while connected.
+    pub(super) fn lasted(&self) -> Option<Duration> {
+        match self.lost_at.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            lost_at => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(lost_at - 1)),
+            ),
+        }
     }
 }
 

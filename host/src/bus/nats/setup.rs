@@ -35,8 +35,14 @@ impl NatsBus {
             .map_err(|error| {
                 BusError::Storage(format!("bad NATS URL in `{}`: {error}", options.url))
             })?;
+        let outage = Arc::new(super::Outage::new());
+        let observed = outage.clone();
         let client = async_nats::ConnectOptions::new()
             .name("switchyard")
+            .event_callback(move |event| {
+                observed.observe(&event);
+                async {}
+            })
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
             .connect(urls)
@@ -79,6 +85,7 @@ impl NatsBus {
                 schemas: tokio::sync::OnceCell::new(),
                 controls: tokio::sync::OnceCell::new(),
                 notices,
+                outage,
             }),
         })
     }

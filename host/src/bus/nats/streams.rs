@@ -297,6 +297,7 @@ impl Shared {
         events: &[Event],
         watched: bool,
     ) -> Result<Vec<Appended>, BusError> {
+        self.check_reachable()?;
         // Encoded once: a plain event is published as checked.
         let encoded: Vec<Bytes> = events.iter().map(encode_event).collect();
         for (event, payload) in events.iter().zip(&encoded) {

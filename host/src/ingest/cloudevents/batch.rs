@@ -28,12 +28,6 @@ pub(super) fn parse_batch(body: &[u8], limits: &ParseLimits) -> Result<Vec<Event
         ));
     }
     let items: Vec<Element<'_>> = parse_json(body)?;
-    if items.is_empty() {
-        return Err(ApiError::bad_request(
-            code::INVALID_EVENT,
-            "the batch is empty; send at least one event",
-        ));
-    }
     if items.len() > limits.max_batch_events {
         return Err(ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -154,10 +148,9 @@ mod tests {
 
     #[test]
     fn batch_size_limits() {
-        let e = err(parse_events(&batch_headers(), b" [ ] ", &LIMITS));
-        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
-        assert_eq!(e.code(), code::INVALID_EVENT);
-        assert!(e.message().contains("empty"), "{}", e.message());
+        // "The batch MAY be empty" (HTTP protocol binding, 3.3.2).
+        let events = parse_events(&batch_headers(), b" [ ] ", &LIMITS).unwrap();
+        assert!(events.is_empty());
 
         let body = json!([numbered(0), numbered(1), numbered(2), numbered(3)]).to_string();
         let e = err(parse_events(&batch_headers(), body.as_bytes(), &LIMITS));

@@ -99,7 +99,8 @@ impl CeHeaders {
                     "attribute `{attr}`: header `{name}` is given more than once"
                 )));
             };
-            let value = percent_decode(value.as_bytes())
+            let value = unquote(value.as_bytes())
+                .and_then(|unquoted| percent_decode(&unquoted))
                 .map_err(|why| invalid(format!("attribute `{attr}` (header `{name}`): {why}")))?;
             let slot = match attr {
                 "specversion" => &mut out.specversion,
@@ -130,6 +131,32 @@ impl CeHeaders {
         }
         Ok(out)
     }
+}
+
+/// Unescapes the double-quoted strings of a header value (RFC 9110 §5.6.4), which the
+/// HTTP binding (section 3.1.3.2) has receivers do before percent-decoding, for senders
+/// of earlier versions: `"1.0"` is `1.0`, and `\"` inside quotes is `"`.
+fn unquote(raw: &[u8]) -> Result<Vec<u8>, &'static str> {
+    if !raw.contains(&b'"') {
+        return Ok(raw.to_vec());
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter();
+    let mut quoted = false;
+    while let Some(&byte) = bytes.next() {
+        match (quoted, byte) {
+            (_, b'"') => quoted = !quoted,
+            (true, b'\\') => match bytes.next() {
+                Some(&escaped) => out.push(escaped),
+                None => break,
+            },
+            (_, other) => out.push(other),
+        }
+    }
+    if quoted {
+        return Err("a double-quoted string is not closed");
+    }
+    Ok(out)
 }
 
 /// Decodes `%XX` escapes (HTTP binding, section 3.1.3.2) and checks the result is UTF-8.
@@ -248,6 +275,22 @@ mod tests {
         assert_eq!(event.subject.as_deref(), Some("100% sure"));
         assert_eq!(event.source, "/a/b");
         assert_eq!(event.extensions.len(), 2);
+    }
+
+    #[test]
+    fn binary_mode_unquotes_values_before_percent_decoding() {
+        let h = binary(&[
+            ("ce-subject", "\"order%2042\""),
+            ("ce-note", "\"say \\\"hi\\\"\"%21"),
+        ])
+        .tap_insert("ce-specversion", "\"1.0\"");
+        let event = parse_events(&h, b"x", &LIMITS).expect("parses").remove(0);
+        assert_eq!(event.subject.as_deref(), Some("order 42"));
+        assert_eq!(event.extension("note"), Some("say \"hi\"!"));
+        assert_invalid(
+            parse_events(&binary(&[("ce-subject", "\"open")]), b"", &LIMITS),
+            "attribute `subject` (header `ce-subject`): a double-quoted string is not closed",
+        );
     }
 
     #[test]
@@ -387,6 +430,14 @@ mod tests {
             self.insert(name, HeaderValue::from_str(value).expect("value"));
             self
         }
+    }
+
+    #[test]
+    fn unquoting() {
+        assert_eq!(unquote(b"plain"), Ok(b"plain".to_vec()));
+        assert_eq!(unquote(b"\"1.0\""), Ok(b"1.0".to_vec()));
+        assert_eq!(unquote(br#"a"b\"c"d"#), Ok(br#"ab"cd"#.to_vec()));
+        assert!(unquote(b"\"open").is_err());
     }
 
     #[test]

@@ -300,7 +300,7 @@ fn content_type<'h>(
 }
 
 /// The media type of a `Content-Type` value, without parameters or surrounding spaces.
-fn media_type(content_type: &str) -> &str {
+pub(in crate::ingest) fn media_type(content_type: &str) -> &str {
     content_type
         .split(';')
         .next()
@@ -309,7 +309,7 @@ fn media_type(content_type: &str) -> &str {
 }
 
 /// `application/json`, `text/json` and any `*/*+json`, ignoring case.
-fn is_json_media_type(media: &str) -> bool {
+pub(in crate::ingest) fn is_json_media_type(media: &str) -> bool {
     let lower = media.to_ascii_lowercase();
     lower == "application/json" || lower == "text/json" || lower.ends_with("+json")
 }
