@@ -3,7 +3,7 @@
 // A plugin is one function passed to `handler()`, whose result the plugin's module
 // exports as `handler` and `batchHandler`, the two interfaces the component exports:
 //
-//     import { handler as define, kv, emit, Retry } from "switchyard";
+//     import { handler as define, kv, emit, Retry } from "./switchyard.js";
 //
 //     export const { handler, batchHandler } = define({
 //       subscriptions: ["order.created"],
@@ -176,10 +176,18 @@ export const kv = {
     const value = host.kvGet(key);
     return value === undefined ? undefined : decoder.decode(value);
   },
-  /** The JSON value stored at `key`, or `undefined`. */
+  /**
+   * The JSON value stored at `key`, or `undefined`. A stored value that is not JSON
+   * throws `Reject`: retrying would not change it.
+   */
   getJson(key) {
     const value = host.kvGet(key);
-    return value === undefined ? undefined : JSON.parse(decoder.decode(value));
+    if (value === undefined) return undefined;
+    try {
+      return JSON.parse(decoder.decode(value));
+    } catch (e) {
+      throw new Reject(`invalid JSON stored at key ${JSON.stringify(key)}: ${e.message}`);
+    }
   },
   /** Stores a `Uint8Array`, or a string as UTF-8. */
   set(key, value) {

@@ -50,7 +50,15 @@ pub fn version(subject: &str) -> u64 {
 /// The whole stream, read page by page, at most `max_events` events (a longer stream is
 /// a [`HandlerError::Retry`]: the plugin should keep a snapshot instead).
 pub fn read_at_most(subject: &str, max_events: usize) -> Result<StreamPage, HandlerError> {
+    let too_long = || {
+        HandlerError::retry(format!(
+            "the stream of `{subject}` holds more than {max_events} events"
+        ))
+    };
     let mut whole = host::read_stream(subject, 0, MAX_PAGE);
+    if whole.events.len() > max_events {
+        return Err(too_long());
+    }
     while whole.events.len() < usize::try_from(whole.version).unwrap_or(usize::MAX) {
         let after = whole
             .events
@@ -65,9 +73,7 @@ pub fn read_at_most(subject: &str, max_events: usize) -> Result<StreamPage, Hand
         whole.version = page.version;
         whole.events.extend(page.events);
         if whole.events.len() > max_events {
-            return Err(HandlerError::retry(format!(
-                "the stream of `{subject}` holds more than {max_events} events"
-            )));
+            return Err(too_long());
         }
     }
     Ok(whole)

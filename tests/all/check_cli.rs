@@ -282,6 +282,22 @@ fn new_projects_build_and_pass_check_and_invoke_as_written() {
                     report["result"]["kv_writes"]["greeted/Ada"], "1",
                     "{report}"
                 );
+                // Every language's template rejects a request without a name alike.
+                let empty = line.replace(r#"{"name": "Ada"}"#, r#"{"name": ""}"#);
+                let output = Command::new("sh")
+                    .arg("-ec")
+                    .arg(format!(
+                        "\"$SWITCHYARD\" {}",
+                        empty.strip_prefix("switchyard ").unwrap()
+                    ))
+                    .current_dir(&project)
+                    .env("SWITCHYARD", env!("CARGO_BIN_EXE_switchyard"))
+                    .env("SWITCHYARD_CACHE_DIR", &cache)
+                    .output()
+                    .unwrap();
+                let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+                assert_eq!(report["status"], "failed", "{lang}: {report}");
+                assert_eq!(report["result"]["kind"], "reject", "{lang}: {report}");
             }
         }
     }

@@ -544,6 +544,53 @@ async fn aged_out(host: &Host, subject: &str) -> Value {
     .await
 }
 
+/// `stream::read_at_most` keeps its limit when the first page already holds more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_stream_at_most_refuses_a_longer_one_from_its_first_page() {
+    let mut host = Host::new();
+    host.plugin(
+        "folder",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.fold\"]\n[retry]\nmax_attempts = 1\n"),
+    );
+    host.start();
+    for (n, expected) in [(1, "1"), (2, "2")] {
+        assert_eq!(
+            append(&host, "entry", &format!("e{n}"), "ledger", None, json!({}))
+                .await
+                .0,
+            202
+        );
+        assert_eq!(
+            host.send("hostile.fold", &format!("f{n}"), json!({})).await,
+            202
+        );
+        let folded = host
+            .wait_for("the fold", Duration::from_secs(30), || async {
+                host.kv("folder", &format!("folded/f{n}")).await
+            })
+            .await;
+        assert_eq!(folded, expected);
+    }
+    assert_eq!(
+        append(&host, "entry", "e3", "ledger", None, json!({}))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(host.send("hostile.fold", "f3", json!({})).await, 202);
+    let letters = host
+        .wait_for("the dead letter", Duration::from_secs(30), || async {
+            let list = host.get_json("/v1/dlq?plugin=folder").await;
+            let letters = list["dead_letters"].as_array()?.clone();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+    let message = letters[0]["errors"][0]["message"].to_string();
+    assert!(message.contains("holds more than 2 events"), "{letters:?}");
+    assert_eq!(host.kv("folder", "folded/f3").await, None);
+}
+
 crate::on_both_backends!(
     a_stream_whose_events_aged_out_goes_on_from_its_version,
     kv_writes_with_a_stream_condition_commit_together_or_are_refused,

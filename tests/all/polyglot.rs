@@ -137,7 +137,7 @@ async fn python_and_javascript_handlers_are_contained_and_their_failures_readabl
         );
     }
     for kind in [
-        "retry", "reject", "crash", "loop", "file", "socket", "fetch", "stdio", "async",
+        "retry", "reject", "crash", "loop", "file", "socket", "fetch", "stdio", "async", "bad-json",
     ] {
         assert_eq!(
             host.send(&format!("probe.{kind}"), kind, json!({})).await,
@@ -161,6 +161,14 @@ async fn python_and_javascript_handlers_are_contained_and_their_failures_readabl
         let rejected = dead_letter(&host, plugin, "reject").await;
         assert_eq!(rejected["reason"], "rejected");
         assert_eq!(rejected["errors"][0]["message"], "never");
+        // Stored bytes that are not JSON are a reject, as in the Rust SDK, not a bug.
+        let bad = dead_letter(&host, plugin, "bad-json").await;
+        assert_eq!(bad["reason"], "rejected", "{bad}");
+        let message = bad["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("invalid JSON stored at key"),
+            "{message}"
+        );
         // A bug is a trap, retried, with the exception and its traceback.
         let crashed = dead_letter(&host, plugin, "crash").await;
         assert_eq!(crashed["errors"][0]["kind"], "trap", "{crashed}");

@@ -34,9 +34,19 @@ def keys(prefix: str = "") -> List[str]:
 
 
 def get_json(key: str, default: Any = None) -> Any:
-    """The JSON value stored at ``key``, or ``default`` when there is none."""
+    """The JSON value stored at ``key``, or ``default`` when there is none.
+
+    A stored value that is not JSON raises ``Reject``: retrying would not change it.
+    """
     stored = _host.kv_get(key)
-    return default if stored is None else _json.loads(stored)
+    if stored is None:
+        return default
+    try:
+        return _json.loads(stored)
+    except ValueError as error:  # not UTF-8, or not JSON
+        from . import Reject  # the package imports this module before defining it
+
+        raise Reject(f"invalid JSON stored at key {key!r}: {error}") from None
 
 
 def set_json(key: str, value: Any) -> None:

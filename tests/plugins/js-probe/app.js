@@ -9,6 +9,7 @@
 // - `emit-options`: emits with every option of the contract (see the test).
 // - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
 // - `async`: writes KV `async`, then returns a promise that would throw `Retry`.
+// - `bad-json`: stores bytes that are not JSON at KV `bad`, then reads them with `getJson`.
 import { handler as define, kv, emit, Retry, Reject } from "./switchyard.js";
 
 export const { handler, batchHandler } = define({
@@ -54,6 +55,9 @@ export const { handler, batchHandler } = define({
     } else if (kind === "stdio") {
       console.log("hello from javascript");
       kv.setJson("stdio", { time: Date.now(), random: [Math.random(), Math.random()] });
+    } else if (kind === "bad-json") {
+      kv.set("bad", "not json");
+      kv.getJson("bad");
     } else if (kind === "async") {
       kv.set("async", "written");
       return (async () => {

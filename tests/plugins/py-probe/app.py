@@ -10,6 +10,7 @@
 - `emit-options`: emits with every option of the contract (see the test).
 - `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
 - `async`: writes KV `async`, then returns a coroutine that would raise `Retry`.
+- `bad-json`: stores bytes that are not JSON at KV `bad`, then reads them with `get_json`.
 """
 
 import datetime
@@ -75,6 +76,9 @@ def handle(event: Event) -> None:
     elif kind == "stdio":
         print("hello from python")
         kv.set_json("stdio", {"time": time.time(), "random": [random.random(), random.random()]})
+    elif kind == "bad-json":
+        kv.set("bad", b"\xffnot json")
+        kv.get_json("bad")
     elif kind == "async":
         kv.set("async", "written")
 

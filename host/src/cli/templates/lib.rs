@@ -17,6 +17,9 @@ struct Greeting {
 #[handler(subscribe = ["greeting.requested"])]
 fn handle(event: Event, _delivery: Delivery) -> Result<(), HandlerError> {
     let request: Request = event.json()?;
+    if request.name.is_empty() {
+        return Err(HandlerError::reject("a greeting needs a name"));
+    }
     let key = format!("greeted/{}", request.name);
     let count = kv::get_json::<u64>(&key)?.unwrap_or(0) + 1;
     kv::set_json(&key, &count)?;

@@ -142,6 +142,14 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             kv::delete(&format!("a/{pair}"));
             Ok(())
         }
+        "hostile.fold" => {
+            let page = switchyard_sdk::stream::read_at_most("ledger", 2)?;
+            kv::set(
+                &format!("folded/{}", event.id),
+                page.events.len().to_string().as_bytes(),
+            );
+            Ok(())
+        }
         "hostile.kv-and-stream" => {
             kv::set(&format!("mixed/{}", event.id), b"1");
             Emit::new("hostile.appended")
