@@ -63,8 +63,11 @@ fn latency_histogram() -> Durations {
 /// A family of histograms, each built with its family's bounds.
 type HistogramFamily = Family<PluginLabels, Durations>;
 
-/// A Prometheus histogram of durations whose observations take no lock: each bucket and
-/// the sum (in nanoseconds) are atomic counters, added up when scraped.
+/// A Prometheus histogram of durations whose observations take no lock: each bucket is an
+/// atomic counter, added up when scraped, and the sum is an `f64` of seconds updated by
+/// compare-and-swap. (A sum of whole nanoseconds in a `u64` wraps after 585 years of
+/// observed time: a few thousand start latencies of month-old events, which a plugin
+/// starting from the earliest event observes, and a wrapped sum goes down.)
 /// `prometheus-client`'s own histogram takes a lock per observation, and a delivery
 /// makes three. A scrape during observations may see the sum and the buckets one
 /// observation apart, which Prometheus tolerates.
@@ -79,7 +82,8 @@ struct DurationCells {
     bounds_ns: Box<[u64]>,
     /// Observations per bucket (not cumulative); the last is above every bound.
     counts: Box<[AtomicU64]>,
-    sum_ns: AtomicU64,
+    /// The sum of the observations in seconds, as `f64` bits.
+    sum_seconds: AtomicU64,
 }
 
 impl Durations {
@@ -93,7 +97,7 @@ impl Durations {
                 .map(|seconds| (seconds * 1e9).round() as u64)
                 .collect(),
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_ns: AtomicU64::new(0),
+            sum_seconds: AtomicU64::new(0f64.to_bits()),
         }))
     }
 
@@ -104,12 +108,19 @@ impl Durations {
         if let Some(count) = self.0.counts.get(bucket) {
             count.fetch_add(1, Ordering::Relaxed);
         }
-        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        let seconds = value.as_secs_f64();
+        // The closure always answers `Some`, so the update cannot fail.
+        let _ = self
+            .0
+            .sum_seconds
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + seconds).to_bits())
+            });
     }
 
-    /// The sum of every observation.
-    fn sum(&self) -> Duration {
-        Duration::from_nanos(self.0.sum_ns.load(Ordering::Relaxed))
+    /// The sum of every observation, in seconds.
+    fn sum(&self) -> f64 {
+        f64::from_bits(self.0.sum_seconds.load(Ordering::Relaxed))
     }
 }
 
@@ -131,7 +142,7 @@ impl EncodeMetric for Durations {
             .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
             .collect();
         let total = buckets.iter().map(|(_, count)| count).sum();
-        let sum = self.sum().as_secs_f64();
+        let sum = self.sum();
         encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
     }
 
@@ -358,7 +369,7 @@ impl Families {
             plugin_refused: registered(
                 registry,
                 "plugin_refused",
-                "Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused, since it was loaded",
+                "Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused",
                 Family::default(),
             ),
             breaker_transitions: registered(
@@ -462,6 +473,9 @@ struct PluginSeries {
     fuel: Counter,
     cpu: Counter<f64, AtomicU64>,
     retries: Counter,
+    /// Refused attempts of the plugin's earlier versions, in the order of
+    /// [`Access::ALL`]: each version counts from zero, the counter goes on.
+    refused_before: [AtomicU64; 3],
 }
 
 impl PluginSeries {
@@ -480,6 +494,7 @@ impl PluginSeries {
             retries: families.retries_scheduled.get_or_create_owned(&labels),
             deliveries: ByLabel::default(),
             dead_letters: ByLabel::default(),
+            refused_before: Default::default(),
             labels,
         }
     }
@@ -700,8 +715,10 @@ impl Metrics {
                             .iter()
                             .map(|(o, c)| (*o, c.get()))
                             .collect(),
-                        duration_us: u64::try_from(series.duration.sum().as_micros())
-                            .unwrap_or(u64::MAX),
+                        duration_us: Duration::try_from_secs_f64(series.duration.sum())
+                            .map_or(u64::MAX, |sum| {
+                                u64::try_from(sum.as_micros()).unwrap_or(u64::MAX)
+                            }),
                         dead_lettered: series.dead_letters.0.iter().map(|(_, c)| c.get()).sum(),
                     };
                     (name.to_string(), totals)
@@ -847,6 +864,17 @@ impl Metrics {
         });
     }
 
+    /// Keeps the refused attempts of a version that stops serving (replaced or removed),
+    /// in the order of [`Access::ALL`], so that `switchyard_plugin_refused_total` never
+    /// goes down.
+    pub fn plugin_version_retired(&self, plugin: &str, refused: [u64; 3]) {
+        self.with_plugin(plugin, |series| {
+            for (total, count) in series.refused_before.iter().zip(refused) {
+                total.fetch_add(count, Ordering::Relaxed);
+            }
+        });
+    }
+
     /// Counts a plugin file that failed to load.
     pub fn plugin_load_failed(&self, plugin: &str) {
         self.with_plugin(plugin, |series| {
@@ -950,7 +978,19 @@ impl Metrics {
                 .plugin_breaker_open
                 .get_or_create(&labels)
                 .set(u64::from(g.breaker_open));
-            for (access, count) in Access::ALL.into_iter().zip(g.refused) {
+            // Read, not made: a scrape adds no series of its own.
+            let before = self
+                .plugins
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(plugin.as_str())
+                .map_or([0; 3], |series| {
+                    series
+                        .refused_before
+                        .each_ref()
+                        .map(|count| count.load(Ordering::Relaxed))
+                });
+            for ((access, count), before) in Access::ALL.into_iter().zip(g.refused).zip(before) {
                 families
                     .plugin_refused
                     .get_or_create(&AccessLabels {
@@ -958,7 +998,7 @@ impl Metrics {
                         access: access.as_str(),
                     })
                     .inner()
-                    .store(count, Ordering::Relaxed);
+                    .store(count + before, Ordering::Relaxed);
             }
         }
         let mut out = String::new();
@@ -1078,6 +1118,24 @@ mod tests {
     }
 
     #[test]
+    fn a_latency_sum_keeps_growing_past_what_nanoseconds_in_a_u64_hold() {
+        let latencies = latency_histogram();
+        let month = Duration::from_secs(30 * 86_400);
+        // 10,000 month-old events: 2.6e19 ns, more than a u64 holds.
+        for _ in 0..10_000 {
+            latencies.observe(month);
+        }
+        let expected = month.as_secs_f64() * 10_000.0;
+        assert!(
+            (latencies.sum() - expected).abs() < 1.0,
+            "{}",
+            latencies.sum()
+        );
+        latencies.observe(Duration::from_millis(1));
+        assert!(latencies.sum() > expected);
+    }
+
+    #[test]
     fn renders_every_family_as_before() {
         assert_eq!(in_label_order(&busy()), EXPECTED);
     }
@@ -1143,6 +1201,29 @@ mod tests {
              switchyard_scheduled_fire_lag_seconds_sum 0.0\n\
              switchyard_scheduled_fire_lag_seconds_count 0\n"
         );
+    }
+
+    #[test]
+    fn refusals_go_on_counting_across_versions_of_a_plugin() {
+        let metrics = Metrics::default();
+        let scrape = |refused: [u64; 3]| {
+            let gauges = BTreeMap::from([(
+                "probe".to_owned(),
+                PluginGauges {
+                    refused,
+                    ..Default::default()
+                },
+            )]);
+            metrics.render(&gauges, CacheStats::default(), Reach::default())
+        };
+        let file = "switchyard_plugin_refused_total{plugin=\"probe\",access=\"file\"}";
+        assert!(scrape([2, 0, 1]).contains(&format!("{file} 2\n")));
+        // A new version counts from zero; the counter does not go down with it.
+        metrics.plugin_version_retired("probe", [2, 0, 1]);
+        let reloaded = scrape([0, 0, 0]);
+        assert!(reloaded.contains(&format!("{file} 2\n")), "{reloaded}");
+        assert!(reloaded.contains("access=\"http\"} 1\n"), "{reloaded}");
+        assert!(scrape([1, 0, 0]).contains(&format!("{file} 3\n")));
     }
 
     #[test]
@@ -1416,7 +1497,7 @@ switchyard_plugin_paused{plugin="ticketing"} 0
 # TYPE switchyard_plugin_breaker_open gauge
 switchyard_plugin_breaker_open{plugin="audit"} 0
 switchyard_plugin_breaker_open{plugin="ticketing"} 1
-# HELP switchyard_plugin_refused_total Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused, since it was loaded.
+# HELP switchyard_plugin_refused_total Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused.
 # TYPE switchyard_plugin_refused_total counter
 switchyard_plugin_refused_total{plugin="audit",access="file"} 0
 switchyard_plugin_refused_total{plugin="audit",access="http"} 0

@@ -119,7 +119,9 @@ impl Stats {
         history.last = Some((at_ms, totals.clone()));
     }
 
-    fn sample_plugins(&self, at_ms: i64, totals: Totals, lags: &BTreeMap<String, u64>) {
+    /// One point per running plugin; `lags` has every running plugin, with `None` where
+    /// its lag could not be read (the bus out of reach), which keeps its history.
+    fn sample_plugins(&self, at_ms: i64, totals: Totals, lags: &BTreeMap<String, Option<u64>>) {
         let mut history = self.history();
         let previous = history.last_plugin.take();
         let seconds = previous.as_ref().map_or(1.0, |(before_ms, _)| {
@@ -142,7 +144,7 @@ impl Stats {
                         / calls as f64
                         / 1000.0
                 }),
-                lag: lags.get(name).copied(),
+                lag: lags.get(name).copied().flatten(),
             };
             let series = history.plugins.entry(name.clone()).or_default();
             if series.len() == PLUGIN_POINTS {
@@ -192,7 +194,7 @@ impl Stats {
                 let values = series
                     .iter()
                     .filter(|p| p.at_ms >= since)
-                    .map(|p| p.lag.unwrap_or(0))
+                    .map(|p| p.lag)
                     .collect();
                 ((*name).clone(), values)
             })
@@ -226,9 +228,10 @@ impl Stats {
     }
 }
 
-/// Each running plugin's lag, read from the bus a few at a time; a plugin whose read
-/// fails is left out of this sample.
-async fn lags(bus: &Arc<dyn Bus>, plugins: &PluginTable) -> BTreeMap<String, u64> {
+/// Each running plugin's lag, read from the bus a few at a time; `None` for a plugin
+/// whose read fails, and for all while the bus cannot be reached (a read would wait for
+/// the connection).
+async fn lags(bus: &Arc<dyn Bus>, plugins: &PluginTable) -> BTreeMap<String, Option<u64>> {
     let names: Vec<String> = plugins
         .read()
         .unwrap_or_else(PoisonError::into_inner)
@@ -236,13 +239,15 @@ async fn lags(bus: &Arc<dyn Bus>, plugins: &PluginTable) -> BTreeMap<String, u64
         .filter(|entry| entry.status.is_ok())
         .map(|entry| entry.name.clone())
         .collect();
+    if !bus.reach().connected {
+        return names.into_iter().map(|name| (name, None)).collect();
+    }
     futures_util::stream::iter(names)
         .map(|name| async move {
-            let lag = bus.consumer_stats(&name).await.ok()?.lag;
-            Some((name, lag))
+            let lag = bus.consumer_stats(&name).await.ok().map(|stats| stats.lag);
+            (name, lag)
         })
         .buffer_unordered(LAG_READS)
-        .filter_map(|found| async move { found })
         .collect()
         .await
 }
@@ -257,7 +262,8 @@ pub struct StatsView {
     ingested_per_s: Vec<f64>,
     deliveries_per_s: BTreeMap<&'static str, Vec<f64>>,
     lag_t: Vec<i64>,
-    lag: BTreeMap<String, Vec<u64>>,
+    /// `null` where the lag could not be read.
+    lag: BTreeMap<String, Vec<Option<u64>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     plugin: Option<PluginSeriesView>,
 }
@@ -298,7 +304,7 @@ mod tests {
                 &totals(second as u64 * 10, second as u64 * 4),
             );
         }
-        let lags = BTreeMap::from([("p".to_owned(), 7)]);
+        let lags = BTreeMap::from([("p".to_owned(), Some(7))]);
         for n in 0..(PLUGIN_POINTS as i64 + 5) {
             stats.sample_plugins(start + n * 5000, totals(0, n as u64 * 50), &lags);
         }
@@ -315,6 +321,13 @@ mod tests {
             (10.0, 0.0, Some(7))
         );
         assert_eq!(point.mean_ms, Some(0.2));
+        drop(history);
+        // A lag that cannot be read (the bus out of reach) is a gap, not the end.
+        let unread = BTreeMap::from([("p".to_owned(), None)]);
+        stats.sample_plugins(now_ms(), totals(0, 0), &unread);
+        let history = stats.history();
+        assert_eq!(history.plugins["p"].len(), PLUGIN_POINTS);
+        assert_eq!(history.plugins["p"].back().unwrap().lag, None);
         drop(history);
         // A plugin that leaves the table leaves the history.
         stats.sample_plugins(now_ms(), totals(0, 0), &BTreeMap::new());

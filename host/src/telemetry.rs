@@ -59,19 +59,38 @@ pub fn sampled(traceparent: Option<&str>) -> bool {
     }
 }
 
-/// The flags of a W3C `traceparent` (`00-TRACE-SPAN-FLAGS`).
+/// Whether `value` is a `traceparent` as W3C Trace Context (level 1, section 3.2) has a
+/// receiver accept; one that is not is ignored, as if absent, and a new trace starts.
+pub fn valid_traceparent(value: &str) -> bool {
+    trace_flags(value).is_some()
+}
+
+/// The flags of a valid W3C `traceparent` (`VERSION-TRACE-PARENT-FLAGS`): lower-case hex
+/// fields of 2, 32, 16 and 2 digits, neither id all zeros, and a version other than
+/// `ff`; version `00` has exactly those four fields, a later one may add more.
 fn trace_flags(traceparent: &str) -> Option<u8> {
+    let hex = |field: &str, digits: usize| {
+        field.len() == digits
+            && field
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let nonzero = |field: &str| field.bytes().any(|b| b != b'0');
     let mut parts = traceparent.split('-');
-    let (Some(_), Some(trace), Some(span), Some(flags), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
-    (trace.len() == 32 && span.len() == 16)
+    let well_formed = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && hex(trace, 32)
+        && nonzero(trace)
+        && hex(parent, 16)
+        && nonzero(parent)
+        && hex(flags, 2);
+    well_formed
         .then(|| u8::from_str_radix(flags, 16).ok())
         .flatten()
 }
@@ -242,16 +261,33 @@ mod tests {
     #[test]
     fn trace_flags_are_read_from_a_well_formed_traceparent_only() {
         let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let parent = "00f067aa0ba902b7";
+        assert_eq!(trace_flags(&format!("00-{id}-{parent}-01")), Some(1));
+        assert_eq!(trace_flags(&format!("00-{id}-{parent}-00")), Some(0));
+        assert_eq!(trace_flags(&unsampled_traceparent()), Some(0));
+        // A later version is read by the fields this one knows.
         assert_eq!(
-            trace_flags(&format!("00-{id}-00f067aa0ba902b7-01")),
+            trace_flags(&format!("cc-{id}-{parent}-01-what-comes")),
             Some(1)
         );
-        assert_eq!(
-            trace_flags(&format!("00-{id}-00f067aa0ba902b7-00")),
-            Some(0)
-        );
-        assert_eq!(trace_flags("00-short-00f067aa0ba902b7-01"), None);
-        assert_eq!(trace_flags(&format!("00-{id}-00f067aa0ba902b7-01-x")), None);
-        assert_eq!(trace_flags(&unsampled_traceparent()), Some(0));
+        let zeros = "0".repeat(32);
+        for invalid in [
+            "00-short-00f067aa0ba902b7-01".to_owned(),
+            format!("00-{id}-{parent}-01-x"),
+            format!("ff-{id}-{parent}-01"),
+            format!("0-{id}-{parent}-01"),
+            format!("00-{zeros}-{parent}-01"),
+            format!("00-{id}-0000000000000000-01"),
+            format!("00-{}-{parent}-01", id.to_uppercase()),
+            format!("00-{id}-{}-01", "00F067AA0BA902B7"),
+            format!("00-{id}-{parent}-1"),
+            format!("00-{id}-{parent}-+1"),
+            format!("00-{id}-{parent}-0g"),
+            format!("00-{}-{parent}-01", "z".repeat(32)),
+            "abc".to_owned(),
+        ] {
+            assert_eq!(trace_flags(&invalid), None, "{invalid}");
+            assert!(!valid_traceparent(&invalid), "{invalid}");
+        }
     }
 }

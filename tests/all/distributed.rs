@@ -249,6 +249,12 @@ async fn readiness_follows_the_connection_to_the_nats_server() {
         message.contains("not connected to the NATS server for"),
         "{body}"
     );
+    // The plugin's history goes on through the outage, its lag unknown.
+    let stats = host.get_json("/v1/stats?plugin=sink").await;
+    let lags = stats["plugin"]["lag"]
+        .as_array()
+        .expect("the plugin's series");
+    assert_eq!(lags.last(), Some(&serde_json::Value::Null), "{stats}");
 
     server.restart();
     host.wait_for(

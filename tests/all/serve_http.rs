@@ -603,6 +603,27 @@ async fn every_error_is_json_and_the_binding_and_http_conventions_hold() {
         .call(Request::get("/v1/events").body(Body::empty()).unwrap())
         .await;
     assert_eq!(log["events"][0]["event"]["subject"], "order 42", "{log}");
+    // An event's own trace context must be one (the CloudEvents tracing extension).
+    let (status, body) = api
+        .call(
+            Request::post("/v1/events/order.created")
+                .header(
+                    "ce-traceparent",
+                    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("W3C trace context"),
+        "{body}"
+    );
     // A wait cannot be kept for an event that runs later.
     let (status, body) = api
         .post(

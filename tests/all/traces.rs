@@ -233,12 +233,24 @@ async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision
         .await
         .unwrap();
     assert_eq!(sent.status(), 202);
-    host.wait_for("both follow-ups", Duration::from_secs(20), || async {
+    // A header W3C Trace Context does not accept is ignored: the trace starts here.
+    let invalid = format!("00-{}-00f067aa0ba902b7-00", "0".repeat(32));
+    let sent = host
+        .http
+        .post(host.url("/v1/events/payment.completed"))
+        .header("ce-id", "invalid")
+        .header("traceparent", &invalid)
+        .json(&payment("A-3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    host.wait_for("the follow-ups", Duration::from_secs(20), || async {
         let log = host.log().await;
         (log.iter()
             .filter(|e| e["event"]["type"] == "tickets.generated")
             .count()
-            == 2)
+            == 3)
             .then_some(())
     })
     .await;
@@ -249,6 +261,12 @@ async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision
     };
     let unsampled = context("unsampled");
     assert!(unsampled.ends_with("-00"), "{unsampled}");
+    let replaced = context("invalid");
+    assert_ne!(replaced, invalid);
+    assert!(
+        replaced.starts_with("00-") && replaced.ends_with("-00"),
+        "{replaced}"
+    );
     let follow_up = log
         .iter()
         .find(|e| e["event"]["causationid"] == "unsampled")

@@ -155,9 +155,11 @@ async fn append(
             Ok(())
         })
         .inspect_err(|error| state.metrics.ingest_rejected(error.code()))?;
+    // An invalid header is ignored, as W3C Trace Context has it: the trace starts here.
     let traceparent = headers
         .get(telemetry::TRACEPARENT)
-        .and_then(|value| value.to_str().ok());
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| telemetry::valid_traceparent(value));
     let sampled = telemetry::sampled(traceparent);
     let span = if sampled {
         tracing::info_span!(
@@ -306,9 +308,10 @@ struct Accepted<'a> {
     scheduled: Option<String>,
 }
 
-/// Checks each event's stream condition (`expectedversion`) and schedule (`deliverat`,
-/// or the request's `?delay=`) and writes the due time in one form; the first bad one
-/// refuses the request.
+/// Checks each event's stream condition (`expectedversion`), schedule (`deliverat`, or
+/// the request's `?delay=`) and trace context (`traceparent`, the CloudEvents tracing
+/// extension, a W3C `traceparent`) and writes the due time in one form; the first bad
+/// one refuses the request.
 fn check_conditions_and_schedules(
     events: &mut [Event],
     delay: Option<Duration>,
@@ -316,6 +319,15 @@ fn check_conditions_and_schedules(
     let count = events.len();
     for (index, event) in events.iter_mut().enumerate() {
         let checked = (|| {
+            if let Some(context) = event.extensions.get(telemetry::TRACEPARENT)
+                && !telemetry::valid_traceparent(context)
+            {
+                return Err(format!(
+                    "`{}` is `{context}`, not a W3C trace context such as \
+                     `00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01`",
+                    telemetry::TRACEPARENT
+                ));
+            }
             let expected = stream::expected_version(event)?;
             let due = match (event.extensions.get(DELIVER_AT), delay) {
                 (Some(_), Some(_)) => {

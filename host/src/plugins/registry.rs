@@ -225,6 +225,7 @@ impl Registry {
         let replacing = running.dispatchers.remove(name);
         if let Some(old) = replacing {
             old.shutdown(self.grace).await;
+            self.retire(name);
         }
         let status = match Dispatcher::start(
             Arc::clone(&self.bus),
@@ -265,10 +266,24 @@ impl Registry {
         put_entry(&mut table, name, file, status, reload);
     }
 
+    /// Hands the metrics what the version of `name` in the table counted, once its
+    /// dispatcher has stopped and before another version takes its place.
+    fn retire(&self, name: &str) {
+        let table = self
+            .table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(Ok(loaded)) = table.get(name).map(|entry| &entry.status) {
+            let refused = loaded.plugin.refusals().counts().map(|(_, count)| count);
+            self.metrics.plugin_version_retired(name, refused);
+        }
+    }
+
     async fn remove(&self, running: &mut Running, name: &str) {
         running.stamps.remove(name);
         if let Some(dispatcher) = running.dispatchers.remove(name) {
             dispatcher.shutdown(self.grace).await;
+            self.retire(name);
         }
         self.table
             .write()
