@@ -90,9 +90,12 @@ pub enum DlqCommand {
         /// effects, loop or schema.
         #[arg(long)]
         reason: Option<String>,
-        /// At most this many.
+        /// At most this many (up to 1,000).
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only those after this id: the `next_after` of the page before.
+        #[arg(long)]
+        after: Option<u64>,
     },
     /// Show one dead letter with its event and every attempt's error.
     Show {
@@ -453,11 +456,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     plugin,
                     reason,
                     limit,
+                    after,
                 } => (
                     reqwest::Method::GET,
                     format!(
                         "/v1/dlq?limit={limit}{}",
-                        query(&[("plugin", plugin), ("reason", reason)])
+                        query(&[
+                            ("plugin", plugin),
+                            ("reason", reason),
+                            ("after", after.map(|id| id.to_string())),
+                        ])
                     ),
                 ),
                 DlqCommand::Show { id } => (reqwest::Method::GET, format!("/v1/dlq/{id}")),

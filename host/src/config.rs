@@ -196,7 +196,8 @@ pub struct Config {
     pub telemetry: TelemetrySection,
 
     /// `[plugin_defaults]`: the policy of every plugin whose sidecar does not set a key.
-    /// Takes the keys of a sidecar except `subscribe` and `[config]`:
+    /// Takes the keys of a sidecar except `subscribe`, `[config]`, `[breaker]` and
+    /// `[batch]` (which a plugin opts into by itself):
     /// `concurrency`, `ordering`, `start`, `instance`, `max_calls` and the tables
     /// `[plugin_defaults.retry]`, `[plugin_defaults.limits]`, `[plugin_defaults.effects]`
     /// (see [`crate::plugins::manifest`] for each key).
@@ -349,16 +350,17 @@ pub struct BusSection {
     /// Default: 1.
     pub replicas: usize,
 
-    /// How long the event stream keeps events; absent keeps them until `max_bytes`. The
-    /// same limit as a `[[log.retention]]` rule for `>` with a `max_age`, which may be
-    /// written instead (not both).
+    /// How long the NATS event stream keeps events; absent keeps them until `max_bytes`.
+    /// The same limit as a `[[log.retention]]` rule for `>` with a `max_age`, which may be
+    /// written instead (not both), and the only one the embedded log takes.
     ///
     /// Default: absent.
     #[serde(deserialize_with = "deser::opt_duration")]
     pub max_age: Option<Duration>,
 
-    /// Most bytes the event stream keeps, dropping the oldest beyond it; absent: no limit.
-    /// The same limit as `log.max_bytes`, which may be written instead (not both).
+    /// Most bytes the NATS event stream keeps, dropping the oldest beyond it; absent: no
+    /// limit. The same limit as `log.max_bytes`, which may be written instead (not both),
+    /// and the only one the embedded log takes.
     ///
     /// Default: absent.
     #[serde(deserialize_with = "deser::opt_size")]
@@ -925,7 +927,22 @@ impl Config {
                 "must be at least 1s",
             ));
         }
-        if bus.kind == BusKind::Nats {
+        if bus.kind != BusKind::Nats {
+            // These size the NATS event stream; the embedded log would ignore them.
+            let (key, same) = match (bus.max_age, bus.max_bytes) {
+                (Some(_), _) => (
+                    "bus.max_age",
+                    "a `[[log.retention]]` rule for `types = \">\"`",
+                ),
+                (None, Some(_)) => ("bus.max_bytes", "`log.max_bytes`"),
+                (None, None) => return Ok(()),
+            };
+            return Err(ConfigError::invalid(
+                key,
+                format!("limits the NATS event stream; on the embedded log write {same} instead"),
+            ));
+        }
+        {
             self.nats_stream_limits()?;
             let urls: Vec<&str> = bus.url.split(',').map(str::trim).collect();
             if urls.iter().any(|u| u.is_empty()) {
@@ -1398,6 +1415,9 @@ mod tests {
                 "[bus]\nkind = \"nats\"\nurl = \"nats://a:1,\"\n",
                 "`bus.url`",
             ),
+            // The NATS stream's limits would do nothing on the embedded log.
+            ("[bus]\nmax_age = \"7d\"\n", "`bus.max_age`"),
+            ("[bus]\nmax_bytes = \"1GiB\"\n", "`log.max_bytes`"),
         ] {
             let message = Config::parse(text).unwrap_err().to_string();
             assert!(message.contains(key), "{text}: {message}");

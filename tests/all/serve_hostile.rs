@@ -156,6 +156,22 @@ async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_ser
             "the error names the file: {error}"
         );
     }
+    // A sidecar asking for more memory than any plugin may have names both settings.
+    host.sidecar("greedy", Some("[limits]\nmemory = \"2GiB\"\n"));
+    host.deploy("greedy.wasm", &noop);
+    let status = host
+        .wait_for("greedy to be refused", WAIT, || async {
+            let status = host.status("greedy").await?;
+            (status["status"] == "failed").then_some(status)
+        })
+        .await;
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("greedy.toml")
+            && error.contains("limits.memory")
+            && error.contains("runtime.max_memory"),
+        "{error}"
+    );
     assert_eq!(host.send("still.serving", "s-1", json!({})).await, 202);
     host.wait_for("the good plugin", WAIT, || async {
         host.kv("good", "count/still.serving").await

@@ -327,16 +327,27 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     let (status, body) = call(&host, delete, "/v1/dlq?plugin=picky").await;
     assert_eq!((status, &body), (200, &json!({ "deleted": 0 })));
 
-    // The command line lists one kind, then deletes the other plugin's exhausted ones.
+    // The command line lists one kind, a page at a time, then deletes the other plugin's
+    // exhausted ones.
     let url = host.url("");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["dlq", "list", "--plugin", "other", "--reason", "exhausted"])
-        .args(["--url", url.trim_end_matches('/')])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let listed = listed["dead_letters"].as_array().unwrap();
+    let list = |after: Option<u64>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command.args(["dlq", "list", "--plugin", "other", "--reason", "exhausted"]);
+        command.args(["--limit", "1", "--url", url.trim_end_matches('/')]);
+        if let Some(after) = after {
+            command.args(["--after", &after.to_string()]);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let first = list(None);
+    let second = list(first["next_after"].as_u64());
+    assert_eq!(second["next_after"], serde_json::Value::Null, "{second}");
+    let listed: Vec<&serde_json::Value> = [&first, &second]
+        .iter()
+        .flat_map(|page| page["dead_letters"].as_array().unwrap())
+        .collect();
     let ids: Vec<&str> = listed
         .iter()
         .map(|letter| letter["event"]["id"].as_str().unwrap())

@@ -143,6 +143,16 @@ pub async fn load_plugin(
     };
     let policy = manifest
         .resolve(defaults)
+        .and_then(|policy| {
+            let (memory, ceiling) = (policy.settings.limits.memory_bytes, runtime.max_memory_bytes());
+            if memory > ceiling {
+                return Err(ManifestError::invalid(
+                    "limits.memory",
+                    format!("({memory} bytes) is above the host's `runtime.max_memory` ({ceiling} bytes)"),
+                ));
+            }
+            Ok(policy)
+        })
         .map_err(|error| PluginLoadError::Sidecar {
             sidecar: sidecar.clone(),
             error,

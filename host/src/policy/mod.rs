@@ -41,7 +41,7 @@ pub enum ManifestError {
 }
 
 impl ManifestError {
-    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             key: key.to_owned(),
             reason: reason.into(),
@@ -199,7 +199,8 @@ pub struct EffectsTable {
 }
 
 /// The policy keys a sidecar shares with the host's `[plugin_defaults]` table: everything
-/// but `subscribe` and `[config]`. This is also how `[plugin_defaults]` is parsed.
+/// but `subscribe`, `[config]`, `[breaker]` and `[batch]`. This is also how
+/// `[plugin_defaults]` is parsed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyTable {

@@ -194,9 +194,15 @@ struct RuntimeInner {
     linker: Linker<HostState>,
     artifacts: Option<Artifacts>,
     gate: CpuGate,
+    max_memory_bytes: u64,
 }
 
 impl Runtime {
+    /// The ceiling on any plugin's memory limit ([`RuntimeConfig::max_memory_bytes`]).
+    pub fn max_memory_bytes(&self) -> u64 {
+        self.inner.max_memory_bytes
+    }
+
     /// Builds the engine, links the host imports and WASI, and starts the epoch thread.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let engine = Engine::new(&engine_config(&config))
@@ -223,6 +229,7 @@ impl Runtime {
                 linker,
                 artifacts,
                 gate: CpuGate::new(config.guest_threads),
+                max_memory_bytes: config.max_memory_bytes,
             }),
         })
     }
