@@ -20,7 +20,8 @@ use crate::effects::Effects;
 use crate::event::{self, Event};
 use crate::failure::FailureKind;
 use crate::kv::EmptyKv;
-use crate::runtime::{Delivery, Failure, Plugin, PluginSettings, Runtime, RuntimeConfig};
+use crate::policy::PluginDefaults;
+use crate::runtime::{Delivery, Failure, Plugin, Runtime, RuntimeConfig};
 use crate::telemetry::LogFormat;
 
 /// Switchyard: a host for event handlers written as WebAssembly plugins.
@@ -785,9 +786,13 @@ async fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut loaded = Vec::new();
     for file in files {
-        match runtime.load_file(file, PluginSettings::default()).await {
+        match load_as_served(&runtime, file, None).await {
             Ok(plugin) => {
                 print!("{}", describe_plugin(file, &plugin));
+                let sidecar = file.with_extension("toml");
+                if sidecar.exists() {
+                    println!("  sidecar        {}", sidecar.display());
+                }
                 loaded.push(plugin);
             }
             Err(error) => {
@@ -803,6 +808,26 @@ async fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Loads `file` as a host would serve it: named after its file, with its sidecar (if
+/// any) over the default policy, and `fuel` instead of the sidecar's when given.
+async fn load_as_served(
+    runtime: &Runtime,
+    file: &Path,
+    fuel: Option<u64>,
+) -> anyhow::Result<Plugin> {
+    let name = file
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let policy =
+        crate::plugins::plugin_policy(runtime, &name, file, &PluginDefaults::default()).await?;
+    let mut settings = policy.settings;
+    if let Some(fuel) = fuel {
+        settings.limits.fuel = fuel;
+    }
+    Ok(runtime.load_file(file, settings).await?)
 }
 
 /// The text `check` prints for a valid plugin.
@@ -850,11 +875,7 @@ async fn invoke(
     let json: serde_json::Value =
         serde_json::from_str(&data).context("--data is not valid JSON")?;
     let runtime = runtime()?;
-    let mut settings = PluginSettings::default();
-    if let Some(fuel) = fuel {
-        settings.limits.fuel = fuel;
-    }
-    let plugin = runtime.load_file(file, settings).await?;
+    let plugin = load_as_served(&runtime, file, fuel).await?;
     let event = Event {
         id: uuid::Uuid::now_v7().to_string(),
         source: "/switchyard/cli".to_owned(),

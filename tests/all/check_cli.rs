@@ -54,6 +54,46 @@ fn check_accepts_every_example_plugin() {
     }
 }
 
+/// `check` and `invoke` take a plugin as a host would: its file names it, and the
+/// sidecar beside it sets its policy and configuration, or is refused as the host would.
+#[test]
+fn check_and_invoke_read_the_sidecar_and_refuse_what_a_host_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = std::fs::read(guests::path(Guest::Hostile)).unwrap();
+    let plugin = dir.path().join("greeter.wasm");
+    std::fs::write(&plugin, &hostile).unwrap();
+    std::fs::write(
+        dir.path().join("greeter.toml"),
+        "[config]\ngreeting = \"hi\"\n",
+    )
+    .unwrap();
+    let output = check(&plugin);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("\n  sidecar        "), "{stdout}");
+    let (_, report) = invoke(&plugin, "hostile.config", "{}");
+    assert_eq!(
+        report["result"]["message"], "greeting=Some(\"hi\")",
+        "{report}"
+    );
+
+    std::fs::write(dir.path().join("greeter.toml"), "concurency = 2\n").unwrap();
+    let output = check(&plugin);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("greeter.toml") && stderr.contains("concurency"),
+        "{stderr}"
+    );
+
+    let misnamed = dir.path().join("greeter.v2.wasm");
+    std::fs::write(&misnamed, &hostile).unwrap();
+    let output = check(&misnamed);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a plugin name must be"), "{stderr}");
+}
+
 #[test]
 fn check_fails_cleanly_on_files_that_are_not_plugins() {
     let dir = tempfile::tempdir().unwrap();

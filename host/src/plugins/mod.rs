@@ -122,41 +122,7 @@ pub async fn load_plugin(
     file: &Path,
     defaults: &PluginDefaults,
 ) -> Result<LoadedPlugin, PluginLoadError> {
-    if !is_valid_plugin_name(name) {
-        return Err(PluginLoadError::InvalidName {
-            file: file.to_owned(),
-        });
-    }
-    let sidecar = file.with_extension("toml");
-    let manifest = match tokio::fs::read_to_string(&sidecar).await {
-        Ok(text) => Manifest::parse(&text).map_err(|error| PluginLoadError::Sidecar {
-            sidecar: sidecar.clone(),
-            error,
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
-        Err(error) => {
-            return Err(PluginLoadError::SidecarUnreadable {
-                sidecar,
-                error: Arc::new(error),
-            });
-        }
-    };
-    let policy = manifest
-        .resolve(defaults)
-        .and_then(|policy| {
-            let (memory, ceiling) = (policy.settings.limits.memory_bytes, runtime.max_memory_bytes());
-            if memory > ceiling {
-                return Err(ManifestError::invalid(
-                    "limits.memory",
-                    format!("({memory} bytes) is above the host's `runtime.max_memory` ({ceiling} bytes)"),
-                ));
-            }
-            Ok(policy)
-        })
-        .map_err(|error| PluginLoadError::Sidecar {
-            sidecar: sidecar.clone(),
-            error,
-        })?;
+    let policy = plugin_policy(runtime, name, file, defaults).await?;
     let bytes = tokio::fs::read(file)
         .await
         .map_err(|error| PluginLoadError::Unreadable {
@@ -182,4 +148,48 @@ pub async fn load_plugin(
         subscriptions,
         state: Arc::new(DispatchState::default()),
     })
+}
+
+/// What a host would run plugin `name` of `file` with: the name checked, then its sidecar
+/// (`NAME.toml` beside the file, if any) read and merged over `defaults`, within the
+/// runtime's memory ceiling. `switchyard check` and `invoke` use it too, so they refuse
+/// what a host refuses.
+pub async fn plugin_policy(
+    runtime: &Runtime,
+    name: &str,
+    file: &Path,
+    defaults: &PluginDefaults,
+) -> Result<PluginPolicy, PluginLoadError> {
+    if !is_valid_plugin_name(name) {
+        return Err(PluginLoadError::InvalidName {
+            file: file.to_owned(),
+        });
+    }
+    let sidecar = file.with_extension("toml");
+    let manifest = match tokio::fs::read_to_string(&sidecar).await {
+        Ok(text) => Manifest::parse(&text).map_err(|error| PluginLoadError::Sidecar {
+            sidecar: sidecar.clone(),
+            error,
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
+        Err(error) => {
+            return Err(PluginLoadError::SidecarUnreadable {
+                sidecar,
+                error: Arc::new(error),
+            });
+        }
+    };
+    manifest
+        .resolve(defaults)
+        .and_then(|policy| {
+            let (memory, ceiling) = (policy.settings.limits.memory_bytes, runtime.max_memory_bytes());
+            if memory > ceiling {
+                return Err(ManifestError::invalid(
+                    "limits.memory",
+                    format!("({memory} bytes) is above the host's `runtime.max_memory` ({ceiling} bytes)"),
+                ));
+            }
+            Ok(policy)
+        })
+        .map_err(|error| PluginLoadError::Sidecar { sidecar, error })
 }
