@@ -270,6 +270,67 @@ async fn readiness_follows_the_connection_to_the_nats_server() {
     assert_eq!(host.send("after.return", "back-1", json!({})).await, 202);
 }
 
+/// A plugin changed while the server is down cannot start its consumer; it is loaded
+/// again at the next scans and serves, with the change, once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_changed_while_the_nats_server_is_down_serves_once_it_is_back() {
+    let mut server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.plugin(
+        "filtered",
+        Guest::Hostile,
+        Some(&counting_sidecar(&["crash.>"])),
+    );
+    host.start();
+    send_all(&host, "crash.tick", ["c-0".to_owned()]).await;
+    host.wait_caught_up("filtered", Duration::from_secs(30))
+        .await;
+
+    server.kill();
+    host.deploy(
+        "filtered.toml",
+        counting_sidecar(&["crash.>", "other.>"]).as_bytes(),
+    );
+    // Nothing serves it while its consumer cannot start: it leaves the plugin gauges.
+    let in_flight = "switchyard_plugin_in_flight{plugin=\"filtered\"}";
+    host.wait_for("the reload to fail", Duration::from_secs(60), || async {
+        host.metric_if_any(in_flight).await.is_none().then_some(())
+    })
+    .await;
+
+    server.restart();
+    host.wait_for("the host to be ready", Duration::from_secs(30), || async {
+        let ready = reqwest::get(host.url("/readyz")).await.ok()?;
+        (ready.status() == 200).then_some(())
+    })
+    .await;
+    host.wait_for(
+        "the new version to serve",
+        Duration::from_secs(60),
+        || async {
+            let status = host.status("filtered").await?;
+            (status["status"] == "running" && status["subscriptions"].as_array()?.len() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    send_all(&host, "other.tick", ["o-1".to_owned()]).await;
+    host.wait_for(
+        "the new subscription's event",
+        Duration::from_secs(30),
+        || async {
+            host.log()
+                .await
+                .iter()
+                .any(|e| {
+                    e["event"]["type"] == "hostile.counted" && e["event"]["data"]["id"] == "o-1"
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Runs `switchyard serve` against `url` until it exits; returns its exit code and stderr.
 fn serve_until_refused(url: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();

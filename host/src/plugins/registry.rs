@@ -223,9 +223,9 @@ impl Registry {
             }
         };
         let replacing = running.dispatchers.remove(name);
+        let replaced = replacing.is_some();
         if let Some(old) = replacing {
             old.shutdown(self.grace).await;
-            self.retire(name);
         }
         let status = match Dispatcher::start(
             Arc::clone(&self.bus),
@@ -235,6 +235,9 @@ impl Registry {
         .await
         {
             Ok(dispatcher) => {
+                if replaced {
+                    self.retire(name);
+                }
                 running.dispatchers.insert(name.to_owned(), dispatcher);
                 tracing::info!(
                     plugin = %name,
@@ -247,7 +250,13 @@ impl Registry {
             }
             Err(error) => {
                 let error = PluginLoadError::Consumer(Arc::new(error));
-                tracing::error!(plugin = %name, "{error}");
+                if replaced && self.resume(running, name, &error).await {
+                    return;
+                }
+                tracing::error!(plugin = %name, "{error}; trying again at the next scan");
+                // Nothing serves the plugin now: the next scan loads it again, so a consumer
+                // that could not start (the bus out of reach) starts once it can.
+                running.stamps.remove(name);
                 Err(error)
             }
         };
@@ -264,6 +273,45 @@ impl Registry {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         put_entry(&mut table, name, file, status, reload);
+    }
+
+    /// Starts again the version of `name` in the table, whose dispatcher was stopped for a
+    /// new version that could not start: a failed load never replaces a working version.
+    /// Whether it serves again.
+    async fn resume(&self, running: &mut Running, name: &str, error: &PluginLoadError) -> bool {
+        let serving = {
+            let table = self
+                .table
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match table.get(name).map(|entry| &entry.status) {
+                Some(Ok(loaded)) => target(name, loaded, &self.schemas, &self.valves),
+                _ => return false,
+            }
+        };
+        let Ok(dispatcher) =
+            Dispatcher::start(Arc::clone(&self.bus), Arc::clone(&self.metrics), serving).await
+        else {
+            return false;
+        };
+        running.dispatchers.insert(name.to_owned(), dispatcher);
+        tracing::error!(plugin = %name, "new version cannot start; the running version serves again: {error}");
+        let mut table = self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = table.get_mut(name) {
+            entry.load_error = Some(error.clone());
+            remember(
+                &mut entry.history,
+                Reload {
+                    at_ms: now_ms(),
+                    loaded: None,
+                    error: Some(error.to_string()),
+                },
+            );
+        }
+        true
     }
 
     /// Hands the metrics what the version of `name` in the table counted, once its
