@@ -214,6 +214,7 @@ struct Families {
     plugin_in_flight: Family<PluginLabels, CountGauge>,
     plugin_paused: Family<PluginLabels, CountGauge>,
     plugin_breaker_open: Family<PluginLabels, CountGauge>,
+    plugin_serving: Family<PluginLabels, CountGauge>,
     plugin_refused: Family<AccessLabels, Counter>,
     breaker_transitions: Family<StateLabels, Counter>,
     batch_calls: Family<PluginLabels, Counter>,
@@ -364,6 +365,12 @@ impl Families {
                 registry,
                 "plugin_breaker_open",
                 "1 while the plugin's circuit breaker is open or probing",
+                Family::default(),
+            ),
+            plugin_serving: registered(
+                registry,
+                "plugin_serving",
+                "1 while a version of the plugin serves, 0 while its files failed to load and none does",
                 Family::default(),
             ),
             plugin_refused: registered(
@@ -534,6 +541,8 @@ pub struct PluginGauges {
     pub paused: bool,
     /// Whether its circuit breaker is open or probing.
     pub breaker_open: bool,
+    /// Whether a version of it serves (else its files failed to load).
+    pub serving: bool,
     /// Attempts to reach outside the sandbox, refused, in the order of [`Access::ALL`].
     pub refused: [u64; 3],
 }
@@ -950,6 +959,7 @@ impl Metrics {
         families.plugin_in_flight.clear();
         families.plugin_paused.clear();
         families.plugin_breaker_open.clear();
+        families.plugin_serving.clear();
         families.plugin_refused.clear();
         for (plugin, g) in gauges {
             let labels = PluginLabels {
@@ -978,6 +988,10 @@ impl Metrics {
                 .plugin_breaker_open
                 .get_or_create(&labels)
                 .set(u64::from(g.breaker_open));
+            families
+                .plugin_serving
+                .get_or_create(&labels)
+                .set(u64::from(g.serving));
             // Read, not made: a scrape adds no series of its own.
             let before = self
                 .plugins
@@ -1093,6 +1107,7 @@ mod tests {
                 in_flight: 2,
                 paused: false,
                 breaker_open: true,
+                serving: true,
                 refused: [2, 0, 1],
             },
         );
@@ -1497,6 +1512,10 @@ switchyard_plugin_paused{plugin="ticketing"} 0
 # TYPE switchyard_plugin_breaker_open gauge
 switchyard_plugin_breaker_open{plugin="audit"} 0
 switchyard_plugin_breaker_open{plugin="ticketing"} 1
+# HELP switchyard_plugin_serving 1 while a version of the plugin serves, 0 while its files failed to load and none does.
+# TYPE switchyard_plugin_serving gauge
+switchyard_plugin_serving{plugin="audit"} 0
+switchyard_plugin_serving{plugin="ticketing"} 1
 # HELP switchyard_plugin_refused_total Attempts of the plugin to reach outside its sandbox (a file, a socket, an HTTP request), refused.
 # TYPE switchyard_plugin_refused_total counter
 switchyard_plugin_refused_total{plugin="audit",access="file"} 0

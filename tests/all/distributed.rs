@@ -291,10 +291,10 @@ async fn a_plugin_changed_while_the_nats_server_is_down_serves_once_it_is_back()
         "filtered.toml",
         counting_sidecar(&["crash.>", "other.>"]).as_bytes(),
     );
-    // Nothing serves it while its consumer cannot start: it leaves the plugin gauges.
-    let in_flight = "switchyard_plugin_in_flight{plugin=\"filtered\"}";
+    // Nothing serves it while its consumer cannot start.
+    let serving = "switchyard_plugin_serving{plugin=\"filtered\"}";
     host.wait_for("the reload to fail", Duration::from_secs(60), || async {
-        host.metric_if_any(in_flight).await.is_none().then_some(())
+        (host.metric_if_any(serving).await == Some(0.0)).then_some(())
     })
     .await;
 

@@ -172,6 +172,9 @@ async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_ser
             && error.contains("runtime.max_memory"),
         "{error}"
     );
+    let serving = |plugin: &str| format!("switchyard_plugin_serving{{plugin=\"{plugin}\"}}");
+    assert_eq!(host.metric(&serving("greedy")).await, 0.0);
+    assert_eq!(host.metric(&serving("good")).await, 1.0);
     assert_eq!(host.send("still.serving", "s-1", json!({})).await, 202);
     host.wait_for("the good plugin", WAIT, || async {
         host.kv("good", "count/still.serving").await

@@ -651,10 +651,10 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // bus keeps are then left out rather than waited for.
     let bus = state.bus.reach();
     let mut gauges = BTreeMap::new();
+    // A plugin whose files failed to load keeps its series: its dead letters and lag are
+    // still there, and alerts on them must not clear as it fails.
     for view in views(&state, None) {
-        let Some(running) = &view.running else {
-            continue;
-        };
+        let running = view.running.as_ref();
         let consumer = if bus.connected {
             state.bus.consumer_stats(&view.name).await.ok()
         } else {
@@ -665,11 +665,15 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             view.name.clone(),
             PluginGauges {
                 consumer,
-                in_flight: running.in_flight,
+                in_flight: running.map_or(0, |running| running.in_flight),
                 paused: control.paused.is_some(),
                 breaker_open: control.breaker != Breaker::Closed,
-                refused: Access::ALL
-                    .map(|access| running.refused.get(access.as_str()).copied().unwrap_or(0)),
+                serving: running.is_some(),
+                refused: Access::ALL.map(|access| {
+                    running
+                        .and_then(|running| running.refused.get(access.as_str()).copied())
+                        .unwrap_or(0)
+                }),
             },
         );
     }
