@@ -824,6 +824,14 @@ impl Config {
             ));
         }
         self.validate_bus()?;
+        for (key, url) in [
+            ("telemetry.otlp_endpoint", &self.telemetry.otlp_endpoint),
+            ("ingest.public_url", &self.ingest.public_url),
+        ] {
+            if let Some(url) = url {
+                check_http_url(key, url)?;
+            }
+        }
         if self.plugin_defaults.limits.memory_bytes > self.runtime.max_memory {
             return Err(ConfigError::invalid(
                 "plugin_defaults.limits.memory",
@@ -955,6 +963,19 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Refuses a value of `key` that is not an absolute `http://` or `https://` URL with a host.
+fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|error| ConfigError::invalid(key, format!("`{url}` is not a URL: {error}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("`{url}` must be an http:// or https:// URL with a host"),
+        ));
+    }
+    Ok(())
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -1285,6 +1306,22 @@ mod tests {
             ),
             ("[http]\nheader_timeout = \"0s\"", "http.header_timeout"),
             ("[http]\nrequest_timeout = \"0ms\"", "http.request_timeout"),
+            (
+                "[telemetry]\notlp_endpoint = \"localhost:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http//collector:4318/v1/traces\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "[ingest]\npublic_url = \"events.example.com\"",
+                "ingest.public_url",
+            ),
+            (
+                "[ingest]\npublic_url = \"ftp://events.example.com\"",
+                "ingest.public_url",
+            ),
         ] {
             match Config::parse(text) {
                 Err(ConfigError::Invalid { key: found, .. }) => assert_eq!(found, key, "{text:?}"),
