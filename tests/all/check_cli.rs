@@ -342,3 +342,31 @@ fn new_projects_build_and_pass_check_and_invoke_as_written() {
         }
     }
 }
+
+/// `switchyard status` behind a proxy that answers with its own error page (not JSON)
+/// reports the status and the page, and exits 1.
+#[test]
+fn status_reports_an_error_page_that_is_not_json() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let proxy = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = stream.read(&mut request).unwrap();
+        stream
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 16\r\nconnection: close\r\n\r\nupstream is down")
+            .unwrap();
+    });
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["status", "--url", &url])
+        .output()
+        .unwrap();
+    proxy.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("502 Bad Gateway: upstream is down"),
+        "{stderr}"
+    );
+}

@@ -20,15 +20,21 @@ async fn get(client: &ClientArgs, path: &str) -> anyhow::Result<Value> {
         .await
         .with_context(|| format!("cannot reach {url}"))?;
     let status = response.status();
-    let body: Value = response
-        .json()
+    let text = response
+        .text()
         .await
-        .with_context(|| format!("{url} did not answer JSON"))?;
+        .with_context(|| format!("{url}: {status}: the answer broke off"))?;
+    // An error from something in between (a proxy's 502 page) is not JSON: its status
+    // is still the news.
+    let body: Option<Value> = serde_json::from_str(&text).ok();
     if !status.is_success() {
-        let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
+        let message = body
+            .as_ref()
+            .and_then(|body| body["error"]["message"].as_str())
+            .unwrap_or(text.trim());
         anyhow::bail!("{url}: {status}: {message}");
     }
-    Ok(body)
+    body.with_context(|| format!("{url} did not answer JSON"))
 }
 
 /// The mean of the last minute's points of a per-second series.
