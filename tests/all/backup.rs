@@ -176,3 +176,48 @@ async fn restore_refuses_a_file_that_is_not_a_log() {
     );
     assert!(!data.join("switchyard.db").exists());
 }
+
+/// A restore that cannot copy the backup leaves the log it was to replace where it was;
+/// and a WAL file without its log is refused rather than applied to the restored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_leaves_the_log_in_place() {
+    let mut host = Host::new();
+    host.start();
+    assert_eq!(host.send("backup.one", "b-1", json!({})).await, 202);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    let url = host.url("");
+    let taken = switchyard(
+        &["backup", "--url", url.trim_end_matches('/'), "-o"],
+        &[&copy],
+    );
+    assert!(taken.status.success(), "{taken:?}");
+    host.stop();
+
+    let data = host.data_dir();
+    let log = data.join("switchyard.db");
+    let before = std::fs::read(&log).unwrap();
+    // The copy's place is taken, so the copy fails.
+    std::fs::create_dir(data.join("switchyard.db.restoring")).unwrap();
+    let failed = switchyard(
+        &["restore", "--replace"],
+        &[&copy, Path::new("--data"), &data],
+    );
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot copy the backup"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        before,
+        "the log stays as it was"
+    );
+    std::fs::remove_dir(data.join("switchyard.db.restoring")).unwrap();
+
+    std::fs::rename(&log, dir.path().join("elsewhere.db")).unwrap();
+    std::fs::write(data.join("switchyard.db-wal"), b"frames of another log").unwrap();
+    let refused = switchyard(&["restore"], &[&copy, Path::new("--data"), &data]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("without its log"), "{stderr}");
+    assert!(!log.exists());
+}

@@ -189,6 +189,16 @@ async fn readiness_follows_the_connection_to_the_nats_server() {
         (status, body)
     };
     assert_eq!(readiness().await.0, 200);
+    // Reading the KV of a name no plugin has makes no bucket on the server.
+    assert_eq!(
+        host.get_json("/v1/plugins/nobody/kv").await["keys"],
+        json!([])
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let made = async_nats::jetstream::new(client)
+        .get_stream("KV_switchyard-kv-nobody")
+        .await;
+    assert!(made.is_err(), "a bucket was made for a read");
     assert_eq!(host.metric("switchyard_bus_connected").await, 1.0);
     assert_eq!(host.metric("switchyard_bus_reconnects_total").await, 0.0);
 

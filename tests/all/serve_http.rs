@@ -769,3 +769,36 @@ async fn the_status_page_and_its_data_routes_answer_without_a_browser() {
         (Some(0), true)
     );
 }
+
+/// A request counts as in flight until its answer is sent: an answer a client does not
+/// read keeps its place, so such clients cannot pile up answers in memory.
+#[tokio::test]
+async fn an_answer_not_yet_read_keeps_its_place_in_flight() {
+    let mut config = Config::default();
+    config.http.max_concurrent_requests = 1;
+    let api = Api::new(config);
+    // One router, as a server has: its requests share the places in flight.
+    let app = router(Arc::clone(&api.state));
+    let get = || Request::get("/v1/plugins").body(Body::empty()).unwrap();
+    let unread = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(unread.status(), StatusCode::OK);
+    let refused = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = axum::body::to_bytes(refused.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_concurrent_requests"),
+        "{body}"
+    );
+    // Read to its end, the answer gives its place back.
+    axum::body::to_bytes(unread.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let again = app.oneshot(get()).await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+}

@@ -86,7 +86,7 @@ pub struct DeadLetterQuery {
 impl DeadLetter {
     /// The dead letter as the API shows it; `event` is the event in the CloudEvents JSON
     /// format, rendered by the caller that owns that format.
-    pub fn view(&self, event: serde_json::Value) -> DeadLetterView {
+    pub fn view<E: Serialize>(&self, event: E) -> DeadLetterView<E> {
         DeadLetterView {
             id: self.id,
             plugin: self.plugin.clone(),
@@ -102,7 +102,7 @@ impl DeadLetter {
 
 /// A dead letter as `GET /v1/dlq` and `GET /v1/dlq/{id}` answer it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DeadLetterView {
+pub struct DeadLetterView<E = serde_json::Value> {
     /// The dead letter's id.
     pub id: u64,
     /// The plugin that could not handle the event.
@@ -118,7 +118,7 @@ pub struct DeadLetterView {
     /// Every attempt's error, oldest first.
     pub errors: Vec<AttemptView>,
     /// The event, in the CloudEvents JSON format.
-    pub event: serde_json::Value,
+    pub event: E,
 }
 
 /// What a bus offers on dead letters.

@@ -434,14 +434,14 @@ pub(super) async fn read_kv(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
 }
 
-fn dead_letter_view(letter: &DeadLetter) -> DeadLetterView {
+fn dead_letter_view(letter: &DeadLetter) -> DeadLetterView<cloudevents::Rendered> {
     letter.view(cloudevents::to_json(&letter.stored.event))
 }
 
 /// `GET /v1/dlq`: a page of dead letters.
 #[derive(Debug, Serialize)]
 struct DeadLetterPage {
-    dead_letters: Vec<DeadLetterView>,
+    dead_letters: Vec<DeadLetterView<cloudevents::Rendered>>,
     next_after: Option<u64>,
 }
 

@@ -443,7 +443,7 @@ pub(super) struct LogParams {
 struct StoredEventView {
     sequence: u64,
     ingested_at: String,
-    event: serde_json::Value,
+    event: cloudevents::Rendered,
 }
 
 /// A page of `GET /v1/events`.

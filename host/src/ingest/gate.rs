@@ -5,7 +5,8 @@
 //! Invariants:
 //! - a request without a valid token is refused before it takes a place in flight, so
 //!   unauthenticated clients cannot crowd out authenticated ones;
-//! - at most `http.max_concurrent_requests` API requests run at once; the next one is
+//! - at most `http.max_concurrent_requests` API requests run at once, each counted until
+//!   its answer is sent (an answer a client does not read holds memory); the next one is
 //!   answered `503` with `Retry-After` at once rather than queued, so memory stays bounded;
 //! - no API request runs longer than `http.request_timeout`: it is answered, and its
 //!   handler dropped: `408` when the client had not sent its whole body by then, `503`
@@ -73,7 +74,7 @@ pub(super) async fn admit(
     };
     let refused = if !allowed {
         ApiError::unauthorized()
-    } else if let Ok(_place) = gate.in_flight.try_acquire() {
+    } else if let Ok(place) = Arc::clone(&gate.in_flight).try_acquire_owned() {
         let limit = time_limit(state, &request);
         let read = Arc::new(AtomicBool::new(false));
         let request = request.map(|body| {
@@ -86,6 +87,16 @@ pub(super) async fn admit(
         });
         return within_time_limit(limit, next.run(request))
             .await
+            .map(|response| {
+                // The place is held until the answer is sent: a client that does not read
+                // it keeps the answer in memory, and must count as in flight meanwhile.
+                response.map(|body| {
+                    Body::new(HeldBody {
+                        inner: body,
+                        _place: place,
+                    })
+                })
+            })
             .map_err(|late| {
                 late.answer(
                     read.load(Ordering::Acquire),
@@ -178,6 +189,36 @@ async fn within_time_limit(
 }
 
 pin_project_lite::pin_project! {
+    /// An answer's body, holding its request's place in flight until it is sent or the
+    /// connection drops it.
+    struct HeldBody {
+        #[pin]
+        inner: Body,
+        _place: tokio::sync::OwnedSemaphorePermit,
+    }
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
     /// A request body that records when it has been read to its end (at once for a
     /// request without one).
     struct WatchedBody {
@@ -216,9 +257,15 @@ impl http_body::Body for WatchedBody {
     }
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
+/// Compares two byte strings in time that depends on neither their contents nor their
+/// lengths: their SHA-256 digests are compared, every byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn authorized(request: &Request, tokens: &[String]) -> bool {

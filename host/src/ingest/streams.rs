@@ -39,7 +39,7 @@ struct StreamView {
     /// The stream's current version.
     version: u64,
     /// The events, each with its `streamversion`.
-    events: Vec<serde_json::Value>,
+    events: Vec<cloudevents::Rendered>,
     /// The `after` of the next page; `null` when this page reaches the current version.
     next_after: Option<u64>,
 }
@@ -94,7 +94,7 @@ struct ScheduledView {
     source: String,
     due: String,
     scheduled_at: String,
-    event: serde_json::Value,
+    event: cloudevents::Rendered,
 }
 
 #[derive(Debug, Serialize)]

@@ -18,7 +18,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::{BoxStream, SelectAll};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::cloudevents::to_json;
@@ -122,7 +121,7 @@ struct PluginOutcome {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<AttemptError>,
     /// The events it emitted, in the CloudEvents JSON format.
-    emitted: Vec<Value>,
+    emitted: Vec<super::cloudevents::Rendered>,
 }
 
 /// One accepted event with its plugins' outcomes.

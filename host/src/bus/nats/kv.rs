@@ -70,6 +70,34 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A plugin's bucket to read, or `None` when it has none yet: a read makes no bucket
+    /// (an admin reading the KV of a name no plugin ever had would otherwise leave one
+    /// on the server for good).
+    async fn existing_plugin_store(
+        &self,
+        plugin: &str,
+    ) -> Result<Option<Arc<kv::Store>>, BusError> {
+        let cached = self
+            .plugin_kv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(plugin)
+            .cloned();
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let stream = format!("KV_{}-kv-{plugin}", self.options.prefix);
+        match self.jetstream.get_stream(&stream).await {
+            Err(error) if super::setup::is_not_found(&error) => Ok(None),
+            Err(error) => Err(BusError::Storage(format!(
+                "cannot look up the NATS stream `{stream}`: {error}"
+            ))),
+            Ok(_) => self.plugin_store(plugin).await.map(Some),
+        }
+    }
+}
+
 /// A key's revision (0 when it never existed) and value (`None` when absent or deleted).
 pub(super) async fn current(
     store: &kv::Store,
@@ -153,7 +181,9 @@ pub(super) async fn key_changes(
 #[async_trait]
 impl KvSource for NatsBus {
     async fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        let store = self.shared.plugin_store(plugin).await?;
+        let Some(store) = self.shared.existing_plugin_store(plugin).await? else {
+            return Ok(None);
+        };
         Ok(current(&store, &encode_key(key))
             .await?
             .1
@@ -161,7 +191,9 @@ impl KvSource for NatsBus {
     }
 
     async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
-        let store = self.shared.plugin_store(plugin).await?;
+        let Some(store) = self.shared.existing_plugin_store(plugin).await? else {
+            return Ok(Vec::new());
+        };
         Ok(list_keys(&store, prefix).await?)
     }
 

@@ -428,6 +428,9 @@ impl Bus for NatsBus {
         plugin: &str,
         spec: ConsumerSpec,
     ) -> Result<Arc<dyn Consumer>, BusError> {
+        // A serving plugin's bucket is opened (made, the first time) here, so its own
+        // reads find it at hand; reads of a bucket no plugin has make none.
+        self.shared.plugin_store(plugin).await?;
         Ok(Arc::new(
             NatsConsumer::open(&self.shared, plugin, spec).await?,
         ))

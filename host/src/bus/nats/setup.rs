@@ -289,7 +289,7 @@ async fn ensure_stream(
     }
 }
 
-fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+pub(super) fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(e)

@@ -133,6 +133,11 @@ pub fn inspect_backup(path: &Path) -> Result<BackupSummary, BusError> {
 /// Puts the backup at `backup` in place of the log at `log`, which no host may be serving.
 /// A log already there is refused unless `replace`; it is then kept beside, with its WAL,
 /// under a name that ends in `.replaced-<time>`, which is returned.
+///
+/// The backup is copied beside the log and flushed before the log is moved: a copy that
+/// fails (a full disk) leaves the log where it was and removes the partial copy, so a
+/// failed restore never leaves a host to start on an empty log. A WAL file without its
+/// log is refused, as SQLite would apply it to the restored one.
 pub fn restore_backup(
     backup: &Path,
     log: &Path,
@@ -141,15 +146,40 @@ pub fn restore_backup(
     let summary = inspect_backup(backup)?;
     let _lock = lock_log(log)?;
     let io = |what: &str, e: std::io::Error| BusError::Storage(format!("cannot {what}: {e}"));
+    if log.exists() && !replace {
+        return Err(BusError::Storage(format!(
+            "{} already holds a log; pass --replace to put the backup in its place (the \
+             log there is kept beside it)",
+            log.display()
+        )));
+    }
+    if !log.exists()
+        && let Some(stray) = ["-wal", "-shm"]
+            .map(|ending| with_suffix(log, ending))
+            .into_iter()
+            .find(|file| file.exists())
+    {
+        return Err(BusError::Storage(format!(
+            "{} is there without its log {}; SQLite would apply it to the restored log: \
+             move it away first",
+            stray.display(),
+            log.display()
+        )));
+    }
+    let partial = with_suffix(log, ".restoring");
+    let copied = std::fs::copy(backup, &partial)
+        .map_err(|e| io("copy the backup", e))
+        .and_then(|_| {
+            std::fs::File::open(&partial)
+                .and_then(|file| file.sync_all())
+                .map_err(|e| io("flush the restored log", e))
+        });
+    if let Err(error) = copied {
+        let _ = std::fs::remove_file(&partial);
+        return Err(error);
+    }
     let mut kept = None;
     if log.exists() {
-        if !replace {
-            return Err(BusError::Storage(format!(
-                "{} already holds a log; pass --replace to put the backup in its place (the \
-                 log there is kept beside it)",
-                log.display()
-            )));
-        }
         // The WAL keeps its place after the database's name, where SQLite looks for it.
         let suffix = format!(".replaced-{}", crate::clock::now_ms());
         for ending in ["", "-wal", "-shm"] {
@@ -161,11 +191,6 @@ pub fn restore_backup(
         }
         kept = Some(with_suffix(log, &suffix));
     }
-    let partial = with_suffix(log, ".restoring");
-    std::fs::copy(backup, &partial).map_err(|e| io("copy the backup", e))?;
-    std::fs::File::open(&partial)
-        .and_then(|file| file.sync_all())
-        .map_err(|e| io("flush the restored log", e))?;
     std::fs::rename(&partial, log).map_err(|e| io("put the restored log in place", e))?;
     if let Some(dir) = log.parent() {
         let _ = std::fs::File::open(dir).and_then(|dir| dir.sync_all());

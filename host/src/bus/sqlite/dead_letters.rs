@@ -25,6 +25,7 @@ impl DeadLetters for SqliteBus {
             let mut select = conn.prepare_cached(
                 "SELECT id, plugin, seq, reason, errors, dead_at FROM dead_letters
                  WHERE id > ?1 AND (?2 IS NULL OR plugin = ?2) AND (?4 IS NULL OR reason = ?4)
+                   AND EXISTS (SELECT 1 FROM events WHERE events.seq = dead_letters.seq)
                  ORDER BY id LIMIT ?3",
             )?;
             let rows: Vec<(i64, String, i64, String, String, i64)> = select

@@ -432,7 +432,8 @@ impl Bus for SqliteBus {
                 |r| r.get(0),
             )?;
             let dead: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM dead_letters WHERE plugin = ?1",
+                "SELECT COUNT(*) FROM dead_letters WHERE plugin = ?1
+                   AND EXISTS (SELECT 1 FROM events WHERE events.seq = dead_letters.seq)",
                 [&plugin],
                 |r| r.get(0),
             )?;

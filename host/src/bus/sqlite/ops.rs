@@ -453,9 +453,12 @@ pub(super) fn settle(
                 )?;
             }
             Settlement::DeadLetter { reason, errors } => {
+                // An event retention deleted while a delivery held it (`delete_unsettled`)
+                // has nothing left to replay or show: no dead letter points at nothing.
                 exec(
                     conn,
-                    "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at)
+                     SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM events WHERE seq = ?2)",
                     params![
                         plugin,
                         to_i64(seq),

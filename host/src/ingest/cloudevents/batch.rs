@@ -5,13 +5,16 @@
 //!
 //! Invariants: the whole array is parsed before any event is built, so malformed JSON
 //! anywhere is `400 malformed_json` rather than a partial batch; the count limit is
-//! checked before any element is; the first bad element fails the request and its error
-//! message starts with `event N: ` (0-based).
+//! checked before any element is, and elements past it are only counted, so a body of
+//! millions of tiny elements costs no more memory than the limit's worth; the first bad
+//! element fails the request and its error message starts with `event N: ` (0-based).
 
-use serde::de::IgnoredAny;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 
 use super::structured::{Element, event_from_members};
-use super::{ParseLimits, check_size, parse_json};
+use super::{ParseLimits, check_size, malformed_json, parse_json};
 use crate::event::Event;
 use crate::ingest::ApiError;
 use crate::ingest::error::code;
@@ -27,14 +30,17 @@ pub(super) fn parse_batch(body: &[u8], limits: &ParseLimits) -> Result<Vec<Event
             "a batch must be a JSON array of events",
         ));
     }
-    let items: Vec<Element<'_>> = parse_json(body)?;
-    if items.len() > limits.max_batch_events {
+    let mut reading = serde_json::Deserializer::from_slice(body);
+    let Elements { items, count } = (AtMost(limits.max_batch_events))
+        .deserialize(&mut reading)
+        .and_then(|elements| reading.end().map(|()| elements))
+        .map_err(malformed_json)?;
+    if count > limits.max_batch_events {
         return Err(ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             code::PAYLOAD_TOO_LARGE,
             format!(
-                "the batch has {} events; at most {} are allowed",
-                items.len(),
+                "the batch has {count} events; at most {} are allowed",
                 limits.max_batch_events
             ),
         ));
@@ -46,6 +52,50 @@ pub(super) fn parse_batch(body: &[u8], limits: &ParseLimits) -> Result<Vec<Event
             batch_element(item, limits).map_err(|e| e.context(format_args!("event {index}")))
         })
         .collect()
+}
+
+/// The elements of a batch array, at most the limit's worth kept, and how many it has.
+struct Elements<'a> {
+    items: Vec<Element<'a>>,
+    count: usize,
+}
+
+/// Reads a batch array keeping at most this many elements.
+struct AtMost(usize);
+
+impl<'de> DeserializeSeed<'de> for AtMost {
+    type Value = Elements<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AtMost {
+    type Value = Elements<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while items.len() < self.0 {
+            match seq.next_element()? {
+                Some(item) => items.push(item),
+                None => {
+                    let count = items.len();
+                    return Ok(Elements { items, count });
+                }
+            }
+        }
+        // Past the limit only the count matters, for the error.
+        let mut count = items.len();
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok(Elements { items, count })
+    }
 }
 
 /// One element of a batch.
@@ -157,6 +207,24 @@ mod tests {
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(e.code(), code::PAYLOAD_TOO_LARGE);
         assert_eq!(e.message(), "the batch has 4 events; at most 3 are allowed");
+        // Elements past the limit are counted, not kept; malformed JSON after them is
+        // still malformed.
+        let tiny = format!("[{}0]", "0,".repeat(99_999));
+        let e = err(parse_events(&batch_headers(), tiny.as_bytes(), &LIMITS));
+        assert_eq!(
+            e.message(),
+            "the batch has 100000 events; at most 3 are allowed"
+        );
+        let broken = format!("[{}0", "0,".repeat(10));
+        let e = err(parse_events(&batch_headers(), broken.as_bytes(), &LIMITS));
+        assert_eq!(e.code(), code::MALFORMED_JSON, "{}", e.message());
+        let trailing = err(parse_events(&batch_headers(), b"[] x", &LIMITS));
+        assert_eq!(
+            trailing.code(),
+            code::MALFORMED_JSON,
+            "{}",
+            trailing.message()
+        );
 
         let e = err(parse_events(
             &batch_headers(),

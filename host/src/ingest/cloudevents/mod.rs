@@ -38,7 +38,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use self::binary::CeHeaders;
-pub use self::render::{encoded_size, to_json};
+pub use self::render::{Rendered, encoded_size, to_json};
 use super::error::{ApiError, code};
 pub use crate::clock::is_rfc3339;
 use crate::event::{Event, is_valid_extension_name, validate_event_type};

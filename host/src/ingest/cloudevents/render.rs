@@ -7,9 +7,12 @@
 //! attribute always wins over an extension of the same name; [`encoded_size`] depends only
 //! on the event, so the size limit is the same whichever mode an event came in by.
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::{SPEC_VERSION, is_json_media_type, media_type};
 use crate::event::Event;
@@ -26,13 +29,16 @@ use crate::event::Event;
 ///
 /// Empty data is left out. Extensions whose names collide with core attributes (which
 /// [`parse_events`](super::parse_events) never produces) are overwritten by the core attribute.
-pub fn to_json(event: &Event) -> Value {
-    let mut obj = Map::new();
+///
+/// JSON data is checked and written out as it is stored, never built into a tree: a
+/// page of large events costs its bytes, not many times them.
+pub fn to_json(event: &Event) -> Rendered {
+    let mut obj = BTreeMap::new();
     for (name, value) in &event.extensions {
-        obj.insert(name.clone(), Value::String(value.clone()));
+        obj.insert(name.clone(), Member::Text(value.clone()));
     }
     let mut put = |name: &str, value: &str| {
-        obj.insert(name.to_owned(), Value::String(value.to_owned()));
+        obj.insert(name.to_owned(), Member::Text(value.to_owned()));
     };
     put("specversion", SPEC_VERSION);
     put("id", &event.id);
@@ -55,8 +61,9 @@ pub fn to_json(event: &Event) -> Value {
         let media = event.datacontenttype.as_deref().map(media_type);
         let as_json = media
             .filter(|m| is_json_media_type(m))
-            .and_then(|_| serde_json::from_slice::<Value>(&event.data).ok())
-            .filter(|value| !value.is_null());
+            .and_then(|_| serde_json::from_slice::<&RawValue>(&event.data).ok())
+            .filter(|raw| raw.get() != "null")
+            .and_then(|raw| RawValue::from_string(raw.get().to_owned()).ok());
         let as_text = || {
             media
                 .filter(|m| {
@@ -66,18 +73,33 @@ pub fn to_json(event: &Event) -> Value {
                 })
                 .and_then(|_| std::str::from_utf8(&event.data).ok())
         };
-        if let Some(value) = as_json {
-            obj.insert("data".to_owned(), value);
+        if let Some(raw) = as_json {
+            obj.insert("data".to_owned(), Member::Json(raw));
         } else if let Some(text) = as_text() {
-            obj.insert("data".to_owned(), Value::String(text.to_owned()));
+            obj.insert("data".to_owned(), Member::Text(text.to_owned()));
         } else {
             obj.insert(
                 "data_base64".to_owned(),
-                Value::String(base64_encode(&event.data)),
+                Member::Text(base64_encode(&event.data)),
             );
         }
     }
-    Value::Object(obj)
+    Rendered(obj)
+}
+
+/// An event in the CloudEvents JSON format, ready to be written into an answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Rendered(BTreeMap<String, Member>);
+
+/// One member of a [`Rendered`] event: a string, or JSON data as it is stored.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Member {
+    /// An attribute, an extension, text data or `data_base64`.
+    Text(String),
+    /// JSON data, checked and written out unchanged.
+    Json(Box<RawValue>),
 }
 
 /// The size an event counts for against
@@ -121,6 +143,11 @@ mod tests {
     use super::super::{parse_events, parse_typed_event};
     use super::*;
 
+    /// The rendering as a JSON value.
+    fn rendered(event: &Event) -> serde_json::Value {
+        serde_json::to_value(to_json(event)).expect("renders")
+    }
+
     #[test]
     fn round_trip_structured_event_json() {
         let input = json!({
@@ -136,47 +163,47 @@ mod tests {
             "data": {"items": [1, 2, 3], "note": "ok"}
         });
         let event = structured_value(&input).expect("parses");
-        let output = to_json(&event);
+        let output = rendered(&event);
         assert_eq!(output, input);
         let again = structured_value(&output).expect("parses again");
         assert_eq!(again.extensions, event.extensions);
-        assert_eq!(to_json(&again), input);
+        assert_eq!(rendered(&again), input);
     }
 
     #[test]
     fn to_json_chooses_the_data_encoding() {
         let mut event = structured_value(&minimal()).expect("parses");
-        assert_eq!(to_json(&event), minimal(), "no data, no data member");
+        assert_eq!(rendered(&event), minimal(), "no data, no data member");
 
         event.datacontenttype = Some("text/plain; charset=utf-8".into());
         event.data = "héllo".as_bytes().to_vec();
-        assert_eq!(to_json(&event)["data"], json!("héllo"));
+        assert_eq!(rendered(&event)["data"], json!("héllo"));
 
         event.datacontenttype = Some("application/cloudevents+json".into());
         event.data = br#"{"a":1}"#.to_vec();
-        assert_eq!(to_json(&event)["data"], json!({"a": 1}));
+        assert_eq!(rendered(&event)["data"], json!({"a": 1}));
 
         event.datacontenttype = Some("text/json".into());
-        assert_eq!(to_json(&event)["data"], json!({"a": 1}));
+        assert_eq!(rendered(&event)["data"], json!({"a": 1}));
 
         // JSON type, but the bytes are not JSON: base64 keeps them intact.
         event.datacontenttype = Some("application/json".into());
         event.data = b"{not json".to_vec();
-        let out = to_json(&event);
+        let out = rendered(&event);
         assert_eq!(out["data_base64"], json!("e25vdCBqc29u"));
         assert!(out.get("data").is_none());
 
         event.datacontenttype = Some("application/octet-stream".into());
         event.data = vec![0, 1, 2, 255];
-        assert_eq!(to_json(&event)["data_base64"], json!("AAEC/w=="));
+        assert_eq!(rendered(&event)["data_base64"], json!("AAEC/w=="));
 
         event.datacontenttype = None;
         event.data = b"hi".to_vec();
-        assert_eq!(to_json(&event)["data_base64"], json!("aGk="));
+        assert_eq!(rendered(&event)["data_base64"], json!("aGk="));
 
         event.datacontenttype = Some("text/plain".into());
         event.data = vec![0xff, 0xfe];
-        assert_eq!(to_json(&event)["data_base64"], json!("//4="));
+        assert_eq!(rendered(&event)["data_base64"], json!("//4="));
     }
 
     #[test]
@@ -188,15 +215,15 @@ mod tests {
         let event = parse_events(&h, &[0, 159, 146, 150], &LIMITS)
             .expect("parses")
             .remove(0);
-        let again = structured_value(&to_json(&event)).expect("parses");
+        let again = structured_value(&rendered(&event)).expect("parses");
         assert_eq!(again, event);
 
         let h = binary(&[("content-type", "text/plain")]);
         let event = parse_events(&h, "ünïcode".as_bytes(), &LIMITS)
             .expect("parses")
             .remove(0);
-        assert_eq!(to_json(&event)["data"], json!("ünïcode"));
-        let again = structured_value(&to_json(&event)).expect("parses");
+        assert_eq!(rendered(&event)["data"], json!("ünïcode"));
+        let again = structured_value(&rendered(&event)).expect("parses");
         assert_eq!(again, event);
     }
 
@@ -215,7 +242,7 @@ mod tests {
                 .expect("parses")
                 .remove(0);
             event.datacontenttype = Some(content_type.to_owned());
-            let out = to_json(&event);
+            let out = rendered(&event);
             assert_eq!(
                 out["data_base64"],
                 json!("MjEuNSBkZWdyZWVz"),
@@ -233,7 +260,7 @@ mod tests {
         // `null` was rendered as `"data": null`, which structured mode reads as no data.
         let event =
             parse_typed_event("signed", &HeaderMap::new(), b"\tnull\n", &LIMITS).expect("parses");
-        let out = to_json(&event);
+        let out = rendered(&event);
         assert_eq!(out["data_base64"], json!("CW51bGwK"));
         assert!(out.get("data").is_none());
         let again = structured_value(&out).expect("parses");
@@ -245,7 +272,7 @@ mod tests {
         let mut event = structured_value(&minimal()).expect("parses");
         event.extensions.insert("id".into(), "shadow".into());
         event.extensions.insert("data".into(), "shadow".into());
-        let out = to_json(&event);
+        let out = rendered(&event);
         assert_eq!(out["id"], json!("evt-1"));
         assert!(out.get("data").is_none());
     }
