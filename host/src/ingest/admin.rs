@@ -645,15 +645,34 @@ pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<He
     Ok(Json(Health { status: "ready" }))
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: Prometheus text. A page costs a read of the bus per plugin and the
+/// route takes no token, so one page is made at a time, and a scrape that waited while
+/// one was made takes that page: a flood of scrapes costs the bus one page at a time,
+/// and a scrape never sees a page made before it came.
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let came = std::time::Instant::now();
+    let mut last = state.scrape.lock().await;
+    let page = match last.as_ref() {
+        Some((made, page)) if *made >= came => page.clone(),
+        _ => {
+            let started = std::time::Instant::now();
+            let page = render_metrics(&state).await;
+            *last = Some((started, page.clone()));
+            page
+        }
+    };
+    drop(last);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], page).into_response()
+}
+
+async fn render_metrics(state: &AppState) -> String {
     // A scrape must answer while the bus is down, when it matters most: the gauges the
     // bus keeps are then left out rather than waited for.
     let bus = state.bus.reach();
     let mut gauges = BTreeMap::new();
     // A plugin whose files failed to load keeps its series: its dead letters and lag are
     // still there, and alerts on them must not clear as it fails.
-    for view in views(&state, None) {
+    for view in views(state, None) {
         let running = view.running.as_ref();
         let consumer = if bus.connected {
             state.bus.consumer_stats(&view.name).await.ok()
@@ -677,17 +696,13 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             },
         );
     }
-    (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render(
-            &gauges,
-            state
-                .runtime
-                .as_ref()
-                .map(|r| r.cache_stats())
-                .unwrap_or_default(),
-            bus,
-        ),
+    state.metrics.render(
+        &gauges,
+        state
+            .runtime
+            .as_ref()
+            .map(|r| r.cache_stats())
+            .unwrap_or_default(),
+        bus,
     )
-        .into_response()
 }

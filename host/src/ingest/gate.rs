@@ -8,6 +8,7 @@
 //! - at most `http.max_concurrent_requests` API requests run at once, each counted until
 //!   its answer is sent (an answer a client does not read holds memory); the next one is
 //!   answered `503` with `Retry-After` at once rather than queued, so memory stays bounded;
+//!   a share of the places is kept for admin requests ([`Places`]);
 //! - no API request runs longer than `http.request_timeout`: it is answered, and its
 //!   handler dropped: `408` when the client had not sent its whole body by then, `503`
 //!   with `Retry-After` when the host was the slow one. (A client slow to send its headers is cut off earlier, by the
@@ -53,7 +54,46 @@ pub(super) enum Guard {
 pub(super) struct Gate {
     pub(super) state: Arc<AppState>,
     pub(super) guard: Guard,
-    pub(super) in_flight: Arc<Semaphore>,
+    pub(super) in_flight: Arc<Places>,
+}
+
+/// The API's places in flight, `http.max_concurrent_requests` in all. A share of them
+/// ([`Places::reserve_of`]) is kept for operators: ingest and producer requests take
+/// only the rest, so producers filling the host cannot lock its operators out.
+pub(super) struct Places {
+    shared: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
+}
+
+impl Places {
+    pub(super) fn new(total: usize) -> Self {
+        let reserved = Self::reserve_of(total);
+        Self {
+            shared: Arc::new(Semaphore::new(total - reserved)),
+            reserved: Arc::new(Semaphore::new(reserved)),
+        }
+    }
+
+    /// The places kept for admin requests: a sixteenth, at least 1 and at most 64, none
+    /// when there is only one place.
+    fn reserve_of(total: usize) -> usize {
+        if total < 2 {
+            0
+        } else {
+            (total / 16).clamp(1, 64)
+        }
+    }
+
+    /// A place for a request of `guard`, if one is free.
+    fn take(&self, guard: Guard) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.shared)
+            .try_acquire_owned()
+            .ok()
+            .or_else(|| match guard {
+                Guard::Admin => Arc::clone(&self.reserved).try_acquire_owned().ok(),
+                Guard::Ingest | Guard::Producer => None,
+            })
+    }
 }
 
 /// Refuses a request without one of the guard's bearer tokens (when any are set), or
@@ -74,7 +114,7 @@ pub(super) async fn admit(
     };
     let refused = if !allowed {
         ApiError::unauthorized()
-    } else if let Ok(place) = Arc::clone(&gate.in_flight).try_acquire_owned() {
+    } else if let Some(place) = gate.in_flight.take(gate.guard) {
         let limit = time_limit(state, &request);
         let read = Arc::new(AtomicBool::new(false));
         let request = request.map(|body| {
@@ -357,6 +397,20 @@ mod tests {
         assert_eq!(slow_host.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(slow_host.retry_after(), Some(2));
         assert!(slow_host.message().contains("http.request_timeout"));
+    }
+
+    #[test]
+    fn producers_cannot_take_the_places_kept_for_operators() {
+        let places = Places::new(32);
+        let producers: Vec<_> = std::iter::from_fn(|| places.take(Guard::Ingest)).collect();
+        assert_eq!(producers.len(), 30);
+        assert!(places.take(Guard::Producer).is_none());
+        let operators: Vec<_> = std::iter::from_fn(|| places.take(Guard::Admin)).collect();
+        assert_eq!(operators.len(), 2);
+        drop(producers);
+        assert!(places.take(Guard::Ingest).is_some());
+        assert_eq!(Places::reserve_of(1), 0);
+        assert_eq!(Places::reserve_of(1024), 64);
     }
 
     #[test]

@@ -26,7 +26,6 @@ use std::sync::atomic::AtomicBool;
 use axum::Router;
 use axum::middleware;
 use axum::routing::{delete, get, post};
-use tokio::sync::Semaphore;
 
 pub use self::error::ApiError;
 use self::gate::{Gate, Guard};
@@ -61,6 +60,8 @@ pub struct AppState {
     pub stats: Arc<Stats>,
     /// Plugin pauses and breakers.
     pub valves: Arc<Valves>,
+    /// The last `/metrics` page and when its making began (see `admin::metrics`).
+    pub(crate) scrape: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl AppState {
@@ -83,13 +84,14 @@ impl AppState {
             ready: AtomicBool::new(false),
             schemas,
             stats: Arc::default(),
+            scrape: tokio::sync::Mutex::new(None),
         }
     }
 }
 
 /// Builds the HTTP API.
 pub fn router(state: Arc<AppState>) -> Router {
-    let in_flight = Arc::new(Semaphore::new(state.config.http.max_concurrent_requests));
+    let in_flight = Arc::new(gate::Places::new(state.config.http.max_concurrent_requests));
     let gate = |guard| Gate {
         state: Arc::clone(&state),
         guard,
