@@ -87,6 +87,10 @@ pub enum BusError {
     /// The request itself is malformed (a bad `deliverat` or `expectedversion`).
     #[error("{0}")]
     Invalid(String),
+    /// The disk has not room for what was asked (a backup beside the log); nothing was
+    /// written. The text says how much it needs and has.
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 /// What storing a settlement tells its caller.

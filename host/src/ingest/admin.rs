@@ -590,6 +590,11 @@ pub(super) async fn delete_plugin_dead_letters(
 pub(super) async fn backup(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let (file, bytes) = state.bus.backup().await.map_err(|error| match error {
         BusError::Unsupported(why) => ApiError::new(StatusCode::CONFLICT, code::CONFLICT, why),
+        BusError::NoRoom(why) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            code::INSUFFICIENT_STORAGE,
+            why,
+        ),
         other => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             code::INTERNAL,

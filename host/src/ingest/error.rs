@@ -43,6 +43,8 @@ pub mod code {
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
     /// The client is sending faster than it is allowed to (429).
     pub const TOO_MANY_REQUESTS: &str = "too_many_requests";
+    /// The disk has not room for what was asked, such as a backup (507).
+    pub const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
     /// The host cannot take the request now, typically under backpressure (503).
     pub const UNAVAILABLE: &str = "unavailable";
     /// Something went wrong inside the host (500).

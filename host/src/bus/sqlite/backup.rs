@@ -81,13 +81,42 @@ impl SqliteBus {
     }
 }
 
+/// Room a copy needs beyond the log's pages in use, for the WAL to grow while the copy's
+/// read transaction keeps it from being reset: a tenth of the pages, at least this.
+const COPY_HEADROOM: u64 = 64 << 20;
+
 fn copy_log(log: &Path, copy: &Path) -> Result<(), BusError> {
     let conn =
         Connection::open_with_flags(log, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(storage)?;
+    // A copy that fills the disk would make the writer fail too, and producers with it,
+    // for as long as the copy ran: refuse at once instead.
+    let pages = |pragma: &str| -> Result<u64, BusError> {
+        conn.pragma_query_value(None, pragma, |row| row.get::<_, i64>(0))
+            .map(to_u64)
+            .map_err(storage)
+    };
+    let in_use = (pages("page_count")? - pages("freelist_count")?) * pages("page_size")?;
+    let dir = copy.parent().unwrap_or(Path::new("."));
+    if let Ok(disk) = rustix::fs::statvfs(dir) {
+        check_room(in_use, disk.f_bavail.saturating_mul(disk.f_frsize), dir)?;
+    }
     let target = copy.to_string_lossy().into_owned();
     conn.execute("VACUUM INTO ?1", [target]).map_err(storage)?;
+    Ok(())
+}
+
+/// Refuses a copy of `in_use` bytes into `dir` with only `free` bytes free there.
+fn check_room(in_use: u64, free: u64, dir: &Path) -> Result<(), BusError> {
+    let needed = in_use + (in_use / 10).max(COPY_HEADROOM);
+    if free < needed {
+        return Err(BusError::NoRoom(format!(
+            "a backup needs about {needed} bytes free beside the log ({in_use} in use, and room \
+             for the log to grow meanwhile); {} has {free} free",
+            dir.display()
+        )));
+    }
     Ok(())
 }
 
@@ -201,6 +230,21 @@ pub fn restore_backup(
 #[cfg(test)]
 mod tests {
     use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+
+    #[test]
+    fn a_backup_wants_room_for_the_copy_and_for_the_log_to_grow() {
+        let dir = std::path::Path::new("/data");
+        let gib = 1u64 << 30;
+        let refused = super::check_room(gib, gib + (64 << 20), dir).unwrap_err();
+        assert!(
+            matches!(refused, crate::bus::BusError::NoRoom(_)),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("/data has"), "{refused}");
+        assert!(super::check_room(gib, 2 * gib, dir).is_ok());
+        assert!(super::check_room(1 << 20, 66 << 20, dir).is_ok());
+        assert!(super::check_room(1 << 20, 60 << 20, dir).is_err());
+    }
 
     #[test]
     fn opening_the_log_removes_copies_a_dead_backup_left_and_nothing_else() {
