@@ -195,3 +195,25 @@ async fn requests_past_the_concurrency_limit_get_503_and_probes_still_answer() {
         .await;
     assert_eq!(accepted, 202);
 }
+
+/// A client that sends requests and reads none of the answers cannot hold them, and its
+/// connection, for ever: a write that waits `request_timeout` for it closes the
+/// connection, and the host serves others meanwhile.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_off_after_the_request_timeout() {
+    let host = host_with("[http]\nrequest_timeout = \"1s\"\nheader_timeout = \"60s\"\n");
+    let mut greedy = connect(&host);
+    // Far more answers (the page's script, about 30 KB each) than socket buffers hold.
+    const ASKED: usize = 1000;
+    let requests = "GET /ui/app.js HTTP/1.1\r\nhost: localhost\r\n\r\n".repeat(ASKED);
+    greedy.write_all(requests.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(host.get_json("/healthz").await["status"], "ok");
+    let (closed, received) = read_until_closed(&mut greedy, Duration::from_secs(30));
+    let answers = received.matches("HTTP/1.1 200 OK").count();
+    assert!(closed, "the connection stayed open");
+    assert!(
+        answers < ASKED,
+        "every answer was held for a client that did not read ({answers})"
+    );
+}

@@ -5,7 +5,8 @@
 //! Lifecycle: every accepted connection runs in its own task. A connection whose request
 //! line and headers do not arrive within `http.header_timeout` is closed without an
 //! answer (hyper's header read timeout, driven by the tokio timer), so a client trickling
-//! its headers cannot hold a connection. When `shutdown` resolves, the listener stops
+//! its headers cannot hold a connection; nor can one that stops reading: a write that
+//! makes no progress for `http.request_timeout` closes the connection ([`WriteDeadline`]). When `shutdown` resolves, the listener stops
 //! accepting, every connection finishes the request it is serving and closes, and
 //! [`serve_http`] returns once all of them have.
 //!
@@ -14,7 +15,9 @@
 //! out; an error on one connection ends only that connection.
 
 use std::future::Future;
-use std::pin::pin;
+use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -23,6 +26,7 @@ use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt as _;
@@ -31,11 +35,20 @@ use tower::ServiceExt as _;
 /// (file descriptors exhausted), so it does not spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long a connection may take: to send a request's head, and to take a write.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// `http.header_timeout`.
+    pub header: Duration,
+    /// How long a write may wait for the client to read (`http.request_timeout`).
+    pub write: Duration,
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves and open connections finish.
 pub async fn serve_http(
     listener: TcpListener,
     router: Router,
-    header_timeout: Duration,
+    deadlines: Deadlines,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     // Connections watch `stop`; the loop waits for every clone of `done` to be dropped.
@@ -67,7 +80,12 @@ pub async fn serve_http(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(deadlines.header);
+            let stream = WriteDeadline {
+                inner: stream,
+                limit: deadlines.write,
+                stalled: None,
+            };
             let mut connection = pin!(builder.serve_connection(TokioIo::new(stream), service));
             let mut closing = false;
             loop {
@@ -94,6 +112,91 @@ pub async fn serve_http(
     drop(stopping);
     drop(done);
     all_done.closed().await;
+}
+
+pin_project_lite::pin_project! {
+    /// A connection whose writes fail once one has waited `limit` for the client to read:
+    /// a client that sends requests and reads nothing would otherwise hold its answers,
+    /// and the connection, for ever.
+    struct WriteDeadline<S> {
+        #[pin]
+        inner: S,
+        limit: Duration,
+        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> WriteDeadline<S> {
+    /// `polled` of a write, failed once writes have been pending for `limit`.
+    fn deadline<T>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        polled: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let this = self.project();
+        match polled(this.inner, cx) {
+            Poll::Ready(done) => {
+                *this.stalled = None;
+                Poll::Ready(done)
+            }
+            Poll::Pending => {
+                let limit = *this.limit;
+                let stalled = this
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the client read nothing for {}",
+                            humantime::format_duration(limit)
+                        ),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.deadline(cx, |inner, cx| inner.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.deadline(cx, |inner, cx| inner.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.deadline(cx, AsyncWrite::poll_flush)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
 }
 
 /// Errors that concern only the connection being accepted; the listener is fine.

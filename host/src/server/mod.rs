@@ -18,7 +18,7 @@ use anyhow::Context as _;
 
 mod http;
 
-use self::http::serve_http;
+use self::http::{Deadlines, serve_http};
 use crate::bus::Bus;
 use crate::bus::nats::{NatsBus, NatsOptions};
 use crate::bus::sqlite::{
@@ -151,7 +151,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     serve_http(
         listener,
         router(Arc::clone(&state)),
-        config.http.header_timeout,
+        Deadlines {
+            header: config.http.header_timeout,
+            write: config.http.request_timeout,
+        },
         shutdown,
     )
     .await;
