@@ -120,9 +120,10 @@ pub(super) async fn admit(
         let request = request.map(|body| {
             // A request without a body (most GETs) has sent all of it already.
             read.store(http_body::Body::is_end_stream(&body), Ordering::Release);
-            Body::new(WatchedBody {
+            Body::new(TrackedBody {
                 inner: body,
-                read: Arc::clone(&read),
+                read: Some(Arc::clone(&read)),
+                place: None,
             })
         });
         return within_time_limit(limit, next.run(request))
@@ -131,9 +132,10 @@ pub(super) async fn admit(
                 // The place is held until the answer is sent: a client that does not read
                 // it keeps the answer in memory, and must count as in flight meanwhile.
                 response.map(|body| {
-                    Body::new(HeldBody {
+                    Body::new(TrackedBody {
                         inner: body,
-                        _place: place,
+                        read: None,
+                        place: Some(place),
                     })
                 })
             })
@@ -229,46 +231,18 @@ async fn within_time_limit(
 }
 
 pin_project_lite::pin_project! {
-    /// An answer's body, holding its request's place in flight until it is sent or the
-    /// connection drops it.
-    struct HeldBody {
+    /// A body that records when it has been read to its end (`read`, for a request's:
+    /// at once for a request without one), or that holds its request's place in flight
+    /// until it is sent or the connection drops it (`place`, for an answer's).
+    struct TrackedBody {
         #[pin]
         inner: Body,
-        _place: tokio::sync::OwnedSemaphorePermit,
+        read: Option<Arc<AtomicBool>>,
+        place: Option<tokio::sync::OwnedSemaphorePermit>,
     }
 }
 
-impl http_body::Body for HeldBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A request body that records when it has been read to its end (at once for a
-    /// request without one).
-    struct WatchedBody {
-        #[pin]
-        inner: Body,
-        read: Arc<AtomicBool>,
-    }
-}
-
-impl http_body::Body for WatchedBody {
+impl http_body::Body for TrackedBody {
     type Data = bytes::Bytes;
     type Error = axum::Error;
 
@@ -278,16 +252,20 @@ impl http_body::Body for WatchedBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
         let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.read.store(true, Ordering::Release);
+        if let Some(read) = this.read
+            && (matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream())
+        {
+            read.store(true, Ordering::Release);
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
         let end = self.inner.is_end_stream();
-        if end {
-            self.read.store(true, Ordering::Release);
+        if let Some(read) = &self.read
+            && end
+        {
+            read.store(true, Ordering::Release);
         }
         end
     }
@@ -373,18 +351,20 @@ mod tests {
     #[tokio::test]
     async fn a_late_request_is_the_clients_fault_only_while_its_body_is_unread() {
         let read = Arc::new(AtomicBool::new(false));
-        let body = WatchedBody {
+        let body = TrackedBody {
             inner: Body::from("{\"n\": 1}"),
-            read: Arc::clone(&read),
+            read: Some(Arc::clone(&read)),
+            place: None,
         };
         assert!(!read.load(Ordering::Acquire));
         let bytes = axum::body::to_bytes(Body::new(body), 1024).await.unwrap();
         assert_eq!(&bytes[..], b"{\"n\": 1}");
         assert!(read.load(Ordering::Acquire));
         let empty = Arc::new(AtomicBool::new(false));
-        let body = WatchedBody {
+        let body = TrackedBody {
             inner: Body::empty(),
-            read: Arc::clone(&empty),
+            read: Some(Arc::clone(&empty)),
+            place: None,
         };
         assert!(http_body::Body::is_end_stream(&body));
         assert!(empty.load(Ordering::Acquire));
