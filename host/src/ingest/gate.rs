@@ -11,8 +11,9 @@
 //!   a share of the places is kept for admin requests ([`Places`]);
 //! - no API request runs longer than `http.request_timeout`: it is answered, and its
 //!   handler dropped: `408` when the client had not sent its whole body by then, `503`
-//!   with `Retry-After` when the host was the slow one. (A client slow to send its headers is cut off earlier, by the
-//!   connection's header timeout in `crate::server`.) The exceptions are the admin
+//!   with `Retry-After` when the host was the slow one. (A client slow to send its
+//!   headers is cut off earlier, by the connection's header timeout in
+//!   `crate::server`.) The exceptions are the admin
 //!   requests whose work grows with what is stored ([`takes_its_time`]): a backup, and a
 //!   bulk replay or deletion of dead letters, which a cut-off would stop part way.
 //! - a request that reads or changes what the bus keeps is answered `503` at once while
