@@ -51,6 +51,11 @@ pub(super) fn decode_key(encoded: &str) -> Option<String> {
 }
 
 impl Shared {
+    /// The name of a plugin's KV bucket (its stream is `KV_` and this name).
+    fn plugin_bucket(&self, plugin: &str) -> String {
+        format!("{}-kv-{plugin}", self.options.prefix)
+    }
+
     pub(super) async fn plugin_store(&self, plugin: &str) -> Result<Arc<kv::Store>, BusError> {
         if let Some(store) = self
             .plugin_kv
@@ -60,7 +65,7 @@ impl Shared {
         {
             return Ok(Arc::clone(store));
         }
-        let bucket = format!("{}-kv-{plugin}", self.options.prefix);
+        let bucket = self.plugin_bucket(plugin);
         let store = Arc::new(ensure_bucket(&self.jetstream, &self.options, &bucket).await?);
         self.plugin_kv
             .lock()
@@ -87,7 +92,7 @@ impl Shared {
         if cached.is_some() {
             return Ok(cached);
         }
-        let stream = format!("KV_{}-kv-{plugin}", self.options.prefix);
+        let stream = format!("KV_{}", self.plugin_bucket(plugin));
         match self.jetstream.get_stream(&stream).await {
             Err(error) if super::setup::is_not_found(&error) => Ok(None),
             Err(error) => Err(BusError::Storage(format!(
