@@ -1064,6 +1064,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_whose_event_was_deleted_under_it_leaves_no_dead_letter() {
+        let (_dir, bus) = open();
+        bus.append((1..=3).map(|n| event("a.x", n, 10)).collect())
+            .await
+            .unwrap();
+        let p = bus.consumer("p", spec("a.>")).await.unwrap();
+        let held = p.next(3).await.unwrap();
+        assert_eq!(held.len(), 3);
+        let mut all = rule(">", Keep::For(Duration::ZERO));
+        all.delete_unsettled = true;
+        let options = RetentionOptions {
+            rules: vec![all],
+            ..RetentionOptions::default()
+        };
+        check(&bus, options, now_ms()).await;
+        assert_eq!(sequences(&bus).await, [3], "the newest event stays");
+        // Every held delivery is dead-lettered; only the event still in the log has
+        // something to replay or show.
+        for delivery in &held {
+            let settlement = Settlement::DeadLetter {
+                reason: DeadLetterReason::Rejected,
+                errors: Vec::new(),
+            };
+            p.settle(delivery, settlement).await.unwrap();
+        }
+        let letters = bus
+            .dead_letters(crate::bus::DeadLetterQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let sequences: Vec<u64> = letters.iter().map(|l| l.stored.sequence).collect();
+        assert_eq!(sequences, [3]);
+        assert_eq!(bus.consumer_stats("p").await.unwrap().dead_letters, 1);
+        let rows: i64 = bus
+            .read(|conn| conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(
+            rows, 1,
+            "no dead letter is stored for an event that is gone"
+        );
+        bus.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_letter_older_than_its_age_limit_goes_and_frees_its_event() {
         let (_dir, bus) = open();
         settle_some(&bus).await;
