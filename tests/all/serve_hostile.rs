@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::guests::{self, Guest};
-use crate::support::host::Host;
+use crate::support::host::{Backend, Host};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -97,9 +97,10 @@ async fn hostile_plugins_are_contained_while_a_good_one_handles_everything() {
     assert_eq!(host.get_json("/healthz").await["status"], "ok");
 }
 
-#[tokio::test]
-async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_serving() {
-    let mut host = Host::new();
+async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_serving(
+    backend: Backend,
+) {
+    let mut host = Host::on(&backend);
     host.plugin("good", Guest::AuditTrail, None);
     host.start();
     let noop = std::fs::read(guests::path(Guest::Noop)).unwrap();
@@ -171,6 +172,22 @@ async fn bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_ser
             && error.contains("limits.memory")
             && error.contains("runtime.max_memory"),
         "{error}"
+    );
+    // The list shows every plugin, those that never served included (on NATS they have
+    // no consumer to read counters from).
+    let list = host.get_json("/v1/plugins").await;
+    let listed: Vec<(&str, &str)> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(listed.len(), cases.len() + 2, "{list}");
+    assert!(
+        listed
+            .iter()
+            .all(|(name, status)| (*status == "failed") == (*name != "good")),
+        "{listed:?}"
     );
     let serving = |plugin: &str| format!("switchyard_plugin_serving{{plugin=\"{plugin}\"}}");
     assert_eq!(host.metric(&serving("greedy")).await, 0.0);
@@ -273,3 +290,7 @@ async fn the_running_host_enforces_tokens_and_size_limits() {
         "only the authorised event"
     );
 }
+
+crate::on_both_backends!(
+    bad_plugin_files_are_refused_with_a_clear_status_and_the_host_keeps_serving
+);

@@ -77,6 +77,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::context::Context as JetStream;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
@@ -441,17 +442,13 @@ impl Bus for NatsBus {
         // Read before the consumer: a consumer with nothing pending then has settled
         // every event up to this head that its filter lets through.
         let head = self.head().await?;
-        let mut consumer: PullConsumer = self
-            .shared
-            .events
-            .get_consumer(&name)
-            .await
-            .map_err(|_| BusError::NotFound(format!("consumer of plugin `{plugin}`")))?;
-        let info = consumer
-            .info()
-            .await
-            .map_err(storage!("reading the consumer's state"))?
-            .clone();
+        // A plugin that never served against this server (its first load failed) has no
+        // consumer yet: nothing read, nothing pending, but perhaps dead letters.
+        let info = match self.shared.events.consumer_info(&name).await {
+            Ok(info) => Some(info),
+            Err(error) if matches!(error.kind(), ConsumerInfoErrorKind::NotFound) => None,
+            Err(error) => return Err(nats_error("reading the consumer's state")(&error)),
+        };
         let subject = format!("{}.dlq.{plugin}", self.shared.options.prefix);
         let mut dead = self
             .shared
@@ -464,6 +461,14 @@ impl Bus for NatsBus {
             let (_, count) = entry.map_err(storage!("counting dead letters"))?;
             dead_letters += u64::try_from(count).unwrap_or(0);
         }
+        let Some(info) = info else {
+            return Ok(ConsumerStats {
+                cursor: 0,
+                lag: 0,
+                pending_retries: 0,
+                dead_letters,
+            });
+        };
         let caught_up = info.num_pending == 0 && info.num_ack_pending == 0;
         Ok(ConsumerStats {
             // The ack floor is the last event the filter let through; past it, the events
