@@ -83,6 +83,26 @@ pub struct AttemptError {
     pub at_ms: i64,
 }
 
+impl AttemptError {
+    /// The longest message kept, in bytes: a plugin's error text (a `reject` echoing a
+    /// large event, say) is the plugin's to choose, and every attempt's is kept with the
+    /// event's dead letter, which must still fit the bus's largest message.
+    pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+    /// `message` cut to at most `max` bytes (at a character boundary), saying how much
+    /// was left out.
+    pub fn bounded(message: String, max: usize) -> String {
+        if message.len() <= max {
+            return message;
+        }
+        let mut end = max;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} bytes more)", &message[..end], message.len() - end)
+    }
+}
+
 /// An [`AttemptError`] as the API shows it, with an RFC 3339 time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AttemptView {
@@ -104,5 +124,20 @@ impl From<&AttemptError> for AttemptView {
             message: error.message.clone(),
             at: crate::clock::rfc3339_ms(error.at_ms),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttemptError;
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary_and_says_how_much_went() {
+        assert_eq!(AttemptError::bounded("short".into(), 8), "short");
+        // `é` is two bytes: a cut after 3 bytes would split the second one.
+        assert_eq!(AttemptError::bounded("éééé".into(), 3), "é… (6 bytes more)");
+        let long = AttemptError::bounded("x".repeat(10_000), AttemptError::MAX_MESSAGE_BYTES);
+        assert!(long.starts_with(&"x".repeat(AttemptError::MAX_MESSAGE_BYTES)));
+        assert!(long.ends_with("… (5904 bytes more)"), "{long}");
     }
 }

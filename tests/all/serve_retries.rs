@@ -437,6 +437,27 @@ async fn bulk_replay_and_deletion_take_every_page_of_one_kind(backend: Backend) 
     )
     .await;
 
+    // A name no plugin can have takes nothing (NATS would read it as a wildcard).
+    for plugin in ["*", ">", "pick%20y", ""] {
+        let (status, body) = call(
+            &host,
+            reqwest::Method::DELETE,
+            &format!("/v1/dlq?plugin={plugin}"),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{plugin}: {body}"
+        );
+    }
+    assert_eq!(held().await, Some(2 * EACH as u64));
+    let past_the_end = host.get_json(&format!("/v1/dlq?after={}", u64::MAX)).await;
+    assert_eq!(
+        past_the_end,
+        json!({ "dead_letters": [], "next_after": null })
+    );
+
     let (status, body) = call(
         &host,
         reqwest::Method::DELETE,
@@ -476,6 +497,35 @@ async fn bulk_replay_and_deletion_take_every_page_of_one_kind(backend: Backend) 
     assert_eq!((listed, pages), (EACH, EACH.div_ceil(128)));
 }
 
+async fn a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "loud",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.reject-loud\"]\n"),
+    );
+    host.start();
+    assert_eq!(
+        host.send("hostile.reject-loud", "loud-1", json!({})).await,
+        202
+    );
+    let letters = host
+        .wait_for("the dead letter", Duration::from_secs(30), || async {
+            let letters = dead_letters(&host, "loud").await;
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+    let message = letters[0]["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.len() < 4200 && message.ends_with(&format!("… ({} bytes more)", (2 << 20) - 4096)),
+        "{} bytes: …{}",
+        message.len(),
+        &message[message.len().saturating_sub(40)..]
+    );
+    let status = host.status("loud").await.unwrap();
+    assert_eq!(status["last_error"]["message"].as_str(), Some(message));
+}
+
 async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
     let mut host = Host::on(&backend);
     host.config("[log]\nretention_interval = \"100ms\"\ndead_letter_max_age = \"2s\"\n");
@@ -506,6 +556,7 @@ async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
 }
 
 crate::on_both_backends!(
+    a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut,
     a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once,
     a_plugin_that_always_fails_is_dead_lettered_after_max_attempts,
     reject_dead_letters_after_one_attempt,

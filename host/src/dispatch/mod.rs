@@ -1216,7 +1216,7 @@ fn record_error(
     let error = AttemptError {
         attempt: delivery.attempt,
         kind,
-        message,
+        message: AttemptError::bounded(message, AttemptError::MAX_MESSAGE_BYTES),
         at_ms: now_ms(),
     };
     tracing::warn!(

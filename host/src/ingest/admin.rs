@@ -36,6 +36,29 @@ fn bus_error(error: BusError) -> ApiError {
     }
 }
 
+/// A plugin named in a request's path: a name no plugin file can have names nothing, and
+/// never reaches the bus (where NATS would read `*` or `>` in it as a wildcard).
+fn plugin_in_path(name: &str) -> Result<(), ApiError> {
+    if crate::plugins::is_valid_plugin_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("plugin `{name}`")))
+    }
+}
+
+/// A plugin named in a query: one no plugin file can have is `400 invalid_query`.
+fn plugin_in_query(name: Option<&str>) -> Result<(), ApiError> {
+    match name {
+        Some(name) if !crate::plugins::is_valid_plugin_name(name) => Err(ApiError::bad_request(
+            code::INVALID_QUERY,
+            format!(
+                "`plugin={name}` cannot name a plugin: names are 1 to 64 letters, digits, `-` or `_`"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A plugin as `GET /v1/plugins[/{name}]` answers it.
 #[derive(Debug, Serialize)]
 struct PluginView {
@@ -371,6 +394,7 @@ pub(super) async fn list_kv(
     ApiPath(name): ApiPath<String>,
     ApiQuery(params): ApiQuery<KeysParams>,
 ) -> Result<Response, ApiError> {
+    plugin_in_path(&name)?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
     let mut keys = state
         .bus
@@ -425,6 +449,7 @@ pub(super) async fn read_kv(
     State(state): State<Arc<AppState>>,
     ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
+    plugin_in_path(&name)?;
     let value = state
         .bus
         .get(&name, &key)
@@ -467,6 +492,7 @@ pub(super) async fn list_dead_letters(
     State(state): State<Arc<AppState>>,
     ApiQuery(params): ApiQuery<DeadLetterParams>,
 ) -> Result<Response, ApiError> {
+    plugin_in_query(params.plugin.as_deref())?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
     // One more than the page tells whether another page follows.
     let mut letters = state
@@ -529,6 +555,7 @@ impl PluginDeadLetters {
     /// The selection; `plugin` is required, so that no request takes every plugin's at
     /// once by leaving it out.
     fn selection(self, route: &str) -> Result<DeadLetterSelection, ApiError> {
+        plugin_in_query(self.plugin.as_deref())?;
         match self.plugin {
             Some(plugin) => Ok(DeadLetterSelection::Plugin {
                 plugin,

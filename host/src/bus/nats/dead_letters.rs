@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::consumer::NatsConsumer;
 use super::messages::{INGESTED_AT, REPLAY_OF, decode_event, encode_event};
-use super::{NatsBus, Shared, last_message, nats_error, next_message};
+use super::{HEADER_ROOM, NatsBus, Shared, last_message, nats_error, next_message};
 use crate::bus::{
     BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetters,
     StoredEvent,
@@ -61,7 +61,7 @@ impl NatsConsumer {
         reason: DeadLetterReason,
         errors: Vec<AttemptError>,
     ) -> Result<(), BusError> {
-        let record = DeadLetterRecord {
+        let mut record = DeadLetterRecord {
             plugin: self.plugin.clone(),
             sequence: stored.sequence,
             ingested_at_us: stored.ingested_at_us,
@@ -69,9 +69,29 @@ impl NatsConsumer {
             errors,
             dead_at_ms: now_ms(),
         };
-        let mut payload = serde_json::to_vec(&record).unwrap_or_default();
-        payload.push(b'\n');
-        payload.extend_from_slice(&encode_event(&stored.event));
+        let event = encode_event(&stored.event);
+        let encode = |record: &DeadLetterRecord| {
+            let mut payload = serde_json::to_vec(record).unwrap_or_default();
+            payload.push(b'\n');
+            payload.extend_from_slice(&event);
+            payload
+        };
+        let mut payload = encode(&record);
+        // The event fitted when it was stored; its errors may not fit beside it (many
+        // attempts, each with a long message). Shorter messages first, then the last
+        // error alone: a dead letter that cannot be stored would be retried for ever.
+        let limit = self.shared.client.max_payload().saturating_sub(HEADER_ROOM);
+        if payload.len() > limit {
+            for error in &mut record.errors {
+                error.message = AttemptError::bounded(std::mem::take(&mut error.message), 256);
+            }
+            payload = encode(&record);
+        }
+        if payload.len() > limit {
+            let last = record.errors.pop();
+            record.errors = last.into_iter().collect();
+            payload = encode(&record);
+        }
         let delivered_as = message
             .info()
             .map(|info| info.stream_sequence)
@@ -156,7 +176,10 @@ impl DeadLetters for NatsBus {
         // A filter on the reason reads the records it skips: bounded per request.
         let mut scan = DEAD_LETTER_SCAN;
         let keep = |letter: &DeadLetter| query.reason.is_none_or(|reason| reason == letter.reason);
-        let mut letters = self.shared.scan(subject, query.after + 1, limit).await?;
+        let mut letters = self
+            .shared
+            .scan(subject, query.after.saturating_add(1), limit)
+            .await?;
         while found.len() < limit && scan > 0 {
             scan -= 1;
             let Some(letter) = letters.next().await? else {

@@ -97,7 +97,7 @@ use crate::event::Event;
 pub const UNSETTLED_LIMIT: i64 = 10;
 
 /// Bytes of `max_payload` kept for message headers.
-const HEADER_ROOM: usize = 4096;
+pub(super) const HEADER_ROOM: usize = 4096;
 
 /// How long the marker a KV delete or purge leaves stays in its bucket: the server's
 /// least time to live. Reading the key finds nothing either way, so markers kept for good

@@ -85,6 +85,8 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
         }
         "hostile.retry" => Err(HandlerError::retry("try again later")),
         "hostile.reject" => Err(HandlerError::reject("bad event")),
+        // A rejection whose message is larger than the bus's largest message.
+        "hostile.reject-loud" => Err(HandlerError::reject("!".repeat(2 << 20))),
         "hostile.effects-then-retry" => {
             effects()?;
             Err(HandlerError::retry("failed after effects"))
