@@ -178,23 +178,24 @@ impl Stats {
             |series: &VecDeque<PluginPoint>| series.back().and_then(|p| p.lag).unwrap_or(0);
         let mut ranked: Vec<(&String, &VecDeque<PluginPoint>)> = history.plugins.iter().collect();
         ranked.sort_by(|a, b| latest_lag(b.1).cmp(&latest_lag(a.1)).then(a.0.cmp(b.0)));
-        let plugin_times = ranked
-            .first()
-            .map(|(_, s)| {
-                s.iter()
-                    .filter(|p| p.at_ms >= since)
-                    .map(|p| p.at_ms)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let lag = ranked
+        // Every plugin shown is plotted on one time axis: a plugin that came later has
+        // no point (null) where the others have one.
+        let shown = &ranked[..top.min(ranked.len())];
+        let plugin_times: Vec<i64> = shown
             .iter()
-            .take(top)
+            .flat_map(|(_, series)| series.iter().map(|p| p.at_ms))
+            .filter(|at| *at >= since)
+            .collect::<std::collections::BTreeSet<i64>>()
+            .into_iter()
+            .collect();
+        let lag = shown
+            .iter()
             .map(|(name, series)| {
-                let values = series
+                let by_time: HashMap<i64, Option<u64>> =
+                    series.iter().map(|p| (p.at_ms, p.lag)).collect();
+                let values = plugin_times
                     .iter()
-                    .filter(|p| p.at_ms >= since)
-                    .map(|p| p.lag)
+                    .map(|at| by_time.get(at).copied().flatten())
                     .collect();
                 ((*name).clone(), values)
             })
@@ -332,5 +333,24 @@ mod tests {
         // A plugin that leaves the table leaves the history.
         stats.sample_plugins(now_ms(), totals(0, 0), &BTreeMap::new());
         assert!(stats.history().plugins.is_empty());
+    }
+
+    #[test]
+    fn the_lags_shown_share_one_time_axis_with_gaps_for_a_plugin_that_came_later() {
+        let stats = Stats::default();
+        let start = now_ms() - 60_000;
+        let early = BTreeMap::from([("a".to_owned(), Some(1))]);
+        for n in 0..3 {
+            stats.sample_plugins(start + n * 5000, totals(0, 0), &early);
+        }
+        // `b` comes later and is further behind: it ranks first.
+        let both = BTreeMap::from([("a".to_owned(), Some(2)), ("b".to_owned(), Some(50))]);
+        for n in 3..5 {
+            stats.sample_plugins(start + n * 5000, totals(0, 0), &both);
+        }
+        let view = stats.view(Duration::from_secs(600), None, 8);
+        assert_eq!(view.lag_t.len(), 5);
+        assert_eq!(view.lag["a"], [Some(1), Some(1), Some(1), Some(2), Some(2)]);
+        assert_eq!(view.lag["b"], [None, None, None, Some(50), Some(50)]);
     }
 }

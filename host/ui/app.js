@@ -6,9 +6,14 @@
 // - Views are chosen by the URL's hash (#/, #/plugins/NAME, #/dlq, #/events,
 //   #/scheduled) and render with DOM calls and textContent only: event data and error
 //   messages come from producers and plugins and are never parsed as HTML.
-// - Live: the current view refreshes every 2 s while the tab is visible; each refresh
+// - Live: the current view refreshes 2 s after its last refresh ended, while the tab is
+//   visible, so a slow host never has two refreshes of one tab at once; each refresh
 //   asks for one page of data (lists are paginated), so an open page costs the host a few
 //   small requests every 2 s whatever the number of plugins or dead letters.
+// - A view's frame (headings, filters, empty cards) is made before its first data comes,
+//   so a first load that fails leaves the filters to correct and the next refresh fills
+//   it; an answer that comes after the reader moved to another view is dropped.
+// - Times are UTC, in the text and on the plots' axes alike.
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -30,6 +35,8 @@ function changed(key, data) {
 }
 
 class Unauthorized extends Error {}
+/** An answer for a view the reader has left. */
+class Stale extends Error {}
 
 async function api(path, options = {}) {
   const headers = Object.assign({ accept: "application/json" }, options.headers || {});
@@ -116,7 +123,8 @@ function plot(id, title, series, data, height = 180) {
       height,
       legend: { live: false },
       series: [{}].concat(series.map((s, i) => ({ label: s.label, stroke: colors[i % colors.length], width: 1.5 }))),
-      axes: [{}, { size: 50 }],
+      axes: [{ label: "UTC" }, { size: 50 }],
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
     },
     data,
     target,
@@ -129,12 +137,8 @@ const seconds = (ms) => ms.map((t) => t / 1000);
 // ---------------------------------------------------------------------------------------
 // Overview
 
-async function overview(params, first) {
+async function overview(params, first, get) {
   const after = params.after || "";
-  const [stats, list] = await Promise.all([
-    api("/v1/stats?window=15m&top=8"),
-    api("/v1/plugins" + qs({ after, limit: PAGE })),
-  ]);
   if (first) {
     main.replaceChildren(
       el("h1", {}, "Overview"),
@@ -146,6 +150,10 @@ async function overview(params, first) {
       el("div", { id: "plugins" }),
     );
   }
+  const [stats, list] = await Promise.all([
+    get("/v1/stats?window=15m&top=8"),
+    get("/v1/plugins" + qs({ after, limit: PAGE })),
+  ]);
   const t = seconds(stats.t);
   plot("plot-ingest", "Ingested events/s (15 min)", [{ label: "events/s" }], [t, stats.ingested_per_s]);
   const outcomes = Object.keys(stats.deliveries_per_s);
@@ -157,6 +165,8 @@ async function overview(params, first) {
     lagged.length ? lagged.map((p) => ({ label: p })) : [{ label: "lag" }],
     [seconds(stats.lag_t)].concat(lagged.length ? lagged.map((p) => stats.lag[p]) : [stats.lag_t.map(() => 0)]));
 
+  // Left alone while nothing changed, so focus and a selection in the table stay.
+  if (!changed("plugins", list)) return;
   const rows = list.plugins.map((p) =>
     el("tr", { "data-plugin": p.name },
       el("td", {}, link("#/plugins/" + encodeURIComponent(p.name), p.name)),
@@ -220,11 +230,7 @@ function deliveryFacts(p) {
 // ---------------------------------------------------------------------------------------
 // One plugin
 
-async function pluginPage(name, params, first) {
-  const [p, stats] = await Promise.all([
-    api("/v1/plugins/" + encodeURIComponent(name)),
-    api("/v1/stats" + qs({ window: "15m", plugin: name, top: 0 })),
-  ]);
+async function pluginPage(name, params, first, get) {
   if (first) {
     main.replaceChildren(
       el("h1", {}, "Plugin ", el("span", { class: "mono" }, name)),
@@ -238,6 +244,10 @@ async function pluginPage(name, params, first) {
       el("h2", {}, "Loads of its files"), el("div", { id: "history" }),
     );
   }
+  const [p, stats] = await Promise.all([
+    get("/v1/plugins/" + encodeURIComponent(name)),
+    get("/v1/stats" + qs({ window: "15m", plugin: name, top: 0 })),
+  ]);
   const policy = p.policy || {};
   const retry = policy.retry || {};
   const limits = p.limits || {};
@@ -257,13 +267,15 @@ async function pluginPage(name, params, first) {
       `${retry.jitter ? ", jitter" : ""}${retry.max_age_ms ? `, max age ${num(retry.max_age_ms)} ms` : ""}`],
   ];
   if (p.error) facts.splice(1, 0, ["Error", el("span", { class: "error" }, p.error)]);
-  document.getElementById("plugin-info").replaceChildren(
-    el("dl", { class: "kv card" }, facts.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
   const s = stats.plugin || { t: [], handled_per_s: [], failed_per_s: [], mean_duration_ms: [], lag: [] };
   const t = seconds(s.t);
   plot("plot-throughput", "Handled and failed per second", [{ label: "handled/s" }, { label: "failed/s" }], [t, s.handled_per_s, s.failed_per_s]);
   plot("plot-duration", "Mean handler duration (ms)", [{ label: "ms" }], [t, s.mean_duration_ms]);
   plot("plot-plugin-lag", "Lag", [{ label: "events" }], [t, s.lag]);
+  // Left alone while nothing changed, so focus and a selection (its SHA-256) stay.
+  if (!changed("plugin", p)) return;
+  document.getElementById("plugin-info").replaceChildren(
+    el("dl", { class: "kv card" }, facts.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
 
   const errors = (p.recent_errors || []).slice().reverse();
   document.getElementById("recent-errors").replaceChildren(errors.length
@@ -328,8 +340,7 @@ function bulkActions(params) {
   ];
 }
 
-async function deadLetters(params, first) {
-  const page = await api("/v1/dlq" + qs({ plugin: params.plugin, reason: params.reason, after: params.after, limit: PAGE }));
+async function deadLetters(params, first, get) {
   if (first) {
     const plugin = el("input", { id: "dlq-plugin", value: params.plugin || "", placeholder: "any" });
     const reason = el("select", { id: "dlq-reason" }, REASONS.map((r) => el("option", { value: r, selected: r === (params.reason || "") }, r || "any")));
@@ -342,6 +353,7 @@ async function deadLetters(params, first) {
       el("div", { id: "dlq" }),
     );
   }
+  const page = await get("/v1/dlq" + qs({ plugin: params.plugin, reason: params.reason, after: params.after, limit: PAGE }));
   if (!changed("dlq", page)) return;
   const rows = page.dead_letters.map((d) => el("tr", { "data-id": d.id },
     el("td", { class: "num" }, d.id),
@@ -373,8 +385,7 @@ async function deadLetters(params, first) {
 // ---------------------------------------------------------------------------------------
 // Events
 
-async function events(params, first) {
-  const page = await api("/v1/events" + qs({ type: params.type, subject: params.subject, causationid: params.caused, after: params.after, limit: PAGE }));
+async function events(params, first, get) {
   if (first) {
     const type = el("input", { id: "events-type", value: params.type || "", placeholder: "order.* or >" });
     const subject = el("input", { id: "events-subject", value: params.subject || "" });
@@ -385,6 +396,7 @@ async function events(params, first) {
       el("div", { id: "events" }),
     );
   }
+  const page = await get("/v1/events" + qs({ type: params.type, subject: params.subject, causationid: params.caused, after: params.after, limit: PAGE }));
   if (!changed("events", page)) return;
   const rows = page.events.map((s) => {
     const e = s.event;
@@ -409,8 +421,7 @@ async function events(params, first) {
 // ---------------------------------------------------------------------------------------
 // Scheduled events
 
-async function scheduled(params, first) {
-  const list = await api("/v1/scheduled" + qs({ type: params.type, limit: PAGE }));
+async function scheduled(params, first, get) {
   if (first) {
     const type = el("input", { id: "scheduled-type", value: params.type || "", placeholder: "any" });
     main.replaceChildren(
@@ -421,6 +432,7 @@ async function scheduled(params, first) {
       el("div", { id: "scheduled" }),
     );
   }
+  const list = await get("/v1/scheduled" + qs({ type: params.type, limit: PAGE }));
   if (!changed("scheduled", list)) return;
   // The API lists the soonest first and has no further pages: say when there are more.
   const summary = `${num(list.pending)} pending in all, soonest first` +
@@ -503,26 +515,43 @@ function trouble(error) {
 
 async function refresh(first = false) {
   const current = generation;
+  const get = (path) => api(path).then((body) => {
+    if (current !== generation) throw new Stale();
+    return body;
+  });
+  const focused = document.activeElement && document.activeElement.id;
   const where = route();
   document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active",
     a.dataset.nav === where.view || (a.dataset.nav === "overview" && where.view === "plugin")));
   document.getElementById("forget").hidden = !sessionStorage.getItem(TOKEN_KEY);
   try {
-    if (where.view === "plugin") await pluginPage(where.name, where.params, first);
-    else if (where.view === "dlq") await deadLetters(where.params, first);
-    else if (where.view === "events") await events(where.params, first);
-    else if (where.view === "scheduled") await scheduled(where.params, first);
-    else await overview(where.params, first);
-    if (current === generation) main.dataset.loaded = String(Date.now());
+    if (where.view === "plugin") await pluginPage(where.name, where.params, first, get);
+    else if (where.view === "dlq") await deadLetters(where.params, first, get);
+    else if (where.view === "events") await events(where.params, first, get);
+    else if (where.view === "scheduled") await scheduled(where.params, first, get);
+    else await overview(where.params, first, get);
+    main.dataset.loaded = String(Date.now());
     trouble(null);
   } catch (error) {
+    if (error instanceof Stale) return;
     if (error instanceof Unauthorized) return loginForm();
     if (current === generation) trouble(error);
   }
+  // A part made again takes the focus back, so a keyboard user is not thrown out of it.
+  const again = focused && document.activeElement.id !== focused && document.getElementById(focused);
+  if (again) again.focus();
+}
+
+/** Refreshes the view `REFRESH_MS` after the last refresh ended, until it changes. */
+function schedule(current) {
+  timer = setTimeout(async () => {
+    if (!document.hidden) await refresh(false);
+    if (current === generation && timer !== null) schedule(current);
+  }, REFRESH_MS);
 }
 
 function stop() {
-  if (timer) clearInterval(timer);
+  if (timer) clearTimeout(timer);
   timer = null;
 }
 
@@ -533,10 +562,9 @@ function render() {
   shown.clear();
   main.replaceChildren(el("p", { class: "muted" }, "Loading…"));
   delete main.dataset.loaded;
+  const current = generation;
   refresh(true).then(() => {
-    if (!main.querySelector(".login")) {
-      timer = setInterval(() => { if (!document.hidden) refresh(false); }, REFRESH_MS);
-    }
+    if (current === generation && !main.querySelector(".login")) schedule(current);
   });
 }
 

@@ -267,8 +267,24 @@ async fn an_open_breaker_shows_and_a_plugin_is_paused_and_resumed_from_its_page(
         "{info}"
     );
 
-    // Pause `counter` from its page: its events wait in the log.
+    // A refresh that makes the facts again leaves the keyboard's focus where it was.
     browser.goto(&host.url("/ui#/plugins/counter")).await;
+    browser.wait_for("#pause").await;
+    browser
+        .script("document.getElementById('pause').focus(); return true;")
+        .await;
+    assert_eq!(host.send("hostile.count", "seen-1", json!({})).await, 202);
+    browser
+        .wait_text("#plugin-info", |t| {
+            let words: Vec<&str> = t.split_whitespace().collect();
+            words.join(" ").contains("(this host) 1 / 0")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let focused = browser.script("return document.activeElement.id;").await;
+    assert_eq!(focused, "pause");
+
+    // Pause `counter` from its page: its events wait in the log.
     confirm(&browser, "#pause", "Pause counter on every host?").await;
     browser
         .wait_text("#delivery-state", |t| {
@@ -357,6 +373,21 @@ async fn the_page_says_once_that_the_host_lost_its_nats_server_and_recovers_with
         .await;
     assert_eq!(notices, 1);
     screenshots(&browser, "bus-lost").await;
+    // A view first opened while the server is out of reach has its filters to use, and
+    // the overview opened then fills once the server is back.
+    browser.goto(&host.url("/ui#/dlq")).await;
+    browser
+        .wait_text("#trouble", |t| {
+            t.contains("not connected to the NATS server")
+        })
+        .await;
+    assert!(browser.find("#dlq-plugin").await.is_some());
+    browser.goto(&host.url("/ui#/")).await;
+    browser
+        .wait_text("#trouble", |t| {
+            t.contains("not connected to the NATS server")
+        })
+        .await;
 
     server.restart();
     browser.wait_text("#live", |t| t == "live").await;
