@@ -635,6 +635,46 @@ async fn every_error_is_json_and_the_binding_and_http_conventions_hold() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(error_code(&body), "invalid_query", "{body}");
     assert_eq!(api.stored().await, 1);
+    // A web page of another site cannot change anything on a host without tokens, and
+    // a host open on loopback answers only names of its own (DNS rebinding).
+    let from_a_page = |site: &str, origin: &str| {
+        Request::post("/v1/events/order.created")
+            .header(header::HOST, "127.0.0.1:8080")
+            .header("sec-fetch-site", site)
+            .header(header::ORIGIN, origin)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    for (site, origin) in [
+        ("cross-site", "https://evil.example"),
+        ("same-site", "http://127.0.0.1:3000"),
+    ] {
+        let (status, body) = api.call(from_a_page(site, origin)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(error_code(&body), "forbidden", "{body}");
+    }
+    assert_eq!(api.stored().await, 1);
+    let (status, body) = api
+        .call(from_a_page("same-origin", "http://127.0.0.1:8080"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, body) = api
+        .call(
+            Request::get("/v1/dlq")
+                .header(header::HOST, "rebound.example:8080")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`rebound.example`"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

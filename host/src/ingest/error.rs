@@ -31,6 +31,9 @@ pub mod code {
     pub const INVALID_EVENT: &str = "invalid_event";
     /// Missing or wrong credentials (401).
     pub const UNAUTHORIZED: &str = "unauthorized";
+    /// A web page of another site or origin asked for a change, or a host open on
+    /// loopback was addressed by a name not its own (403).
+    pub const FORBIDDEN: &str = "forbidden";
     /// The addressed resource does not exist (404).
     pub const NOT_FOUND: &str = "not_found";
     /// The route exists but not with this method (405); `Allow` lists the methods.

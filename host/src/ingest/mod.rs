@@ -15,6 +15,7 @@ mod controls;
 pub mod error;
 mod events;
 mod gate;
+mod origin;
 mod schemas;
 mod streams;
 mod ui;
@@ -170,6 +171,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 format!("{method} is not allowed here; `Allow` lists the methods that are"),
             )
         })
+        .layer(middleware::from_fn_with_state(
+            Arc::new(origin::Exposure::of(&state.config)),
+            origin::guard,
+        ))
         .with_state(state)
 }
 
