@@ -472,6 +472,52 @@ async fn kv_writes_with_a_stream_condition_commit_together_or_are_refused(backen
     }
 }
 
+async fn an_emit_expecting_a_version_the_stream_has_left_is_dead_lettered(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "commands",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.append-expecting\"]\nordering = \"key\"\n"),
+    );
+    host.start();
+    let command = |id: &str| {
+        json!({
+            "specversion": "1.0", "id": id, "source": "/tests/commands",
+            "type": "hostile.append-expecting", "partitionkey": "ledger",
+            "data": { "expected": 0 },
+        })
+    };
+    // The first takes the stream from 0 to 1; the second still expects 0, and running
+    // it again cannot change what it expects.
+    for id in ["first", "second"] {
+        assert_eq!(host.send_batch(&json!([command(id)])).await.status(), 202);
+    }
+    let letters = host
+        .wait_for("the dead letter", Duration::from_secs(20), || async {
+            let list = host.get_json("/v1/dlq?plugin=commands").await;
+            let letters = list["dead_letters"].as_array()?.clone();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["event"]["id"], "second");
+    assert_eq!(letters[0]["reason"], "effects");
+    let message = letters[0]["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`ledger` at version 0, and it is at 1"),
+        "{message}"
+    );
+    assert_eq!(versions(&host, "ledger").await, [1]);
+    // The key it held is free: a command expecting the version the stream is at goes in.
+    let mut third = command("third");
+    third["data"]["expected"] = json!(1);
+    assert_eq!(host.send_batch(&json!([third])).await.status(), 202);
+    host.wait_for("the third command", Duration::from_secs(20), || async {
+        (versions(&host, "ledger").await == [1, 2]).then_some(())
+    })
+    .await;
+}
+
 async fn a_stream_whose_events_aged_out_goes_on_from_its_version(backend: Backend) {
     let mut host = Host::on(&backend);
     host.config(
@@ -592,6 +638,7 @@ async fn reading_a_stream_at_most_refuses_a_longer_one_from_its_first_page() {
 }
 
 crate::on_both_backends!(
+    an_emit_expecting_a_version_the_stream_has_left_is_dead_lettered,
     a_stream_whose_events_aged_out_goes_on_from_its_version,
     kv_writes_with_a_stream_condition_commit_together_or_are_refused,
     stream_versions_are_dense_and_stale_appends_are_refused,

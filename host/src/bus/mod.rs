@@ -82,6 +82,8 @@ pub enum BusError {
     #[error("conflict: {0} changed since it was read")]
     Conflict(String),
     /// An append's expected stream version does not hold; nothing of the append was stored.
+    /// From a settlement: an emit's, and nothing of the settlement was stored (the
+    /// dispatcher runs the attempt again, as for [`BusError::Conflict`]).
     #[error(transparent)]
     VersionConflict(#[from] crate::stream::VersionConflict),
     /// The request itself is malformed (a bad `deliverat` or `expectedversion`).

@@ -77,7 +77,7 @@ use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
 use crate::schema::Schemas;
-use crate::stream::{STREAM_VERSION, StreamPage};
+use crate::stream::{STREAM_VERSION, StreamPage, VersionConflict};
 use crate::telemetry;
 
 use self::pending::{Overlay, PendingCommit, PendingWrites};
@@ -915,7 +915,7 @@ async fn settle_group(context: Arc<Context>, group: Vec<(Delivery, Called)>) {
                 });
                 notify(&context, &delivery, &called.attempt.settlement, &stored);
             }
-            Err(conflict @ BusError::Conflict(_)) => {
+            Err(conflict @ (BusError::Conflict(_) | BusError::VersionConflict(_))) => {
                 refused.push(finish(
                     Arc::clone(&context),
                     delivery,
@@ -971,6 +971,9 @@ async fn finish(
     let span = called.span;
     let mut first = Some(called.attempt);
     let mut runs = 1;
+    // The last run's emit whose expected version did not hold: a rerun that expects the
+    // same of a stream that has not moved can never commit.
+    let mut stale_emit: Option<VersionConflict> = None;
     let released = loop {
         // Reruns after a conflict take turns, so a hot key cannot starve them.
         let _turn = if first.is_none() {
@@ -1029,7 +1032,31 @@ async fn finish(
         // rerun must not read its own refused writes).
         drop(pending);
         match settled {
+            Err(BusError::VersionConflict(conflict)) if stale_emit.as_ref() == Some(&conflict) => {
+                context.metrics.delivery(&context.name, "conflict", cost);
+                let mut errors = delivery.errors.clone();
+                errors.push(record_error(
+                    &context,
+                    &delivery,
+                    FailureKind::Effects,
+                    format!(
+                        "an emit expects the stream of `{}` at version {}, and it is at {}; \
+                         run again on the current stream the call expected the same, so it \
+                         can never commit",
+                        conflict.subject, conflict.expected, conflict.current
+                    ),
+                ));
+                let settlement = decide(&context, &delivery, FailureKind::Effects, errors);
+                let released = !matches!(settlement, Settlement::Retry { .. });
+                count_settlement(&context, &settlement);
+                let _ = settle(&context, &delivery, &settlement).await;
+                notify(&context, &delivery, &settlement, &Settled::default());
+                break Some(released);
+            }
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
+                if let BusError::VersionConflict(stale) = &conflict {
+                    stale_emit = Some(stale.clone());
+                }
                 // Another call of this plugin changed what this one read: its effects
                 // were not committed; run the same attempt again on the new state.
                 context.metrics.delivery(&context.name, "conflict", cost);
@@ -1367,7 +1394,9 @@ async fn settle(
         match context.consumer.settle(delivery, settlement.clone()).await {
             Ok(settled) => return Ok(settled),
             Err(BusError::Closed) => return Ok(Settled::default()),
-            Err(conflict @ BusError::Conflict(_)) => return Err(conflict),
+            Err(conflict @ (BusError::Conflict(_) | BusError::VersionConflict(_))) => {
+                return Err(conflict);
+            }
             Err(too_large @ (BusError::TooLarge { .. } | BusError::Invalid(_)))
                 if matches!(settlement, Settlement::Ack(_)) =>
             {

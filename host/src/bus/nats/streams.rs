@@ -786,10 +786,7 @@ impl Shared {
                     if self.finish_committed(plugin, sequence).await? {
                         return Ok(Settled::default());
                     }
-                    return Err(BusError::Conflict(format!(
-                        "the stream of `{}` (expected at version {}, now {})",
-                        conflict.subject, conflict.expected, conflict.current
-                    )));
+                    return Err(BusError::VersionConflict(conflict));
                 }
                 other => other?,
             };

@@ -318,14 +318,9 @@ fn apply_effects(
     plugin: &str,
     effects: &Effects,
 ) -> Result<Vec<Appended>, BusError> {
-    let appended = append_events(conn, &effects.emits).map_err(|e| match e {
-        // The attempt saw an older stream than the one it would append to: run it again.
-        BusError::VersionConflict(conflict) => BusError::Conflict(format!(
-            "the stream of `{}` (expected at version {}, now {})",
-            conflict.subject, conflict.expected, conflict.current
-        )),
-        other => other,
-    })?;
+    // An emit's expected version that does not hold is `VersionConflict`: the dispatcher
+    // runs the attempt again on the stream as it is now.
+    let appended = append_events(conn, &effects.emits)?;
     for id in &effects.cancels {
         exec(conn, "DELETE FROM scheduled WHERE id = ?1", [id]).map_err(storage)?;
     }

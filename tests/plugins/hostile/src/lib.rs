@@ -161,6 +161,17 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
                 .send();
             Ok(())
         }
+        // Appends to `ledger` expecting the version the event's data names (as a
+        // command carrying its client's version would), whatever the stream is at.
+        "hostile.append-expecting" => {
+            let data: serde_json::Value = event.json()?;
+            Emit::new("hostile.appended")
+                .subject("ledger")
+                .expected_version(data["expected"].as_u64().unwrap_or(0))
+                .json(&json!({ "id": event.id }))?
+                .send();
+            Ok(())
+        }
         "hostile.slow-read" => {
             let hot = kv::get("hot").unwrap_or_else(|| b"0".to_vec());
             let read_ms = config::get_parsed::<u64>("read_ms")?.unwrap_or(100);
