@@ -14,7 +14,8 @@
 //!   handed to the plugin again (see `commit.rs`).
 //! - The server's `max_deliver` is unlimited; an event handed out more than
 //!   [`UNSETTLED_LIMIT`] times beyond its recorded retries is dead-lettered instead.
-//! - A consumer dropped with deliveries it never settled gives them back at once.
+//! - A consumer dropped with deliveries it never settled gives them back at once, and
+//!   counts each in its journal as a deferral (no attempt, no crash).
 //! - Opening the consumer sets its filter to this host's patterns in place: its position
 //!   and pending acknowledgements stay, so a subscription change by hot reload neither
 //!   repeats nor skips events the plugin receives before and after.
@@ -440,11 +441,17 @@ impl Consumer for NatsConsumer {
     }
 
     async fn release(&self) {
-        let unsettled: Vec<Arc<Message>> =
-            self.held().drain().map(|(_, message)| message).collect();
-        for message in unsettled {
+        let unsettled: Vec<(u64, Arc<Message>)> = self.held().drain().collect();
+        // A delivery given back (a hot reload, a shutdown, a paused plugin's held window)
+        // ran no attempt and its host did not crash: the journal counts it as a deferral,
+        // so that rolling restarts cannot take it for one hosts kept failing to settle.
+        let releases = unsettled.iter().map(|(sequence, message)| async move {
+            if let Err(error) = self.shared.defer(&self.plugin, *sequence).await {
+                tracing::warn!(plugin = %self.plugin, sequence, %error, "cannot record a delivery given back");
+            }
             let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
+        });
+        futures_util::future::join_all(releases).await;
     }
 
     async fn settle(
@@ -553,6 +560,20 @@ impl Shared {
         Ok(recorded
             .map(|bytes| Journal::parse(&bytes))
             .unwrap_or_default())
+    }
+
+    /// Counts one more hand-back of a delivery without an attempt in its journal.
+    async fn defer(&self, plugin: &str, sequence: u64) -> Result<(), BusError> {
+        let mut journal = self.journal(plugin, sequence).await?;
+        journal.deferrals += 1;
+        self.attempts
+            .put(
+                Self::journal_key(plugin, sequence),
+                Bytes::from(journal.to_json()),
+            )
+            .await
+            .map_err(storage!("recording a delivery given back"))?;
+        Ok(())
     }
 
     /// Drops a delivery's journal once it is settled. The purge's marker, which a plain
