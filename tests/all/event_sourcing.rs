@@ -81,6 +81,18 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
     assert_eq!(page["version"], 3);
     assert_eq!(page["events"][0]["id"], "c2");
     assert_eq!(page["next_after"], 2);
+    // An event of no stream keeps no version its producer gave it.
+    let forged = json!([{
+        "specversion": "1.0", "id": "forged-1", "source": "/tests/streams",
+        "type": "account.noted", "streamversion": "7", "data": {},
+    }]);
+    assert_eq!(host.send_batch(&forged).await.status(), 202);
+    let noted = of_type(&host, "account.noted").await;
+    assert_eq!(noted.len(), 1);
+    assert!(
+        noted[0]["event"].get("streamversion").is_none(),
+        "{noted:?}"
+    );
 
     // A stale expectation is refused with the current version, and stores nothing.
     let (status, body) = append(&host, "account.debited", "d1", "acct-1", Some(2), json!({})).await;

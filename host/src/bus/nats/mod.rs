@@ -92,6 +92,16 @@ use super::{
 };
 use crate::event::Event;
 
+/// `events` less the `streamversion` of those without a subject: the host gives an event
+/// its version as it joins its subject's stream, and one that joins none has none (as
+/// on the embedded log).
+fn without_unearned_versions(mut events: Vec<Event>) -> Vec<Event> {
+    for event in events.iter_mut().filter(|e| e.subject.is_none()) {
+        event.extensions.remove(crate::stream::STREAM_VERSION);
+    }
+    events
+}
+
 /// Times an event may be handed out without any settlement (the hosts holding it died or
 /// stalled) before the host dead-letters it instead of running it again.
 pub const UNSETTLED_LIMIT: i64 = 10;
@@ -356,11 +366,15 @@ impl Bus for NatsBus {
     }
 
     async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
-        self.shared.store_events(&events, false).await
+        self.shared
+            .store_events(&without_unearned_versions(events), false)
+            .await
     }
 
     async fn append_watched(&self, events: Vec<Event>) -> Result<Vec<Appended>, BusError> {
-        self.shared.store_events(&events, true).await
+        self.shared
+            .store_events(&without_unearned_versions(events), true)
+            .await
     }
 
     async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {
