@@ -223,6 +223,20 @@ async fn the_last_seats_go_to_exactly_as_many_reservations_as_fit(backend: Backe
     assert!(emitted.get("expectedversion").is_none(), "{answer}");
     assert_eq!(emitted["subject"], "reservation/late", "{answer}");
     assert_eq!(emitted["streamversion"], "1", "{answer}");
+    // And the version its own event took.
+    let answer: Value = host
+        .http
+        .post(host.url("/v1/events/test.noted?wait=2s"))
+        .header("ce-id", "noted-1")
+        .header("ce-subject", "notes/1")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["accepted"][0]["streamversion"], 1, "{answer}");
     let status = host.status("box-office").await.unwrap();
     assert_eq!(status["dead_letters"], 0, "{status}");
 }

@@ -131,6 +131,9 @@ struct WaitedEvent {
     source: String,
     sequence: u64,
     duplicate: bool,
+    /// The event's position in its subject's stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streamversion: Option<u64>,
     /// Whether every plugin subscribed to it has finished with it.
     complete: bool,
     plugins: Vec<PluginOutcome>,
@@ -218,6 +221,7 @@ pub(super) async fn answer(
                 source: source.clone(),
                 sequence: appended.sequence,
                 duplicate: appended.duplicate,
+                streamversion: appended.stream_version,
                 complete: all_final(names, notices),
                 plugins,
             }
