@@ -935,6 +935,19 @@ impl Config {
                 "must be at least 1s",
             ));
         }
+        if bus.duplicate_window <= bus.ack_wait {
+            // A host that dies after storing an event (an emit, a due timer) and before
+            // acknowledging the delivery that made it has the delivery taken over after
+            // `ack_wait`; the event it stores again must still be known as a copy.
+            return Err(ConfigError::invalid(
+                "bus.duplicate_window",
+                format!(
+                    "must be longer than `bus.ack_wait` ({}), or a delivery taken over from a \
+                     host that died could store its events twice",
+                    humantime::format_duration(bus.ack_wait)
+                ),
+            ));
+        }
         if bus.kind != BusKind::Nats {
             // These size the NATS event stream; the embedded log would ignore them.
             let (key, same) = match (bus.max_age, bus.max_bytes) {
@@ -1448,6 +1461,10 @@ mod tests {
             ("[bus]\nreplicas = 0\n", "`bus.replicas`"),
             ("[bus]\nreplicas = 7\n", "`bus.replicas`"),
             ("[bus]\nack_wait = \"10ms\"\n", "`bus.ack_wait`"),
+            (
+                "[bus]\nduplicate_window = \"20s\"\n",
+                "must be longer than `bus.ack_wait` (30s)",
+            ),
             (
                 "[bus]\nkind = \"nats\"\nurl = \"nats://a:1,\"\n",
                 "`bus.url`",
