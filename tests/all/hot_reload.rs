@@ -214,6 +214,40 @@ async fn sidecar_changes_to_concurrency_and_retry_policy_apply_live() {
         .await;
     assert_eq!(letter["reason"], "exhausted");
     assert_eq!(letter["errors"].as_array().unwrap().len(), 2);
+
+    // An edit that keeps the size, written in place with the old modification time kept
+    // (as `cp -p` and `rsync -a` do), is seen.
+    let sidecar = host.plugins_dir().join("picky.toml");
+    let text = std::fs::read_to_string(&sidecar).unwrap();
+    let modified = std::fs::metadata(&sidecar).unwrap().modified().unwrap();
+    std::fs::write(
+        &sidecar,
+        text.replace("max_attempts = 2", "max_attempts = 4"),
+    )
+    .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&sidecar)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    host.wait_for("the same-size edit", WAIT, || async {
+        let status = host.status("picky").await?;
+        (status["policy"]["retry"]["max_attempts"] == 4).then_some(())
+    })
+    .await;
+    // A file whose modification time is ahead of the host's clock (copied from a machine
+    // whose clock runs ahead) is not taken for one still being written.
+    let ahead = host.plugins_dir().join(".ahead.wasm.tmp");
+    std::fs::copy(guests::path(Guest::Noop), &ahead).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&ahead)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    std::fs::rename(&ahead, host.plugins_dir().join("ahead.wasm")).unwrap();
+    wait_serving(&host, "ahead", None).await;
 }
 
 #[tokio::test]

@@ -35,18 +35,33 @@ use crate::schema::Schemas;
 /// How recently a file may have changed and still be left for the next round.
 const SETTLE_TIME: Duration = Duration::from_millis(100);
 
-/// What was seen of one plugin's files: size and modification time of each.
+/// What was seen of one plugin's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
-    wasm: (u64, SystemTime),
-    sidecar: Option<(u64, SystemTime)>,
+    wasm: FileStamp,
+    sidecar: Option<FileStamp>,
+}
+
+/// One file as last seen. Size and modification time alone miss an edit that keeps the
+/// size where a tool keeps the time (`cp -p`, `rsync -a`, files whose time is fixed);
+/// the inode (a file renamed into place) and the status-change time, which no tool can
+/// set, do not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: SystemTime,
+    inode: u64,
+    changed: SystemTime,
 }
 
 impl Stamp {
+    /// When the files last changed, by the status-change time: the host's clock set it,
+    /// so a modification time copied from another machine (even one in the future)
+    /// cannot make a file look still written, or long settled.
     fn newest(&self) -> SystemTime {
-        match self.sidecar {
-            Some((_, sidecar)) => sidecar.max(self.wasm.1),
-            None => self.wasm.1,
+        match &self.sidecar {
+            Some(sidecar) => sidecar.changed.max(self.wasm.changed),
+            None => self.wasm.changed,
         }
     }
 }
@@ -74,13 +89,21 @@ pub struct Registry {
     running: tokio::sync::Mutex<Running>,
 }
 
-fn stamp_of(path: &Path) -> Option<(u64, SystemTime)> {
+fn stamp_of(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(path).ok()?;
-    meta.is_file().then(|| {
-        (
-            meta.len(),
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        )
+    let changed = u64::try_from(meta.ctime())
+        .ok()
+        .map(|seconds| {
+            SystemTime::UNIX_EPOCH
+                + Duration::new(seconds, u32::try_from(meta.ctime_nsec()).unwrap_or(0))
+        })
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    meta.is_file().then(|| FileStamp {
+        len: meta.len(),
+        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        inode: meta.ino(),
+        changed,
     })
 }
 
@@ -173,7 +196,9 @@ impl Registry {
             if running.stamps.get(name) == Some(stamp) {
                 continue;
             }
-            let age = now.duration_since(stamp.newest()).unwrap_or_default();
+            // A change time ahead of the clock (the clock was set back) says nothing of
+            // a write in progress.
+            let age = now.duration_since(stamp.newest()).unwrap_or(settle_time);
             if age < settle_time {
                 continue; // still being written: the next round takes it
             }
