@@ -81,6 +81,38 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
     assert_eq!(page["version"], 3);
     assert_eq!(page["events"][0]["id"], "c2");
     assert_eq!(page["next_after"], 2);
+    // A conditional batch is one atomic batch on NATS, of at most 1,000 messages.
+    let bulk: Vec<Value> = (0..1001)
+        .map(|n| {
+            let mut event = json!({
+                "specversion": "1.0", "id": format!("bulk-{n}"), "source": "/tests/streams",
+                "type": "account.bulk", "subject": "bulk", "data": {},
+            });
+            if n == 0 {
+                event["expectedversion"] = json!("0");
+            }
+            event
+        })
+        .collect();
+    let response = host.send_batch(&json!(bulk)).await;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    match backend {
+        Backend::Embedded => assert_eq!(status, 202, "{body}"),
+        Backend::Nats(_) => {
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(body["error"]["code"], "invalid_event");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("this one needs 1001"), "{message}");
+            let stream = host
+                .http
+                .get(host.url("/v1/streams/bulk"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(stream.status(), 404, "nothing of it stored");
+        }
+    }
     // An event of no stream keeps no version its producer gave it.
     let forged = json!([{
         "specversion": "1.0", "id": "forged-1", "source": "/tests/streams",

@@ -654,11 +654,12 @@ impl Shared {
         let streams: BTreeSet<&str> = logged.iter().filter_map(|e| e.subject.as_deref()).collect();
         let messages = logged.len() + if self.keeps_heads() { streams.len() } else { 0 };
         if messages > MAX_BATCH_MESSAGES {
-            return Err(BusError::TooLarge {
-                what: "a batch of conditional appends".to_owned(),
-                bytes: messages,
-                limit: MAX_BATCH_MESSAGES,
-            });
+            return Err(BusError::Invalid(format!(
+                "a batch holding an `expectedversion` is stored on NATS JetStream as one \
+                 atomic batch of at most {MAX_BATCH_MESSAGES} messages (its events, and a head \
+                 for each subject with retention on), and this one needs {messages}: send \
+                 it in smaller batches"
+            )));
         }
         let mut stored = None;
         for _ in 0..APPEND_TRIES {
