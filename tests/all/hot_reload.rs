@@ -248,6 +248,25 @@ async fn sidecar_changes_to_concurrency_and_retry_policy_apply_live() {
         .unwrap();
     std::fs::rename(&ahead, host.plugins_dir().join("ahead.wasm")).unwrap();
     wait_serving(&host, "ahead", None).await;
+    // What the host does not read, or reads otherwise than its operator may think, it
+    // says: a sidecar beside no plugin file, and a file describing another plugin's name.
+    host.sidecar("ahaed", Some("concurrency = 2\n"));
+    host.wait_for("the stray sidecar reported", WAIT, || async {
+        let said = host.logged("`ahaed.toml` is beside no plugin file");
+        (!said.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        host.logged("`ahead.wasm` describes itself as `noop`").len(),
+        1
+    );
+    host.deploy(
+        "also.wasm",
+        &std::fs::read(guests::path(Guest::Noop)).unwrap(),
+    );
+    wait_serving(&host, "also", None).await;
+    let said = host.logged("`also.wasm` describes itself as `noop`, like `ahead.wasm`");
+    assert_eq!(said.len(), 1, "{said:?}");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@
 //! progress is not picked up half-way (and a truncated component fails validation anyway).
 //! One reconcile runs at a time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -73,6 +73,8 @@ pub type PluginTable = Arc<RwLock<BTreeMap<String, PluginEntry>>>;
 struct Running {
     dispatchers: HashMap<String, Dispatcher>,
     stamps: HashMap<String, Stamp>,
+    /// The `.toml` files beside no plugin file, each reported once.
+    stray_sidecars: BTreeSet<String>,
 }
 
 /// The plugins of a running host.
@@ -107,11 +109,19 @@ fn stamp_of(path: &Path) -> Option<FileStamp> {
     })
 }
 
-/// The `NAME.wasm` files of `dir` and their stamps.
-fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, Stamp>> {
+/// The `NAME.wasm` files of `dir` and their stamps, and the `.toml` files beside no
+/// `NAME.wasm` (a sidecar misnamed, or left from a removed plugin).
+fn scan(dir: &Path) -> std::io::Result<(BTreeMap<String, Stamp>, BTreeSet<String>)> {
     let mut found = BTreeMap::new();
+    let mut sidecars = BTreeSet::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml")
+            && let Some(file) = path.file_name().and_then(|f| f.to_str())
+            && !file.starts_with('.')
+        {
+            sidecars.insert(file.to_owned());
+        }
         if path.extension().is_none_or(|e| e != "wasm") {
             continue;
         }
@@ -127,7 +137,11 @@ fn scan(dir: &Path) -> std::io::Result<BTreeMap<String, Stamp>> {
             found.insert(name, Stamp { wasm, sidecar });
         }
     }
-    Ok(found)
+    sidecars.retain(|file| {
+        file.strip_suffix(".toml")
+            .is_none_or(|name| !found.contains_key(name))
+    });
+    Ok((found, sidecars))
 }
 
 impl Registry {
@@ -188,9 +202,17 @@ impl Registry {
         let mut running = self.running.lock().await;
         tokio::fs::create_dir_all(&self.dir).await?;
         let dir = self.dir.clone();
-        let found = tokio::task::spawn_blocking(move || scan(&dir))
+        let (found, strays) = tokio::task::spawn_blocking(move || scan(&dir))
             .await
             .map_err(std::io::Error::other)??;
+        for stray in strays.difference(&running.stray_sidecars) {
+            tracing::warn!(
+                file = %stray,
+                "`{stray}` is beside no plugin file of the same name (`NAME.toml` configures \
+                 `NAME.wasm`); it is not read"
+            );
+        }
+        running.stray_sidecars = strays;
         let now = SystemTime::now();
         for (name, stamp) in &found {
             if running.stamps.get(name) == Some(stamp) {
@@ -214,6 +236,49 @@ impl Registry {
             self.remove(&mut running, &name).await;
         }
         Ok(())
+    }
+
+    /// A plugin is named by its file; the name its `describe` gives is for people. When
+    /// they differ, or another file serves the described name, the operator likely
+    /// deployed one plugin under two names (both then receive its events), or renamed a
+    /// file (a new cursor, KV and dead letters): say so.
+    fn warn_of_a_second_name(&self, name: &str, described: &str) {
+        if described == name {
+            return;
+        }
+        let table = self
+            .table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let others: Vec<&str> = table
+            .iter()
+            .filter(|(other, entry)| {
+                other.as_str() != name
+                    && entry
+                        .status
+                        .as_ref()
+                        .is_ok_and(|loaded| loaded.plugin.info().name == described)
+            })
+            .map(|(other, _)| other.as_str())
+            .collect();
+        if others.is_empty() {
+            tracing::warn!(
+                plugin = %name,
+                "`{name}.wasm` describes itself as `{described}`; the host names a plugin by \
+                 its file, so its cursor, KV and dead letters are `{name}`'s"
+            );
+        } else {
+            tracing::warn!(
+                plugin = %name,
+                "`{name}.wasm` describes itself as `{described}`, like {}: each file is a \
+                 plugin of its own and receives every event it subscribes to",
+                others
+                    .iter()
+                    .map(|other| format!("`{other}.wasm`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
 
     async fn apply(&self, running: &mut Running, name: &str, stamp: Stamp) {
@@ -247,6 +312,7 @@ impl Registry {
                 return;
             }
         };
+        self.warn_of_a_second_name(name, &loaded.plugin.info().name);
         let replacing = running.dispatchers.remove(name);
         let replaced = replacing.is_some();
         if let Some(old) = replacing {

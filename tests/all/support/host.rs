@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::guests::{self, Guest};
@@ -24,6 +25,8 @@ pub struct Host {
     dir: tempfile::TempDir,
     url: String,
     config: Option<String>,
+    /// What the host logged (warnings and errors), every run's.
+    logged: Arc<Mutex<Vec<String>>>,
     /// An HTTP client for talking to the host.
     pub http: reqwest::Client,
 }
@@ -45,6 +48,7 @@ impl Host {
             dir,
             url: String::new(),
             config: None,
+            logged: Arc::default(),
             http: reqwest::Client::new(),
         }
     }
@@ -158,7 +162,7 @@ impl Host {
             command.arg("--config").arg(path);
         }
         let mut child = command.spawn().expect("the switchyard binary starts");
-        forward_to_test_output(child.stderr.take().unwrap());
+        forward_to_test_output(child.stderr.take().unwrap(), Arc::clone(&self.logged));
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -169,6 +173,17 @@ impl Host {
         self.url = url.to_owned();
         self.child = Some(child);
         self
+    }
+
+    /// The lines the host logged so far that contain `text`.
+    pub fn logged(&self, text: &str) -> Vec<String> {
+        self.logged
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(text))
+            .cloned()
+            .collect()
     }
 
     /// The base URL, such as `http://127.0.0.1:43121`.
@@ -317,14 +332,17 @@ impl Drop for Host {
     }
 }
 
-/// Copies the host's log into this test's captured output: shown when the test fails,
-/// kept out of the run's output when it passes. A thread spawned from the test's thread
-/// writes to that test's capture.
-fn forward_to_test_output(stderr: std::process::ChildStderr) {
+/// Copies the host's log into this test's captured output (shown when the test fails,
+/// kept out of the run's output when it passes; a thread spawned from the test's thread
+/// writes to that test's capture) and into `logged`.
+fn forward_to_test_output(stderr: std::process::ChildStderr, logged: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             match line {
-                Ok(line) => eprintln!("{line}"),
+                Ok(line) => {
+                    eprintln!("{line}");
+                    logged.lock().unwrap().push(line);
+                }
                 Err(_) => break,
             }
         }
