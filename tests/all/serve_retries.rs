@@ -526,6 +526,43 @@ async fn a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut(b
     assert_eq!(status["last_error"]["message"].as_str(), Some(message));
 }
 
+async fn a_replayed_event_gets_every_attempt_however_old_it_is(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "later",
+        Guest::Hostile,
+        Some(&format!(
+            "subscribe = [\"hostile.retry\"]\n{FAST_RETRY}max_attempts = 3\nmax_age = \"2s\"\n"
+        )),
+    );
+    host.start();
+    assert_eq!(host.send("hostile.retry", "old-1", json!({})).await, 202);
+    let first = host
+        .wait_for("the dead letter", Duration::from_secs(20), || async {
+            dead_letters(&host, "later").await.into_iter().next()
+        })
+        .await;
+    assert_eq!(first["reason"], "exhausted", "{first}");
+    // Replayed once the event is older than `max_age`: a fresh start, not one attempt.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, _) = call(
+        &host,
+        reqwest::Method::POST,
+        &format!("/v1/dlq/{}/replay", first["id"]),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let again = host
+        .wait_for(
+            "the replay's dead letter",
+            Duration::from_secs(20),
+            || async { dead_letters(&host, "later").await.into_iter().next() },
+        )
+        .await;
+    assert_eq!(again["reason"], "exhausted", "{again}");
+    assert_eq!(again["errors"].as_array().unwrap().len(), 3, "{again}");
+}
+
 async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
     let mut host = Host::on(&backend);
     host.config("[log]\nretention_interval = \"100ms\"\ndead_letter_max_age = \"2s\"\n");
@@ -556,6 +593,7 @@ async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
 }
 
 crate::on_both_backends!(
+    a_replayed_event_gets_every_attempt_however_old_it_is,
     a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut,
     a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once,
     a_plugin_that_always_fails_is_dead_lettered_after_max_attempts,

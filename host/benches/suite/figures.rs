@@ -388,6 +388,7 @@ async fn through_dispatcher(
             attempt: 1,
             errors: Vec::new(),
             watched: false,
+            replayed_at_us: None,
         })
         .collect();
     let bus = Arc::new(MemoryBus {

@@ -203,6 +203,20 @@ pub struct Delivery {
     /// Whether a producer may be waiting for its outcomes (`?wait=`); settlement notices
     /// are published only for these. A backend that can tell cheaply says `true` always.
     pub watched: bool,
+    /// When an operator last replayed it from the dead letters, in microseconds since the
+    /// Unix epoch; `None` for a delivery that never was.
+    pub replayed_at_us: Option<i64>,
+}
+
+impl Delivery {
+    /// Where its age starts for the retry policy's `max_age`: its ingest, or its replay
+    /// (a replay is a fresh start, not the last attempt of a day-old event).
+    pub fn age_from_us(&self) -> i64 {
+        self.replayed_at_us
+            .map_or(self.stored.ingested_at_us, |replayed| {
+                replayed.max(self.stored.ingested_at_us)
+            })
+    }
 }
 
 /// How a delivery ends.

@@ -1067,7 +1067,7 @@ async fn finish(
                     .policy
                     .retry
                     .max_age
-                    .is_none_or(|max_age| since(delivery.stored.ingested_at_us) < max_age) =>
+                    .is_none_or(|max_age| since(delivery.age_from_us()) < max_age) =>
             {
                 // The plugin's own calls keep changing what this one reads: nothing is
                 // wrong with the handler. The event goes back for later, as the same
@@ -1314,7 +1314,7 @@ fn decide(
             errors,
         };
     }
-    let age = since(delivery.stored.ingested_at_us);
+    let age = since(delivery.age_from_us());
     match context
         .policy
         .retry

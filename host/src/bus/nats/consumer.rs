@@ -386,6 +386,8 @@ impl NatsConsumer {
             attempt,
             errors,
             watched,
+            // A replay is published when the operator asked for it.
+            replayed_at_us: replayed.then_some(published),
         }))
     }
 }

@@ -147,11 +147,13 @@ impl SqliteConsumer {
             .bus
             .read(move |conn| {
                 let mut select = conn.prepare_cached(
-                    "SELECT seq, attempt, errors FROM retries WHERE plugin = ?1 AND due_at <= ?2 ORDER BY due_at, seq LIMIT ?3",
+                    "SELECT r.seq, r.attempt, r.errors, p.at FROM retries r
+                     LEFT JOIN replays p ON p.plugin = r.plugin AND p.seq = r.seq
+                     WHERE r.plugin = ?1 AND r.due_at <= ?2 ORDER BY r.due_at, r.seq LIMIT ?3",
                 )?;
-                let rows: Vec<(i64, i64, String)> = select
+                let rows: Vec<(i64, i64, String, Option<i64>)> = select
                     .query_map(params![plugin, now, limit], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
                 let later: Option<i64> = conn
@@ -160,7 +162,7 @@ impl SqliteConsumer {
                     )?
                     .query_row(params![plugin, now], |r| r.get(0))?;
                 let mut deliveries = Vec::new();
-                for (seq, attempt, errors) in rows {
+                for (seq, attempt, errors, replayed_at_ms) in rows {
                     let seq = to_u64(seq);
                     if in_flight.contains(&seq) {
                         continue;
@@ -171,6 +173,7 @@ impl SqliteConsumer {
                             attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
                             errors: parse_errors(&errors),
                             watched: true,
+                            replayed_at_us: replayed_at_ms.map(|ms| ms.saturating_mul(1000)),
                         });
                     }
                 }
@@ -242,6 +245,7 @@ impl SqliteConsumer {
                 attempt: 1,
                 errors: Vec::new(),
                 watched: true,
+                replayed_at_us: None,
             });
         }
         Ok(taken)

@@ -434,6 +434,11 @@ pub(super) fn settle(
                 "DELETE FROM retries WHERE plugin = ?1 AND seq = ?2",
                 params![plugin, to_i64(seq)],
             )?;
+            exec(
+                conn,
+                "DELETE FROM replays WHERE plugin = ?1 AND seq = ?2",
+                params![plugin, to_i64(seq)],
+            )?;
         }
         match &settlement {
             Settlement::Ack(_) => {}
@@ -524,6 +529,12 @@ pub(super) fn replay(conn: &Connection, which: &DeadLetterSelection) -> Result<u
             conn,
             "INSERT INTO retries (plugin, seq, attempt, due_at, errors) VALUES (?1, ?2, 1, ?3, '[]')
              ON CONFLICT (plugin, seq) DO UPDATE SET attempt = 1, due_at = excluded.due_at, errors = '[]'",
+            params![plugin, seq, now],
+        )
+        .map_err(storage)?;
+        exec(
+            conn,
+            "INSERT OR REPLACE INTO replays (plugin, seq, at) VALUES (?1, ?2, ?3)",
             params![plugin, seq, now],
         )
         .map_err(storage)?;

@@ -322,6 +322,7 @@ pub(super) fn delete(
             }
             if candidate.unsettled_ok {
                 exec(conn, "DELETE FROM retries WHERE seq = ?1", [seq])?;
+                exec(conn, "DELETE FROM replays WHERE seq = ?1", [seq])?;
                 exec(conn, "DELETE FROM acked WHERE seq = ?1", [seq])?;
             }
         }

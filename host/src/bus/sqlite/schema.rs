@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS retries (
     errors TEXT NOT NULL,
     PRIMARY KEY (plugin, seq)
 ) WITHOUT ROWID;
+-- When an operator replayed a plugin's dead letter: the replay's age counts from then.
+CREATE TABLE IF NOT EXISTS replays (
+    plugin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (plugin, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     plugin TEXT NOT NULL,
