@@ -563,6 +563,65 @@ async fn a_replayed_event_gets_every_attempt_however_old_it_is(backend: Backend)
     assert_eq!(again["errors"].as_array().unwrap().len(), 3, "{again}");
 }
 
+async fn a_kind_behind_many_letters_of_another_is_still_found_page_by_page(backend: Backend) {
+    const AHEAD: usize = 10_050;
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "picky",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
+             [retry]\nmax_attempts = 1\n",
+        ),
+    );
+    host.start();
+    let event = |ty: &str, id: String| json!({"specversion": "1.0", "id": id, "source": "/tests/kinds", "type": ty, "data": {}});
+    let ahead: Vec<serde_json::Value> = (0..AHEAD)
+        .map(|n| event("hostile.needs-fix", format!("job-{n}")))
+        .collect();
+    for chunk in ahead.chunks(1000) {
+        assert_eq!(host.send_batch(&json!(chunk)).await.status(), 202);
+    }
+    host.wait_for(
+        "every exhausted letter",
+        Duration::from_secs(120),
+        || async {
+            let held = host.status("picky").await?["dead_letters"].as_u64()?;
+            (held == AHEAD as u64).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        host.send_batch(&json!([event("hostile.reject", "junk-1".into())]))
+            .await
+            .status(),
+        202
+    );
+    host.wait_for("the rejected letter", Duration::from_secs(30), || async {
+        let held = host.status("picky").await?["dead_letters"].as_u64()?;
+        (held == AHEAD as u64 + 1).then_some(())
+    })
+    .await;
+    // However far a backend reads per request, following `next_after` finds it.
+    let (mut after, mut found, mut pages) = (0, Vec::new(), 0);
+    loop {
+        let page = host
+            .get_json(&format!(
+                "/v1/dlq?plugin=picky&reason=rejected&after={after}"
+            ))
+            .await;
+        found.extend(page["dead_letters"].as_array().unwrap().clone());
+        pages += 1;
+        let Some(next) = page["next_after"].as_u64() else {
+            break;
+        };
+        assert!(next > after && pages < 100, "{page}");
+        after = next;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["event"]["id"], "junk-1");
+}
+
 async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
     let mut host = Host::on(&backend);
     host.config("[log]\nretention_interval = \"100ms\"\ndead_letter_max_age = \"2s\"\n");
@@ -593,6 +652,7 @@ async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
 }
 
 crate::on_both_backends!(
+    a_kind_behind_many_letters_of_another_is_still_found_page_by_page,
     a_replayed_event_gets_every_attempt_however_old_it_is,
     a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut,
     a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once,

@@ -13,9 +13,9 @@ use futures_util::stream::BoxStream;
 use switchyard_host::bus::sqlite::{SqliteBus, SqliteOptions};
 use switchyard_host::bus::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, ControlStore, DeadLetter,
-    DeadLetterQuery, DeadLetterSelection, DeadLetters, Delivery, Fired, LogPage, LogQuery, Notice,
-    Notices, PluginControl, ScheduledEvent, ScheduledQuery, Schedules, SchemaStore, Settled,
-    Settlement, StoredEvent, StoredSchema,
+    DeadLetterPage, DeadLetterQuery, DeadLetterSelection, DeadLetters, Delivery, Fired, LogPage,
+    LogQuery, Notice, Notices, PluginControl, ScheduledEvent, ScheduledQuery, Schedules,
+    SchemaStore, Settled, Settlement, StoredEvent, StoredSchema,
 };
 use switchyard_host::dispatch::valve::Valves;
 use switchyard_host::dispatch::{DispatchState, Dispatcher, Target};
@@ -287,8 +287,8 @@ impl Bus for SharedMemoryBus {
 
 #[async_trait]
 impl DeadLetters for SharedMemoryBus {
-    async fn dead_letters(&self, _query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
-        Ok(Vec::new())
+    async fn dead_letters(&self, _query: DeadLetterQuery) -> Result<DeadLetterPage, BusError> {
+        Ok(DeadLetterPage::default())
     }
     async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError> {
         Err(BusError::NotFound(format!("dead letter {id}")))

@@ -121,11 +121,22 @@ pub struct DeadLetterView<E = serde_json::Value> {
     pub event: E,
 }
 
+/// A page of dead letters.
+#[derive(Debug, Default)]
+pub struct DeadLetterPage {
+    /// The letters, oldest first.
+    pub letters: Vec<DeadLetter>,
+    /// Set when the read stopped before `limit` letters and the end, having looked at
+    /// every letter up to this id (a filter a backend applies by reading what it skips
+    /// reads a bounded number per request): the next page starts after it.
+    pub scanned_to: Option<u64>,
+}
+
 /// What a bus offers on dead letters.
 #[async_trait]
 pub trait DeadLetters: Send + Sync {
     /// Lists dead letters.
-    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError>;
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<DeadLetterPage, BusError>;
 
     /// One dead letter.
     async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError>;

@@ -26,7 +26,8 @@ pub mod sqlite;
 
 pub use self::controls::{Breaker, ControlStore, Paused, PluginControl};
 pub use self::dead_letters::{
-    DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetterView, DeadLetters,
+    DeadLetter, DeadLetterPage, DeadLetterQuery, DeadLetterReason, DeadLetterSelection,
+    DeadLetterView, DeadLetters,
 };
 pub use self::notices::{LocalNotices, Notice, NoticeOutcome, Notices, notice_key};
 pub use self::schedules::{Fired, ScheduledEvent, ScheduledQuery, Schedules};

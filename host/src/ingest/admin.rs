@@ -495,7 +495,7 @@ pub(super) async fn list_dead_letters(
     plugin_in_query(params.plugin.as_deref())?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
     // One more than the page tells whether another page follows.
-    let mut letters = state
+    let page = state
         .bus
         .dead_letters(DeadLetterQuery {
             plugin: params.plugin,
@@ -505,9 +505,16 @@ pub(super) async fn list_dead_letters(
         })
         .await
         .map_err(bus_error)?;
+    let mut letters = page.letters;
     let more = letters.len() > limit;
     letters.truncate(limit);
-    let next_after = more.then(|| letters.last().map(|l| l.id)).flatten();
+    // A read that stopped early (a reason filter on NATS reads a bounded number of
+    // letters per request) goes on from where it stopped, even with no letter found.
+    let next_after = if more {
+        letters.last().map(|l| l.id)
+    } else {
+        page.scanned_to
+    };
     Ok(Json(DeadLetterPage {
         dead_letters: letters.iter().map(dead_letter_view).collect(),
         next_after,

@@ -34,8 +34,8 @@ use super::consumer::NatsConsumer;
 use super::messages::{INGESTED_AT, REPLAY_OF, decode_event, encode_event};
 use super::{HEADER_ROOM, NatsBus, Shared, last_message, nats_error, next_message};
 use crate::bus::{
-    BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetters,
-    StoredEvent,
+    BusError, DeadLetter, DeadLetterPage, DeadLetterQuery, DeadLetterReason, DeadLetterSelection,
+    DeadLetters, StoredEvent,
 };
 use crate::clock::now_ms;
 use crate::failure::AttemptError;
@@ -165,7 +165,7 @@ fn to_dead_letter(id: u64, payload: &[u8]) -> Result<DeadLetter, BusError> {
 
 #[async_trait]
 impl DeadLetters for NatsBus {
-    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<DeadLetterPage, BusError> {
         let prefix = &self.shared.options.prefix;
         let subject = match &query.plugin {
             Some(plugin) => format!("{prefix}.dlq.{plugin}"),
@@ -180,16 +180,27 @@ impl DeadLetters for NatsBus {
             .shared
             .scan(subject, query.after.saturating_add(1), limit)
             .await?;
-        while found.len() < limit && scan > 0 {
-            scan -= 1;
+        let mut scanned_to = None;
+        while found.len() < limit {
             let Some(letter) = letters.next().await? else {
-                break;
+                return Ok(DeadLetterPage {
+                    letters: found,
+                    scanned_to: None,
+                });
             };
+            scanned_to = Some(letter.id);
             if keep(&letter) {
                 found.push(letter);
             }
+            scan -= 1;
+            if scan == 0 {
+                break;
+            }
         }
-        Ok(found)
+        Ok(DeadLetterPage {
+            letters: found,
+            scanned_to,
+        })
     }
 
     async fn dead_letter(&self, id: u64) -> Result<DeadLetter, BusError> {

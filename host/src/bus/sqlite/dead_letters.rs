@@ -14,13 +14,13 @@ use rusqlite::{OptionalExtension, params};
 use super::writer::Job;
 use super::{SqliteBus, load_event, parse_errors, to_i64, to_u64};
 use crate::bus::{
-    BusError, DeadLetter, DeadLetterQuery, DeadLetterReason, DeadLetterSelection, DeadLetters,
-    StoredEvent,
+    BusError, DeadLetter, DeadLetterPage, DeadLetterQuery, DeadLetterReason, DeadLetterSelection,
+    DeadLetters, StoredEvent,
 };
 
 #[async_trait]
 impl DeadLetters for SqliteBus {
-    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, BusError> {
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<DeadLetterPage, BusError> {
         self.read(move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT id, plugin, seq, reason, errors, dead_at FROM dead_letters
@@ -54,7 +54,10 @@ impl DeadLetters for SqliteBus {
                     letters.push(dead_letter(id, plugin, stored, &reason, &errors, dead_at));
                 }
             }
-            Ok(letters)
+            Ok(DeadLetterPage {
+                letters,
+                scanned_to: None,
+            })
         })
         .await
     }

@@ -1058,7 +1058,8 @@ mod tests {
                 ..Default::default()
             })
             .await
-            .unwrap();
+            .unwrap()
+            .letters;
         assert!(letters.is_empty());
         assert_eq!(bus.consumer_stats("p").await.unwrap().dead_letters, 0);
         bus.close().await.unwrap();
@@ -1096,7 +1097,8 @@ mod tests {
                 ..Default::default()
             })
             .await
-            .unwrap();
+            .unwrap()
+            .letters;
         let sequences: Vec<u64> = letters.iter().map(|l| l.stored.sequence).collect();
         assert_eq!(sequences, [3]);
         assert_eq!(bus.consumer_stats("p").await.unwrap().dead_letters, 1);
