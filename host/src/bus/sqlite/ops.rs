@@ -485,7 +485,9 @@ pub(super) fn settle(
     Ok(settled)
 }
 
-/// Dead letters a selection takes, as `(id, plugin, seq)`, oldest first, at most `limit`.
+/// Dead letters a selection takes, as `(id, plugin, seq)`, oldest first, at most `limit`:
+/// those whose event is still in the log, as the list shows them (a replay of one whose
+/// event retention deleted would wait for it for ever).
 fn selected_dead_letters(
     conn: &Connection,
     which: &DeadLetterSelection,
@@ -504,6 +506,7 @@ fn selected_dead_letters(
             "SELECT id, plugin, seq FROM dead_letters
              WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR plugin = ?2)
                AND (?3 IS NULL OR reason = ?3)
+               AND EXISTS (SELECT 1 FROM events WHERE events.seq = dead_letters.seq)
              ORDER BY id LIMIT ?4",
         )
         .map_err(storage)?;
