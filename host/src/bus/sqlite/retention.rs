@@ -1110,6 +1110,27 @@ mod tests {
             rows, 1,
             "no dead letter is stored for an event that is gone"
         );
+        // One stored so by an older host is neither replayed nor deleted: it shows nowhere.
+        let path = bus.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_connection(&path, Durability::Normal).unwrap();
+            conn.execute(
+                "INSERT INTO dead_letters (plugin, seq, reason, errors, dead_at)
+                 VALUES ('p', 1, 'rejected', '[]', 0)",
+                [],
+            )
+            .unwrap();
+        })
+        .await
+        .unwrap();
+        let replayed = bus
+            .replay_dead_letters(&crate::bus::DeadLetterSelection::Plugin {
+                plugin: "p".into(),
+                reason: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(replayed, 1, "only the letter of the event still there");
         bus.close().await.unwrap();
     }
 
