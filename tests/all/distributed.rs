@@ -101,6 +101,35 @@ async fn hosts_share_the_work(hosts: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_events_fire_after_the_schedulers_consumer_was_deleted() {
+    let server = NatsServer::start();
+    let mut host = Host::on(&Backend::Nats(server.url()));
+    host.start();
+    let (status, _) = crate::scheduled::schedule(&host, "before", Some("300ms"), None).await;
+    assert_eq!(status, 202);
+    host.wait_for("the first timer", Duration::from_secs(20), || async {
+        (crate::scheduled::count_in_log(&host, "before").await == 1).then_some(())
+    })
+    .await;
+    // An operator (or a restored stream) takes the consumer the scheduler pulls from.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let schedules = async_nats::jetstream::new(client)
+        .get_stream("switchyard-schedules")
+        .await
+        .unwrap();
+    schedules
+        .delete_consumer("switchyard-scheduler")
+        .await
+        .unwrap();
+    let (status, _) = crate::scheduled::schedule(&host, "after", Some("300ms"), None).await;
+    assert_eq!(status, 202);
+    host.wait_for("the timer set after", Duration::from_secs(20), || async {
+        (crate::scheduled::count_in_log(&host, "after").await == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_share_one_jetstream_and_commit_each_effect_once() {
     hosts_share_the_work(2).await;
 }

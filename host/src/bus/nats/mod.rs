@@ -194,8 +194,9 @@ struct Shared {
     dead_letters: stream::Stream,
     /// Scheduled events (see `schedules.rs`).
     schedules: stream::Stream,
-    /// The scheduler's consumer on `schedules`, created on first use.
-    scheduler: tokio::sync::OnceCell<PullConsumer>,
+    /// The scheduler's consumer on `schedules`, created on first use and again after a
+    /// pull failed (it may have been deleted, or the stream restored).
+    scheduler: tokio::sync::Mutex<Option<PullConsumer>>,
     attempts: jetstream::kv::Store,
     plugin_kv: Mutex<HashMap<String, Arc<jetstream::kv::Store>>>,
     /// Per plugin bucket, the queue of this host's committer (see `commit.rs`).

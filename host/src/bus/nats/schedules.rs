@@ -118,29 +118,39 @@ impl Shared {
         }
     }
 
-    /// The scheduler's consumer, created on first use.
-    async fn scheduler(&self) -> Result<&PullConsumer, BusError> {
-        self.scheduler
-            .get_or_try_init(|| async {
-                let name = format!("{}-scheduler", self.options.prefix);
-                self.schedules
-                    .get_or_create_consumer(
-                        &name,
-                        pull::Config {
-                            durable_name: Some(name.clone()),
-                            filter_subject: format!("{}.due.>", self.options.prefix),
-                            deliver_policy: DeliverPolicy::All,
-                            ack_policy: AckPolicy::Explicit,
-                            ack_wait: self.options.ack_wait,
-                            max_deliver: -1,
-                            num_replicas: 0,
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(storage!("creating the scheduler's consumer"))
-            })
+    /// The scheduler's consumer, created (or looked up) on first use and after a failed
+    /// pull.
+    async fn scheduler(&self) -> Result<PullConsumer, BusError> {
+        let mut cached = self.scheduler.lock().await;
+        if let Some(consumer) = cached.as_ref() {
+            return Ok(consumer.clone());
+        }
+        let name = format!("{}-scheduler", self.options.prefix);
+        let consumer: PullConsumer = self
+            .schedules
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.due.>", self.options.prefix),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_deliver: -1,
+                    num_replicas: 0,
+                    ..Default::default()
+                },
+            )
             .await
+            .map_err(storage!("creating the scheduler's consumer"))?;
+        *cached = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Forgets the scheduler's consumer after a failed pull: the next look finds or
+    /// makes it again.
+    async fn forget_scheduler(&self) {
+        *self.scheduler.lock().await = None;
     }
 }
 
@@ -206,7 +216,11 @@ impl Schedules for NatsBus {
         let shared = &self.shared;
         let consumer = shared.scheduler().await?;
         let mut messages = Vec::new();
-        if let Ok(Ok(mut batch)) = tokio::time::timeout(
+        // A pull that fails is reported (the scheduler says it cannot fire, and tries
+        // again), and the consumer is looked up again: it may have been deleted.
+        let failed =
+            |error: &dyn std::fmt::Display| nats_error("pulling the due scheduled events")(error);
+        let pulled = tokio::time::timeout(
             PULL_WAIT * 10,
             consumer
                 .batch()
@@ -214,12 +228,23 @@ impl Schedules for NatsBus {
                 .expires(PULL_WAIT)
                 .messages(),
         )
-        .await
-        {
-            while let Ok(Some(Ok(message))) =
-                tokio::time::timeout(PULL_WAIT * 10, batch.next()).await
-            {
-                messages.push(message);
+        .await;
+        let mut batch = match pulled {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(error)) => {
+                shared.forget_scheduler().await;
+                return Err(failed(&error));
+            }
+            Err(_) => return Err(failed(&"the server did not answer")),
+        };
+        loop {
+            match tokio::time::timeout(PULL_WAIT * 10, batch.next()).await {
+                Ok(Some(Ok(message))) => messages.push(message),
+                Ok(Some(Err(error))) if messages.is_empty() => {
+                    shared.forget_scheduler().await;
+                    return Err(failed(&error));
+                }
+                _ => break,
             }
         }
         let mut fired = Fired {

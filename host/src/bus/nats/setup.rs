@@ -78,7 +78,7 @@ impl NatsBus {
                 events,
                 dead_letters,
                 schedules,
-                scheduler: tokio::sync::OnceCell::new(),
+                scheduler: tokio::sync::Mutex::new(None),
                 attempts,
                 plugin_kv: Mutex::new(HashMap::new()),
                 committers: Mutex::new(HashMap::new()),
