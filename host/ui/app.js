@@ -35,6 +35,16 @@ function changed(key, data) {
 }
 
 class Unauthorized extends Error {}
+
+// JSON as the host wrote it: a number JavaScript cannot hold exactly (an id past 2^53, a
+// `1e400`) keeps its text, so event data shows as stored (where the browser can say what
+// the text was).
+function parseJson(text) {
+  return JSON.parse(text, (key, value, context) => {
+    const lossy = typeof value === "number" && (!Number.isFinite(value) || (Number.isInteger(value) && !Number.isSafeInteger(value)));
+    return lossy && context && typeof JSON.rawJSON === "function" ? JSON.rawJSON(context.source) : value;
+  });
+}
 /** An answer for a view the reader has left. */
 class Stale extends Error {}
 
@@ -45,7 +55,7 @@ async function api(path, options = {}) {
   const response = await fetch(path, Object.assign({}, options, { headers }));
   if (response.status === 401) throw new Unauthorized();
   const type = response.headers.get("content-type") || "";
-  const body = type.includes("json") ? await response.json() : await response.text();
+  const body = type.includes("json") ? parseJson(await response.text()) : await response.text();
   if (!response.ok) {
     const message = body && body.error ? body.error.message : String(body);
     throw new Error(`${response.status}: ${message}`);

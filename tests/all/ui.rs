@@ -130,10 +130,17 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backen
     let mut host = Host::on(&backend);
     host.plugin("mender", Guest::Hostile, Some(broken));
     host.start();
-    assert_eq!(
-        host.send("hostile.needs-fix", "job-1", json!({})).await,
-        202
-    );
+    // Numbers a browser cannot hold exactly, shown as stored.
+    let posted = host
+        .http
+        .post(host.url("/v1/events/hostile.needs-fix"))
+        .header("ce-id", "job-1")
+        .header("content-type", "application/json")
+        .body(r#"{"order": 9007199254740993, "huge": 1e400}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 202);
     assert_eq!(host.send("hostile.reject", "junk-1", json!({})).await, 202);
 
     // "Delete all" on a page filtered by kind deletes that kind only.
@@ -173,6 +180,11 @@ async fn a_dead_letter_is_replayed_from_the_page_once_its_plugin_is_fixed(backen
             t.contains("retry: not fixed yet")
         })
         .await;
+    let shown = browser.text("#dlq-table details pre").await.unwrap();
+    assert!(
+        shown.contains("\"order\": 9007199254740993") && shown.contains("\"huge\": 1e400"),
+        "{shown}"
+    );
     if matches!(backend, Backend::Embedded) {
         screenshots(&browser, "dead-letters").await;
     }
