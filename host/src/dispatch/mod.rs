@@ -1033,25 +1033,14 @@ async fn finish(
         drop(pending);
         match settled {
             Err(BusError::VersionConflict(conflict)) if stale_emit.as_ref() == Some(&conflict) => {
-                context.metrics.delivery(&context.name, "conflict", cost);
-                let mut errors = delivery.errors.clone();
-                errors.push(record_error(
-                    &context,
-                    &delivery,
-                    FailureKind::Effects,
-                    format!(
-                        "an emit expects the stream of `{}` at version {}, and it is at {}; \
-                         run again on the current stream the call expected the same, so it \
-                         can never commit",
-                        conflict.subject, conflict.expected, conflict.current
-                    ),
-                ));
-                let settlement = decide(&context, &delivery, FailureKind::Effects, errors);
-                let released = !matches!(settlement, Settlement::Retry { .. });
-                count_settlement(&context, &settlement);
-                let _ = settle(&context, &delivery, &settlement).await;
-                notify(&context, &delivery, &settlement, &Settled::default());
-                break Some(released);
+                let message = format!(
+                    "an emit expects the stream of `{}` at version {}, and it is at {}; run \
+                     again on the current stream the call expected the same, so it can never \
+                     commit",
+                    conflict.subject, conflict.expected, conflict.current
+                );
+                let failed = (FailureKind::Effects, message);
+                break Some(conflict_failed(&context, &delivery, cost, failed).await);
             }
             Err(conflict) if runs < MAX_CONFLICT_RUNS => {
                 if let BusError::VersionConflict(stale) = &conflict {
@@ -1089,21 +1078,9 @@ async fn finish(
                 break Some(false);
             }
             Err(conflict) => {
-                context.metrics.delivery(&context.name, "conflict", cost);
-                let mut errors = delivery.errors.clone();
-                errors.push(record_error(
-                    &context,
-                    &delivery,
-                    FailureKind::Host,
-                    format!("{conflict}; still conflicting after {runs} runs"),
-                ));
-                let settlement = decide(&context, &delivery, FailureKind::Host, errors);
-                let released = !matches!(settlement, Settlement::Retry { .. });
-                count_settlement(&context, &settlement);
-                // A retry or dead letter reads nothing, so it cannot conflict.
-                let _ = settle(&context, &delivery, &settlement).await;
-                notify(&context, &delivery, &settlement, &Settled::default());
-                break Some(released);
+                let message = format!("{conflict}; still conflicting after {runs} runs");
+                let failed = (FailureKind::Host, message);
+                break Some(conflict_failed(&context, &delivery, cost, failed).await);
             }
             Ok(stored) => {
                 context.metrics.delivery(&context.name, outcome_name, cost);
@@ -1130,6 +1107,25 @@ async fn finish(
         sequence,
         released: released.unwrap_or(false),
     }
+}
+
+/// Ends an attempt whose commit conflicts for good as a failed attempt of `kind`;
+/// whether the delivery's key is released.
+async fn conflict_failed(
+    context: &Context,
+    delivery: &Delivery,
+    cost: Cost,
+    (kind, message): (FailureKind, String),
+) -> bool {
+    context.metrics.delivery(&context.name, "conflict", cost);
+    let mut errors = delivery.errors.clone();
+    errors.push(record_error(context, delivery, kind, message));
+    let settlement = decide(context, delivery, kind, errors);
+    count_settlement(context, &settlement);
+    // A retry or dead letter reads nothing, so it cannot conflict.
+    let _ = settle(context, delivery, &settlement).await;
+    notify(context, delivery, &settlement, &Settled::default());
+    !matches!(settlement, Settlement::Retry { .. })
 }
 
 /// The error of a failed attempt, `None` for a success.
