@@ -73,9 +73,7 @@ impl Shared {
             .insert(plugin.to_owned(), Arc::clone(&store));
         Ok(store)
     }
-}
 
-impl Shared {
     /// A plugin's bucket to read, or `None` when it has none yet: a read makes no bucket
     /// (an admin reading the KV of a name no plugin ever had would otherwise leave one
     /// on the server for good).
