@@ -47,6 +47,16 @@ async fn versions(host: &Host, subject: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The status `GET /v1/streams/{subject}` answers.
+async fn stream_status(host: &Host, subject: &str) -> reqwest::StatusCode {
+    host.http
+        .get(host.url(&format!("/v1/streams/{subject}")))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 /// The events of the log of type `ty`.
 async fn of_type(host: &Host, ty: &str) -> Vec<Value> {
     host.log()
@@ -104,13 +114,8 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
             assert_eq!(body["error"]["code"], "invalid_event");
             let message = body["error"]["message"].as_str().unwrap();
             assert!(message.contains("this one needs 1001"), "{message}");
-            let stream = host
-                .http
-                .get(host.url("/v1/streams/bulk"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(stream.status(), 404, "nothing of it stored");
+            let stream = stream_status(&host, "bulk").await;
+            assert_eq!(stream, 404, "nothing of it stored");
         }
     }
     // An event of no stream keeps no version its producer gave it.
@@ -157,15 +162,9 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
     ]);
     assert_eq!(host.send_batch(&batch).await.status(), 409);
     assert_eq!(versions(&host, "acct-1").await, [1, 2, 3, 4]);
-    let missing = host
-        .http
-        .get(host.url("/v1/streams/acct-9"))
-        .send()
-        .await
-        .unwrap();
+    let missing = stream_status(&host, "acct-9").await;
     assert_eq!(
-        missing.status(),
-        404,
+        missing, 404,
         "a batch with a conflict stored part of itself"
     );
     assert!(host.log().await.iter().all(|e| e["event"]["id"] != "b1"));
@@ -181,13 +180,8 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
-    let never = host
-        .http
-        .get(host.url("/v1/streams/never-written"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(never.status(), 404);
+    let never = stream_status(&host, "never-written").await;
+    assert_eq!(never, 404);
 }
 
 /// The box office with `hold` as its sidecar's hold time.
@@ -509,23 +503,14 @@ async fn kv_writes_with_a_stream_condition_commit_together_or_are_refused(backen
         }
         Backend::Nats(_) => {
             let letters = host
-                .wait_for("the dead letter", Duration::from_secs(30), || async {
-                    let list = host.get_json("/v1/dlq?plugin=mixed").await;
-                    let letters = list["dead_letters"].as_array()?.clone();
-                    (!letters.is_empty()).then_some(letters)
-                })
+                .wait_dead_letters("mixed", Duration::from_secs(30))
                 .await;
             assert_eq!(letters[0]["reason"], "effects", "{letters:?}");
             let errors = letters[0]["errors"].to_string();
             assert!(errors.contains("cannot both write KV"), "{errors}");
             assert_eq!(host.kv("mixed", "mixed/m1").await, None, "half committed");
-            let stream = host
-                .http
-                .get(host.url("/v1/streams/ledger"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(stream.status(), 404, "half committed");
+            let stream = stream_status(&host, "ledger").await;
+            assert_eq!(stream, 404, "half committed");
         }
     }
 }
@@ -551,11 +536,7 @@ async fn an_emit_expecting_a_version_the_stream_has_left_is_dead_lettered(backen
         assert_eq!(host.send_batch(&json!([command(id)])).await.status(), 202);
     }
     let letters = host
-        .wait_for("the dead letter", Duration::from_secs(20), || async {
-            let list = host.get_json("/v1/dlq?plugin=commands").await;
-            let letters = list["dead_letters"].as_array()?.clone();
-            (!letters.is_empty()).then_some(letters)
-        })
+        .wait_dead_letters("commands", Duration::from_secs(20))
         .await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["event"]["id"], "second");
@@ -684,11 +665,7 @@ async fn reading_a_stream_at_most_refuses_a_longer_one_from_its_first_page() {
     );
     assert_eq!(host.send("hostile.fold", "f3", json!({})).await, 202);
     let letters = host
-        .wait_for("the dead letter", Duration::from_secs(30), || async {
-            let list = host.get_json("/v1/dlq?plugin=folder").await;
-            let letters = list["dead_letters"].as_array()?.clone();
-            (!letters.is_empty()).then_some(letters)
-        })
+        .wait_dead_letters("folder", Duration::from_secs(30))
         .await;
     let message = letters[0]["errors"][0]["message"].to_string();
     assert!(message.contains("holds more than 2 events"), "{letters:?}");

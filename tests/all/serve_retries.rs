@@ -7,14 +7,11 @@ use serde_json::json;
 use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
 
+/// A plugin whose `hostile.reject` events are `rejected` and `hostile.needs-fix` ones
+/// `exhausted` after their one attempt: two kinds of dead letters.
+const REJECTS_OR_FAILS_ONCE: &str = "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
+                                     [retry]\nmax_attempts = 1\n";
 const FAST_RETRY: &str = "[retry]\nbackoff = \"constant\"\ninitial = \"100ms\"\njitter = false\n";
-
-async fn dead_letters(host: &Host, plugin: &str) -> Vec<serde_json::Value> {
-    host.get_json(&format!("/v1/dlq?plugin={plugin}")).await["dead_letters"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appear_once(
     backend: Backend,
@@ -53,7 +50,7 @@ async fn a_plugin_that_fails_twice_is_retried_with_backoff_and_its_effects_appea
         emitted.duration_since(ingested).unwrap() >= Duration::from_millis(200),
         "retries waited for the backoff"
     );
-    assert!(dead_letters(&host, "flaky").await.is_empty());
+    assert!(host.dead_letters("flaky").await.is_empty());
 }
 
 async fn a_plugin_that_always_fails_is_dead_lettered_after_max_attempts(backend: Backend) {
@@ -72,10 +69,7 @@ async fn a_plugin_that_always_fails_is_dead_lettered_after_max_attempts(backend:
         202
     );
     let letters = host
-        .wait_for("the dead letter", Duration::from_secs(20), || async {
-            let letters = dead_letters(&host, "doomed").await;
-            (!letters.is_empty()).then_some(letters)
-        })
+        .wait_dead_letters("doomed", Duration::from_secs(20))
         .await;
     assert_eq!(letters.len(), 1);
     let letter = &letters[0];
@@ -111,10 +105,7 @@ async fn reject_dead_letters_after_one_attempt(backend: Backend) {
     host.start();
     assert_eq!(host.send("hostile.reject", "picky-1", json!({})).await, 202);
     let letters = host
-        .wait_for("the dead letter", Duration::from_secs(20), || async {
-            let letters = dead_letters(&host, "picky").await;
-            (!letters.is_empty()).then_some(letters)
-        })
+        .wait_dead_letters("picky", Duration::from_secs(20))
         .await;
     assert_eq!(letters[0]["reason"], "rejected");
     assert_eq!(letters[0]["errors"].as_array().unwrap().len(), 1);
@@ -150,7 +141,7 @@ async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry(backend
         assert_eq!(host.send("hostile.needs-fix", id, json!({})).await, 202);
     }
     host.wait_for("two dead letters", Duration::from_secs(20), || async {
-        (dead_letters(&host, "mender").await.len() == 2).then_some(())
+        (host.dead_letters("mender").await.len() == 2).then_some(())
     })
     .await;
 
@@ -162,7 +153,8 @@ async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry(backend
     );
     host.start();
 
-    let first = dead_letters(&host, "mender")
+    let first = host
+        .dead_letters("mender")
         .await
         .iter()
         .find(|l| l["event"]["id"] == "fix-1")
@@ -181,7 +173,7 @@ async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry(backend
         })
         .await;
     assert_eq!(fixed, "yes");
-    assert_eq!(dead_letters(&host, "mender").await.len(), 1);
+    assert_eq!(host.dead_letters("mender").await.len(), 1);
 
     // Replay all of a plugin's.
     let replay = host
@@ -199,7 +191,7 @@ async fn replay_after_the_plugin_is_fixed_succeeds_and_empties_the_entry(backend
         host.kv("mender", "fixed/fix-2").await
     })
     .await;
-    assert!(dead_letters(&host, "mender").await.is_empty());
+    assert!(host.dead_letters("mender").await.is_empty());
 }
 
 async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop(backend: Backend) {
@@ -216,7 +208,7 @@ async fn an_endless_causation_chain_is_stopped_and_dead_lettered_as_a_loop(backe
             "the loop to be stopped",
             Duration::from_secs(20),
             || async {
-                let letters = dead_letters(&host, "echo").await;
+                let letters = host.dead_letters("echo").await;
                 (!letters.is_empty()).then_some(letters)
             },
         )
@@ -257,10 +249,8 @@ async fn call(host: &Host, method: reqwest::Method, path: &str) -> (u16, serde_j
 
 async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     let mut host = Host::on(&backend);
-    let sidecar = "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
-                   [retry]\nmax_attempts = 1\n";
-    host.plugin("picky", Guest::Hostile, Some(sidecar));
-    host.plugin("other", Guest::Hostile, Some(sidecar));
+    host.plugin("picky", Guest::Hostile, Some(REJECTS_OR_FAILS_ONCE));
+    host.plugin("other", Guest::Hostile, Some(REJECTS_OR_FAILS_ONCE));
     host.start();
     for n in 0..3 {
         let id = format!("junk-{n}");
@@ -272,8 +262,8 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     }
     host.wait_for("ten dead letters", Duration::from_secs(30), || async {
         let counts = (
-            dead_letters(&host, "picky").await.len(),
-            dead_letters(&host, "other").await.len(),
+            host.dead_letters("picky").await.len(),
+            host.dead_letters("other").await.len(),
         );
         (counts == (5, 5)).then_some(())
     })
@@ -294,7 +284,7 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     );
     let (status, _) = call(&host, delete.clone(), "/v1/dlq?plugin=picky&reason=bored").await;
     assert_eq!(status, 400);
-    assert_eq!(dead_letters(&host, "picky").await.len(), 5);
+    assert_eq!(host.dead_letters("picky").await.len(), 5);
 
     let (status, body) = call(
         &host,
@@ -303,11 +293,11 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
     )
     .await;
     assert_eq!((status, &body), (200, &json!({ "deleted": 3 })));
-    let left = dead_letters(&host, "picky").await;
+    let left = host.dead_letters("picky").await;
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|l| l["reason"] == "exhausted"), "{left:?}");
     assert_eq!(
-        dead_letters(&host, "other").await.len(),
+        host.dead_letters("other").await.len(),
         5,
         "another plugin's stay"
     );
@@ -323,7 +313,7 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
 
     let (status, body) = call(&host, delete.clone(), "/v1/dlq?plugin=picky").await;
     assert_eq!((status, &body), (200, &json!({ "deleted": 2 })));
-    assert!(dead_letters(&host, "picky").await.is_empty());
+    assert!(host.dead_letters("picky").await.is_empty());
     let (status, body) = call(&host, delete, "/v1/dlq?plugin=picky").await;
     assert_eq!((status, &body), (200, &json!({ "deleted": 0 })));
 
@@ -373,7 +363,7 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"deleted\": 2"));
-    let left = dead_letters(&host, "other").await;
+    let left = host.dead_letters("other").await;
     assert_eq!(left.len(), 3);
     assert!(left.iter().all(|l| l["reason"] == "rejected"), "{left:?}");
     // Its counts follow.
@@ -390,14 +380,7 @@ async fn a_plugins_dead_letters_are_deleted_in_bulk_by_kind(backend: Backend) {
 async fn bulk_replay_and_deletion_take_every_page_of_one_kind(backend: Backend) {
     const EACH: usize = 300;
     let mut host = Host::on(&backend);
-    host.plugin(
-        "picky",
-        Guest::Hostile,
-        Some(
-            "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
-             [retry]\nmax_attempts = 1\n",
-        ),
-    );
+    host.plugin("picky", Guest::Hostile, Some(REJECTS_OR_FAILS_ONCE));
     host.start();
     // The two kinds interleaved in the log.
     let events: Vec<serde_json::Value> = (0..EACH)
@@ -510,10 +493,7 @@ async fn a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut(b
         202
     );
     let letters = host
-        .wait_for("the dead letter", Duration::from_secs(30), || async {
-            let letters = dead_letters(&host, "loud").await;
-            (!letters.is_empty()).then_some(letters)
-        })
+        .wait_dead_letters("loud", Duration::from_secs(30))
         .await;
     let message = letters[0]["errors"][0]["message"].as_str().unwrap();
     assert!(
@@ -539,7 +519,7 @@ async fn a_replayed_event_gets_every_attempt_however_old_it_is(backend: Backend)
     assert_eq!(host.send("hostile.retry", "old-1", json!({})).await, 202);
     let first = host
         .wait_for("the dead letter", Duration::from_secs(20), || async {
-            dead_letters(&host, "later").await.into_iter().next()
+            host.dead_letters("later").await.into_iter().next()
         })
         .await;
     assert_eq!(first["reason"], "exhausted", "{first}");
@@ -556,7 +536,7 @@ async fn a_replayed_event_gets_every_attempt_however_old_it_is(backend: Backend)
         .wait_for(
             "the replay's dead letter",
             Duration::from_secs(20),
-            || async { dead_letters(&host, "later").await.into_iter().next() },
+            || async { host.dead_letters("later").await.into_iter().next() },
         )
         .await;
     assert_eq!(again["reason"], "exhausted", "{again}");
@@ -566,14 +546,7 @@ async fn a_replayed_event_gets_every_attempt_however_old_it_is(backend: Backend)
 async fn a_kind_behind_many_letters_of_another_is_still_found_page_by_page(backend: Backend) {
     const AHEAD: usize = 10_050;
     let mut host = Host::on(&backend);
-    host.plugin(
-        "picky",
-        Guest::Hostile,
-        Some(
-            "subscribe = [\"hostile.reject\", \"hostile.needs-fix\"]\n\
-             [retry]\nmax_attempts = 1\n",
-        ),
-    );
+    host.plugin("picky", Guest::Hostile, Some(REJECTS_OR_FAILS_ONCE));
     host.start();
     let event = |ty: &str, id: String| json!({"specversion": "1.0", "id": id, "source": "/tests/kinds", "type": ty, "data": {}});
     let ahead: Vec<serde_json::Value> = (0..AHEAD)
@@ -633,18 +606,18 @@ async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
     host.start();
     assert_eq!(host.send("hostile.reject", "old-1", json!({})).await, 202);
     host.wait_for("the dead letter", Duration::from_secs(20), || async {
-        (!dead_letters(&host, "picky").await.is_empty()).then_some(())
+        (!host.dead_letters("picky").await.is_empty()).then_some(())
     })
     .await;
     host.wait_for("it to age out", Duration::from_secs(30), || async {
-        dead_letters(&host, "picky").await.is_empty().then_some(())
+        host.dead_letters("picky").await.is_empty().then_some(())
     })
     .await;
     // The host goes on dead-lettering.
     assert_eq!(host.send("hostile.reject", "new-1", json!({})).await, 202);
     let letters = host
         .wait_for("the next dead letter", Duration::from_secs(20), || async {
-            let letters = dead_letters(&host, "picky").await;
+            let letters = host.dead_letters("picky").await;
             (!letters.is_empty()).then_some(letters)
         })
         .await;

@@ -175,6 +175,23 @@ impl Host {
         self
     }
 
+    /// The first page of `plugin`'s dead letters.
+    pub async fn dead_letters(&self, plugin: &str) -> Vec<serde_json::Value> {
+        self.get_json(&format!("/v1/dlq?plugin={plugin}")).await["dead_letters"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// `plugin`'s dead letters once it has any, waiting at most `limit`.
+    pub async fn wait_dead_letters(&self, plugin: &str, limit: Duration) -> Vec<serde_json::Value> {
+        self.wait_for("the dead letter", limit, || async {
+            let letters = self.dead_letters(plugin).await;
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await
+    }
+
     /// The lines the host logged so far that contain `text`.
     pub fn logged(&self, text: &str) -> Vec<String> {
         self.logged

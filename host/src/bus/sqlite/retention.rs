@@ -1052,14 +1052,7 @@ mod tests {
         };
         check(&bus, options, now_ms()).await;
         assert_eq!(sequences(&bus).await, [3, 6, 7, 8, 9, 10]);
-        let letters = bus
-            .dead_letters(crate::bus::DeadLetterQuery {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .letters;
+        let letters = dead_letters(&bus).await;
         assert!(letters.is_empty());
         assert_eq!(bus.consumer_stats("p").await.unwrap().dead_letters, 0);
         bus.close().await.unwrap();
@@ -1091,14 +1084,7 @@ mod tests {
             };
             p.settle(delivery, settlement).await.unwrap();
         }
-        let letters = bus
-            .dead_letters(crate::bus::DeadLetterQuery {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .letters;
+        let letters = dead_letters(&bus).await;
         let sequences: Vec<u64> = letters.iter().map(|l| l.stored.sequence).collect();
         assert_eq!(sequences, [3]);
         assert_eq!(bus.consumer_stats("p").await.unwrap().dead_letters, 1);
@@ -1208,6 +1194,16 @@ mod tests {
         assert_eq!(left[100], 400, "the newest event stays");
         assert!(record.blocked.load(Ordering::Relaxed));
         bus.close().await.unwrap();
+    }
+
+    async fn dead_letters(bus: &SqliteBus) -> Vec<crate::bus::DeadLetter> {
+        bus.dead_letters(crate::bus::DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .letters
     }
 
     async fn used_bytes(bus: &SqliteBus) -> u64 {
