@@ -19,6 +19,7 @@
 //! listen = "127.0.0.1:8080"
 //! data_dir = "./data"
 //! plugins_dir = "./plugins.d"
+//! shutdown_drain = "0s"
 //! shutdown_grace = "10s"
 //!
 //! [auth]
@@ -163,6 +164,16 @@ pub struct Config {
     ///
     /// Default: `"./plugins.d"`.
     pub plugins_dir: PathBuf,
+
+    /// On shutdown, how long the host goes on serving requests with `/readyz` answering
+    /// `503` before it stops accepting them, so a load balancer polling `/readyz` takes it
+    /// out of rotation before its connections are refused. A second SIGINT/SIGTERM ends the
+    /// drain at once. Set it a little above the load balancer's check interval times its
+    /// failure threshold.
+    ///
+    /// Default: `"0s"` (stop accepting at once).
+    #[serde(deserialize_with = "deser::duration")]
+    pub shutdown_drain: Duration,
 
     /// On shutdown, how long in-flight invocations and pending commits may take to finish
     /// before the host exits anyway. Unfinished deliveries are redelivered on restart.
@@ -523,6 +534,7 @@ impl Default for Config {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
             data_dir: PathBuf::from("./data"),
             plugins_dir: PathBuf::from("./plugins.d"),
+            shutdown_drain: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
             auth: AuthSection::default(),
             http: HttpSection::default(),
@@ -1050,6 +1062,7 @@ mod tests {
             listen = "0.0.0.0:9000"
             data_dir = "/var/lib/switchyard"
             plugins_dir = "/etc/switchyard/plugins"
+            shutdown_drain = "5s"
             shutdown_grace = "30s"
 
             [auth]
@@ -1110,6 +1123,7 @@ mod tests {
         assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(config.data_dir, Path::new("/var/lib/switchyard"));
         assert_eq!(config.plugins_dir, Path::new("/etc/switchyard/plugins"));
+        assert_eq!(config.shutdown_drain, Duration::from_secs(5));
         assert_eq!(config.shutdown_grace, Duration::from_secs(30));
         assert_eq!(config.auth.ingest_tokens, ["in-1", "in-2"]);
         assert_eq!(config.auth.admin_tokens, ["admin"]);

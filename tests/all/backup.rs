@@ -79,6 +79,8 @@ async fn a_backup_taken_while_serving_restores_a_consistent_log(backend: Backend
             "{stderr}"
         );
         assert!(!copy.exists());
+        let head = host.http.head(host.url("/v1/backup")).send().await.unwrap();
+        assert_eq!(head.status(), 409);
         return;
     }
     assert!(backup.status.success(), "{stderr}");

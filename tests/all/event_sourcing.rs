@@ -184,6 +184,41 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
     assert_eq!(never, 404);
 }
 
+/// `GET /v1/events?subject=` finds a subject's events through its stream, not by reading
+/// the log: 11,000 events of no subject between two of the subject's do not split them
+/// across pages (a read scans at most about 10,000 events).
+async fn the_log_read_by_subject_finds_its_events_past_many_others(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.start();
+    let (status, _) = append(&host, "order.placed", "o-1", "order-7", None, json!({})).await;
+    assert_eq!(status, 202);
+    for batch in 0..11 {
+        let events: Vec<Value> = (0..1000)
+            .map(|n| {
+                json!({"specversion": "1.0", "id": format!("noise-{batch}-{n}"),
+                       "source": "/tests/log", "type": "noise.made", "data": {}})
+            })
+            .collect();
+        assert_eq!(host.send_batch(&json!(events)).await.status(), 202);
+    }
+    let (status, _) = append(&host, "order.shipped", "o-2", "order-7", None, json!({})).await;
+    assert_eq!(status, 202);
+    let page = host.get_json("/v1/events?subject=order-7&limit=10").await;
+    let ids: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["o-1", "o-2"], "{page}");
+    let after = page["next_after"].as_u64().unwrap();
+    let rest = host
+        .get_json(&format!("/v1/events?subject=order-7&after={after}"))
+        .await;
+    assert_eq!(rest["events"], json!([]), "{rest}");
+    assert_eq!(rest["next_after"], Value::Null, "{rest}");
+}
+
 /// The box office with `hold` as its sidecar's hold time.
 fn box_office(host: &Host, hold: &str) {
     host.plugin(
@@ -673,6 +708,7 @@ async fn reading_a_stream_at_most_refuses_a_longer_one_from_its_first_page() {
 }
 
 crate::on_both_backends!(
+    the_log_read_by_subject_finds_its_events_past_many_others,
     an_emit_expecting_a_version_the_stream_has_left_is_dead_lettered,
     a_stream_whose_events_aged_out_goes_on_from_its_version,
     kv_writes_with_a_stream_condition_commit_together_or_are_refused,

@@ -221,6 +221,9 @@ async fn a_backup_on_a_full_disk_is_refused_with_the_cause_and_leaves_nothing_be
     assert_eq!(body["error"]["code"], "insufficient_storage", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("bytes free beside the log"), "{message}");
+    // HEAD asks the same question, and gets the same answer.
+    let response = host.http.head(host.url("/v1/backup")).send().await.unwrap();
+    assert_eq!(response.status(), 507);
     let left: Vec<String> = std::fs::read_dir(host.data_dir())
         .unwrap()
         .flatten()

@@ -474,6 +474,21 @@ async fn a_backup_is_the_log_as_an_sqlite_file() {
         .filter(|name| name.contains("backup"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    // HEAD says what a GET would get without taking a copy: a copy would know its length.
+    let response = router(Arc::clone(&api.state))
+        .oneshot(Request::head("/v1/backup").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "application/vnd.sqlite3"
+    );
+    assert!(
+        !response.headers().contains_key(header::CONTENT_LENGTH),
+        "{:?}",
+        response.headers()
+    );
 }
 
 #[tokio::test]

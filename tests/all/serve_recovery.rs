@@ -103,6 +103,48 @@ async fn a_graceful_restart_loses_and_repeats_nothing() {
     assert_all_handled_once(&host, &acked).await;
 }
 
+/// With `shutdown_drain`, a host told to stop first answers `/readyz` with `503` while it
+/// still takes events, so a load balancer moves producers away before connections fail;
+/// then it stops as usual, its events handled.
+#[tokio::test]
+async fn a_host_told_to_stop_drains_as_unready_before_it_stops_accepting() {
+    let mut host = Host::new();
+    host.plugin("counter", Guest::Hostile, Some(COUNTER));
+    host.config("shutdown_drain = \"3s\"\n");
+    host.start();
+    let ready = reqwest::get(host.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let mut acked = send_stream(&host, "d1", 20).await;
+    let told = std::time::Instant::now();
+    host.terminate();
+    host.wait_for("/readyz to answer 503", Duration::from_secs(2), || async {
+        let ready = reqwest::get(host.url("/readyz")).await.ok()?;
+        (ready.status() == 503).then_some(())
+    })
+    .await;
+    acked.extend(send_stream(&host, "d2", 20).await);
+    assert!(
+        told.elapsed() < Duration::from_secs(3),
+        "the drain was over"
+    );
+    host.wait_stopped(Duration::from_secs(30));
+    assert!(told.elapsed() >= Duration::from_secs(3), "it did not drain");
+    host.start();
+    assert_eq!(acked.len(), 40);
+    assert_all_handled_once(&host, &acked).await;
+    // A second signal ends the drain at once.
+    let told = std::time::Instant::now();
+    host.terminate();
+    host.wait_for("/readyz to answer 503", Duration::from_secs(2), || async {
+        let ready = reqwest::get(host.url("/readyz")).await.ok()?;
+        (ready.status() == 503).then_some(())
+    })
+    .await;
+    host.terminate();
+    host.wait_stopped(Duration::from_secs(30));
+    assert!(told.elapsed() < Duration::from_secs(3), "it drained on");
+}
+
 /// A second host started on a running host's data directory would deliver every event
 /// again: it is refused before it listens, naming the log and the running host, which goes
 /// on serving. A host killed with SIGKILL leaves its lock file behind but not its lock.

@@ -369,15 +369,24 @@ pub trait Bus:
         Reach::default()
     }
 
+    /// Whether [`Bus::backup`] would take a copy now, found without taking it: a bus whose
+    /// store is a server of its own is backed up with that server's tools
+    /// ([`BusError::Unsupported`]); a disk without room for the copy is
+    /// [`BusError::NoRoom`].
+    async fn backup_ready(&self) -> Result<(), BusError> {
+        Err(BusError::Unsupported(NO_BACKUP.into()))
+    }
+
     /// A consistent copy of everything the bus keeps, taken while it serves: an open file
-    /// that no directory lists, and its size in bytes. A bus whose store is a server of
-    /// its own is backed up with that server's tools ([`BusError::Unsupported`]).
+    /// that no directory lists, and its size in bytes. Refused as [`Bus::backup_ready`]
+    /// says.
     async fn backup(&self) -> Result<(std::fs::File, u64), BusError> {
-        Err(BusError::Unsupported(
-            "this bus keeps no file of its own to back up".into(),
-        ))
+        self.backup_ready().await?;
+        Err(BusError::Unsupported(NO_BACKUP.into()))
     }
 }
+
+const NO_BACKUP: &str = "this bus keeps no file of its own to back up";
 
 impl From<BusError> for KvError {
     fn from(error: BusError) -> Self {

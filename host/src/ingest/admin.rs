@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
 
@@ -621,8 +621,15 @@ pub(super) async fn delete_plugin_dead_letters(
 /// `GET /v1/backup`: a consistent copy of the embedded log, taken while the host serves,
 /// as an SQLite file (`switchyard backup` fetches, checks and saves it). On NATS
 /// JetStream the server keeps everything and its own tools back it up: `409`.
-pub(super) async fn backup(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let (file, bytes) = state.bus.backup().await.map_err(|error| match error {
+///
+/// `HEAD` answers what a `GET` would (`409`, `507` for a disk without room, or the
+/// headers) without taking a copy, so it has no `Content-Length`: the size is known only
+/// once the copy is made (RFC 9110 §9.3.2).
+pub(super) async fn backup(
+    method: Method,
+    State(state): State<Arc<AppState>>,
+) -> Result<Response, ApiError> {
+    let refused = |error| match error {
         BusError::Unsupported(why) => ApiError::new(StatusCode::CONFLICT, code::CONFLICT, why),
         BusError::NoRoom(why) => ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -634,7 +641,23 @@ pub(super) async fn backup(State(state): State<Arc<AppState>>) -> Result<Respons
             code::INTERNAL,
             format!("the backup failed: {other}"),
         ),
-    })?;
+    };
+    let name = format!(
+        "attachment; filename=\"switchyard-{}.db\"",
+        crate::clock::now_rfc3339().replace(':', "-")
+    );
+    let described = [
+        (header::CONTENT_TYPE, "application/vnd.sqlite3".to_owned()),
+        (header::CONTENT_DISPOSITION, name),
+        (header::CACHE_CONTROL, "no-store".to_owned()),
+    ];
+    if method == Method::HEAD {
+        state.bus.backup_ready().await.map_err(refused)?;
+        // A body of unknown length, so that no `Content-Length: 0` is made up for it.
+        let nothing = futures_util::stream::empty::<Result<bytes::Bytes, std::io::Error>>();
+        return Ok((described, axum::body::Body::from_stream(nothing)).into_response());
+    }
+    let (file, bytes) = state.bus.backup().await.map_err(refused)?;
     let chunks =
         futures_util::stream::try_unfold(tokio::fs::File::from_std(file), |mut file| async move {
             let mut chunk = vec![0; 256 << 10];
@@ -645,17 +668,9 @@ pub(super) async fn backup(State(state): State<Arc<AppState>>) -> Result<Respons
             chunk.truncate(read);
             Ok(Some((bytes::Bytes::from(chunk), file)))
         });
-    let name = format!(
-        "attachment; filename=\"switchyard-{}.db\"",
-        crate::clock::now_rfc3339().replace(':', "-")
-    );
     Ok((
-        [
-            (header::CONTENT_TYPE, "application/vnd.sqlite3".to_owned()),
-            (header::CONTENT_LENGTH, bytes.to_string()),
-            (header::CONTENT_DISPOSITION, name),
-            (header::CACHE_CONTROL, "no-store".to_owned()),
-        ],
+        described,
+        [(header::CONTENT_LENGTH, bytes.to_string())],
         axum::body::Body::from_stream(chunks),
     )
         .into_response())

@@ -1,9 +1,11 @@
 //! `switchyard serve`: wires the runtime, the bus, the plugins, their dispatchers and
 //! the HTTP API together, and takes them down in order on SIGINT/SIGTERM.
 //!
-//! HTTP is served by `http` (hyper, with a header timeout). Shutdown order: stop
-//! accepting HTTP requests and finish the ones in flight (their appends commit), stop the dispatchers and let in-flight invocations finish and settle
-//! within `shutdown_grace`, then close the bus so the last commits are durable.
+//! HTTP is served by `http` (hyper, with a header timeout). Shutdown order: answer
+//! `/readyz` with `503` while still serving for `shutdown_drain`, stop accepting HTTP
+//! requests and finish the ones in flight (their appends commit), stop the dispatchers
+//! and let in-flight invocations finish and settle within `shutdown_grace`, then close
+//! the bus so the last commits are durable.
 //!
 //! On the embedded log the host takes the log's lock first and holds it until it stops,
 //! so a second host started on the same data directory is refused before it starts.
@@ -140,7 +142,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .as_deref()
             .unwrap_or(&format!("http://{address}")),
     );
-    let shutdown = shutdown_signal()?;
+    let shutdown = draining(
+        Signals::register()?,
+        config.shutdown_drain,
+        Arc::clone(&state),
+    );
     state.ready.store(true, Ordering::Release);
     tracing::info!(%address, plugins = loaded, failed, "switchyard is serving");
     // Scripts and tests read this line to learn the port (`--listen 127.0.0.1:0`).
@@ -248,28 +254,62 @@ async fn open_bus(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc
     })
 }
 
-/// Registers the shutdown signals (SIGINT, SIGTERM) at once, so that a signal arriving
+/// The shutdown signals (SIGINT, SIGTERM), registered at once, so that a signal arriving
 /// right after the host announces its address stops it gracefully rather than by the
-/// default action; the returned future resolves when one arrives.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+/// default action.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut interrupt =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut terminate =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        Ok(async move {
-            tokio::select! {
-                _ = interrupt.recv() => {},
-                _ = terminate.recv() => {},
-            }
-        })
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())
+                    .context("installing the SIGINT handler")?,
+                terminate: signal(SignalKind::terminate())
+                    .context("installing the SIGTERM handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    Ok(async {
+
+    /// Resolves when the next signal arrives.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {},
+            _ = self.terminate.recv() => {},
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-    })
+    }
+}
+
+/// Resolves when HTTP should stop accepting requests: at the first signal, or `drain`
+/// after it. While it drains, `/readyz` answers `503` and requests are still served, so
+/// a load balancer takes the host out of rotation before its connections are refused.
+/// A second signal ends the drain at once.
+async fn draining(mut signals: Signals, drain: Duration, state: Arc<AppState>) {
+    signals.next().await;
+    state.ready.store(false, Ordering::Release);
+    if drain.is_zero() {
+        return;
+    }
+    tracing::info!(
+        drain = %humantime::format_duration(drain),
+        "shutting down: not ready, still serving requests while load balancers notice"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(drain) => {}
+        () = signals.next() => tracing::info!("a second signal: the drain ends now"),
+    }
 }
 
 #[cfg(test)]

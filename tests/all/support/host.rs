@@ -223,17 +223,32 @@ impl Host {
 
     /// Sends SIGTERM and waits for a clean exit (status 0).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        self.terminate();
+        self.wait_stopped(Duration::from_secs(30));
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
             let pid = child.id().to_string();
             let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
             assert!(status.success());
-            let deadline = Instant::now() + Duration::from_secs(30);
+        }
+    }
+
+    /// Waits at most `limit` for the host to exit, cleanly (status 0).
+    pub fn wait_stopped(&mut self, limit: Duration) {
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + limit;
             loop {
                 if let Some(status) = child.try_wait().unwrap() {
                     assert!(status.success(), "serve exited with {status}");
                     return;
                 }
-                assert!(Instant::now() < deadline, "serve did not stop within 30s");
+                assert!(
+                    Instant::now() < deadline,
+                    "serve did not stop within {limit:?}"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }

@@ -381,7 +381,11 @@ impl Bus for NatsBus {
     async fn read_log(&self, query: LogQuery) -> Result<LogPage, BusError> {
         let limit = query.limit.max(1);
         let prefix = &self.shared.options.prefix;
-        let filter = format!("{prefix}.>");
+        // A subject's events are under its stream's wildcard: the server skips the rest.
+        let filter = match &query.subject {
+            Some(subject) => messages::stream_filter(prefix, subject),
+            None => format!("{prefix}.>"),
+        };
         let logged = [format!("{prefix}.events."), format!("{prefix}.streams.")];
         let mut page = LogPage {
             events: Vec::new(),
@@ -499,7 +503,7 @@ impl Bus for NatsBus {
         })
     }
 
-    async fn backup(&self) -> Result<(std::fs::File, u64), BusError> {
+    async fn backup_ready(&self) -> Result<(), BusError> {
         Err(BusError::Unsupported(format!(
             "this host runs on NATS JetStream, which keeps the events, KV and dead letters: \
              back up the server's streams with the NATS tools (`nats account backup`, or \

@@ -79,6 +79,20 @@ impl SqliteBus {
         .await
         .map_err(|e| BusError::Storage(format!("the backup task failed: {e}")))?
     }
+
+    /// Whether the disk has room for a copy of the log now ([`BusError::NoRoom`] if not),
+    /// found without making one.
+    pub async fn backup_room(&self) -> Result<(), BusError> {
+        let log = self.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(&log, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(storage)?;
+            let dir = log.parent().unwrap_or(Path::new("."));
+            room_for_copy(&conn, dir)
+        })
+        .await
+        .map_err(|e| BusError::Storage(format!("the backup task failed: {e}")))?
+    }
 }
 
 /// Room a copy needs beyond the log's pages in use, for the WAL to grow while the copy's
@@ -90,20 +104,25 @@ fn copy_log(log: &Path, copy: &Path) -> Result<(), BusError> {
         Connection::open_with_flags(log, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(storage)?;
-    // A copy that fills the disk would make the writer fail too, and producers with it,
-    // for as long as the copy ran: refuse at once instead.
+    room_for_copy(&conn, copy.parent().unwrap_or(Path::new(".")))?;
+    let target = copy.to_string_lossy().into_owned();
+    conn.execute("VACUUM INTO ?1", [target]).map_err(storage)?;
+    Ok(())
+}
+
+/// Refuses a copy of the log open on `conn` into `dir` when the disk has not room for it:
+/// a copy that fills the disk would make the writer fail too, and producers with it, for
+/// as long as the copy ran.
+fn room_for_copy(conn: &Connection, dir: &Path) -> Result<(), BusError> {
     let pages = |pragma: &str| -> Result<u64, BusError> {
         conn.pragma_query_value(None, pragma, |row| row.get::<_, i64>(0))
             .map(to_u64)
             .map_err(storage)
     };
     let in_use = (pages("page_count")? - pages("freelist_count")?) * pages("page_size")?;
-    let dir = copy.parent().unwrap_or(Path::new("."));
     if let Ok(disk) = rustix::fs::statvfs(dir) {
         check_room(in_use, disk.f_bavail.saturating_mul(disk.f_frsize), dir)?;
     }
-    let target = copy.to_string_lossy().into_owned();
-    conn.execute("VACUUM INTO ?1", [target]).map_err(storage)?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 
 use super::ops::{is_scheduled, stream_head};
-use super::{EVENT_COLUMNS, SqliteBus, row_to_stored, to_i64};
+use super::{SqliteBus, event_columns_of, row_to_stored, to_i64};
 use crate::kv::{KvError, KvSource};
 use crate::stream::StreamPage;
 
@@ -61,11 +61,7 @@ impl KvSource for SqliteBus {
                 let events = if limit == 0 || after >= version {
                     Vec::new()
                 } else {
-                    let columns = EVENT_COLUMNS
-                        .split(", ")
-                        .map(|c| format!("e.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let columns = event_columns_of("e");
                     snapshot
                         .prepare_cached(&format!(
                             "SELECT {columns} FROM stream_events s JOIN events e ON e.seq = s.seq

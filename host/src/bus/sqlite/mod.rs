@@ -296,6 +296,15 @@ fn row_to_stored(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 
 const EVENT_COLUMNS: &str = "seq, id, source, type, subject, time, datacontenttype, dataschema, data, extensions, ingested_at_us";
 
+/// [`EVENT_COLUMNS`] of the events table named `alias` in a join.
+fn event_columns_of(alias: &str) -> String {
+    EVENT_COLUMNS
+        .split(", ")
+        .map(|column| format!("{alias}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn load_event(conn: &Connection, seq: u64) -> rusqlite::Result<Option<StoredEvent>> {
     conn.query_row(
         &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"),
@@ -356,14 +365,27 @@ impl Bus for SqliteBus {
             let limit = query.limit.max(1);
             let mut events = Vec::new();
             let mut after = to_i64(query.after);
-            let mut select = conn.prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 AND (?2 IS NULL OR subject = ?2) ORDER BY seq LIMIT ?3"
-            ))?;
+            // A subject's events are found through its stream's index, however few of
+            // the log's they are; its versions and sequences rise together.
+            let mut select = conn.prepare_cached(&match query.subject {
+                None => format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ),
+                Some(_) => format!(
+                    "SELECT {} FROM stream_events s JOIN events e ON e.seq = s.seq
+                     WHERE s.seq > ?1 AND s.subject = ?3 ORDER BY s.version LIMIT ?2",
+                    event_columns_of("e")
+                ),
+            })?;
             // Bounded scan: at most 20 chunks per request, however sparse the matches.
             for _ in 0..20 {
-                let chunk: Vec<StoredEvent> = select
-                    .query_map(params![after, query.subject, SCAN_CHUNK], row_to_stored)?
-                    .collect::<rusqlite::Result<_>>()?;
+                let rows = match &query.subject {
+                    None => select.query_map(params![after, SCAN_CHUNK], row_to_stored)?,
+                    Some(subject) => {
+                        select.query_map(params![after, SCAN_CHUNK, subject], row_to_stored)?
+                    }
+                };
+                let chunk: Vec<StoredEvent> = rows.collect::<rusqlite::Result<_>>()?;
                 let Some(last) = chunk.last() else { break };
                 after = to_i64(last.sequence);
                 for stored in chunk {
@@ -371,12 +393,18 @@ impl Bus for SqliteBus {
                         let sequence = stored.sequence;
                         events.push(stored);
                         if events.len() == limit {
-                            return Ok(LogPage { events, scanned_to: sequence });
+                            return Ok(LogPage {
+                                events,
+                                scanned_to: sequence,
+                            });
                         }
                     }
                 }
             }
-            Ok(LogPage { events, scanned_to: to_u64(after) })
+            Ok(LogPage {
+                events,
+                scanned_to: to_u64(after),
+            })
         })
         .await
     }
@@ -445,6 +473,10 @@ impl Bus for SqliteBus {
             })
         })
         .await
+    }
+
+    async fn backup_ready(&self) -> Result<(), BusError> {
+        self.backup_room().await
     }
 
     async fn backup(&self) -> Result<(std::fs::File, u64), BusError> {
