@@ -294,8 +294,9 @@ pub struct IngestSection {
     #[serde(deserialize_with = "deser::duration")]
     pub max_wait: Duration,
 
-    /// Most requests waiting for outcomes (`?wait=`) at once on this host; one more is
-    /// answered `503` with `Retry-After`. At least 1.
+    /// Most events whose outcomes are waited for (`?wait=`) at once on this host: a
+    /// request that would go over is answered `503` with `Retry-After`, and one with more
+    /// events than this `400`. At least 1.
     ///
     /// Default: 1000.
     pub max_waiters: usize,

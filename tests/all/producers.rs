@@ -163,6 +163,36 @@ async fn waiting_requests_over_the_limit_are_answered_503(backend: Backend) {
         "{body}"
     );
     assert_eq!(first, 202);
+    // Each event of a batch waits with a permit of its own: a batch of two can never fit.
+    let pair = json!([
+        {"specversion": "1.0", "id": "pair-1", "source": "/tests", "type": "hostile.ok", "data": {}},
+        {"specversion": "1.0", "id": "pair-2", "source": "/tests", "type": "hostile.ok", "data": {}},
+    ]);
+    let response = host
+        .http
+        .post(host.url("/v1/events?wait=1s"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(pair.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this request has 2"),
+        "{body}"
+    );
+    assert!(
+        host.log()
+            .await
+            .iter()
+            .all(|e| e["event"]["id"] != "pair-1"),
+        "a refused batch stored nothing"
+    );
     // Without `wait` nothing is limited, and once the permit is back a wait is served.
     assert_eq!(host.send("hostile.ok", "plain", json!({})).await, 202);
     let (status, _) = send_waiting(&host, "hostile.ok", "after", &json!({}), "10s").await;

@@ -55,7 +55,7 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// The schema registry events are checked against.
     pub schemas: Arc<Schemas>,
-    /// Permits of requests waiting for outcomes (`?wait=`), `[ingest] max_waiters` in all.
+    /// Permits of events waited for (`?wait=`), `[ingest] max_waiters` in all.
     pub waiters: Arc<tokio::sync::Semaphore>,
     /// The history the status page plots (empty unless a sampler fills it).
     pub stats: Arc<Stats>,

@@ -1,15 +1,17 @@
 //! Request/reply over the bus: `POST /v1/events?wait=DURATION` answers with the outcome
 //! of every plugin subscribed to each event when it was ingested.
 //!
-//! A waiting request takes a permit of the host's `max_waiters` (none left: `503` with
-//! `Retry-After`), listens for settlement notices about its events *before* they are
+//! A waiting request takes a permit of the host's `max_waiters` per event it carries (not
+//! enough left: `503` with `Retry-After`; more events than there are permits: `400`),
+//! listens for settlement notices about its events *before* they are
 //! appended (so no notice can come first), appends exactly as without `wait`, then
 //! collects notices until every expected plugin has finished with every event or the
 //! wait ends: `200` when all did, `202` with what is known otherwise.
 //!
 //! Invariants: a wait only observes. Delivery, retries and effects are the same whether
 //! or not anyone waits, and a wait that ends (or a client that goes away) changes
-//! nothing. Memory is bounded by the permits and each listener's bounded queue.
+//! nothing. Memory is bounded by the permits (one listener each) and each listener's
+//! bounded queue.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError};
@@ -63,15 +65,30 @@ pub(super) async fn listen(
     events: &[Event],
     wait: Duration,
 ) -> Result<Waiting, ApiError> {
-    let permit = Arc::clone(&state.waiters)
-        .try_acquire_owned()
-        .map_err(|_| {
+    let max = state.config.ingest.max_waiters;
+    if events.len() > max {
+        return Err(ApiError::bad_request(
+            super::error::code::INVALID_QUERY,
+            format!(
+                "`wait` takes at most {max} events at once (`[ingest] max_waiters`); this \
+                 request has {}: send it in smaller batches, or without `wait`",
+                events.len()
+            ),
+        ));
+    }
+    let permit = u32::try_from(events.len())
+        .ok()
+        .and_then(|count| {
+            Arc::clone(&state.waiters)
+                .try_acquire_many_owned(count)
+                .ok()
+        })
+        .ok_or_else(|| {
             state.metrics.ingest_rejected("waiters");
             ApiError::unavailable(
                 format!(
-                    "{} requests are already waiting for outcomes (`[ingest] max_waiters`); \
-                 retry later or send without `wait`",
-                    state.config.ingest.max_waiters
+                    "{max} events are already waited for (`[ingest] max_waiters`); \
+                     retry later or send without `wait`"
                 ),
                 state.config.ingest.retry_after.as_secs().max(1),
             )
