@@ -24,7 +24,7 @@
 //!   removed plugin file or a failed load never costs a plugin its backlog (adding the
 //!   plugin back resumes it). With `absent_plugin_hold`, a plugin that has had no consumer
 //!   open in this process for that long (counted from this process's start at the
-//!   earliest) stops holding them.
+//!   earliest) stops holding them, its retries included (no consumer will run them).
 //! - Deleting: each batch of at most [`BATCH`] events is one writer job, so appends queue
 //!   behind one small batch at most; the worker waits for its answer before reading on.
 //!   The job checks again what may have changed since the walk read it (a replay turns a
@@ -275,11 +275,14 @@ pub(super) struct Deleted {
 
 /// Writer job: deletes the candidates still deletable, with what refers to them; with
 /// `sweep`, also drops retries whose event is gone (a retry in flight when its event was
-/// deleted unsettled schedules itself again).
+/// deleted unsettled schedules itself again). The retries of the `released` plugins (a
+/// JSON array of names: plugins absent for longer than `absent_plugin_hold`) hold
+/// nothing.
 pub(super) fn delete(
     conn: &Connection,
     candidates: &[Candidate],
     sweep: bool,
+    released: &str,
 ) -> Result<Deleted, BusError> {
     let mut deleted = Deleted::default();
     let mut run = || -> rusqlite::Result<()> {
@@ -292,13 +295,15 @@ pub(super) fn delete(
                 (false, false) => {
                     "DELETE FROM events WHERE seq = ?1
                      AND EXISTS (SELECT 1 FROM events WHERE seq > ?1)
-                     AND NOT EXISTS (SELECT 1 FROM retries WHERE seq = ?1)
+                     AND NOT EXISTS (SELECT 1 FROM retries WHERE seq = ?1
+                         AND plugin NOT IN (SELECT value FROM json_each(?2)))
                      AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE seq = ?1)"
                 }
                 (false, true) => {
                     "DELETE FROM events WHERE seq = ?1
                      AND EXISTS (SELECT 1 FROM events WHERE seq > ?1)
-                     AND NOT EXISTS (SELECT 1 FROM retries WHERE seq = ?1)"
+                     AND NOT EXISTS (SELECT 1 FROM retries WHERE seq = ?1
+                         AND plugin NOT IN (SELECT value FROM json_each(?2)))"
                 }
                 (true, false) => {
                     "DELETE FROM events WHERE seq = ?1
@@ -310,7 +315,12 @@ pub(super) fn delete(
                      AND EXISTS (SELECT 1 FROM events WHERE seq > ?1)"
                 }
             };
-            if exec(conn, sql, [seq])? == 0 {
+            let gone = if candidate.unsettled_ok {
+                exec(conn, sql, [seq])?
+            } else {
+                exec(conn, sql, params![seq, released])?
+            };
+            if gone == 0 {
                 continue;
             }
             deleted.events += 1;
@@ -320,9 +330,11 @@ pub(super) fn delete(
             if candidate.dead_ok {
                 exec(conn, "DELETE FROM dead_letters WHERE seq = ?1", [seq])?;
             }
+            // The retries left wait for an event that is gone: those of a rule that deletes
+            // unsettled events, or of plugins that hold nothing.
+            exec(conn, "DELETE FROM retries WHERE seq = ?1", [seq])?;
+            exec(conn, "DELETE FROM replays WHERE seq = ?1", [seq])?;
             if candidate.unsettled_ok {
-                exec(conn, "DELETE FROM retries WHERE seq = ?1", [seq])?;
-                exec(conn, "DELETE FROM replays WHERE seq = ?1", [seq])?;
                 exec(conn, "DELETE FROM acked WHERE seq = ?1", [seq])?;
             }
         }
@@ -642,8 +654,10 @@ impl Worker {
         Ok(to_i64(used).saturating_sub(to_i64(target)))
     }
 
-    /// The plugins whose cursors hold back what they have not settled.
-    fn holders(&self) -> Result<Vec<Holder>, BusError> {
+    /// The plugins whose cursors hold back what they have not settled, and (as a JSON
+    /// array) those whose cursors no longer do (absent for longer than
+    /// `absent_plugin_hold`).
+    fn holders(&self) -> Result<(Vec<Holder>, String), BusError> {
         let rows: Vec<(String, i64, Option<String>)> = self
             .conn
             .prepare_cached(
@@ -657,15 +671,21 @@ impl Worker {
             })
             .map_err(storage)?;
         let now = now_ms();
-        Ok(rows
+        let (holding, released): (Vec<_>, Vec<_>) = rows
             .into_iter()
-            .filter(|(plugin, _, _)| self.still_holds(plugin, now))
+            .partition(|(plugin, _, _)| self.still_holds(plugin, now));
+        let released: Vec<String> = released.into_iter().map(|(plugin, _, _)| plugin).collect();
+        let holders = holding
+            .into_iter()
             .map(|(plugin, position, patterns)| Holder {
                 plugin,
                 position: to_u64(position),
                 patterns: patterns.as_deref().and_then(parse_patterns),
             })
-            .collect())
+            .collect();
+        let released = serde_json::to_string(&released)
+            .map_err(|e| BusError::Storage(format!("naming the plugins that hold nothing: {e}")))?;
+        Ok((holders, released))
     }
 
     /// Whether `plugin`'s cursor still holds events back: always, unless
@@ -708,18 +728,33 @@ impl Worker {
             .map_err(storage)
     }
 
-    /// Sequences between `lo` and `hi` that rows of `table` (`retries`, `dead_letters`)
-    /// refer to.
-    fn referred(&self, table: &str, lo: u64, hi: u64) -> Result<HashSet<u64>, BusError> {
+    /// Sequences between `lo` and `hi` that dead letters refer to.
+    fn dead_lettered(&self, lo: u64, hi: u64) -> Result<HashSet<u64>, BusError> {
+        self.sequences(
+            "SELECT seq FROM dead_letters WHERE seq BETWEEN ?1 AND ?2",
+            params![to_i64(lo), to_i64(hi)],
+        )
+    }
+
+    /// Sequences between `lo` and `hi` that retries of plugins not `released` refer to.
+    fn retrying(&self, lo: u64, hi: u64, released: &str) -> Result<HashSet<u64>, BusError> {
+        self.sequences(
+            "SELECT seq FROM retries WHERE seq BETWEEN ?1 AND ?2
+             AND plugin NOT IN (SELECT value FROM json_each(?3))",
+            params![to_i64(lo), to_i64(hi), released],
+        )
+    }
+
+    fn sequences(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<HashSet<u64>, BusError> {
         self.conn
-            .prepare_cached(&format!(
-                "SELECT seq FROM {table} WHERE seq BETWEEN ?1 AND ?2"
-            ))
+            .prepare_cached(sql)
             .and_then(|mut select| {
                 select
-                    .query_map(params![to_i64(lo), to_i64(hi)], |r| {
-                        r.get::<_, i64>(0).map(to_u64)
-                    })?
+                    .query_map(params, |r| r.get::<_, i64>(0).map(to_u64))?
                     .collect()
             })
             .map_err(storage)
@@ -737,7 +772,7 @@ impl Worker {
 
     /// Walks the log oldest first, deleting what may go; see the module docs.
     fn walk(&mut self) -> Result<(WalkEnd, Tally), BusError> {
-        let holders = self.holders()?;
+        let (holders, released) = self.holders()?;
         // Once a walk, with its first batch.
         let mut sweep = self.options.rules.iter().any(|r| r.delete_unsettled);
         let now = now_us();
@@ -752,8 +787,8 @@ impl Worker {
             let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
                 return Ok((WalkEnd::End, kept));
             };
-            let retrying = self.referred("retries", first.seq, last.seq)?;
-            let dead = self.referred("dead_letters", first.seq, last.seq)?;
+            let retrying = self.retrying(first.seq, last.seq, &released)?;
+            let dead = self.dead_lettered(first.seq, last.seq)?;
             let mut batch = Vec::new();
             let mut done = false;
             for row in &rows {
@@ -817,6 +852,7 @@ impl Worker {
                 let deleted = self.job(|reply| Job::Retain {
                     candidates: batch,
                     sweep,
+                    released: released.clone(),
                     reply,
                 })?;
                 sweep = false;
@@ -1264,6 +1300,32 @@ mod tests {
         // The newest event stayed, so no sequence is handed out twice.
         bus.append(vec![event("c.x", 9, 10)]).await.unwrap();
         assert_eq!(sequences(&bus).await, [6, 7, 8, 9]);
+        bus.close().await.unwrap();
+    }
+
+    /// A plugin absent for longer than `absent_plugin_hold` holds nothing back through its
+    /// retries either: no consumer will run them. Its dead letters stay, for operators.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_absent_plugins_retries_hold_nothing_once_its_hold_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        // An earlier process, where `p` last ran.
+        let before = SqliteBus::open(SqliteOptions::new(&path)).unwrap();
+        settle_some(&before).await;
+        before.close().await.unwrap();
+
+        let bus = SqliteBus::open(SqliteOptions::new(&path)).unwrap();
+        let options = || RetentionOptions {
+            rules: vec![rule(">", Keep::For(Duration::ZERO))],
+            absent_plugin_hold: Some(Duration::from_secs(60)),
+            ..RetentionOptions::default()
+        };
+        check(&bus, options(), now_ms()).await;
+        assert_eq!(sequences(&bus).await, [3, 4, 6, 7, 8, 9, 10], "still held");
+        check(&bus, options(), now_ms() - 120_000).await;
+        assert_eq!(sequences(&bus).await, [4, 10]);
+        let stats = bus.consumer_stats("p").await.unwrap();
+        assert_eq!((stats.pending_retries, stats.dead_letters), (0, 1));
         bus.close().await.unwrap();
     }
 

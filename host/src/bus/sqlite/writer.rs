@@ -99,6 +99,8 @@ pub(super) enum Job {
     Retain {
         candidates: Vec<Candidate>,
         sweep: bool,
+        /// The plugins whose retries hold nothing, as a JSON array.
+        released: String,
         reply: Reply<Deleted>,
     },
     /// Retention: gives up to `pages` free pages back to the file system.
@@ -448,9 +450,10 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
         Job::Retain {
             candidates,
             sweep,
+            released,
             reply,
         } => {
-            let result = retention::delete(savepoint, &candidates, sweep);
+            let result = retention::delete(savepoint, &candidates, sweep, &released);
             let ok = result.is_ok();
             (Answer::Deleted(reply, result), ok)
         }
