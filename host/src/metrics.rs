@@ -172,6 +172,9 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// The states a breaker transition goes into (`switchyard_breaker_transitions_total`).
+const BREAKER_STATES: [&str; 3] = ["open", "probing", "closed"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     plugin: Arc<str>,
@@ -916,6 +919,59 @@ impl Metrics {
         }
     }
 
+    /// Drops every series of `plugin`, whose file was removed: a host that sees plugins
+    /// come, go and get renamed over months exports only the ones it has. Its gauges go
+    /// at the next scrape, as it is no longer among them.
+    pub fn forget(&self, plugin: &str) {
+        let series = self
+            .plugins
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(plugin);
+        let families = &self.families;
+        let plugin = Arc::<str>::from(plugin);
+        let labels = PluginLabels {
+            plugin: Arc::clone(&plugin),
+        };
+        for family in [
+            &families.plugin_loads,
+            &families.plugin_load_failures,
+            &families.fuel_used,
+            &families.retries_scheduled,
+            &families.batch_calls,
+            &families.batch_events,
+        ] {
+            family.remove(&labels);
+        }
+        for family in [
+            &families.handler_duration,
+            &families.start_latency,
+            &families.commit_latency,
+        ] {
+            family.remove(&labels);
+        }
+        families.plugin_cpu.remove(&labels);
+        for state in BREAKER_STATES {
+            families.breaker_transitions.remove(&StateLabels {
+                plugin: Arc::clone(&plugin),
+                state,
+            });
+        }
+        let Some(series) = series else { return };
+        for (outcome, _) in &series.deliveries.0 {
+            families.deliveries.remove(&OutcomeLabels {
+                plugin: Arc::clone(&plugin),
+                outcome,
+            });
+        }
+        for (reason, _) in &series.dead_letters.0 {
+            families.dead_letters.remove(&ReasonLabels {
+                plugin: Arc::clone(&plugin),
+                reason,
+            });
+        }
+    }
+
     /// Counts a circuit breaker transition this host made into `state`.
     pub fn breaker_transition(&self, plugin: &str, state: &'static str) {
         self.families
@@ -1148,6 +1204,38 @@ mod tests {
         );
         latencies.observe(Duration::from_millis(1));
         assert!(latencies.sum() > expected);
+    }
+
+    #[test]
+    fn a_removed_plugin_leaves_no_series_behind() {
+        let metrics = Metrics::default();
+        for plugin in ["gone", "kept"] {
+            metrics.plugin_loaded(plugin);
+            metrics.plugin_load_failed(plugin);
+            metrics.delivery(plugin, "ok", cost(Duration::from_millis(2), 7));
+            metrics.delivery(plugin, "trap", cost(Duration::from_millis(2), 7));
+            metrics.delivery_latency(plugin, Duration::from_micros(700), Duration::from_millis(1));
+            metrics.retry_scheduled(plugin);
+            metrics.dead_lettered(plugin, "rejected");
+            metrics.breaker_transition(plugin, "open");
+            metrics.breaker_transition(plugin, "probing");
+            metrics.breaker_transition(plugin, "closed");
+            metrics.batch_call(plugin, 4);
+        }
+        metrics.forget("gone");
+        let text = metrics.render(&BTreeMap::new(), CacheStats::default(), Reach::default());
+        assert!(!text.contains("plugin=\"gone\""), "{text}");
+        assert!(
+            text.contains("switchyard_plugin_loads_total{plugin=\"kept\"} 1"),
+            "{text}"
+        );
+        // A plugin added again under the name counts from nothing.
+        metrics.plugin_loaded("gone");
+        let text = metrics.render(&BTreeMap::new(), CacheStats::default(), Reach::default());
+        assert!(
+            text.contains("switchyard_plugin_loads_total{plugin=\"gone\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

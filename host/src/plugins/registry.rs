@@ -428,6 +428,7 @@ impl Registry {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
+        self.metrics.forget(name);
         tracing::info!(plugin = %name, "plugin removed; its cursor, retries, dead letters and KV are kept");
     }
 
