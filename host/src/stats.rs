@@ -245,7 +245,7 @@ async fn lags(bus: &Arc<dyn Bus>, plugins: &PluginTable) -> BTreeMap<String, Opt
     }
     futures_util::stream::iter(names)
         .map(|name| async move {
-            let lag = bus.consumer_stats(&name).await.ok().map(|stats| stats.lag);
+            let lag = bus.consumer_lag(&name).await.ok();
             (name, lag)
         })
         .buffer_unordered(LAG_READS)

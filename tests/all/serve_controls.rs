@@ -150,7 +150,17 @@ async fn an_operator_pauses_and_resumes_a_plugin(backend: Backend) {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The status page's lag history samples the same lag.
+    host.wait_for(
+        "the lag in the history",
+        Duration::from_secs(15),
+        || async {
+            let stats = host.get_json("/v1/stats?plugin=counter").await;
+            let last = stats["plugin"]["lag"].as_array()?.last()?.as_u64()?;
+            (last >= 3).then_some(())
+        },
+    )
+    .await;
     assert_eq!(host.kv("counter", "seen/held-0").await, None);
     let status = host.status("counter").await.unwrap();
     assert_eq!(status["delivery"]["state"], "paused", "{status}");

@@ -361,6 +361,13 @@ pub trait Bus:
     /// Counters of one plugin's consumer.
     async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError>;
 
+    /// [`ConsumerStats::lag`] alone, which a bus may read for less than all the counters
+    /// (the dead letters are counted, not kept): the status page samples it every few
+    /// seconds for as long as the host runs.
+    async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {
+        self.consumer_stats(plugin).await.map(|stats| stats.lag)
+    }
+
     /// Makes everything committed so far durable and stops the writer.
     async fn close(&self) -> Result<(), BusError>;
 

@@ -503,6 +503,15 @@ impl Bus for NatsBus {
         })
     }
 
+    async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {
+        let name = format!("{}-{plugin}", self.shared.options.prefix);
+        match self.shared.events.consumer_info(&name).await {
+            Ok(info) => Ok(info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0)),
+            Err(error) if matches!(error.kind(), ConsumerInfoErrorKind::NotFound) => Ok(0),
+            Err(error) => Err(nats_error("reading the consumer's state")(&error)),
+        }
+    }
+
     async fn backup_ready(&self) -> Result<(), BusError> {
         Err(BusError::Unsupported(format!(
             "this host runs on NATS JetStream, which keeps the events, KV and dead letters: \

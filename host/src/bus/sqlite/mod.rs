@@ -475,6 +475,20 @@ impl Bus for SqliteBus {
         .await
     }
 
+    async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {
+        let plugin = plugin.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(MAX(seq), 0) - COALESCE((SELECT position FROM cursors WHERE plugin = ?1), 0)
+                 FROM events",
+                [&plugin],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(to_u64)
+        })
+        .await
+    }
+
     async fn backup_ready(&self) -> Result<(), BusError> {
         self.backup_room().await
     }
