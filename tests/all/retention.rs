@@ -325,4 +325,57 @@ async fn ages_by_type_keep_each_type_as_long_as_its_rule_says(backend: Backend) 
     assert_eq!(kept, ["r0", "r2", "r4"]);
 }
 
-crate::on_both_backends!(ages_by_type_keep_each_type_as_long_as_its_rule_says);
+/// With `ordering = "key"`, an event waiting for its retry holds its key; when a rule
+/// deletes it unsettled meanwhile, its retry never comes, and the key's next events go on
+/// instead of waiting behind it for good.
+async fn a_key_whose_retrying_event_aged_out_goes_on(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.config(
+        "[log]\nretention_interval = \"100ms\"\n\n\
+         [[log.retention]]\ntypes = \"hostile.retry\"\nmax_age = \"1s\"\ndelete_unsettled = true\n",
+    );
+    host.plugin(
+        "keyed",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.>\"]\nordering = \"key\"\n\
+             [retry]\nbackoff = \"constant\"\ninitial = \"3s\"\njitter = false\nmax_attempts = 100\n",
+        ),
+    );
+    host.start();
+    for (ty, id) in [("hostile.retry", "first"), ("hostile.count", "next")] {
+        let status = host
+            .http
+            .post(host.url(&format!("/v1/events/{ty}")))
+            .header("ce-id", id)
+            .header("ce-subject", "order-1")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+    }
+    host.wait_for(
+        "the first event to age out",
+        Duration::from_secs(30),
+        || async {
+            ids_in_log(&host, "hostile.retry")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    host.wait_for(
+        "the next event of the key",
+        Duration::from_secs(40),
+        || async { host.kv("keyed", "seen/next").await },
+    )
+    .await;
+}
+
+crate::on_both_backends!(
+    ages_by_type_keep_each_type_as_long_as_its_rule_says,
+    a_key_whose_retrying_event_aged_out_goes_on,
+);

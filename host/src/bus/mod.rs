@@ -321,6 +321,13 @@ pub trait Consumer: Send + Sync {
     /// Gives back, at once, the deliveries handed out and never settled (fetched but not
     /// run when the dispatcher stopped), so they need not wait out a lease elsewhere.
     async fn release(&self) {}
+
+    /// Of the events at `sequences`, each settled with a retry by this consumer, those
+    /// whose retry may still come: one whose event is gone (deleted by retention) never
+    /// will. A retry handed out and not settled yet is still to come.
+    async fn retries_pending(&self, sequences: &[u64]) -> Result<Vec<u64>, BusError> {
+        Ok(sequences.to_vec())
+    }
 }
 
 /// The bus.

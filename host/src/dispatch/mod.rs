@@ -21,7 +21,8 @@
 //! own task, and parks later events of that key in log order; a delivery waiting for its
 //! retry keeps its key held, so a later event of the key cannot overtake it. (A retry
 //! pending from before a restart does not hold its key: the restarted dispatcher learns
-//! of it when it is due.)
+//! of it when it is due. Nor does one whose event retention deleted: the router asks the
+//! consumer every [`RETRY_CHECK`] which of the retries it waits for may still come.)
 //!
 //! With a `[batch]` table (and a plugin that exports the batch handler), a call takes a
 //! batch: a lane gathers up to `max_size` deliveries, waiting up to `linger`, and the key
@@ -485,6 +486,11 @@ async fn route_by_key(
     // Keys with a delivery in flight or waiting for its retry: the holder's sequence and
     // the later deliveries parked behind it.
     let mut held: HashMap<String, (u64, VecDeque<Delivery>)> = HashMap::new();
+    // Keys whose holder waits for its retry. A retry whose event retention deleted never
+    // comes, so the bus is asked now and then which still will; the others let go.
+    let mut awaiting_retry: HashMap<String, u64> = HashMap::new();
+    let mut retry_check = tokio::time::interval(RETRY_CHECK);
+    retry_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks: JoinSet<Vec<Finished>> = JoinSet::new();
     // With `[batch]`: deliveries free to run (one per key), gathered into the next batch
     // until it is full or its linger ends.
@@ -521,6 +527,9 @@ async fn route_by_key(
                 let Some(chunk) = received else { break };
                 for delivery in chunk {
                     let key = ordering_key(&delivery);
+                    if awaiting_retry.get(&key) == Some(&delivery.stored.sequence) {
+                        awaiting_retry.remove(&key);
+                    }
                     match held.get_mut(&key) {
                         Some((holder, parked)) if *holder != delivery.stored.sequence => {
                             parked.push_back(delivery);
@@ -539,20 +548,31 @@ async fn route_by_key(
                 for Finished { key, sequence, released } in finished {
                     let Some(key) = key else { continue };
                     if !released {
+                        if held.get(&key).is_some_and(|(holder, _)| *holder == sequence) {
+                            awaiting_retry.insert(key, sequence);
+                        }
                         continue;
                     }
-                    let Some((holder, parked)) = held.get_mut(&key) else { continue };
-                    if *holder != sequence {
-                        continue;
+                    if let Some(next) = next_of_key(&mut held, &key, sequence) {
+                        start(&mut tasks, &mut ready, next, key, &mut linger_until);
                     }
-                    match parked.pop_front() {
-                        Some(next) => {
-                            *holder = next.stored.sequence;
-                            start(&mut tasks, &mut ready, next, key, &mut linger_until);
-                        }
-                        None => {
-                            held.remove(&key);
-                        }
+                }
+            }
+            _ = retry_check.tick(), if !awaiting_retry.is_empty() => {
+                let sequences: Vec<u64> = awaiting_retry.values().copied().collect();
+                let Ok(pending) = context.consumer.retries_pending(&sequences).await else {
+                    continue;
+                };
+                let gone: Vec<(String, u64)> = awaiting_retry
+                    .iter()
+                    .filter(|(_, sequence)| !pending.contains(sequence))
+                    .map(|(key, sequence)| (key.clone(), *sequence))
+                    .collect();
+                for (key, sequence) in gone {
+                    awaiting_retry.remove(&key);
+                    tracing::warn!(plugin = %context.name, sequence, "the event waiting for its retry is gone from the log (retention): the next events of its key go on");
+                    if let Some(next) = next_of_key(&mut held, &key, sequence) {
+                        start(&mut tasks, &mut ready, next, key, &mut linger_until);
                     }
                 }
             }
@@ -562,6 +582,32 @@ async fn route_by_key(
     // settle (the caller bounds how long). Unsettled ones are delivered after restart.
     context.permits.close();
     while tasks.join_next().await.is_some() {}
+}
+
+/// How often a key router asks the bus whether the retries its keys wait for still come.
+const RETRY_CHECK: Duration = Duration::from_secs(10);
+
+/// `sequence` lets go of `key`: the next delivery parked behind it, which now holds the
+/// key, or `None` (the key is free, or `sequence` did not hold it).
+fn next_of_key(
+    held: &mut HashMap<String, (u64, VecDeque<Delivery>)>,
+    key: &str,
+    sequence: u64,
+) -> Option<Delivery> {
+    let (holder, parked) = held.get_mut(key)?;
+    if *holder != sequence {
+        return None;
+    }
+    match parked.pop_front() {
+        Some(next) => {
+            *holder = next.stored.sequence;
+            Some(next)
+        }
+        None => {
+            held.remove(key);
+            None
+        }
+    }
 }
 
 async fn fetch(

@@ -192,6 +192,25 @@ impl SqliteConsumer {
         Ok(taken)
     }
 
+    /// Of `sequences`, those with a retry of this plugin whose event is still stored.
+    async fn pending_retries_of(&self, sequences: &[u64]) -> Result<Vec<u64>, BusError> {
+        let plugin = self.plugin.clone();
+        let sequences = serde_json::to_string(sequences)
+            .map_err(|e| BusError::Storage(format!("listing retries: {e}")))?;
+        self.bus
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT r.seq FROM retries r JOIN events e ON e.seq = r.seq
+                     WHERE r.plugin = ?1 AND r.seq IN (SELECT value FROM json_each(?2))",
+                )?
+                .query_map(params![plugin, sequences], |r| {
+                    r.get::<_, i64>(0).map(to_u64)
+                })?
+                .collect()
+            })
+            .await
+    }
+
     async fn new_events(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
         let after = {
             let state = self.state();
@@ -371,5 +390,9 @@ impl Consumer for SqliteConsumer {
         }
         self.room.notify_one();
         result
+    }
+
+    async fn retries_pending(&self, sequences: &[u64]) -> Result<Vec<u64>, BusError> {
+        self.pending_retries_of(sequences).await
     }
 }
