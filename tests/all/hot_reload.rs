@@ -78,6 +78,11 @@ async fn dropped_plugins_serve_removed_ones_stop_and_re_added_ones_resume() {
         );
     }
     assert_eq!(count(&host, "audit", "tick.one").await, Some(3));
+    // A host started then says whose cursor the log keeps with no file to serve it.
+    host.stop();
+    host.start();
+    let said = host.logged("no file here serves");
+    assert!(said.iter().any(|line| line.contains("audit")), "{said:?}");
 
     host.deploy("audit.wasm", &bytes(Guest::AuditTrail));
     host.wait_for("the missed events, once each", WAIT, || async {

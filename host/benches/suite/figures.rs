@@ -277,6 +277,10 @@ impl Bus for SharedMemoryBus {
             window: spec.window,
         }))
     }
+    async fn plugins_with_consumers(&self) -> Result<Vec<String>, BusError> {
+        Ok(Vec::new())
+    }
+
     async fn consumer_stats(&self, _plugin: &str) -> Result<ConsumerStats, BusError> {
         Ok(ConsumerStats::default())
     }

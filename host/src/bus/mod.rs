@@ -368,6 +368,10 @@ pub trait Bus:
     /// Counters of one plugin's consumer.
     async fn consumer_stats(&self, plugin: &str) -> Result<ConsumerStats, BusError>;
 
+    /// The plugins the bus keeps a consumer (a cursor) for, whether or not any host
+    /// serves them now.
+    async fn plugins_with_consumers(&self) -> Result<Vec<String>, BusError>;
+
     /// [`ConsumerStats::lag`] alone, which a bus may read for less than all the counters
     /// (the dead letters are counted, not kept): the status page samples it every few
     /// seconds for as long as the host runs.

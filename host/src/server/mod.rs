@@ -116,6 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let loaded = table.values().filter(|e| e.status.is_ok()).count();
         (loaded, table.len() - loaded)
     };
+    warn_of_absent_plugins(&*bus, &registry, &config).await;
 
     let stats =
         crate::stats::Stats::start(Arc::clone(&metrics), Arc::clone(&bus), registry.table());
@@ -175,6 +176,47 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     bus.close().await.context("closing the log")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says which plugins the bus keeps a consumer for that no file here serves: a plugin
+/// renamed or removed leaves its cursor, which holds back the events of its types from
+/// retention (for good, unless `[log] absent_plugin_hold` is set).
+async fn warn_of_absent_plugins(bus: &dyn Bus, registry: &Registry, config: &Config) {
+    let Ok(with_consumers) = bus.plugins_with_consumers().await else {
+        return;
+    };
+    let table = registry.table();
+    let absent: Vec<String> = {
+        let table = table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        with_consumers
+            .into_iter()
+            .filter(|plugin| !table.contains_key(plugin))
+            .collect()
+    };
+    if absent.is_empty() {
+        return;
+    }
+    let plugins = absent.join(", ");
+    if config.bus.kind == BusKind::Nats {
+        tracing::warn!(
+            %plugins,
+            "the server keeps the consumers of plugins no file here serves (renamed or removed, or served by other hosts only?); each resumes where it stopped if its file comes back"
+        );
+        return;
+    }
+    let holds = match config.log.absent_plugin_hold {
+        None => "for good (`[log] absent_plugin_hold` is not set)".to_owned(),
+        Some(hold) => format!(
+            "until it has been gone for `[log] absent_plugin_hold` ({})",
+            humantime::format_duration(hold)
+        ),
+    };
+    tracing::warn!(
+        %plugins,
+        "the log keeps the cursors of plugins no file here serves (renamed or removed?); each holds back the events of its types from retention {holds}, and resumes where it stopped if its file comes back"
+    );
 }
 
 /// How often the compile cache is pruned while the host runs.

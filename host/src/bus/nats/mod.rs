@@ -503,6 +503,23 @@ impl Bus for NatsBus {
         })
     }
 
+    async fn plugins_with_consumers(&self) -> Result<Vec<String>, BusError> {
+        // Durable consumers `P-<plugin>`; the ordered consumers of reads have other names.
+        let own = format!("{}-", self.shared.options.prefix);
+        let mut names = self.shared.events.consumer_names();
+        let mut plugins = Vec::new();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(storage!("listing the consumers"))?;
+            if let Some(plugin) = name.strip_prefix(&own) {
+                if crate::plugins::is_valid_plugin_name(plugin) {
+                    plugins.push(plugin.to_owned());
+                }
+            }
+        }
+        plugins.sort();
+        Ok(plugins)
+    }
+
     async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {
         let name = format!("{}-{plugin}", self.shared.options.prefix);
         match self.shared.events.consumer_info(&name).await {

@@ -475,6 +475,15 @@ impl Bus for SqliteBus {
         .await
     }
 
+    async fn plugins_with_consumers(&self) -> Result<Vec<String>, BusError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT plugin FROM cursors ORDER BY plugin")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
     async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {
         let plugin = plugin.to_owned();
         self.read(move |conn| {
