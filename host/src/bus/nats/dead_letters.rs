@@ -18,10 +18,8 @@
 //!   milliseconds); a whole plugin's are one subject purge.
 
 use std::fmt::Display;
-use std::time::Duration;
 
 use async_nats::jetstream::Message;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::response::Response;
 use async_nats::jetstream::stream;
@@ -32,7 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use super::consumer::NatsConsumer;
 use super::messages::{INGESTED_AT, REPLAY_OF, decode_event, encode_event};
-use super::{HEADER_ROOM, NatsBus, Shared, last_message, nats_error, next_message};
+use super::scan::Scan;
+use super::{HEADER_ROOM, NatsBus, Shared, nats_error};
 use crate::bus::{
     BusError, DeadLetter, DeadLetterPage, DeadLetterQuery, DeadLetterReason, DeadLetterSelection,
     DeadLetters, StoredEvent,
@@ -178,7 +177,7 @@ impl DeadLetters for NatsBus {
         let keep = |letter: &DeadLetter| query.reason.is_none_or(|reason| reason == letter.reason);
         let mut letters = self
             .shared
-            .scan(subject, query.after.saturating_add(1), limit)
+            .letters(subject, query.after.saturating_add(1), limit)
             .await?;
         let mut scanned_to = None;
         while found.len() < limit {
@@ -254,113 +253,30 @@ const BULK_PAGE: usize = 256;
 /// Requests a bulk replay or deletion has in flight at once.
 const BULK_IN_FLIGHT: usize = 64;
 
-/// Scans of up to this many dead letters read them by direct gets, one round trip each;
-/// longer ones through an ordered consumer.
-const DIRECT_READS: usize = 16;
-
-/// How long a [`Scan`] waits for the next dead letter before it takes the rest as gone
-/// (deleted meanwhile by another request or host).
-const SCAN_PATIENCE: Duration = Duration::from_secs(2);
-
-/// Dead letters of one subject filter, oldest first, from a sequence on.
-struct Scan<'a> {
-    shared: &'a Shared,
-    subject: String,
-    source: Source,
-    ended: bool,
-}
-
-/// Where a [`Scan`] reads.
-enum Source {
-    /// A direct get (or the leader's answer) per letter: the next at or after `from`.
-    OneByOne { from: u64 },
-    /// One ordered consumer streaming every letter up to `last`, the newest one there
-    /// when the scan began, so letters stored meanwhile are left out: one request
-    /// rather than a round trip per letter.
-    Streamed {
-        messages: Box<pull::Ordered>,
-        last: u64,
-    },
-}
+/// The dead letters of one subject filter, oldest first, from an id on.
+struct Letters<'a>(Scan<'a>);
 
 impl Shared {
-    /// A scan of `subject` from `from` on, expected to read about `wanted` letters.
-    async fn scan(&self, subject: String, from: u64, wanted: usize) -> Result<Scan<'_>, BusError> {
-        let mut scan = Scan {
-            shared: self,
-            subject,
-            source: Source::OneByOne { from },
-            ended: false,
-        };
-        if wanted <= DIRECT_READS {
-            return Ok(scan);
-        }
-        let last = last_message(&self.dead_letters, self.direct(), &scan.subject).await?;
-        let Some(last) = last.filter(|last| last.sequence >= from) else {
-            scan.ended = true;
-            return Ok(scan);
-        };
-        let consumer = self
-            .dead_letters
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: scan.subject.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(storage!("reading dead letters"))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(storage!("reading dead letters"))?;
-        scan.source = Source::Streamed {
-            messages: Box::new(messages),
-            last: last.sequence,
-        };
-        Ok(scan)
+    /// The dead letters on `subject` from `from` on, expecting to read about `wanted`.
+    async fn letters(
+        &self,
+        subject: String,
+        from: u64,
+        wanted: usize,
+    ) -> Result<Letters<'_>, BusError> {
+        Ok(Letters(
+            self.scan(&self.dead_letters, subject, from, wanted).await?,
+        ))
     }
 }
 
-impl Scan<'_> {
+impl Letters<'_> {
     /// The next dead letter, or `None` at the end.
     async fn next(&mut self) -> Result<Option<DeadLetter>, BusError> {
-        if self.ended {
-            return Ok(None);
+        match self.0.next().await? {
+            Some(message) => to_dead_letter(message.sequence, &message.payload).map(Some),
+            None => Ok(None),
         }
-        let (id, payload) = match &mut self.source {
-            Source::OneByOne { from } => {
-                let shared = self.shared;
-                let Some(message) =
-                    next_message(&shared.dead_letters, shared.direct(), &self.subject, *from)
-                        .await?
-                else {
-                    self.ended = true;
-                    return Ok(None);
-                };
-                *from = message.sequence + 1;
-                (message.sequence, message.payload)
-            }
-            Source::Streamed { messages, last } => {
-                let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, messages.next()).await
-                else {
-                    self.ended = true;
-                    return Ok(None);
-                };
-                let message = message.map_err(storage!("reading dead letters"))?;
-                let id = message
-                    .info()
-                    .map(|info| info.stream_sequence)
-                    .map_err(|error| nats_error("reading dead letters")(&*error))?;
-                self.ended = id >= *last;
-                if id > *last {
-                    return Ok(None);
-                }
-                (id, message.payload.clone())
-            }
-        };
-        to_dead_letter(id, &payload).map(Some)
     }
 }
 
@@ -380,7 +296,7 @@ impl NatsBus {
             Bulk::Delete => self.delete_page(page).await,
         };
         let subject = format!("{}.dlq.{plugin}", self.shared.options.prefix);
-        let mut letters = self.shared.scan(subject, 1, usize::MAX).await?;
+        let mut letters = self.shared.letters(subject, 1, usize::MAX).await?;
         let mut page = Vec::with_capacity(BULK_PAGE);
         let mut done = 0;
         while let Some(letter) = letters.next().await? {

@@ -85,7 +85,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use self::consumer::NatsConsumer;
-use self::messages::{decode_event, micros};
+use self::messages::decode_event;
 use super::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LogPage, LogQuery, Reach,
     StoredEvent,
@@ -175,6 +175,7 @@ mod controls;
 mod dead_letters;
 mod kv;
 mod messages;
+mod scan;
 mod schedules;
 mod schemas;
 mod setup;
@@ -392,15 +393,19 @@ impl Bus for NatsBus {
             scanned_to: query.after,
         };
         // Bounded scan, as the embedded log's: at most this many messages per request.
-        for _ in 0..limit.max(10_000) {
-            let Some(message) = next_message(
+        let budget = limit.max(10_000);
+        let sparse = query.pattern.is_some() || query.caused_by.is_some();
+        let mut messages = self
+            .shared
+            .scan(
                 &self.shared.events,
-                self.shared.direct(),
-                &filter,
-                page.scanned_to + 1,
+                filter,
+                query.after.saturating_add(1),
+                if sparse { budget } else { limit },
             )
-            .await?
-            else {
+            .await?;
+        for _ in 0..budget {
+            let Some(message) = messages.next().await? else {
                 break;
             };
             page.scanned_to = message.sequence;
@@ -414,7 +419,7 @@ impl Bus for NatsBus {
             if query.wants(&event) {
                 page.events.push(StoredEvent {
                     sequence: message.sequence,
-                    ingested_at_us: micros(message.time),
+                    ingested_at_us: message.stored_at_us,
                     event,
                 });
                 if page.events.len() == limit {
