@@ -307,14 +307,15 @@ function kvBrowser(name) {
   const box = el("div", { class: "card", id: "kv" });
   const prefix = el("input", { placeholder: "key prefix", id: "kv-prefix" });
   const list = el("div");
-  const value = el("pre", { hidden: true });
+  const value = el("pre", { hidden: true, id: "kv-value" });
   async function load(after) {
     const page = await api(`/v1/plugins/${encodeURIComponent(name)}/kv` + qs({ prefix: prefix.value, after, limit: PAGE }));
     list.replaceChildren(...[
       page.keys.length ? el("ul", { class: "mono", id: "kv-keys" }, page.keys.map((key) =>
-        el("li", {}, el("a", { href: "#", onclick: async (e) => {
+        el("li", {}, el("a", { href: "#", "data-key": key, onclick: async (e) => {
           e.preventDefault();
-          const text = await api(`/v1/plugins/${encodeURIComponent(name)}/kv/${key.split("/").map(encodeURIComponent).join("/")}`);
+          // In the query, not the path: a browser resolves `..` and `.` segments of a path.
+          const text = await api(`/v1/plugins/${encodeURIComponent(name)}/kv` + qs({ key }));
           value.hidden = false;
           value.textContent = `${key} = ${typeof text === "string" ? text : JSON.stringify(text)}`;
         } }, key)))) : el("p", { class: "muted" }, "No keys with this prefix."),

@@ -200,6 +200,20 @@ async fn an_operator_pauses_and_resumes_a_plugin(backend: Backend) {
         .await;
     }
     assert_eq!(host.status("counter").await.unwrap()["dead_letters"], 0);
+    // A key no path can name (clients resolve `..`) is read by `?key=`.
+    assert_eq!(host.send("hostile.count", "../odd", json!({})).await, 202);
+    let odd = host
+        .wait_for("the odd key", Duration::from_secs(20), || async {
+            let response = host
+                .http
+                .get(host.url("/v1/plugins/counter/kv?key=seen/../odd"))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(response.text().await.ok()?)
+        })
+        .await;
+    assert_eq!(odd, "1");
     assert_eq!(
         host.metric("switchyard_plugin_paused{plugin=\"counter\"}")
             .await,

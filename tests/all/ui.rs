@@ -101,6 +101,11 @@ async fn the_overview_shows_the_example_plugins_and_their_counts_and_links_cause
     browser
         .wait_text("#kv-keys", |t| t.contains("order/A-2"))
         .await;
+    browser
+        .click_until("#kv-keys a[data-key='order/A-2']", "#kv-value", |t| {
+            t.starts_with("order/A-2 = ")
+        })
+        .await;
     browser.wait_for("#plot-throughput canvas").await;
     screenshots(&browser, "plugin").await;
 

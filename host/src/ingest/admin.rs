@@ -374,6 +374,9 @@ pub(super) async fn show_plugin(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct KeysParams {
+    /// One key's value instead of a page of keys: for keys no path can name, such as
+    /// `a/../b` (clients resolve `..` and `.` segments before they send a path).
+    key: Option<String>,
     #[serde(default)]
     prefix: String,
     /// Only keys after this one, for the next page.
@@ -395,6 +398,9 @@ pub(super) async fn list_kv(
     ApiQuery(params): ApiQuery<KeysParams>,
 ) -> Result<Response, ApiError> {
     plugin_in_path(&name)?;
+    if let Some(key) = params.key {
+        return value_of(&state, &name, &key).await;
+    }
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
     let mut keys = state
         .bus
@@ -450,9 +456,13 @@ pub(super) async fn read_kv(
     ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     plugin_in_path(&name)?;
+    value_of(&state, &name, &key).await
+}
+
+async fn value_of(state: &AppState, name: &str, key: &str) -> Result<Response, ApiError> {
     let value = state
         .bus
-        .get(&name, &key)
+        .get(name, key)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found(format!("key `{key}` of plugin `{name}`")))?;
