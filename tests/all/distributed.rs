@@ -658,6 +658,51 @@ async fn a_wait_is_answered_by_the_host_it_reached_whichever_host_ran_the_plugin
     );
 }
 
+/// `ordering = "key"` over two hosts whose retries either host may take: every event of
+/// one key fails once, and the key's events are still handled in order, none left
+/// waiting behind a retry that the other host settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_order_holds_across_hosts_when_the_other_host_takes_a_retry() {
+    let server = NatsServer::start();
+    let sidecar = "subscribe = [\"hostile.sequence\"]\nordering = \"key\"\n\
+                   [retry]\nbackoff = \"constant\"\ninitial = \"100ms\"\njitter = false\n";
+    let hosts: Vec<Host> = (0..2)
+        .map(|_| {
+            let mut host = Host::on(&Backend::Nats(server.url()));
+            host.plugin("orderly", Guest::Hostile, Some(sidecar));
+            host.start();
+            host
+        })
+        .collect();
+    for n in 0..20_u64 {
+        let host = &hosts[usize::try_from(n % 2).unwrap()];
+        let status = host
+            .http
+            .post(host.url("/v1/events/hostile.sequence"))
+            .header("ce-id", format!("seq-{n}"))
+            .header("ce-partitionkey", "k")
+            .json(&json!({"n": n, "fail_once": true}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+    }
+    let order = hosts[0]
+        .wait_for("the key's 20 events", Duration::from_secs(60), || async {
+            let list: Vec<u64> =
+                serde_json::from_str(&hosts[0].kv("orderly", "order/k").await?).ok()?;
+            (list.len() >= 20).then_some(list)
+        })
+        .await;
+    assert_eq!(order, (0..20).collect::<Vec<u64>>());
+    let mut ran = 0.0;
+    for host in &hosts {
+        ran += ok_deliveries(host, "orderly").await;
+    }
+    assert_eq!(ran, 20.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_events_fire_once_in_total_across_two_hosts_one_of_them_killed() {
     let server = NatsServer::start();

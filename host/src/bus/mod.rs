@@ -322,9 +322,18 @@ pub trait Consumer: Send + Sync {
     /// run when the dispatcher stopped), so they need not wait out a lease elsewhere.
     async fn release(&self) {}
 
+    /// Whether the bus itself hands out nothing else of the plugin until a delivery
+    /// settled with a retry comes back (a consumer opened `one_at_a_time` whose retries
+    /// stay pending on the server, whichever host takes them): then a key need not wait
+    /// for its retry on this host, where it may never come back.
+    fn holds_retries_in_order(&self) -> bool {
+        false
+    }
+
     /// Of the events at `sequences`, each settled with a retry by this consumer, those
     /// whose retry may still come: one whose event is gone (deleted by retention) never
-    /// will. A retry handed out and not settled yet is still to come.
+    /// will. A retry handed out and not settled yet is still to come. (Asked only of a
+    /// bus that does not hold retries in order itself.)
     async fn retries_pending(&self, sequences: &[u64]) -> Result<Vec<u64>, BusError> {
         Ok(sequences.to_vec())
     }

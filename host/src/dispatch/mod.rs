@@ -22,7 +22,9 @@
 //! retry keeps its key held, so a later event of the key cannot overtake it. (A retry
 //! pending from before a restart does not hold its key: the restarted dispatcher learns
 //! of it when it is due. Nor does one whose event retention deleted: the router asks the
-//! consumer every [`RETRY_CHECK`] which of the retries it waits for may still come.)
+//! consumer every [`RETRY_CHECK`] which of the retries it waits for may still come. On a
+//! bus that hands out nothing else of the plugin until a retry is settled, on whichever
+//! host, a retry lets its key go at once: NATS, where another host may take the retry.)
 //!
 //! With a `[batch]` table (and a plugin that exports the batch handler), a call takes a
 //! batch: a lane gathers up to `max_size` deliveries, waiting up to `linger`, and the key
@@ -1047,7 +1049,7 @@ async fn finish(
                 attempted
             }
         };
-        let released = !matches!(settlement, Settlement::Retry { .. });
+        let released = releases_key(&context, &settlement);
         let commit = if span.is_disabled() {
             tracing::Span::none()
         } else {
@@ -1121,7 +1123,7 @@ async fn finish(
                 };
                 // A retry reads nothing, so it cannot conflict.
                 let _ = settle(&context, &delivery, &settlement).await;
-                break Some(false);
+                break Some(releases_key(&context, &settlement));
             }
             Err(conflict) => {
                 let message = format!("{conflict}; still conflicting after {runs} runs");
@@ -1171,7 +1173,15 @@ async fn conflict_failed(
     // A retry or dead letter reads nothing, so it cannot conflict.
     let _ = settle(context, delivery, &settlement).await;
     notify(context, delivery, &settlement, &Settled::default());
-    !matches!(settlement, Settlement::Retry { .. })
+    releases_key(context, &settlement)
+}
+
+/// Whether a delivery settled so lets go of its ordering key: a retry keeps it, unless
+/// the bus keeps every later event of the plugin back until the retry is settled, on
+/// whichever host takes it (a key held here for a retry another host took would wait
+/// for good).
+fn releases_key(context: &Context, settlement: &Settlement) -> bool {
+    !matches!(settlement, Settlement::Retry { .. }) || context.consumer.holds_retries_in_order()
 }
 
 /// The error of a failed attempt, `None` for a success.

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
-use async_nats::jetstream::{AckKind, Message, stream};
+use async_nats::jetstream::{AckKind, Message};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -442,18 +442,10 @@ impl Consumer for NatsConsumer {
         }
     }
 
-    async fn retries_pending(&self, sequences: &[u64]) -> Result<Vec<u64>, BusError> {
-        // A retry is the event's message delivered again: it comes while the message is
-        // stored (a stream limit or time to live may have removed it).
-        let mut pending = Vec::with_capacity(sequences.len());
-        for &sequence in sequences {
-            match self.shared.events.get_raw_message(sequence).await {
-                Ok(_) => pending.push(sequence),
-                Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
-                Err(error) => return Err(nats_error("looking for an event")(&error)),
-            }
-        }
-        Ok(pending)
+    fn holds_retries_in_order(&self) -> bool {
+        // One message of the consumer pending at a time (`max_ack_pending` 1), and a
+        // `Nak` keeps it pending until some host settles its retry.
+        self.one_at_a_time
     }
 
     async fn release(&self) {
