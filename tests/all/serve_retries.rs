@@ -624,7 +624,72 @@ async fn dead_letters_older_than_their_age_limit_go(backend: Backend) {
     assert_eq!(letters[0]["event"]["id"], "new-1");
 }
 
+/// A replay that fails again is retried and dead-lettered as a fresh delivery: each
+/// replayed letter gets exactly its attempts again, and its new letter lists their errors,
+/// whichever replay of a page ran first (a replay may run and fail while the rest of its
+/// page is still being sent).
+async fn a_replay_that_fails_again_keeps_the_errors_of_every_new_attempt(backend: Backend) {
+    const LETTERS: usize = 256;
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "mender",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.retry\"]\n\
+             [retry]\nmax_attempts = 2\nbackoff = \"constant\"\ninitial = \"1ms\"\njitter = false\n",
+        ),
+    );
+    host.start();
+    let events: Vec<serde_json::Value> = (0..LETTERS)
+        .map(|n| {
+            json!({"specversion": "1.0", "id": format!("again-{n}"), "source": "/tests/replay",
+                   "type": "hostile.retry", "data": {}})
+        })
+        .collect();
+    assert_eq!(host.send_batch(&json!(events)).await.status(), 202);
+    let failed = "switchyard_deliveries_total{plugin=\"mender\",outcome=\"retry\"}";
+    let host = &host;
+    let failures = |count: usize| async move {
+        let done = host.metric_if_any(failed).await? >= count as f64
+            && host.status("mender").await?["dead_letters"] == LETTERS;
+        done.then_some(())
+    };
+    host.wait_for("every dead letter", Duration::from_secs(60), || {
+        failures(2 * LETTERS)
+    })
+    .await;
+    let (status, body) = call(host, reqwest::Method::POST, "/v1/dlq/replay?plugin=mender").await;
+    assert_eq!((status, &body), (202, &json!({ "replayed": LETTERS })));
+    host.wait_for(
+        "the replays dead-lettered again",
+        Duration::from_secs(60),
+        || failures(4 * LETTERS),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        host.metric(failed).await,
+        (4 * LETTERS) as f64,
+        "attempts made again"
+    );
+    let letters = host.get_json("/v1/dlq?plugin=mender&limit=1000").await["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert_eq!(letters.len(), LETTERS);
+    for letter in &letters {
+        let attempts: Vec<u64> = letter["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|error| error["attempt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(attempts, [1, 2], "{letter}");
+    }
+}
+
 crate::on_both_backends!(
+    a_replay_that_fails_again_keeps_the_errors_of_every_new_attempt,
     a_kind_behind_many_letters_of_another_is_still_found_page_by_page,
     a_replayed_event_gets_every_attempt_however_old_it_is,
     a_rejection_with_a_huge_message_is_dead_lettered_with_the_message_cut,

@@ -313,10 +313,23 @@ impl NatsBus {
         Ok(done)
     }
 
-    /// Replays dead letters: their replays are sent in order and stored together, then
-    /// each stored one's letter and attempt errors are deleted. A letter whose replay was
-    /// not stored stays (the first such error is returned once the others are done).
+    /// Replays dead letters: what is left of their attempt errors is deleted, their
+    /// replays are sent in order and stored together, then each stored one's letter is
+    /// deleted. A letter whose replay was not stored stays (the first such error is
+    /// returned once the others are done). The errors go first: a replay may be taken,
+    /// and fail, on another host at once, and its new errors must stay.
     async fn replay_page(&self, page: Vec<DeadLetter>) -> Result<u64, BusError> {
+        let journals: Vec<(String, u64)> = page
+            .iter()
+            .map(|letter| (letter.plugin.clone(), letter.stored.sequence))
+            .collect();
+        futures_util::stream::iter(journals)
+            .map(|(plugin, sequence)| async move {
+                self.shared.forget_attempts(&plugin, sequence).await;
+            })
+            .buffer_unordered(BULK_IN_FLIGHT)
+            .collect::<()>()
+            .await;
         let mut sent = Vec::with_capacity(page.len());
         let mut failed = None;
         for letter in &page {
@@ -350,7 +363,7 @@ impl NatsBus {
                 }
             })
             .collect();
-        let (done, cleared) = self.delete_letters(replayed, true).await;
+        let (done, cleared) = self.delete_letters(replayed).await;
         match failed.or(cleared) {
             Some(error) => Err(error),
             None => Ok(done),
@@ -359,29 +372,17 @@ impl NatsBus {
 
     /// Deletes dead letters, [`BULK_IN_FLIGHT`] at a time.
     async fn delete_page(&self, page: Vec<DeadLetter>) -> Result<u64, BusError> {
-        match self.delete_letters(page, false).await {
+        match self.delete_letters(page).await {
             (deleted, None) => Ok(deleted),
             (_, Some(error)) => Err(error),
         }
     }
 
-    /// Deletes `letters` ([`BULK_IN_FLIGHT`] at a time), each after its attempt errors when
-    /// `forget_attempts`: how many are gone, counting those deleted meanwhile by another
-    /// request or host, and the first error.
-    async fn delete_letters(
-        &self,
-        letters: Vec<DeadLetter>,
-        forget_attempts: bool,
-    ) -> (u64, Option<BusError>) {
+    /// Deletes `letters` ([`BULK_IN_FLIGHT`] at a time): how many are gone, counting those
+    /// deleted meanwhile by another request or host, and the first error.
+    async fn delete_letters(&self, letters: Vec<DeadLetter>) -> (u64, Option<BusError>) {
         let mut deleting = futures_util::stream::iter(letters)
-            .map(|letter| async move {
-                if forget_attempts {
-                    self.shared
-                        .forget_attempts(&letter.plugin, letter.stored.sequence)
-                        .await;
-                }
-                self.delete_dead_letter(letter.id).await
-            })
+            .map(|letter| async move { self.delete_dead_letter(letter.id).await })
             .buffer_unordered(BULK_IN_FLIGHT);
         let (mut deleted, mut failed) = (0, None);
         while let Some(outcome) = deleting.next().await {
