@@ -516,9 +516,7 @@ impl Bus for NatsBus {
         while let Some(name) = names.next().await {
             let name = name.map_err(storage!("listing the consumers"))?;
             if let Some(plugin) = name.strip_prefix(&own) {
-                if crate::plugins::is_valid_plugin_name(plugin) {
-                    plugins.push(plugin.to_owned());
-                }
+                plugins.push(plugin.to_owned());
             }
         }
         plugins.sort();
