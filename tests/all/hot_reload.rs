@@ -81,8 +81,11 @@ async fn dropped_plugins_serve_removed_ones_stop_and_re_added_ones_resume() {
     // A host started then says whose cursor the log keeps with no file to serve it.
     host.stop();
     host.start();
-    let said = host.logged("no file here serves");
-    assert!(said.iter().any(|line| line.contains("audit")), "{said:?}");
+    host.wait_for("the warning", WAIT, || async {
+        let said = host.logged("no file here serves");
+        said.iter().any(|line| line.contains("audit")).then_some(())
+    })
+    .await;
 
     host.deploy("audit.wasm", &bytes(Guest::AuditTrail));
     host.wait_for("the missed events, once each", WAIT, || async {
@@ -270,7 +273,12 @@ async fn sidecar_changes_to_concurrency_and_retry_policy_apply_live() {
         &std::fs::read(guests::path(Guest::Noop)).unwrap(),
     );
     wait_serving(&host, "also", None).await;
-    let said = host.logged("`also.wasm` describes itself as `noop`, like `ahead.wasm`");
+    let said = host
+        .wait_for("the second file reported", WAIT, || async {
+            let said = host.logged("`also.wasm` describes itself as `noop`, like `ahead.wasm`");
+            (!said.is_empty()).then_some(said)
+        })
+        .await;
     assert_eq!(said.len(), 1, "{said:?}");
 }
 

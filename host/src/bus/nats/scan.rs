@@ -8,6 +8,8 @@
 //! - A message deleted while the scan streams (a retention limit, another host's
 //!   deletion) is skipped; a scan that hears nothing for [`SCAN_PATIENCE`] takes the rest
 //!   as gone.
+//! - An ordered consumer that cannot be made or fails (a cluster node lost under it) does
+//!   not fail the scan: it goes on by direct gets from the next message it had not read.
 
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 
 use super::messages::micros;
-use super::{Shared, last_message, nats_error, next_message};
+use super::{Shared, last_message, next_message};
 use crate::bus::BusError;
 
 /// Scans of up to this many messages read them by direct gets, one round trip each;
@@ -49,10 +51,12 @@ pub(super) struct Scan<'a> {
 enum Source {
     /// A direct get (or the leader's answer) per message: the next at or after `from`.
     OneByOne { from: u64 },
-    /// One ordered consumer streaming every message up to `last`.
+    /// One ordered consumer streaming every message up to `last`; `next` is where
+    /// direct gets would go on.
     Streamed {
         messages: Box<pull::Ordered>,
         last: u64,
+        next: u64,
     },
 }
 
@@ -81,24 +85,33 @@ impl Shared {
             scan.ended = true;
             return Ok(scan);
         };
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: scan.subject.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(storage!("reading a stream"))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(storage!("reading a stream"))?;
-        scan.source = Source::Streamed {
-            messages: Box::new(messages),
-            last: last.sequence,
+        let ordered = async {
+            stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: scan.subject.clone(),
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from.max(1),
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .messages()
+                .await
+                .map_err(|e| e.to_string())
         };
+        match ordered.await {
+            Ok(messages) => {
+                scan.source = Source::Streamed {
+                    messages: Box::new(messages),
+                    last: last.sequence,
+                    next: from,
+                };
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot stream a stream's messages; reading them one by one");
+            }
+        }
         Ok(scan)
     }
 }
@@ -109,6 +122,64 @@ impl Scan<'_> {
         if self.ended {
             return Ok(None);
         }
+        match self.streamed().await {
+            Err(next) => {
+                self.source = Source::OneByOne { from: next };
+                self.one_by_one().await
+            }
+            Ok(Some(scanned)) => Ok(scanned),
+            Ok(None) => self.one_by_one().await,
+        }
+    }
+
+    /// The next message of a streamed scan: `Ok(None)` when the scan is not streamed,
+    /// `Err` with where to go on when its consumer failed.
+    async fn streamed(&mut self) -> Result<Option<Option<Scanned>>, u64> {
+        let Source::Streamed {
+            messages,
+            last,
+            next,
+        } = &mut self.source
+        else {
+            return Ok(None);
+        };
+        let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, messages.next()).await else {
+            self.ended = true;
+            return Ok(Some(None));
+        };
+        let read = message.map_err(|e| e.to_string()).and_then(|message| {
+            let info = message.info().map_err(|e| e.to_string())?;
+            Ok((
+                info.stream_sequence,
+                micros(info.published),
+                message.subject.to_string(),
+                message.payload.clone(),
+                info.pending,
+            ))
+        });
+        let (sequence, stored_at_us, subject, payload, pending) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::debug!(%error, "a stream's ordered consumer failed; reading on message by message");
+                return Err(*next);
+            }
+        };
+        *next = sequence + 1;
+        // Past the last one there was, or nothing left on the subject (the last one may
+        // have gone meanwhile).
+        self.ended = sequence >= *last || pending == 0;
+        if sequence > *last {
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(Scanned {
+            sequence,
+            subject,
+            payload,
+            stored_at_us,
+        })))
+    }
+
+    async fn one_by_one(&mut self) -> Result<Option<Scanned>, BusError> {
         match &mut self.source {
             Source::OneByOne { from } => {
                 let Some(message) =
@@ -125,30 +196,7 @@ impl Scan<'_> {
                     stored_at_us: micros(message.time),
                 }))
             }
-            Source::Streamed { messages, last } => {
-                let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, messages.next()).await
-                else {
-                    self.ended = true;
-                    return Ok(None);
-                };
-                let message = message.map_err(storage!("reading a stream"))?;
-                let info = message
-                    .info()
-                    .map_err(|error| nats_error("reading a stream")(&*error))?;
-                let (sequence, stored_at_us) = (info.stream_sequence, micros(info.published));
-                // Past the last one there was, or nothing left on the subject (the last
-                // one may have gone meanwhile).
-                self.ended = sequence >= *last || info.pending == 0;
-                if sequence > *last {
-                    return Ok(None);
-                }
-                Ok(Some(Scanned {
-                    sequence,
-                    subject: message.subject.to_string(),
-                    payload: message.payload.clone(),
-                    stored_at_us,
-                }))
-            }
+            Source::Streamed { .. } => Ok(None),
         }
     }
 }
