@@ -116,6 +116,22 @@ pub fn is_valid_extension_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
+/// The media type of a `Content-Type` (or `datacontenttype`) value, without parameters
+/// or surrounding spaces.
+pub fn media_type(content_type: &str) -> &str {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or(content_type)
+        .trim()
+}
+
+/// `application/json`, `text/json` and any `*/*+json`, ignoring case.
+pub fn is_json_media_type(media: &str) -> bool {
+    let lower = media.to_ascii_lowercase();
+    lower == "application/json" || lower == "text/json" || lower.ends_with("+json")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

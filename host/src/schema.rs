@@ -11,7 +11,7 @@
 //!   document is refused when registered ([`jsonschema`] built offline, without its
 //!   HTTP and file resolvers).
 //! - A new version is refused while one of the type's latest [`COMPATIBILITY_WINDOW`]
-//!   events in the log fails it, unless forced.
+//!   events in the log, or of its events scheduled for later, fails it, unless forced.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,8 +22,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::bus::{Bus, BusError, StoredEvent, StoredSchema};
-use crate::event::Event;
+use crate::bus::{Bus, BusError, ScheduledQuery, StoredSchema};
+use crate::event::{Event, is_json_media_type, media_type};
 
 /// How many of a type's most recent events a new version is checked against.
 pub const COMPATIBILITY_WINDOW: usize = 1000;
@@ -71,16 +71,17 @@ pub enum RegisterError {
     Invalid(String),
     /// Recent events of the type fail the new version.
     #[error(
-        "{} of the latest {checked} `{event_type}` events fail the new schema",
-        refused.len()
+        "{failing} of the latest {checked} `{event_type}` events (scheduled ones included) fail the new schema"
     )]
     Incompatible {
         /// The type.
         event_type: String,
         /// How many recent events were checked.
         checked: usize,
-        /// A few of the events that fail, with why.
-        refused: Vec<(StoredEvent, Violation)>,
+        /// How many of them fail.
+        failing: usize,
+        /// The first few that fail, with why.
+        refused: Vec<(Refused, Violation)>,
     },
     /// The bus failed, or another registration of the type won the race.
     #[error(transparent)]
@@ -246,19 +247,39 @@ impl Schemas {
                 .bus
                 .recent_events(event_type, COMPATIBILITY_WINDOW)
                 .await?;
-            let checked = recent.len();
-            let refused: Vec<_> = recent
-                .into_iter()
-                .filter_map(|stored| {
-                    let failed = violation(&candidate, &stored.event).err()?;
-                    Some((stored, failed))
+            // Events scheduled for later enter the log as they are now.
+            let scheduled = self
+                .bus
+                .list_scheduled(ScheduledQuery {
+                    event_type: Some(event_type.to_owned()),
+                    limit: COMPATIBILITY_WINDOW,
                 })
-                .take(EXAMPLES)
-                .collect();
-            if !refused.is_empty() {
+                .await?;
+            let candidates = recent
+                .into_iter()
+                .map(|stored| Refused {
+                    sequence: Some(stored.sequence),
+                    event: stored.event,
+                })
+                .chain(scheduled.into_iter().map(|scheduled| Refused {
+                    sequence: None,
+                    event: scheduled.event,
+                }));
+            let (mut checked, mut failing, mut refused) = (0, 0, Vec::new());
+            for candidate_event in candidates {
+                checked += 1;
+                if let Err(failed) = violation(&candidate, &candidate_event.event) {
+                    failing += 1;
+                    if refused.len() < EXAMPLES {
+                        refused.push((candidate_event, failed));
+                    }
+                }
+            }
+            if failing > 0 {
                 return Err(RegisterError::Incompatible {
                     event_type: event_type.to_owned(),
                     checked,
+                    failing,
                     refused,
                 });
             }
@@ -270,6 +291,15 @@ impl Schemas {
             new: true,
         })
     }
+}
+
+/// An event of the type that a new version would refuse.
+#[derive(Debug)]
+pub struct Refused {
+    /// The event.
+    pub event: Event,
+    /// Its position in the log; `None` for an event scheduled for later.
+    pub sequence: Option<u64>,
 }
 
 /// What [`Schemas::register`] did.
@@ -306,7 +336,8 @@ fn compiled_or_log(stored: &StoredSchema) -> Option<Arc<Compiled>> {
     }
 }
 
-/// The first way `event`'s data fails `checker`, if any. No data is checked as `null`.
+/// The first way `event`'s data fails `checker`, if any. No data (or only whitespace) is
+/// checked as `null`; data declared as another media type than JSON fails at once.
 fn violation(checker: &Compiled, event: &Event) -> Result<(), Violation> {
     let failed = |pointer: String, rule: String, message: String| Violation {
         event_type: event.ty.clone(),
@@ -315,7 +346,16 @@ fn violation(checker: &Compiled, event: &Event) -> Result<(), Violation> {
         rule,
         message,
     };
-    let data: Value = if event.data.is_empty() {
+    if let Some(declared) = event.datacontenttype.as_deref()
+        && !is_json_media_type(media_type(declared))
+    {
+        return Err(failed(
+            String::new(),
+            "datacontenttype".to_owned(),
+            format!("the type's schema checks JSON data; this event's data is `{declared}`"),
+        ));
+    }
+    let data: Value = if event.data.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
         serde_json::from_slice(&event.data).map_err(|e| {
@@ -329,13 +369,7 @@ fn violation(checker: &Compiled, event: &Event) -> Result<(), Violation> {
     match checker.validator.iter_errors(&data).next() {
         None => Ok(()),
         Some(error) => {
-            let rule = error
-                .schema_path()
-                .as_str()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
+            let rule = error.kind().keyword().to_owned();
             Err(failed(
                 error.instance_path().as_str().to_owned(),
                 rule,
@@ -428,6 +462,27 @@ mod tests {
         );
         let v = violation(&c, &event("not json")).unwrap_err();
         assert_eq!(v.rule, "json");
+    }
+
+    #[test]
+    fn data_is_checked_as_json_only_and_blank_data_as_null() {
+        let null = checker(r#"{"type": "null"}"#);
+        assert_eq!(violation(&null, &event("")), Ok(()));
+        assert_eq!(violation(&null, &event(" \n")), Ok(()));
+        // Text that reads as a number is not taken for one.
+        let number = checker(r#"{"type": "integer"}"#);
+        let mut text = event("42");
+        text.datacontenttype = Some("text/plain; charset=utf-8".into());
+        let v = violation(&number, &text).unwrap_err();
+        assert_eq!(v.rule, "datacontenttype");
+        assert!(v.message.contains("text/plain"), "{v}");
+        let mut json = event("42");
+        json.datacontenttype = Some("application/cloudevents+json".into());
+        assert_eq!(violation(&number, &json), Ok(()));
+        // The rule is the keyword that failed, also for a `false` subschema.
+        let never = checker(r#"{"properties": {"v": false}}"#);
+        let v = violation(&never, &event(r#"{"v": 1}"#)).unwrap_err();
+        assert_eq!((v.pointer.as_str(), v.rule.as_str()), ("/v", "falseSchema"));
     }
 
     #[test]

@@ -300,6 +300,34 @@ async fn schemas_check_what_is_published_and_emitted_and_survive_a_restart(backe
     let named = &refused["error"]["details"]["events"][0];
     assert_eq!(named["pointer"], "");
     assert_eq!(named["rule"], "required");
+    // Every failing event is counted, not only those named.
+    let emitted = host
+        .log()
+        .await
+        .iter()
+        .filter(|e| e["event"]["type"] == "tickets.generated")
+        .count();
+    assert_eq!(refused["error"]["details"]["failing"], emitted, "{refused}");
+    // An event scheduled for later is checked too: it enters the log as it is now.
+    let response = host
+        .http
+        .post(host.url("/v1/events/payment.refunded?delay=1h"))
+        .header("ce-id", "later-1")
+        .json(&json!({"order_id": "B-9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let refund_schema = json!({"type": "object", "required": ["order_id", "reason"]});
+    let (status, refused) = put_schema(&host, "payment.refunded", &refund_schema, false).await;
+    assert_eq!(status, 409, "{refused}");
+    let named = &refused["error"]["details"]["events"][0];
+    assert_eq!(
+        (named["id"].as_str(), named["scheduled"].as_bool()),
+        (Some("later-1"), Some(true)),
+        "{refused}"
+    );
+    assert_eq!(named["sequence"], Value::Null);
     assert_eq!(
         host.get_json("/v1/schemas").await["schemas"]
             .as_array()
@@ -372,6 +400,18 @@ async fn schemas_check_what_is_published_and_emitted_and_survive_a_restart(backe
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+
+    // A version larger than the NATS server stores in one message says so.
+    let huge = json!({"type": "object", "description": "x".repeat(1_100_000)});
+    let (status, answer) = put_schema(&host, "bulk.loaded", &huge, false).await;
+    match backend {
+        Backend::Embedded => assert_eq!(status, 201, "{answer}"),
+        Backend::Nats(_) => {
+            assert_eq!(status, 413, "{answer}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.contains("max_payload"), "{message}");
+        }
+    }
 }
 
 on_both_backends!(

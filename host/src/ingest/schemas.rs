@@ -81,32 +81,49 @@ pub(super) async fn register(
         Err(incompatible @ RegisterError::Incompatible { .. }) => {
             let message = format!("{incompatible}; fix them or register with `?force=true`");
             let RegisterError::Incompatible {
-                checked, refused, ..
+                checked,
+                failing,
+                refused,
+                ..
             } = incompatible
             else {
                 return Err(ApiError::internal("unreachable"));
             };
             let events: Vec<Value> = refused
                 .iter()
-                .map(|(stored, violation)| {
+                .map(|(refused, violation)| {
                     json!({
-                        "id": stored.event.id,
-                        "source": stored.event.source,
-                        "sequence": stored.sequence,
+                        "id": refused.event.id,
+                        "source": refused.event.source,
+                        "sequence": refused.sequence,
+                        "scheduled": refused.sequence.is_none(),
                         "pointer": violation.pointer,
                         "rule": violation.rule,
                         "message": violation.message,
                     })
                 })
                 .collect();
-            return Err(ApiError::new(StatusCode::CONFLICT, code::CONFLICT, message)
-                .with_details(json!({ "checked": checked, "events": events })));
+            return Err(
+                ApiError::new(StatusCode::CONFLICT, code::CONFLICT, message).with_details(
+                    json!({ "checked": checked, "failing": failing, "events": events }),
+                ),
+            );
         }
         Err(RegisterError::Bus(BusError::Conflict(what))) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 code::CONFLICT,
                 format!("another version of the {what} was registered meanwhile; send it again"),
+            ));
+        }
+        Err(RegisterError::Bus(BusError::TooLarge { what, bytes, limit })) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                code::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{what} would be {bytes} bytes with this version, over the {limit} bytes \
+                     the bus stores in one message (the NATS server's `max_payload`)"
+                ),
             ));
         }
         Err(RegisterError::Bus(error)) => return Err(ApiError::internal(error)),

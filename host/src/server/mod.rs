@@ -136,6 +136,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address: SocketAddr = listener.local_addr()?;
+    if config.ingest.public_url.is_none() && address.ip().is_unspecified() {
+        tracing::warn!(
+            %address,
+            "events checked against a schema will name it at http://{address}/v1/schemas/…, which no client can reach: set `[ingest] public_url` to the address producers use"
+        );
+    }
     schemas.set_base_url(
         config
             .ingest

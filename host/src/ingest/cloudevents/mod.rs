@@ -299,20 +299,7 @@ fn content_type<'h>(
         .transpose()
 }
 
-/// The media type of a `Content-Type` value, without parameters or surrounding spaces.
-pub(in crate::ingest) fn media_type(content_type: &str) -> &str {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or(content_type)
-        .trim()
-}
-
-/// `application/json`, `text/json` and any `*/*+json`, ignoring case.
-pub(in crate::ingest) fn is_json_media_type(media: &str) -> bool {
-    let lower = media.to_ascii_lowercase();
-    lower == "application/json" || lower == "text/json" || lower.ends_with("+json")
-}
+pub(in crate::ingest) use crate::event::{is_json_media_type, media_type};
 
 /// Parses a whole body as JSON, mapping syntax errors to `400 malformed_json`.
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
