@@ -14,6 +14,9 @@ use tokio::net::TcpStream;
 /// One keep-alive connection.
 pub struct Connection {
     stream: TcpStream,
+    /// The `Host` header: the address connected to, as a browser would send it (a host
+    /// answers only names it knows for itself).
+    host: String,
     buffer: Vec<u8>,
     request: Vec<u8>,
 }
@@ -25,6 +28,7 @@ impl Connection {
         stream.set_nodelay(true)?;
         Ok(Self {
             stream,
+            host: address.to_string(),
             buffer: Vec::with_capacity(4096),
             request: Vec::with_capacity(4096),
         })
@@ -42,8 +46,9 @@ impl Connection {
         self.request.clear();
         self.request.extend_from_slice(
             format!(
-                "POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: {content_type}\r\n\
+                "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: {content_type}\r\n\
                  content-length: {}\r\n{headers}\r\n",
+                self.host,
                 body.len()
             )
             .as_bytes(),
