@@ -103,6 +103,15 @@ async fn a_graceful_restart_loses_and_repeats_nothing() {
     assert_all_handled_once(&host, &acked).await;
 }
 
+/// Waits for `host` to answer `/readyz` with `503`.
+async fn unready(host: &Host) {
+    host.wait_for("/readyz to answer 503", Duration::from_secs(2), || async {
+        let ready = reqwest::get(host.url("/readyz")).await.ok()?;
+        (ready.status() == 503).then_some(())
+    })
+    .await;
+}
+
 /// With `shutdown_drain`, a host told to stop first answers `/readyz` with `503` while it
 /// still takes events, so a load balancer moves producers away before connections fail;
 /// then it stops as usual, its events handled.
@@ -117,11 +126,7 @@ async fn a_host_told_to_stop_drains_as_unready_before_it_stops_accepting() {
     let mut acked = send_stream(&host, "d1", 20).await;
     let told = std::time::Instant::now();
     host.terminate();
-    host.wait_for("/readyz to answer 503", Duration::from_secs(2), || async {
-        let ready = reqwest::get(host.url("/readyz")).await.ok()?;
-        (ready.status() == 503).then_some(())
-    })
-    .await;
+    unready(&host).await;
     acked.extend(send_stream(&host, "d2", 20).await);
     assert!(
         told.elapsed() < Duration::from_secs(3),
@@ -135,11 +140,7 @@ async fn a_host_told_to_stop_drains_as_unready_before_it_stops_accepting() {
     // A second signal ends the drain at once.
     let told = std::time::Instant::now();
     host.terminate();
-    host.wait_for("/readyz to answer 503", Duration::from_secs(2), || async {
-        let ready = reqwest::get(host.url("/readyz")).await.ok()?;
-        (ready.status() == 503).then_some(())
-    })
-    .await;
+    unready(&host).await;
     host.terminate();
     host.wait_stopped(Duration::from_secs(30));
     assert!(told.elapsed() < Duration::from_secs(3), "it drained on");

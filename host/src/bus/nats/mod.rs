@@ -65,6 +65,8 @@
 //! - `consumer.rs`: a plugin's consumer on one host: pulling, keep-alive, settling, and
 //!   the errors of earlier attempts;
 //! - `dead_letters.rs`: the dead-letter records and the [`DeadLetters`](super::DeadLetters) calls;
+//! - `scan.rs`: reading a subject filter's messages in order (direct gets for a few, an
+//!   ordered consumer for more), for pages of the log and of dead letters;
 //! - `schemas.rs`: the schemas bucket `P-schemas`, settlement notices on
 //!   `P.notices.<key>` (core NATS, no stream) and reading the latest events of a type;
 //! - `controls.rs`: the plugin controls bucket `P-controls` (pause and breaker);
