@@ -459,12 +459,14 @@ impl Bus for SqliteBus {
                 [&plugin],
                 |r| r.get(0),
             )?;
-            let dead: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM dead_letters WHERE plugin = ?1
-                   AND EXISTS (SELECT 1 FROM events WHERE events.seq = dead_letters.seq)",
-                [&plugin],
-                |r| r.get(0),
-            )?;
+            let dead: i64 = conn
+                .query_row(
+                    "SELECT letters FROM dead_letter_counts WHERE plugin = ?1",
+                    [&plugin],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
             Ok(ConsumerStats {
                 cursor: to_u64(cursor),
                 lag: to_u64(head.saturating_sub(cursor)),

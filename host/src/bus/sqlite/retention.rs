@@ -1047,6 +1047,41 @@ mod tests {
         }
     }
 
+    /// A plugin's dead letters are counted as they come and go, and a log from before the
+    /// counts is counted when it opens.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_letter_counts_follow_the_letters_and_an_older_log_is_counted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let bus = SqliteBus::open(SqliteOptions::new(&path)).unwrap();
+        settle_some(&bus).await;
+        let letters = |bus: &SqliteBus| {
+            let bus = bus.clone();
+            async move { bus.consumer_stats("p").await.unwrap().dead_letters }
+        };
+        assert_eq!(letters(&bus).await, 1);
+        bus.close().await.unwrap();
+        drop(bus);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP TRIGGER dead_letter_counted; DROP TRIGGER dead_letter_uncounted;
+                 DROP TABLE dead_letter_counts;",
+            )
+            .unwrap();
+        let bus = SqliteBus::open(SqliteOptions::new(&path)).unwrap();
+        assert_eq!(letters(&bus).await, 1, "counted at open");
+        let deleted = bus
+            .delete_dead_letters(&crate::bus::DeadLetterSelection::Plugin {
+                plugin: "p".into(),
+                reason: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!((deleted, letters(&bus).await), (1, 0));
+        bus.close().await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_what_every_plugin_settled_goes_unless_a_rule_says_otherwise() {
         let (_dir, bus) = open();

@@ -112,6 +112,19 @@ CREATE TABLE IF NOT EXISTS scheduled (
 CREATE INDEX IF NOT EXISTS scheduled_due ON scheduled (due_at);
 CREATE INDEX IF NOT EXISTS retries_seq ON retries (seq);
 CREATE INDEX IF NOT EXISTS dead_letters_seq ON dead_letters (seq);
+-- How many dead letters each plugin holds, kept by the triggers below, so that reading it
+-- costs one row however many letters there are.
+CREATE TABLE IF NOT EXISTS dead_letter_counts (
+    plugin TEXT PRIMARY KEY,
+    letters INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS dead_letter_counted AFTER INSERT ON dead_letters BEGIN
+    INSERT INTO dead_letter_counts (plugin, letters) VALUES (NEW.plugin, 1)
+    ON CONFLICT (plugin) DO UPDATE SET letters = letters + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS dead_letter_uncounted AFTER DELETE ON dead_letters BEGIN
+    UPDATE dead_letter_counts SET letters = letters - 1 WHERE plugin = OLD.plugin;
+END;
 ";
 
 pub(super) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
@@ -153,7 +166,24 @@ pub(super) fn check_schema(conn: &Connection, path: &Path) -> Result<(), BusErro
             path.display()
         )));
     }
+    let counted: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dead_letter_counts'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(storage)?;
     conn.execute_batch(SCHEMA).map_err(storage)?;
+    if counted == 0 {
+        // A log from before the counts: count what it holds once (the host holds the log's
+        // lock, so nothing is dead-lettered meanwhile).
+        conn.execute_batch(
+            "INSERT INTO dead_letter_counts (plugin, letters)
+             SELECT plugin, COUNT(*) FROM dead_letters GROUP BY plugin
+             ON CONFLICT (plugin) DO UPDATE SET letters = excluded.letters",
+        )
+        .map_err(storage)?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(storage)
 }
