@@ -122,81 +122,64 @@ impl Scan<'_> {
         if self.ended {
             return Ok(None);
         }
-        match self.streamed().await {
-            Err(next) => {
-                self.source = Source::OneByOne { from: next };
-                self.one_by_one().await
-            }
-            Ok(Some(scanned)) => Ok(scanned),
-            Ok(None) => self.one_by_one().await,
-        }
-    }
-
-    /// The next message of a streamed scan: `Ok(None)` when the scan is not streamed,
-    /// `Err` with where to go on when its consumer failed.
-    async fn streamed(&mut self) -> Result<Option<Option<Scanned>>, u64> {
-        let Source::Streamed {
+        if let Source::Streamed {
             messages,
             last,
             next,
         } = &mut self.source
-        else {
+        {
+            let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, messages.next()).await
+            else {
+                self.ended = true;
+                return Ok(None);
+            };
+            match message.map_err(|e| e.to_string()).and_then(streamed) {
+                Ok((scanned, pending)) => {
+                    *next = scanned.sequence + 1;
+                    // Past the last one there was, or nothing left on the subject (the
+                    // last one may have gone meanwhile).
+                    self.ended = scanned.sequence >= *last || pending == 0;
+                    return Ok((scanned.sequence <= *last).then_some(scanned));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "a stream's ordered consumer failed; reading on message by message");
+                    let from = *next;
+                    self.source = Source::OneByOne { from };
+                }
+            }
+        }
+        let Source::OneByOne { from } = &mut self.source else {
             return Ok(None);
         };
-        let Ok(Some(message)) = tokio::time::timeout(SCAN_PATIENCE, messages.next()).await else {
+        let Some(message) =
+            next_message(self.stream, self.shared.direct(), &self.subject, *from).await?
+        else {
             self.ended = true;
-            return Ok(Some(None));
+            return Ok(None);
         };
-        let read = message.map_err(|e| e.to_string()).and_then(|message| {
-            let info = message.info().map_err(|e| e.to_string())?;
-            Ok((
-                info.stream_sequence,
-                micros(info.published),
-                message.subject.to_string(),
-                message.payload.clone(),
-                info.pending,
-            ))
-        });
-        let (sequence, stored_at_us, subject, payload, pending) = match read {
-            Ok(read) => read,
-            Err(error) => {
-                tracing::debug!(%error, "a stream's ordered consumer failed; reading on message by message");
-                return Err(*next);
-            }
-        };
-        *next = sequence + 1;
-        // Past the last one there was, or nothing left on the subject (the last one may
-        // have gone meanwhile).
-        self.ended = sequence >= *last || pending == 0;
-        if sequence > *last {
-            return Ok(Some(None));
-        }
-        Ok(Some(Some(Scanned {
-            sequence,
-            subject,
-            payload,
-            stored_at_us,
-        })))
+        *from = message.sequence + 1;
+        Ok(Some(Scanned {
+            sequence: message.sequence,
+            subject: message.subject.to_string(),
+            payload: message.payload,
+            stored_at_us: micros(message.time),
+        }))
     }
+}
 
-    async fn one_by_one(&mut self) -> Result<Option<Scanned>, BusError> {
-        match &mut self.source {
-            Source::OneByOne { from } => {
-                let Some(message) =
-                    next_message(self.stream, self.shared.direct(), &self.subject, *from).await?
-                else {
-                    self.ended = true;
-                    return Ok(None);
-                };
-                *from = message.sequence + 1;
-                Ok(Some(Scanned {
-                    sequence: message.sequence,
-                    subject: message.subject.to_string(),
-                    payload: message.payload,
-                    stored_at_us: micros(message.time),
-                }))
-            }
-            Source::Streamed { .. } => Ok(None),
-        }
-    }
+/// A message of an ordered consumer as scanned, with how many of the subject's messages
+/// are left after it.
+fn streamed(message: async_nats::jetstream::Message) -> Result<(Scanned, u64), String> {
+    let info = message.info().map_err(|e| e.to_string())?;
+    let (sequence, stored_at_us, pending) =
+        (info.stream_sequence, micros(info.published), info.pending);
+    Ok((
+        Scanned {
+            sequence,
+            subject: message.subject.to_string(),
+            payload: message.payload.clone(),
+            stored_at_us,
+        },
+        pending,
+    ))
 }

@@ -332,8 +332,10 @@ pub(super) fn delete(
             }
             // The retries left wait for an event that is gone: those of a rule that deletes
             // unsettled events, or of plugins that hold nothing.
-            exec(conn, "DELETE FROM retries WHERE seq = ?1", [seq])?;
-            exec(conn, "DELETE FROM replays WHERE seq = ?1", [seq])?;
+            // A replay's record lives only as long as its retry.
+            if exec(conn, "DELETE FROM retries WHERE seq = ?1", [seq])? > 0 {
+                exec(conn, "DELETE FROM replays WHERE seq = ?1", [seq])?;
+            }
             if candidate.unsettled_ok {
                 exec(conn, "DELETE FROM acked WHERE seq = ?1", [seq])?;
             }
