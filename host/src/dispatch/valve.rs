@@ -87,6 +87,7 @@ impl Valves {
                 flowing: AtomicBool::new(true),
                 failures: AtomicU32::new(0),
                 settings: Mutex::new(None),
+                probe_taken_ms: Mutex::new(None),
                 current: Mutex::new((PluginControl::default(), 0)),
                 changed: tokio::sync::Notify::new(),
             })
@@ -183,6 +184,9 @@ pub struct Valve {
     failures: AtomicU32,
     /// The breaker of the version serving now, and how long its probe may take.
     settings: Mutex<Option<(BreakerPolicy, Duration)>>,
+    /// When this host took the probe now running here: the `since_ms` it wrote, which
+    /// tells its probe from one another host took over after the lease ran out.
+    probe_taken_ms: Mutex<Option<i64>>,
     /// The control as last read or written, with its revision.
     current: Mutex<(PluginControl, u64)>,
     changed: tokio::sync::Notify,
@@ -339,6 +343,10 @@ impl Valve {
         if self.write(&probing, revision).await.is_err() {
             return false;
         }
+        *self
+            .probe_taken_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(now);
         self.metrics.breaker_transition(&self.plugin, "probing");
         tracing::info!(plugin = %self.plugin, after = ?seen.breaker.name(), "circuit breaker: one delivery probes the plugin");
         true
@@ -347,13 +355,28 @@ impl Valve {
     /// Closes the breaker after a probe that did not fail, or opens it again for longer.
     async fn end_probe(&self, failure: Option<&AttemptError>) {
         let policy = self.settings().map(|(policy, _)| policy);
+        let taken_ms = self
+            .probe_taken_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let mut closed = false;
         let mut reopened = None;
         let ended = self
             .change(|control| {
-                let Breaker::Probing { cooldown_ms, .. } = &control.breaker else {
+                // A probe that outlived its lease was taken over by another host (or
+                // ended by an operator): its outcome is that host's to record.
+                let Breaker::Probing {
+                    cooldown_ms,
+                    since_ms,
+                    ..
+                } = &control.breaker
+                else {
                     return None;
                 };
+                if Some(*since_ms) != taken_ms {
+                    return None;
+                }
                 match (failure, policy) {
                     (Some(error), Some(policy)) => {
                         let cooldown = policy.next_cooldown(Duration::from_millis(*cooldown_ms));
@@ -471,4 +494,55 @@ fn open(now: i64, cooldown: Duration, reason: String) -> Breaker {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+
+    #[tokio::test]
+    async fn a_probe_taken_over_by_another_host_is_ended_by_that_host_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus: Arc<dyn Bus> =
+            Arc::new(SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap());
+        let opened = PluginControl {
+            paused: None,
+            breaker: open(now_ms() - 10, Duration::from_millis(1), "failing".into()),
+        };
+        bus.put_control("p", &opened, 0).await.unwrap();
+        let policy = BreakerPolicy {
+            failures: 1,
+            cooldown: Duration::from_millis(1),
+            max_cooldown: Duration::from_millis(1),
+        };
+        let lease = Duration::from_millis(20);
+        // Two hosts sharing the bus.
+        let slow = Valves::new(Arc::clone(&bus), Arc::new(Metrics::default())).valve("p");
+        let other = Valves::new(Arc::clone(&bus), Arc::new(Metrics::default())).valve("p");
+        slow.serve(Some(policy), lease).await.unwrap();
+        other.serve(Some(policy), lease).await.unwrap();
+
+        assert_eq!(slow.admit().await, Admission::Probe);
+        // The slow host's probe outlives its lease: the other host takes it over.
+        tokio::time::sleep(lease * 2).await;
+        other.refresh().await.unwrap();
+        assert_eq!(other.admit().await, Admission::Probe);
+        let (taken_over, _) = bus.control("p").await.unwrap();
+
+        // The slow probe ends well: that must not end the other host's probe.
+        slow.record(Admission::Probe, None).await;
+        assert_eq!(bus.control("p").await.unwrap().0, taken_over);
+
+        // The other host's probe fails: the breaker opens again.
+        let failure = AttemptError {
+            attempt: 1,
+            kind: crate::failure::FailureKind::Trap,
+            message: "trapped".into(),
+            at_ms: now_ms(),
+        };
+        other.record(Admission::Probe, Some(&failure)).await;
+        let (control, _) = bus.control("p").await.unwrap();
+        assert_eq!(control.breaker.name(), "open");
+    }
 }
