@@ -1191,6 +1191,7 @@ mod tests {
                     max_kv_writes: 10,
                     max_kv_key_bytes: 128,
                     max_kv_value_bytes: 4 << 10,
+                    max_kv_bytes: 16 << 20,
                     max_causation_depth: 16,
                 },
             }

@@ -119,7 +119,8 @@ export class Event {
  *
  * `data` may be a `Uint8Array` (sent as it is, `application/octet-stream` unless
  * `contentType` says otherwise), a string (`text/plain`) or anything JSON can encode
- * (`application/json`). Options: `subject`, `contentType`, `extensions`, `partitionKey`,
+ * (`application/json`); data JSON cannot encode (a `BigInt`, a cycle, a function)
+ * throws `Reject`. Options: `subject`, `contentType`, `extensions`, `partitionKey`,
  * `expectedVersion` (append only if the subject's stream is at that version), and
  * `delay` (milliseconds) or `deliverAt` (an RFC 3339 time or a `Date`) to schedule it.
  */
@@ -133,7 +134,7 @@ export function emit(type, data, options = {}) {
     body = encoder.encode(data);
     contentType = "text/plain";
   } else if (data !== undefined) {
-    body = encoder.encode(JSON.stringify(data));
+    body = encoder.encode(encodeJson(data, `cannot serialise ${type}`));
     contentType = "application/json";
   }
   const extensions = { ...(options.extensions ?? {}) };
@@ -158,6 +159,28 @@ export function emit(type, data, options = {}) {
     expectedVersion: options.expectedVersion === undefined ? undefined : BigInt(options.expectedVersion),
     schedule,
   });
+}
+
+// The same value fails the same way on every attempt, so retrying it as a bug would only
+// delay the dead letter; the Rust SDK rejects it too. `JSON.stringify` returns
+// `undefined` instead of throwing for a function, a symbol or `undefined`: stored or sent
+// as it is, that would be the text "undefined", which no reader decodes.
+function encodeJson(value, failure) {
+  let text;
+  try {
+    text = JSON.stringify(value);
+  } catch (e) {
+    throw new Reject(`${failure}: ${e.message}`);
+  }
+  if (text === undefined) throw new Reject(`${failure}: ${kindOf(value)} is not JSON`);
+  return text;
+}
+
+function kindOf(value) {
+  if (value === null) return "null";
+  if (value === undefined) return "undefined";
+  if (Array.isArray(value)) return "an array";
+  return typeof value === "object" ? "an object" : `a ${typeof value}`;
 }
 
 /** Cancels a scheduled event by the id `emit` returned; `false` if it is gone. */
@@ -189,13 +212,34 @@ export const kv = {
       throw new Reject(`invalid JSON stored at key ${JSON.stringify(key)}: ${e.message}`);
     }
   },
-  /** Stores a `Uint8Array`, or a string as UTF-8. */
+  /**
+   * Stores a `Uint8Array`, or a string as UTF-8. A value with no byte form (a number,
+   * an object) throws `TypeError`: `kv.setJson` stores those.
+   */
   set(key, value) {
-    host.kvSet(key, typeof value === "string" ? encoder.encode(value) : value);
+    if (typeof value === "string") {
+      host.kvSet(key, encoder.encode(value));
+    } else if (value instanceof Uint8Array) {
+      host.kvSet(key, value);
+    } else if (ArrayBuffer.isView(value)) {
+      host.kvSet(key, new Uint8Array(value.buffer, value.byteOffset, value.byteLength));
+    } else if (value instanceof ArrayBuffer) {
+      host.kvSet(key, new Uint8Array(value));
+    } else {
+      // Guessing a byte form would store something other than what the handler meant.
+      throw new TypeError(
+        `kv.set stores a Uint8Array or a string, not ${kindOf(value)}: ` +
+          "use kv.setJson to store it as JSON",
+      );
+    }
   },
-  /** Stores `value` encoded as JSON. */
+  /**
+   * Stores `value` encoded as JSON. A value JSON cannot encode (a `BigInt`, a cycle,
+   * `undefined`, a function) throws `Reject`: retrying would not change it.
+   */
   setJson(key, value) {
-    host.kvSet(key, encoder.encode(JSON.stringify(value)));
+    const failure = `cannot serialise the value for key ${JSON.stringify(key)}`;
+    host.kvSet(key, encoder.encode(encodeJson(value, failure)));
   },
   delete(key) {
     host.kvDelete(key);
@@ -250,18 +294,49 @@ export const stream = {
 };
 
 function outcome(error) {
-  if (error instanceof Retry) return { tag: "retry", val: error.message || "retry" };
-  if (error instanceof Reject) return { tag: "reject", val: error.message || "reject" };
+  // `instanceof` runs a thrown proxy's traps, which may throw in turn: that is a bug to
+  // report, not an exception to escape the report.
+  try {
+    if (error instanceof Retry) return { tag: "retry", val: error.message || "retry" };
+    if (error instanceof Reject) return { tag: "reject", val: error.message || "reject" };
+  } catch {
+    // Reported as a bug below.
+  }
   return undefined;
 }
 
-// A bug's description goes to stderr, which the host reads when the call traps.
+// A bug's description goes to stderr, which the host reads when the call traps. The host
+// takes the line starting `Uncaught ` as the summary, so the report must reach stderr
+// whatever was thrown: `String` itself throws for an object without a prototype, and
+// would show any other object as `[object Object]`.
 function reportBug(error) {
-  const text =
-    error instanceof Error
-      ? `Uncaught ${error.name}: ${error.message}\n${error.stack ?? ""}`
-      : `Uncaught ${String(error)}`;
+  let text;
+  try {
+    text =
+      error instanceof Error
+        ? `Uncaught ${error.name}: ${error.message}\n${error.stack ?? ""}`
+        : `Uncaught ${show(error)}`;
+  } catch {
+    text = `Uncaught ${UNSHOWABLE}`;
+  }
   console.error(text.trimEnd());
+}
+
+const UNSHOWABLE = "a value that cannot be shown";
+
+function show(value) {
+  if (typeof value === "string") return value;
+  try {
+    const json = JSON.stringify(value);
+    if (json !== undefined) return json;
+  } catch {
+    // A cycle or a BigInt: `String` may still show it.
+  }
+  try {
+    return String(value);
+  } catch {
+    return UNSHOWABLE;
+  }
 }
 
 class Bug extends Error {}

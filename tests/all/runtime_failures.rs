@@ -82,13 +82,41 @@ fn cases() -> Vec<Case> {
             behaviour: "hostile.emit-huge",
             limits: generous,
             kind: "effects",
-            message: "emit: more than 1048576 bytes of event data emitted in one call",
+            message: "emit: more than 1048576 bytes of events (data, type, subject, content \
+                      type and extensions) emitted in one call",
+        },
+        Case {
+            behaviour: "hostile.emit-wide",
+            limits: generous,
+            kind: "effects",
+            message: "emit: more than 1048576 bytes of events (data, type, subject, content \
+                      type and extensions) emitted in one call",
+        },
+        Case {
+            behaviour: "hostile.emit-aliased",
+            limits: generous,
+            kind: "effects",
+            message: "a call into the host carried more than 2097152 bytes (the largest emit \
+                      or KV value allowed, and 1 MiB for names)",
         },
         Case {
             behaviour: "hostile.kv-huge",
             limits: generous,
             kind: "effects",
-            message: "kv-set `big`: value of 10485760 bytes is larger than the limit of 1048576 bytes",
+            message: "kv-set `big`: value of 1572864 bytes is larger than the limit of 1048576 bytes",
+        },
+        Case {
+            behaviour: "hostile.kv-many",
+            limits: generous,
+            kind: "effects",
+            message: "kv-set: more than 16777216 bytes of KV keys and values written in one call",
+        },
+        Case {
+            behaviour: "hostile.read-many",
+            limits: generous,
+            kind: "effects",
+            message: "kv-get: more than 10000 reads (KV keys, key listings, streams and \
+                      scheduled ids), or 4194304 bytes of their names, in one call",
         },
     ]
 }
@@ -220,4 +248,87 @@ fn a_cpu_bound_guest_yields_its_thread_to_other_tasks() {
         let ticks = ticks.load(Ordering::Relaxed);
         assert!(ticks >= 100, "the ticker ran {ticks} times during the loop");
     });
+}
+
+/// Each item of a batch as `kind` (`ok`, a failure kind and its message, or `-` for an
+/// item not handled).
+fn batch_kinds(outcome: &switchyard_host::runtime::BatchOutcome) -> Vec<String> {
+    outcome
+        .items
+        .iter()
+        .map(|item| match item {
+            Some(Ok(_)) => "ok".to_owned(),
+            Some(Err(failure)) => format!("{}: {}", failure.kind.as_str(), failure.message),
+            None => "-".to_owned(),
+        })
+        .collect()
+}
+
+async fn invoke_batch(
+    plugin: &switchyard_host::runtime::Plugin,
+    events: &[switchyard_host::event::Event],
+) -> switchyard_host::runtime::BatchOutcome {
+    let items: Vec<_> = events
+        .iter()
+        .map(|e| (e, crate::support::delivery(1)))
+        .collect();
+    plugin
+        .invoke_batch(&items, Arc::new(switchyard_host::EmptyKv))
+        .await
+}
+
+/// A looping item of a batch gets its own time, not the time of all the items: the batch
+/// call is not held for the whole batch's worth of timeouts.
+#[tokio::test]
+async fn a_looping_batch_item_is_stopped_after_its_own_time() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        limits: limits(u64::MAX / 64, 64 * MIB, 300),
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let types = ["hostile.ok", "hostile.ok", "hostile.loop", "hostile.ok"];
+    let events: Vec<_> = types
+        .iter()
+        .map(|ty| event(ty, serde_json::json!({})))
+        .collect();
+    let outcome = invoke_batch(&plugin, &events).await;
+    assert_eq!(
+        batch_kinds(&outcome),
+        ["ok", "ok", "timeout: did not finish within 300ms", "-"]
+    );
+}
+
+/// A batch call that fails before its first item (its events do not fit the memory cap
+/// when copied in) charges the failure to the first item, and a `reuse` instance that
+/// failed is not kept: the next call runs on a fresh one.
+#[tokio::test]
+async fn a_batch_that_fails_between_items_is_reported_and_its_instance_dropped() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        limits: limits(u64::MAX / 64, 4 * MIB, 10_000),
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let big = serde_json::json!({ "padding": "x".repeat(MIB as usize) });
+    let events: Vec<_> = (0..6).map(|_| event("hostile.ok", big.clone())).collect();
+    let outcome = invoke_batch(&plugin, &events).await;
+    assert_eq!(
+        batch_kinds(&outcome),
+        [
+            "memory: memory limit of 4194304 bytes exceeded",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-"
+        ]
+    );
+    let next = invoke(
+        &plugin,
+        &event("hostile.instance-calls", serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(failure(&next), ("reject", "calls=1"));
 }

@@ -47,6 +47,7 @@
 //! max_emit_bytes = "1MiB"
 //! max_kv_writes = 1000
 //! max_kv_value_bytes = "1MiB"
+//! max_kv_bytes = "16MiB"
 //! max_causation_depth = 16
 //!
 //! [config]
@@ -397,6 +398,7 @@ mod tests {
                 max_kv_writes: 0,
                 max_kv_key_bytes: 64,
                 max_kv_value_bytes: 1024,
+                max_kv_bytes: 16 << 20,
                 max_causation_depth: 16,
             }
         );

@@ -166,8 +166,8 @@ pub struct EffectsTable {
     /// Default: 100.
     pub max_emits: Option<usize>,
 
-    /// Total size of the `data` of all events one invocation emits: bytes, or a size such
-    /// as `"1MiB"`.
+    /// Total size of the events one invocation emits (their data, type, subject, content
+    /// type and extensions): bytes, or a size such as `"1MiB"`.
     ///
     /// Default: `"1MiB"`.
     #[serde(default, deserialize_with = "deser::opt_size_usize")]
@@ -189,6 +189,13 @@ pub struct EffectsTable {
     /// Default: `"1MiB"`.
     #[serde(default, deserialize_with = "deser::opt_size_usize")]
     pub max_kv_value_bytes: Option<usize>,
+
+    /// Total size of the keys and values one invocation writes: bytes, or a size such as
+    /// `"16MiB"`.
+    ///
+    /// Default: `"16MiB"`.
+    #[serde(default, deserialize_with = "deser::opt_size_usize")]
+    pub max_kv_bytes: Option<usize>,
 
     /// Longest chain of follow-up events: an emit from a handler of an event that is
     /// already this many emits away from a producer's event is stopped, and the event is
@@ -364,6 +371,7 @@ impl EffectsTable {
             max_kv_writes: self.max_kv_writes.unwrap_or(base.max_kv_writes),
             max_kv_key_bytes: self.max_kv_key_bytes.unwrap_or(base.max_kv_key_bytes),
             max_kv_value_bytes: self.max_kv_value_bytes.unwrap_or(base.max_kv_value_bytes),
+            max_kv_bytes: self.max_kv_bytes.unwrap_or(base.max_kv_bytes),
             max_causation_depth: self.max_causation_depth.unwrap_or(base.max_causation_depth),
         }
     }

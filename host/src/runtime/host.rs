@@ -26,7 +26,7 @@ use super::settings::EffectBounds;
 use super::stdio::StderrTail;
 use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
-use crate::failure::FailureKind;
+use crate::failure::{AttemptError, FailureKind};
 use crate::kv::{KvError, KvRead, KvSource, KvWrite, keys_digest, value_digest};
 use crate::schedule::{DELIVER_AT, Due, ScheduledRead};
 use crate::stream::{EXPECTED_VERSION, STREAM_VERSION, StreamRead};
@@ -36,6 +36,12 @@ use crate::telemetry::{self, TRACEPARENT};
 const MAX_LOG_LINE: usize = 8192;
 /// Most events one `read-stream` returns; a plugin pages through longer streams.
 pub(crate) const MAX_STREAM_PAGE: usize = 1000;
+/// Most reads one call may record for its commit's check (distinct KV keys read, key
+/// listings, stream reads and scheduled ids looked at): each is checked again when the
+/// call commits, on the log's single writer.
+const MAX_READS: usize = 10_000;
+/// Most bytes of names (keys, prefixes, subjects, ids) the reads of one call may hold.
+const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why the host stopped a call from inside one of its imports.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -116,6 +122,11 @@ struct BatchCall {
     inherited: Arc<Inherited>,
     /// Each item's outcome; `None` for an item not handled (yet).
     outcomes: Vec<Option<Result<Effects, Failure>>>,
+    /// How long each item may take, and when the current one (or the call, before its
+    /// first item) began: an item that loops is stopped after its own time, not after
+    /// the whole batch's.
+    item_timeout: std::time::Duration,
+    item_started: std::time::Instant,
 }
 
 /// Effects buffered by the current call, and what it read of the committed state.
@@ -128,7 +139,14 @@ struct EffectBuffer {
     emit_bytes: usize,
     kv: BTreeMap<String, Option<Vec<u8>>>,
     kv_write_count: usize,
+    /// Bytes of keys and values written, overwritten ones included.
+    kv_write_bytes: usize,
     reads: Vec<KvRead>,
+    /// The keys whose committed value `reads` holds: a key read again adds no read.
+    keys_read: std::collections::HashSet<String>,
+    /// Reads recorded (of every kind) and the bytes of their names.
+    read_count: usize,
+    read_bytes: usize,
     stream_reads: Vec<StreamRead>,
     schedule_reads: Vec<ScheduledRead>,
     cancels: Vec<String>,
@@ -182,14 +200,23 @@ impl HostState {
     /// Starts buffering effects for a call that handles `event`.
     pub(crate) fn begin_call(&mut self, event: &Event, kv: Arc<dyn KvSource>) {
         self.batch = None;
+        // A warm instance's earlier calls printed what they printed; a trap of this call
+        // is reported with this call's output only.
+        self.stderr_tail.take();
         let origin = self.origin(event);
         self.call = Some(CallContext::new(origin, event, kv, None));
     }
 
     /// Starts a batch call over `events`; each item's effects are buffered between its
     /// `begin-item` and `end-item`.
-    pub(crate) fn begin_batch(&mut self, events: &[&Event], kv: &Arc<dyn KvSource>) {
+    pub(crate) fn begin_batch(
+        &mut self,
+        events: &[&Event],
+        kv: &Arc<dyn KvSource>,
+        item_timeout: std::time::Duration,
+    ) {
         self.call = None;
+        self.stderr_tail.take();
         let items = events
             .iter()
             .map(|event| {
@@ -203,23 +230,45 @@ impl HostState {
             current: None,
             next: 0,
             inherited: Arc::default(),
+            item_timeout,
+            item_started: std::time::Instant::now(),
         });
     }
 
+    /// In a batch call, the time the current item (or the call before its first item)
+    /// has left; `None` outside a batch, where the call's own deadline is the bound.
+    pub(crate) fn batch_item_time_left(&self) -> Option<std::time::Duration> {
+        let batch = self.batch.as_ref()?;
+        Some(
+            batch
+                .item_timeout
+                .saturating_sub(batch.item_started.elapsed()),
+        )
+    }
+
     /// Ends a batch call: each item's outcome, `None` for those not handled. `failure` is
-    /// how the call itself failed, which is the outcome of the item it was in.
+    /// how the call itself failed: the outcome of the item it was in, or, between items
+    /// (copying the events in, say), of the next item, which would have run. Only a
+    /// failure after the last item belongs to none; it is returned.
     pub(crate) fn end_batch(
         &mut self,
         failure: Option<Failure>,
-    ) -> Vec<Option<Result<Effects, Failure>>> {
+    ) -> (Vec<Option<Result<Effects, Failure>>>, Option<Failure>) {
         self.call = None;
         let Some(mut batch) = self.batch.take() else {
-            return Vec::new();
+            return (Vec::new(), failure);
         };
-        if let (Some(current), Some(failure)) = (batch.current, failure) {
-            batch.outcomes[current] = Some(Err(failure));
+        let Some(failure) = failure else {
+            return (batch.outcomes, None);
+        };
+        let index = batch.current.unwrap_or(batch.next);
+        match batch.outcomes.get_mut(index) {
+            Some(outcome) => {
+                *outcome = Some(Err(failure));
+                (batch.outcomes, None)
+            }
+            None => (batch.outcomes, Some(failure)),
         }
-        batch.outcomes
     }
 
     fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
@@ -247,6 +296,7 @@ impl HostState {
         };
         batch.current = Some(index);
         batch.next = index + 1;
+        batch.item_started = std::time::Instant::now();
         call.inherited = Some(Arc::clone(&batch.inherited));
         self.call = Some(call);
         Ok(())
@@ -279,12 +329,15 @@ impl HostState {
                 );
                 Ok(effects)
             }
-            Err(types::HandlerError::Retry(message)) => {
-                Err(Failure::new(FailureKind::Retry, message))
-            }
-            Err(types::HandlerError::Reject(message)) => {
-                Err(Failure::new(FailureKind::Reject, message))
-            }
+            // Kept until the whole batch ends: cut now, as they will be when recorded.
+            Err(types::HandlerError::Retry(message)) => Err(Failure::new(
+                FailureKind::Retry,
+                AttemptError::bounded(message, AttemptError::MAX_MESSAGE_BYTES),
+            )),
+            Err(types::HandlerError::Reject(message)) => Err(Failure::new(
+                FailureKind::Reject,
+                AttemptError::bounded(message, AttemptError::MAX_MESSAGE_BYTES),
+            )),
         });
         Ok(())
     }
@@ -364,6 +417,11 @@ impl HostState {
 
     fn plugin(&self) -> &str {
         &self.identity.name
+    }
+
+    /// Most bytes one call of the plugin into the host may carry.
+    pub(crate) fn max_hostcall_bytes(&self) -> usize {
+        self.identity.bounds.max_hostcall_bytes()
     }
 }
 
@@ -496,13 +554,6 @@ impl host::Host for HostState {
                 bounds.max_emits
             )));
         }
-        let bytes = call.effects.emit_bytes.saturating_add(outgoing.data.len());
-        if bytes > bounds.max_emit_bytes {
-            return Err(effects_trap(format!(
-                "emit: more than {} bytes of event data emitted in one call",
-                bounds.max_emit_bytes
-            )));
-        }
         let mut extensions = BTreeMap::new();
         for (name, value) in outgoing.extensions {
             if !event::is_valid_extension_name(&name) {
@@ -561,8 +612,7 @@ impl host::Host for HostState {
             &call.origin.event_id,
             call.effects.emit_count,
         );
-        call.effects.emit_count += 1;
-        call.effects.emits.push(Event {
+        let emitted = Event {
             id: id.clone(),
             source: format!("/switchyard/plugins/{plugin}"),
             ty: outgoing.type_,
@@ -576,33 +626,57 @@ impl host::Host for HostState {
             dataschema: None,
             data: outgoing.data,
             extensions,
-        });
+        };
+        let bytes = call
+            .effects
+            .emit_bytes
+            .saturating_add(emitted_size(&emitted));
+        if bytes > bounds.max_emit_bytes {
+            return Err(effects_trap(format!(
+                "emit: more than {} bytes of events (data, type, subject, content type and \
+                 extensions) emitted in one call",
+                bounds.max_emit_bytes
+            )));
+        }
+        call.effects.emit_count += 1;
+        call.effects.emits.push(emitted);
         call.effects.emit_bytes = bytes;
         Ok(id)
     }
 
     async fn kv_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         let plugin = Arc::clone(&self.identity.name);
+        let max_key_bytes = self.identity.bounds.max_kv_key_bytes;
         let call = self.call("kv-get")?;
+        if key.is_empty() || key.len() > max_key_bytes {
+            // No write can make such a key, so it has no value, now or at commit.
+            return Ok(None);
+        }
         if let Some(buffered) = call.effects.kv.get(&key) {
             return Ok(buffered.clone());
         }
-        if let Some(inherited) = call.inherited.as_ref().and_then(|i| i.kv.get(&key)) {
+        let inherited = call
+            .inherited
+            .as_ref()
+            .and_then(|i| i.kv.get(&key))
+            .cloned();
+        let value = match inherited {
             // An earlier item's write: committed before this item, if all goes well, and
             // checked as such.
-            let value = inherited.clone();
+            Some(value) => value,
+            None => unavailable_kv("kv-get", &key, call.kv.get(&plugin, &key).await)?,
+        };
+        // A key read again keeps its first read: if the value changed in between, the
+        // first read fails the commit's check as the second would.
+        if !call.effects.keys_read.contains(&key) {
+            call.effects.count_read("kv-get", key.len())?;
+            call.effects.keys_read.insert(key.clone());
             call.effects.reads.push(KvRead::Value {
                 key,
                 digest: value.as_deref().map(value_digest),
             });
-            return Ok(value);
         }
-        let committed = unavailable_kv("kv-get", &key, call.kv.get(&plugin, &key).await)?;
-        call.effects.reads.push(KvRead::Value {
-            key,
-            digest: committed.as_deref().map(value_digest),
-        });
-        Ok(committed)
+        Ok(value)
     }
 
     async fn kv_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
@@ -624,7 +698,13 @@ impl host::Host for HostState {
 
     async fn kv_keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
         let plugin = Arc::clone(&self.identity.name);
+        let max_key_bytes = self.identity.bounds.max_kv_key_bytes;
         let call = self.call("kv-keys")?;
+        if prefix.len() > max_key_bytes {
+            // No key is that long.
+            return Ok(Vec::new());
+        }
+        call.effects.count_read("kv-keys", prefix.len())?;
         let committed = unavailable_kv("kv-keys", &prefix, call.kv.keys(&plugin, &prefix).await)?;
         let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
         if let Some(inherited) = &call.inherited {
@@ -649,6 +729,7 @@ impl host::Host for HostState {
         limit: u32,
     ) -> wasmtime::Result<types::StreamPage> {
         let call = self.call("read-stream")?;
+        call.effects.count_read("read-stream", subject.len())?;
         let limit = usize::try_from(limit)
             .unwrap_or(usize::MAX)
             .min(MAX_STREAM_PAGE);
@@ -711,6 +792,7 @@ impl host::Host for HostState {
     async fn cancel_scheduled(&mut self, id: String) -> wasmtime::Result<bool> {
         let bounds = self.identity.bounds;
         let call = self.call("cancel-scheduled")?;
+        call.effects.count_read("cancel-scheduled", id.len())?;
         if call.effects.schedule_reads.len() >= bounds.max_emits {
             return Err(effects_trap(format!(
                 "cancel-scheduled: more than {} scheduled events looked at in one call",
@@ -730,7 +812,10 @@ impl host::Host for HostState {
         if let Some(index) = buffered {
             // Scheduled by this very call: the schedule simply never commits.
             let removed = call.effects.emits.remove(index);
-            call.effects.emit_bytes = call.effects.emit_bytes.saturating_sub(removed.data.len());
+            call.effects.emit_bytes = call
+                .effects
+                .emit_bytes
+                .saturating_sub(emitted_size(&removed));
             return Ok(true);
         }
         if call.effects.cancels.contains(&id) {
@@ -745,6 +830,21 @@ impl host::Host for HostState {
         }
         Ok(pending)
     }
+}
+
+/// What an emitted event counts against `max_emit_bytes`: what the plugin chose of it
+/// (the host's own extensions included, a few hundred bytes, for a measure that is the
+/// same whenever it is taken).
+fn emitted_size(event: &Event) -> usize {
+    event.data.len()
+        + event.ty.len()
+        + event.subject.as_ref().map_or(0, String::len)
+        + event.datacontenttype.as_ref().map_or(0, String::len)
+        + event
+            .extensions
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>()
 }
 
 /// Extensions a plugin may not set by name on an emitted event: the bus acts on them.
@@ -798,8 +898,36 @@ impl HostState {
                 bounds.max_kv_writes
             )));
         }
+        let bytes = call
+            .effects
+            .kv_write_bytes
+            .saturating_add(key.len() + value.as_ref().map_or(0, Vec::len));
+        if bytes > bounds.max_kv_bytes {
+            return Err(effects_trap(format!(
+                "{import}: more than {} bytes of KV keys and values written in one call",
+                bounds.max_kv_bytes
+            )));
+        }
+        call.effects.kv_write_bytes = bytes;
         call.effects.kv_write_count += 1;
         call.effects.kv.insert(key, value);
+        Ok(())
+    }
+}
+
+impl EffectBuffer {
+    /// Counts a read the commit will check, of a name `name_bytes` long, against
+    /// [`MAX_READS`] and [`MAX_READ_BYTES`].
+    fn count_read(&mut self, import: &str, name_bytes: usize) -> wasmtime::Result<()> {
+        let bytes = self.read_bytes.saturating_add(name_bytes);
+        if self.read_count >= MAX_READS || bytes > MAX_READ_BYTES {
+            return Err(effects_trap(format!(
+                "{import}: more than {MAX_READS} reads (KV keys, key listings, streams and \
+                 scheduled ids), or {MAX_READ_BYTES} bytes of their names, in one call"
+            )));
+        }
+        self.read_count += 1;
+        self.read_bytes = bytes;
         Ok(())
     }
 }
@@ -823,7 +951,7 @@ fn overlay_keys(
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
+pub(crate) fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }

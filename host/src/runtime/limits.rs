@@ -1,6 +1,8 @@
 //! The memory cap of one plugin instance.
 //!
-//! Growth past the cap stops the instance with a trap at once (rather than letting
+//! The cap holds for all of an instance's linear memories together: a component made of
+//! several core modules, each with a memory of its own, gets the cap once, not once per
+//! memory. Growth past it stops the instance with a trap at once (rather than letting
 //! `memory.grow` fail, which a Rust guest turns into an abort that looks like any other
 //! trap), and the limiter remembers that it fired so the failure is reported as `memory`.
 
@@ -9,10 +11,13 @@ use wasmtime::ResourceLimiter;
 /// Most table elements an instance may have; far above what real components use.
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
-/// Caps linear memory growth of one instance at `max_bytes`.
+/// Caps the linear memories of one instance at `max_bytes` in total.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     max_bytes: usize,
+    /// The sizes of the instance's memories, added up (each memory's creation is a
+    /// growth from 0).
+    total_bytes: usize,
     hit: bool,
 }
 
@@ -20,6 +25,7 @@ impl MemoryLimiter {
     pub(crate) fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+            total_bytes: 0,
             hit: false,
         }
     }
@@ -37,17 +43,21 @@ impl MemoryLimiter {
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+        let total = self
+            .total_bytes
+            .saturating_add(desired.saturating_sub(current));
+        if total > self.max_bytes {
             self.hit = true;
             return Err(wasmtime::Error::msg(format!(
-                "memory limit of {} bytes exceeded (asked for {desired})",
+                "memory limit of {} bytes exceeded (asked for {total} in all)",
                 self.max_bytes
             )));
         }
+        self.total_bytes = total;
         Ok(true)
     }
 
@@ -58,5 +68,21 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_holds_for_all_memories_together() {
+        let mut limiter = MemoryLimiter::new(100);
+        assert!(limiter.memory_growing(0, 60, None).unwrap());
+        assert!(limiter.memory_growing(60, 70, None).unwrap());
+        // A second memory of 40 would make 110.
+        assert!(limiter.memory_growing(0, 40, None).is_err());
+        assert!(limiter.hit());
+        assert!(limiter.memory_growing(0, 30, None).unwrap());
     }
 }

@@ -292,6 +292,11 @@ impl Runtime {
     }
 }
 
+/// Most linear memories one plugin instance may have (see [`engine_config`]).
+const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// Most core instances one plugin instance may have (see [`engine_config`]).
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 50;
+
 fn engine_config(config: &RuntimeConfig) -> Config {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(config.max_instances)
@@ -301,6 +306,11 @@ fn engine_config(config: &RuntimeConfig) -> Config {
         .total_memories(config.max_instances.saturating_mul(2))
         .total_tables(config.max_instances.saturating_mul(4))
         .total_stacks(config.max_instances)
+        // One instance must not take the pool's memories and instances from the others:
+        // stock toolchains make components of one memory and at most about 15 core
+        // instances (componentize-py's).
+        .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
         .max_memory_size(usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX));
     pool_reuse(&mut pool);
     let mut wasm = Config::new();

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, Span};
-use wasmtime::{PoolConcurrencyLimitError, Store, Trap};
+use wasmtime::{PoolConcurrencyLimitError, Store, StoreContextMut, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::artifacts::ArtifactLease;
@@ -318,7 +318,8 @@ impl Plugin {
     }
 
     /// Handles several events in one call of the batch handler. The call gets the
-    /// plugin's fuel and time for each item; see [`BatchOutcome`] for what comes back. A
+    /// plugin's fuel for each item, and each item the plugin's time (host waits are bound
+    /// by the time of all items together); see [`BatchOutcome`] for what comes back. A
     /// plugin without a batch handler handles none of them.
     pub async fn invoke_batch(
         &self,
@@ -333,24 +334,26 @@ impl Plugin {
         };
         let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let call = self.batch_attempt(&mut slot, items, kv, limits);
-        let (outcomes, timed_out) = match self.guarded(call, &clock, limits).await {
-            Some(outcomes) => (outcomes, false),
+        let call = self.batch_attempt(&mut slot, items, kv, limits.fuel);
+        let ((outcomes, failed), timed_out) = match self.guarded(call, &clock, limits).await {
+            Some(called) => (called, false),
             None => {
                 // Cut off mid-call: the item it was in timed out; the others stand.
                 let outcomes = slot.as_mut().map_or_else(
                     || vec![None; items.len()],
                     |instance| {
-                        instance
+                        let ended = instance
                             .store
                             .data_mut()
-                            .end_batch(Some(timeout_failure(limits)))
+                            .end_batch(Some(timeout_failure(limits)));
+                        ended.0
                     },
                 );
-                (outcomes, true)
+                ((outcomes, true), true)
             }
         };
-        let healthy = !timed_out
+        // A store whose call failed cannot be entered again, whatever the items say.
+        let healthy = !failed
             && outcomes
                 .iter()
                 .all(|outcome| !matches!(outcome, Some(Err(failure)) if !leaves_instance_healthy(failure)));
@@ -369,8 +372,12 @@ impl Plugin {
         slot: &mut Option<Instance>,
         items: &[(&Event, Delivery)],
         kv: Arc<dyn KvSource>,
-        limits: PluginLimits,
-    ) -> Vec<Option<Result<Effects, Failure>>> {
+        batch_fuel: u64,
+    ) -> (Vec<Option<Result<Effects, Failure>>>, bool) {
+        let limits = PluginLimits {
+            fuel: batch_fuel,
+            ..self.settings.limits
+        };
         let mut outcomes = vec![None; items.len()];
         if slot.is_none() {
             self.created.fetch_add(1, Ordering::Relaxed);
@@ -381,21 +388,26 @@ impl Plugin {
                     if let Some(first) = outcomes.first_mut() {
                         *first = Some(Err(failure));
                     }
-                    return outcomes;
+                    return (outcomes, true);
                 }
             }
         }
         let Some(instance) = slot.as_mut() else {
-            return outcomes;
+            return (outcomes, true);
         };
+        // The epoch deadline is one item's time; the deadline's callback moves it on to
+        // each next item's (see `next_deadline`).
         if let Err(failure) = arm(&mut instance.store, limits) {
             if let Some(first) = outcomes.first_mut() {
                 *first = Some(Err(failure));
             }
-            return outcomes;
+            return (outcomes, true);
         }
         let events: Vec<&Event> = items.iter().map(|(event, _)| *event).collect();
-        instance.store.data_mut().begin_batch(&events, &kv);
+        instance
+            .store
+            .data_mut()
+            .begin_batch(&events, &kv, limits.timeout);
         let called = instance
             .exports
             .handle_batch(&mut instance.store, items)
@@ -404,7 +416,17 @@ impl Plugin {
             Some(Err(error)) => Some(classify(&error, instance.store.data(), limits)),
             Some(Ok(())) | None => None,
         };
-        instance.store.data_mut().end_batch(failure)
+        let failed = failure.is_some();
+        let (outcomes, after_last) = instance.store.data_mut().end_batch(failure);
+        if let Some(failure) = after_last {
+            tracing::warn!(
+                plugin = %self.identity.name,
+                kind = %failure.kind,
+                "the batch call failed after its last item ({}); the items' outcomes stand",
+                failure.message
+            );
+        }
+        (outcomes, failed)
     }
 
     async fn attempt(
@@ -462,7 +484,8 @@ impl Plugin {
         );
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
+        store.set_hostcall_fuel(self.identity.bounds.max_hostcall_bytes());
+        store.epoch_deadline_callback(next_deadline);
         // Guests run on the host's async worker threads: a CPU-bound call must hand its
         // thread and its turn back now and then, or busy plugins would stall ingest and
         // every other plugin.
@@ -608,6 +631,16 @@ fn arm(store: &mut Store<HostState>, limits: PluginLimits) -> Result<(), Failure
     Ok(())
 }
 
+/// At a call's epoch deadline: a batch item that has time left (an earlier item's
+/// deadline passed while this one runs) goes on until its own; anything else is stopped
+/// as timed out.
+fn next_deadline(store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
+    match store.data().batch_item_time_left() {
+        Some(left) if !left.is_zero() => Ok(UpdateDeadline::Continue(deadline_ticks(left))),
+        _ => Err(Trap::Interrupt.into()),
+    }
+}
+
 fn deadline_ticks(timeout: Duration) -> u64 {
     let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
@@ -635,6 +668,9 @@ fn timeout_failure(limits: PluginLimits) -> Failure {
     )
 }
 
+/// How wasmtime says a call into the host carried more than the hostcall fuel allows.
+const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
+
 /// Turns a wasmtime error from instantiation or a call into a failure kind and message.
 fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) -> Failure {
     if state.limiter.hit() {
@@ -652,6 +688,18 @@ fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) ->
             HostTrap::Loop(message) => Failure::new(FailureKind::Loop, message.clone()),
             HostTrap::Host(message) => Failure::new(FailureKind::Host, message.clone()),
         };
+    }
+    // wasmtime's own refusal of a call into the host that carries more than the store's
+    // hostcall fuel; its error type is private, its text is not.
+    if format!("{error:#}").contains(HOSTCALL_FUEL_EXHAUSTED) {
+        return Failure::new(
+            FailureKind::Effects,
+            format!(
+                "a call into the host carried more than {} bytes (the largest emit or KV \
+                 value allowed, and 1 MiB for names)",
+                state.max_hostcall_bytes()
+            ),
+        );
     }
     if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
         return Failure::new(FailureKind::Host, format!("no instance available: {error}"));
@@ -715,11 +763,15 @@ fn uncaught_exception(stderr: &str) -> Option<String> {
         .collect();
     let (summary, body) = match report.first()?.strip_prefix("Uncaught ") {
         Some(summary) => (summary, &report[1..]),
-        // Python's summary is the block's last line, such as `KeyError: 'missing'`.
-        None => (
-            *report.iter().rev().find(|line| !line.starts_with(' '))?,
-            &report[..],
-        ),
+        // Python's summary is the first line after the frames (which are indented), such
+        // as `KeyError: 'missing'`; a message of several lines, or notes, follow it.
+        None => {
+            let after_frames = report
+                .iter()
+                .rposition(|line| line.starts_with(' '))
+                .map_or(1, |last_frame| last_frame + 1);
+            (*report.get(after_frames)?, &report[..])
+        }
     };
     Some(
         format!("uncaught {summary}\n{}", body.join("\n"))
@@ -747,6 +799,14 @@ mod tests {
         assert_eq!(
             super::uncaught_exception("thread 'main' panicked at src/lib.rs:1:1:\nboom\n"),
             None
+        );
+        // A message of several lines is summarised by its first.
+        let lines = "Traceback (most recent call last):\n  File \"/0/app.py\", line 3, in handle\n    raise ValueError(\"bad\\ndetail\")\nValueError: bad\ndetail\n";
+        assert_eq!(
+            super::uncaught_exception(lines)
+                .as_deref()
+                .and_then(|r| r.lines().next()),
+            Some("uncaught ValueError: bad")
         );
     }
 }

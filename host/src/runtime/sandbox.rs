@@ -33,7 +33,7 @@ use wasmtime_wasi::p2::bindings::sockets::network::{
 use wasmtime_wasi::p2::{TcpSocket, UdpSocket};
 use wasmtime_wasi::{FsPerms, OpenMode};
 
-use super::host::HostState;
+use super::host::{HostState, truncate};
 
 /// The WASI version whose names the shadowing definitions below use; the linker matches
 /// them to any `0.2.x` import.
@@ -81,6 +81,8 @@ pub struct Refusals {
 
 /// Distinct refused attempts logged per plugin; the rest are only counted.
 const LOGGED_TARGETS: usize = 64;
+/// Longest target of a refused attempt kept and logged.
+const MAX_TARGET_BYTES: usize = 256;
 
 impl Refusals {
     /// The counts, in the order of [`Access::ALL`].
@@ -91,6 +93,8 @@ impl Refusals {
     /// Counts and logs one refused attempt of `plugin`.
     pub(crate) fn refuse(&self, plugin: &str, access: Access, what: &str) {
         self.counts[access.index()].fetch_add(1, Ordering::Relaxed);
+        // The target is the plugin's string (a path, a host name): kept and logged cut.
+        let what = truncate(what, MAX_TARGET_BYTES);
         {
             let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
             if logged.len() >= LOGGED_TARGETS || !logged.insert((access, what.to_owned())) {

@@ -51,7 +51,8 @@ pub enum Isolation {
 pub struct EffectBounds {
     /// Follow-up events one invocation may emit.
     pub max_emits: usize,
-    /// Total bytes of `data` over all emitted events of one invocation.
+    /// Total bytes of the events one invocation emits: their data, type, subject,
+    /// content type and extensions.
     pub max_emit_bytes: usize,
     /// KV writes and deletes one invocation may buffer.
     pub max_kv_writes: usize,
@@ -59,9 +60,23 @@ pub struct EffectBounds {
     pub max_kv_key_bytes: usize,
     /// Largest KV value, in bytes.
     pub max_kv_value_bytes: usize,
+    /// Total bytes of the keys and values one invocation writes.
+    pub max_kv_bytes: usize,
     /// Longest causation chain: an event emitted while handling an event that is already
     /// this many emits away from a producer's event stops the call as a loop.
     pub max_causation_depth: u32,
+}
+
+impl EffectBounds {
+    /// Most bytes one call from the plugin into the host may carry (wasmtime's hostcall
+    /// fuel): the largest emit or KV value, and room for its names. Without it a guest
+    /// could make the host copy one string of its memory a million times in one call
+    /// (a list whose entries all point at it).
+    pub fn max_hostcall_bytes(&self) -> usize {
+        self.max_emit_bytes
+            .max(self.max_kv_value_bytes)
+            .saturating_add(1024 * 1024)
+    }
 }
 
 impl Default for EffectBounds {
@@ -72,6 +87,7 @@ impl Default for EffectBounds {
             max_kv_writes: 1000,
             max_kv_key_bytes: 512,
             max_kv_value_bytes: 1024 * 1024,
+            max_kv_bytes: 16 * 1024 * 1024,
             max_causation_depth: 16,
         }
     }

@@ -3,7 +3,8 @@
 //! Each line is logged with the plugin's name; a line longer than [`MAX_LINE`] is cut.
 //! The tail of stderr is also kept per invocation so that a trap can be reported with
 //! what the plugin printed last (a Rust panic prints its message there before trapping,
-//! Python its traceback, the JavaScript SDK the exception and its stack).
+//! Python its traceback, the JavaScript SDK the exception and its stack). A report longer
+//! than the tail keeps its first lines too ([`REPORT_HEAD`]): they name the exception.
 
 use std::io;
 use std::pin::Pin;
@@ -17,6 +18,10 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 const MAX_LINE: usize = 4096;
 /// How much of stderr's tail is kept for trap reports.
 const MAX_TAIL: usize = 8192;
+/// How much of the start of an exception report is kept when the report outgrows the tail.
+const REPORT_HEAD: usize = 2048;
+/// Lines that start an exception report (Python's traceback, the JavaScript SDK's).
+const REPORT_STARTS: [&[u8]; 2] = [b"Traceback (most recent call last):", b"Uncaught "];
 
 /// Which of the two output streams this is.
 #[derive(Debug, Clone, Copy)]
@@ -27,25 +32,71 @@ pub(crate) enum Stream {
 
 /// The last bytes a plugin wrote to stderr during the current invocation.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct StderrTail(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct StderrTail(Arc<Mutex<Tail>>);
+
+#[derive(Debug, Default)]
+struct Tail {
+    /// The start of the last exception report, once the report outgrew [`MAX_TAIL`].
+    head: Vec<u8>,
+    /// What followed `head` (or everything, without one), its last [`MAX_TAIL`] bytes.
+    rest: Vec<u8>,
+    /// Whether `rest` starts with an exception report's first line.
+    report_at_start: bool,
+}
 
 impl StderrTail {
     fn push(&self, bytes: &[u8]) {
         let mut tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        tail.extend_from_slice(bytes);
-        if tail.len() > MAX_TAIL {
-            let excess = tail.len() - MAX_TAIL;
-            tail.drain(..excess);
+        let tail = &mut *tail;
+        let bytes = match report_start(bytes) {
+            // A new report: what came before it is not part of it.
+            Some(start) => {
+                tail.head.clear();
+                tail.rest.clear();
+                tail.report_at_start = true;
+                &bytes[start..]
+            }
+            None => bytes,
+        };
+        tail.rest.extend_from_slice(bytes);
+        if tail.rest.len() > MAX_TAIL {
+            if tail.report_at_start {
+                let cut = tail.rest[..REPORT_HEAD]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(REPORT_HEAD, |end| end + 1);
+                tail.head = tail.rest[..cut].to_vec();
+                tail.head.extend_from_slice(b"  ...\n");
+                tail.report_at_start = false;
+            }
+            let excess = tail.rest.len() - MAX_TAIL;
+            tail.rest.drain(..excess);
         }
     }
 
     /// Takes the tail's text, trimmed, leaving it empty for the next invocation.
     pub(crate) fn take(&self) -> String {
         let mut tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let text = String::from_utf8_lossy(&tail).trim().to_owned();
-        tail.clear();
-        text
+        let mut bytes = std::mem::take(&mut tail.head);
+        bytes.append(&mut tail.rest);
+        tail.report_at_start = false;
+        String::from_utf8_lossy(&bytes).trim().to_owned()
     }
+}
+
+/// Where in `bytes` the last line that starts an exception report begins.
+fn report_start(bytes: &[u8]) -> Option<usize> {
+    let mut start = None;
+    let mut line = 0;
+    for (index, byte) in bytes.iter().enumerate() {
+        if index == line && REPORT_STARTS.iter().any(|s| bytes[line..].starts_with(s)) {
+            start = Some(line);
+        }
+        if *byte == b'\n' {
+            line = index + 1;
+        }
+    }
+    start
 }
 
 /// An output stream of one plugin instance.
@@ -154,5 +205,40 @@ impl AsyncWrite for LineLogger {
 impl Drop for LineLogger {
     fn drop(&mut self) {
         self.flush_line();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_report_keeps_its_first_lines_and_its_end() {
+        let tail = StderrTail::default();
+        tail.push(b"noise before\n");
+        tail.push(b"Traceback (most recent call last):\n");
+        for n in 0..1000 {
+            tail.push(format!("  File \"app.py\", line {n}, in f\n").as_bytes());
+        }
+        tail.push(b"RecursionError: maximum recursion depth exceeded\n");
+        let text = tail.take();
+        assert!(
+            text.starts_with("Traceback (most recent call last):\n  File"),
+            "{text}"
+        );
+        assert!(text.contains("  ...\n"), "{text}");
+        assert!(text.ends_with("RecursionError: maximum recursion depth exceeded"));
+        assert!(text.len() <= MAX_TAIL + REPORT_HEAD + 16, "{}", text.len());
+        assert_eq!(tail.take(), "");
+    }
+
+    #[test]
+    fn a_short_report_is_kept_whole_without_what_came_before() {
+        let tail = StderrTail::default();
+        tail.push(b"earlier\nUncaught TypeError: x is null\nhandle@app.js:1:1\n");
+        assert_eq!(
+            tail.take(),
+            "Uncaught TypeError: x is null\nhandle@app.js:1:1"
+        );
     }
 }

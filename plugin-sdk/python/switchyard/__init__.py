@@ -125,10 +125,13 @@ class Event:
         self.delivery: Optional[Delivery] = Delivery(delivery) if delivery is not None else None
 
     def json(self) -> Any:
-        """The data decoded as JSON. Data that does not decode raises :class:`Reject`."""
+        """The data decoded as JSON. Data that does not decode, or is nested too deeply
+        to decode, raises :class:`Reject`."""
         try:
             return _json.loads(self.data)
-        except ValueError as e:
+        # Nesting deeper than the interpreter's recursion limit is as permanent as a
+        # syntax error: retrying the same data would fail the same way.
+        except (ValueError, RecursionError) as e:
             raise Reject(f"invalid data for {self.type}: {e}") from e
 
     def text(self) -> str:
@@ -183,19 +186,20 @@ def emit(
 
     ``data`` may be ``bytes`` (sent as they are, ``application/octet-stream`` unless
     ``content_type`` says otherwise), ``str`` (``text/plain``) or anything JSON can
-    encode (``application/json``). ``expected_version`` makes the append conditional on
-    the subject's stream being at that version. ``delay`` (seconds or a ``timedelta``) or
-    ``deliver_at`` (an RFC 3339 time or an aware ``datetime``) schedule the event; the
-    returned id can be passed to :func:`cancel_scheduled`.
+    encode (``application/json``); data JSON cannot encode raises :class:`Reject`.
+    ``expected_version`` makes the append conditional on the subject's stream being at
+    that version. ``delay`` (seconds or a ``timedelta``) or ``deliver_at`` (an RFC 3339
+    time or an aware ``datetime``) schedule the event; the returned id can be passed to
+    :func:`cancel_scheduled`.
     """
     if data is None:
         body, default_type = b"", None
-    elif isinstance(data, (bytes, bytearray)):
+    elif isinstance(data, (bytes, bytearray, memoryview)):
         body, default_type = bytes(data), "application/octet-stream"
     elif isinstance(data, str):
         body, default_type = data.encode("utf-8"), "text/plain"
     else:
-        body, default_type = _json.dumps(data, separators=(",", ":")).encode("utf-8"), "application/json"
+        body, default_type = _encode_json(data, f"cannot serialise {type}"), "application/json"
     ext = dict(extensions or {})
     if partition_key is not None:
         ext["partitionkey"] = partition_key
@@ -224,6 +228,18 @@ def emit(
             schedule=schedule,
         )
     )
+
+
+def _encode_json(value: Any, failure: str) -> bytes:
+    """``value`` as compact JSON; a value JSON cannot encode raises :class:`Reject`.
+
+    The same value fails the same way on every attempt, so retrying it as a bug would
+    only delay the dead letter; the Rust SDK rejects it too.
+    """
+    try:
+        return _json.dumps(value, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:
+        raise Reject(f"{failure}: {e}") from e
 
 
 def cancel_scheduled(id: str) -> bool:

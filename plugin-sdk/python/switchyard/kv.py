@@ -18,9 +18,21 @@ def get(key: str) -> Optional[bytes]:
     return _host.kv_get(key)
 
 
-def set(key: str, value: Union[bytes, str]) -> None:  # noqa: A001 (mirrors the contract)
-    """Stores ``value`` (``str`` is stored as UTF-8) at ``key``."""
-    _host.kv_set(key, value.encode("utf-8") if isinstance(value, str) else bytes(value))
+def set(key: str, value: Union[bytes, bytearray, memoryview, str]) -> None:  # noqa: A001 (mirrors the contract)
+    """Stores ``value`` (``bytes``, ``bytearray``, ``memoryview``, or ``str`` stored as
+    UTF-8) at ``key``. Any other type raises ``TypeError``: :func:`set_json` stores
+    other values."""
+    if isinstance(value, str):
+        _host.kv_set(key, value.encode("utf-8"))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        _host.kv_set(key, bytes(value))
+    else:
+        # `bytes(5)` is five NUL bytes and `bytes([1, 2])` two bytes: a number or a list
+        # would be stored as something other than what the handler meant.
+        raise TypeError(
+            f"kv.set stores bytes or str, not {type(value).__name__}: "
+            "use kv.set_json to store it as JSON"
+        )
 
 
 def delete(key: str) -> None:
@@ -43,12 +55,18 @@ def get_json(key: str, default: Any = None) -> Any:
         return default
     try:
         return _json.loads(stored)
-    except ValueError as error:  # not UTF-8, or not JSON
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, or nested too deeply
         from . import Reject  # the package imports this module before defining it
 
         raise Reject(f"invalid JSON stored at key {key!r}: {error}") from None
 
 
 def set_json(key: str, value: Any) -> None:
-    """Stores ``value`` encoded as JSON at ``key``."""
-    _host.kv_set(key, _json.dumps(value, separators=(",", ":")).encode("utf-8"))
+    """Stores ``value`` encoded as JSON at ``key``.
+
+    A value JSON cannot encode (a ``set``, an object, a cycle) raises ``Reject``, as in
+    the Rust SDK: retrying would not change it.
+    """
+    from . import _encode_json  # the package imports this module before defining it
+
+    _host.kv_set(key, _encode_json(value, f"cannot serialise the value for key {key!r}"))

@@ -6,8 +6,12 @@ export const { handler, batchHandler } = define({
   version: "0.1.0",
   subscriptions: ["greeting.requested"],
   handle(event) {
-    const who = event.json().name;
-    if (!who) throw new Reject("a greeting needs a name");
+    const request = event.json();
+    if (request === null || typeof request !== "object" || Array.isArray(request)) {
+      throw new Reject('a greeting request is a JSON object, such as {"name": "Ada"}');
+    }
+    const who = request.name;
+    if (typeof who !== "string" || !who) throw new Reject("a greeting needs a name");
     const count = (kv.getJson(`greeted/${who}`) ?? 0) + 1;
     kv.setJson(`greeted/${who}`, count);
     emit("greeting.sent", { text: `Hello, ${who}!`, count }, { subject: who });

@@ -7,8 +7,10 @@ from switchyard import BatchHandler, Event, Handler, Reject, kv  # noqa: F401 (t
 @switchyard.handler(subscriptions=["greeting.requested"], name="@@NAME@@", version="0.1.0")
 def handle(event: Event) -> None:
     request = event.json()
+    if not isinstance(request, dict):
+        raise Reject('a greeting request is a JSON object, such as {"name": "Ada"}')
     who = request.get("name")
-    if not who:
+    if not isinstance(who, str) or not who:
         raise Reject("a greeting needs a name")
     count = kv.get_json(f"greeted/{who}", 0) + 1
     kv.set_json(f"greeted/{who}", count)

@@ -28,8 +28,12 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.sleep` | sleeps for an hour |
 /// | `hostile.env` | rejects with `environment is empty` unless it sees environment variables |
 /// | `hostile.emit-flood` | emits 100 000 events |
-/// | `hostile.emit-huge` | emits one event with 10 MiB of data |
-/// | `hostile.kv-huge` | writes a 10 MiB KV value |
+/// | `hostile.emit-huge` | emits one event with 1.5 MiB of data |
+/// | `hostile.kv-huge` | writes a 1.5 MiB KV value |
+/// | `hostile.emit-wide` | emits three events of empty data, each with a 512 KiB extension |
+/// | `hostile.kv-many` | writes twenty 1 MiB KV values |
+/// | `hostile.read-many` | reads 10 001 distinct KV keys |
+/// | `hostile.emit-aliased` | emits an event whose four extension values are one 1 MiB string of its memory (the host would copy it four times) |
 /// | `hostile.retry` / `hostile.reject` | returns that error |
 /// | `hostile.effects-then-retry` | emits and writes KV, then asks for a retry |
 /// | `hostile.effects-then-trap` | emits and writes KV, then panics |
@@ -75,14 +79,36 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
         }
         "hostile.emit-huge" => {
             Emit::new("hostile.huge")
-                .bytes("application/octet-stream", vec![b'x'; 10 * MIB])
+                .bytes("application/octet-stream", vec![b'x'; MIB + MIB / 2])
                 .send();
             Ok(())
         }
         "hostile.kv-huge" => {
-            kv::set("big", &vec![7u8; 10 * MIB]);
+            kv::set("big", &vec![7u8; MIB + MIB / 2]);
             Ok(())
         }
+        "hostile.emit-wide" => {
+            for n in 0..3 {
+                Emit::new("hostile.wide")
+                    .extension("padding", "p".repeat(MIB / 2))
+                    .json(&json!({ "n": n }))?
+                    .send();
+            }
+            Ok(())
+        }
+        "hostile.kv-many" => {
+            for n in 0..20 {
+                kv::set(&format!("many/{n}"), &vec![1u8; MIB]);
+            }
+            Ok(())
+        }
+        "hostile.read-many" => {
+            for n in 0..10_001 {
+                black_box(kv::get(&format!("absent/{n}")));
+            }
+            Ok(())
+        }
+        "hostile.emit-aliased" => emit_aliased(),
         "hostile.retry" => Err(HandlerError::retry("try again later")),
         "hostile.reject" => Err(HandlerError::reject("bad event")),
         // A rejection whose message is larger than the bus's largest message.
@@ -238,6 +264,26 @@ fn count(event: &Event) -> Result<(), HandlerError> {
     kv::set_json(&key, &(total + 1))?;
     emit_json("hostile.counted", &json!({ "id": event.id, "tag": tag }))?;
     Ok(())
+}
+
+/// Emits an event whose extension values all point at one string of the guest's memory,
+/// which the host copies once per entry. The host refuses the call before it returns, so
+/// the aliases are never dropped.
+#[allow(unsafe_code)]
+fn emit_aliased() -> Result<(), HandlerError> {
+    let mut shared = std::mem::ManuallyDrop::new("a".repeat(MIB));
+    let (ptr, len, capacity) = (shared.as_mut_ptr(), shared.len(), shared.capacity());
+    let mut emit = Emit::new("hostile.aliased");
+    for n in 0..4 {
+        // SAFETY: none of these strings is ever dropped or written: the host stops the call
+        // inside `send`.
+        let alias = unsafe { String::from_raw_parts(ptr, len, capacity) };
+        emit = emit.extension(format!("alias{n}"), alias);
+    }
+    emit.send();
+    Err(HandlerError::reject(
+        "the host took an emit of four aliased 1 MiB strings",
+    ))
 }
 
 /// Loops forever in a way the optimiser cannot remove.
