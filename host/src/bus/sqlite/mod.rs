@@ -191,6 +191,15 @@ fn to_u64(value: i64) -> u64 {
 impl SqliteBus {
     /// Opens (creating if needed) the database and starts the writer thread.
     pub fn open(options: SqliteOptions) -> Result<Self, BusError> {
+        Self::open_tuned(options, |_| Ok(()))
+    }
+
+    /// [`SqliteBus::open`], with `tune` applied to the writer's connection first (tests
+    /// give it a storage limit, to meet a full disk without one).
+    fn open_tuned(
+        options: SqliteOptions,
+        tune: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> Result<Self, BusError> {
         if let Some(dir) = options.path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| BusError::Storage(format!("cannot create {}: {e}", dir.display())))?;
@@ -211,6 +220,7 @@ impl SqliteBus {
             )));
         }
         check_schema(&conn, &options.path)?;
+        tune(&conn).map_err(storage)?;
         let (jobs, receiver) = mpsc::unbounded_channel();
         let (generation, _) = watch::channel(0);
         let inner = Arc::new(Inner {

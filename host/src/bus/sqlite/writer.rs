@@ -213,6 +213,19 @@ enum Answer {
 }
 
 impl Answer {
+    /// The job's error, if it failed.
+    fn error(&self) -> Option<&BusError> {
+        match self {
+            Answer::Appended(_, result, _) => result.as_ref().err(),
+            Answer::Position(_, result) | Answer::Count(_, result) => result.as_ref().err(),
+            Answer::Deleted(_, result) => result.as_ref().err(),
+            Answer::Fired(_, result) => result.as_ref().err(),
+            Answer::Settled(_, result) => result.as_ref().err(),
+            Answer::Done(_, result) => result.as_ref().err(),
+            Answer::Nothing => None,
+        }
+    }
+
     fn fail(self, error: &BusError) -> Self {
         let again = || match error {
             BusError::Storage(message) => BusError::Storage(message.clone()),
@@ -313,7 +326,8 @@ impl Writer {
         let mut answers = Vec::with_capacity(batch.len());
         let mut closing = false;
         let mut wake = false;
-        for job in batch {
+        let mut jobs = batch.into_iter();
+        while let Some(job) = jobs.next() {
             let answer = match job {
                 Job::Close { reply } => {
                     closing = true;
@@ -322,6 +336,28 @@ impl Writer {
                 job => run_in_savepoint(&tx, job, &mut wake),
             };
             answers.push(answer);
+            // An I/O error or a full disk in the middle of a statement makes SQLite roll
+            // back the whole transaction, not the job's savepoint. A later job would then
+            // run in a transaction of its own and commit, while its answer said it failed:
+            // everything in the group is answered as failed and nothing more runs.
+            if tx.is_autocommit() {
+                let cause = answers
+                    .last()
+                    .and_then(Answer::error)
+                    .map_or_else(|| "a storage error".to_owned(), ToString::to_string);
+                let error = BusError::Storage(format!(
+                    "the log rolled back a group of writes after {cause}"
+                ));
+                tracing::error!(error = %error, "log transaction lost");
+                for answer in answers {
+                    answer.fail(&error).send(&self.inner);
+                }
+                for job in jobs {
+                    closing |= matches!(job, Job::Close { .. });
+                    answer_error(job, &error).send(&self.inner);
+                }
+                return closing;
+            }
         }
         match tx.commit().map_err(storage) {
             Ok(()) => {
@@ -518,4 +554,56 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         Job::FireDue { reply, .. } => Answer::Fired(reply, Ok(Fired::default())),
     };
     answer.fail(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::bus::Bus;
+    use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+    use crate::event::Event;
+
+    fn event(id: &str, bytes: usize) -> Event {
+        Event {
+            id: id.to_owned(),
+            source: "/test".to_owned(),
+            ty: "t.x".to_owned(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            data: vec![b'x'; bytes],
+            extensions: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// A full disk in the middle of a statement rolls the whole group back: every job of
+    /// the group is answered as failed and none is stored (the jobs after the failing one
+    /// must not commit on their own), and the next group goes through.
+    #[tokio::test]
+    async fn a_group_rolled_back_mid_statement_stores_nothing_and_answers_every_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = SqliteOptions::new(dir.path().join("log.db"));
+        options.group_commit_max_delay = Duration::from_millis(200);
+        let bus = SqliteBus::open_tuned(options, |conn| {
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+            conn.pragma_update(None, "max_page_count", pages + 64)
+        })
+        .unwrap();
+        let sizes = [10, 10, 4 << 20, 10, 10];
+        let answers = futures_util::future::join_all(
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(n, bytes)| bus.append(vec![event(&format!("e{n}"), *bytes)])),
+        )
+        .await;
+        for (n, answer) in answers.iter().enumerate() {
+            assert!(answer.is_err(), "job {n} answered {answer:?}");
+        }
+        assert_eq!(bus.head().await.unwrap(), 0, "nothing was stored");
+        let stored = bus.append(vec![event("after", 10)]).await.unwrap();
+        assert_eq!(stored[0].sequence, 1);
+    }
 }
