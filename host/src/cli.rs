@@ -665,6 +665,14 @@ async fn backup(client: &ClientArgs, output: &Path) -> anyhow::Result<ExitCode> 
             output.display()
         )
     })?;
+    // The rename is durable only once its directory is: "backed up" must survive a power cut.
+    let directory = match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(directory)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("cannot flush {}", directory.display()))?;
     println!(
         "backed up {} events (last sequence {}), {} bytes, to {}",
         summary.events,

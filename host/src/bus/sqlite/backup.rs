@@ -185,7 +185,9 @@ pub fn inspect_backup(path: &Path) -> Result<BackupSummary, BusError> {
 /// The backup is copied beside the log and flushed before the log is moved: a copy that
 /// fails (a full disk) leaves the log where it was and removes the partial copy, so a
 /// failed restore never leaves a host to start on an empty log. A WAL file without its
-/// log is refused, as SQLite would apply it to the restored one.
+/// log is refused, as SQLite would apply it to the restored one. A backup with a WAL of
+/// its own (a log a host left, a log kept by an earlier restore) is copied through SQLite,
+/// so its commits still in the WAL come too; the copy is checked as restored.
 pub fn restore_backup(
     backup: &Path,
     log: &Path,
@@ -215,17 +217,30 @@ pub fn restore_backup(
         )));
     }
     let partial = with_suffix(log, ".restoring");
-    let copied = std::fs::copy(backup, &partial)
-        .map_err(|e| io("copy the backup", e))
-        .and_then(|_| {
+    let copied = if with_suffix(backup, "-wal").exists() {
+        copy_through_sqlite(backup, &partial)
+    } else {
+        std::fs::copy(backup, &partial)
+            .map(drop)
+            .map_err(|e| io("copy the backup", e))
+    };
+    let restored = copied
+        .and_then(|()| {
             std::fs::File::open(&partial)
                 .and_then(|file| file.sync_all())
                 .map_err(|e| io("flush the restored log", e))
-        });
-    if let Err(error) = copied {
-        let _ = std::fs::remove_file(&partial);
-        return Err(error);
-    }
+        })
+        .and_then(|()| inspect_backup(&partial));
+    let summary = match restored {
+        Ok(restored) => BackupSummary {
+            bytes: summary.bytes,
+            ..restored
+        },
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
     let mut kept = None;
     if log.exists() {
         // The WAL keeps its place after the database's name, where SQLite looks for it.
@@ -246,9 +261,58 @@ pub fn restore_backup(
     Ok((summary, kept))
 }
 
+/// Copies the log at `from`, with what its WAL holds, into a new file at `to`.
+fn copy_through_sqlite(from: &Path, to: &Path) -> Result<(), BusError> {
+    let target = to
+        .to_str()
+        .ok_or_else(|| BusError::Storage(format!("{} is not a UTF-8 path", to.display())))?;
+    let conn = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| BusError::Storage(format!("cannot open {}: {e}", from.display())))?;
+    conn.execute("VACUUM INTO ?1", [target])
+        .map(drop)
+        .map_err(|e| BusError::Storage(format!("cannot copy {}: {e}", from.display())))
+}
+
 #[cfg(test)]
 mod tests {
+    use crate::bus::Bus;
     use crate::bus::sqlite::{SqliteBus, SqliteOptions};
+
+    /// A log a host left with commits still in its WAL restores whole.
+    #[tokio::test]
+    async fn a_backup_with_its_own_wal_is_restored_with_what_the_wal_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join("left.db");
+        let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("live.db"))).unwrap();
+        let events = (0..5)
+            .map(|n| crate::event::Event {
+                id: format!("e{n}"),
+                source: "/test".to_owned(),
+                ty: "t.x".to_owned(),
+                subject: None,
+                time: None,
+                datacontenttype: None,
+                dataschema: None,
+                data: b"{}".to_vec(),
+                extensions: std::collections::BTreeMap::new(),
+            })
+            .collect();
+        bus.append(events).await.unwrap();
+        // The files as a host that died now leaves them: the events are in the WAL.
+        std::fs::copy(dir.path().join("live.db"), &left).unwrap();
+        std::fs::copy(
+            dir.path().join("live.db-wal"),
+            dir.path().join("left.db-wal"),
+        )
+        .unwrap();
+        drop(bus);
+
+        let log = dir.path().join("restored.db");
+        let (summary, _) = super::restore_backup(&left, &log, false).unwrap();
+        assert_eq!((summary.events, summary.last_sequence), (5, 5));
+        let restored = SqliteBus::open(SqliteOptions::new(&log)).unwrap();
+        assert_eq!(restored.head().await.unwrap(), 5);
+    }
 
     #[test]
     fn a_backup_wants_room_for_the_copy_and_for_the_log_to_grow() {

@@ -80,7 +80,7 @@ pub use self::lock::{LogLock, lock_log};
 pub use self::retention::{NoObserver, RetentionObserver, RetentionOptions};
 
 use self::consumer::SqliteConsumer;
-use self::schema::{check_schema, check_writable, open_connection};
+use self::schema::{check_schema, check_writable, open_connection, open_writer_connection};
 use self::writer::{Job, Reply};
 use super::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LocalNotices, LogPage,
@@ -208,7 +208,7 @@ impl SqliteBus {
             check_writable(dir)?;
         }
         backup::remove_stale_copies(&options.path);
-        let conn = open_connection(&options.path, options.durability).map_err(|e| {
+        let conn = open_writer_connection(&options.path, options.durability).map_err(|e| {
             BusError::Storage(format!("cannot open {}: {e}", options.path.display()))
         })?;
         // SQLite falls back to a read-only open when it cannot write; refuse that up front

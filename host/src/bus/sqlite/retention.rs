@@ -178,8 +178,9 @@ pub(super) struct Shared {
 #[derive(Debug, Clone, Copy)]
 struct Presence {
     open: usize,
-    /// When the last consumer closed, in ms since the Unix epoch.
-    closed_at_ms: i64,
+    /// When the last consumer closed, on the monotonic clock: a step of the wall clock
+    /// must not make a plugin absent for longer than it was.
+    closed_at: Option<Instant>,
 }
 
 impl Shared {
@@ -190,7 +191,7 @@ impl Shared {
             .entry(plugin.to_owned())
             .or_insert(Presence {
                 open: 0,
-                closed_at_ms: 0,
+                closed_at: None,
             })
             .open += 1;
     }
@@ -200,7 +201,7 @@ impl Shared {
         let mut presence = self.presence.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = presence.get_mut(plugin) {
             entry.open = entry.open.saturating_sub(1);
-            entry.closed_at_ms = now_ms();
+            entry.closed_at = Some(Instant::now());
         }
     }
 
@@ -231,7 +232,7 @@ pub(super) fn start(
         return Ok(());
     }
     let conn = open_connection(path, Durability::Normal).map_err(storage)?;
-    let worker = Worker::new(Arc::clone(inner), conn, options.clone(), now_ms())?;
+    let worker = Worker::new(Arc::clone(inner), conn, options.clone(), Instant::now())?;
     if !worker.incremental {
         tracing::warn!(
             log = %path.display(),
@@ -487,9 +488,8 @@ struct Worker {
     page_size: u64,
     /// Whether the database can give pages back (`auto_vacuum = INCREMENTAL`).
     incremental: bool,
-    /// When this process started, in ms since the Unix epoch: no plugin counts as absent
-    /// for longer.
-    started_ms: i64,
+    /// When this process started: no plugin counts as absent for longer.
+    started: Instant,
     /// Every event up to here is kept forever.
     clean_upto: u64,
     /// Where the next walk goes on, when the last one ran out of time.
@@ -504,7 +504,7 @@ impl Worker {
         inner: Arc<Inner>,
         conn: Connection,
         options: RetentionOptions,
-        started_ms: i64,
+        started: Instant,
     ) -> Result<Self, BusError> {
         let page_size: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
@@ -523,7 +523,7 @@ impl Worker {
             page_size: to_u64(page_size).max(512),
             // 2 is INCREMENTAL (1 is FULL, which also gives pages back, at every commit).
             incremental: auto_vacuum == 2,
-            started_ms,
+            started,
             clean_upto: 0,
             resume_from: None,
             next_walk: Instant::now(),
@@ -672,7 +672,7 @@ impl Worker {
                     .collect()
             })
             .map_err(storage)?;
-        let now = now_ms();
+        let now = Instant::now();
         let (holding, released): (Vec<_>, Vec<_>) = rows
             .into_iter()
             .partition(|(plugin, _, _)| self.still_holds(plugin, now));
@@ -692,17 +692,18 @@ impl Worker {
 
     /// Whether `plugin`'s cursor still holds events back: always, unless
     /// `absent_plugin_hold` is set and it has had no consumer open for that long.
-    fn still_holds(&self, plugin: &str, now_ms: i64) -> bool {
+    fn still_holds(&self, plugin: &str, now: Instant) -> bool {
         let Some(hold) = self.options.absent_plugin_hold else {
             return true;
         };
         let absent_since = match self.inner.retention.presence(plugin) {
             Some(presence) if presence.open > 0 => return true,
-            Some(presence) => presence.closed_at_ms.max(self.started_ms),
-            None => self.started_ms,
+            Some(presence) => presence
+                .closed_at
+                .map_or(self.started, |closed| closed.max(self.started)),
+            None => self.started,
         };
-        let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX);
-        now_ms.saturating_sub(absent_since) < hold_ms
+        now.saturating_duration_since(absent_since) < hold
     }
 
     fn rows_after(&self, after: u64) -> Result<Vec<Row>, BusError> {
@@ -997,12 +998,18 @@ mod tests {
     }
 
     /// One check of a worker with these options, on a blocking thread.
-    async fn check(bus: &SqliteBus, options: RetentionOptions, started_ms: i64) {
+    fn two_minutes_ago() -> Instant {
+        Instant::now()
+            .checked_sub(Duration::from_secs(120))
+            .unwrap()
+    }
+
+    async fn check(bus: &SqliteBus, options: RetentionOptions, started: Instant) {
         let inner = Arc::clone(&bus.inner);
         let path = bus.path().to_owned();
         tokio::task::spawn_blocking(move || {
             let conn = open_connection(&path, Durability::Normal).unwrap();
-            let mut worker = Worker::new(inner, conn, options, started_ms).unwrap();
+            let mut worker = Worker::new(inner, conn, options, started).unwrap();
             worker.check().unwrap();
         })
         .await
@@ -1094,7 +1101,7 @@ mod tests {
             observer: record.clone(),
             ..RetentionOptions::default()
         };
-        check(&bus, options, now_ms()).await;
+        check(&bus, options, Instant::now()).await;
         // Retrying (3), dead-lettered (4) and unsettled (6..) stay; `q` holds none of it.
         assert_eq!(sequences(&bus).await, [3, 4, 6, 7, 8, 9, 10]);
         assert_eq!(record.deleted.load(Ordering::Relaxed), 3);
@@ -1106,7 +1113,7 @@ mod tests {
             rules: vec![all],
             ..RetentionOptions::default()
         };
-        check(&bus, options, now_ms()).await;
+        check(&bus, options, Instant::now()).await;
         assert_eq!(sequences(&bus).await, [10], "the newest event stays");
         let stats = bus.consumer_stats("p").await.unwrap();
         assert_eq!((stats.pending_retries, stats.dead_letters), (0, 0));
@@ -1123,7 +1130,7 @@ mod tests {
             rules: vec![rule],
             ..RetentionOptions::default()
         };
-        check(&bus, options, now_ms()).await;
+        check(&bus, options, Instant::now()).await;
         assert_eq!(sequences(&bus).await, [3, 6, 7, 8, 9, 10]);
         let letters = dead_letters(&bus).await;
         assert!(letters.is_empty());
@@ -1146,7 +1153,7 @@ mod tests {
             rules: vec![all],
             ..RetentionOptions::default()
         };
-        check(&bus, options, now_ms()).await;
+        check(&bus, options, Instant::now()).await;
         assert_eq!(sequences(&bus).await, [3], "the newest event stays");
         // Every held delivery is dead-lettered; only the event still in the log has
         // something to replay or show.
@@ -1206,7 +1213,7 @@ mod tests {
             let bus = bus.clone();
             async move { bus.consumer_stats("p").await.unwrap().dead_letters }
         };
-        check(&bus, options.clone(), now_ms()).await;
+        check(&bus, options.clone(), Instant::now()).await;
         assert_eq!(dead_letters(&bus).await, 1, "younger than the limit: kept");
         assert_eq!(sequences(&bus).await, [3, 4, 6, 7, 8, 9, 10]);
 
@@ -1219,7 +1226,7 @@ mod tests {
         })
         .await
         .unwrap();
-        check(&bus, options, now_ms()).await;
+        check(&bus, options, Instant::now()).await;
         assert_eq!(dead_letters(&bus).await, 0);
         assert_eq!(
             sequences(&bus).await,
@@ -1244,7 +1251,7 @@ mod tests {
             observer: record.clone(),
             ..RetentionOptions::default()
         };
-        check(&bus, options(2 << 20), now_ms()).await;
+        check(&bus, options(2 << 20), Instant::now()).await;
         let left = sequences(&bus).await;
         // The oldest bulk events went; every ledger event stayed.
         assert_eq!(left.iter().filter(|s| (*s - 1) % 4 == 0).count(), 100);
@@ -1260,7 +1267,7 @@ mod tests {
         assert!(size <= 2 << 20, "{size}");
 
         // Below what the kept-forever events need, it deletes every other and says so.
-        check(&bus, options(512 << 10), now_ms()).await;
+        check(&bus, options(512 << 10), Instant::now()).await;
         let left = sequences(&bus).await;
         assert_eq!(left.len(), 101);
         assert!(left[..100].iter().all(|s| (s - 1) % 4 == 0));
@@ -1312,7 +1319,7 @@ mod tests {
             rules: vec![rule(">", Keep::For(Duration::ZERO))],
             ..RetentionOptions::default()
         };
-        check(&bus, expire(), now_ms()).await;
+        check(&bus, expire(), Instant::now()).await;
         assert_eq!(
             sequences(&bus).await,
             [1, 3, 5, 6],
@@ -1329,10 +1336,10 @@ mod tests {
             ..expire()
         };
         // Absence counts from this process's start at the earliest...
-        check(&bus, hold(), now_ms()).await;
+        check(&bus, hold(), Instant::now()).await;
         assert_eq!(sequences(&bus).await, [1, 3, 5, 6, 7, 8]);
         // ...and from when the plugin's consumer closed.
-        check(&bus, hold(), now_ms() - 120_000).await;
+        check(&bus, hold(), two_minutes_ago()).await;
         assert_eq!(sequences(&bus).await, [6, 7, 8]);
         // The newest event stayed, so no sequence is handed out twice.
         bus.append(vec![event("c.x", 9, 10)]).await.unwrap();
@@ -1357,9 +1364,9 @@ mod tests {
             absent_plugin_hold: Some(Duration::from_secs(60)),
             ..RetentionOptions::default()
         };
-        check(&bus, options(), now_ms()).await;
+        check(&bus, options(), Instant::now()).await;
         assert_eq!(sequences(&bus).await, [3, 4, 6, 7, 8, 9, 10], "still held");
-        check(&bus, options(), now_ms() - 120_000).await;
+        check(&bus, options(), two_minutes_ago()).await;
         assert_eq!(sequences(&bus).await, [4, 10]);
         let stats = bus.consumer_stats("p").await.unwrap();
         assert_eq!((stats.pending_retries, stats.dead_letters), (0, 1));
@@ -1393,7 +1400,7 @@ mod tests {
             max_bytes: Some(1 << 20),
             ..RetentionOptions::default()
         };
-        check(&bus, options, now_ms()).await;
+        check(&bus, options, Instant::now()).await;
         let after = file(&bus).await;
         assert!(after <= (1 << 20) + (256 << 10), "{before} -> {after}");
         let kept = sequences(&bus).await;

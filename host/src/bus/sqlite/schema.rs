@@ -127,9 +127,23 @@ CREATE TRIGGER IF NOT EXISTS dead_letter_uncounted AFTER DELETE ON dead_letters 
 END;
 ";
 
+/// A connection that reads the log (the writer's is [`open_writer_connection`]).
 pub(super) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    configure(&conn, durability)?;
+    Ok(conn)
+}
+
+/// The writer's connection, which also gives a new file its layout settings. Only the
+/// writer sets them: setting `auto_vacuum` takes the log's write lock even when it changes
+/// nothing, so a reader that set it would wait for the writer (and fail after the busy
+/// timeout while the writer is busy).
+pub(super) fn open_writer_connection(
+    path: &Path,
+    durability: Durability,
+) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn, durability)?;
     // Takes effect only on a new, empty file, before WAL mode writes its first page: it
     // lets retention give freed pages back to the file system (`incremental_vacuum`). On
     // an existing file it changes nothing; converting an older log takes a `VACUUM` of
@@ -138,17 +152,26 @@ pub(super) fn open_connection(path: &Path, durability: Durability) -> rusqlite::
     conn.query_row("PRAGMA journal_mode = WAL", [], |row| {
         row.get::<_, String>(0)
     })?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
     let synchronous = match durability {
         Durability::Full => "FULL",
         Durability::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", synchronous)?;
-    conn.pragma_update(None, "foreign_keys", "OFF")?;
-    Ok(conn)
+    conn.pragma_update(None, "foreign_keys", "OFF")
 }
 
-/// Creates the tables of a new log, or checks that an existing one has this layout.
+/// Creates the tables of a new log, or checks that an existing one has this layout. One
+/// transaction: a first open cut short (a crash, a full disk) leaves nothing half made,
+/// which a later start would refuse as a log of another layout.
 pub(super) fn check_schema(conn: &Connection, path: &Path) -> Result<(), BusError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+        .map_err(storage)?;
+    let conn = &*tx;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(storage)?;
@@ -159,10 +182,19 @@ pub(super) fn check_schema(conn: &Connection, path: &Path) -> Result<(), BusErro
             |row| row.get(0),
         )
         .map_err(storage)?;
+    if existing > 0 && version > SCHEMA_VERSION {
+        return Err(BusError::Storage(format!(
+            "the log {} was written by a newer Switchyard (layout version {version}; this \
+             host reads version {SCHEMA_VERSION}): run that version on it, or restore a \
+             backup this version made",
+            path.display()
+        )));
+    }
     if existing > 0 && version != SCHEMA_VERSION {
         return Err(BusError::Storage(format!(
             "the log {} has layout version {version} and this host reads version \
-             {SCHEMA_VERSION}; start with an empty data directory",
+             {SCHEMA_VERSION}; move it aside (keep it) and start with an empty data \
+             directory",
             path.display()
         )));
     }
@@ -185,7 +217,8 @@ pub(super) fn check_schema(conn: &Connection, path: &Path) -> Result<(), BusErro
         .map_err(storage)?;
     }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(storage)
+        .map_err(storage)?;
+    tx.commit().map_err(storage)
 }
 
 /// Fails with a clear message when the log's directory cannot take writes, which SQLite
@@ -233,8 +266,35 @@ mod tests {
         };
         assert!(message.contains("layout version 0"), "{message}");
 
+        // A log from a newer host is not to be thrown away.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let Err(BusError::Storage(message)) = SqliteBus::open(SqliteOptions::new(&path)) else {
+            panic!("a newer layout opened");
+        };
+        assert!(
+            message.contains("written by a newer Switchyard"),
+            "{message}"
+        );
+        assert!(!message.contains("empty data directory"), "{message}");
+
         let fresh = dir.path().join("fresh.db");
         drop(SqliteBus::open(SqliteOptions::new(&fresh)).unwrap());
         assert!(SqliteBus::open(SqliteOptions::new(&fresh)).is_ok());
+    }
+
+    /// A reader's connection does not take the log's write lock, so opening one while the
+    /// writer holds it does not wait for it.
+    #[test]
+    fn a_reader_opens_while_the_log_is_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        drop(SqliteBus::open(SqliteOptions::new(&path)).unwrap());
+        let writer = Connection::open(&path).unwrap();
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let reader = super::open_connection(&path, crate::bus::sqlite::Durability::Normal);
+        assert!(reader.is_ok(), "{:?}", reader.err());
     }
 }
