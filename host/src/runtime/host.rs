@@ -23,7 +23,7 @@ use super::limits::MemoryLimiter;
 use super::outcome::Failure;
 use super::sandbox::{Access, Refusals};
 use super::settings::EffectBounds;
-use super::stdio::StderrTail;
+use super::stdio::{LogBudget, StderrTail};
 use crate::effects::Effects;
 use crate::event::{self, CAUSATION_DEPTH, CAUSATION_ID, CORRELATION_ID, Event};
 use crate::failure::{AttemptError, FailureKind};
@@ -157,6 +157,8 @@ pub(crate) struct PluginIdentity {
     pub(crate) name: Arc<str>,
     /// Attempts to reach outside the sandbox, refused.
     pub(crate) refusals: Refusals,
+    /// The log lines its instances may still write.
+    pub(crate) log_budget: Arc<LogBudget>,
     pub(crate) bounds: EffectBounds,
     pub(crate) config: BTreeMap<String, String>,
 }
@@ -514,8 +516,11 @@ impl types::Host for HostState {}
 
 impl host::Host for HostState {
     async fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
-        let message = truncate(&message, MAX_LOG_LINE);
         let plugin = self.plugin();
+        if !self.identity.log_budget.allow(plugin) {
+            return Ok(());
+        }
+        let message = truncate(&message, MAX_LOG_LINE);
         match level {
             types::LogLevel::Trace => {
                 tracing::trace!(target: "switchyard::plugin", plugin, "{message}")

@@ -155,6 +155,7 @@ impl Runtime {
         let identity = Arc::new(PluginIdentity {
             name: Arc::from(name),
             refusals: Refusals::default(),
+            log_budget: Arc::default(),
             bounds: settings.bounds,
             config: settings.config.clone(),
         });
@@ -467,9 +468,13 @@ impl Plugin {
         let limits = self.settings.limits;
         let stderr_tail = StderrTail::default();
         let wasi = WasiCtxBuilder::new()
-            .stdout(PluginOutput::stdout(Arc::clone(&self.identity.name)))
+            .stdout(PluginOutput::stdout(
+                Arc::clone(&self.identity.name),
+                Arc::clone(&self.identity.log_budget),
+            ))
             .stderr(PluginOutput::stderr(
                 Arc::clone(&self.identity.name),
+                Arc::clone(&self.identity.log_budget),
                 stderr_tail.clone(),
             ))
             .allow_tcp(false)

@@ -1,6 +1,9 @@
 //! A plugin's stdout and stderr, sent line by line to the host's log.
 //!
 //! Each line is logged with the plugin's name; a line longer than [`MAX_LINE`] is cut.
+//! A plugin's lines (these and its `log` calls) are limited to [`LOG_LINES_PER_SECOND`]
+//! with bursts of [`LOG_BURST`] ([`LogBudget`]): a handler logging in a loop would otherwise
+//! fill the host's log and its disk. What is dropped is counted and said.
 //! The tail of stderr is also kept per invocation so that a trap can be reported with
 //! what the plugin printed last (a Rust panic prints its message there before trapping,
 //! Python its traceback, the JavaScript SDK the exception and its stack). A report longer
@@ -10,6 +13,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -22,6 +26,68 @@ const MAX_TAIL: usize = 8192;
 const REPORT_HEAD: usize = 2048;
 /// Lines that start an exception report (Python's traceback, the JavaScript SDK's).
 const REPORT_STARTS: [&[u8]; 2] = [b"Traceback (most recent call last):", b"Uncaught "];
+
+/// Lines a plugin may log per second, over its bursts.
+const LOG_LINES_PER_SECOND: f64 = 1000.0;
+/// Lines a plugin may log at once.
+const LOG_BURST: f64 = 5000.0;
+/// How often a plugin whose lines are dropped is told about, at most.
+const DROPS_SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// The log lines one plugin may still write: a token bucket shared by its instances.
+#[derive(Debug)]
+pub(crate) struct LogBudget(Mutex<Bucket>);
+
+#[derive(Debug)]
+struct Bucket {
+    lines: f64,
+    refilled: Instant,
+    /// Lines dropped since the drops were last said.
+    dropped: u64,
+    said: Option<Instant>,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self(Mutex::new(Bucket {
+            lines: LOG_BURST,
+            refilled: Instant::now(),
+            dropped: 0,
+            said: None,
+        }))
+    }
+}
+
+impl LogBudget {
+    /// Whether `plugin` may log one more line now; a drop is counted and, now and then,
+    /// said in the host's own log.
+    pub(crate) fn allow(&self, plugin: &str) -> bool {
+        let mut bucket = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let earned = now.duration_since(bucket.refilled).as_secs_f64() * LOG_LINES_PER_SECOND;
+        bucket.lines = (bucket.lines + earned).min(LOG_BURST);
+        bucket.refilled = now;
+        if bucket.lines >= 1.0 {
+            bucket.lines -= 1.0;
+            return true;
+        }
+        bucket.dropped += 1;
+        if bucket
+            .said
+            .is_none_or(|said| now.duration_since(said) >= DROPS_SAID_EVERY)
+        {
+            tracing::warn!(
+                plugin,
+                dropped = bucket.dropped,
+                "the plugin logs more than {LOG_LINES_PER_SECOND} lines a second; lines over \
+                 that are dropped"
+            );
+            bucket.said = Some(now);
+            bucket.dropped = 0;
+        }
+        false
+    }
+}
 
 /// Which of the two output streams this is.
 #[derive(Debug, Clone, Copy)]
@@ -103,22 +169,25 @@ fn report_start(bytes: &[u8]) -> Option<usize> {
 #[derive(Clone)]
 pub(crate) struct PluginOutput {
     plugin: Arc<str>,
+    budget: Arc<LogBudget>,
     stream: Stream,
     tail: Option<StderrTail>,
 }
 
 impl PluginOutput {
-    pub(crate) fn stdout(plugin: Arc<str>) -> Self {
+    pub(crate) fn stdout(plugin: Arc<str>, budget: Arc<LogBudget>) -> Self {
         Self {
             plugin,
+            budget,
             stream: Stream::Stdout,
             tail: None,
         }
     }
 
-    pub(crate) fn stderr(plugin: Arc<str>, tail: StderrTail) -> Self {
+    pub(crate) fn stderr(plugin: Arc<str>, budget: Arc<LogBudget>, tail: StderrTail) -> Self {
         Self {
             plugin,
+            budget,
             stream: Stream::Stderr,
             tail: Some(tail),
         }
@@ -150,8 +219,12 @@ impl LineLogger {
         if self.line.is_empty() {
             return;
         }
-        let text = String::from_utf8_lossy(&self.line);
         let plugin = &*self.output.plugin;
+        if !self.output.budget.allow(plugin) {
+            self.line.clear();
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.line);
         match self.output.stream {
             Stream::Stdout => {
                 tracing::info!(target: "switchyard::plugin", plugin, stream = "stdout", "{text}")
@@ -211,6 +284,16 @@ impl Drop for LineLogger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_lines_is_cut_to_the_budget() {
+        let budget = LogBudget::default();
+        let started = Instant::now();
+        let allowed = (0..20_000).filter(|_| budget.allow("p")).count();
+        let earned = started.elapsed().as_secs_f64() * LOG_LINES_PER_SECOND;
+        assert!(allowed >= 5000, "{allowed}");
+        assert!((allowed as f64) <= LOG_BURST + earned + 1.0, "{allowed}");
+    }
 
     #[test]
     fn a_long_report_keeps_its_first_lines_and_its_end() {
