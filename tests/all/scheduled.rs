@@ -72,6 +72,37 @@ async fn a_scheduled_event_fires_once_on_time_and_a_cancelled_one_never(backend:
     let listed = host.get_json("/v1/scheduled?type=reminder.due").await;
     assert_eq!(listed["pending"], 2, "{listed}");
     assert_eq!(scheduled_ids(&listed).len(), 2, "{listed}");
+    // A pending event's id sent again from another source is that event sent again: the
+    // first stays, due when it was, on both backends.
+    let twin = |source: &'static str, delay: &'static str| {
+        host.http
+            .post(host.url(&format!("/v1/events/reminder.twin?delay={delay}")))
+            .header("ce-id", "twin")
+            .header("ce-source", source)
+            .json(&json!({"from": source}))
+            .send()
+    };
+    let first: Value = twin("/first", "1h").await.unwrap().json().await.unwrap();
+    let again = twin("/second", "2h").await.unwrap();
+    assert_eq!(again.status(), 202);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["accepted"][0]["duplicate"], true, "{again}");
+    assert_eq!(
+        again["accepted"][0]["scheduled"], first["accepted"][0]["scheduled"],
+        "{first} {again}"
+    );
+    let twins = host.get_json("/v1/scheduled?type=reminder.twin").await;
+    assert_eq!(scheduled_ids(&twins), ["twin"], "{twins}");
+    assert_eq!(twins["scheduled"][0]["source"], "/first", "{twins}");
+    assert_eq!(
+        host.http
+            .delete(host.url("/v1/scheduled/twin"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     let cancelled = host
         .http
         .delete(host.url("/v1/scheduled/cancelled"))

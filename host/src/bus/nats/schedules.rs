@@ -6,7 +6,10 @@
 //! - `P.schedule.<token>`: the pending event with id `<token>`'s source (a hash of the
 //!   id), sent with `Nats-Schedule: @at <due>` and `Nats-Schedule-Target: P.due.<token>`.
 //!   One message per id: the server keeps one schedule per subject. A repeat is dropped
-//!   by `Nats-Msg-Id`.
+//!   by `Nats-Msg-Id`, and a schedule is created only where none is pending
+//!   (`Nats-Expected-Last-Subject-Sequence: 0`), so a later event with a pending one's
+//!   id (after the dedupe window, or from another source) is the same event sent again,
+//!   as on the embedded log: the first stays.
 //! - `P.due.<token>`: what the server stores there at the due time (the same payload and
 //!   headers), removing the schedule in the same step.
 //! - the durable consumer `P-scheduler` on `P.due.>`, shared by every host (competing
@@ -85,6 +88,7 @@ impl Shared {
         );
         headers.insert(DUE_AT, due_at_ms.to_string().as_str());
         headers.insert(SCHEDULED_AT, now_ms().to_string().as_str());
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
         let publish = PublishMessage::build()
             .payload(encode_event(&pending))
             .headers(headers);
@@ -100,6 +104,21 @@ impl Shared {
             .await
             .map_err(storage!("cancelling a scheduled event"))?;
         Ok(purged.purged > 0)
+    }
+
+    /// When the pending scheduled event with this id is due, if one is.
+    pub(super) async fn pending_due_ms(&self, id: &str) -> Result<Option<i64>, BusError> {
+        match self
+            .schedules
+            .get_last_raw_message_by_subject(&self.schedule_subject(id))
+            .await
+        {
+            Ok(message) => Ok(header(Some(&message.headers), DUE_AT)),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(error) => Err(nats_error("reading the schedules")(&error)),
+        }
     }
 
     /// Whether a scheduled event with this id is pending.

@@ -348,7 +348,21 @@ impl Shared {
             pending.push((index, ack, due_at_ms));
         }
         for (index, ack, due_at_ms) in pending {
-            let ack = ack.await.map_err(storage!("storing an event"))?;
+            let ack = match (ack.await, due_at_ms) {
+                (Ok(ack), _) => ack,
+                // A schedule with this id is pending: this is the same event sent again.
+                (Err(error), Some(due_at_ms)) if wrong_last_sequence(&error) => {
+                    let pending = self.pending_due_ms(&events[index].id).await?;
+                    answers[index] = Some(Appended {
+                        sequence: 0,
+                        duplicate: true,
+                        stream_version: None,
+                        due_at_ms: Some(pending.unwrap_or(due_at_ms)),
+                    });
+                    continue;
+                }
+                (Err(error), _) => return Err(storage!("storing an event")(error)),
+            };
             answers[index] = Some(Appended {
                 sequence: if due_at_ms.is_some() { 0 } else { ack.sequence },
                 duplicate: ack.duplicate,
