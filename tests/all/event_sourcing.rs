@@ -169,6 +169,40 @@ async fn stream_versions_are_dense_and_stale_appends_are_refused(backend: Backen
     );
     assert!(host.log().await.iter().all(|e| e["event"]["id"] != "b1"));
 
+    // A resend mixing a stored append with new ones: the stored one is its duplicate, the
+    // new ones are stored all together or not at all.
+    let resend = |conditions: &[(&str, &str, &str, u64)]| {
+        let mut events = vec![json!({"specversion": "1.0", "id": "d1",
+            "source": "/switchyard/http", "type": "account.debited", "subject": "acct-1",
+            "expectedversion": "3", "data": {}})];
+        for (id, ty, subject, expected) in conditions {
+            events.push(
+                json!({"specversion": "1.0", "id": id, "source": "/test", "type": ty,
+                "subject": subject, "expectedversion": expected.to_string(), "data": {}}),
+            );
+        }
+        Value::Array(events)
+    };
+    let failing = resend(&[
+        ("m1", "account.opened", "acct-7", 0),
+        ("m2", "account.debited", "acct-2", 7),
+    ]);
+    assert_eq!(host.send_batch(&failing).await.status(), 409);
+    assert_eq!(
+        stream_status(&host, "acct-7").await,
+        404,
+        "a resent batch with a conflict stored part of itself"
+    );
+    let holding = resend(&[("m1", "account.opened", "acct-7", 0)]);
+    let response = host.send_batch(&holding).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["accepted"][0]["duplicate"], true, "{body}");
+    assert_eq!(body["accepted"][0]["streamversion"], 4, "{body}");
+    assert_eq!(body["accepted"][1]["duplicate"], false, "{body}");
+    assert_eq!(body["accepted"][1]["streamversion"], 1, "{body}");
+    assert_eq!(versions(&host, "acct-1").await, [1, 2, 3, 4]);
+
     // An expectation needs a subject.
     let response = host
         .http

@@ -556,25 +556,25 @@ impl Shared {
         )
     }
 
-    /// Whether the event of a batch that met `conflict` is itself stored where it
-    /// expected to be.
-    async fn is_stored_repeat(
+    /// Each event of `events` that carries an expected version and is stored where it
+    /// expected to be (sent before), as its duplicate's answer; `None` for the others.
+    async fn stored_conditionals(
         &self,
-        events: &[&Event],
-        conflict: &VersionConflict,
-    ) -> Result<bool, BusError> {
-        let Some(event) = events.iter().find(|e| {
-            e.subject.as_deref() == Some(conflict.subject.as_str())
-                && streams::expected_version(e).ok().flatten() == Some(conflict.expected)
-        }) else {
-            return Ok(false);
-        };
-        let filter = stream_filter(&self.options.prefix, &conflict.subject);
-        let head = self.stream_head(&conflict.subject).await?;
-        Ok(self
-            .stored_after(&filter, event, conflict.expected, head)
-            .await?
-            .is_some())
+        events: &[Event],
+    ) -> Result<Vec<Option<Appended>>, BusError> {
+        let mut stored = Vec::with_capacity(events.len());
+        for event in events {
+            let (Some(subject), Ok(Some(expected))) =
+                (&event.subject, streams::expected_version(event))
+            else {
+                stored.push(None);
+                continue;
+            };
+            let filter = stream_filter(&self.options.prefix, subject);
+            let head = self.stream_head(subject).await?;
+            stored.push(self.stored_after(&filter, event, expected, head).await?);
+        }
+        Ok(stored)
     }
 
     /// Plans `events` as one atomic batch: each stream event numbered after its stream's
@@ -679,12 +679,7 @@ impl Shared {
         for _ in 0..APPEND_TRIES {
             let (planned, heads) = match self.plan_batch(&logged, watched).await {
                 Err(BusError::VersionConflict(conflict)) if on_repeat == OnRepeat::EventByEvent => {
-                    // A repeat of a batch that got through meets its own events: a batch
-                    // is stored whole, so one of its events stored means all of them.
-                    if self.is_stored_repeat(&logged, &conflict).await? {
-                        return self.store_each(events, &[], watched).await;
-                    }
-                    return Err(BusError::VersionConflict(conflict));
+                    return self.store_repeat(events, watched, conflict).await;
                 }
                 other => other?,
             };
@@ -746,6 +741,41 @@ impl Shared {
             })
             .collect();
         Ok(answers)
+    }
+
+    /// A batch whose expected versions met its own events, sent before: those are answered
+    /// as the duplicates they are, and the rest is stored as one atomic batch, all of it
+    /// or none (as the embedded log's transaction skips a batch's stored events and
+    /// stores the others or nothing). A batch with none of its events stored is the
+    /// conflict it met.
+    async fn store_repeat(
+        &self,
+        events: &[Event],
+        watched: bool,
+        conflict: VersionConflict,
+    ) -> Result<Vec<Appended>, BusError> {
+        let stored = self.stored_conditionals(events).await?;
+        if stored.iter().all(Option::is_none) {
+            return Err(BusError::VersionConflict(conflict));
+        }
+        let rest: Vec<Event> = events
+            .iter()
+            .zip(&stored)
+            .filter(|(_, stored)| stored.is_none())
+            .map(|(event, _)| event.clone())
+            .collect();
+        // Fewer events each time: the stored ones are left out.
+        let mut rest_answers = if rest.is_empty() {
+            Vec::new()
+        } else {
+            Box::pin(self.store_atomically(&rest, watched, OnRepeat::EventByEvent)).await?
+        }
+        .into_iter();
+        stored
+            .into_iter()
+            .map(|stored| stored.or_else(|| rest_answers.next()))
+            .collect::<Option<Vec<Appended>>>()
+            .ok_or_else(|| BusError::Storage("a repeated batch was answered short".to_owned()))
     }
 
     /// Commits the effects of an attempt that hold stream conditions and write no KV: its
