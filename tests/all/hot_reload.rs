@@ -530,3 +530,63 @@ async fn swapping_versions_under_load_handles_every_event_exactly_once(backend: 
 }
 
 crate::on_both_backends!(multi_thread: swapping_versions_under_load_handles_every_event_exactly_once);
+
+/// A plugin removed for good is forgotten on request, and only once no host serves it:
+/// its KV and dead letters go, and a plugin added later under its name starts afresh
+/// (from the start of the log, as its sidecar asks, not at the old cursor).
+async fn a_removed_plugin_is_forgotten_on_request(backend: Backend) {
+    let mut host = Host::on(&backend);
+    let sidecar = "subscribe = [\"hostile.count\", \"hostile.reject\"]\nstart = \"earliest\"\n";
+    host.plugin("gone", Guest::Hostile, Some(sidecar));
+    host.start();
+    wait_serving(&host, "gone", None).await;
+    assert_eq!(host.send("hostile.count", "c1", json!({})).await, 202);
+    assert_eq!(host.send("hostile.reject", "r1", json!({})).await, 202);
+    let letters = || async {
+        let page = host.get_json("/v1/dlq?plugin=gone").await;
+        page["dead_letters"].as_array().map(Vec::len)
+    };
+    host.wait_for("its KV and its dead letter", WAIT, || async {
+        (host.kv("gone", "seen/c1").await.is_some() && letters().await? == 1).then_some(())
+    })
+    .await;
+    let forget = || async {
+        host.http
+            .delete(host.url("/v1/plugins/gone"))
+            .send()
+            .await
+            .unwrap()
+    };
+    let refused = forget().await;
+    assert_eq!(refused.status(), 409, "forgotten while loaded");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("remove its file"),
+        "{body}"
+    );
+
+    std::fs::remove_file(host.plugins_dir().join("gone.wasm")).unwrap();
+    host.wait_for("the plugin to go", WAIT, || async {
+        host.status("gone").await.is_none().then_some(())
+    })
+    .await;
+    // On NATS the server counts a host's last pull until it expires.
+    host.wait_for("the plugin to be forgotten", WAIT, || async {
+        (forget().await.status() == 204).then_some(())
+    })
+    .await;
+    assert_eq!(host.kv("gone", "seen/c1").await, None);
+    assert_eq!(letters().await, Some(0));
+
+    // Added again: a fresh cursor at the start of the log handles both events again.
+    host.plugin("gone", Guest::Hostile, Some(sidecar));
+    host.wait_for("both events handled again", WAIT, || async {
+        (host.kv("gone", "seen/c1").await.is_some() && letters().await? == 1).then_some(())
+    })
+    .await;
+}
+
+crate::on_both_backends!(a_removed_plugin_is_forgotten_on_request);

@@ -281,6 +281,12 @@ impl Bus for SharedMemoryBus {
         Ok(Vec::new())
     }
 
+    async fn forget_plugin(&self, _plugin: &str) -> Result<(), BusError> {
+        Err(BusError::Unsupported(
+            "the benchmark's bus keeps no plugin state".to_owned(),
+        ))
+    }
+
     async fn consumer_stats(&self, _plugin: &str) -> Result<ConsumerStats, BusError> {
         Ok(ConsumerStats::default())
     }

@@ -381,6 +381,12 @@ pub trait Bus:
     /// serves them now.
     async fn plugins_with_consumers(&self) -> Result<Vec<String>, BusError>;
 
+    /// Forgets what the bus keeps for `plugin`: its place in the log, its retries and
+    /// replays, its dead letters and its KV; its control goes back to running. For a plugin
+    /// removed for good, once no host serves it ([`BusError::Conflict`] while one does, as
+    /// far as the bus can tell); a plugin of that name added later starts afresh.
+    async fn forget_plugin(&self, plugin: &str) -> Result<(), BusError>;
+
     /// [`ConsumerStats::lag`] alone, which a bus may read for less than all the counters
     /// (the dead letters are counted, not kept): the status page samples it every few
     /// seconds for as long as the host runs.

@@ -359,6 +359,42 @@ pub(super) async fn list_plugins(
     .into_response())
 }
 
+/// `DELETE /v1/plugins/{name}`: forgets a plugin removed for good (its place in the log,
+/// retries, dead letters, KV; see [`crate::bus::Bus::forget_plugin`]), so that it no
+/// longer holds events back from retention. `409` while a plugin of that name is loaded
+/// here, or (on NATS) served by another host.
+pub(super) async fn forget_plugin(
+    State(state): State<Arc<AppState>>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    plugin_in_path(&name)?;
+    let loaded = state
+        .plugins
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains_key(&name);
+    if loaded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            code::CONFLICT,
+            format!(
+                "plugin `{name}` is loaded on this host: remove its file from the plugin \
+                 directory (of every host) first"
+            ),
+        ));
+    }
+    match state.bus.forget_plugin(&name).await {
+        Ok(()) => {
+            tracing::warn!(plugin = %name, "plugin forgotten by an operator: its cursor, retries, dead letters and KV are gone");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        Err(BusError::Conflict(message)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, code::CONFLICT, message))
+        }
+        Err(error) => Err(bus_error(error)),
+    }
+}
+
 /// `GET /v1/plugins/{name}`.
 pub(super) async fn show_plugin(
     State(state): State<Arc<AppState>>,

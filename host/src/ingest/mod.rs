@@ -120,7 +120,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
         .route("/v1/events", get(events::read_log))
         .route("/v1/plugins", get(admin::list_plugins))
-        .route("/v1/plugins/{name}", get(admin::show_plugin))
+        .route(
+            "/v1/plugins/{name}",
+            get(admin::show_plugin).delete(admin::forget_plugin),
+        )
         .route("/v1/plugins/{name}/pause", post(controls::pause))
         .route("/v1/plugins/{name}/resume", post(controls::resume))
         .route("/v1/plugins/{name}/kv", get(admin::list_kv))

@@ -429,7 +429,7 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
         self.metrics.forget(name);
-        tracing::info!(plugin = %name, "plugin removed; its cursor, retries, dead letters and KV are kept");
+        tracing::info!(plugin = %name, "plugin removed; its cursor, retries, dead letters and KV are kept until `DELETE /v1/plugins/{name}` forgets them");
     }
 
     /// Stops every dispatcher, letting in-flight calls finish within the grace.

@@ -156,6 +156,10 @@ pub(super) struct NatsConsumer {
     window: usize,
     one_at_a_time: bool,
     consumer: PullConsumer,
+    /// When the server made the consumer, which tells it from an earlier consumer of the
+    /// same name (a plugin forgotten and added again): its dead letters' message ids hold
+    /// it, so the server's dedupe does not take a new letter for a copy of an old one.
+    pub(super) generation: i128,
     /// Deliveries handed out and not yet settled, by log position.
     outstanding: Arc<Mutex<Held>>,
     /// Signalled when a settlement frees room in the window.
@@ -235,6 +239,7 @@ impl NatsConsumer {
                 .await
                 .map_err(storage!("creating the plugin's consumer"))?,
         };
+        let generation = consumer.cached_info().created.unix_timestamp_nanos();
         let outstanding: Arc<Mutex<Held>> = Arc::default();
         let keep_alive = tokio::spawn(keep_alive(
             Arc::downgrade(&outstanding),
@@ -249,6 +254,7 @@ impl NatsConsumer {
             window: spec.window.max(1),
             one_at_a_time: spec.one_at_a_time,
             consumer,
+            generation,
             outstanding,
             room: tokio::sync::Notify::new(),
             deferred: Mutex::default(),

@@ -24,6 +24,25 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Puts a forgotten plugin's control back to running, one revision on (hosts that
+    /// read the old revision take the new one).
+    pub(super) async fn reset_control(&self, plugin: &str) -> Result<(), BusError> {
+        let store = self.control_store().await?;
+        let value = serde_json::to_vec(&PluginControl::default())
+            .map_err(|e| BusError::Storage(e.to_string()))?;
+        match store.entry(encode_key(plugin)).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => store
+                .put(encode_key(plugin), Bytes::from(value))
+                .await
+                .map(drop)
+                .map_err(storage!("resetting a plugin's control")),
+            Err(error) => Err(nats_error("reading a plugin's control")(&error)),
+        }
+    }
+}
+
 #[async_trait]
 impl ControlStore for NatsBus {
     async fn control(&self, plugin: &str) -> Result<(PluginControl, u64), BusError> {

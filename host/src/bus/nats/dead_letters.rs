@@ -97,7 +97,10 @@ impl NatsConsumer {
             .unwrap_or(stored.sequence);
         let publish = PublishMessage::build()
             .payload(Bytes::from(payload))
-            .message_id(format!("{}-{delivered_as}", self.plugin));
+            .message_id(format!(
+                "{}-{}-{delivered_as}",
+                self.plugin, self.generation
+            ));
         self.shared
             .jetstream
             .send_publish(

@@ -74,6 +74,33 @@ impl Shared {
         Ok(store)
     }
 
+    /// Deletes a forgotten plugin's bucket (its KV and commit records), if it has one, and
+    /// this host's handles on it.
+    pub(super) async fn forget_bucket(&self, plugin: &str) -> Result<(), BusError> {
+        let bucket = self.plugin_bucket(plugin);
+        self.plugin_kv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(plugin);
+        self.committers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&bucket);
+        let stream = format!("KV_{bucket}");
+        match self.jetstream.get_stream(&stream).await {
+            Err(error) if super::setup::is_not_found(&error) => Ok(()),
+            Err(error) => Err(BusError::Storage(format!(
+                "cannot look up the NATS stream `{stream}`: {error}"
+            ))),
+            Ok(_) => self
+                .jetstream
+                .delete_stream(&stream)
+                .await
+                .map(drop)
+                .map_err(storage!("deleting the plugin's KV bucket")),
+        }
+    }
+
     /// A plugin's bucket to read, or `None` when it has none yet: a read makes no bucket
     /// (an admin reading the KV of a name no plugin ever had would otherwise leave one
     /// on the server for good).

@@ -525,6 +525,52 @@ impl Bus for NatsBus {
         Ok(plugins)
     }
 
+    async fn forget_plugin(&self, plugin: &str) -> Result<(), BusError> {
+        let shared = &self.shared;
+        let prefix = &shared.options.prefix;
+        let name = format!("{prefix}-{plugin}");
+        match shared.events.consumer_info(&name).await {
+            // A host that serves the plugin keeps a pull waiting, or holds deliveries.
+            Ok(info) if info.num_waiting > 0 || info.num_ack_pending > 0 => {
+                return Err(BusError::Conflict(format!(
+                    "plugin `{plugin}` is served by a host ({} pulls waiting, {} deliveries \
+                     held): remove its file from every host's plugin directory first",
+                    info.num_waiting, info.num_ack_pending
+                )));
+            }
+            Ok(_) => {
+                shared
+                    .events
+                    .delete_consumer(&name)
+                    .await
+                    .map_err(storage!("deleting the plugin's consumer"))?;
+            }
+            Err(error) if matches!(error.kind(), ConsumerInfoErrorKind::NotFound) => {}
+            Err(error) => return Err(nats_error("reading the consumer's state")(&error)),
+        }
+        shared
+            .events
+            .purge()
+            .filter(format!("{prefix}.replay.{plugin}"))
+            .await
+            .map_err(storage!("deleting the plugin's replays"))?;
+        shared
+            .dead_letters
+            .purge()
+            .filter(format!("{prefix}.dlq.{plugin}"))
+            .await
+            .map_err(storage!("deleting the plugin's dead letters"))?;
+        shared
+            .attempts
+            .stream
+            .purge()
+            .filter(format!("{}{plugin}.>", shared.attempts.prefix))
+            .await
+            .map_err(storage!("deleting the plugin's attempts"))?;
+        shared.forget_bucket(plugin).await?;
+        shared.reset_control(plugin).await
+    }
+
     async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {
         let name = format!("{}-{plugin}", self.shared.options.prefix);
         match self.shared.events.consumer_info(&name).await {

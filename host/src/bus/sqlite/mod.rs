@@ -84,7 +84,7 @@ use self::schema::{check_schema, check_writable, open_connection, open_writer_co
 use self::writer::{Job, Reply};
 use super::{
     Appended, Bus, BusError, Consumer, ConsumerSpec, ConsumerStats, LocalNotices, LogPage,
-    LogQuery, StoredEvent,
+    LogQuery, PluginControl, StoredEvent,
 };
 use crate::event::Event;
 use crate::failure::AttemptError;
@@ -494,6 +494,19 @@ impl Bus for SqliteBus {
                 .collect()
         })
         .await
+    }
+
+    async fn forget_plugin(&self, plugin: &str) -> Result<(), BusError> {
+        let control = serde_json::to_string(&PluginControl::default())
+            .map_err(|e| BusError::Storage(e.to_string()))?;
+        self.submit(|reply| Job::Forget {
+            plugin: plugin.to_owned(),
+            control,
+            reply,
+        })
+        .await?;
+        let _ = self.inner.control_changes.send(plugin.to_owned());
+        Ok(())
     }
 
     async fn consumer_lag(&self, plugin: &str) -> Result<u64, BusError> {

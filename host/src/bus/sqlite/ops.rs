@@ -607,6 +607,41 @@ pub(super) fn put_schema(
     Ok(to_u64(version))
 }
 
+/// Deletes everything kept for `plugin` (its cursor, retries, replays, dead letters and
+/// KV) and sets its control to `control`, one revision on, so that a host still holding
+/// the old revision reads the new one; the rows deleted.
+pub(super) fn forget_plugin(
+    conn: &Connection,
+    plugin: &str,
+    control: &str,
+) -> Result<u64, BusError> {
+    let mut deleted = 0;
+    for table in [
+        "cursors",
+        "acked",
+        "retries",
+        "replays",
+        "dead_letters",
+        "dead_letter_counts",
+        "kv",
+        "subscriptions",
+    ] {
+        deleted += exec(
+            conn,
+            &format!("DELETE FROM {table} WHERE plugin = ?1"),
+            [plugin],
+        )
+        .map_err(storage)?;
+    }
+    exec(
+        conn,
+        "UPDATE controls SET control = ?2, revision = revision + 1 WHERE plugin = ?1",
+        params![plugin, control],
+    )
+    .map_err(storage)?;
+    Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+}
+
 /// Stores a plugin's control if its revision is still `revision`; the new revision.
 pub(super) fn put_control(
     conn: &Connection,

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::ops::{
     append_events, cancel_scheduled, delete_dead_letters, exec, expire_dead_letters, fire_due,
-    move_cursor, open_cursor, put_control, put_schema, replay, settle,
+    forget_plugin, move_cursor, open_cursor, put_control, put_schema, replay, settle,
 };
 use super::retention::{self, Candidate, Deleted};
 use super::{Durability, Inner, SqliteOptions, storage};
@@ -93,6 +93,12 @@ pub(super) enum Job {
         plugin: String,
         control: String,
         revision: u64,
+        reply: Reply<u64>,
+    },
+    /// An operator forgets a plugin removed for good (see `ops::forget_plugin`).
+    Forget {
+        plugin: String,
+        control: String,
         reply: Reply<u64>,
     },
     /// Retention: deletes events a walk found deletable (see `retention.rs`).
@@ -508,6 +514,15 @@ fn run_in_savepoint(savepoint: &Connection, job: Job, wake: &mut bool) -> Answer
             *wake |= result.as_ref().is_ok_and(|f| !f.lags_ms.is_empty());
             (Answer::Fired(reply, result), ok)
         }
+        Job::Forget {
+            plugin,
+            control,
+            reply,
+        } => {
+            let result = forget_plugin(savepoint, &plugin, &control);
+            let ok = result.is_ok();
+            (Answer::Count(reply, result), ok)
+        }
         Job::CancelScheduled { id, reply } => {
             let result = cancel_scheduled(savepoint, &id);
             let ok = result.is_ok();
@@ -544,7 +559,8 @@ fn answer_error(job: Job, error: &BusError) -> Answer {
         | Job::DeleteDeadLetters { reply, .. }
         | Job::ExpireDeadLetters { reply, .. }
         | Job::PutSchema { reply, .. }
-        | Job::PutControl { reply, .. } => Answer::Count(reply, Ok(0)),
+        | Job::PutControl { reply, .. }
+        | Job::Forget { reply, .. } => Answer::Count(reply, Ok(0)),
         Job::Close { reply } => Answer::Done(reply, Ok(())),
         Job::MoveCursor { .. } => Answer::Nothing,
         Job::Retain { reply, .. } => Answer::Deleted(reply, Ok(Deleted::default())),
