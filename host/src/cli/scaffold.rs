@@ -56,10 +56,17 @@ const PYTHON_SDK: [(&str, &str); 5] = [
     ),
 ];
 
-const JS_SDK: (&str, &str) = (
-    "switchyard.js",
-    include_str!("../../../plugin-sdk/js/switchyard.js"),
-);
+const JS_SDK: [(&str, &str); 2] = [
+    (
+        "switchyard.js",
+        include_str!("../../../plugin-sdk/js/switchyard.js"),
+    ),
+    // Its types, for editors and `tsc --checkJs`.
+    (
+        "switchyard.d.ts",
+        include_str!("../../../plugin-sdk/js/switchyard.d.ts"),
+    ),
+];
 
 const README: &str = include_str!("templates/README.md");
 
@@ -126,7 +133,9 @@ pub fn create(
                 "app.js".to_owned(),
                 include_str!("templates/app.js").to_owned(),
             ));
-            files.push((JS_SDK.0.to_owned(), JS_SDK.1.to_owned()));
+            for (path, text) in JS_SDK {
+                files.push((path.to_owned(), text.to_owned()));
+            }
             for (path, text) in WIT {
                 files.push((path.to_owned(), text.to_owned()));
             }

@@ -14,7 +14,8 @@ use crate::failure::FailureKind;
 pub struct Outcome {
     /// The effects to commit with the acknowledgement, or why the attempt failed.
     pub result: Result<Effects, Failure>,
-    /// Fuel the invocation burned (including instantiation in `per-event` mode).
+    /// Fuel the handler call burned. A fresh instance's start functions run on a budget
+    /// of their own and are not counted here.
     pub fuel_used: u64,
     /// When the invocation started.
     pub started: Instant,

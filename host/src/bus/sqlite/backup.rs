@@ -285,17 +285,7 @@ mod tests {
         let left = dir.path().join("left.db");
         let bus = SqliteBus::open(SqliteOptions::new(dir.path().join("live.db"))).unwrap();
         let events = (0..5)
-            .map(|n| crate::event::Event {
-                id: format!("e{n}"),
-                source: "/test".to_owned(),
-                ty: "t.x".to_owned(),
-                subject: None,
-                time: None,
-                datacontenttype: None,
-                dataschema: None,
-                data: b"{}".to_vec(),
-                extensions: std::collections::BTreeMap::new(),
-            })
+            .map(|n| crate::bus::sqlite::test_event(&format!("e{n}"), 2))
             .collect();
         bus.append(events).await.unwrap();
         // The files as a host that died now leaves them: the events are in the WAL.

@@ -539,3 +539,19 @@ impl Bus for SqliteBus {
         self.submit(|reply| Job::Close { reply }).await
     }
 }
+
+/// An event of type `t.x` from `/test` with `bytes` bytes of data, for the log's tests.
+#[cfg(test)]
+pub(super) fn test_event(id: &str, bytes: usize) -> Event {
+    Event {
+        id: id.to_owned(),
+        source: "/test".to_owned(),
+        ty: "t.x".to_owned(),
+        subject: None,
+        time: None,
+        datacontenttype: None,
+        dataschema: None,
+        data: vec![b'x'; bytes],
+        extensions: std::collections::BTreeMap::new(),
+    }
+}

@@ -577,22 +577,8 @@ mod tests {
     use std::time::Duration;
 
     use crate::bus::Bus;
+    use crate::bus::sqlite::test_event as event;
     use crate::bus::sqlite::{SqliteBus, SqliteOptions};
-    use crate::event::Event;
-
-    fn event(id: &str, bytes: usize) -> Event {
-        Event {
-            id: id.to_owned(),
-            source: "/test".to_owned(),
-            ty: "t.x".to_owned(),
-            subject: None,
-            time: None,
-            datacontenttype: None,
-            dataschema: None,
-            data: vec![b'x'; bytes],
-            extensions: std::collections::BTreeMap::new(),
-        }
-    }
 
     /// A full disk in the middle of a statement rolls the whole group back: every job of
     /// the group is answered as failed and none is stored (the jobs after the failing one
