@@ -119,7 +119,11 @@ export const stream: {
   read(subject: string, after?: number, limit?: number): StreamPage;
   /** The stream's current version (0 for a subject with no event). */
   version(subject: string): number;
-  /** The whole stream, page by page. */
+  /** Most events `readAll` gathers. */
+  MAX_READ_ALL: number;
+  /** The whole stream if it holds at most `maxEvents` events; throws `Retry` past that. */
+  readAtMost(subject: string, maxEvents: number): StreamPage;
+  /** The whole stream, up to `MAX_READ_ALL` events (throws `Retry` past that). */
   readAll(subject: string): StreamPage;
 };
 

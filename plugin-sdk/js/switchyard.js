@@ -278,18 +278,31 @@ export const stream = {
   version(subject) {
     return Number(host.readStream(subject, 0n, 0).version);
   },
-  /** The whole stream, page by page. */
-  readAll(subject) {
+  /** Most events `readAll` gathers; a longer stream is a `Retry` (see `readAtMost`). */
+  MAX_READ_ALL: 100000,
+  /**
+   * The whole stream, page by page, if it holds at most `maxEvents` events; a longer one
+   * throws `Retry` as soon as a page shows it, before the call runs out of memory (keep a
+   * long-lived aggregate's state in KV, or read it a page at a time).
+   */
+  readAtMost(subject, maxEvents) {
     const events = [];
     let after = 0;
     for (;;) {
       const page = stream.read(subject, after, 1000);
       events.push(...page.events);
+      if (events.length > maxEvents) {
+        throw new Retry(`the stream of \`${subject}\` holds more than ${maxEvents} events`);
+      }
       if (page.events.length === 0 || events.length >= page.version) {
         return { events, version: page.version };
       }
       after = page.events[page.events.length - 1].streamVersion ?? after + page.events.length;
     }
+  },
+  /** The whole stream, up to `MAX_READ_ALL` events (see `readAtMost`). */
+  readAll(subject) {
+    return stream.readAtMost(subject, stream.MAX_READ_ALL);
   },
 };
 

@@ -400,3 +400,83 @@ async fn the_sdks_emit_every_option_of_the_contract() {
         );
     }
 }
+
+/// A KV source whose one stream, `ledger`, holds three events.
+struct Ledger;
+
+#[async_trait::async_trait]
+impl switchyard_host::KvSource for Ledger {
+    async fn get(
+        &self,
+        _plugin: &str,
+        _key: &str,
+    ) -> Result<Option<Vec<u8>>, switchyard_host::KvError> {
+        Ok(None)
+    }
+
+    async fn keys(
+        &self,
+        _plugin: &str,
+        _prefix: &str,
+    ) -> Result<Vec<String>, switchyard_host::KvError> {
+        Ok(Vec::new())
+    }
+
+    async fn read_stream(
+        &self,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<switchyard_host::stream::StreamPage, switchyard_host::KvError> {
+        let version = if subject == "ledger" { 3 } else { 0 };
+        let events = (after + 1..=version)
+            .take(limit)
+            .map(|stream_version| {
+                let mut event = crate::support::event("ledger.entry", json!({}));
+                event.subject = Some(subject.to_owned());
+                event
+                    .extensions
+                    .insert("streamversion".to_owned(), stream_version.to_string());
+                event
+            })
+            .collect();
+        Ok(switchyard_host::stream::StreamPage { events, version })
+    }
+
+    async fn scheduled(&self, _id: &str) -> Result<bool, switchyard_host::KvError> {
+        Ok(false)
+    }
+}
+
+/// The SDKs read a whole stream, and refuse one longer than asked with a `retry` (as the
+/// Rust SDK's `read_at_most` does) rather than gathering it into memory.
+#[tokio::test]
+async fn the_sdks_read_a_stream_whole_and_refuse_one_longer_than_asked() {
+    let runtime = crate::support::runtime();
+    for guest in [Polyglot::PyProbe, Polyglot::JsProbe] {
+        let plugin = load_probe(&runtime, guest).await;
+        let kv: std::sync::Arc<dyn switchyard_host::KvSource> = std::sync::Arc::new(Ledger);
+        let read = |ty: &'static str| {
+            let kv = std::sync::Arc::clone(&kv);
+            let plugin = &plugin;
+            async move {
+                let event = crate::support::event(ty, json!({}));
+                plugin.invoke(&event, crate::support::delivery(1), kv).await
+            }
+        };
+        let all = read("probe.read-all").await;
+        let effects = crate::support::effects(&all);
+        let count = effects.kv_writes.iter().find(|w| w.key == "read");
+        assert_eq!(
+            count.and_then(|w| w.value.as_deref()),
+            Some(b"3".as_slice()),
+            "{guest:?}"
+        );
+        let refused = read("probe.read-at-most").await;
+        assert_eq!(
+            crate::support::failure(&refused),
+            ("retry", "the stream of `ledger` holds more than 2 events"),
+            "{guest:?}"
+        );
+    }
+}

@@ -10,7 +10,9 @@
 // - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
 // - `async`: writes KV `async`, then returns a promise that would throw `Retry`.
 // - `bad-json`: stores bytes that are not JSON at KV `bad`, then reads them with `getJson`.
-import { handler as define, kv, emit, Retry, Reject } from "./switchyard.js";
+// - `read-all`: stores at KV `read` how many events `stream.readAll("ledger")` returned.
+// - `read-at-most`: reads the stream `ledger` with `stream.readAtMost("ledger", 2)`.
+import { handler as define, kv, emit, stream, Retry, Reject } from "./switchyard.js";
 
 export const { handler, batchHandler } = define({
   name: "js-probe",
@@ -58,6 +60,10 @@ export const { handler, batchHandler } = define({
     } else if (kind === "bad-json") {
       kv.set("bad", "not json");
       kv.getJson("bad");
+    } else if (kind === "read-all") {
+      kv.setJson("read", stream.readAll("ledger").events.length);
+    } else if (kind === "read-at-most") {
+      stream.readAtMost("ledger", 2);
     } else if (kind === "async") {
       kv.set("async", "written");
       return (async () => {

@@ -11,6 +11,8 @@
 - `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
 - `async`: writes KV `async`, then returns a coroutine that would raise `Retry`.
 - `bad-json`: stores bytes that are not JSON at KV `bad`, then reads them with `get_json`.
+- `read-all`: stores at KV `read` how many events `stream.read_all("ledger")` returned.
+- `read-at-most`: reads the stream `ledger` with `stream.read_at_most("ledger", 2)`.
 """
 
 import datetime
@@ -79,6 +81,10 @@ def handle(event: Event) -> None:
     elif kind == "bad-json":
         kv.set("bad", b"\xffnot json")
         kv.get_json("bad")
+    elif kind == "read-all":
+        kv.set_json("read", len(switchyard.stream.read_all("ledger").events))
+    elif kind == "read-at-most":
+        switchyard.stream.read_at_most("ledger", 2)
     elif kind == "async":
         kv.set("async", "written")
 
