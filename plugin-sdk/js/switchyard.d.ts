@@ -94,6 +94,9 @@ export const kv: {
 export const config: {
   get(key: string): string | undefined;
   get<T>(key: string, fallback: T): string | T;
+  /** The value parsed by `parse`; a value it refuses (or turns into `NaN`) throws `Reject`. */
+  getParsed<T>(key: string, parse: (value: string) => T): T | undefined;
+  getParsed<T, F>(key: string, parse: (value: string) => T, fallback: F): T | F;
 };
 
 /** Log lines with a level, in the host's log with the plugin's name. */

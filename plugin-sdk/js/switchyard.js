@@ -255,6 +255,27 @@ export const config = {
   get(key, fallback) {
     return host.configGet(key) ?? fallback;
   },
+  /**
+   * The value of `key` passed through `parse` (`Number`, `BigInt`, `JSON.parse`, …), or
+   * `fallback` when the sidecar does not set it. A value `parse` throws on, or turns into
+   * `NaN`, throws `Reject` naming the key and the value, as the Rust SDK's
+   * `config::get_parsed` does: once the operator fixes the sidecar, the dead letters can
+   * be replayed.
+   */
+  getParsed(key, parse, fallback) {
+    const value = host.configGet(key);
+    if (value === undefined) return fallback;
+    let parsed;
+    try {
+      parsed = parse(value);
+    } catch (e) {
+      throw new Reject(`invalid config ${key} = ${JSON.stringify(value)}: ${e?.message ?? e}`);
+    }
+    if (typeof parsed === "number" && Number.isNaN(parsed)) {
+      throw new Reject(`invalid config ${key} = ${JSON.stringify(value)}: not a number`);
+    }
+    return parsed;
+  },
 };
 
 /** Log lines with a level, in the host's log with the plugin's name. */

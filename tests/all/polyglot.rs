@@ -480,3 +480,42 @@ async fn the_sdks_read_a_stream_whole_and_refuse_one_longer_than_asked() {
         );
     }
 }
+
+/// The SDKs parse a config value as the Rust SDK's `config::get_parsed` does (a value the
+/// parser refuses is a `reject` naming the key), and read KV text.
+#[tokio::test]
+async fn the_sdks_parse_config_values_and_read_kv_text() {
+    let runtime = crate::support::runtime();
+    for guest in [Polyglot::PyProbe, Polyglot::JsProbe] {
+        let settings = switchyard_host::runtime::PluginSettings {
+            config: [("limit", "7"), ("bad", "seven")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let plugin = runtime
+            .load_file(&guests::polyglot_path(guest), settings)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let event = crate::support::event("probe.config", json!({}));
+        let read = crate::support::invoke(&plugin, &event).await;
+        let effects = crate::support::effects(&read).clone();
+        let stored = effects.kv_writes.iter().find(|w| w.key == "config");
+        let stored: serde_json::Value =
+            serde_json::from_slice(stored.and_then(|w| w.value.as_deref()).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{guest:?}: {e}"));
+        assert_eq!(stored, json!([7, "héllo \u{fffd}"]), "{guest:?}");
+        let refused = crate::support::invoke(
+            &plugin,
+            &crate::support::event("probe.bad-config", json!({})),
+        )
+        .await;
+        let (kind, message) = crate::support::failure(&refused);
+        assert_eq!(kind, "reject", "{guest:?}: {message}");
+        assert!(
+            message.starts_with("invalid config bad = "),
+            "{guest:?}: {message}"
+        );
+    }
+}

@@ -45,6 +45,13 @@ def keys(prefix: str = "") -> List[str]:
     return _host.kv_keys(prefix)
 
 
+def get_text(key: str, default: Optional[str] = None) -> Optional[str]:
+    """The text stored at ``key`` (UTF-8; bytes that are not become U+FFFD), or ``default``
+    when there is none."""
+    stored = _host.kv_get(key)
+    return default if stored is None else stored.decode("utf-8", errors="replace")
+
+
 def get_json(key: str, default: Any = None) -> Any:
     """The JSON value stored at ``key``, or ``default`` when there is none.
 

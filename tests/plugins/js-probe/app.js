@@ -10,9 +10,12 @@
 // - `stdio`: logs a line and stores the clock and two random numbers at KV `stdio`.
 // - `async`: writes KV `async`, then returns a promise that would throw `Retry`.
 // - `bad-json`: stores bytes that are not JSON at KV `bad`, then reads them with `getJson`.
+// - `config`: stores at KV `config` the config `limit` parsed as a number and the text of
+//   a KV value holding `héllo` and a byte that is not UTF-8.
+// - `bad-config`: parses the config `bad` as a number.
 // - `read-all`: stores at KV `read` how many events `stream.readAll("ledger")` returned.
 // - `read-at-most`: reads the stream `ledger` with `stream.readAtMost("ledger", 2)`.
-import { handler as define, kv, emit, stream, Retry, Reject } from "./switchyard.js";
+import { handler as define, kv, emit, config, stream, Retry, Reject } from "./switchyard.js";
 
 export const { handler, batchHandler } = define({
   name: "js-probe",
@@ -60,6 +63,11 @@ export const { handler, batchHandler } = define({
     } else if (kind === "bad-json") {
       kv.set("bad", "not json");
       kv.getJson("bad");
+    } else if (kind === "config") {
+      kv.set("text", new Uint8Array([0x68, 0xc3, 0xa9, 0x6c, 0x6c, 0x6f, 0x20, 0xff]));
+      kv.setJson("config", [config.getParsed("limit", Number), kv.getText("text")]);
+    } else if (kind === "bad-config") {
+      config.getParsed("bad", Number);
     } else if (kind === "read-all") {
       kv.setJson("read", stream.readAll("ledger").events.length);
     } else if (kind === "read-at-most") {

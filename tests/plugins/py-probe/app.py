@@ -11,6 +11,9 @@
 - `stdio`: prints a line and stores the clock and two random numbers at KV `stdio`.
 - `async`: writes KV `async`, then returns a coroutine that would raise `Retry`.
 - `bad-json`: stores bytes that are not JSON at KV `bad`, then reads them with `get_json`.
+- `config`: stores at KV `config` the config `limit` parsed as an integer and the text of
+  a KV value holding `héllo` and a byte that is not UTF-8.
+- `bad-config`: parses the config `bad` as an integer.
 - `read-all`: stores at KV `read` how many events `stream.read_all("ledger")` returned.
 - `read-at-most`: reads the stream `ledger` with `stream.read_at_most("ledger", 2)`.
 """
@@ -81,6 +84,11 @@ def handle(event: Event) -> None:
     elif kind == "bad-json":
         kv.set("bad", b"\xffnot json")
         kv.get_json("bad")
+    elif kind == "config":
+        kv.set("text", b"h\xc3\xa9llo \xff")
+        kv.set_json("config", [switchyard.config.get_parsed("limit", int), kv.get_text("text")])
+    elif kind == "bad-config":
+        switchyard.config.get_parsed("bad", int)
     elif kind == "read-all":
         kv.set_json("read", len(switchyard.stream.read_all("ledger").events))
     elif kind == "read-at-most":
