@@ -548,25 +548,30 @@ impl Bus for NatsBus {
             Err(error) if matches!(error.kind(), ConsumerInfoErrorKind::NotFound) => {}
             Err(error) => return Err(nats_error("reading the consumer's state")(&error)),
         }
-        shared
-            .events
-            .purge()
-            .filter(format!("{prefix}.replay.{plugin}"))
-            .await
-            .map_err(storage!("deleting the plugin's replays"))?;
-        shared
-            .dead_letters
-            .purge()
-            .filter(format!("{prefix}.dlq.{plugin}"))
-            .await
-            .map_err(storage!("deleting the plugin's dead letters"))?;
-        shared
-            .attempts
-            .stream
-            .purge()
-            .filter(format!("{}{plugin}.>", shared.attempts.prefix))
-            .await
-            .map_err(storage!("deleting the plugin's attempts"))?;
+        let kept = [
+            (
+                &shared.events,
+                format!("{prefix}.replay.{plugin}"),
+                "replays",
+            ),
+            (
+                &shared.dead_letters,
+                format!("{prefix}.dlq.{plugin}"),
+                "dead letters",
+            ),
+            (
+                &shared.attempts.stream,
+                format!("{}{plugin}.>", shared.attempts.prefix),
+                "attempts",
+            ),
+        ];
+        for (stream, subjects, what) in kept {
+            stream
+                .purge()
+                .filter(subjects)
+                .await
+                .map_err(|error| nats_error(&format!("deleting the plugin's {what}"))(&error))?;
+        }
         shared.forget_bucket(plugin).await?;
         shared.reset_control(plugin).await
     }

@@ -106,14 +106,17 @@ impl Shared {
         Ok(purged.purged > 0)
     }
 
-    /// When the pending scheduled event with this id is due, if one is.
-    pub(super) async fn pending_due_ms(&self, id: &str) -> Result<Option<i64>, BusError> {
+    /// The message of the pending scheduled event with this id, if one is pending.
+    async fn pending_schedule(
+        &self,
+        id: &str,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, BusError> {
         match self
             .schedules
             .get_last_raw_message_by_subject(&self.schedule_subject(id))
             .await
         {
-            Ok(message) => Ok(header(Some(&message.headers), DUE_AT)),
+            Ok(message) => Ok(Some(message)),
             Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }
@@ -121,20 +124,17 @@ impl Shared {
         }
     }
 
+    /// When the pending scheduled event with this id is due, if one is.
+    pub(super) async fn pending_due_ms(&self, id: &str) -> Result<Option<i64>, BusError> {
+        Ok(self
+            .pending_schedule(id)
+            .await?
+            .and_then(|message| header(Some(&message.headers), DUE_AT)))
+    }
+
     /// Whether a scheduled event with this id is pending.
     pub(super) async fn is_scheduled(&self, id: &str) -> Result<bool, BusError> {
-        let subject = self.schedule_subject(id);
-        match self
-            .schedules
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(false)
-            }
-            Err(error) => Err(nats_error("reading the schedules")(&error)),
-        }
+        Ok(self.pending_schedule(id).await?.is_some())
     }
 
     /// The scheduler's consumer, created (or looked up) on first use and after a failed
