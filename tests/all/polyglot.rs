@@ -482,7 +482,8 @@ async fn the_sdks_read_a_stream_whole_and_refuse_one_longer_than_asked() {
 }
 
 /// The SDKs parse a config value as the Rust SDK's `config::get_parsed` does (a value the
-/// parser refuses is a `reject` naming the key), and read KV text.
+/// parser refuses is a `reject` naming the key), read KV text, and refuse to store a value
+/// JSON cannot encode (Python's `NaN`, JavaScript's `undefined`) with a `reject`.
 #[tokio::test]
 async fn the_sdks_parse_config_values_and_read_kv_text() {
     let runtime = crate::support::runtime();
@@ -515,6 +516,18 @@ async fn the_sdks_parse_config_values_and_read_kv_text() {
         assert_eq!(kind, "reject", "{guest:?}: {message}");
         assert!(
             message.starts_with("invalid config bad = "),
+            "{guest:?}: {message}"
+        );
+        let unencodable = crate::support::invoke(
+            &plugin,
+            &crate::support::event("probe.bad-value", json!({})),
+        )
+        .await;
+        let (kind, message) = crate::support::failure(&unencodable);
+        assert_eq!(kind, "reject", "{guest:?}: {message}");
+        assert!(
+            message.starts_with("cannot serialise the value for key 'nan'")
+                || message.starts_with("cannot serialise the value for key \"nan\""),
             "{guest:?}: {message}"
         );
     }

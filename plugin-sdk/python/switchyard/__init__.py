@@ -234,10 +234,12 @@ def _encode_json(value: Any, failure: str) -> bytes:
     """``value`` as compact JSON; a value JSON cannot encode raises :class:`Reject`.
 
     The same value fails the same way on every attempt, so retrying it as a bug would
-    only delay the dead letter; the Rust SDK rejects it too.
+    only delay the dead letter; the Rust SDK rejects it too. ``NaN`` and the infinities
+    are refused too: Python would write them as ``NaN`` and ``Infinity``, which JSON
+    readers in other languages refuse.
     """
     try:
-        return _json.dumps(value, separators=(",", ":")).encode("utf-8")
+        return _json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as e:
         raise Reject(f"{failure}: {e}") from e
 

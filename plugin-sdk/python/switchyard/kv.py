@@ -71,7 +71,7 @@ def get_json(key: str, default: Any = None) -> Any:
 def set_json(key: str, value: Any) -> None:
     """Stores ``value`` encoded as JSON at ``key``.
 
-    A value JSON cannot encode (a ``set``, an object, a cycle) raises ``Reject``, as in
+    A value JSON cannot encode (a ``set``, an object, a cycle, ``NaN``) raises ``Reject``, as in
     the Rust SDK: retrying would not change it.
     """
     from . import _encode_json  # the package imports this module before defining it

@@ -15,6 +15,7 @@
 // - `bad-config`: parses the config `bad` as a number.
 // - `read-all`: stores at KV `read` how many events `stream.readAll("ledger")` returned.
 // - `read-at-most`: reads the stream `ledger` with `stream.readAtMost("ledger", 2)`.
+// - `bad-value`: stores `undefined` with `kv.setJson`, which JSON cannot encode.
 import { handler as define, kv, emit, config, stream, Retry, Reject } from "./switchyard.js";
 
 export const { handler, batchHandler } = define({
@@ -72,6 +73,8 @@ export const { handler, batchHandler } = define({
       kv.setJson("read", stream.readAll("ledger").events.length);
     } else if (kind === "read-at-most") {
       stream.readAtMost("ledger", 2);
+    } else if (kind === "bad-value") {
+      kv.setJson("nan", undefined);
     } else if (kind === "async") {
       kv.set("async", "written");
       return (async () => {

@@ -16,6 +16,7 @@
 - `bad-config`: parses the config `bad` as an integer.
 - `read-all`: stores at KV `read` how many events `stream.read_all("ledger")` returned.
 - `read-at-most`: reads the stream `ledger` with `stream.read_at_most("ledger", 2)`.
+- `bad-value`: stores `NaN` with `kv.set_json`, which JSON cannot encode.
 """
 
 import datetime
@@ -93,6 +94,8 @@ def handle(event: Event) -> None:
         kv.set_json("read", len(switchyard.stream.read_all("ledger").events))
     elif kind == "read-at-most":
         switchyard.stream.read_at_most("ledger", 2)
+    elif kind == "bad-value":
+        kv.set_json("nan", float("nan"))
     elif kind == "async":
         kv.set("async", "written")
 
