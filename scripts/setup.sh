@@ -56,10 +56,11 @@ fi
 
 # Plugins in Python and JavaScript are built with the stock component toolchains, pinned
 # and installed into `.tools/` like the rest: componentize-py from PyPI, componentize-js
-# from npm (Node.js 18 or later). `scripts/componentize.sh` runs them. To move to another
-# release, change the pin; the next run replaces the install.
+# from npm (Node.js 18 or later) with every package it pulls in pinned by
+# `scripts/componentize-js/package-lock.json`. `scripts/componentize.sh` runs them. To move
+# to another release, change the pin (for componentize-js, in its `package.json`, then
+# `npm install --package-lock-only` there); the next run replaces the install.
 COMPONENTIZE_PY_VERSION=0.25.1
-COMPONENTIZE_JS_VERSION=0.23.0
 py_dir="$tools/componentize-py"
 if [ ! -d "$py_dir/componentize_py-$COMPONENTIZE_PY_VERSION.dist-info" ]; then
     rm -rf "$py_dir"
@@ -69,8 +70,9 @@ if [ ! -d "$py_dir/componentize_py-$COMPONENTIZE_PY_VERSION.dist-info" ]; then
     test -d "$py_dir/componentize_py-$COMPONENTIZE_PY_VERSION.dist-info"
 fi
 js_dir="$tools/componentize-js"
-js_package="$js_dir/node_modules/@bytecodealliance/componentize-js/package.json"
-if ! grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package" 2>/dev/null; then
+js_pins=scripts/componentize-js
+if ! cmp -s "$js_pins/package-lock.json" "$js_dir/package-lock.json" \
+    || [ ! -f "$js_dir/node_modules/@bytecodealliance/componentize-js/package.json" ]; then
     if ! command -v npm >/dev/null 2>&1; then
         sudo=""
         if [ "$(id -u)" != 0 ]; then
@@ -80,9 +82,10 @@ if ! grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package" 2>/dev/nu
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
     fi
     rm -rf "$js_dir"
-    npm install --silent --no-audit --no-fund --prefix "$js_dir" \
-        "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION" >&2
-    grep -q "\"version\": \"$COMPONENTIZE_JS_VERSION\"" "$js_package"
+    mkdir -p "$js_dir"
+    cp "$js_pins/package.json" "$js_pins/package-lock.json" "$js_dir/"
+    # `npm ci` installs exactly what the lock names, checked against its hashes.
+    npm ci --silent --no-audit --no-fund --prefix "$js_dir" >&2
 fi
 # Commands on the PATH of whoever adds `.tools/bin` to it, as a plugin project's README
 # expects them.

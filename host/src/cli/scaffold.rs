@@ -242,6 +242,24 @@ fn toml_path(path: &Path) -> String {
 mod tests {
     use super::*;
 
+    /// The versions a new project is told to install are the ones the checkout installs
+    /// and tests with.
+    #[test]
+    fn the_pinned_toolchains_are_the_ones_setup_installs() {
+        let setup = include_str!("../../../scripts/setup.sh");
+        assert!(
+            setup.contains(&format!("\nCOMPONENTIZE_PY_VERSION={COMPONENTIZE_PY}\n")),
+            "scripts/setup.sh pins another componentize-py"
+        );
+        let js_pins = include_str!("../../../scripts/componentize-js/package.json");
+        assert!(
+            js_pins.contains(&format!(
+                "\"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS}\""
+            )),
+            "scripts/componentize-js pins another componentize-js"
+        );
+    }
+
     #[test]
     fn names() {
         assert!(check_name("greeter").is_ok());
