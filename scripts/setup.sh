@@ -59,7 +59,9 @@ fi
 # from npm (Node.js 18 or later) with every package it pulls in pinned by
 # `scripts/componentize-js/package-lock.json`. `scripts/componentize.sh` runs them. To move
 # to another release, change the pin (for componentize-js, in its `package.json`, then
-# `npm install --package-lock-only` there); the next run replaces the install.
+# `npm install --package-lock-only` there); the next run replaces the install. The
+# `package.json` names `@bytecodealliance/preview2-shim` too: componentize-js imports it
+# without declaring it, and `npm ci` installs only what is declared.
 COMPONENTIZE_PY_VERSION=0.25.1
 py_dir="$tools/componentize-py"
 if [ ! -d "$py_dir/componentize_py-$COMPONENTIZE_PY_VERSION.dist-info" ]; then
