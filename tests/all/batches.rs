@@ -1,6 +1,7 @@
 //! Batch delivery with the real binary, on both backends: a batch with mixed outcomes
 //! commits exactly the acknowledged events' effects and runs the others down their own
-//! paths, alone. (Ordering by key with batches is in `serve_flow.rs`.)
+//! paths, alone; a batch being filled keeps what it took. (Ordering by key with batches is
+//! in `serve_flow.rs`.)
 
 use std::time::Duration;
 
@@ -107,3 +108,42 @@ async fn a_batch_with_mixed_outcomes_commits_exactly_the_acknowledged_events(bac
 }
 
 crate::on_both_backends!(a_batch_with_mixed_outcomes_commits_exactly_the_acknowledged_events);
+
+/// Events arriving one by one while the previous batch's settlement is in flight: the
+/// batch being filled (waiting out its linger) keeps what it took. Events here arrive
+/// faster than a batch lingers, so the next batch is filling when the last one's
+/// settlement finishes; one that dropped what it held then would leave events taken and
+/// never handled.
+async fn events_arriving_while_a_batch_settles_are_all_handled(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "steady",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.count\"]\n\
+             concurrency = 1\n\
+             ordering = \"none\"\n\
+             [batch]\nmax_size = 16\nlinger = \"30ms\"\n",
+        ),
+    );
+    host.start();
+    const EVENTS: usize = 60;
+    for n in 0..EVENTS {
+        assert_eq!(
+            host.send("hostile.count", &format!("s{n}"), json!({}))
+                .await,
+            202
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    host.wait_caught_up("steady", Duration::from_secs(30)).await;
+    let counted = host
+        .log()
+        .await
+        .iter()
+        .filter(|e| e["event"]["type"] == "hostile.counted")
+        .count();
+    assert_eq!(counted, EVENTS, "every event handled once");
+}
+
+crate::on_both_backends!(events_arriving_while_a_batch_settles_are_all_handled);

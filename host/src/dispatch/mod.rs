@@ -854,13 +854,14 @@ async fn settle_batch(
     futures_util::future::join_all(settling).await
 }
 
-/// Takes the next batch off `incoming`: the first delivery, then as many more as are
-/// waiting, up to `max_size`, waiting up to `linger` for them. Empty when `incoming` ends.
-async fn next_batch(incoming: &tokio::sync::Mutex<Incoming>, batch: BatchPolicy) -> Vec<Delivery> {
-    let mut incoming = incoming.lock().await;
-    let Some(first) = incoming.next().await else {
-        return Vec::new();
-    };
+/// Fills a batch that starts with `first`: as many more deliveries as are waiting, up to
+/// `max_size`, waiting up to `linger` for them. The deliveries it holds are taken off
+/// `incoming`, so it must run to its end: dropped halfway, it would lose them.
+async fn fill_batch(
+    mut incoming: tokio::sync::MutexGuard<'_, Incoming>,
+    first: Delivery,
+    batch: BatchPolicy,
+) -> Vec<Delivery> {
     let mut deliveries = Vec::with_capacity(batch.max_size);
     deliveries.push(first);
     let deadline = tokio::time::Instant::now() + batch.linger;
@@ -887,15 +888,20 @@ async fn batch_lane(
     let mut group = Vec::with_capacity(batch.max_size);
     let mut slice = Slice::default();
     loop {
-        let deliveries = tokio::select! {
+        // Waiting for a batch's first delivery may stop at any point, as a lane's wait
+        // does; filling the batch then runs to its end, driving settlements meanwhile.
+        let (taken, first) = tokio::select! {
             biased;
             Some(()) = settling.next(), if !settling.is_empty() => continue,
             _ = stopped.changed() => break,
-            deliveries = next_batch(&incoming, batch) => deliveries,
+            first = async {
+                let mut incoming = incoming.lock().await;
+                let first = incoming.next().await;
+                (incoming, first)
+            } => first,
         };
-        if deliveries.is_empty() {
-            break;
-        }
+        let Some(first) = first else { break };
+        let deliveries = driving(fill_batch(taken, first, batch), &mut settling).await;
         let deliveries: Vec<(Delivery, Option<String>)> =
             deliveries.into_iter().map(|d| (d, None)).collect();
         let called = driving(batch_call(&context, &deliveries), &mut settling).await;
