@@ -204,7 +204,10 @@ fn provider(export: &Export) -> Result<SdkTracerProvider, opentelemetry_otlp::Ex
         .with_endpoint(&export.endpoint)
         .with_timeout(EXPORT_TIMEOUT)
         .build()?;
-    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(export.sample_ratio)));
+    // The host draws at `sample_ratio` before it makes a trace's first span ([`sampled`]),
+    // so every root span it makes is one to record: drawn again here, the share recorded
+    // would be the ratio squared.
+    let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
     Ok(SdkTracerProvider::builder()
         .with_resource(
             opentelemetry_sdk::Resource::builder()

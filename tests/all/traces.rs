@@ -1,5 +1,5 @@
 //! End-to-end traces: the example flow's spans reach an OTLP receiver the test runs on
-//! loopback, as one trace with the parent of every span asserted.
+//! loopback, as one trace with the parent of every span asserted; sampling decides once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -283,7 +283,58 @@ async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision
     find(&spans, "dispatch.deliver", "ticketing", "sampled");
 }
 
+/// `sample_ratio` is the share of traces started here that are recorded: drawn once, by
+/// the host, not drawn again by the exporter's sampler (which made it the ratio squared).
+async fn the_sample_ratio_is_the_share_of_traces_recorded(backend: Backend) {
+    let receiver = Receiver::start();
+    let mut host = Host::on(&backend);
+    host.config(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\nsample_ratio = 0.5\n",
+        receiver.endpoint
+    ));
+    host.start();
+    const REQUESTS: usize = 300;
+    for n in 0..REQUESTS {
+        assert_eq!(
+            host.send("sampling.probe", &format!("p{n}"), json!({}))
+                .await,
+            202
+        );
+    }
+    let log = host.log().await;
+    let recorded: Vec<&str> = log
+        .iter()
+        .filter(|e| {
+            e["event"]["traceparent"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("-01"))
+        })
+        .map(|e| e["event"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(log.len(), REQUESTS);
+    // Half of 300 draws: 150, with a standard deviation of 8.7; at the ratio squared,
+    // 75. The bounds are more than four deviations from 150.
+    assert!(
+        (110..=190).contains(&recorded.len()),
+        "{} of {REQUESTS} traces recorded at sample_ratio 0.5",
+        recorded.len()
+    );
+    host.stop();
+    // Each recorded trace, and only those, reached the receiver.
+    let mut exported: Vec<String> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.name == "ingest.receive")
+        .map(|s| s.attribute("event_id").to_owned())
+        .collect();
+    exported.sort();
+    let mut recorded: Vec<String> = recorded.into_iter().map(str::to_owned).collect();
+    recorded.sort();
+    assert_eq!(exported, recorded);
+}
+
 crate::on_both_backends!(
     the_example_flow_is_one_trace,
     a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision,
+    the_sample_ratio_is_the_share_of_traces_recorded,
 );
