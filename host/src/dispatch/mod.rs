@@ -75,7 +75,6 @@ use crate::kv::{KvError, KvSource};
 use crate::metrics::{Cost, Handled, Metrics};
 use crate::pattern::Pattern;
 use crate::policy::batch::BatchPolicy;
-use crate::policy::breaker::counts_against;
 use crate::policy::retry::RetryDecision;
 use crate::policy::{Ordering, PluginPolicy, Start};
 use crate::runtime::{self, Plugin};
@@ -798,7 +797,7 @@ async fn batch_call(
         fuel: outcome.fuel_used / count.max(1) as u64,
         cpu: share(outcome.cpu),
     };
-    let mut counted_failure = None;
+    let mut failures = Vec::with_capacity(count);
     let called: Vec<Option<Called>> = deliveries
         .iter()
         .zip(outcome.items)
@@ -813,11 +812,7 @@ async fn batch_call(
                 return None;
             };
             let attempt = attempted(context, delivery, result, cost, started, read.clone());
-            if counted_failure.is_none() {
-                counted_failure = failure_of(&attempt.settlement)
-                    .filter(|error| counts_against(error.kind))
-                    .cloned();
-            }
+            failures.push(failure_of(&attempt.settlement).cloned());
             Some(Called {
                 start_latency,
                 attempt,
@@ -825,10 +820,8 @@ async fn batch_call(
             })
         })
         .collect();
-    context
-        .valve
-        .record(admission, counted_failure.as_ref())
-        .await;
+    let failures: Vec<Option<&AttemptError>> = failures.iter().map(Option::as_ref).collect();
+    context.valve.record_batch(admission, &failures).await;
     Some(called)
 }
 

@@ -270,6 +270,28 @@ impl Valve {
         }
     }
 
+    /// Reports how an admitted batch call's handled items ended, in their order: each is
+    /// an attempt, as a lone call is, so a success among them ends a run of failures. A
+    /// batch taken as the probe fails it only if every handled item failed: one that
+    /// succeeded shows the plugin working again.
+    pub async fn record_batch(&self, admission: Admission, failures: &[Option<&AttemptError>]) {
+        if admission == Admission::Probe {
+            let all_failed = failures
+                .iter()
+                .all(|failure| failure.is_some_and(|error| counts_against(error.kind)));
+            let failed = if all_failed {
+                failures.last().copied().flatten()
+            } else {
+                None
+            };
+            self.end_probe(failed).await;
+            return;
+        }
+        for failure in failures {
+            self.record(Admission::Flowing, *failure).await;
+        }
+    }
+
     /// Reports how an admitted call ended: `failure` is its error when it failed.
     pub async fn record(&self, admission: Admission, failure: Option<&AttemptError>) {
         let counted = failure.filter(|error| counts_against(error.kind));
@@ -544,5 +566,49 @@ mod tests {
         other.record(Admission::Probe, Some(&failure)).await;
         let (control, _) = bus.control("p").await.unwrap();
         assert_eq!(control.breaker.name(), "open");
+    }
+
+    /// A batch's items count as as many attempts: a success among them ends the run of
+    /// failures, so one failing item per batch never opens a breaker of three.
+    #[tokio::test]
+    async fn a_batch_counts_its_items_as_attempts_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus: Arc<dyn Bus> =
+            Arc::new(SqliteBus::open(SqliteOptions::new(dir.path().join("log.db"))).unwrap());
+        let policy = BreakerPolicy {
+            failures: 3,
+            cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(60),
+        };
+        let valve = Valves::new(Arc::clone(&bus), Arc::new(Metrics::default())).valve("p");
+        valve
+            .serve(Some(policy), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let failure = AttemptError {
+            attempt: 1,
+            kind: crate::failure::FailureKind::Trap,
+            message: "trapped".into(),
+            at_ms: now_ms(),
+        };
+        let breaker = || async { bus.control("p").await.unwrap().0.breaker.name() };
+        // Ten batches of ten with one failure each, anywhere in the batch.
+        for batch in 0..10 {
+            let items: Vec<Option<&AttemptError>> = (0..10)
+                .map(|item| (item == batch).then_some(&failure))
+                .collect();
+            assert_eq!(valve.admit().await, Admission::Flowing);
+            valve.record_batch(Admission::Flowing, &items).await;
+        }
+        assert_eq!(breaker().await, "closed");
+        // Two failures ending one batch and one starting the next are three in a row.
+        valve
+            .record_batch(Admission::Flowing, &[None, Some(&failure), Some(&failure)])
+            .await;
+        assert_eq!(breaker().await, "closed");
+        valve
+            .record_batch(Admission::Flowing, &[Some(&failure), None])
+            .await;
+        assert_eq!(breaker().await, "open");
     }
 }
