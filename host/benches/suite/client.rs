@@ -43,6 +43,31 @@ impl Connection {
         content_type: &str,
         body: &[u8],
     ) -> anyhow::Result<u16> {
+        self.send(path, headers, content_type, body).await?;
+        self.read_response(None).await
+    }
+
+    /// [`Connection::post`], also copying the response's body into `answer` (replacing
+    /// what it held).
+    pub async fn post_answered(
+        &mut self,
+        path: &str,
+        headers: &str,
+        content_type: &str,
+        body: &[u8],
+        answer: &mut Vec<u8>,
+    ) -> anyhow::Result<u16> {
+        self.send(path, headers, content_type, body).await?;
+        self.read_response(Some(answer)).await
+    }
+
+    async fn send(
+        &mut self,
+        path: &str,
+        headers: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<()> {
         self.request.clear();
         self.request.extend_from_slice(
             format!(
@@ -55,10 +80,11 @@ impl Connection {
         );
         self.request.extend_from_slice(body);
         self.stream.write_all(&self.request).await?;
-        self.read_response().await
+        Ok(())
     }
 
-    async fn read_response(&mut self) -> anyhow::Result<u16> {
+    /// Reads one response and returns its status; its body goes into `answer` if given.
+    async fn read_response(&mut self, answer: Option<&mut Vec<u8>>) -> anyhow::Result<u16> {
         let head_end = loop {
             if let Some(end) = find(&self.buffer, b"\r\n\r\n") {
                 break end + 4;
@@ -80,6 +106,10 @@ impl Connection {
             .unwrap_or(0);
         while self.buffer.len() < head_end + length {
             self.fill().await?;
+        }
+        if let Some(answer) = answer {
+            answer.clear();
+            answer.extend_from_slice(&self.buffer[head_end..head_end + length]);
         }
         self.buffer.drain(..head_end + length);
         Ok(status)
@@ -136,6 +166,15 @@ pub trait Request: Send + Sync + 'static {
     fn build(&self, n: usize) -> (String, String, &'static str, Vec<u8>);
     /// Events it carries.
     fn events(&self) -> usize;
+    /// Whether [`paced_requests`] reads each answer's body and hands it to
+    /// [`Request::check_answer`]; `false` (the default) leaves bodies uncopied.
+    fn checks_answer(&self) -> bool {
+        false
+    }
+    /// Checks the body of an answer that had the expected status; an error fails the run.
+    fn check_answer(&self, _answer: &[u8]) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Single binary-mode events to `POST /v1/events/bench.tick`.
@@ -195,15 +234,26 @@ impl Request for Batch {
     }
 }
 
+/// What a [`saturate`] run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Saturated {
+    /// Events in the requests that were sent and answered `202`: fewer than asked for
+    /// when the deadline stopped the run.
+    pub events: usize,
+    /// Those events per second, from the start to the last answer.
+    pub per_second: f64,
+}
+
 /// Sends `requests` requests as fast as `connections` connections allow, stopping early at
-/// `deadline`; every answer must be `202`. Returns events per second.
+/// `deadline`; every answer must be `202`. Returns the events sent and their rate, both
+/// counting only requests that were answered.
 pub async fn saturate(
     address: SocketAddr,
     connections: usize,
     requests: usize,
     deadline: Duration,
     request: Arc<dyn Request>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Saturated> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
@@ -229,7 +279,11 @@ pub async fn saturate(
     for task in tasks {
         sent += task.await??;
     }
-    Ok((sent * request.events()) as f64 / started.elapsed().as_secs_f64())
+    let events = sent * request.events();
+    Ok(Saturated {
+        events,
+        per_second: events as f64 / started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Sends single events at a fixed offered rate for `duration` from `connections`
@@ -266,17 +320,30 @@ pub async fn paced_requests(
         tasks.push(tokio::spawn(async move {
             let mut connection = Connection::open(address).await?;
             let mut latencies = Vec::new();
+            let checks = request.checks_answer();
+            let mut answer = Vec::new();
             // Stagger the connections across one interval.
             let offset = interval.mul_f64(c as f64 / connections as f64);
             for (k, n) in (c..total).step_by(connections).enumerate() {
                 let due = started + offset + interval * u32::try_from(k)?;
                 tokio::time::sleep_until(due).await;
                 let (path, headers, content_type, body) = request.build(n);
-                let status = connection
-                    .post(&path, &headers, content_type, &body)
-                    .await?;
+                let status = if checks {
+                    connection
+                        .post_answered(&path, &headers, content_type, &body, &mut answer)
+                        .await?
+                } else {
+                    connection
+                        .post(&path, &headers, content_type, &body)
+                        .await?
+                };
                 anyhow::ensure!(status == expect, "status {status}, expected {expect}");
                 latencies.push(due.elapsed());
+                if checks {
+                    request
+                        .check_answer(&answer)
+                        .with_context(|| format!("request {n}"))?;
+                }
             }
             anyhow::Ok(latencies)
         }));

@@ -155,6 +155,49 @@ impl Process {
         }
     }
 
+    /// How many invocations of `plugin` on this host have succeeded so far (its status's
+    /// `handled`).
+    pub async fn handled(&self, plugin: &str) -> anyhow::Result<u64> {
+        let status = self.get_json(&format!("/v1/plugins/{plugin}")).await?;
+        status["handled"]
+            .as_u64()
+            .with_context(|| format!("{plugin}'s status has no `handled`: {status}"))
+    }
+
+    /// Fails unless `plugin` has handled every one of `expected` events: `handled` on
+    /// these hosts grew by at least `expected` from `before` (their `handled` added up
+    /// before the events were sent), and the plugin holds no dead letters and no pending
+    /// retries. [`Process::wait_caught_up`] alone also passes events that were
+    /// dead-lettered or wait for a retry, so a figure that counts handled events checks
+    /// this after it.
+    pub async fn ensure_all_handled(
+        hosts: &[&Process],
+        plugin: &str,
+        before: u64,
+        expected: u64,
+    ) -> anyhow::Result<()> {
+        let mut handled = 0;
+        let mut last = serde_json::Value::Null;
+        for host in hosts {
+            last = host.get_json(&format!("/v1/plugins/{plugin}")).await?;
+            handled += last["handled"]
+                .as_u64()
+                .with_context(|| format!("{plugin}'s status has no `handled`: {last}"))?;
+        }
+        let field = |name: &str| last[name].as_u64().unwrap_or(u64::MAX);
+        anyhow::ensure!(
+            handled.saturating_sub(before) >= expected
+                && field("dead_letters") == 0
+                && field("pending_retries") == 0,
+            "{plugin} handled {} of {expected} events; {} dead letters, {} pending retries \
+             (status: {last})",
+            handled.saturating_sub(before),
+            last["dead_letters"],
+            last["pending_retries"],
+        );
+        Ok(())
+    }
+
     /// The resident set (`VmRSS`) and its peak (`VmHWM`), in MiB.
     pub fn memory_mib(&self) -> anyhow::Result<(f64, f64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
@@ -186,7 +229,10 @@ pub fn deploy(dir: &Path, file: &str, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The quantile `q` of a Prometheus histogram series in `metrics` (named without
-/// `_bucket`), interpolated linearly inside its bucket, in the histogram's unit.
+/// `_bucket`), interpolated linearly inside its bucket, in the histogram's unit. A quantile
+/// that falls in the `+Inf` bucket, past the largest finite bound, is infinity: the
+/// histogram says only that it is beyond that bound, not by how much, so no finite value
+/// is made up for it (the table prints `inf`, the JSON `null`).
 pub fn histogram_quantile(metrics: &str, series: &str, q: f64) -> anyhow::Result<f64> {
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in metrics.lines() {
@@ -215,7 +261,7 @@ pub fn histogram_quantile(metrics: &str, series: &str, q: f64) -> anyhow::Result
     for (bound, count) in buckets {
         if count >= rank {
             if bound.is_infinite() {
-                return Ok(previous.0);
+                return Ok(f64::INFINITY);
             }
             let share = if count > previous.1 {
                 (rank - previous.1) / (count - previous.1)
@@ -226,5 +272,5 @@ pub fn histogram_quantile(metrics: &str, series: &str, q: f64) -> anyhow::Result
         }
         previous = (bound, count);
     }
-    Ok(previous.0)
+    bail!("{series}: no bucket holds the {q} quantile (no `+Inf` bucket?)")
 }

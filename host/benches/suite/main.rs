@@ -6,8 +6,10 @@
 //! ```
 //!
 //! It prints a table; `--json` prints one JSON object per figure instead
-//! (`{"name", "value", "unit", "baseline", "ratio", ...}`); `--quick` runs reduced counts
-//! in well under a minute; `--only NAME` runs the figures whose name contains `NAME`, and
+//! (`{"name", "value", "unit", "baseline", "ratio", ...}`); `--quick` runs reduced counts,
+//! which still takes a few minutes (its fixed waits alone add up to about a minute: timers
+//! due ten seconds ahead, twice; two 10 s CPU windows of the status page; the paced
+//! latency runs); `--only NAME` runs the figures whose name contains `NAME`, and
 //! a figure's full name of the `dispatch`, `runtime.invoke` or `nats` figures (such as
 //! `dispatch.reuse` or `nats.hosts1`) runs that one with its baseline.
 //! Every loop is bounded by a count and a deadline, and all traffic stays on loopback.
@@ -46,7 +48,7 @@ use std::time::Duration;
 /// What the command line asked for.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Reduced counts, for a run under a minute.
+    /// Reduced counts and shorter windows: a run of a few minutes instead of a long one.
     pub quick: bool,
     /// One JSON object per figure instead of a table.
     pub json: bool,
@@ -77,9 +79,12 @@ pub struct Figure {
     pub unit: &'static str,
     /// The bare baseline's value in the same unit, measured in the same run.
     pub baseline: Option<f64>,
-    /// What the baseline is.
+    /// What the baseline is; for a figure without one, what the figure measures (and a
+    /// floor by design, such as `swap.median`'s quiet period, which is no baseline).
     pub baseline_name: &'static str,
-    /// The target from DESIGN.md, in words.
+    /// The target, in words (empty when there is none). Targets are set in this suite's
+    /// code where each figure is made (`figures.rs`, and `nats.rs`, `polyglot.rs` and
+    /// `sourcing.rs` for theirs); docs/BENCHMARKS.md lists them.
     pub target: &'static str,
 }
 

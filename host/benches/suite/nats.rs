@@ -47,8 +47,10 @@ impl Probe {
     }
 }
 
-/// Events per second through `hosts` hosts sharing one plugin, from the first `202` to the
-/// plugin being caught up on every host.
+/// Events per second through `hosts` hosts sharing one plugin, from the first request to
+/// the plugin being caught up on every host. Only events that were sent count (the
+/// producers stop at the deadline), and the figure fails unless the plugin handled every
+/// one of them.
 async fn through_hosts(
     server: &NatsServer,
     prefix: &str,
@@ -76,9 +78,11 @@ async fn through_hosts(
         });
         client::saturate(host.address, 4, 200, options.deadline(), warm).await?;
     }
+    let mut handled_before = 0;
     for host in &fleet {
         host.wait_caught_up("probe", Duration::from_secs(60))
             .await?;
+        handled_before += host.handled("probe").await?;
     }
     let started = Instant::now();
     let mut sending = Vec::new();
@@ -97,14 +101,21 @@ async fn through_hosts(
             request,
         ));
     }
-    for sent in futures_util::future::join_all(sending).await {
-        sent?;
+    // The events the producers sent: fewer than `events` if the deadline stopped them.
+    let mut sent = 0;
+    for result in futures_util::future::join_all(sending).await {
+        sent += result?.events;
     }
+    anyhow::ensure!(sent > 0, "no events were sent before the deadline");
+    let mut done = started;
     for host in &fleet {
-        host.wait_caught_up("probe", Duration::from_secs(120))
+        done = host
+            .wait_caught_up("probe", Duration::from_secs(120))
             .await?;
     }
-    Ok(events as f64 / started.elapsed().as_secs_f64())
+    let every_host: Vec<&Process> = fleet.iter().collect();
+    Process::ensure_all_handled(&every_host, "probe", handled_before, sent as u64).await?;
+    Ok(sent as f64 / (done - started).as_secs_f64())
 }
 
 /// The bare loop: `events` publishes of the same size with message ids, acks awaited in

@@ -87,13 +87,16 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
         })
     };
     client::saturate(host.address, 8, 2_000, deadline, single("warm")).await?;
-    let ours_single =
-        client::saturate(host.address, 64, single_requests, deadline, single("s")).await?;
+    let ours_single = client::saturate(host.address, 64, single_requests, deadline, single("s"))
+        .await?
+        .per_second;
     let batch = Arc::new(Batch {
         prefix: "b".to_owned(),
         size: 100,
     });
-    let ours_batch = client::saturate(host.address, 8, batch_requests, deadline, batch).await?;
+    let ours_batch = client::saturate(host.address, 8, batch_requests, deadline, batch)
+        .await?
+        .per_second;
     drop(host);
 
     let server = NatsServer::start();

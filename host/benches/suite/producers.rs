@@ -38,6 +38,25 @@ impl Request for Payment {
     fn events(&self) -> usize {
         1
     }
+
+    fn checks_answer(&self) -> bool {
+        self.wait
+    }
+
+    /// A `200` says only that every subscribed plugin is done with the event; it counts
+    /// only if each of them handled it (`ok`), not dead-lettered or rejected it.
+    fn check_answer(&self, answer: &[u8]) -> anyhow::Result<()> {
+        let answer: serde_json::Value =
+            serde_json::from_slice(answer).context("the answer to a waiting POST")?;
+        let plugins = answer["accepted"][0]["plugins"]
+            .as_array()
+            .with_context(|| format!("an answer without plugins: {answer}"))?;
+        anyhow::ensure!(
+            !plugins.is_empty() && plugins.iter().all(|p| p["outcome"] == "ok"),
+            "the payment was not handled by every plugin: {answer}"
+        );
+        Ok(())
+    }
 }
 
 pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
@@ -47,7 +66,8 @@ pub async fn figures(options: &Options) -> anyhow::Result<Vec<Figure>> {
 }
 
 /// p50/p99 of `?wait=` answers against plain `202`s at 1,000 requests/s, alternating
-/// rounds so that a busy moment of the machine does not land on one of them only.
+/// rounds so that a busy moment of the machine does not land on one of them only. Every
+/// `200` must carry an `ok` from each subscribed plugin (see [`Payment::check_answer`]).
 async fn wait_latency(options: &Options) -> anyhow::Result<Vec<Figure>> {
     const RATE: f64 = 1_000.0;
     let round = options.pick(Duration::from_secs(5), Duration::from_secs(2));
@@ -131,7 +151,9 @@ async fn schema_ingest(options: &Options) -> anyhow::Result<Vec<Figure>> {
         })
     };
     client::saturate(host.address, 8, 2_000, deadline, single("warm")).await?;
-    let without = client::saturate(host.address, 64, requests, deadline, single("plain")).await?;
+    let without = client::saturate(host.address, 64, requests, deadline, single("plain"))
+        .await?
+        .per_second;
     let schema = serde_json::json!({
         "type": "object",
         "required": ["n"],
@@ -149,7 +171,9 @@ async fn schema_ingest(options: &Options) -> anyhow::Result<Vec<Figure>> {
         "registering: {}",
         response.status()
     );
-    let with = client::saturate(host.address, 64, requests, deadline, single("checked")).await?;
+    let with = client::saturate(host.address, 64, requests, deadline, single("checked"))
+        .await?
+        .per_second;
     Ok(vec![Figure {
         name: "ingest.single_with_schema".into(),
         value: with,

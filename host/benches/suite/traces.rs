@@ -36,7 +36,8 @@ async fn measure(options: &Options, config: Option<&str>) -> anyhow::Result<Meas
         deadline,
         single("s"),
     )
-    .await?;
+    .await?
+    .per_second;
     host.wait_caught_up("probe", Duration::from_secs(120))
         .await?;
     let before = host.metrics().await?;
