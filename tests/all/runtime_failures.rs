@@ -300,8 +300,9 @@ async fn a_looping_batch_item_is_stopped_after_its_own_time() {
 }
 
 /// A batch call that fails before its first item (its events do not fit the memory cap
-/// when copied in) charges the failure to the first item, and a `reuse` instance that
-/// failed is not kept: the next call runs on a fresh one.
+/// when copied in) charges no item: none ran, so each runs again alone, where it is
+/// judged by itself. A `reuse` instance that failed is not kept: the next call runs on a
+/// fresh one.
 #[tokio::test]
 async fn a_batch_that_fails_between_items_is_reported_and_its_instance_dropped() {
     let runtime = runtime();
@@ -314,21 +315,63 @@ async fn a_batch_that_fails_between_items_is_reported_and_its_instance_dropped()
     let big = serde_json::json!({ "padding": "x".repeat(MIB as usize) });
     let events: Vec<_> = (0..6).map(|_| event("hostile.ok", big.clone())).collect();
     let outcome = invoke_batch(&plugin, &events).await;
-    assert_eq!(
-        batch_kinds(&outcome),
-        [
-            "memory: memory limit of 4194304 bytes exceeded",
-            "-",
-            "-",
-            "-",
-            "-",
-            "-"
-        ]
-    );
+    assert_eq!(batch_kinds(&outcome), ["-", "-", "-", "-", "-", "-"]);
     let next = invoke(
         &plugin,
         &event("hostile.instance-calls", serde_json::json!({})),
     )
     .await;
     assert_eq!(failure(&next), ("reject", "calls=1"));
+}
+
+/// Each item of a batch gets the plugin's whole fuel budget, as it would alone: items that
+/// each fit the budget all succeed, however many share the call, and the call's fuel is
+/// what they burned together.
+#[tokio::test]
+async fn each_batch_item_gets_the_whole_fuel_budget() {
+    let runtime = runtime();
+    let burn = |n: u64| event("hostile.burn", serde_json::json!(n));
+    // What one item burning `n` costs alone, to set a budget it fits in twice but not
+    // three times.
+    let probe = load(
+        &runtime,
+        Guest::Hostile,
+        PluginSettings {
+            limits: limits(u64::MAX / 64, 64 * MIB, 10_000),
+            ..PluginSettings::default()
+        },
+    )
+    .await;
+    let alone = crate::support::invoke(&probe, &burn(2_000_000)).await;
+    assert!(alone.result.is_ok(), "{:?}", alone.result);
+    let budget = alone.fuel_used * 5 / 2;
+    let plugin = load(
+        &runtime,
+        Guest::Hostile,
+        PluginSettings {
+            limits: limits(budget, 64 * MIB, 10_000),
+            ..PluginSettings::default()
+        },
+    )
+    .await;
+    let events: Vec<_> = (0..4).map(|_| burn(2_000_000)).collect();
+    let outcome = invoke_batch(&plugin, &events).await;
+    assert_eq!(batch_kinds(&outcome), ["ok", "ok", "ok", "ok"]);
+    assert!(
+        outcome.fuel_used > budget * 3 / 2,
+        "the call burned {} for four items of about {}",
+        outcome.fuel_used,
+        alone.fuel_used
+    );
+    // An item over the budget alone fails by itself, and the items around it stand.
+    let events = [burn(2_000_000), burn(10_000_000), burn(2_000_000)];
+    let outcome = invoke_batch(&plugin, &events).await;
+    assert_eq!(
+        batch_kinds(&outcome),
+        [
+            "ok".to_owned(),
+            format!("fuel: fuel budget of {budget} exhausted"),
+            "-".to_owned()
+        ]
+    );
 }

@@ -103,9 +103,10 @@ pub struct Manifest {
     /// Default: `[plugin_defaults] start` (`"latest"`).
     pub start: Option<Start>,
 
-    /// `"per-event"`: a fresh instance for every event. `"reuse"`: warm instances serve many
-    /// events (much faster, but a plugin's globals survive between events); an instance is
-    /// dropped after any trap or limit hit and after `max_calls` calls.
+    /// `"per-event"`: a fresh instance for every event (with `[batch]`, for every batch:
+    /// the events of one batch share it). `"reuse"`: warm instances serve many events
+    /// (much faster, but a plugin's globals survive between events); an instance is
+    /// dropped after any trap or limit hit and after `max_calls` calls (a batch is one).
     ///
     /// Default: `[plugin_defaults] instance` (`"per-event"`).
     pub instance: Option<InstanceMode>,

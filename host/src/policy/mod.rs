@@ -77,7 +77,8 @@ pub enum Start {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceMode {
-    /// A fresh instance for every event: nothing leaks from one event to the next.
+    /// A fresh instance for every call: nothing leaks from one event to the next, except
+    /// between the events of one batch (`[batch]`), which share their call's instance.
     #[default]
     PerEvent,
     /// Warm instances serve many events; recycled after a trap or limit hit, and after

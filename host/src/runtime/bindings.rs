@@ -89,6 +89,15 @@ impl ContractVersion {
 /// Adds the imports of every contract version to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    // `begin-item` needs the store, to give each item of a batch its own fuel, which the
+    // generated bindings' `Host` trait does not reach: it is defined again over them.
+    linker.allow_shadowing(true);
+    linker
+        .instance("switchyard:plugin/host@0.2.0")?
+        .func_wrap("begin-item", |store, (index,): (u32,)| {
+            super::host::begin_item_in_store(store, index)
+        })?;
+    linker.allow_shadowing(false);
     v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
 }
 

@@ -127,6 +127,8 @@ struct BatchCall {
     /// the whole batch's.
     item_timeout: std::time::Duration,
     item_started: std::time::Instant,
+    /// The fuel each item gets, whatever the items before it burned.
+    item_fuel: u64,
 }
 
 /// Effects buffered by the current call, and what it read of the committed state.
@@ -176,6 +178,8 @@ pub(crate) struct HostState {
     batch: Option<BatchCall>,
     /// Origins of ended calls, whose buffers the next calls reuse.
     spare: Vec<Origin>,
+    /// Fuel given to a batch call's items as each began (see [`begin_item_in_store`]).
+    fuel_refilled: u64,
 }
 
 impl HostState {
@@ -196,12 +200,14 @@ impl HostState {
             call: None,
             batch: None,
             spare: Vec::new(),
+            fuel_refilled: 0,
         }
     }
 
     /// Starts buffering effects for a call that handles `event`.
     pub(crate) fn begin_call(&mut self, event: &Event, kv: Arc<dyn KvSource>) {
         self.batch = None;
+        self.fuel_refilled = 0;
         // A warm instance's earlier calls printed what they printed; a trap of this call
         // is reported with this call's output only.
         self.stderr_tail.take();
@@ -216,8 +222,10 @@ impl HostState {
         events: &[&Event],
         kv: &Arc<dyn KvSource>,
         item_timeout: std::time::Duration,
+        item_fuel: u64,
     ) {
         self.call = None;
+        self.fuel_refilled = 0;
         self.stderr_tail.take();
         let items = events
             .iter()
@@ -234,7 +242,14 @@ impl HostState {
             inherited: Arc::default(),
             item_timeout,
             item_started: std::time::Instant::now(),
+            item_fuel,
         });
+    }
+
+    /// The fuel the current batch call's items were given on top of the call's own
+    /// budget: what the call burned is its budget plus this, less what is left.
+    pub(crate) fn fuel_refilled(&self) -> u64 {
+        self.fuel_refilled
     }
 
     /// In a batch call, the time the current item (or the call before its first item)
@@ -249,9 +264,10 @@ impl HostState {
     }
 
     /// Ends a batch call: each item's outcome, `None` for those not handled. `failure` is
-    /// how the call itself failed: the outcome of the item it was in, or, between items
-    /// (copying the events in, say), of the next item, which would have run. Only a
-    /// failure after the last item belongs to none; it is returned.
+    /// how the call itself failed: the outcome of the item it was in. A failure outside
+    /// every item (copying the events in, the handler's own code between items, an
+    /// import called there) is no item's doing: it is returned, and the items not
+    /// handled yet run again alone, where each is judged by itself.
     pub(crate) fn end_batch(
         &mut self,
         failure: Option<Failure>,
@@ -263,8 +279,10 @@ impl HostState {
         let Some(failure) = failure else {
             return (batch.outcomes, None);
         };
-        let index = batch.current.unwrap_or(batch.next);
-        match batch.outcomes.get_mut(index) {
+        match batch
+            .current
+            .and_then(|index| batch.outcomes.get_mut(index))
+        {
             Some(outcome) => {
                 *outcome = Some(Err(failure));
                 (batch.outcomes, None)
@@ -410,10 +428,13 @@ impl HostState {
     }
 
     fn call(&mut self, import: &str) -> wasmtime::Result<&mut CallContext> {
+        let in_batch = self.batch.is_some();
         self.call.as_mut().ok_or_else(|| {
-            wasmtime::Error::new(HostTrap::Effects(format!(
-                "`{import}` may only be called while handling an event, not from describe()"
-            )))
+            wasmtime::Error::new(HostTrap::Effects(if in_batch {
+                format!("`{import}` called between a batch's items: only within `begin-item` and `end-item`")
+            } else {
+                format!("`{import}` may only be called while handling an event, not from describe()")
+            }))
         })
     }
 
@@ -786,6 +807,8 @@ impl host::Host for HostState {
         Ok(types::StreamPage { events, version })
     }
 
+    /// Shadowed in the linker by [`begin_item_in_store`], which also gives the item its
+    /// fuel (see [`super::bindings::add_to_linker`]).
     fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
         HostState::begin_item(self, index)
     }
@@ -965,6 +988,26 @@ pub(crate) fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// `begin-item` as the linker serves it: [`HostState::begin_item`], then the item gets
+/// the plugin's whole fuel budget, whatever the items before it burned, as it would alone.
+/// What was burned before is kept (see [`HostState::fuel_refilled`]).
+pub(crate) fn begin_item_in_store(
+    mut store: wasmtime::StoreContextMut<'_, HostState>,
+    index: u32,
+) -> wasmtime::Result<()> {
+    store.data_mut().begin_item(index)?;
+    let Some(item_fuel) = store.data().batch.as_ref().map(|batch| batch.item_fuel) else {
+        return Ok(());
+    };
+    let left = store.get_fuel()?;
+    store.set_fuel(item_fuel)?;
+    let state = store.data_mut();
+    state.fuel_refilled = state
+        .fuel_refilled
+        .saturating_add(item_fuel.saturating_sub(left));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -318,24 +318,25 @@ impl Plugin {
         self.pre.has_batch_handler()
     }
 
-    /// Handles several events in one call of the batch handler. The call gets the
-    /// plugin's fuel for each item, and each item the plugin's time (host waits are bound
-    /// by the time of all items together); see [`BatchOutcome`] for what comes back. A
-    /// plugin without a batch handler handles none of them.
+    /// Handles several events in one call of the batch handler. Each item gets the
+    /// plugin's fuel and time, as it would alone (host waits are bound by the time of all
+    /// items together), and so does the call's code before its first item; see
+    /// [`BatchOutcome`] for what comes back. A plugin without a batch handler handles
+    /// none of them.
     pub async fn invoke_batch(
         &self,
         items: &[(&Event, Delivery)],
         kv: Arc<dyn KvSource>,
     ) -> BatchOutcome {
         let count = u32::try_from(items.len().max(1)).unwrap_or(u32::MAX);
+        // The host-side guard's bound; the epoch deadline and the fuel are one item's.
         let limits = PluginLimits {
-            fuel: self.settings.limits.fuel.saturating_mul(u64::from(count)),
             timeout: self.settings.limits.timeout.saturating_mul(count),
             ..self.settings.limits
         };
         let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let call = self.batch_attempt(&mut slot, items, kv, limits.fuel);
+        let call = self.batch_attempt(&mut slot, items, kv);
         let ((outcomes, failed), timed_out) = match self.guarded(call, &clock, limits).await {
             Some(called) => (called, false),
             None => {
@@ -373,12 +374,8 @@ impl Plugin {
         slot: &mut Option<Instance>,
         items: &[(&Event, Delivery)],
         kv: Arc<dyn KvSource>,
-        batch_fuel: u64,
     ) -> (Vec<Option<Result<Effects, Failure>>>, bool) {
-        let limits = PluginLimits {
-            fuel: batch_fuel,
-            ..self.settings.limits
-        };
+        let limits = self.settings.limits;
         let mut outcomes = vec![None; items.len()];
         if slot.is_none() {
             self.created.fetch_add(1, Ordering::Relaxed);
@@ -408,7 +405,7 @@ impl Plugin {
         instance
             .store
             .data_mut()
-            .begin_batch(&events, &kv, limits.timeout);
+            .begin_batch(&events, &kv, limits.timeout, limits.fuel);
         let called = instance
             .exports
             .handle_batch(&mut instance.store, items)
@@ -418,12 +415,13 @@ impl Plugin {
             Some(Ok(())) | None => None,
         };
         let failed = failure.is_some();
-        let (outcomes, after_last) = instance.store.data_mut().end_batch(failure);
-        if let Some(failure) = after_last {
+        let (outcomes, outside_items) = instance.store.data_mut().end_batch(failure);
+        if let Some(failure) = outside_items {
             tracing::warn!(
                 plugin = %self.identity.name,
                 kind = %failure.kind,
-                "the batch call failed after its last item ({}); the items' outcomes stand",
+                "the batch call failed outside its items ({}); the items it handled keep \
+                 their outcomes, the others run again alone",
                 failure.message
             );
         }
@@ -523,6 +521,7 @@ impl Plugin {
         };
         let fuel_used = limits
             .fuel
+            .saturating_add(instance.store.data().fuel_refilled())
             .saturating_sub(instance.store.get_fuel().unwrap_or(0));
         instance.calls += 1;
         self.release(instance, healthy);

@@ -51,6 +51,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.kv-and-stream` | writes `mixed/<id>` in KV and appends `hostile.appended` to the stream `ledger` at the version it reads |
 /// | `hostile.slow-read` | reads `hot`, sleeps config `read_ms` (default 100) ms, then records `seen/<id>` = what it read: it conflicts while `hostile.bump` events commit |
 /// | `hostile.bump` | writes its id to `hot`, reading nothing (so bumps never conflict with each other) |
+/// | `hostile.burn` | counts to the data's `n` (a JSON number), burning fuel in proportion, then succeeds |
 /// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
 /// Calls this instance has handled; a fresh instance starts from zero.
 static INSTANCE_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -64,6 +65,15 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
     match behaviour.as_str() {
         "hostile.ok" => Ok(()),
         "hostile.loop" => spin(),
+        "hostile.burn" => {
+            let n: u64 = event.json()?;
+            let mut counter = 0u64;
+            for _ in 0..n {
+                counter = black_box(counter.wrapping_add(1));
+            }
+            black_box(counter);
+            Ok(())
+        }
         "hostile.memory" => hoard(),
         "hostile.panic" => crash("hostile plugin panicked on purpose"),
         "hostile.sleep" => {
