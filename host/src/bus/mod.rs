@@ -330,6 +330,12 @@ pub trait Consumer: Send + Sync {
         false
     }
 
+    /// Whether the bus hands out one delivery of the plugin at a time, the next only once
+    /// it is settled: a batch would then hold one event and only add its linger.
+    fn hands_out_one_at_a_time(&self) -> bool {
+        false
+    }
+
     /// Of the events at `sequences`, each settled with a retry by this consumer, those
     /// whose retry may still come: one whose event is gone (deleted by retention) never
     /// will. A retry handed out and not settled yet is still to come. (Asked only of a

@@ -160,7 +160,7 @@ impl Dispatcher {
                 Start::Latest => StartPosition::Latest,
                 Start::Earliest => StartPosition::Earliest,
             },
-            window: window(target.policy.concurrency),
+            window: window(&target.policy),
             one_at_a_time: target.policy.ordering == Ordering::Key,
         };
         // A probe's lease covers a whole attempt with its conflict reruns, whatever the
@@ -193,10 +193,19 @@ impl Dispatcher {
 }
 
 /// New deliveries a plugin's consumer may have out and unsettled.
-fn window(concurrency: usize) -> usize {
+fn window(policy: &PluginPolicy) -> usize {
     // Deep enough to keep calls busy while earlier settlements wait for a group commit,
-    // and to pull from a remote log in large requests (whose commits then group well).
-    concurrency.saturating_mul(32).max(256)
+    // and to pull from a remote log in large requests (whose commits then group well);
+    // with batches, for a full batch to gather while the one before it settles.
+    let batches = policy
+        .batch
+        .map_or(0, |batch| batch.max_size.saturating_mul(2));
+    policy
+        .concurrency
+        .max(1)
+        .saturating_mul(32)
+        .max(256)
+        .max(batches)
 }
 
 fn ordering_key(delivery: &Delivery) -> String {
@@ -226,11 +235,11 @@ async fn run(
     // Fetching a whole window at a time costs one log read per window rather than one
     // per delivery, and the channel takes it at once; the consumer's window bounds what
     // is fetched and not yet settled.
-    let (deliveries, incoming) = mpsc::channel::<Vec<Delivery>>(window(concurrency));
+    let (deliveries, incoming) = mpsc::channel::<Vec<Delivery>>(window(&target.policy));
     let fetcher = tokio::spawn(fetch(
         Arc::clone(&consumer),
         deliveries,
-        window(concurrency),
+        window(&target.policy),
         stopped.clone(),
         target.name.clone(),
     ));
@@ -259,6 +268,10 @@ async fn run(
         .filter(|_| context.plugin.takes_batches());
     if target.policy.batch.is_some() && batch.is_none() {
         tracing::warn!(plugin = %target.name, "the sidecar asks for batches, but the plugin exports no batch handler (switchyard:plugin/batch-handler): one event per call");
+    }
+    let batch = batch.filter(|_| !context.consumer.hands_out_one_at_a_time());
+    if batch.is_none() && context.plugin.takes_batches() && target.policy.batch.is_some() {
+        tracing::warn!(plugin = %target.name, "the sidecar asks for batches, but with `ordering = \"key\"` this bus hands out one event of the plugin at a time, so a batch would hold one event and only add its linger: one event per call");
     }
     if target.policy.ordering == Ordering::Key {
         route_by_key(context, incoming, stopped, batch).await;

@@ -454,6 +454,10 @@ impl Consumer for NatsConsumer {
         self.one_at_a_time
     }
 
+    fn hands_out_one_at_a_time(&self) -> bool {
+        self.one_at_a_time
+    }
+
     async fn release(&self) {
         let unsettled: Vec<(u64, Arc<Message>)> = self.held().drain().collect();
         // A delivery given back (a hot reload, a shutdown, a paused plugin's held window)
