@@ -375,3 +375,35 @@ async fn each_batch_item_gets_the_whole_fuel_budget() {
         ]
     );
 }
+
+/// A plugin may set an emitted event's `traceparent` (to continue a trace of its own
+/// choosing), but only to a context that ingest would accept: anything else fails the
+/// call as an effects error instead of starting an unrelated trace downstream.
+#[tokio::test]
+async fn an_emitted_traceparent_must_be_a_trace_context() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, PluginSettings::default()).await;
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let kept = invoke(
+        &plugin,
+        &event("hostile.emit-traceparent", serde_json::json!(valid)),
+    )
+    .await;
+    let emitted = &effects(&kept).emits;
+    assert_eq!(emitted.len(), 1);
+    assert_eq!(emitted[0].extension("traceparent"), Some(valid));
+    for invalid in [
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+    ] {
+        let refused = invoke(
+            &plugin,
+            &event("hostile.emit-traceparent", serde_json::json!(invalid)),
+        )
+        .await;
+        let (kind, message) = failure(&refused);
+        assert_eq!(kind, "effects", "{invalid}: {message}");
+        assert!(message.contains("not a W3C trace context"), "{message}");
+    }
+}

@@ -597,6 +597,14 @@ impl host::Host for HostState {
                     }
                 )));
             }
+            // A plugin may continue a trace of its own choosing, as a producer may, but
+            // only with a context ingest would accept too.
+            if name == TRACEPARENT && !crate::telemetry::valid_traceparent(&value) {
+                return Err(effects_trap(format!(
+                    "emit: extension `traceparent` is not a W3C trace context: {:?}",
+                    truncate(&value, 128)
+                )));
+            }
             extensions.insert(name, value);
         }
         if let Some(expected) = outgoing.expected_version {

@@ -51,6 +51,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.kv-and-stream` | writes `mixed/<id>` in KV and appends `hostile.appended` to the stream `ledger` at the version it reads |
 /// | `hostile.slow-read` | reads `hot`, sleeps config `read_ms` (default 100) ms, then records `seen/<id>` = what it read: it conflicts while `hostile.bump` events commit |
 /// | `hostile.bump` | writes its id to `hot`, reading nothing (so bumps never conflict with each other) |
+/// | `hostile.emit-traceparent` | emits `hostile.traced` with the extension `traceparent` set to the data (a JSON string) |
 /// | `hostile.burn` | counts to the data's `n` (a JSON number), burning fuel in proportion, then succeeds |
 /// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
 /// Calls this instance has handled; a fresh instance starts from zero.
@@ -85,6 +86,13 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
             for n in 0..100_000u32 {
                 emit_json("hostile.flood", &json!({ "n": n }))?;
             }
+            Ok(())
+        }
+        "hostile.emit-traceparent" => {
+            let traceparent: String = event.json()?;
+            Emit::new("hostile.traced")
+                .extension("traceparent", traceparent)
+                .send();
             Ok(())
         }
         "hostile.emit-huge" => {
