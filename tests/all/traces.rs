@@ -283,6 +283,61 @@ async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision
     find(&spans, "dispatch.deliver", "ticketing", "sampled");
 }
 
+/// With batches, each item's `dispatch.deliver` span covers the batch call it ran in,
+/// and what the item emits continues that span (the call itself serves several traces).
+async fn a_batch_item_s_follow_up_continues_its_own_delivery(backend: Backend) {
+    let receiver = Receiver::start();
+    let mut host = Host::on(&backend);
+    host.config(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\n",
+        receiver.endpoint
+    ));
+    host.plugin(
+        "ticketing",
+        Guest::Ticketing,
+        Some("[batch]\nmax_size = 8\nlinger = \"100ms\"\n"),
+    );
+    host.start();
+    let payment = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "/test", "type": "payment.completed",
+               "data": {"order_id": id, "amount_cents": 100, "email": "fan@example.com", "quantity": 1}})
+    };
+    let response = host
+        .send_batch(&json!([payment("pay-1"), payment("pay-2")]))
+        .await;
+    assert_eq!(response.status(), 202);
+    let follow_ups = host
+        .wait_for("the follow-ups", Duration::from_secs(20), || async {
+            let log = host.log().await;
+            let follow_ups: Vec<Value> = log
+                .into_iter()
+                .filter(|e| e["event"]["type"] == "tickets.generated")
+                .collect();
+            (follow_ups.len() == 2).then_some(follow_ups)
+        })
+        .await;
+    host.wait_caught_up("ticketing", Duration::from_secs(20))
+        .await;
+    let batches = host
+        .metric("switchyard_batch_calls_total{plugin=\"ticketing\"}")
+        .await;
+    assert!(batches >= 1.0, "{batches} batch calls");
+    host.stop();
+
+    let spans = receiver.spans();
+    for follow_up in follow_ups {
+        let cause = follow_up["event"]["causationid"].as_str().unwrap();
+        let deliver = find(&spans, "dispatch.deliver", "ticketing", cause);
+        let receive = find(&spans, "ingest.receive", "", "pay-1");
+        assert_eq!(deliver.parent, receive.id, "{deliver:?}");
+        assert_eq!(
+            follow_up["event"]["traceparent"].as_str().unwrap(),
+            format!("00-{}-{}-01", deliver.trace, deliver.id),
+            "{cause}: {spans:#?}"
+        );
+    }
+}
+
 /// `sample_ratio` is the share of traces started here that are recorded: drawn once, by
 /// the host, not drawn again by the exporter's sampler (which made it the ratio squared).
 async fn the_sample_ratio_is_the_share_of_traces_recorded(backend: Backend) {
@@ -337,4 +392,5 @@ crate::on_both_backends!(
     the_example_flow_is_one_trace,
     a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision,
     the_sample_ratio_is_the_share_of_traces_recorded,
+    a_batch_item_s_follow_up_continues_its_own_delivery,
 );

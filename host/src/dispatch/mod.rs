@@ -799,7 +799,20 @@ async fn batch_call(
         .iter()
         .map(|(delivery, _)| (&delivery.stored.event, runtime_delivery(context, delivery)))
         .collect();
-    let outcome = context.plugin.invoke_batch(&items, kv).await;
+    // Each item's attempt span covers the call, and what the item emits continues it.
+    let mut spans: Vec<tracing::Span> = deliveries
+        .iter()
+        .map(|(delivery, _)| deliver_span(context, delivery))
+        .collect();
+    let traceparents: Vec<Option<String>> = if telemetry::exporting() {
+        spans.iter().map(telemetry::traceparent_of).collect()
+    } else {
+        Vec::new()
+    };
+    let outcome = context
+        .plugin
+        .invoke_batch_traced(&items, &traceparents, kv)
+        .await;
     let started = outcome.started;
     drop(permit);
     context.metrics.batch_call(&context.name, count);
@@ -815,7 +828,8 @@ async fn batch_call(
         .iter()
         .zip(outcome.items)
         .zip(start_latencies)
-        .map(|(((delivery, _), item), start_latency)| {
+        .zip(spans.iter_mut())
+        .map(|((((delivery, _), item), start_latency), span)| {
             let Some(result) = item else {
                 // Not handled: it runs again alone, and counts itself in then.
                 context
@@ -829,7 +843,7 @@ async fn batch_call(
             Some(Called {
                 start_latency,
                 attempt,
-                span: deliver_span(context, delivery),
+                span: std::mem::replace(span, tracing::Span::none()),
             })
         })
         .collect();

@@ -220,6 +220,7 @@ impl HostState {
     pub(crate) fn begin_batch(
         &mut self,
         events: &[&Event],
+        traceparents: &[Option<String>],
         kv: &Arc<dyn KvSource>,
         item_timeout: std::time::Duration,
         item_fuel: u64,
@@ -229,9 +230,16 @@ impl HostState {
         self.stderr_tail.take();
         let items = events
             .iter()
-            .map(|event| {
+            .enumerate()
+            .map(|(index, event)| {
                 let origin = self.origin(event);
-                Some(CallContext::new(origin, event, Arc::clone(kv), None))
+                let mut call = CallContext::new(origin, event, Arc::clone(kv), None);
+                // The item's own span, which the call's (none: it serves several
+                // traces) cannot give.
+                if let Some(traceparent) = traceparents.get(index).cloned().flatten() {
+                    call.traceparent = Some(traceparent);
+                }
+                Some(call)
             })
             .collect();
         self.batch = Some(BatchCall {

@@ -328,6 +328,18 @@ impl Plugin {
         items: &[(&Event, Delivery)],
         kv: Arc<dyn KvSource>,
     ) -> BatchOutcome {
+        self.invoke_batch_traced(items, &[], kv).await
+    }
+
+    /// [`Plugin::invoke_batch`], where `traceparents[i]` is the trace context of item
+    /// `i`'s delivery: what the events it emits continue (by default, the context of the
+    /// event it handles).
+    pub async fn invoke_batch_traced(
+        &self,
+        items: &[(&Event, Delivery)],
+        traceparents: &[Option<String>],
+        kv: Arc<dyn KvSource>,
+    ) -> BatchOutcome {
         let count = u32::try_from(items.len().max(1)).unwrap_or(u32::MAX);
         // The host-side guard's bound; the epoch deadline and the fuel are one item's.
         let limits = PluginLimits {
@@ -336,7 +348,7 @@ impl Plugin {
         };
         let clock = CallClock::start();
         let mut slot = self.warm_instance();
-        let call = self.batch_attempt(&mut slot, items, kv);
+        let call = self.batch_attempt(&mut slot, items, traceparents, kv);
         let ((outcomes, failed), timed_out) = match self.guarded(call, &clock, limits).await {
             Some(called) => (called, false),
             None => {
@@ -373,6 +385,7 @@ impl Plugin {
         &self,
         slot: &mut Option<Instance>,
         items: &[(&Event, Delivery)],
+        traceparents: &[Option<String>],
         kv: Arc<dyn KvSource>,
     ) -> (Vec<Option<Result<Effects, Failure>>>, bool) {
         let limits = self.settings.limits;
@@ -402,10 +415,13 @@ impl Plugin {
             return (outcomes, true);
         }
         let events: Vec<&Event> = items.iter().map(|(event, _)| *event).collect();
-        instance
-            .store
-            .data_mut()
-            .begin_batch(&events, &kv, limits.timeout, limits.fuel);
+        instance.store.data_mut().begin_batch(
+            &events,
+            traceparents,
+            &kv,
+            limits.timeout,
+            limits.fuel,
+        );
         let called = instance
             .exports
             .handle_batch(&mut instance.store, items)
