@@ -215,8 +215,88 @@ fn provider(export: &Export) -> Result<SdkTracerProvider, opentelemetry_otlp::Ex
                 .build(),
         )
         .with_sampler(sampler)
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(Reporting::new(exporter, &export.endpoint))
         .build())
+}
+
+/// The log target of the exporter's own warnings: not one the export layer takes, so a
+/// warning about exporting is never itself a span event to export.
+const EXPORTER_LOG: &str = "switchyard::exporter";
+
+/// Longest the exporter stays silent about failing exports.
+const EXPORT_FAILURE_REPORT: Duration = Duration::from_secs(60);
+
+/// An exporter that says when its exports fail: the SDK reports them only through its
+/// own internal logs, which the host does not build, so a collector refusing every span
+/// (a wrong path, a proxy's error page) would otherwise go unnoticed. The first failure
+/// is logged at once, later ones at most once a minute with their count.
+#[derive(Debug)]
+struct Reporting<E> {
+    inner: E,
+    endpoint: String,
+    /// Failed exports not reported yet, and when the last report was.
+    unreported: std::sync::Mutex<(u64, u64, Option<std::time::Instant>)>,
+}
+
+impl<E> Reporting<E> {
+    fn new(inner: E, endpoint: &str) -> Self {
+        Self {
+            inner,
+            endpoint: endpoint.to_owned(),
+            unreported: std::sync::Mutex::new((0, 0, None)),
+        }
+    }
+
+    fn report(&self, spans: usize, error: &opentelemetry_sdk::error::OTelSdkError) {
+        let mut unreported = self
+            .unreported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (exports, lost, last) = &mut *unreported;
+        *exports += 1;
+        *lost += spans as u64;
+        if last.is_some_and(|at| at.elapsed() < EXPORT_FAILURE_REPORT) {
+            return;
+        }
+        tracing::warn!(
+            target: EXPORTER_LOG,
+            endpoint = %self.endpoint,
+            failed_exports = *exports,
+            spans_lost = *lost,
+            "cannot export traces: {error}"
+        );
+        *last = Some(std::time::Instant::now());
+        *exports = 0;
+        *lost = 0;
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Reporting<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let exported = self.inner.export(batch).await;
+        if let Err(error) = &exported {
+            self.report(spans, error);
+        }
+        exported
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 impl Telemetry {

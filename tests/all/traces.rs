@@ -283,6 +283,29 @@ async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision
     find(&spans, "dispatch.deliver", "ticketing", "sampled");
 }
 
+/// An export the collector refuses (here: nothing listens) is reported in the host's log,
+/// with the endpoint; the host goes on serving.
+async fn a_failing_export_is_reported(backend: Backend) {
+    let port = crate::support::nats::free_port();
+    let mut host = Host::on(&backend);
+    host.config(&format!(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}/v1/traces\"\n"
+    ));
+    host.plugin("ticketing", Guest::Ticketing, None);
+    host.start();
+    let payment =
+        json!({"order_id": "A-1", "amount_cents": 100, "email": "fan@example.com", "quantity": 1});
+    assert_eq!(host.send("payment.completed", "pay-1", payment).await, 202);
+    host.wait_caught_up("ticketing", Duration::from_secs(20))
+        .await;
+    let warned = host
+        .wait_for("the export warning", Duration::from_secs(30), || async {
+            host.logged("cannot export traces").into_iter().next()
+        })
+        .await;
+    assert!(warned.contains(&format!("127.0.0.1:{port}")), "{warned}");
+}
+
 /// With batches, each item's `dispatch.deliver` span covers the batch call it ran in,
 /// and what the item emits continues that span (the call itself serves several traces).
 async fn a_batch_item_s_follow_up_continues_its_own_delivery(backend: Backend) {
@@ -393,4 +416,5 @@ crate::on_both_backends!(
     a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision,
     the_sample_ratio_is_the_share_of_traces_recorded,
     a_batch_item_s_follow_up_continues_its_own_delivery,
+    a_failing_export_is_reported,
 );
