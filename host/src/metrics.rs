@@ -397,7 +397,7 @@ impl Families {
             batch_events: registered(
                 registry,
                 "batch_events",
-                "Events handed to the plugin's batch handler",
+                "Events handled by the plugin's batch handler (not those a call did not reach, which run again alone)",
                 Family::default(),
             ),
             scheduled_pending: registered(
@@ -744,7 +744,7 @@ impl Metrics {
         self.families.events_ingested.inc_by(n);
     }
 
-    /// Counts a call of a plugin's batch handler with `events` events.
+    /// Counts a call of a plugin's batch handler that handled `events` events.
     pub fn batch_call(&self, plugin: &str, events: usize) {
         let labels = PluginLabels {
             plugin: Arc::from(plugin),

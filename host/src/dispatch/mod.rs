@@ -163,14 +163,19 @@ impl Dispatcher {
             window: window(&target.policy),
             one_at_a_time: target.policy.ordering == Ordering::Key,
         };
-        // A probe's lease covers a whole attempt with its conflict reruns, whatever the
-        // plugin's timeout.
+        // A probe's lease covers a whole attempt with its conflict reruns (or a whole
+        // batch, whose items each have the plugin's time), whatever the plugin's timeout.
+        let calls = target
+            .policy
+            .batch
+            .map_or(0, |batch| u32::try_from(batch.max_size).unwrap_or(u32::MAX))
+            .max(MAX_CONFLICT_RUNS);
         let probe_lease = target
             .policy
             .settings
             .limits
             .timeout
-            .saturating_mul(MAX_CONFLICT_RUNS)
+            .saturating_mul(calls)
             .saturating_add(Duration::from_secs(10));
         target
             .valve
@@ -815,12 +820,14 @@ async fn batch_call(
         .await;
     let started = outcome.started;
     drop(permit);
-    context.metrics.batch_call(&context.name, count);
-    // Each item's share of what the call cost.
-    let share = |total: Duration| total / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+    // Only the items the call handled: the others run again alone, and count there.
+    let handled = outcome.items.iter().flatten().count();
+    context.metrics.batch_call(&context.name, handled);
+    // Each handled item's share of what the call cost.
+    let share = |total: Duration| total / u32::try_from(handled.max(1)).unwrap_or(u32::MAX);
     let cost = Cost {
         duration: share(outcome.duration),
-        fuel: outcome.fuel_used / count.max(1) as u64,
+        fuel: outcome.fuel_used / handled.max(1) as u64,
         cpu: share(outcome.cpu),
     };
     let mut failures = Vec::with_capacity(count);
