@@ -411,8 +411,8 @@ fn flush(context: &Arc<Context>, group: &mut Vec<(Delivery, Called)>, settling: 
     }
 }
 
-/// Settles a lane's attempt: an acknowledgement that read nothing in flight and is not
-/// traced joins the lane's group, which is settled together ([`settle_group`]); any other
+/// Settles a lane's attempt: an acknowledgement that read nothing in flight, overwrites
+/// no write in flight and is not traced joins the lane's group, which is settled together ([`settle_group`]); any other
 /// first ends the group, so nothing it holds waits behind it, and settles alone.
 fn settle_lane_attempt(
     context: &Arc<Context>,
@@ -423,6 +423,11 @@ fn settle_lane_attempt(
 ) {
     let joins_group = matches!(called.attempt.settlement, Settlement::Ack(_))
         && called.attempt.read.is_none()
+        && !called
+            .attempt
+            .pending
+            .as_ref()
+            .is_some_and(PendingCommit::follows_earlier_writes)
         && called.span.is_disabled();
     if joins_group {
         group.push((delivery, called));
@@ -1103,6 +1108,9 @@ async fn finish(
                     if let Some(read) = &read {
                         read.settled().await;
                     }
+                    if let Some(pending) = &pending {
+                        pending.after_earlier_writes().await;
+                    }
                     settle(&context, &delivery, &settlement).await
                 }
                 .instrument(commit)
@@ -1305,7 +1313,7 @@ fn attempted(
     };
     // Registered before the lane starts the plugin's next call.
     let pending = match &settlement {
-        Settlement::Ack(effects) => context.pending.begin(&effects.kv_writes),
+        Settlement::Ack(effects) => context.pending.begin(&effects.kv_writes, read.as_deref()),
         _ => None,
     };
     Attempted {

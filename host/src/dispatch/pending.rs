@@ -19,7 +19,15 @@
 //! - a commit waits only for commits registered before its call read them, so waits
 //!   never form a cycle;
 //! - a read of a write whose commit was refused fails the reader's check, which runs the
-//!   reader again on the committed state, as any conflict does.
+//!   reader again on the committed state, as any conflict does;
+//! - a commit that writes a key that an earlier commit in flight writes, and that earlier
+//!   commit is held back (it waits for commits it read from, or for others in turn),
+//!   waits for it to end ([`PendingCommit::after_earlier_writes`]): otherwise the later
+//!   call's commit could go first and the older value land last, even when neither call
+//!   read the key (a blind write checks nothing at commit that would catch it). Earlier
+//!   commits that are not held back go to the bus first, in the order the calls ended,
+//!   as commits do; waiting for them too would take every blind write of a hot key out
+//!   of the log's group commits.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,6 +62,8 @@ struct PendingWrite {
     value: Option<Vec<u8>>,
     /// Turns `true` when the commit ends.
     ended: watch::Receiver<bool>,
+    /// Whether the commit waits for other commits before it goes to the bus.
+    held: bool,
 }
 
 /// A registered commit; dropping it ends it.
@@ -62,12 +72,18 @@ pub(super) struct PendingCommit {
     token: u64,
     keys: Vec<String>,
     ended: watch::Sender<bool>,
+    /// The ends of the earlier commits in flight that write a key this one writes.
+    after: Vec<watch::Receiver<bool>>,
 }
 
 impl PendingWrites {
     /// Registers an acknowledged attempt's KV writes until the returned commit is dropped;
-    /// `None` when it wrote nothing.
-    pub(super) fn begin(self: &Arc<Self>, writes: &[KvWrite]) -> Option<PendingCommit> {
+    /// `None` when it wrote nothing. `read` is what its call read through, if anything.
+    pub(super) fn begin(
+        self: &Arc<Self>,
+        writes: &[KvWrite],
+        read: Option<&Overlay>,
+    ) -> Option<PendingCommit> {
         if writes.is_empty() {
             return None;
         }
@@ -75,6 +91,13 @@ impl PendingWrites {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let token = state.next_token;
         state.next_token += 1;
+        let after: Vec<watch::Receiver<bool>> = writes
+            .iter()
+            .filter_map(|write| state.keys.get(&write.key))
+            .filter(|earlier| earlier.held && earlier.token != token)
+            .map(|earlier| earlier.ended.clone())
+            .collect();
+        let held = !after.is_empty() || read.is_some_and(Overlay::read_in_flight);
         for write in writes {
             state.keys.insert(
                 write.key.clone(),
@@ -82,6 +105,7 @@ impl PendingWrites {
                     token,
                     value: write.value.clone(),
                     ended: receiver.clone(),
+                    held,
                 },
             );
         }
@@ -92,6 +116,7 @@ impl PendingWrites {
             token,
             keys: writes.iter().map(|w| w.key.clone()).collect(),
             ended,
+            after,
         })
     }
 
@@ -110,6 +135,22 @@ impl PendingWrites {
             read_from: Mutex::default(),
         });
         (Arc::clone(&overlay) as Arc<dyn KvSource>, Some(overlay))
+    }
+}
+
+impl PendingCommit {
+    /// Whether it must wait for earlier commits before its own goes.
+    pub(super) fn follows_earlier_writes(&self) -> bool {
+        !self.after.is_empty()
+    }
+
+    /// Waits until every earlier commit in flight that writes a key this one writes has
+    /// ended.
+    pub(super) async fn after_earlier_writes(&self) {
+        for ended in &self.after {
+            // An error means the commit's owner is gone: it has ended too.
+            let _ = ended.clone().wait_for(|ended| *ended).await;
+        }
     }
 }
 
@@ -156,6 +197,15 @@ impl Overlay {
             // An error means the commit's owner is gone: it has ended too.
             let _ = ended.wait_for(|ended| *ended).await;
         }
+    }
+
+    /// Whether the call read a write in flight, so that its own commit waits for that one.
+    fn read_in_flight(&self) -> bool {
+        !self
+            .read_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 
     fn depend(&self, ended: &watch::Receiver<bool>) {
@@ -247,8 +297,8 @@ mod tests {
         let (_, none) = writes.reader(&committed);
         assert!(none.is_none(), "nothing pending: the committed state alone");
 
-        let first = writes.begin(&[write("count/a", Some("1")), write("gone", None)]);
-        let second = writes.begin(&[write("count/a", Some("2"))]);
+        let first = writes.begin(&[write("count/a", Some("1")), write("gone", None)], None);
+        let second = writes.begin(&[write("count/a", Some("2"))], None);
         let (kv, overlay) = writes.reader(&committed);
         let overlay = overlay.unwrap();
         assert_eq!(kv.get("p", "count/a").await.unwrap(), Some(b"2".to_vec()));
@@ -272,10 +322,57 @@ mod tests {
     async fn an_older_commit_ending_keeps_a_newer_write_of_the_key() {
         let writes = Arc::new(PendingWrites::default());
         let committed: Arc<dyn KvSource> = Arc::new(EmptyKv);
-        let first = writes.begin(&[write("k", Some("1"))]);
-        let _second = writes.begin(&[write("k", Some("2"))]);
+        let first = writes.begin(&[write("k", Some("1"))], None);
+        let _second = writes.begin(&[write("k", Some("2"))], None);
         drop(first);
         let (kv, _) = writes.reader(&committed);
         assert_eq!(kv.get("p", "k").await.unwrap(), Some(b"2".to_vec()));
+    }
+
+    /// A commit that overwrites a key written by an earlier commit in flight that is held
+    /// back (it read a write in flight) goes after it, whether or not its call read the
+    /// key: otherwise the older value could land last. One overwriting a commit that is
+    /// not held back goes at once, after it in the bus's order.
+    #[tokio::test]
+    async fn a_commit_overwriting_a_held_back_write_waits_for_it() {
+        let writes = Arc::new(PendingWrites::default());
+        let committed: Arc<dyn KvSource> = Arc::new(EmptyKv);
+        let source = writes.begin(&[write("x", Some("1"))], None);
+        // A call that reads `x` in flight and writes `k`: held back until `source` ends.
+        let (kv, read) = writes.reader(&committed);
+        let read = read.unwrap();
+        assert_eq!(kv.get("p", "x").await.unwrap(), Some(b"1".to_vec()));
+        let held = writes.begin(&[write("k", Some("1"))], Some(&read));
+        // A later call writing `k` without reading it.
+        let (_, later_read) = writes.reader(&committed);
+        let later = writes
+            .begin(&[write("k", Some("2"))], later_read.as_deref())
+            .unwrap();
+        assert!(later.follows_earlier_writes());
+        // Writing a key whose earlier commit is not held back needs no wait.
+        let free = writes.begin(&[write("y", Some("1"))], None);
+        let (_, free_read) = writes.reader(&committed);
+        let after_free = writes
+            .begin(&[write("y", Some("2"))], free_read.as_deref())
+            .unwrap();
+        assert!(!after_free.follows_earlier_writes());
+
+        let waiting = tokio::spawn(async move {
+            later.after_earlier_writes().await;
+            later
+        });
+        tokio::task::yield_now().await;
+        drop(source);
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "`k`'s earlier commit is still in flight"
+        );
+        drop(held);
+        let later = waiting.await.unwrap();
+        // Waiting leaves it registered: its own write is read until it ends.
+        let (kv, _) = writes.reader(&committed);
+        assert_eq!(kv.get("p", "k").await.unwrap(), Some(b"2".to_vec()));
+        drop((later, free, after_free));
     }
 }
