@@ -295,6 +295,51 @@ fn status_row(host: &Host, plugin: &str) -> String {
         .to_owned()
 }
 
+/// Pausing a busy plugin settles what it already handled: the acknowledged calls a lane
+/// gathered to settle together do not wait out the pause with the call it holds back.
+async fn a_pause_settles_what_was_already_handled(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "busy",
+        Guest::Hostile,
+        // Calls slower than fetching: the lane always has the next delivery ready, so it
+        // gathers acknowledged calls to settle together until it holds a full group.
+        Some("subscribe = [\"hostile.ok\"]\nconcurrency = 1\ninstance = \"reuse\"\n[config]\nsleep_ms = \"2\"\n"),
+    );
+    host.start();
+    for batch in 0..10 {
+        let events: Vec<Value> = (0..100)
+            .map(|n| json!({"specversion": "1.0", "id": format!("b{batch}-{n}"), "source": "/t", "type": "hostile.ok", "data": {}}))
+            .collect();
+        assert_eq!(host.send_batch(&json!(events)).await.status(), 202);
+    }
+    host.wait_for("the plugin to be busy", Duration::from_secs(30), || async {
+        (host.status("busy").await?["handled"].as_u64()? >= 100).then_some(())
+    })
+    .await;
+    let paused = host
+        .http
+        .post(host.url("/v1/plugins/busy/pause"))
+        .json(&json!({ "reason": "maintenance" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 200);
+    let status = host
+        .wait_for(
+            "nothing in flight while paused",
+            Duration::from_secs(10),
+            || async {
+                let status = host.status("busy").await?;
+                (status["in_flight"] == 0).then_some(status)
+            },
+        )
+        .await;
+    assert_eq!(status["delivery"]["state"], "paused", "{status}");
+    let handled = status["handled"].as_u64().unwrap();
+    assert!(handled < 1000, "the pause came before the end: {status}");
+}
+
 async fn state_of(host: &Host, plugin: &str) -> String {
     delivery(host, plugin).await["state"]
         .as_str()
@@ -305,4 +350,5 @@ async fn state_of(host: &Host, plugin: &str) -> String {
 crate::on_both_backends!(
     the_breaker_opens_probes_reopens_longer_and_closes_when_the_plugin_recovers,
     an_operator_pauses_and_resumes_a_plugin,
+    a_pause_settles_what_was_already_handled,
 );

@@ -479,6 +479,11 @@ async fn lane(
                 delivery
             }
         };
+        // A paused plugin or an open breaker may hold the next call for long: what the
+        // lane holds settles first rather than wait with it.
+        if !context.valve.is_flowing() {
+            flush(&context, &mut group, &mut settling);
+        }
         let called = driving(first_call(&context, &delivery), &mut settling).await;
         let mut slice_over = false;
         if let Some(called) = called {

@@ -215,6 +215,11 @@ impl Valve {
             .clone()
     }
 
+    /// Whether calls start now, with no pause and no breaker in the way.
+    pub fn is_flowing(&self) -> bool {
+        self.flowing.load(Ordering::Acquire)
+    }
+
     /// Waits until a call may start. Cancel-safe: dropping the future takes nothing.
     pub async fn admit(&self) -> Admission {
         loop {
