@@ -474,9 +474,25 @@ async fn what_the_server_cannot_store_is_refused_or_dead_lettered_not_retried_fo
     );
     assert!(host.log().await.is_empty(), "nothing was stored");
 
-    for (ty, id) in [("hostile.emit-huge", "emit-1"), ("hostile.kv-huge", "kv-1")] {
-        assert_eq!(host.send(ty, id, json!({})).await, 202);
-    }
+    assert_eq!(
+        host.send("hostile.emit-huge", "emit-1", json!({})).await,
+        202
+    );
+    // A producer waiting for the outcome hears the dead letter, not the acknowledgement
+    // the bus could not store.
+    let waited = host
+        .http
+        .post(host.url("/v1/events/hostile.kv-huge?wait=30s"))
+        .header("ce-id", "kv-1")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited.status(), 200);
+    let waited: serde_json::Value = waited.json().await.unwrap();
+    let outcome = &waited["accepted"][0]["plugins"][0];
+    assert_eq!(outcome["outcome"], "dead-lettered", "{waited}");
+    assert_eq!(outcome["emitted"], json!([]), "{waited}");
     let letters = host
         .wait_for(
             "both to be dead-lettered",

@@ -1176,7 +1176,16 @@ async fn finish(
                 let failed = (FailureKind::Host, message);
                 break Some(conflict_failed(&context, &delivery, cost, failed).await);
             }
-            Ok(stored) => {
+            Ok(Stored {
+                settled: stored,
+                instead,
+            }) => {
+                // Effects the bus could never store went to the dead letters instead: that
+                // is the outcome to count and tell.
+                let (settlement, outcome_name) = match instead {
+                    Some(dead) => (dead, FailureKind::Effects.as_str()),
+                    None => (settlement, outcome_name),
+                };
                 context.metrics.delivery(&context.name, outcome_name, cost);
                 if delivery.attempt == 1 {
                     // Later attempts wait out a backoff on purpose; only first attempts
@@ -1486,12 +1495,12 @@ async fn settle(
     context: &Context,
     delivery: &Delivery,
     settlement: &Settlement,
-) -> Result<Settled, BusError> {
+) -> Result<Stored, BusError> {
     let mut wait = Duration::from_millis(50);
     loop {
         match context.consumer.settle(delivery, settlement.clone()).await {
-            Ok(settled) => return Ok(settled),
-            Err(BusError::Closed) => return Ok(Settled::default()),
+            Ok(settled) => return Ok(Stored::as_asked(settled)),
+            Err(BusError::Closed) => return Ok(Stored::as_asked(Settled::default())),
             Err(conflict @ (BusError::Conflict(_) | BusError::VersionConflict(_))) => {
                 return Err(conflict);
             }
@@ -1512,14 +1521,34 @@ async fn settle(
                     reason: DeadLetterReason::Effects,
                     errors,
                 };
-                count_settlement(context, &dead);
-                return Box::pin(settle(context, delivery, &dead)).await;
+                let stored = Box::pin(settle(context, delivery, &dead)).await?;
+                return Ok(Stored {
+                    settled: stored.settled,
+                    instead: Some(dead),
+                });
             }
             Err(error) => {
                 tracing::error!(plugin = %context.name, event_id = %delivery.stored.event.id, %error, "cannot settle; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// What [`settle`] stored.
+struct Stored {
+    settled: Settled,
+    /// The settlement stored instead of the one asked for: a dead letter for effects the
+    /// bus can never store.
+    instead: Option<Settlement>,
+}
+
+impl Stored {
+    fn as_asked(settled: Settled) -> Self {
+        Self {
+            settled,
+            instead: None,
         }
     }
 }
