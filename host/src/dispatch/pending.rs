@@ -209,10 +209,14 @@ impl Overlay {
     }
 
     fn depend(&self, ended: &watch::Receiver<bool>) {
-        self.read_from
+        let mut read_from = self
+            .read_from
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(ended.clone());
+            .unwrap_or_else(PoisonError::into_inner);
+        // A key read again and again adds no new commit to wait for.
+        if !read_from.iter().any(|known| known.same_channel(ended)) {
+            read_from.push(ended.clone());
+        }
     }
 }
 
@@ -237,7 +241,8 @@ impl KvSource for Overlay {
     }
 
     async fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
-        let mut keys = self.committed.keys(plugin, prefix).await?;
+        // The pending writes first, as `get` reads them: one whose commit ends meanwhile
+        // is then in the committed listing, rather than in neither.
         let pending: Vec<(String, bool, watch::Receiver<bool>)> = self
             .writes
             .state
@@ -248,6 +253,7 @@ impl KvSource for Overlay {
             .take_while(|(key, _)| key.starts_with(prefix))
             .map(|(key, write)| (key.clone(), write.value.is_some(), write.ended.clone()))
             .collect();
+        let mut keys = self.committed.keys(plugin, prefix).await?;
         for (key, present, ended) in pending {
             self.depend(&ended);
             match (present, keys.binary_search(&key)) {
