@@ -34,6 +34,17 @@ pub const FLOW: &str = "switchyard::flow";
 /// The CloudEvents extension (and HTTP header) carrying W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The CloudEvents extension (and HTTP header) carrying the vendors' part of W3C trace
+/// context, which travels unchanged with its `traceparent`.
+pub const TRACESTATE: &str = "tracestate";
+
+/// Whether `value` may travel as a `tracestate`: at most 512 characters of printable
+/// ASCII, as W3C Trace Context (section 3.3) has a propagator keep it. Its list members
+/// are the vendors' to read; the host only carries them.
+pub fn valid_tracestate(value: &str) -> bool {
+    value.len() <= 512 && value.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
 /// Whether spans are exported (set once, at [`init`]).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
@@ -317,11 +328,14 @@ impl Telemetry {
 
 /// Continues the trace `traceparent` names in `span` (before the span is first entered);
 /// a malformed value, or a disabled span, leaves it as it is.
-pub fn set_parent(span: &Span, traceparent: &str) {
+pub fn set_parent(span: &Span, traceparent: &str, tracestate: Option<&str>) {
     if span.is_disabled() {
         return;
     }
-    let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    let mut carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    if let Some(tracestate) = tracestate {
+        carrier.insert(TRACESTATE.to_owned(), tracestate.to_owned());
+    }
     let context = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(context);
 }

@@ -137,6 +137,7 @@ async fn the_example_flow_is_one_trace(backend: Backend) {
         .post(host.url("/v1/events/payment.completed"))
         .header("ce-id", "pay-1")
         .header("traceparent", format!("00-{trace}-{producer_span}-01"))
+        .header("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
         .json(&json!({"order_id": "A-1", "amount_cents": 100, "email": "fan@example.com", "quantity": 2}))
         .send()
         .await
@@ -163,6 +164,10 @@ async fn the_example_flow_is_one_trace(backend: Backend) {
         .unwrap();
     let kept = stored["event"]["traceparent"].as_str().unwrap();
     assert!(kept.starts_with(&format!("00-{trace}-")), "{stored}");
+    // The vendors' part travels unchanged with the trace, into the follow-ups too.
+    let tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+    assert_eq!(stored["event"]["tracestate"], tracestate, "{stored}");
+    assert_eq!(follow_up["event"]["tracestate"], tracestate, "{follow_up}");
     // Stopping the host exports what is left.
     host.stop();
 
@@ -233,6 +238,17 @@ async fn a_trace_not_drawn_makes_no_span_and_its_follow_ups_inherit_the_decision
         .await
         .unwrap();
     assert_eq!(sent.status(), 202);
+    // An event's own `tracestate` longer than a propagator keeps is refused.
+    let refused = host
+        .http
+        .post(host.url("/v1/events/payment.completed"))
+        .header("ce-id", "long-state")
+        .header("ce-tracestate", format!("v={}", "x".repeat(600)))
+        .json(&payment("A-9"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
     // A header W3C Trace Context does not accept is ignored: the trace starts here.
     let invalid = format!("00-{}-00f067aa0ba902b7-00", "0".repeat(32));
     let sent = host

@@ -1041,7 +1041,7 @@ fn deliver_span(context: &Context, delivery: &Delivery) -> tracing::Span {
         attempt = delivery.attempt
     );
     if let Some(traceparent) = event.extension(telemetry::TRACEPARENT) {
-        telemetry::set_parent(&span, traceparent);
+        telemetry::set_parent(&span, traceparent, event.extension(telemetry::TRACESTATE));
     }
     span
 }

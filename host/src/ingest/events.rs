@@ -171,18 +171,33 @@ async fn append(
     } else {
         tracing::Span::none()
     };
+    // The vendors' part travels with the producer's context, unchanged; without a valid
+    // `traceparent` there is nothing for it to go with.
+    let tracestate = traceparent.and_then(|_| {
+        headers
+            .get(telemetry::TRACESTATE)
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| !value.is_empty() && telemetry::valid_tracestate(value))
+    });
     if let Some(traceparent) = traceparent {
-        telemetry::set_parent(&span, traceparent);
+        telemetry::set_parent(&span, traceparent, tracestate);
     }
     let request_context = telemetry::traceparent_of(&span)
         .or(traceparent.map(str::to_owned))
         .or_else(|| telemetry::exporting().then(telemetry::unsampled_traceparent));
     if let Some(context) = request_context {
         for event in &mut events {
+            if event.extensions.contains_key(telemetry::TRACEPARENT) {
+                continue;
+            }
             event
                 .extensions
-                .entry(telemetry::TRACEPARENT.to_owned())
-                .or_insert_with(|| context.clone());
+                .insert(telemetry::TRACEPARENT.to_owned(), context.clone());
+            if let Some(tracestate) = tracestate {
+                event
+                    .extensions
+                    .insert(telemetry::TRACESTATE.to_owned(), tracestate.to_owned());
+            }
         }
     }
     append_checked(state, events, wait).instrument(span).await
@@ -326,6 +341,14 @@ fn check_conditions_and_schedules(
                     "`{}` is `{context}`, not a W3C trace context such as \
                      `00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01`",
                     telemetry::TRACEPARENT
+                ));
+            }
+            if let Some(state) = event.extensions.get(telemetry::TRACESTATE)
+                && !telemetry::valid_tracestate(state)
+            {
+                return Err(format!(
+                    "`{}` must be at most 512 characters of printable ASCII",
+                    telemetry::TRACESTATE
                 ));
             }
             let expected = stream::expected_version(event)?;

@@ -30,7 +30,7 @@ use crate::failure::{AttemptError, FailureKind};
 use crate::kv::{KvError, KvRead, KvSource, KvWrite, keys_digest, value_digest};
 use crate::schedule::{DELIVER_AT, Due, ScheduledRead};
 use crate::stream::{EXPECTED_VERSION, STREAM_VERSION, StreamRead};
-use crate::telemetry::{self, TRACEPARENT};
+use crate::telemetry::{self, TRACEPARENT, TRACESTATE};
 
 /// Longest log line a plugin may write through `log`; longer ones are cut.
 const MAX_LOG_LINE: usize = 8192;
@@ -65,6 +65,8 @@ struct CallContext {
     /// The trace context of the emits of this call: the call's span when traces are
     /// exported, else the event's own.
     traceparent: Option<String>,
+    /// The cause's `tracestate`, which the emits carry on with its trace.
+    tracestate: Option<String>,
     kv: Arc<dyn KvSource>,
     /// In a batch, what the items acknowledged before this one wrote and emitted.
     inherited: Option<Arc<Inherited>>,
@@ -393,6 +395,7 @@ impl CallContext {
             origin,
             depth,
             traceparent,
+            tracestate: event.extension(TRACESTATE).map(str::to_owned),
             kv,
             inherited,
             effects: EffectBuffer::default(),
@@ -607,6 +610,12 @@ impl host::Host for HostState {
             }
             // A plugin may continue a trace of its own choosing, as a producer may, but
             // only with a context ingest would accept too.
+            if name == TRACESTATE && !telemetry::valid_tracestate(&value) {
+                return Err(effects_trap(
+                    "emit: extension `tracestate` must be at most 512 characters of printable ASCII"
+                        .to_owned(),
+                ));
+            }
             if name == TRACEPARENT && !crate::telemetry::valid_traceparent(&value) {
                 return Err(effects_trap(format!(
                     "emit: extension `traceparent` is not a W3C trace context: {:?}",
@@ -643,10 +652,16 @@ impl host::Host for HostState {
             call.origin.correlation_id.clone(),
         );
         extensions.insert(CAUSATION_DEPTH.to_owned(), call.depth.to_string());
-        if let Some(traceparent) = &call.traceparent {
-            extensions
-                .entry(TRACEPARENT.to_owned())
-                .or_insert_with(|| traceparent.clone());
+        if let Some(traceparent) = &call.traceparent
+            && !extensions.contains_key(TRACEPARENT)
+        {
+            extensions.insert(TRACEPARENT.to_owned(), traceparent.clone());
+            // The vendors' part goes on with the trace, as the cause carried it.
+            if let Some(tracestate) = &call.tracestate {
+                extensions
+                    .entry(TRACESTATE.to_owned())
+                    .or_insert_with(|| tracestate.clone());
+            }
         }
         let id = emitted_event_id(
             &plugin,
