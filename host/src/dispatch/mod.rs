@@ -411,9 +411,10 @@ fn flush(context: &Arc<Context>, group: &mut Vec<(Delivery, Called)>, settling: 
     }
 }
 
-/// Settles a lane's attempt: an acknowledgement that read nothing in flight, overwrites
-/// no write in flight and is not traced joins the lane's group, which is settled together ([`settle_group`]); any other
-/// first ends the group, so nothing it holds waits behind it, and settles alone.
+/// Settles a lane's attempt: an acknowledgement that read nothing in flight, overwrites no
+/// held-back write (see `pending`) and is not traced joins the lane's group, which is
+/// settled together ([`settle_group`]); any other first ends the group, so nothing it
+/// holds waits behind it, and settles alone.
 fn settle_lane_attempt(
     context: &Arc<Context>,
     delivery: Delivery,
