@@ -610,17 +610,17 @@ impl host::Host for HostState {
             }
             // A plugin may continue a trace of its own choosing, as a producer may, but
             // only with a context ingest would accept too.
+            if name == TRACEPARENT && !telemetry::valid_traceparent(&value) {
+                return Err(effects_trap(format!(
+                    "emit: extension `traceparent` is not a W3C trace context: {:?}",
+                    truncate(&value, 128)
+                )));
+            }
             if name == TRACESTATE && !telemetry::valid_tracestate(&value) {
                 return Err(effects_trap(
                     "emit: extension `tracestate` must be at most 512 characters of printable ASCII"
                         .to_owned(),
                 ));
-            }
-            if name == TRACEPARENT && !crate::telemetry::valid_traceparent(&value) {
-                return Err(effects_trap(format!(
-                    "emit: extension `traceparent` is not a W3C trace context: {:?}",
-                    truncate(&value, 128)
-                )));
             }
             extensions.insert(name, value);
         }
