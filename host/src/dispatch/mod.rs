@@ -240,11 +240,12 @@ async fn run(
     // Fetching a whole window at a time costs one log read per window rather than one
     // per delivery, and the channel takes it at once; the consumer's window bounds what
     // is fetched and not yet settled.
-    let (deliveries, incoming) = mpsc::channel::<Vec<Delivery>>(window(&target.policy));
+    let window = window(&target.policy);
+    let (deliveries, incoming) = mpsc::channel::<Vec<Delivery>>(window);
     let fetcher = tokio::spawn(fetch(
         Arc::clone(&consumer),
         deliveries,
-        window(&target.policy),
+        window,
         stopped.clone(),
         target.name.clone(),
     ));
