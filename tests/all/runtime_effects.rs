@@ -89,6 +89,67 @@ async fn the_delivery_reaches_the_handler() {
     effects(&plugin.invoke(&fail_until, delivery(3), kv).await);
 }
 
+/// What a plugin receives is the event exactly as the host holds it, every field, alone
+/// and as an item of a batch: present and absent optional fields, an empty string,
+/// characters outside ASCII, data that is not UTF-8, and extensions.
+#[tokio::test]
+async fn a_plugin_receives_every_field_of_the_event() {
+    let runtime = runtime();
+    let plugin = load(&runtime, Guest::Hostile, PluginSettings::default()).await;
+    let mut full = event("hostile.mirror", serde_json::json!({}));
+    full.source = "/tests/größe/日本".to_owned();
+    full.subject = Some(String::new());
+    full.time = Some("2026-12-07T10:00:00Z".to_owned());
+    full.datacontenttype = None;
+    full.dataschema = Some("https://example.com/schemas/mirror.json".to_owned());
+    full.data = vec![0, 159, 146, 150, 255, b'{'];
+    for (name, value) in [("zeta", "last"), ("alpha", ""), ("partitionkey", "kéy-7")] {
+        full.extensions.insert(name.to_owned(), value.to_owned());
+    }
+    let mut bare = event("hostile.mirror", serde_json::json!({"n": 1}));
+    bare.datacontenttype = None;
+    let expected = |event: &switchyard_host::event::Event, attempt: u32| {
+        serde_json::json!({
+            "id": event.id,
+            "source": event.source,
+            "type": event.ty,
+            "subject": event.subject,
+            "time": event.time,
+            "datacontenttype": event.datacontenttype,
+            "dataschema": event.dataschema,
+            "data": event.data,
+            "extensions": event.extensions.iter().collect::<Vec<_>>(),
+            "attempt": attempt,
+        })
+    };
+    let mirrored = |effects: &switchyard_host::Effects| {
+        assert_eq!(effects.emits.len(), 1, "{effects:?}");
+        serde_json::from_slice::<serde_json::Value>(&effects.emits[0].data)
+            .expect("the mirror emits JSON")
+    };
+    for sent in [&full, &bare] {
+        let outcome = plugin
+            .invoke(sent, delivery(2), Arc::new(switchyard_host::EmptyKv))
+            .await;
+        assert_eq!(mirrored(effects(&outcome)), expected(sent, 2));
+    }
+    let items = [
+        (&full, delivery(3)),
+        (&bare, delivery(1)),
+        (&full, delivery(4)),
+    ];
+    let outcome = plugin
+        .invoke_batch(&items, Arc::new(switchyard_host::EmptyKv))
+        .await;
+    assert_eq!(outcome.items.len(), 3);
+    for ((sent, delivery), item) in items.iter().zip(&outcome.items) {
+        let Some(Ok(effects)) = item else {
+            panic!("a batch item failed: {item:?}");
+        };
+        assert_eq!(mirrored(effects), expected(sent, delivery.attempt));
+    }
+}
+
 #[tokio::test]
 async fn emitted_events_carry_causation_correlation_and_stable_ids() {
     let runtime = runtime();

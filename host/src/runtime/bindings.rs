@@ -8,8 +8,7 @@
 //!
 //! The exports are called without the generated bindings: the records the host passes
 //! (the event, a batch's items) are lowered from views that borrow the host's own event
-//! ([`EventView`]), so no call clones an event's strings before they are written into
-//! the guest. A component's exports are found when it loads and type-checked by its
+//! ([`super::lowering`]). A component's exports are found when it loads and type-checked by its
 //! first instance ([`PluginPre`]); the records are the same in every contract version so
 //! far, so one set of calls ([`Exports`]) serves them all.
 //!
@@ -25,6 +24,7 @@ use wasmtime::component::{
 };
 
 use super::host::HostState;
+use super::lowering::EventView;
 use super::plugin::Delivery;
 use crate::event::Event;
 
@@ -99,44 +99,6 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
         })?;
     linker.allow_shadowing(false);
     v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
-}
-
-/// The event as a guest receives it (`switchyard:plugin/types.event`), lowered straight
-/// from the host's own event: its strings are written once, into the guest's memory, and
-/// never cloned on the way.
-#[derive(ComponentType, Lower)]
-#[component(record)]
-struct EventView<'a> {
-    id: &'a str,
-    source: &'a str,
-    #[component(name = "type")]
-    ty: &'a str,
-    subject: Option<&'a str>,
-    time: Option<&'a str>,
-    datacontenttype: Option<&'a str>,
-    dataschema: Option<&'a str>,
-    data: &'a [u8],
-    extensions: Vec<(&'a str, &'a str)>,
-}
-
-impl<'a> EventView<'a> {
-    fn of(event: &'a Event) -> Self {
-        Self {
-            id: &event.id,
-            source: &event.source,
-            ty: &event.ty,
-            subject: event.subject.as_deref(),
-            time: event.time.as_deref(),
-            datacontenttype: event.datacontenttype.as_deref(),
-            dataschema: event.dataschema.as_deref(),
-            data: &event.data,
-            extensions: event
-                .extensions
-                .iter()
-                .map(|(name, value)| (name.as_str(), value.as_str()))
-                .collect(),
-        }
-    }
 }
 
 /// One item of a batch (`switchyard:plugin/batch-handler.batch-item`).

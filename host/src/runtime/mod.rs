@@ -22,6 +22,7 @@ mod bindings;
 mod fair;
 mod host;
 mod limits;
+mod lowering;
 mod outcome;
 mod plugin;
 mod sandbox;

@@ -1,0 +1,222 @@
+//! How the host writes an event into a guest's memory (`switchyard:plugin/types.event`).
+//!
+//! [`EventView`] borrows the host's own event, so no call clones an event's strings
+//! before they are written into the guest. Its type and layout are those `bindgen!`'s
+//! derive gives the record ([`EventFields`]); only the writing is the host's own, for
+//! what the derived one costs per event: it looks the guest's memory up again for every
+//! field it stores (three times for a string: after `realloc`, to copy, to store the
+//! pointer and length), and those look-ups were the largest single cost of copying an
+//! event in. Here each string is allocated and copied with one look-up, and the record's
+//! fixed part is written with one more, after every allocation (an allocation may grow
+//! the memory, which moves it).
+//!
+//! Invariants: the bytes written are exactly the canonical ABI's for the record (the
+//! field offsets come from the derived type's own layout); every allocation goes through
+//! the guest's `realloc` as the ABI asks, one per string and list, in the order of the
+//! fields; a guest whose strings are not UTF-8 is served by the derived code unchanged.
+
+use wasmtime::component::__internal::wasmtime_environ::component::StringEncoding;
+use wasmtime::component::__internal::{
+    CanonicalAbiInfo, ComponentVariant, InstanceType, InterfaceType, LowerContext,
+};
+use wasmtime::component::{ComponentType, Lower};
+
+use crate::event::Event;
+
+/// The event's fields, with the record's type and layout as `bindgen!` would give them.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+pub(super) struct EventFields<'a> {
+    id: &'a str,
+    source: &'a str,
+    #[component(name = "type")]
+    ty: &'a str,
+    subject: Option<&'a str>,
+    time: Option<&'a str>,
+    datacontenttype: Option<&'a str>,
+    dataschema: Option<&'a str>,
+    data: &'a [u8],
+    extensions: Vec<(&'a str, &'a str)>,
+}
+
+/// The event as a guest receives it, lowered straight from the host's own event.
+pub(super) struct EventView<'a>(EventFields<'a>);
+
+impl<'a> EventView<'a> {
+    pub(super) fn of(event: &'a Event) -> Self {
+        Self(EventFields {
+            id: &event.id,
+            source: &event.source,
+            ty: &event.ty,
+            subject: event.subject.as_deref(),
+            time: event.time.as_deref(),
+            datacontenttype: event.datacontenttype.as_deref(),
+            dataschema: event.dataschema.as_deref(),
+            data: &event.data,
+            extensions: event
+                .extensions
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect(),
+        })
+    }
+}
+
+// SAFETY: every item is the derived record's own, so the type, its layout and its
+// type-check are exactly those of `EventFields`.
+#[allow(unsafe_code)]
+unsafe impl<'a> ComponentType for EventView<'a> {
+    type Lower = <EventFields<'a> as ComponentType>::Lower;
+    const ABI: CanonicalAbiInfo = <EventFields<'a> as ComponentType>::ABI;
+
+    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+        EventFields::typecheck(ty, types)
+    }
+}
+
+// SAFETY: the flat form is the derived one; in memory, every byte written is inside
+// the record (bounds-checked) or inside an allocation `realloc` returned, which
+// `LowerContext::realloc` has checked lies within the memory.
+#[allow(unsafe_code)]
+unsafe impl Lower for EventView<'_> {
+    fn linear_lower_to_flat<T>(
+        &self,
+        cx: &mut LowerContext<'_, T>,
+        ty: InterfaceType,
+        dst: &mut std::mem::MaybeUninit<Self::Lower>,
+    ) -> wasmtime::Result<()> {
+        self.0.linear_lower_to_flat(cx, ty, dst)
+    }
+
+    fn linear_lower_to_memory<T>(
+        &self,
+        cx: &mut LowerContext<'_, T>,
+        ty: InterfaceType,
+        offset: usize,
+    ) -> wasmtime::Result<()> {
+        if !matches!(cx.options().string_encoding, StringEncoding::Utf8) {
+            return self.0.linear_lower_to_memory(cx, ty, offset);
+        }
+        let event = &self.0;
+        let id = place(cx, event.id.as_bytes())?;
+        let source = place(cx, event.source.as_bytes())?;
+        let ty = place(cx, event.ty.as_bytes())?;
+        let subject = place_optional(cx, event.subject)?;
+        let time = place_optional(cx, event.time)?;
+        let datacontenttype = place_optional(cx, event.datacontenttype)?;
+        let dataschema = place_optional(cx, event.dataschema)?;
+        let data = place(cx, event.data)?;
+        let extensions = place_pairs(cx, &event.extensions)?;
+
+        let record = cx
+            .as_slice_mut()
+            .get_mut(offset..)
+            .and_then(|memory| memory.get_mut(..Self::SIZE32))
+            .ok_or_else(|| wasmtime::format_err!("the event's record lies beyond the memory"))?;
+        let string = <&str as ComponentType>::ABI;
+        let optional = <Option<&str> as ComponentType>::ABI;
+        let mut field = 0;
+        for placed in [id, source, ty] {
+            put_span(record, string.next_field32_size(&mut field), placed);
+        }
+        for placed in [subject, time, datacontenttype, dataschema] {
+            let at = optional.next_field32_size(&mut field);
+            record[at] = u8::from(placed.is_some());
+            if let Some(placed) = placed {
+                put_span(
+                    record,
+                    at + <Option<&str> as ComponentVariant>::PAYLOAD_OFFSET32,
+                    placed,
+                );
+            }
+        }
+        put_span(
+            record,
+            <&[u8] as ComponentType>::ABI.next_field32_size(&mut field),
+            data,
+        );
+        put_span(
+            record,
+            <&[(&str, &str)] as ComponentType>::ABI.next_field32_size(&mut field),
+            extensions,
+        );
+        Ok(())
+    }
+}
+
+/// Where a string or list the host wrote into the guest lies: its offset and length.
+#[derive(Clone, Copy)]
+struct Span {
+    offset: u32,
+    len: u32,
+}
+
+/// The longest string the canonical ABI carries.
+const MAX_STRING_BYTES: usize = (1 << 31) - 1;
+
+/// Allocates `bytes` in the guest and copies them there: a string or a `list<u8>`
+/// (both aligned to one byte).
+fn place<T>(cx: &mut LowerContext<'_, T>, bytes: &[u8]) -> wasmtime::Result<Span> {
+    if bytes.len() > MAX_STRING_BYTES {
+        wasmtime::bail!(
+            "a string or list of {} bytes is too long for a guest",
+            bytes.len()
+        );
+    }
+    let offset = cx.realloc(0, 0, 1, bytes.len())?;
+    let destination = cx
+        .as_slice_mut()
+        .get_mut(offset..)
+        .and_then(|memory| memory.get_mut(..bytes.len()))
+        .ok_or_else(|| wasmtime::format_err!("an allocation lies beyond the memory"))?;
+    destination.copy_from_slice(bytes);
+    Ok(Span {
+        offset: u32::try_from(offset)?,
+        len: u32::try_from(bytes.len())?,
+    })
+}
+
+fn place_optional<T>(
+    cx: &mut LowerContext<'_, T>,
+    value: Option<&str>,
+) -> wasmtime::Result<Option<Span>> {
+    value.map(|value| place(cx, value.as_bytes())).transpose()
+}
+
+/// Allocates a `list<tuple<string, string>>` and its strings, in the ABI's order: the
+/// list, then each element's strings.
+fn place_pairs<T>(cx: &mut LowerContext<'_, T>, pairs: &[(&str, &str)]) -> wasmtime::Result<Span> {
+    let element = <(&str, &str) as ComponentType>::SIZE32;
+    let size = pairs
+        .len()
+        .checked_mul(element)
+        .ok_or_else(|| wasmtime::format_err!("a list of {} pairs is too long", pairs.len()))?;
+    let list = cx.realloc(0, 0, <(&str, &str) as ComponentType>::ALIGN32, size)?;
+    let mut placed = Vec::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        placed.push((place(cx, name.as_bytes())?, place(cx, value.as_bytes())?));
+    }
+    let elements = cx
+        .as_slice_mut()
+        .get_mut(list..)
+        .and_then(|memory| memory.get_mut(..size))
+        .ok_or_else(|| wasmtime::format_err!("an allocation lies beyond the memory"))?;
+    let string = <&str as ComponentType>::ABI;
+    for (index, (name, value)) in placed.into_iter().enumerate() {
+        let element = &mut elements[index * element..][..element];
+        let mut field = 0;
+        put_span(element, string.next_field32_size(&mut field), name);
+        put_span(element, string.next_field32_size(&mut field), value);
+    }
+    Ok(Span {
+        offset: u32::try_from(list)?,
+        len: u32::try_from(pairs.len())?,
+    })
+}
+
+/// Stores a span's offset and length, little-endian, at `at` within `record`, which the
+/// caller has sized to hold the whole record.
+fn put_span(record: &mut [u8], at: usize, span: Span) {
+    record[at..at + 4].copy_from_slice(&span.offset.to_le_bytes());
+    record[at + 4..at + 8].copy_from_slice(&span.len.to_le_bytes());
+}
