@@ -407,3 +407,30 @@ async fn an_emitted_traceparent_must_be_a_trace_context() {
         assert!(message.contains("not a W3C trace context"), "{message}");
     }
 }
+
+/// What a plugin's WASI calls make (timers, streams) lives in the host's memory, outside
+/// the plugin's memory cap: an instance holds at most 10,000 such handles at once. One
+/// that keeps making them is stopped, as for memory, and the plugin goes on serving; one
+/// that holds a few thousand is served.
+#[tokio::test]
+async fn a_plugin_cannot_fill_the_host_with_wasi_resources() {
+    let runtime = runtime();
+    for isolation in [Isolation::PerEvent, Isolation::Reuse { max_calls: 1000 }] {
+        let settings = PluginSettings {
+            isolation,
+            ..PluginSettings::default()
+        };
+        let plugin = load(&runtime, Guest::Hostile, settings).await;
+        let many = event("hostile.wasi-resources", serde_json::json!(20_000));
+        assert_eq!(
+            failure(&invoke(&plugin, &many).await),
+            (
+                "memory",
+                "more than 10000 handles (WASI timers, streams and other resources) held at once"
+            ),
+            "{isolation:?}"
+        );
+        let some = event("hostile.wasi-resources", serde_json::json!(5_000));
+        effects(&invoke(&plugin, &some).await);
+    }
+}

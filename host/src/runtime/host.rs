@@ -195,7 +195,11 @@ impl HostState {
             wasi,
             http: WasiHttpCtx::new(),
             http_hooks: DenyRequests(Arc::clone(&identity)),
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(super::limits::MAX_HANDLES);
+                table
+            },
             limiter,
             stderr_tail,
             identity,

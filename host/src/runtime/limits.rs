@@ -1,15 +1,31 @@
-//! The memory cap of one plugin instance.
+//! The memory cap of one plugin instance, and the cap on the handles it holds.
 //!
 //! The cap holds for all of an instance's linear memories together: a component made of
 //! several core modules, each with a memory of its own, gets the cap once, not once per
 //! memory. Growth past it stops the instance with a trap at once (rather than letting
 //! `memory.grow` fail, which a Rust guest turns into an abort that looks like any other
 //! trap), and the limiter remembers that it fired so the failure is reported as `memory`.
+//!
+//! What a plugin's WASI calls make (timers, streams, their pollables) lives in the host's
+//! memory, outside the cap, one entry of the host's resource table and one handle of the
+//! instance each: an instance holds at most [`MAX_HANDLES`] of them at once (wasmtime's
+//! own default is 100,000 per store, about 30 MB of the host's memory for timers).
 
 use wasmtime::ResourceLimiter;
 
 /// Most table elements an instance may have; far above what real components use.
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+/// Most handles (WASI resources and other component-model handles) an instance holds
+/// at once; a handler keeps a few dozen.
+pub(crate) const MAX_HANDLES: usize = 10_000;
+
+/// How wasmtime and its WASI tables say a cap on handles was reached; their error types
+/// are private or lose their type on the way, their text does not.
+pub(crate) const HANDLES_EXHAUSTED: [&str; 2] = [
+    "store handle limit exceeded",
+    "resource table has no free keys",
+];
 
 /// Caps the linear memories of one instance at `max_bytes` in total.
 #[derive(Debug)]

@@ -32,7 +32,7 @@ use super::artifacts::ArtifactLease;
 use super::bindings::{Exports, HandlerError, PluginPre};
 use super::fair::{CallClock, CpuShare, Fair};
 use super::host::{HostState, HostTrap, PluginIdentity};
-use super::limits::MemoryLimiter;
+use super::limits::{HANDLES_EXHAUSTED, MAX_HANDLES, MemoryLimiter};
 use super::outcome::{Failure, Outcome};
 use super::sandbox::Refusals;
 use super::settings::{Isolation, PluginLimits, PluginSettings};
@@ -504,6 +504,7 @@ impl Plugin {
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|state| &mut state.limiter);
         store.set_hostcall_fuel(self.identity.bounds.max_hostcall_bytes());
+        store.set_max_component_handles(MAX_HANDLES);
         store.epoch_deadline_callback(next_deadline);
         // Guests run on the host's async worker threads: a CPU-bound call must hand its
         // thread and its turn back now and then, or busy plugins would stall ingest and
@@ -709,15 +710,28 @@ fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) ->
             HostTrap::Host(message) => Failure::new(FailureKind::Host, message.clone()),
         };
     }
+    let text = format!("{error:#}");
     // wasmtime's own refusal of a call into the host that carries more than the store's
     // hostcall fuel; its error type is private, its text is not.
-    if format!("{error:#}").contains(HOSTCALL_FUEL_EXHAUSTED) {
+    if text.contains(HOSTCALL_FUEL_EXHAUSTED) {
         return Failure::new(
             FailureKind::Effects,
             format!(
                 "a call into the host carried more than {} bytes (the largest emit or KV \
                  value allowed, and 1 MiB for names)",
                 state.max_hostcall_bytes()
+            ),
+        );
+    }
+    if HANDLES_EXHAUSTED
+        .iter()
+        .any(|exhausted| text.contains(exhausted))
+    {
+        return Failure::new(
+            FailureKind::Memory,
+            format!(
+                "more than {MAX_HANDLES} handles (WASI timers, streams and other resources) \
+                 held at once"
             ),
         );
     }
@@ -731,7 +745,7 @@ fn classify(error: &wasmtime::Error, state: &HostState, limits: PluginLimits) ->
         ),
         Some(Trap::Interrupt) => timeout_failure(limits),
         Some(trap) => Failure::new(FailureKind::Trap, with_stderr(trap.to_string(), state)),
-        None => Failure::new(FailureKind::Trap, with_stderr(format!("{error:#}"), state)),
+        None => Failure::new(FailureKind::Trap, with_stderr(text, state)),
     }
 }
 

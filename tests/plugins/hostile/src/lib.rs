@@ -53,6 +53,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.bump` | writes its id to `hot`, reading nothing (so bumps never conflict with each other) |
 /// | `hostile.emit-traceparent` | emits `hostile.traced` with the extension `traceparent` set to the data (a JSON string) |
 /// | `hostile.mirror` | emits `hostile.mirrored` whose JSON data holds every field of the event it received (`data` as an array of bytes, `extensions` as name/value pairs) and its delivery's `attempt` |
+/// | `hostile.wasi-resources` | makes the data's `n` (a JSON number) WASI timers and never drops them, each an entry of the host's resource table, then succeeds |
 /// | `hostile.burn` | counts to the data's `n` (a JSON number), burning fuel in proportion, then succeeds |
 /// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
 /// Calls this instance has handled; a fresh instance starts from zero.
@@ -74,6 +75,15 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
                 counter = black_box(counter.wrapping_add(1));
             }
             black_box(counter);
+            Ok(())
+        }
+        "hostile.wasi-resources" => {
+            let n: u64 = event.json()?;
+            for _ in 0..n {
+                std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(
+                    3_600_000_000_000,
+                ));
+            }
             Ok(())
         }
         "hostile.memory" => hoard(),
