@@ -108,7 +108,13 @@ async fn a_plugin_receives_every_field_of_the_event() {
     }
     let mut bare = event("hostile.mirror", serde_json::json!({"n": 1}));
     bare.datacontenttype = None;
-    let expected = |event: &switchyard_host::event::Event, attempt: u32| {
+    let delivery = |attempt: u32, sequence: u64| switchyard_host::runtime::Delivery {
+        attempt,
+        max_attempts: 7,
+        sequence,
+    };
+    let expected = |event: &switchyard_host::event::Event,
+                    delivery: switchyard_host::runtime::Delivery| {
         serde_json::json!({
             "id": event.id,
             "source": event.source,
@@ -119,7 +125,9 @@ async fn a_plugin_receives_every_field_of_the_event() {
             "dataschema": event.dataschema,
             "data": event.data,
             "extensions": event.extensions.iter().collect::<Vec<_>>(),
-            "attempt": attempt,
+            "attempt": delivery.attempt,
+            "max_attempts": delivery.max_attempts,
+            "sequence": delivery.sequence,
         })
     };
     let mirrored = |effects: &switchyard_host::Effects| {
@@ -129,14 +137,14 @@ async fn a_plugin_receives_every_field_of_the_event() {
     };
     for sent in [&full, &bare] {
         let outcome = plugin
-            .invoke(sent, delivery(2), Arc::new(switchyard_host::EmptyKv))
+            .invoke(sent, delivery(2, 9), Arc::new(switchyard_host::EmptyKv))
             .await;
-        assert_eq!(mirrored(effects(&outcome)), expected(sent, 2));
+        assert_eq!(mirrored(effects(&outcome)), expected(sent, delivery(2, 9)));
     }
     let items = [
-        (&full, delivery(3)),
-        (&bare, delivery(1)),
-        (&full, delivery(4)),
+        (&full, delivery(3, u64::MAX)),
+        (&bare, delivery(1, 1 << 40)),
+        (&full, delivery(4, 12)),
     ];
     let outcome = plugin
         .invoke_batch(&items, Arc::new(switchyard_host::EmptyKv))
@@ -146,7 +154,7 @@ async fn a_plugin_receives_every_field_of_the_event() {
         let Some(Ok(effects)) = item else {
             panic!("a batch item failed: {item:?}");
         };
-        assert_eq!(mirrored(effects), expected(sent, delivery.attempt));
+        assert_eq!(mirrored(effects), expected(sent, *delivery));
     }
 }
 

@@ -19,12 +19,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use wasmtime::Store;
-use wasmtime::component::{
-    ComponentExportIndex, ComponentType, Func, HasSelf, InstancePre, Linker, Lower, TypedFunc,
-};
+use wasmtime::component::{ComponentExportIndex, Func, HasSelf, InstancePre, Linker, TypedFunc};
 
 use super::host::HostState;
-use super::lowering::EventView;
+use super::lowering::{BatchItemView, EventView};
 use super::plugin::Delivery;
 use crate::event::Event;
 
@@ -99,14 +97,6 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
         })?;
     linker.allow_shadowing(false);
     v0_1::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
-}
-
-/// One item of a batch (`switchyard:plugin/batch-handler.batch-item`).
-#[derive(ComponentType, Lower)]
-#[component(record)]
-struct BatchItemView<'a> {
-    event: EventView<'a>,
-    delivery: types::Delivery,
 }
 
 fn wit_delivery(delivery: Delivery) -> types::Delivery {
@@ -252,10 +242,7 @@ impl Exports {
         let handle_batch = self.handle_batch?;
         let items: Vec<BatchItemView<'_>> = items
             .iter()
-            .map(|(event, delivery)| BatchItemView {
-                event: EventView::of(event),
-                delivery: wit_delivery(*delivery),
-            })
+            .map(|(event, delivery)| BatchItemView::of(event, wit_delivery(*delivery)))
             .collect();
         Some(
             typed_handle_batch(handle_batch)

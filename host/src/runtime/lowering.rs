@@ -1,6 +1,6 @@
 //! How the host writes an event into a guest's memory (`switchyard:plugin/types.event`).
 //!
-//! [`EventView`] borrows the host's own event, so no call clones an event's strings
+//! [`EventView`] (and a batch's [`BatchItemView`]) borrows the host's own event, so no call clones an event's strings
 //! before they are written into the guest. Its type and layout are those `bindgen!`'s
 //! derive gives the record ([`EventFields`]); only the writing is the host's own, for
 //! what the derived one costs per event: it looks the guest's memory up again for every
@@ -21,6 +21,7 @@ use wasmtime::component::__internal::{
 };
 use wasmtime::component::{ComponentType, Lower};
 
+use super::bindings::types;
 use crate::event::Event;
 
 /// The event's fields, with the record's type and layout as `bindgen!` would give them.
@@ -94,54 +95,142 @@ unsafe impl Lower for EventView<'_> {
         ty: InterfaceType,
         offset: usize,
     ) -> wasmtime::Result<()> {
-        if !matches!(cx.options().string_encoding, StringEncoding::Utf8) {
+        if !utf8(cx) {
             return self.0.linear_lower_to_memory(cx, ty, offset);
         }
-        let event = &self.0;
-        let id = place(cx, event.id.as_bytes())?;
-        let source = place(cx, event.source.as_bytes())?;
-        let ty = place(cx, event.ty.as_bytes())?;
-        let subject = place_optional(cx, event.subject)?;
-        let time = place_optional(cx, event.time)?;
-        let datacontenttype = place_optional(cx, event.datacontenttype)?;
-        let dataschema = place_optional(cx, event.dataschema)?;
-        let data = place(cx, event.data)?;
-        let extensions = place_pairs(cx, &event.extensions)?;
-
-        let record = cx
-            .as_slice_mut()
-            .get_mut(offset..)
-            .and_then(|memory| memory.get_mut(..Self::SIZE32))
-            .ok_or_else(|| wasmtime::format_err!("the event's record lies beyond the memory"))?;
-        let string = <&str as ComponentType>::ABI;
-        let optional = <Option<&str> as ComponentType>::ABI;
-        let mut field = 0;
-        for placed in [id, source, ty] {
-            put_span(record, string.next_field32_size(&mut field), placed);
-        }
-        for placed in [subject, time, datacontenttype, dataschema] {
-            let at = optional.next_field32_size(&mut field);
-            record[at] = u8::from(placed.is_some());
-            if let Some(placed) = placed {
-                put_span(
-                    record,
-                    at + <Option<&str> as ComponentVariant>::PAYLOAD_OFFSET32,
-                    placed,
-                );
-            }
-        }
-        put_span(
-            record,
-            <&[u8] as ComponentType>::ABI.next_field32_size(&mut field),
-            data,
-        );
-        put_span(
-            record,
-            <&[(&str, &str)] as ComponentType>::ABI.next_field32_size(&mut field),
-            extensions,
-        );
+        store_event(cx, &self.0, offset, Self::SIZE32)?;
         Ok(())
     }
+}
+
+/// One item of a batch (`switchyard:plugin/batch-handler.batch-item`), as `bindgen!`
+/// would give it.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+pub(super) struct BatchItemFields<'a> {
+    event: EventFields<'a>,
+    delivery: types::Delivery,
+}
+
+/// One item of a batch, lowered as [`EventView`] is, its delivery written with the
+/// event's record.
+pub(super) struct BatchItemView<'a>(BatchItemFields<'a>);
+
+impl<'a> BatchItemView<'a> {
+    pub(super) fn of(event: &'a Event, delivery: types::Delivery) -> Self {
+        Self(BatchItemFields {
+            event: EventView::of(event).0,
+            delivery,
+        })
+    }
+}
+
+// SAFETY: as for `EventView`: the derived record's own type, layout and type-check.
+#[allow(unsafe_code)]
+unsafe impl<'a> ComponentType for BatchItemView<'a> {
+    type Lower = <BatchItemFields<'a> as ComponentType>::Lower;
+    const ABI: CanonicalAbiInfo = <BatchItemFields<'a> as ComponentType>::ABI;
+
+    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+        BatchItemFields::typecheck(ty, types)
+    }
+}
+
+// SAFETY: as for `EventView`.
+#[allow(unsafe_code)]
+unsafe impl Lower for BatchItemView<'_> {
+    fn linear_lower_to_flat<T>(
+        &self,
+        cx: &mut LowerContext<'_, T>,
+        ty: InterfaceType,
+        dst: &mut std::mem::MaybeUninit<Self::Lower>,
+    ) -> wasmtime::Result<()> {
+        self.0.linear_lower_to_flat(cx, ty, dst)
+    }
+
+    fn linear_lower_to_memory<T>(
+        &self,
+        cx: &mut LowerContext<'_, T>,
+        ty: InterfaceType,
+        offset: usize,
+    ) -> wasmtime::Result<()> {
+        if !utf8(cx) {
+            return self.0.linear_lower_to_memory(cx, ty, offset);
+        }
+        let record = store_event(cx, &self.0.event, offset, Self::SIZE32)?;
+        let mut field = 0;
+        EventFields::ABI.next_field32_size(&mut field);
+        let at = types::Delivery::ABI.next_field32_size(&mut field);
+        let delivery = &self.0.delivery;
+        let mut field = 0;
+        let attempt = at + u32::ABI.next_field32_size(&mut field);
+        let max_attempts = at + u32::ABI.next_field32_size(&mut field);
+        let sequence = at + u64::ABI.next_field32_size(&mut field);
+        record[attempt..attempt + 4].copy_from_slice(&delivery.attempt.to_le_bytes());
+        record[max_attempts..max_attempts + 4]
+            .copy_from_slice(&delivery.max_attempts.to_le_bytes());
+        record[sequence..sequence + 8].copy_from_slice(&delivery.sequence.to_le_bytes());
+        Ok(())
+    }
+}
+
+/// Whether the guest takes its strings as UTF-8, which the host's own writing serves.
+fn utf8<T>(cx: &LowerContext<'_, T>) -> bool {
+    matches!(cx.options().string_encoding, StringEncoding::Utf8)
+}
+
+/// Writes the event's strings and lists, then its record at the start of the
+/// `record_size` bytes at `offset` (the event's record, or a larger one that begins with
+/// it), which are returned for the rest of the record.
+fn store_event<'c, T>(
+    cx: &'c mut LowerContext<'_, T>,
+    event: &EventFields<'_>,
+    offset: usize,
+    record_size: usize,
+) -> wasmtime::Result<&'c mut [u8]> {
+    let id = place(cx, event.id.as_bytes())?;
+    let source = place(cx, event.source.as_bytes())?;
+    let ty = place(cx, event.ty.as_bytes())?;
+    let subject = place_optional(cx, event.subject)?;
+    let time = place_optional(cx, event.time)?;
+    let datacontenttype = place_optional(cx, event.datacontenttype)?;
+    let dataschema = place_optional(cx, event.dataschema)?;
+    let data = place(cx, event.data)?;
+    let extensions = place_pairs(cx, &event.extensions)?;
+
+    let record = cx
+        .as_slice_mut()
+        .get_mut(offset..)
+        .and_then(|memory| memory.get_mut(..record_size))
+        .ok_or_else(|| wasmtime::format_err!("the event's record lies beyond the memory"))?;
+    let string = <&str as ComponentType>::ABI;
+    let optional = <Option<&str> as ComponentType>::ABI;
+    let mut field = 0;
+    for placed in [id, source, ty] {
+        put_span(record, string.next_field32_size(&mut field), placed);
+    }
+    for placed in [subject, time, datacontenttype, dataschema] {
+        let at = optional.next_field32_size(&mut field);
+        record[at] = u8::from(placed.is_some());
+        if let Some(placed) = placed {
+            put_span(
+                record,
+                at + <Option<&str> as ComponentVariant>::PAYLOAD_OFFSET32,
+                placed,
+            );
+        }
+    }
+    put_span(
+        record,
+        <&[u8] as ComponentType>::ABI.next_field32_size(&mut field),
+        data,
+    );
+    put_span(
+        record,
+        <&[(&str, &str)] as ComponentType>::ABI.next_field32_size(&mut field),
+        extensions,
+    );
+    Ok(record)
 }
 
 /// Where a string or list the host wrote into the guest lies: its offset and length.

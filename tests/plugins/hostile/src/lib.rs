@@ -52,7 +52,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.slow-read` | reads `hot`, sleeps config `read_ms` (default 100) ms, then records `seen/<id>` = what it read: it conflicts while `hostile.bump` events commit |
 /// | `hostile.bump` | writes its id to `hot`, reading nothing (so bumps never conflict with each other) |
 /// | `hostile.emit-traceparent` | emits `hostile.traced` with the extension `traceparent` set to the data (a JSON string) |
-/// | `hostile.mirror` | emits `hostile.mirrored` whose JSON data holds every field of the event it received (`data` as an array of bytes, `extensions` as name/value pairs) and its delivery's `attempt` |
+/// | `hostile.mirror` | emits `hostile.mirrored` whose JSON data holds every field of the event it received (`data` as an array of bytes, `extensions` as name/value pairs) and its delivery |
 /// | `hostile.wasi-resources` | makes the data's `n` (a JSON number) WASI timers and never drops them, each an entry of the host's resource table, then succeeds |
 /// | `hostile.burn` | counts to the data's `n` (a JSON number), burning fuel in proportion, then succeeds |
 /// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
@@ -113,6 +113,8 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
                     "data": event.data,
                     "extensions": event.extensions,
                     "attempt": delivery.attempt,
+                    "max_attempts": delivery.max_attempts,
+                    "sequence": delivery.sequence,
                 }),
             )?;
             Ok(())
