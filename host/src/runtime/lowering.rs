@@ -63,45 +63,55 @@ impl<'a> EventView<'a> {
     }
 }
 
-// SAFETY: every item is the derived record's own, so the type, its layout and its
-// type-check are exactly those of `EventFields`.
-#[allow(unsafe_code)]
-unsafe impl<'a> ComponentType for EventView<'a> {
-    type Lower = <EventFields<'a> as ComponentType>::Lower;
-    const ABI: CanonicalAbiInfo = <EventFields<'a> as ComponentType>::ABI;
+/// Makes `$view`, a view over the derived record `$fields`, a component type: its type,
+/// layout, type-check and flat form are the record's; in memory, a guest whose strings are
+/// UTF-8 gets `$store`, any other the derived code.
+macro_rules! view_of_record {
+    ($view:ident, $fields:ident, $store:ident) => {
+        // SAFETY: every item is the derived record's own, so the type, its layout and its
+        // type-check are exactly those of the record.
+        #[allow(unsafe_code)]
+        unsafe impl<'a> ComponentType for $view<'a> {
+            type Lower = <$fields<'a> as ComponentType>::Lower;
+            const ABI: CanonicalAbiInfo = <$fields<'a> as ComponentType>::ABI;
 
-    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
-        EventFields::typecheck(ty, types)
-    }
-}
-
-// SAFETY: the flat form is the derived one; in memory, every byte written is inside
-// the record (bounds-checked) or inside an allocation `realloc` returned, which
-// `LowerContext::realloc` has checked lies within the memory.
-#[allow(unsafe_code)]
-unsafe impl Lower for EventView<'_> {
-    fn linear_lower_to_flat<T>(
-        &self,
-        cx: &mut LowerContext<'_, T>,
-        ty: InterfaceType,
-        dst: &mut std::mem::MaybeUninit<Self::Lower>,
-    ) -> wasmtime::Result<()> {
-        self.0.linear_lower_to_flat(cx, ty, dst)
-    }
-
-    fn linear_lower_to_memory<T>(
-        &self,
-        cx: &mut LowerContext<'_, T>,
-        ty: InterfaceType,
-        offset: usize,
-    ) -> wasmtime::Result<()> {
-        if !utf8(cx) {
-            return self.0.linear_lower_to_memory(cx, ty, offset);
+            fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+                $fields::typecheck(ty, types)
+            }
         }
-        store_event(cx, &self.0, offset, Self::SIZE32)?;
-        Ok(())
-    }
+
+        // SAFETY: the flat form is the derived one; in memory, every byte `$store` writes
+        // is inside the record (bounds-checked) or inside an allocation `realloc`
+        // returned, which `LowerContext::realloc` has checked lies within the memory.
+        #[allow(unsafe_code)]
+        unsafe impl Lower for $view<'_> {
+            fn linear_lower_to_flat<T>(
+                &self,
+                cx: &mut LowerContext<'_, T>,
+                ty: InterfaceType,
+                dst: &mut std::mem::MaybeUninit<Self::Lower>,
+            ) -> wasmtime::Result<()> {
+                self.0.linear_lower_to_flat(cx, ty, dst)
+            }
+
+            fn linear_lower_to_memory<T>(
+                &self,
+                cx: &mut LowerContext<'_, T>,
+                ty: InterfaceType,
+                offset: usize,
+            ) -> wasmtime::Result<()> {
+                if matches!(cx.options().string_encoding, StringEncoding::Utf8) {
+                    $store(cx, &self.0, offset)
+                } else {
+                    self.0.linear_lower_to_memory(cx, ty, offset)
+                }
+            }
+        }
+    };
 }
+
+view_of_record!(EventView, EventFields, store_event_record);
+view_of_record!(BatchItemView, BatchItemFields, store_batch_item);
 
 /// One item of a batch (`switchyard:plugin/batch-handler.batch-item`), as `bindgen!`
 /// would give it.
@@ -125,58 +135,33 @@ impl<'a> BatchItemView<'a> {
     }
 }
 
-// SAFETY: as for `EventView`: the derived record's own type, layout and type-check.
-#[allow(unsafe_code)]
-unsafe impl<'a> ComponentType for BatchItemView<'a> {
-    type Lower = <BatchItemFields<'a> as ComponentType>::Lower;
-    const ABI: CanonicalAbiInfo = <BatchItemFields<'a> as ComponentType>::ABI;
-
-    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
-        BatchItemFields::typecheck(ty, types)
-    }
+fn store_event_record<T>(
+    cx: &mut LowerContext<'_, T>,
+    event: &EventFields<'_>,
+    offset: usize,
+) -> wasmtime::Result<()> {
+    store_event(cx, event, offset, EventFields::SIZE32)?;
+    Ok(())
 }
 
-// SAFETY: as for `EventView`.
-#[allow(unsafe_code)]
-unsafe impl Lower for BatchItemView<'_> {
-    fn linear_lower_to_flat<T>(
-        &self,
-        cx: &mut LowerContext<'_, T>,
-        ty: InterfaceType,
-        dst: &mut std::mem::MaybeUninit<Self::Lower>,
-    ) -> wasmtime::Result<()> {
-        self.0.linear_lower_to_flat(cx, ty, dst)
-    }
-
-    fn linear_lower_to_memory<T>(
-        &self,
-        cx: &mut LowerContext<'_, T>,
-        ty: InterfaceType,
-        offset: usize,
-    ) -> wasmtime::Result<()> {
-        if !utf8(cx) {
-            return self.0.linear_lower_to_memory(cx, ty, offset);
-        }
-        let record = store_event(cx, &self.0.event, offset, Self::SIZE32)?;
-        let mut field = 0;
-        EventFields::ABI.next_field32_size(&mut field);
-        let at = types::Delivery::ABI.next_field32_size(&mut field);
-        let delivery = &self.0.delivery;
-        let mut field = 0;
-        let attempt = at + u32::ABI.next_field32_size(&mut field);
-        let max_attempts = at + u32::ABI.next_field32_size(&mut field);
-        let sequence = at + u64::ABI.next_field32_size(&mut field);
-        record[attempt..attempt + 4].copy_from_slice(&delivery.attempt.to_le_bytes());
-        record[max_attempts..max_attempts + 4]
-            .copy_from_slice(&delivery.max_attempts.to_le_bytes());
-        record[sequence..sequence + 8].copy_from_slice(&delivery.sequence.to_le_bytes());
-        Ok(())
-    }
-}
-
-/// Whether the guest takes its strings as UTF-8, which the host's own writing serves.
-fn utf8<T>(cx: &LowerContext<'_, T>) -> bool {
-    matches!(cx.options().string_encoding, StringEncoding::Utf8)
+fn store_batch_item<T>(
+    cx: &mut LowerContext<'_, T>,
+    item: &BatchItemFields<'_>,
+    offset: usize,
+) -> wasmtime::Result<()> {
+    let record = store_event(cx, &item.event, offset, BatchItemFields::SIZE32)?;
+    let mut field = 0;
+    EventFields::ABI.next_field32_size(&mut field);
+    let at = types::Delivery::ABI.next_field32_size(&mut field);
+    let delivery = &item.delivery;
+    let mut field = 0;
+    let attempt = at + u32::ABI.next_field32_size(&mut field);
+    let max_attempts = at + u32::ABI.next_field32_size(&mut field);
+    let sequence = at + u64::ABI.next_field32_size(&mut field);
+    record[attempt..attempt + 4].copy_from_slice(&delivery.attempt.to_le_bytes());
+    record[max_attempts..max_attempts + 4].copy_from_slice(&delivery.max_attempts.to_le_bytes());
+    record[sequence..sequence + 8].copy_from_slice(&delivery.sequence.to_le_bytes());
+    Ok(())
 }
 
 /// Writes the event's strings and lists, then its record at the start of the
