@@ -8,9 +8,9 @@
 //!
 //! The exports are called without the generated bindings: the records the host passes
 //! (the event, a batch's items) are lowered from views that borrow the host's own event
-//! ([`super::lowering`]). A component's exports are found when it loads and type-checked by its
-//! first instance ([`PluginPre`]); the records are the same in every contract version so
-//! far, so one set of calls ([`Exports`]) serves them all.
+//! ([`super::lowering`]). A component's exports are found when it loads and type-checked
+//! by its first instance ([`PluginPre`]); the records are the same in every contract
+//! version so far, so one set of calls ([`Exports`]) serves them all.
 //!
 //! Every host import but `begin-item` and `end-item` is `async` (KV and stream reads may
 //! wait on the bus), and every one is `trappable` (a call that breaks a host rule is

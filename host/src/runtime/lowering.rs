@@ -1,14 +1,19 @@
 //! How the host writes an event into a guest's memory (`switchyard:plugin/types.event`).
 //!
-//! [`EventView`] (and a batch's [`BatchItemView`]) borrows the host's own event, so no call clones an event's strings
-//! before they are written into the guest. Its type and layout are those `bindgen!`'s
-//! derive gives the record ([`EventFields`]); only the writing is the host's own, for
-//! what the derived one costs per event: it looks the guest's memory up again for every
-//! field it stores (three times for a string: after `realloc`, to copy, to store the
-//! pointer and length), and those look-ups were the largest single cost of copying an
-//! event in. Here each string is allocated and copied with one look-up, and the record's
-//! fixed part is written with one more, after every allocation (an allocation may grow
-//! the memory, which moves it).
+//! [`EventView`] and a batch's [`BatchItemView`] borrow the host's own event, so no call
+//! clones an event's strings before they are written into the guest. Their types and
+//! layouts are those `bindgen!`'s derive gives the records ([`EventFields`],
+//! [`BatchItemFields`]); only the writing is the host's own, for what the derived one
+//! costs per event: it looks the guest's memory up again for every field it stores (three
+//! times for a string: inside `realloc`, to copy, to store the pointer and length), and
+//! those look-ups were the largest single cost of copying an event in. Here each string
+//! is allocated and copied with one look-up, and the record's fixed part (a batch item's
+//! delivery with it) is written with one more, after every allocation (an allocation may
+//! grow the memory, which moves it).
+//!
+//! The items used here (`LowerContext`, `InterfaceType`, `CanonicalAbiInfo`) are
+//! wasmtime's hidden ones, which its derive macros expand to: an upgrade of wasmtime must
+//! keep `runtime_effects::a_plugin_receives_every_field_of_the_event` passing.
 //!
 //! Invariants: the bytes written are exactly the canonical ABI's for the record (the
 //! field offsets come from the derived type's own layout); every allocation goes through
