@@ -188,11 +188,7 @@ fn store_event<'c, T>(
     let data = place(cx, event.data)?;
     let extensions = place_pairs(cx, &event.extensions)?;
 
-    let record = cx
-        .as_slice_mut()
-        .get_mut(offset..)
-        .and_then(|memory| memory.get_mut(..record_size))
-        .ok_or_else(|| wasmtime::format_err!("the event's record lies beyond the memory"))?;
+    let record = guest_bytes(cx, offset, record_size)?;
     let string = <&str as ComponentType>::ABI;
     let optional = <Option<&str> as ComponentType>::ABI;
     let mut field = 0;
@@ -243,12 +239,7 @@ fn place<T>(cx: &mut LowerContext<'_, T>, bytes: &[u8]) -> wasmtime::Result<Span
         );
     }
     let offset = cx.realloc(0, 0, 1, bytes.len())?;
-    let destination = cx
-        .as_slice_mut()
-        .get_mut(offset..)
-        .and_then(|memory| memory.get_mut(..bytes.len()))
-        .ok_or_else(|| wasmtime::format_err!("an allocation lies beyond the memory"))?;
-    destination.copy_from_slice(bytes);
+    guest_bytes(cx, offset, bytes.len())?.copy_from_slice(bytes);
     Ok(Span {
         offset: u32::try_from(offset)?,
         len: u32::try_from(bytes.len())?,
@@ -275,11 +266,7 @@ fn place_pairs<T>(cx: &mut LowerContext<'_, T>, pairs: &[(&str, &str)]) -> wasmt
     for (name, value) in pairs {
         placed.push((place(cx, name.as_bytes())?, place(cx, value.as_bytes())?));
     }
-    let elements = cx
-        .as_slice_mut()
-        .get_mut(list..)
-        .and_then(|memory| memory.get_mut(..size))
-        .ok_or_else(|| wasmtime::format_err!("an allocation lies beyond the memory"))?;
+    let elements = guest_bytes(cx, list, size)?;
     let string = <&str as ComponentType>::ABI;
     for (index, (name, value)) in placed.into_iter().enumerate() {
         let element = &mut elements[index * element..][..element];
@@ -291,6 +278,20 @@ fn place_pairs<T>(cx: &mut LowerContext<'_, T>, pairs: &[(&str, &str)]) -> wasmt
         offset: u32::try_from(list)?,
         len: u32::try_from(pairs.len())?,
     })
+}
+
+/// The `len` bytes of the guest's memory at `offset`: one look-up of the memory.
+fn guest_bytes<'c, T>(
+    cx: &'c mut LowerContext<'_, T>,
+    offset: usize,
+    len: usize,
+) -> wasmtime::Result<&'c mut [u8]> {
+    cx.as_slice_mut()
+        .get_mut(offset..)
+        .and_then(|memory| memory.get_mut(..len))
+        .ok_or_else(|| {
+            wasmtime::format_err!("{len} bytes at {offset} lie beyond the guest's memory")
+        })
 }
 
 /// Stores a span's offset and length, little-endian, at `at` within `record`, which the
