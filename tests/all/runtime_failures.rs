@@ -277,6 +277,172 @@ async fn invoke_batch(
         .await
 }
 
+async fn invoke_run(
+    plugin: &switchyard_host::runtime::Plugin,
+    events: &[switchyard_host::event::Event],
+    budget: Duration,
+) -> switchyard_host::runtime::BatchOutcome {
+    let items: Vec<_> = events
+        .iter()
+        .map(|e| (e, crate::support::delivery(1)))
+        .collect();
+    plugin
+        .invoke_run(&items, Arc::new(switchyard_host::EmptyKv), budget)
+        .await
+}
+
+fn events_of(types: &[&str]) -> Vec<switchyard_host::event::Event> {
+    types
+        .iter()
+        .map(|ty| event(ty, serde_json::json!({})))
+        .collect()
+}
+
+/// A run calls each event alone on one instance: each outcome is its own, a handler's
+/// `retry` or `reject` leaves the instance to the next call, and a trap ends the run
+/// there: the events after it are not called, and the instance is dropped.
+#[tokio::test]
+async fn a_run_calls_each_event_alone_until_its_instance_is_unfit() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        limits: limits(u64::MAX / 64, 64 * MIB, 10_000),
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let types = [
+        "hostile.ok",
+        "hostile.retry",
+        "hostile.reject",
+        "hostile.ok",
+        "hostile.panic",
+        "hostile.ok",
+    ];
+    let outcome = invoke_run(&plugin, &events_of(&types), Duration::from_secs(10)).await;
+    let kinds = batch_kinds(&outcome);
+    assert_eq!(
+        kinds[..4],
+        ["ok", "retry: try again later", "reject: bad event", "ok"]
+    );
+    assert!(
+        kinds[4].starts_with("trap: ") && kinds[4].contains("hostile plugin panicked on purpose"),
+        "{}",
+        kinds[4]
+    );
+    assert_eq!(kinds[5], "-");
+    let stats = plugin.instance_stats();
+    assert_eq!((stats.created, stats.recycled, stats.idle), (1, 1, 0));
+    // The next run starts on a fresh instance.
+    let outcome = invoke_run(&plugin, &events_of(&["hostile.ok"]), Duration::ZERO).await;
+    assert_eq!(batch_kinds(&outcome), ["ok"]);
+    assert_eq!(plugin.instance_stats().created, 2);
+}
+
+/// A call of a run reads what the acknowledged calls before it wrote, as it would if
+/// each were invoked alone after the earlier ones' commits.
+#[tokio::test]
+async fn a_run_reads_what_its_earlier_calls_wrote() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    // The same event three times: each call adds one to the same counter.
+    let events = vec![event("hostile.count", serde_json::json!({})); 3];
+    let outcome = invoke_run(&plugin, &events, Duration::from_secs(10)).await;
+    let totals: Vec<String> = outcome
+        .items
+        .iter()
+        .map(|item| {
+            let effects = item
+                .as_ref()
+                .and_then(|r| r.as_ref().ok())
+                .expect("acknowledged");
+            let total = effects
+                .kv_writes
+                .iter()
+                .find(|w| w.key.starts_with("total/"))
+                .and_then(|w| w.value.clone())
+                .expect("a counter written");
+            String::from_utf8(total).unwrap()
+        })
+        .collect();
+    assert_eq!(totals, ["1", "2", "3"]);
+}
+
+/// A run calls no more than the instance's `max_calls`, and starts no call once its
+/// time budget has passed; the events it did not call come back unhandled.
+#[tokio::test]
+async fn a_run_stops_at_max_calls_and_at_its_budget() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        isolation: Isolation::Reuse { max_calls: 3 },
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let outcome = invoke_run(
+        &plugin,
+        &events_of(&["hostile.instance-calls"; 5]),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        batch_kinds(&outcome),
+        [
+            "reject: calls=1",
+            "reject: calls=2",
+            "reject: calls=3",
+            "-",
+            "-"
+        ]
+    );
+    assert_eq!(plugin.instance_stats().recycled, 1);
+    let outcome = invoke_run(&plugin, &events_of(&["hostile.ok"; 3]), Duration::ZERO).await;
+    assert_eq!(batch_kinds(&outcome), ["ok", "-", "-"]);
+}
+
+/// A call of a run that waits in the host (a guest sleeping) is cut off after its own
+/// time, not after the whole run's, and a later call gets its own time too.
+#[tokio::test]
+async fn a_sleeping_call_of_a_run_is_stopped_after_its_own_time() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        limits: limits(u64::MAX / 64, 64 * MIB, 300),
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let mut types = vec!["hostile.ok", "hostile.sleep"];
+    types.extend(["hostile.ok"; 8]);
+    let outcome = invoke_run(&plugin, &events_of(&types), Duration::from_secs(10)).await;
+    let kinds = batch_kinds(&outcome);
+    assert_eq!(kinds[..2], ["ok", "timeout: did not finish within 300ms"]);
+    assert!(kinds[2..].iter().all(|kind| kind == "-"), "{kinds:?}");
+    // Cut off at its own deadline, not ten calls' time (3 s).
+    assert!(
+        outcome.duration < Duration::from_secs(2),
+        "the run took {:?}",
+        outcome.duration
+    );
+    // Nor is a later call cut off by an earlier call's deadline: each of these waits
+    // 200 ms in the host, within its own 300 ms.
+    let slow = PluginSettings {
+        limits: limits(u64::MAX / 64, 64 * MIB, 300),
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        config: [("sleep_ms".to_owned(), "200".to_owned())].into(),
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, slow).await;
+    let outcome = invoke_run(
+        &plugin,
+        &events_of(&["hostile.ok"; 3]),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(batch_kinds(&outcome), ["ok", "ok", "ok"]);
+}
+
 /// A looping item of a batch gets its own time, not the time of all the items: the batch
 /// call is not held for the whole batch's worth of timeouts.
 #[tokio::test]

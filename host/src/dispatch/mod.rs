@@ -14,12 +14,15 @@
 //! deliveries are ready (at most [`GROUP_MAX`], for at most a slice) and settles them
 //! with one call of the bus ([`Consumer::settle_all`]) and one update of the metrics;
 //! any other attempt (a failure, a read of writes in flight, a traced one) first ends the
-//! group, then settles alone. A lane yields to its thread's other tasks after
-//! [`LANE_SLICE`] of calls back to back, so the tasks its settlements woke are not held
-//! behind it. With
-//! `ordering = "key"`, a routing loop keeps one delivery per key in flight, each in its
-//! own task, and parks later events of that key in log order; a delivery waiting for its
-//! retry keeps its key held, so a later event of the key cannot overtake it. (A retry
+//! group, then settles alone. The only lane of a plugin with a reused instance takes the
+//! deliveries ready when it starts a call as one run ([`Plugin::invoke_run`]): one call
+//! of `handle` each, as if each were invoked alone, for up to a slice; each then settles
+//! as a batch item does, and those the run did not call are the lane's next. A lane
+//! yields to its thread's other tasks after [`LANE_SLICE`] of calls back to back, so the
+//! tasks its settlements woke are not held behind it. With `ordering = "key"`, a routing
+//! loop keeps one delivery per key in flight, each in its own task, and parks later
+//! events of that key in log order; a delivery waiting for its retry keeps its key held,
+//! so a later event of the key cannot overtake it. (A retry
 //! pending from before a restart does not hold its key: the restarted dispatcher learns
 //! of it when it is due. Nor does one whose event retention deleted: the router asks the
 //! consumer every [`RETRY_CHECK`] which of the retries it waits for may still come. On a
@@ -392,6 +395,17 @@ impl Incoming {
         }
         self.ready.pop_front()
     }
+
+    /// Moves deliveries already fetched into `run` until it holds [`GROUP_MAX`].
+    fn take_ready(&mut self, run: &mut Vec<Delivery>) {
+        if self.ready.is_empty()
+            && let Ok(chunk) = self.chunks.try_recv()
+        {
+            self.ready.extend(chunk);
+        }
+        let take = GROUP_MAX.saturating_sub(run.len()).min(self.ready.len());
+        run.extend(self.ready.drain(..take));
+    }
 }
 
 type Settling = FuturesUnordered<futures_util::future::BoxFuture<'static, ()>>;
@@ -454,6 +468,13 @@ async fn lane(
     let mut settling = Settling::new();
     let mut group = Vec::with_capacity(GROUP_MAX);
     let mut slice = Slice::default();
+    let takes_runs = context.policy.concurrency <= 1
+        && matches!(
+            context.plugin.settings().isolation,
+            runtime::Isolation::Reuse { .. }
+        );
+    // Deliveries this lane took for a run that the run did not call: the lane's next.
+    let mut left: VecDeque<Delivery> = VecDeque::new();
     loop {
         drive_settling(&mut settling).await;
         if stopped.has_changed().unwrap_or(true) {
@@ -462,10 +483,12 @@ async fn lane(
         // Another lane holding the deliveries is waiting for the next chunk: nothing is
         // ready, and this lane must not wait for the lock outside the select below, which
         // also drives its settlements.
-        let ready = incoming
-            .try_lock()
-            .ok()
-            .and_then(|mut incoming| incoming.try_next());
+        let ready = left.pop_front().or_else(|| {
+            incoming
+                .try_lock()
+                .ok()
+                .and_then(|mut incoming| incoming.try_next())
+        });
         let delivery = match ready {
             Some(delivery) => delivery,
             None => {
@@ -486,9 +509,45 @@ async fn lane(
         if !context.valve.is_flowing() {
             flush(&context, &mut group, &mut settling);
         }
-        let called = driving(first_call(&context, &delivery), &mut settling).await;
+        // The only lane of a reused instance takes what else is ready in one run: one
+        // call each, without the work around each call (see `Plugin::invoke_run`). Not
+        // with several lanes: what a run leaves uncalled would wait for its lane while
+        // the others idle. Nor with traces exported: each call is invoked alone, under
+        // its own `runtime.invoke` span.
+        let mut run = vec![delivery];
+        if takes_runs && !telemetry::exporting() {
+            run.extend(left.drain(..left.len().min(GROUP_MAX - 1)));
+            if let Ok(mut incoming) = incoming.try_lock() {
+                incoming.take_ready(&mut run);
+            }
+        }
         let mut slice_over = false;
-        if let Some(called) = called {
+        if run.len() > 1 {
+            let Some(called) = driving(batch_call(&context, &run, Shape::Run), &mut settling).await
+            else {
+                break;
+            };
+            slice_over = called
+                .iter()
+                .flatten()
+                .next()
+                .is_some_and(|called| slice.count(called.attempt.started));
+            let mut not_called = Vec::new();
+            for (delivery, called) in run.into_iter().zip(called) {
+                match called {
+                    Some(called) => {
+                        settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
+                    }
+                    None => not_called.push(delivery),
+                }
+            }
+            // Ahead of what the lane held back before: they came first.
+            for delivery in not_called.into_iter().rev() {
+                left.push_front(delivery);
+            }
+        } else if let Some(delivery) = run.pop()
+            && let Some(called) = driving(first_call(&context, &delivery), &mut settling).await
+        {
             slice_over = slice.count(called.attempt.started);
             settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
         }
@@ -704,10 +763,12 @@ async fn run_batch(
     context: Arc<Context>,
     deliveries: Vec<(Delivery, Option<String>)>,
 ) -> Vec<Finished> {
-    match batch_call(&context, &deliveries).await {
-        Some(called) => settle_batch(context, deliveries, called).await,
+    let (deliveries, keys): (Vec<Delivery>, Vec<Option<String>>) = deliveries.into_iter().unzip();
+    match batch_call(&context, &deliveries, Shape::Batch).await {
+        Some(called) => settle_batch(context, deliveries, keys, called).await,
         None => deliveries
             .into_iter()
+            .zip(keys)
             .map(|(delivery, key)| Finished {
                 key,
                 sequence: delivery.stored.sequence,
@@ -791,13 +852,24 @@ async fn first_call(context: &Context, delivery: &Delivery) -> Option<Called> {
     })
 }
 
-/// Runs deliveries' first attempts as one call of the plugin's batch handler, once the
+/// How [`batch_call`] calls the plugin for several deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One call of the batch handler.
+    Batch,
+    /// A run: one call of `handle` per delivery on one instance
+    /// ([`runtime::Plugin::invoke_run`]).
+    Run,
+}
+
+/// Runs deliveries' first attempts as one batch call or one run of the plugin, once the
 /// valve lets it and under one call permit. Each item comes back with its attempt, or
-/// `None` when the call did not handle it (it then runs alone, [`handle`]); `None` for
-/// the whole batch when shutting down.
+/// `None` when the call did not handle it (a batch's runs alone, [`handle`]; a run's was
+/// not attempted and is called again); `None` for the whole batch when shutting down.
 async fn batch_call(
     context: &Context,
-    deliveries: &[(Delivery, Option<String>)],
+    deliveries: &[Delivery],
+    shape: Shape,
 ) -> Option<Vec<Option<Called>>> {
     let admission = admitted(context).await?;
     let permit = context.permits.acquire().await.ok()?;
@@ -809,32 +881,39 @@ async fn batch_call(
     let now = now_us();
     let start_latencies: Vec<Duration> = deliveries
         .iter()
-        .map(|(delivery, _)| between(delivery.stored.ingested_at_us, now))
+        .map(|delivery| between(delivery.stored.ingested_at_us, now))
         .collect();
     let (kv, read) = context.pending.reader(&context.kv);
     let items: Vec<(&crate::event::Event, runtime::Delivery)> = deliveries
         .iter()
-        .map(|(delivery, _)| (&delivery.stored.event, runtime_delivery(context, delivery)))
+        .map(|delivery| (&delivery.stored.event, runtime_delivery(context, delivery)))
         .collect();
     // Each item's attempt span covers the call, and what the item emits continues it.
     let mut spans: Vec<tracing::Span> = deliveries
         .iter()
-        .map(|(delivery, _)| deliver_span(context, delivery))
+        .map(|delivery| deliver_span(context, delivery))
         .collect();
     let traceparents: Vec<Option<String>> = if telemetry::exporting() {
         spans.iter().map(telemetry::traceparent_of).collect()
     } else {
         Vec::new()
     };
-    let outcome = context
-        .plugin
-        .invoke_batch_traced(&items, &traceparents, kv)
-        .await;
+    let outcome = match shape {
+        Shape::Batch => {
+            context
+                .plugin
+                .invoke_batch_traced(&items, &traceparents, kv)
+                .await
+        }
+        Shape::Run => context.plugin.invoke_run(&items, kv, LANE_SLICE).await,
+    };
     let started = outcome.started;
     drop(permit);
     // Only the items the call handled: the others run again alone, and count there.
     let handled = outcome.items.iter().flatten().count();
-    context.metrics.batch_call(&context.name, handled);
+    if shape == Shape::Batch {
+        context.metrics.batch_call(&context.name, handled);
+    }
     // Each handled item's share of what the call cost.
     let share = |total: Duration| total / u32::try_from(handled.max(1)).unwrap_or(u32::MAX);
     let cost = Cost {
@@ -848,7 +927,7 @@ async fn batch_call(
         .zip(outcome.items)
         .zip(start_latencies)
         .zip(spans.iter_mut())
-        .map(|((((delivery, _), item), start_latency), span)| {
+        .map(|(((delivery, item), start_latency), span)| {
             let Some(result) = item else {
                 // Not handled: it runs again alone, and counts itself in then.
                 context
@@ -875,11 +954,13 @@ async fn batch_call(
 /// conflict runs it again alone), each one the call did not handle by running it alone.
 async fn settle_batch(
     context: Arc<Context>,
-    deliveries: Vec<(Delivery, Option<String>)>,
+    deliveries: Vec<Delivery>,
+    keys: Vec<Option<String>>,
     called: Vec<Option<Called>>,
 ) -> Vec<Finished> {
     let settling = deliveries
         .into_iter()
+        .zip(keys)
         .zip(called)
         .map(|((delivery, key), called)| {
             let context = Arc::clone(&context);
@@ -941,9 +1022,11 @@ async fn batch_lane(
         };
         let Some(first) = first else { break };
         let deliveries = driving(fill_batch(taken, first, batch), &mut settling).await;
-        let deliveries: Vec<(Delivery, Option<String>)> =
-            deliveries.into_iter().map(|d| (d, None)).collect();
-        let called = driving(batch_call(&context, &deliveries), &mut settling).await;
+        let called = driving(
+            batch_call(&context, &deliveries, Shape::Batch),
+            &mut settling,
+        )
+        .await;
         let Some(called) = called else { break };
         // The items of a call share its start.
         let slice_over = called
@@ -951,7 +1034,7 @@ async fn batch_lane(
             .flatten()
             .next()
             .is_some_and(|called| slice.count(called.attempt.started));
-        for ((delivery, _), called) in deliveries.into_iter().zip(called) {
+        for (delivery, called) in deliveries.into_iter().zip(called) {
             match called {
                 Some(called) => {
                     settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);

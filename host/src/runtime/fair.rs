@@ -59,6 +59,9 @@ pub struct CallClock {
     started: Instant,
     cpu_ns: AtomicU64,
     elapsed_ns: AtomicU64,
+    /// How long after `started` a run's current call is cut off (a run of calls moves it
+    /// on as each call begins); zero while nothing moved it.
+    moved_deadline_ns: AtomicU64,
 }
 
 impl CallClock {
@@ -68,6 +71,23 @@ impl CallClock {
             started: Instant::now(),
             cpu_ns: AtomicU64::new(0),
             elapsed_ns: AtomicU64::new(0),
+            moved_deadline_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Moves the call's deadline to `deadline`, for the next call of a run.
+    pub fn move_deadline(&self, deadline: Instant) {
+        self.moved_deadline_ns.store(
+            nanos(deadline.saturating_duration_since(self.started)),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The deadline [`CallClock::move_deadline`] set, if any.
+    pub fn moved_deadline(&self) -> Option<Instant> {
+        match self.moved_deadline_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.started + Duration::from_nanos(ns)),
         }
     }
 

@@ -131,6 +131,9 @@ struct BatchCall {
     item_started: std::time::Instant,
     /// The fuel each item gets, whatever the items before it burned.
     item_fuel: u64,
+    /// A run: the host calls `handle` once per item and begins and ends each item itself,
+    /// so the guest may not (see [`HostState::begin_run`]).
+    run: bool,
 }
 
 /// Effects buffered by the current call, and what it read of the committed state.
@@ -257,7 +260,57 @@ impl HostState {
             item_timeout,
             item_started: std::time::Instant::now(),
             item_fuel,
+            run: false,
         });
+    }
+
+    /// Starts a run of `count` calls of `handle` on this instance, which the host begins
+    /// and ends as a batch's items ([`begin_run_item`], [`HostState::end_run_item`]), so
+    /// that each call reads what the acknowledged ones before it wrote and emitted, as it
+    /// would if each were invoked alone after the earlier ones' commits.
+    pub(crate) fn begin_run(
+        &mut self,
+        count: usize,
+        item_timeout: std::time::Duration,
+        item_fuel: u64,
+    ) {
+        self.call = None;
+        self.fuel_refilled = 0;
+        self.stderr_tail.take();
+        self.batch = Some(BatchCall {
+            // Each call's context is made as it begins, from its event.
+            items: Vec::new(),
+            outcomes: vec![None; count],
+            current: None,
+            next: 0,
+            inherited: Arc::default(),
+            item_timeout,
+            item_started: std::time::Instant::now(),
+            item_fuel,
+            run: true,
+        });
+    }
+
+    /// Ends the current item of a run with what its `handle` call returned.
+    pub(crate) fn end_run_item(
+        &mut self,
+        outcome: Result<(), super::bindings::HandlerError>,
+    ) -> wasmtime::Result<()> {
+        self.end_item(outcome.map_err(|error| match error {
+            super::bindings::HandlerError::Retry(message) => types::HandlerError::Retry(message),
+            super::bindings::HandlerError::Reject(message) => types::HandlerError::Reject(message),
+        }))
+    }
+
+    /// Refuses the guest's `begin-item` or `end-item` (`import`) in a run, whose items
+    /// the host begins and ends itself.
+    fn guest_may_drive_items(&self, import: &str) -> wasmtime::Result<()> {
+        if self.batch.as_ref().is_some_and(|batch| batch.run) {
+            return Err(effects_trap(format!(
+                "`{import}` may only be called while handling a batch"
+            )));
+        }
+        Ok(())
     }
 
     /// The fuel the current batch call's items were given on top of the call's own
@@ -845,10 +898,12 @@ impl host::Host for HostState {
     /// Shadowed in the linker by [`begin_item_in_store`], which also gives the item its
     /// fuel (see [`super::bindings::add_to_linker`]).
     fn begin_item(&mut self, index: u32) -> wasmtime::Result<()> {
+        self.guest_may_drive_items("begin-item")?;
         HostState::begin_item(self, index)
     }
 
     fn end_item(&mut self, outcome: Result<(), types::HandlerError>) -> wasmtime::Result<()> {
+        self.guest_may_drive_items("end-item")?;
         HostState::end_item(self, outcome)
     }
 
@@ -1032,7 +1087,41 @@ pub(crate) fn begin_item_in_store(
     mut store: wasmtime::StoreContextMut<'_, HostState>,
     index: u32,
 ) -> wasmtime::Result<()> {
+    store.data().guest_may_drive_items("begin-item")?;
     store.data_mut().begin_item(index)?;
+    refuel_item(store)
+}
+
+/// Begins call `index` of a run, which handles `event` and began `now`.
+pub(crate) fn begin_run_item(
+    mut store: wasmtime::StoreContextMut<'_, HostState>,
+    index: usize,
+    event: &Event,
+    kv: &Arc<dyn KvSource>,
+    now: std::time::Instant,
+) -> wasmtime::Result<()> {
+    let state = store.data_mut();
+    let origin = state.origin(event);
+    let Some(run) = state.batch.as_mut().filter(|batch| batch.run) else {
+        return Err(host_trap("a run's call began outside a run".to_owned()));
+    };
+    let call = CallContext::new(
+        origin,
+        event,
+        Arc::clone(kv),
+        Some(Arc::clone(&run.inherited)),
+    );
+    run.current = Some(index);
+    run.next = index + 1;
+    run.item_started = now;
+    state.call = Some(call);
+    refuel_item(store)
+}
+
+/// Gives the item just begun the plugin's whole fuel budget, whatever the items before it
+/// burned, as it would have alone; what they burned is kept (see
+/// [`HostState::fuel_refilled`]).
+fn refuel_item(mut store: wasmtime::StoreContextMut<'_, HostState>) -> wasmtime::Result<()> {
     let Some(item_fuel) = store.data().batch.as_ref().map(|batch| batch.item_fuel) else {
         return Ok(());
     };

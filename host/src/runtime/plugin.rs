@@ -9,7 +9,9 @@
 //!   back afterwards, unless the invocation trapped or hit a limit (fuel, memory,
 //!   timeout, effects, host failure) or the instance has served `max_calls` events — then
 //!   it is dropped ("recycled") and the next invocation gets a fresh one. A handler that
-//!   returns `retry` or `reject` leaves a healthy instance and it is kept.
+//!   returns `retry` or `reject` leaves a healthy instance and it is kept. A run
+//!   ([`Plugin::invoke_run`]) calls several events on one warm instance, one call each,
+//!   with each call's limits as if it were invoked alone.
 //!
 //! Every invocation gets the plugin's full fuel budget and an epoch deadline; a timer
 //! over the whole invocation (registered once the call first waits) catches time spent
@@ -25,13 +27,15 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, Span};
-use wasmtime::{PoolConcurrencyLimitError, Store, StoreContextMut, Trap, UpdateDeadline};
+use wasmtime::{
+    AsContextMut, PoolConcurrencyLimitError, Store, StoreContextMut, Trap, UpdateDeadline,
+};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::artifacts::ArtifactLease;
 use super::bindings::{Exports, HandlerError, PluginPre};
 use super::fair::{CallClock, CpuShare, Fair};
-use super::host::{HostState, HostTrap, PluginIdentity};
+use super::host::{HostState, HostTrap, PluginIdentity, begin_run_item};
 use super::limits::{HANDLES_EXHAUSTED, MAX_HANDLES, MemoryLimiter};
 use super::outcome::{Failure, Outcome};
 use super::sandbox::Refusals;
@@ -288,7 +292,7 @@ impl Plugin {
         };
         // A call cut off by the timeout leaves the store mid-call: never reuse it.
         let healthy = !timed_out && result.as_ref().err().is_none_or(leaves_instance_healthy);
-        let fuel_used = self.put_back(slot, limits, healthy);
+        let fuel_used = self.put_back(slot, limits, healthy, 1);
         Outcome {
             result,
             fuel_used,
@@ -305,7 +309,7 @@ impl Plugin {
         call: F,
         clock: &'a CallClock,
         limits: PluginLimits,
-    ) -> Within<Fair<'a, F>> {
+    ) -> Within<'a, Fair<'a, F>> {
         Within::new(
             Fair::new(self.runtime.gate(), &self.cpu, clock, call),
             clock,
@@ -371,7 +375,7 @@ impl Plugin {
             && outcomes
                 .iter()
                 .all(|outcome| !matches!(outcome, Some(Err(failure)) if !leaves_instance_healthy(failure)));
-        let fuel_used = self.put_back(slot, limits, healthy);
+        let fuel_used = self.put_back(slot, limits, healthy, 1);
         BatchOutcome {
             items: outcomes,
             fuel_used,
@@ -442,6 +446,136 @@ impl Plugin {
             );
         }
         (outcomes, failed)
+    }
+
+    /// Handles several events on one instance, one call of `handle` each, as if each were
+    /// invoked alone after the ones before it had committed: each call gets the plugin's
+    /// fuel and time, and reads what the acknowledged calls before it wrote and emitted,
+    /// as a batch's items do. What a run saves over invoking each event alone is the
+    /// work around the calls: taking the instance and putting it back, the turn at the
+    /// CPU gate, the guard and the clocks.
+    ///
+    /// The run starts no call once `budget` has passed since it began, past the
+    /// instance's `max_calls`, or after a call that leaves the instance unfit (a trap, a
+    /// limit, a timeout); the items it did not call come back `None` and have not been
+    /// attempted. The first item is always called. A `per-event` plugin's instance serves
+    /// one call, so its run calls the first item only.
+    pub async fn invoke_run(
+        &self,
+        items: &[(&Event, Delivery)],
+        kv: Arc<dyn KvSource>,
+        budget: Duration,
+    ) -> BatchOutcome {
+        // Each call of the run moves the guard's deadline on to its own (see `Within`).
+        let limits = self.settings.limits;
+        let clock = CallClock::start();
+        let mut slot = self.warm_instance();
+        let run = self.run_attempt(&mut slot, items, kv, budget, &clock);
+        let ((outcomes, failed, calls), timed_out) = match self.guarded(run, &clock, limits).await {
+            Some(ran) => (ran, false),
+            None => {
+                let outcomes = slot.as_mut().map_or_else(
+                    || vec![None; items.len()],
+                    |instance| {
+                        let ended = instance
+                            .store
+                            .data_mut()
+                            .end_batch(Some(timeout_failure(limits)));
+                        ended.0
+                    },
+                );
+                ((outcomes, true, 1), true)
+            }
+        };
+        let fuel_used = self.put_back(slot, limits, !failed, calls);
+        BatchOutcome {
+            items: outcomes,
+            fuel_used,
+            started: clock.started(),
+            duration: call_duration(&clock, timed_out),
+            cpu: clock.cpu(),
+        }
+    }
+
+    /// The calls of a run (see [`Plugin::invoke_run`]): each item's outcome, whether the
+    /// instance is unfit for more calls, and how many calls it served.
+    async fn run_attempt(
+        &self,
+        slot: &mut Option<Instance>,
+        items: &[(&Event, Delivery)],
+        kv: Arc<dyn KvSource>,
+        budget: Duration,
+        clock: &CallClock,
+    ) -> (Vec<Option<Result<Effects, Failure>>>, bool, u64) {
+        let limits = self.settings.limits;
+        let outcomes = vec![None; items.len()];
+        let fail_first = |mut outcomes: Vec<Option<Result<Effects, Failure>>>, failure| {
+            if let Some(first) = outcomes.first_mut() {
+                *first = Some(Err(failure));
+            }
+            (outcomes, true, 0)
+        };
+        if slot.is_none() {
+            self.created.fetch_add(1, Ordering::Relaxed);
+            match self.instantiate().await {
+                Ok(instance) => *slot = Some(instance),
+                Err(failure) => return fail_first(outcomes, failure),
+            }
+        }
+        let Some(instance) = slot.as_mut() else {
+            return fail_first(outcomes, Failure::new(FailureKind::Host, "no instance"));
+        };
+        let calls_left = match self.settings.isolation {
+            Isolation::Reuse { max_calls } => max_calls.saturating_sub(instance.calls).max(1),
+            Isolation::PerEvent => 1,
+        };
+        // The epoch deadline is one call's time; the deadline's callback moves it on to
+        // each next call's, as for a batch's items (see `next_deadline`).
+        if let Err(failure) = arm(&mut instance.store, limits) {
+            return fail_first(outcomes, failure);
+        }
+        instance
+            .store
+            .data_mut()
+            .begin_run(items.len(), limits.timeout, limits.fuel);
+        let mut failure = None;
+        let mut calls = 0;
+        for (index, (event, delivery)) in items.iter().enumerate() {
+            let now = Instant::now();
+            if calls == calls_left
+                || (calls > 0 && now.saturating_duration_since(clock.started()) >= budget)
+            {
+                break;
+            }
+            calls += 1;
+            // Host waits are cut off at the call's own time (epochs cannot reach them).
+            clock.move_deadline(now + overall_timeout(limits));
+            let called =
+                match begin_run_item(instance.store.as_context_mut(), index, event, &kv, now) {
+                    Ok(()) => {
+                        instance
+                            .exports
+                            .handle(&mut instance.store, event, *delivery)
+                            .await
+                    }
+                    Err(error) => Err(error),
+                };
+            let ended = called.and_then(|answer| instance.store.data_mut().end_run_item(answer));
+            if let Err(error) = ended {
+                failure = Some(classify(&error, instance.store.data(), limits));
+                break;
+            }
+        }
+        let failed = failure.is_some();
+        let (mut outcomes, outside_items) = instance.store.data_mut().end_batch(failure);
+        // Only a failure to begin a call is outside every call: it is that call's.
+        let last = usize::try_from(calls).ok().and_then(|n| n.checked_sub(1));
+        if let Some(failure) = outside_items
+            && let Some(outcome) = last.and_then(|last| outcomes.get_mut(last))
+        {
+            *outcome = Some(Err(failure));
+        }
+        (outcomes, failed, calls)
     }
 
     async fn attempt(
@@ -531,8 +665,15 @@ impl Plugin {
         }
     }
 
-    /// Puts a call's instance back (or drops it) and returns the fuel the call burned.
-    fn put_back(&self, slot: Option<Instance>, limits: PluginLimits, healthy: bool) -> u64 {
+    /// Puts an instance back (or drops it) after it served `calls` calls, and returns the
+    /// fuel they burned.
+    fn put_back(
+        &self,
+        slot: Option<Instance>,
+        limits: PluginLimits,
+        healthy: bool,
+        calls: u64,
+    ) -> u64 {
         let Some(mut instance) = slot else {
             return 0;
         };
@@ -540,7 +681,7 @@ impl Plugin {
             .fuel
             .saturating_add(instance.store.data().fuel_refilled())
             .saturating_sub(instance.store.get_fuel().unwrap_or(0));
-        instance.calls += 1;
+        instance.calls += calls;
         self.release(instance, healthy);
         fuel_used
     }
@@ -589,21 +730,24 @@ impl Plugin {
 pin_project_lite::pin_project! {
     /// `inner` cut off at `deadline`, like `tokio::time::timeout`, but the timer is only
     /// registered once `inner` has to wait: most calls finish in their first poll and
-    /// then cost no timer at all.
-    struct Within<F> {
+    /// then cost no timer at all. A run moves the deadline on for each of its calls
+    /// ([`CallClock::move_deadline`]).
+    struct Within<'a, F> {
         #[pin]
         inner: F,
         deadline: tokio::time::Instant,
+        clock: &'a CallClock,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
-impl<F> Within<F> {
+impl<'a, F> Within<'a, F> {
     /// `inner` cut off at the plugin's overall timeout after the call's start.
-    fn new(inner: F, clock: &CallClock, limits: PluginLimits) -> Self {
+    fn new(inner: F, clock: &'a CallClock, limits: PluginLimits) -> Self {
         Self {
             inner,
             deadline: tokio::time::Instant::from_std(clock.started()) + overall_timeout(limits),
+            clock,
             timer: None,
         }
     }
@@ -619,7 +763,7 @@ fn call_duration(clock: &CallClock, timed_out: bool) -> Duration {
     }
 }
 
-impl<F: Future> Future for Within<F> {
+impl<F: Future> Future for Within<'_, F> {
     type Output = Option<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -627,10 +771,16 @@ impl<F: Future> Future for Within<F> {
         if let Poll::Ready(output) = this.inner.poll(cx) {
             return Poll::Ready(Some(output));
         }
-        let deadline = *this.deadline;
+        let deadline = match this.clock.moved_deadline() {
+            Some(moved) => (*this.deadline).max(tokio::time::Instant::from_std(moved)),
+            None => *this.deadline,
+        };
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() < deadline {
+            timer.as_mut().reset(deadline);
+        }
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
