@@ -396,14 +396,17 @@ impl Incoming {
         self.ready.pop_front()
     }
 
-    /// Moves deliveries already fetched into `run` until it holds [`GROUP_MAX`].
-    fn take_ready(&mut self, run: &mut Vec<Delivery>) {
+    /// Moves deliveries already fetched into `run` until it holds one less than
+    /// [`GROUP_MAX`] (the run's first is the lane's own).
+    fn take_ready(&mut self, run: &mut VecDeque<Delivery>) {
         if self.ready.is_empty()
             && let Ok(chunk) = self.chunks.try_recv()
         {
             self.ready.extend(chunk);
         }
-        let take = GROUP_MAX.saturating_sub(run.len()).min(self.ready.len());
+        let take = (GROUP_MAX - 1)
+            .saturating_sub(run.len())
+            .min(self.ready.len());
         run.extend(self.ready.drain(..take));
     }
 }
@@ -514,7 +517,7 @@ async fn lane(
         // with several lanes: what a run leaves uncalled would wait for its lane while
         // the others idle. Nor with traces exported: each call is invoked alone, under
         // its own `runtime.invoke` span.
-        let mut run = vec![delivery];
+        let mut run = VecDeque::new();
         if takes_runs && !telemetry::exporting() {
             run.extend(left.drain(..left.len().min(GROUP_MAX - 1)));
             if let Ok(mut incoming) = incoming.try_lock() {
@@ -522,9 +525,10 @@ async fn lane(
             }
         }
         let mut slice_over = false;
-        if run.len() > 1 {
-            let Some(called) = driving(batch_call(&context, &run, Shape::Run), &mut settling).await
-            else {
+        if !run.is_empty() {
+            run.push_front(delivery);
+            let calling = batch_call(&context, run.make_contiguous(), Shape::Run);
+            let Some(called) = driving(calling, &mut settling).await else {
                 break;
             };
             slice_over = called
@@ -545,9 +549,7 @@ async fn lane(
             for delivery in not_called.into_iter().rev() {
                 left.push_front(delivery);
             }
-        } else if let Some(delivery) = run.pop()
-            && let Some(called) = driving(first_call(&context, &delivery), &mut settling).await
-        {
+        } else if let Some(called) = driving(first_call(&context, &delivery), &mut settling).await {
             slice_over = slice.count(called.attempt.started);
             settle_lane_attempt(&context, delivery, called, &mut group, &mut settling);
         }
