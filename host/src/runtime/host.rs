@@ -234,9 +234,6 @@ impl HostState {
         item_timeout: std::time::Duration,
         item_fuel: u64,
     ) {
-        self.call = None;
-        self.fuel_refilled = 0;
-        self.stderr_tail.take();
         let items = events
             .iter()
             .enumerate()
@@ -251,17 +248,7 @@ impl HostState {
                 Some(call)
             })
             .collect();
-        self.batch = Some(BatchCall {
-            outcomes: vec![None; events.len()],
-            items,
-            current: None,
-            next: 0,
-            inherited: Arc::default(),
-            item_timeout,
-            item_started: std::time::Instant::now(),
-            item_fuel,
-            run: false,
-        });
+        self.begin_items(items, events.len(), item_timeout, item_fuel, false);
     }
 
     /// Starts a run of `count` calls of `handle` on this instance, which the host begins
@@ -274,12 +261,26 @@ impl HostState {
         item_timeout: std::time::Duration,
         item_fuel: u64,
     ) {
+        // Each call's context is made as it begins, from its event.
+        self.begin_items(Vec::new(), count, item_timeout, item_fuel, true);
+    }
+
+    /// Starts a batch call or a run of `count` items.
+    fn begin_items(
+        &mut self,
+        items: Vec<Option<CallContext>>,
+        count: usize,
+        item_timeout: std::time::Duration,
+        item_fuel: u64,
+        run: bool,
+    ) {
         self.call = None;
         self.fuel_refilled = 0;
+        // A warm instance's earlier calls printed what they printed; a trap is reported
+        // with this call's output only.
         self.stderr_tail.take();
         self.batch = Some(BatchCall {
-            // Each call's context is made as it begins, from its event.
-            items: Vec::new(),
+            items,
             outcomes: vec![None; count],
             current: None,
             next: 0,
@@ -287,7 +288,7 @@ impl HostState {
             item_timeout,
             item_started: std::time::Instant::now(),
             item_fuel,
-            run: true,
+            run,
         });
     }
 

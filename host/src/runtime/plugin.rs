@@ -355,20 +355,7 @@ impl Plugin {
         let call = self.batch_attempt(&mut slot, items, traceparents, kv);
         let ((outcomes, failed), timed_out) = match self.guarded(call, &clock, limits).await {
             Some(called) => (called, false),
-            None => {
-                // Cut off mid-call: the item it was in timed out; the others stand.
-                let outcomes = slot.as_mut().map_or_else(
-                    || vec![None; items.len()],
-                    |instance| {
-                        let ended = instance
-                            .store
-                            .data_mut()
-                            .end_batch(Some(timeout_failure(limits)));
-                        ended.0
-                    },
-                );
-                ((outcomes, true), true)
-            }
+            None => ((cut_off(&mut slot, items.len(), limits), true), true),
         };
         // A store whose call failed cannot be entered again, whatever the items say.
         let healthy = !failed
@@ -376,13 +363,7 @@ impl Plugin {
                 .iter()
                 .all(|outcome| !matches!(outcome, Some(Err(failure)) if !leaves_instance_healthy(failure)));
         let fuel_used = self.put_back(slot, limits, healthy, 1);
-        BatchOutcome {
-            items: outcomes,
-            fuel_used,
-            started: clock.started(),
-            duration: call_duration(&clock, timed_out),
-            cpu: clock.cpu(),
-        }
+        BatchOutcome::of(outcomes, fuel_used, &clock, timed_out)
     }
 
     async fn batch_attempt(
@@ -393,31 +374,10 @@ impl Plugin {
         kv: Arc<dyn KvSource>,
     ) -> (Vec<Option<Result<Effects, Failure>>>, bool) {
         let limits = self.settings.limits;
-        let mut outcomes = vec![None; items.len()];
-        if slot.is_none() {
-            self.created.fetch_add(1, Ordering::Relaxed);
-            match self.instantiate().await {
-                Ok(instance) => *slot = Some(instance),
-                Err(failure) => {
-                    // The first item takes the failure; the others run again alone.
-                    if let Some(first) = outcomes.first_mut() {
-                        *first = Some(Err(failure));
-                    }
-                    return (outcomes, true);
-                }
-            }
-        }
-        let Some(instance) = slot.as_mut() else {
-            return (outcomes, true);
+        let instance = match self.armed_instance(slot).await {
+            Ok(instance) => instance,
+            Err(failure) => return (first_failed(items.len(), failure), true),
         };
-        // The epoch deadline is one item's time; the deadline's callback moves it on to
-        // each next item's (see `next_deadline`).
-        if let Err(failure) = arm(&mut instance.store, limits) {
-            if let Some(first) = outcomes.first_mut() {
-                *first = Some(Err(failure));
-            }
-            return (outcomes, true);
-        }
         let events: Vec<&Event> = items.iter().map(|(event, _)| *event).collect();
         instance.store.data_mut().begin_batch(
             &events,
@@ -473,28 +433,10 @@ impl Plugin {
         let run = self.run_attempt(&mut slot, items, kv, budget, &clock);
         let ((outcomes, failed, calls), timed_out) = match self.guarded(run, &clock, limits).await {
             Some(ran) => (ran, false),
-            None => {
-                let outcomes = slot.as_mut().map_or_else(
-                    || vec![None; items.len()],
-                    |instance| {
-                        let ended = instance
-                            .store
-                            .data_mut()
-                            .end_batch(Some(timeout_failure(limits)));
-                        ended.0
-                    },
-                );
-                ((outcomes, true, 1), true)
-            }
+            None => ((cut_off(&mut slot, items.len(), limits), true, 1), true),
         };
         let fuel_used = self.put_back(slot, limits, !failed, calls);
-        BatchOutcome {
-            items: outcomes,
-            fuel_used,
-            started: clock.started(),
-            duration: call_duration(&clock, timed_out),
-            cpu: clock.cpu(),
-        }
+        BatchOutcome::of(outcomes, fuel_used, &clock, timed_out)
     }
 
     /// The calls of a run (see [`Plugin::invoke_run`]): each item's outcome, whether the
@@ -508,32 +450,14 @@ impl Plugin {
         clock: &CallClock,
     ) -> (Vec<Option<Result<Effects, Failure>>>, bool, u64) {
         let limits = self.settings.limits;
-        let outcomes = vec![None; items.len()];
-        let fail_first = |mut outcomes: Vec<Option<Result<Effects, Failure>>>, failure| {
-            if let Some(first) = outcomes.first_mut() {
-                *first = Some(Err(failure));
-            }
-            (outcomes, true, 0)
-        };
-        if slot.is_none() {
-            self.created.fetch_add(1, Ordering::Relaxed);
-            match self.instantiate().await {
-                Ok(instance) => *slot = Some(instance),
-                Err(failure) => return fail_first(outcomes, failure),
-            }
-        }
-        let Some(instance) = slot.as_mut() else {
-            return fail_first(outcomes, Failure::new(FailureKind::Host, "no instance"));
+        let instance = match self.armed_instance(slot).await {
+            Ok(instance) => instance,
+            Err(failure) => return (first_failed(items.len(), failure), true, 0),
         };
         let calls_left = match self.settings.isolation {
             Isolation::Reuse { max_calls } => max_calls.saturating_sub(instance.calls).max(1),
             Isolation::PerEvent => 1,
         };
-        // The epoch deadline is one call's time; the deadline's callback moves it on to
-        // each next call's, as for a batch's items (see `next_deadline`).
-        if let Err(failure) = arm(&mut instance.store, limits) {
-            return fail_first(outcomes, failure);
-        }
         instance
             .store
             .data_mut()
@@ -576,6 +500,24 @@ impl Plugin {
             *outcome = Some(Err(failure));
         }
         (outcomes, failed, calls)
+    }
+
+    /// The call's instance, made now if it has none, armed with a full fuel budget and
+    /// one item's epoch deadline (whose callback moves it on to each next item's, see
+    /// `next_deadline`).
+    async fn armed_instance<'s>(
+        &self,
+        slot: &'s mut Option<Instance>,
+    ) -> Result<&'s mut Instance, Failure> {
+        if slot.is_none() {
+            self.created.fetch_add(1, Ordering::Relaxed);
+            *slot = Some(self.instantiate().await?);
+        }
+        let instance = slot
+            .as_mut()
+            .ok_or_else(|| Failure::new(FailureKind::Host, "no instance"))?;
+        arm(&mut instance.store, self.settings.limits)?;
+        Ok(instance)
     }
 
     async fn attempt(
@@ -749,6 +691,52 @@ impl<'a, F> Within<'a, F> {
             deadline: tokio::time::Instant::from_std(clock.started()) + overall_timeout(limits),
             clock,
             timer: None,
+        }
+    }
+}
+
+/// Outcomes of several items whose first failed before any ran (the instance could not be
+/// made or armed): the others run again alone.
+fn first_failed(count: usize, failure: Failure) -> Vec<Option<Result<Effects, Failure>>> {
+    let mut outcomes = vec![None; count];
+    if let Some(first) = outcomes.first_mut() {
+        *first = Some(Err(failure));
+    }
+    outcomes
+}
+
+/// Outcomes of a batch or a run cut off by the timeout mid-call: the item it was in
+/// timed out; the ones before it stand.
+fn cut_off(
+    slot: &mut Option<Instance>,
+    count: usize,
+    limits: PluginLimits,
+) -> Vec<Option<Result<Effects, Failure>>> {
+    match slot {
+        Some(instance) => {
+            instance
+                .store
+                .data_mut()
+                .end_batch(Some(timeout_failure(limits)))
+                .0
+        }
+        None => vec![None; count],
+    }
+}
+
+impl BatchOutcome {
+    fn of(
+        items: Vec<Option<Result<Effects, Failure>>>,
+        fuel_used: u64,
+        clock: &CallClock,
+        timed_out: bool,
+    ) -> Self {
+        Self {
+            items,
+            fuel_used,
+            started: clock.started(),
+            duration: call_duration(clock, timed_out),
+            cpu: clock.cpu(),
         }
     }
 }
