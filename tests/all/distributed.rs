@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::serve_recovery::{Audit, crash_counter, send_through_crashes};
 use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
-use crate::support::nats::{NatsCluster, NatsServer, free_port};
+use crate::support::nats::{NatsCluster, NatsServer, SlowLink, free_port};
 
 /// A host on `url` with the crash test's two counting plugins. A short `ack_wait` lets
 /// the survivors take over a dead host's deliveries quickly.
@@ -519,6 +519,37 @@ async fn what_the_server_cannot_store_is_refused_or_dead_lettered_not_retried_fo
         (status["in_flight"] == 0 && status["pending_retries"] == 0).then_some(())
     })
     .await;
+}
+
+/// A link to the server that brings a pull's messages in pieces with pauses between them (a
+/// slow or congested network) delays no delivery until `ack_wait`: the host reads every
+/// pull to its end, so no message the server sent for one lands in an inbox it stopped
+/// reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_to_the_server_leaves_no_delivery_waiting_out_ack_wait() {
+    const EVENTS: usize = 400;
+    let server = NatsServer::start();
+    let link = SlowLink::to(server.port(), 2048, Duration::from_millis(30));
+    let mut host = Host::on(&Backend::Nats(link.url()));
+    host.plugin("sink", Guest::Noop, None);
+    host.config("[bus]\nack_wait = \"60s\"\n");
+    host.start();
+    for first in (0..EVENTS).step_by(100) {
+        let batch: Vec<serde_json::Value> = (first..first + 100)
+            .map(|n| json!({"specversion": "1.0", "id": format!("slow-{n}"), "source": "/test", "type": "slow.tick", "data": {}}))
+            .collect();
+        assert_eq!(host.send_batch(&json!(batch)).await.status(), 202);
+    }
+    let started = std::time::Instant::now();
+    // Well under `ack_wait`: a delivery lost in a dropped pull would come back only then.
+    host.wait_for("every event handled", Duration::from_secs(30), || async {
+        (handled_ok(&host, "sink").await as usize == EVENTS).then_some(())
+    })
+    .await;
+    println!(
+        "{EVENTS} events handled over the slow link in {:?}",
+        started.elapsed()
+    );
 }
 
 /// A sidecar for the counting guest subscribed to `patterns`.

@@ -291,9 +291,8 @@ async fn run(
         };
         run_lanes(context, incoming, stopped, concurrency, batch).await;
     }
-    // Only once the fetch task is gone: a pull it still had open could take back what
-    // is released (NATS hands a released message to any pull request waiting, and
-    // forgets a request only when its inbox is unsubscribed, as dropping the task does).
+    // Only once the fetch task is gone: it could start a pull that takes back what is
+    // released (NATS hands a released message to any pull request waiting).
     fetcher.abort();
     let _ = fetcher.await;
     // What was fetched and never run (held by a pause or an open breaker, or waiting in

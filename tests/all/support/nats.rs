@@ -2,9 +2,12 @@
 //! a temporary store directory each, and kill/restart on the same port and store.
 //! `scripts/setup.sh` installs the pinned server.
 
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// One `nats-server` with JetStream, alone or as a node of a [`NatsCluster`].
@@ -51,6 +54,11 @@ impl NatsServer {
     /// The client URL, such as `nats://127.0.0.1:4222`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn run(&mut self) {
@@ -150,5 +158,66 @@ impl NatsCluster {
             .map(NatsServer::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// A loopback link to a server that passes what the server sends in pieces of `piece`
+/// bytes with a pause after each, as a slow or congested network does; what the client
+/// sends passes at once.
+pub struct SlowLink {
+    port: u16,
+    closed: Arc<AtomicBool>,
+}
+
+impl SlowLink {
+    /// Starts listening on a free loopback port, linking each connection to
+    /// `server_port`.
+    pub fn to(server_port: u16, piece: usize, pause: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let closed = Arc::new(AtomicBool::new(false));
+        let closing = Arc::clone(&closed);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
+                    continue;
+                };
+                let (mut to_server, mut from_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                    let _ = to_server.shutdown(Shutdown::Write);
+                });
+                let (mut from_server, mut to_client) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buffer = vec![0; piece];
+                    while let Ok(read) = from_server.read(&mut buffer) {
+                        if read == 0 || to_client.write_all(&buffer[..read]).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(pause);
+                    }
+                    let _ = to_client.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self { port, closed }
+    }
+
+    /// The client URL of the link.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        // Wakes the accepting thread, which then sees it is closed.
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }

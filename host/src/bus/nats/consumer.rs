@@ -16,12 +16,15 @@
 //!   [`UNSETTLED_LIMIT`] times beyond its recorded retries is dead-lettered instead.
 //! - A consumer dropped with deliveries it never settled gives them back at once, and
 //!   counts each in its journal as a deferral (no attempt, no crash).
+//! - A pull request is read until it ends, across calls of `next` (see [`OpenPull`]):
+//!   every message the server sends for it reaches the consumer, none waits out
+//!   `ack_wait` in an inbox nobody reads. Giving back what the consumer holds first
+//!   reads its last pull to the end.
 //! - Opening the consumer sets its filter to this host's patterns in place: its position
 //!   and pending acknowledgements stay, so a subscription change by hot reload neither
 //!   repeats nor skips events the plugin receives before and after.
 
 use std::collections::HashMap;
-use std::fmt::Display;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -62,43 +65,84 @@ async fn keep_alive(outstanding: std::sync::Weak<Mutex<Held>>, every: Duration) 
     }
 }
 
-/// Longest a pull that should answer at once may take.
-const PULL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a pull request waits at the server for the messages it asked for and has not
+/// got yet; the server then ends it (`408`). It bounds how long a pull is kept open, and so
+/// how long giving back what a consumer holds waits for its last pull to end.
+const PULL_EXPIRES: Duration = Duration::from_millis(500);
+/// How long past [`PULL_EXPIRES`] a pull with nothing read is still waited for: one the
+/// server forgot (it restarted) never ends by itself.
+const PULL_GRACE: Duration = Duration::from_secs(1);
+/// A pause in a pull's messages that ends a read (not the pull): the messages so far go to
+/// the dispatcher, and the next read goes on with the same pull.
+const PULL_PAUSE: Duration = Duration::from_millis(20);
 /// Longest `next` waits for settlements to free a quarter of the window before it pulls what
 /// room there is (or returns empty when there is none).
 const FULL_WINDOW_WAIT: Duration = Duration::from_millis(250);
 
-/// Collects the messages of one pull request into `into`, logging a failed pull (the
-/// caller tries again; the client reconnects by itself).
-async fn collect<E: Display, F>(request: F, into: &mut Vec<Message>)
-where
-    F: std::future::Future<Output = Result<pull::Batch, E>>,
-{
-    let mut batch = match request.await {
-        Ok(batch) => batch,
-        Err(error) => {
-            tracing::debug!(%error, "pull request failed");
+/// A pull request the server may still answer. It is read until it ends (every message it
+/// asked for came, or the server ended it), never dropped before: the server sends a
+/// pull's messages to its inbox until the client unsubscribes, and each one sent to an
+/// inbox nobody reads any more would wait out `ack_wait` on no host.
+struct OpenPull {
+    messages: pull::Batch,
+    /// Past it, a pull that brought nothing is taken for one the server forgot.
+    given_up_at: tokio::time::Instant,
+}
+
+/// The consumer's pull in progress, and the messages it brought that `next` has not
+/// taken yet; kept in the consumer, so that `next` cancelled halfway loses none of them.
+#[derive(Default)]
+struct Pulling {
+    open: Option<OpenPull>,
+    arrived: std::collections::VecDeque<Message>,
+}
+
+impl Pulling {
+    fn is_empty(&self) -> bool {
+        self.open.is_none() && self.arrived.is_empty()
+    }
+
+    /// Reads what the open pull brings: waits for its first message (until the pull ends),
+    /// then takes those that follow without a pause of [`PULL_PAUSE`]. Cancel-safe: each
+    /// message is in `arrived` as soon as it is read.
+    async fn read(&mut self) {
+        let Some(open) = self.open.as_mut() else {
             return;
-        }
-    };
-    loop {
-        // The server sends what it has in one go; one that stopped at the consumer's
-        // `max_ack_pending` sends no end-of-batch status, so a pause also ends the pull.
-        let next = if into.is_empty() {
-            batch.next().await
-        } else {
-            match tokio::time::timeout(Duration::from_millis(20), batch.next()).await {
-                Ok(next) => next,
+        };
+        loop {
+            let wait = if self.arrived.is_empty() {
+                tokio::time::timeout_at(open.given_up_at, open.messages.next()).await
+            } else {
+                tokio::time::timeout(PULL_PAUSE, open.messages.next()).await
+            };
+            match wait {
+                Ok(Some(Ok(message))) => self.arrived.push_back(message),
+                Ok(Some(Err(error))) => {
+                    tracing::debug!(%error, "pull ended with an error");
+                    self.open = None;
+                    return;
+                }
+                Ok(None) => {
+                    self.open = None;
+                    return;
+                }
+                Err(_) if self.arrived.is_empty() => {
+                    self.open = None;
+                    return;
+                }
                 Err(_) => return,
             }
-        };
-        match next {
-            Some(Ok(message)) => into.push(message),
-            Some(Err(error)) => {
-                tracing::debug!(%error, "pull ended with an error");
-                return;
+        }
+    }
+
+    /// Reads the open pull to its end: what is still to come of it, with what it brought
+    /// before, is then in `arrived`.
+    async fn finish(&mut self) {
+        while let Some(open) = self.open.as_mut() {
+            match tokio::time::timeout_at(open.given_up_at, open.messages.next()).await {
+                Ok(Some(Ok(message))) => self.arrived.push_back(message),
+                Ok(Some(Err(_)) | None) | Err(_) => self.open = None,
             }
-            None => return,
         }
     }
 }
@@ -164,6 +208,8 @@ pub(super) struct NatsConsumer {
     outstanding: Arc<Mutex<Held>>,
     /// Signalled when a settlement frees room in the window.
     room: tokio::sync::Notify,
+    /// The pull in progress and what it brought that `next` has not taken yet.
+    pulling: tokio::sync::Mutex<Pulling>,
     /// Held deliveries that were handed back before without counting an attempt (see
     /// [`Journal`]), by log position, with how often.
     deferred: Mutex<HashMap<u64, i64>>,
@@ -174,18 +220,52 @@ impl Drop for NatsConsumer {
     fn drop(&mut self) {
         self.keep_alive.abort();
         // Deliveries fetched but never settled (the dispatcher stopped for a reload or a
-        // shutdown before running them) go back at once rather than after `ack_wait`.
+        // shutdown before running them), and what the last pull brings, go back at once
+        // rather than after `ack_wait`.
         let unsettled: Vec<Arc<Message>> =
             self.held().drain().map(|(_, message)| message).collect();
-        if !unsettled.is_empty()
+        let pulling = std::mem::take(self.pulling.get_mut());
+        if (!unsettled.is_empty() || !pulling.is_empty())
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let shared = Arc::clone(&self.shared);
+            let plugin = self.plugin.clone();
+            let replay_prefix = self.replay_prefix.clone();
             runtime.spawn(async move {
+                give_back_pulled(&shared, &plugin, &replay_prefix, pulling).await;
                 for message in unsettled {
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
             });
         }
+    }
+}
+
+/// Reads a consumer's last pull to its end and gives back every message it brought that
+/// did not become a delivery, each counted in its journal as a deferral (as
+/// [`Consumer::release`] counts a delivery given back): none ran an attempt.
+async fn give_back_pulled(
+    shared: &Shared,
+    plugin: &str,
+    replay_prefix: &str,
+    mut pulling: Pulling,
+) {
+    pulling.finish().await;
+    for message in pulling.arrived {
+        let Ok(info) = message.info() else { continue };
+        let stream_sequence = info.stream_sequence;
+        let sequence = match message.subject.as_str().strip_prefix(replay_prefix) {
+            // Another plugin's replay: nothing of this plugin's to count.
+            Some(target) if target != plugin => None,
+            Some(_) => Some(header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence)),
+            None => Some(stream_sequence),
+        };
+        if let Some(sequence) = sequence
+            && let Err(error) = shared.defer(plugin, sequence).await
+        {
+            tracing::warn!(%plugin, sequence, %error, "cannot record a delivery given back");
+        }
+        let _ = message.ack_with(AckKind::Nak(None)).await;
     }
 }
 
@@ -257,6 +337,7 @@ impl NatsConsumer {
             generation,
             outstanding,
             room: tokio::sync::Notify::new(),
+            pulling: tokio::sync::Mutex::default(),
             deferred: Mutex::default(),
             keep_alive,
         })
@@ -270,25 +351,6 @@ impl NatsConsumer {
         self.outstanding
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    async fn pull(&self, max: usize) -> Result<Vec<Message>, BusError> {
-        // Take what is there at once; only when nothing is, wait (briefly) for one. Each
-        // pull is bounded in time as well: a server at the consumer's `max_ack_pending`
-        // may leave a no-wait pull unanswered.
-        let mut messages = Vec::new();
-        let fetch = self.consumer.fetch().max_messages(max).messages();
-        let _ = tokio::time::timeout(PULL_TIMEOUT, collect(fetch, &mut messages)).await;
-        if messages.is_empty() {
-            let wait = self
-                .consumer
-                .batch()
-                .max_messages(1)
-                .expires(Duration::from_secs(1))
-                .messages();
-            let _ = tokio::time::timeout(PULL_TIMEOUT * 2, collect(wait, &mut messages)).await;
-        }
-        Ok(messages)
     }
 
     /// Settles a message the consumer's filter let through but the plugin's patterns do
@@ -401,26 +463,56 @@ impl NatsConsumer {
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn next(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
-        let cap = if self.one_at_a_time { 1 } else { max.max(1) };
-        let room = || self.window.saturating_sub(self.held().len()).min(cap);
-        // Every pull is a round trip to the server: with the window nearly full, wait
-        // until a quarter of it is free (or a while) rather than pull one message at a
-        // time. A settlement between the check and the wait leaves a permit, so none is
-        // missed.
-        let enough = (self.window / 4).clamp(1, cap);
-        let deadline = tokio::time::Instant::now() + FULL_WINDOW_WAIT;
-        while room() < enough
-            && tokio::time::timeout_at(deadline, self.room.notified())
-                .await
-                .is_ok()
-        {}
-        let room = room();
-        if room == 0 {
-            return Ok(Vec::new());
+        let mut pulling = self.pulling.lock().await;
+        if pulling.arrived.is_empty() {
+            if pulling.open.is_none() {
+                let cap = if self.one_at_a_time { 1 } else { max.max(1) };
+                let room = || self.window.saturating_sub(self.held().len()).min(cap);
+                // Every pull is a round trip to the server: with the window nearly full,
+                // wait until a quarter of it is free (or a while) rather than pull one
+                // message at a time. A settlement between the check and the wait leaves a
+                // permit, so none is missed.
+                let enough = (self.window / 4).clamp(1, cap);
+                let deadline = tokio::time::Instant::now() + FULL_WINDOW_WAIT;
+                while room() < enough
+                    && tokio::time::timeout_at(deadline, self.room.notified())
+                        .await
+                        .is_ok()
+                {}
+                let room = room();
+                if room == 0 {
+                    return Ok(Vec::new());
+                }
+                // The server answers at once with what it has and sends the rest of the
+                // request's messages as they come, until it expires.
+                let request = self
+                    .consumer
+                    .batch()
+                    .max_messages(room)
+                    .expires(PULL_EXPIRES)
+                    .messages()
+                    .await;
+                match request {
+                    Ok(messages) => {
+                        pulling.open = Some(OpenPull {
+                            messages,
+                            given_up_at: tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE,
+                        });
+                    }
+                    Err(error) => {
+                        // The client reconnects by itself; the next call asks again.
+                        tracing::debug!(%error, "pull request failed");
+                        tokio::time::sleep(PULL_EXPIRES).await;
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+            pulling.read().await;
         }
         let mut deliveries = Vec::new();
         let mut failed = None;
-        for message in self.pull(room).await? {
+        // One at a time out of `arrived`: cancelled halfway, the rest are still there.
+        while let Some(message) = pulling.arrived.pop_front() {
             if failed.is_some() {
                 // Not looked at: back to the server for a later pull (held by no one, it
                 // would otherwise wait out `ack_wait`).
@@ -459,6 +551,10 @@ impl Consumer for NatsConsumer {
     }
 
     async fn release(&self) {
+        // The last pull first: until it ends, the server could hand what is given back
+        // below to it again.
+        let pulling = std::mem::take(&mut *self.pulling.lock().await);
+        give_back_pulled(&self.shared, &self.plugin, &self.replay_prefix, pulling).await;
         let unsettled: Vec<(u64, Arc<Message>)> = self.held().drain().collect();
         // A delivery given back (a hot reload, a shutdown, a paused plugin's held window)
         // ran no attempt and its host did not crash: the journal counts it as a deferral,
