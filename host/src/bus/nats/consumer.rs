@@ -242,8 +242,10 @@ impl Drop for NatsConsumer {
 }
 
 /// Reads a consumer's last pull to its end and gives back every message it brought that
-/// did not become a delivery, each counted in its journal as a deferral (as
-/// [`Consumer::release`] counts a delivery given back): none ran an attempt.
+/// did not become a delivery. One handed out for the first time is counted in its journal
+/// as a deferral (as [`Consumer::release`] counts a delivery given back): it ran no
+/// attempt. A redelivery is not looked at (its commit may be done, and its journal gone
+/// for good), so it counts as one more hand-out.
 async fn give_back_pulled(
     shared: &Shared,
     plugin: &str,
@@ -253,8 +255,9 @@ async fn give_back_pulled(
     pulling.finish().await;
     for message in pulling.arrived {
         let Ok(info) = message.info() else { continue };
-        let stream_sequence = info.stream_sequence;
+        let (stream_sequence, first) = (info.stream_sequence, info.delivered == 1);
         let sequence = match message.subject.as_str().strip_prefix(replay_prefix) {
+            _ if !first => None,
             // Another plugin's replay: nothing of this plugin's to count.
             Some(target) if target != plugin => None,
             Some(_) => Some(header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence)),
