@@ -32,7 +32,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::{AckKind, Message};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::messages::{INGESTED_AT, REPLAY_OF, WATCHED, decode_event, header, micros};
 use super::{MARKER_TTL, Shared, UNSETTLED_LIMIT, nats_error};
@@ -72,9 +72,6 @@ const PULL_EXPIRES: Duration = Duration::from_millis(500);
 /// How long past [`PULL_EXPIRES`] a pull with nothing read is still waited for: one the
 /// server forgot (it restarted) never ends by itself.
 const PULL_GRACE: Duration = Duration::from_secs(1);
-/// A pause in a pull's messages that ends a read (not the pull): the messages so far go to
-/// the dispatcher, and the next read goes on with the same pull.
-const PULL_PAUSE: Duration = Duration::from_millis(20);
 /// Longest `next` waits for settlements to free a quarter of the window before it pulls what
 /// room there is (or returns empty when there is none).
 const FULL_WINDOW_WAIT: Duration = Duration::from_millis(250);
@@ -103,34 +100,32 @@ impl Pulling {
     }
 
     /// Reads what the open pull brings: waits for its first message (until the pull ends),
-    /// then takes those that follow without a pause of [`PULL_PAUSE`]. Cancel-safe: each
-    /// message is in `arrived` as soon as it is read.
+    /// then takes those already there, without waiting for more: the pull stays open for
+    /// them. Cancel-safe: each message is in `arrived` as soon as it is read.
     async fn read(&mut self) {
         let Some(open) = self.open.as_mut() else {
             return;
         };
+        let mut next = tokio::time::timeout_at(open.given_up_at, open.messages.next())
+            .await
+            .unwrap_or(None);
         loop {
-            let wait = if self.arrived.is_empty() {
-                tokio::time::timeout_at(open.given_up_at, open.messages.next()).await
-            } else {
-                tokio::time::timeout(PULL_PAUSE, open.messages.next()).await
-            };
-            match wait {
-                Ok(Some(Ok(message))) => self.arrived.push_back(message),
-                Ok(Some(Err(error))) => {
+            match next {
+                Some(Ok(message)) => self.arrived.push_back(message),
+                Some(Err(error)) => {
                     tracing::debug!(%error, "pull ended with an error");
                     self.open = None;
                     return;
                 }
-                Ok(None) => {
+                // Ended by the server, or forgotten by it (nothing came in time).
+                None => {
                     self.open = None;
                     return;
                 }
-                Err(_) if self.arrived.is_empty() => {
-                    self.open = None;
-                    return;
-                }
-                Err(_) => return,
+            }
+            match open.messages.next().now_or_never() {
+                Some(ready) => next = ready,
+                None => return,
             }
         }
     }
