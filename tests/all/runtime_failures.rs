@@ -402,6 +402,43 @@ async fn a_run_stops_at_max_calls_and_at_its_budget() {
     assert_eq!(batch_kinds(&outcome), ["ok", "-", "-"]);
 }
 
+/// A run reports what each of its calls cost on its own: a call that burns a lot of fuel
+/// and time between two that burn little is not averaged with them.
+#[tokio::test]
+async fn a_run_reports_each_calls_own_duration_and_fuel() {
+    let runtime = runtime();
+    let settings = PluginSettings {
+        limits: limits(u64::MAX / 64, 64 * MIB, 10_000),
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        ..PluginSettings::default()
+    };
+    let plugin = load(&runtime, Guest::Hostile, settings).await;
+    let events: Vec<_> = [10_u64, 3_000_000, 10]
+        .iter()
+        .map(|n| event("hostile.burn", serde_json::json!(n)))
+        .collect();
+    let outcome = invoke_run(&plugin, &events, Duration::from_secs(10)).await;
+    assert_eq!(batch_kinds(&outcome), ["ok", "ok", "ok"]);
+    let calls = &outcome.calls;
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    let fuel: Vec<u64> = calls.iter().map(|call| call.fuel).collect();
+    assert!(
+        fuel[1] > 1000 * fuel[0] && fuel[1] > 1000 * fuel[2],
+        "fuel per call {fuel:?}"
+    );
+    assert_eq!(fuel.iter().sum::<u64>(), outcome.fuel_used);
+    assert!(
+        calls[1].duration > calls[0].duration && calls[1].duration > calls[2].duration,
+        "{calls:?}"
+    );
+    let total: Duration = calls.iter().map(|call| call.duration).sum();
+    assert!(
+        total <= outcome.duration,
+        "{total:?} of {:?}",
+        outcome.duration
+    );
+}
+
 /// A call of a run that waits in the host (a guest sleeping) is cut off after its own
 /// time, not after the whole run's, and a later call gets its own time too.
 #[tokio::test]

@@ -915,12 +915,30 @@ async fn batch_call(
     if shape == Shape::Batch {
         context.metrics.batch_call(&context.name, handled);
     }
-    // Each handled item's share of what the call cost.
+    // A run's call costs what it cost; an item of a batch call (or of a run cut off at its
+    // time limit) costs its share of the call. A call's CPU time is the run's in
+    // proportion to its duration: the guest's time on a thread is read per poll, not per
+    // call.
     let share = |total: Duration| total / u32::try_from(handled.max(1)).unwrap_or(u32::MAX);
-    let cost = Cost {
+    let shared = Cost {
         duration: share(outcome.duration),
         fuel: outcome.fuel_used / handled.max(1) as u64,
         cpu: share(outcome.cpu),
+    };
+    let cost_of = |index: usize| match outcome.calls.get(index) {
+        Some(call) => {
+            let part = call.duration.as_secs_f64() / outcome.duration.as_secs_f64();
+            Cost {
+                duration: call.duration,
+                fuel: call.fuel,
+                cpu: if part.is_finite() {
+                    outcome.cpu.mul_f64(part.clamp(0.0, 1.0))
+                } else {
+                    Duration::ZERO
+                },
+            }
+        }
+        None => shared,
     };
     let mut failures = Vec::with_capacity(count);
     let called: Vec<Option<Called>> = deliveries
@@ -928,7 +946,8 @@ async fn batch_call(
         .zip(outcome.items)
         .zip(start_latencies)
         .zip(spans.iter_mut())
-        .map(|(((delivery, item), start_latency), span)| {
+        .enumerate()
+        .map(|(index, (((delivery, item), start_latency), span))| {
             let Some(result) = item else {
                 // Not handled: it runs again alone, and counts itself in then.
                 context
@@ -937,6 +956,7 @@ async fn batch_call(
                     .fetch_sub(1, AtomicOrdering::Relaxed);
                 return None;
             };
+            let cost = cost_of(index);
             let attempt = attempted(context, delivery, result, cost, started, read.clone());
             failures.push(failure_of(&attempt.settlement).cloned());
             Some(Called {

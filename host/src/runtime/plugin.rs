@@ -92,6 +92,18 @@ pub struct BatchOutcome {
     pub duration: Duration,
     /// Time the guest ran on a thread.
     pub cpu: Duration,
+    /// A run's calls' own costs, in order, one for each call that ended (a batch's items
+    /// share one call and have none; nor has a run cut off at its time limit).
+    pub calls: Vec<CallCost>,
+}
+
+/// What one call of a run cost on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CallCost {
+    /// From the call's start to its end.
+    pub duration: Duration,
+    /// Fuel it burned.
+    pub fuel: u64,
 }
 
 /// Counters of a plugin's instances, for status and tests.
@@ -431,16 +443,27 @@ impl Plugin {
         let clock = CallClock::start();
         let mut slot = self.warm_instance();
         let run = self.run_attempt(&mut slot, items, kv, budget, &clock);
-        let ((outcomes, failed, calls), timed_out) = match self.guarded(run, &clock, limits).await {
+        let ((outcomes, failed, costs), timed_out) = match self.guarded(run, &clock, limits).await {
             Some(ran) => (ran, false),
-            None => ((cut_off(&mut slot, items.len(), limits), true, 1), true),
+            None => (
+                (cut_off(&mut slot, items.len(), limits), true, Vec::new()),
+                true,
+            ),
+        };
+        // A run cut off at its time limit was in a call; its instance is dropped.
+        let calls = if timed_out {
+            1
+        } else {
+            u64::try_from(costs.len()).unwrap_or(u64::MAX)
         };
         let fuel_used = self.put_back(slot, limits, !failed, calls);
-        BatchOutcome::of(outcomes, fuel_used, &clock, timed_out)
+        let mut outcome = BatchOutcome::of(outcomes, fuel_used, &clock, timed_out);
+        outcome.calls = costs;
+        outcome
     }
 
     /// The calls of a run (see [`Plugin::invoke_run`]): each item's outcome, whether the
-    /// instance is unfit for more calls, and how many calls it served.
+    /// instance is unfit for more calls, and what each call it served cost.
     async fn run_attempt(
         &self,
         slot: &mut Option<Instance>,
@@ -448,11 +471,11 @@ impl Plugin {
         kv: Arc<dyn KvSource>,
         budget: Duration,
         clock: &CallClock,
-    ) -> (Vec<Option<Result<Effects, Failure>>>, bool, u64) {
+    ) -> (Vec<Option<Result<Effects, Failure>>>, bool, Vec<CallCost>) {
         let limits = self.settings.limits;
         let instance = match self.armed_instance(slot).await {
             Ok(instance) => instance,
-            Err(failure) => return (first_failed(items.len(), failure), true, 0),
+            Err(failure) => return (first_failed(items.len(), failure), true, Vec::new()),
         };
         let calls_left = match self.settings.isolation {
             Isolation::Reuse { max_calls } => max_calls.saturating_sub(instance.calls).max(1),
@@ -463,15 +486,16 @@ impl Plugin {
             .data_mut()
             .begin_run(items.len(), limits.timeout, limits.fuel);
         let mut failure = None;
-        let mut calls = 0;
+        let mut costs = Vec::with_capacity(items.len());
+        // Each call's end is the next one's start: one clock read per call.
+        let mut now = Instant::now();
         for (index, (event, delivery)) in items.iter().enumerate() {
-            let now = Instant::now();
-            if calls == calls_left
-                || (calls > 0 && now.saturating_duration_since(clock.started()) >= budget)
+            // `index` calls made so far.
+            if u64::try_from(index).unwrap_or(u64::MAX) >= calls_left
+                || (index > 0 && now.saturating_duration_since(clock.started()) >= budget)
             {
                 break;
             }
-            calls += 1;
             // Host waits are cut off at the call's own time (epochs cannot reach them).
             clock.move_deadline(now + overall_timeout(limits));
             let called =
@@ -485,6 +509,14 @@ impl Plugin {
                     Err(error) => Err(error),
                 };
             let ended = called.and_then(|answer| instance.store.data_mut().end_run_item(answer));
+            let end = Instant::now();
+            // Each call starts with the whole budget (`begin_run_item`).
+            let left = instance.store.get_fuel().unwrap_or(0);
+            costs.push(CallCost {
+                duration: end.saturating_duration_since(now),
+                fuel: limits.fuel.saturating_sub(left),
+            });
+            now = end;
             if let Err(error) = ended {
                 failure = Some(classify(&error, instance.store.data(), limits));
                 break;
@@ -493,13 +525,13 @@ impl Plugin {
         let failed = failure.is_some();
         let (mut outcomes, outside_items) = instance.store.data_mut().end_batch(failure);
         // Only a failure to begin a call is outside every call: it is that call's.
-        let last = usize::try_from(calls).ok().and_then(|n| n.checked_sub(1));
+        let last = costs.len().checked_sub(1);
         if let Some(failure) = outside_items
             && let Some(outcome) = last.and_then(|last| outcomes.get_mut(last))
         {
             *outcome = Some(Err(failure));
         }
-        (outcomes, failed, calls)
+        (outcomes, failed, costs)
     }
 
     /// The call's instance, made now if it has none, armed with a full fuel budget and
@@ -737,6 +769,7 @@ impl BatchOutcome {
             started: clock.started(),
             duration: call_duration(clock, timed_out),
             cpu: clock.cpu(),
+            calls: Vec::new(),
         }
     }
 }
