@@ -69,7 +69,7 @@ async fn keep_alive(outstanding: std::sync::Weak<Mutex<Held>>, every: Duration) 
 /// got yet; the server then ends it (`408`). It bounds how long a pull is kept open, and so
 /// how long giving back what a consumer holds waits for its last pull to end.
 const PULL_EXPIRES: Duration = Duration::from_millis(500);
-/// How long past [`PULL_EXPIRES`] a pull with nothing read is still waited for: one the
+/// How long past [`PULL_EXPIRES`] a pull that has not ended is still waited for: one the
 /// server forgot (it restarted) never ends by itself.
 const PULL_GRACE: Duration = Duration::from_secs(1);
 /// Longest `next` waits for settlements to free a quarter of the window before it pulls what
@@ -82,7 +82,7 @@ const FULL_WINDOW_WAIT: Duration = Duration::from_millis(250);
 /// inbox nobody reads any more would wait out `ack_wait` on no host.
 struct OpenPull {
     messages: pull::Batch,
-    /// Past it, a pull that brought nothing is taken for one the server forgot.
+    /// Past it, a pull that has not ended is taken for one the server forgot.
     given_up_at: tokio::time::Instant,
 }
 
