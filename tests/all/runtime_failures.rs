@@ -298,17 +298,22 @@ fn events_of(types: &[&str]) -> Vec<switchyard_host::event::Event> {
         .collect()
 }
 
+/// A reused instance's settings for runs: ample fuel, 64 MiB, a `timeout_ms` per call.
+fn reused(timeout_ms: u64) -> PluginSettings {
+    PluginSettings {
+        limits: limits(u64::MAX / 64, 64 * MIB, timeout_ms),
+        isolation: Isolation::Reuse { max_calls: 1000 },
+        ..PluginSettings::default()
+    }
+}
+
 /// A run calls each event alone on one instance: each outcome is its own, a handler's
 /// `retry` or `reject` leaves the instance to the next call, and a trap ends the run
 /// there: the events after it are not called, and the instance is dropped.
 #[tokio::test]
 async fn a_run_calls_each_event_alone_until_its_instance_is_unfit() {
     let runtime = runtime();
-    let settings = PluginSettings {
-        limits: limits(u64::MAX / 64, 64 * MIB, 10_000),
-        isolation: Isolation::Reuse { max_calls: 1000 },
-        ..PluginSettings::default()
-    };
+    let settings = reused(10_000);
     let plugin = load(&runtime, Guest::Hostile, settings).await;
     let types = [
         "hostile.ok",
@@ -407,11 +412,7 @@ async fn a_run_stops_at_max_calls_and_at_its_budget() {
 #[tokio::test]
 async fn a_run_reports_each_calls_own_duration_and_fuel() {
     let runtime = runtime();
-    let settings = PluginSettings {
-        limits: limits(u64::MAX / 64, 64 * MIB, 10_000),
-        isolation: Isolation::Reuse { max_calls: 1000 },
-        ..PluginSettings::default()
-    };
+    let settings = reused(10_000);
     let plugin = load(&runtime, Guest::Hostile, settings).await;
     let events: Vec<_> = [10_u64, 3_000_000, 10]
         .iter()
@@ -444,11 +445,7 @@ async fn a_run_reports_each_calls_own_duration_and_fuel() {
 #[tokio::test]
 async fn a_sleeping_call_of_a_run_is_stopped_after_its_own_time() {
     let runtime = runtime();
-    let settings = PluginSettings {
-        limits: limits(u64::MAX / 64, 64 * MIB, 300),
-        isolation: Isolation::Reuse { max_calls: 1000 },
-        ..PluginSettings::default()
-    };
+    let settings = reused(300);
     let plugin = load(&runtime, Guest::Hostile, settings).await;
     let mut types = vec!["hostile.ok", "hostile.sleep"];
     types.extend(["hostile.ok"; 8]);
@@ -465,10 +462,8 @@ async fn a_sleeping_call_of_a_run_is_stopped_after_its_own_time() {
     // Nor is a later call cut off by an earlier call's deadline: each of these waits
     // 200 ms in the host, within its own 300 ms.
     let slow = PluginSettings {
-        limits: limits(u64::MAX / 64, 64 * MIB, 300),
-        isolation: Isolation::Reuse { max_calls: 1000 },
         config: [("sleep_ms".to_owned(), "200".to_owned())].into(),
-        ..PluginSettings::default()
+        ..reused(300)
     };
     let plugin = load(&runtime, Guest::Hostile, slow).await;
     let outcome = invoke_run(

@@ -236,6 +236,24 @@ impl Drop for NatsConsumer {
     }
 }
 
+/// Whose message it is: `None` for another plugin's replay; else the log position it
+/// delivers to this plugin (a replay's is its original event's) and whether it is a replay.
+fn addressed(
+    message: &Message,
+    stream_sequence: u64,
+    replay_prefix: &str,
+    plugin: &str,
+) -> Option<(u64, bool)> {
+    match message.subject.as_str().strip_prefix(replay_prefix) {
+        Some(target) if target != plugin => None,
+        Some(_) => Some((
+            header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence),
+            true,
+        )),
+        None => Some((stream_sequence, false)),
+    }
+}
+
 /// Reads a consumer's last pull to its end and gives back every message it brought that
 /// did not become a delivery. One handed out for the first time is counted in its journal
 /// as a deferral (as [`Consumer::release`] counts a delivery given back): it ran no
@@ -250,14 +268,10 @@ async fn give_back_pulled(
     pulling.finish().await;
     for message in pulling.arrived {
         let Ok(info) = message.info() else { continue };
-        let (stream_sequence, first) = (info.stream_sequence, info.delivered == 1);
-        let sequence = match message.subject.as_str().strip_prefix(replay_prefix) {
-            _ if !first => None,
-            // Another plugin's replay: nothing of this plugin's to count.
-            Some(target) if target != plugin => None,
-            Some(_) => Some(header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence)),
-            None => Some(stream_sequence),
-        };
+        // Another plugin's replay has nothing of this plugin's to count.
+        let sequence = addressed(&message, info.stream_sequence, replay_prefix, plugin)
+            .filter(|_| info.delivered == 1)
+            .map(|(sequence, _)| sequence);
         if let Some(sequence) = sequence
             && let Err(error) = shared.defer(plugin, sequence).await
         {
@@ -383,19 +397,17 @@ impl NatsConsumer {
                 .map_err(|error| nats_error("reading delivery metadata")(&*error))?;
             (info.stream_sequence, info.delivered, micros(info.published))
         };
-        let (sequence, ingested_at_us, replayed) =
-            match message.subject.as_str().strip_prefix(&self.replay_prefix) {
-                Some(target) if target != self.plugin => {
-                    let _ = message.ack().await;
-                    return Ok(None);
-                }
-                Some(_) => (
-                    header(message.headers.as_ref(), REPLAY_OF).unwrap_or(stream_sequence),
-                    header(message.headers.as_ref(), INGESTED_AT).unwrap_or(published),
-                    true,
-                ),
-                None => (stream_sequence, published, false),
-            };
+        let Some((sequence, replayed)) =
+            addressed(&message, stream_sequence, &self.replay_prefix, &self.plugin)
+        else {
+            let _ = message.ack().await;
+            return Ok(None);
+        };
+        let ingested_at_us = if replayed {
+            header(message.headers.as_ref(), INGESTED_AT).unwrap_or(published)
+        } else {
+            published
+        };
         let event = match decode_event(&message.payload) {
             Ok(event) => event,
             Err(error) => {
