@@ -194,7 +194,66 @@ async fn an_event_due_while_the_host_was_killed_fires_after_the_restart_once(bac
     assert_eq!(count_in_log(&host, "while-down").await, 1);
 }
 
+/// More pending events than one read of the store brings (a batched direct get on NATS
+/// brings 256): every one is listed, soonest first, and `type` and `limit` still hold.
+async fn a_listing_of_many_scheduled_events_misses_none(backend: Backend) {
+    const COUNT: usize = 700;
+    let mut host = Host::on(&backend);
+    host.start();
+    let now = jiff::Timestamp::now();
+    // Scheduled in an order other than their due times, and of two types.
+    let events: Vec<Value> = (0..COUNT)
+        .map(|n| {
+            let due = now + jiff::SignedDuration::from_secs(3600 + ((n * 7919) % COUNT) as i64);
+            json!({
+                "specversion": "1.0",
+                "id": format!("many-{n}"),
+                "source": "/many",
+                "type": if n % 2 == 0 { "reminder.even" } else { "reminder.odd" },
+                "deliverat": format!("{due:.3}"),
+                "data": {"n": n},
+            })
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        let response = host
+            .http
+            .post(host.url("/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(serde_json::to_vec(chunk).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    }
+    let listed = host.get_json("/v1/scheduled?limit=1000").await;
+    assert_eq!(listed["pending"], COUNT, "{}", listed["pending"]);
+    let ids = scheduled_ids(&listed);
+    assert_eq!(ids.len(), COUNT);
+    let mut expected: Vec<(i64, String)> = (0..COUNT)
+        .map(|n| (((n * 7919) % COUNT) as i64, format!("many-{n}")))
+        .collect();
+    expected.sort();
+    let expected: Vec<&str> = expected.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, expected, "not every event, or not soonest first");
+    let odd = host
+        .get_json("/v1/scheduled?type=reminder.odd&limit=1000")
+        .await;
+    assert_eq!(scheduled_ids(&odd).len(), COUNT / 2);
+    let first = host
+        .get_json("/v1/scheduled?type=reminder.even&limit=3")
+        .await;
+    let first_even: Vec<&str> = expected
+        .iter()
+        .copied()
+        .filter(|id| id.trim_start_matches("many-").parse::<usize>().unwrap() % 2 == 0)
+        .take(3)
+        .collect();
+    assert_eq!(scheduled_ids(&first), first_even);
+}
+
 crate::on_both_backends!(
+    a_listing_of_many_scheduled_events_misses_none,
     a_scheduled_event_fires_once_on_time_and_a_cancelled_one_never,
     an_event_due_while_the_host_was_killed_fires_after_the_restart_once,
 );

@@ -329,6 +329,64 @@ async fn next_message(
     }
 }
 
+/// Most messages one [`next_messages`] request brings.
+const DIRECT_BATCH: usize = 256;
+
+/// How long [`next_messages`] waits for each message of its answer.
+const DIRECT_BATCH_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The messages at or after `from` whose subjects match `subject`, oldest first, at most
+/// [`DIRECT_BATCH`] of them, in one request: a batched direct get (nats-server 2.11 and
+/// later) on a stream that allows direct gets. Empty when there are none. The server
+/// sends them to an inbox one by one and ends with an end-of-batch status (204), or
+/// answers 404 when nothing matches.
+async fn next_messages(
+    client: &async_nats::Client,
+    stream: &stream::Stream,
+    subject: &str,
+    from: u64,
+) -> Result<Vec<jetstream::message::StreamMessage>, BusError> {
+    let failed = |what: &str| nats_error("reading a stream")(&what);
+    let name = stream.cached_info().config.name.clone();
+    let inbox = client.new_inbox();
+    let mut answer = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(storage!("reading a stream"))?;
+    let request = serde_json::json!({"seq": from, "next_by_subj": subject, "batch": DIRECT_BATCH});
+    client
+        .publish_with_reply(
+            format!("$JS.API.DIRECT.GET.{name}"),
+            inbox,
+            Bytes::from(request.to_string()),
+        )
+        .await
+        .map_err(storage!("reading a stream"))?;
+    let mut messages = Vec::new();
+    while messages.len() <= DIRECT_BATCH {
+        let Ok(Some(message)) = tokio::time::timeout(DIRECT_BATCH_PATIENCE, answer.next()).await
+        else {
+            return Err(failed("no answer to a batched direct get"));
+        };
+        match (message.status, message.description.as_deref()) {
+            // A message of the batch carries no status line of its own.
+            (None, _) | (Some(async_nats::StatusCode::OK), None) => messages.push(
+                jetstream::message::StreamMessage::try_from(message)
+                    .map_err(storage!("reading a stream"))?,
+            ),
+            (Some(async_nats::StatusCode::NOT_FOUND), _) => break,
+            (Some(status), _) if status.as_u16() == 204 => break,
+            (Some(status), description) => {
+                return Err(failed(&format!(
+                    "a batched direct get answered {status}: {}",
+                    description.unwrap_or("")
+                )));
+            }
+        }
+    }
+    Ok(messages)
+}
+
 /// The newest message whose subject matches `subject`, or `None`, read as
 /// [`next_message`] reads.
 async fn last_message(

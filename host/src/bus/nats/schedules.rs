@@ -23,6 +23,11 @@
 //! A cancellation purges the schedule's subject: after that the server has nothing to
 //! fire, and one that fired first leaves nothing to purge (`false`).
 //!
+//! A listing reads every pending schedule (up to [`MAX_LISTING_SCAN`]) and sorts them by
+//! due time. The stream takes no consumer beside the scheduler's (work-queue retention),
+//! so it reads them by batched direct gets, 256 a request, or one by one from a
+//! replicated stream's leader.
+//!
 //! Why the server's schedules rather than a schedule stream with leases: the server
 //! fires at the due time (within its quarter-second tick) whether or not a host runs,
 //! survives restarts with the stream, and needs no lease to keep two hosts from firing
@@ -39,7 +44,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 
 use super::messages::{decode_event, encode_event, header, message_id, subject_token};
-use super::{NatsBus, Shared, nats_error, next_message};
+use super::{NatsBus, Shared, nats_error, next_message, next_messages};
 use crate::bus::{BusError, Fired, ScheduledEvent, ScheduledQuery, Schedules};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::event::Event;
@@ -190,21 +195,30 @@ impl Schedules for NatsBus {
         let filter = format!("{}.schedule.*", shared.options.prefix);
         let mut pending = Vec::new();
         let mut from = 1;
-        for _ in 0..MAX_LISTING_SCAN {
-            let Some(message) =
-                next_message(&shared.schedules, shared.direct(), &filter, from).await?
-            else {
+        let mut scanned = 0;
+        // A work-queue stream takes no consumer beside the scheduler's: the pending
+        // schedules are read by batched direct gets, or one by one from a replicated
+        // stream's leader.
+        while scanned < MAX_LISTING_SCAN {
+            let messages = if shared.direct() {
+                next_messages(&shared.client, &shared.schedules, &filter, from).await?
+            } else {
+                next_message(&shared.schedules, false, &filter, from)
+                    .await?
+                    .into_iter()
+                    .collect()
+            };
+            let Some(last) = messages.last() else {
                 break;
             };
-            from = message.sequence + 1;
-            if let Some(entry) = listed(&message)
-                && query
+            from = last.sequence + 1;
+            scanned += messages.len();
+            pending.extend(messages.iter().filter_map(listed).filter(|entry| {
+                query
                     .event_type
                     .as_deref()
                     .is_none_or(|ty| entry.event.ty == ty)
-            {
-                pending.push(entry);
-            }
+            }));
         }
         pending.sort_by(|a, b| (a.due_at_ms, &a.event.id).cmp(&(b.due_at_ms, &b.event.id)));
         pending.truncate(query.limit.max(1));
