@@ -220,6 +220,25 @@ impl Shared {
         self.options.replicas == 1
     }
 
+    /// The next messages at or after `from` whose subjects match `subject`, oldest first:
+    /// up to [`DIRECT_BATCH`] in one request from a single copy ([`next_messages`]), the
+    /// next one alone from a replicated stream's leader. Empty when there are none.
+    async fn messages_from(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        from: u64,
+    ) -> Result<Vec<jetstream::message::StreamMessage>, BusError> {
+        if self.direct() {
+            next_messages(&self.client, stream, subject, from).await
+        } else {
+            Ok(next_message(stream, false, subject, from)
+                .await?
+                .into_iter()
+                .collect())
+        }
+    }
+
     /// Refuses a message the server would not take (its `max_payload`, less room for
     /// headers), before anything is sent.
     fn check_size(&self, what: impl Fn() -> String, bytes: usize) -> Result<(), BusError> {

@@ -44,7 +44,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 
 use super::messages::{decode_event, encode_event, header, message_id, subject_token};
-use super::{NatsBus, Shared, nats_error, next_message, next_messages};
+use super::{NatsBus, Shared, nats_error};
 use crate::bus::{BusError, Fired, ScheduledEvent, ScheduledQuery, Schedules};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::event::Event;
@@ -200,14 +200,9 @@ impl Schedules for NatsBus {
         // schedules are read by batched direct gets, or one by one from a replicated
         // stream's leader.
         while scanned < MAX_LISTING_SCAN {
-            let messages = if shared.direct() {
-                next_messages(&shared.client, &shared.schedules, &filter, from).await?
-            } else {
-                next_message(&shared.schedules, false, &filter, from)
-                    .await?
-                    .into_iter()
-                    .collect()
-            };
+            let messages = shared
+                .messages_from(&shared.schedules, &filter, from)
+                .await?;
             let Some(last) = messages.last() else {
                 break;
             };

@@ -20,7 +20,7 @@ use futures_util::stream::BoxStream;
 use super::kv::{compare_and_set, decode_key, encode_key, key_changes};
 use super::messages::{decode_event, event_subject, micros};
 use super::setup::ensure_bucket;
-use super::{NatsBus, Shared, nats_error, next_message};
+use super::{NatsBus, Shared, nats_error};
 use crate::bus::{BusError, Notice, Notices, SchemaStore, StoredEvent, StoredSchema, notice_key};
 use crate::clock::now_ms;
 
@@ -211,18 +211,25 @@ impl NatsBus {
             let mut window = Vec::new();
             for subject in &subjects {
                 let mut from = start;
-                while let Some(message) =
-                    next_message(&self.shared.events, self.shared.direct(), subject, from).await?
-                {
-                    if message.sequence > end {
+                'window: loop {
+                    let messages = self
+                        .shared
+                        .messages_from(&self.shared.events, subject, from)
+                        .await?;
+                    if messages.is_empty() {
                         break;
                     }
-                    from = message.sequence + 1;
-                    window.push(StoredEvent {
-                        sequence: message.sequence,
-                        ingested_at_us: micros(message.time),
-                        event: decode_event(&message.payload)?,
-                    });
+                    for message in messages {
+                        if message.sequence > end {
+                            break 'window;
+                        }
+                        from = message.sequence + 1;
+                        window.push(StoredEvent {
+                            sequence: message.sequence,
+                            ingested_at_us: micros(message.time),
+                            event: decode_event(&message.payload)?,
+                        });
+                    }
                 }
             }
             window.sort_by_key(|stored| stored.sequence);
