@@ -201,13 +201,16 @@ async fn a_listing_of_many_scheduled_events_misses_none(backend: Backend) {
     let mut host = Host::on(&backend);
     host.start();
     let now = jiff::Timestamp::now();
-    // Scheduled in an order other than their due times, and of two types.
+    // Scheduled in an order other than their due times (`n` is due `offset(n)` seconds
+    // after the first), and of two types.
+    let offset = |n: usize| (n * 7919) % COUNT;
+    let id = |n: usize| format!("many-{n}");
     let events: Vec<Value> = (0..COUNT)
         .map(|n| {
-            let due = now + jiff::SignedDuration::from_secs(3600 + ((n * 7919) % COUNT) as i64);
+            let due = now + jiff::SignedDuration::from_secs(3600 + offset(n) as i64);
             json!({
                 "specversion": "1.0",
-                "id": format!("many-{n}"),
+                "id": id(n),
                 "source": "/many",
                 "type": if n % 2 == 0 { "reminder.even" } else { "reminder.odd" },
                 "deliverat": format!("{due:.3}"),
@@ -226,16 +229,17 @@ async fn a_listing_of_many_scheduled_events_misses_none(backend: Backend) {
             .unwrap();
         assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     }
+    let mut by_due: Vec<usize> = (0..COUNT).collect();
+    by_due.sort_by_key(|&n| offset(n));
     let listed = host.get_json("/v1/scheduled?limit=1000").await;
     assert_eq!(listed["pending"], COUNT, "{}", listed["pending"]);
     let ids = scheduled_ids(&listed);
     assert_eq!(ids.len(), COUNT);
-    let mut expected: Vec<(i64, String)> = (0..COUNT)
-        .map(|n| (((n * 7919) % COUNT) as i64, format!("many-{n}")))
-        .collect();
-    expected.sort();
-    let expected: Vec<&str> = expected.iter().map(|(_, id)| id.as_str()).collect();
-    assert_eq!(ids, expected, "not every event, or not soonest first");
+    assert_eq!(
+        ids,
+        by_due.iter().map(|&n| id(n)).collect::<Vec<_>>(),
+        "not every event, or not soonest first"
+    );
     let odd = host
         .get_json("/v1/scheduled?type=reminder.odd&limit=1000")
         .await;
@@ -243,11 +247,11 @@ async fn a_listing_of_many_scheduled_events_misses_none(backend: Backend) {
     let first = host
         .get_json("/v1/scheduled?type=reminder.even&limit=3")
         .await;
-    let first_even: Vec<&str> = expected
+    let first_even: Vec<String> = by_due
         .iter()
-        .copied()
-        .filter(|id| id.trim_start_matches("many-").parse::<usize>().unwrap() % 2 == 0)
+        .filter(|&&n| n % 2 == 0)
         .take(3)
+        .map(|&n| id(n))
         .collect();
     assert_eq!(scheduled_ids(&first), first_even);
 }

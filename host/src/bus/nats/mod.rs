@@ -366,7 +366,6 @@ async fn next_messages(
     from: u64,
 ) -> Result<Vec<jetstream::message::StreamMessage>, BusError> {
     let failed = |what: &str| nats_error("reading a stream")(&what);
-    let name = stream.cached_info().config.name.clone();
     let inbox = client.new_inbox();
     let mut answer = client
         .subscribe(inbox.clone())
@@ -375,7 +374,7 @@ async fn next_messages(
     let request = serde_json::json!({"seq": from, "next_by_subj": subject, "batch": DIRECT_BATCH});
     client
         .publish_with_reply(
-            format!("$JS.API.DIRECT.GET.{name}"),
+            format!("$JS.API.DIRECT.GET.{}", stream.cached_info().config.name),
             inbox,
             Bytes::from(request.to_string()),
         )

@@ -196,9 +196,6 @@ impl Schedules for NatsBus {
         let mut pending = Vec::new();
         let mut from = 1;
         let mut scanned = 0;
-        // A work-queue stream takes no consumer beside the scheduler's: the pending
-        // schedules are read by batched direct gets, or one by one from a replicated
-        // stream's leader.
         while scanned < MAX_LISTING_SCAN {
             let messages = shared
                 .messages_from(&shared.schedules, &filter, from)
