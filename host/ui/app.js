@@ -158,6 +158,8 @@ async function overview(params, first, get) {
         el("div", { class: "card plot", id: "plot-lag" })),
       el("h2", {}, "Plugins"),
       el("div", { id: "plugins" }),
+      el("div", { id: "flash" }),
+      el("div", { id: "absent" }),
     );
   }
   const [stats, list] = await Promise.all([
@@ -175,6 +177,7 @@ async function overview(params, first, get) {
     lagged.length ? lagged.map((p) => ({ label: p })) : [{ label: "lag" }],
     [seconds(stats.lag_t)].concat(lagged.length ? lagged.map((p) => stats.lag[p]) : [stats.lag_t.map(() => 0)]));
 
+  if (changed("absent", [list.absent, list.absent_total])) absentPlugins(list);
   // Left alone while nothing changed, so focus and a selection in the table stay.
   if (!changed("plugins", list)) return;
   const rows = list.plugins.map((p) =>
@@ -194,7 +197,7 @@ async function overview(params, first, get) {
         p.load_error ? "load error: " + p.load_error : p.error || (p.last_error ? `${p.last_error.kind}: ${p.last_error.message}` : "")),
     ));
   const pager = el("div", { class: "pager" },
-    el("span", { class: "muted" }, `${list.total} plugins`),
+    el("span", { class: "muted" }, `${num(list.total)} plugin${list.total === 1 ? "" : "s"}`),
     after ? el("button", { onclick: () => setHash("/", {}) }, "First page") : null,
     list.next_after ? el("button", { onclick: () => setHash("/", { after: list.next_after }) }, "Next page") : null);
   document.getElementById("plugins").replaceChildren(
@@ -205,6 +208,37 @@ async function overview(params, first, get) {
             .map((h, i) => el("th", { class: [3, 8, 10].includes(i) ? "wide" : "" }, h)))),
         el("tbody", {}, rows))),
     pager);
+}
+
+/** The plugins whose state the bus keeps with no file here to serve them, each with the
+ * button that forgets it (`DELETE /v1/plugins/NAME`, refused while a host serves it). */
+function absentPlugins(list) {
+  const box = document.getElementById("absent");
+  if (!list.absent_total) return box.replaceChildren();
+  const rows = list.absent.map((p) => el("tr", { "data-absent": p.name },
+    el("td", {}, p.name),
+    el("td", { class: "num wide" }, num(p.cursor)),
+    el("td", { class: "num" }, num(p.lag)),
+    el("td", { class: "num wide" }, num(p.pending_retries)),
+    el("td", { class: "num" }, p.dead_letters ? link("#/dlq" + qs({ plugin: p.name }), num(p.dead_letters)) : "0"),
+    el("td", {}, el("button", { class: "forget", type: "button", onclick: () => confirmThen(
+      `Forget ${p.name}? Its place in the log, pending retries, dead letters and KV are deleted for good, ` +
+      "on every host. A plugin added later under this name starts afresh.", async () => {
+        await api(`/v1/plugins/${encodeURIComponent(p.name)}`, { method: "DELETE" });
+        flash(`Plugin ${p.name} forgotten.`);
+      }) }, "Forget"))));
+  box.replaceChildren(
+    el("h2", {}, "Plugins with no file here"),
+    el("p", { class: "muted", id: "absent-summary" },
+      `The log keeps the place, retries, dead letters and KV of ${num(list.absent_total)} plugin` +
+      `${list.absent_total === 1 ? "" : "s"} that no file on this host serves: removed, renamed, or served by other hosts ` +
+      "only. Each cursor holds its events back from retention. Forget a plugin removed for good" +
+      (list.absent.length < list.absent_total ? `; the first ${list.absent.length} by name are shown.` : "."),
+    ),
+    el("div", { class: "scroll" }, el("table", { id: "absent-table" },
+      el("thead", {}, el("tr", {}, ["Plugin", "Cursor", "Lag", "Retries", "Dead letters", ""]
+        .map((h, i) => el("th", { class: [1, 3].includes(i) ? "wide" : "" }, h)))),
+      el("tbody", {}, rows))));
 }
 
 /** `failed` for a plugin that did not load, else its delivery state (running, paused,

@@ -557,6 +557,15 @@ async fn a_removed_plugin_is_forgotten_on_request(backend: Backend) {
             .await
             .unwrap()
     };
+    let absent = || async {
+        let list = host.get_json("/v1/plugins").await;
+        list["absent"].as_array().unwrap().clone()
+    };
+    assert_eq!(
+        absent().await,
+        Vec::<serde_json::Value>::new(),
+        "loaded here"
+    );
     let refused = forget().await;
     assert_eq!(refused.status(), 409, "forgotten while loaded");
     let body: serde_json::Value = refused.json().await.unwrap();
@@ -573,6 +582,12 @@ async fn a_removed_plugin_is_forgotten_on_request(backend: Backend) {
         host.status("gone").await.is_none().then_some(())
     })
     .await;
+    // Its state stays, and the listing names it beside the plugins this host serves.
+    let listed = absent().await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["name"], "gone");
+    assert_eq!(listed[0]["dead_letters"], 1);
+    assert_eq!(host.get_json("/v1/plugins").await["absent_total"], 1);
     // On NATS the server counts a host's last pull until it expires.
     host.wait_for("the plugin to be forgotten", WAIT, || async {
         (forget().await.status() == 204).then_some(())
@@ -580,6 +595,7 @@ async fn a_removed_plugin_is_forgotten_on_request(backend: Backend) {
     .await;
     assert_eq!(host.kv("gone", "seen/c1").await, None);
     assert_eq!(letters().await, Some(0));
+    assert_eq!(absent().await, Vec::<serde_json::Value>::new(), "forgotten");
 
     // Added again: a fresh cursor at the start of the log handles both events again.
     host.plugin("gone", Guest::Hostile, Some(sidecar));

@@ -331,6 +331,82 @@ async fn an_open_breaker_shows_and_a_plugin_is_paused_and_resumed_from_its_page(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_plugin_with_kept_state_is_listed_and_forgotten_from_the_overview() {
+    let mut host = Host::new();
+    host.plugin(
+        "gone",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.reject\"]\n"),
+    )
+    .plugin(
+        "counter",
+        Guest::Hostile,
+        Some("subscribe = [\"hostile.count\"]\n"),
+    );
+    host.start();
+    assert_eq!(host.send("hostile.reject", "junk-1", json!({})).await, 202);
+    let letters = || async {
+        let page = host.get_json("/v1/dlq?plugin=gone").await;
+        page["dead_letters"].as_array().map(Vec::len)
+    };
+    host.wait_for("its dead letter", Duration::from_secs(20), || async {
+        (letters().await? == 1).then_some(())
+    })
+    .await;
+
+    let browser = Browser::start(DESKTOP).await;
+    browser.goto(&host.url("/ui")).await;
+    browser
+        .wait_text("tr[data-plugin='gone'] td[data-col='state']", |t| {
+            t == "running"
+        })
+        .await;
+    assert_eq!(
+        browser.text("#absent-table").await,
+        None,
+        "nothing absent yet"
+    );
+
+    // The file goes: the plugin leaves the table and shows among those with kept state.
+    std::fs::remove_file(host.plugins_dir().join("gone.wasm")).unwrap();
+    let row = browser
+        .wait_text("#absent-table tr[data-absent='gone']", |t| !t.is_empty())
+        .await;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells.first(), Some(&"gone"), "{row}");
+    assert_eq!(
+        cells.get(cells.len() - 2),
+        Some(&"1"),
+        "one dead letter: {row}"
+    );
+    let summary = browser.text("#absent-summary").await.unwrap();
+    assert!(summary.contains("1 plugin that no file"), "{summary}");
+    assert_eq!(browser.find("tr[data-plugin='gone']").await, None);
+    screenshots(&browser, "overview-absent").await;
+
+    confirm(
+        &browser,
+        "tr[data-absent='gone'] button",
+        "Forget gone? Its place in the log, pending retries, dead letters and KV",
+    )
+    .await;
+    browser
+        .wait_text("#flash-text", |t| t == "Plugin gone forgotten.")
+        .await;
+    host.wait_for("the section to go", Duration::from_secs(10), || async {
+        browser.find("#absent-table").await.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(letters().await, Some(0));
+    assert_eq!(
+        host.get_json("/v1/plugins").await["absent_total"],
+        0,
+        "forgotten"
+    );
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_dropped_broken_file_shows_its_load_error_while_the_old_version_serves() {
     let mut host = Host::new();
     host.plugin("mender", Guest::Hostile, None);

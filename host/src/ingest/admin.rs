@@ -311,6 +311,61 @@ struct PluginList {
     total: usize,
     /// The `after` of the next page, if there is one.
     next_after: Option<String>,
+    /// The first [`ABSENT_SHOWN`] plugins by name that the bus keeps state for and no file
+    /// here serves, on every page.
+    absent: Vec<AbsentView>,
+    /// How many such plugins there are.
+    absent_total: usize,
+}
+
+/// A plugin the bus keeps a cursor for (with its retries, dead letters and KV) that no
+/// file on this host serves: removed or renamed, or on NATS served by other hosts only.
+/// `DELETE /v1/plugins/{name}` forgets one removed for good.
+#[derive(Debug, Serialize)]
+struct AbsentView {
+    name: String,
+    cursor: u64,
+    lag: u64,
+    pending_retries: u64,
+    dead_letters: u64,
+}
+
+/// Most absent plugins one listing shows.
+const ABSENT_SHOWN: usize = 100;
+
+/// The plugins the bus keeps a cursor for that are not in this host's table, by name.
+async fn absent_plugins(state: &AppState) -> Result<(Vec<AbsentView>, usize), ApiError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let mut names = state
+        .bus
+        .plugins_with_consumers()
+        .await
+        .map_err(bus_error)?;
+    {
+        let table = state
+            .plugins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.retain(|name| !table.contains_key(name));
+    }
+    names.sort();
+    let total = names.len();
+    names.truncate(ABSENT_SHOWN);
+    let absent = futures_util::stream::iter(names)
+        .map(|name| async move {
+            let stats = state.bus.consumer_stats(&name).await.map_err(bus_error)?;
+            Ok::<_, ApiError>(AbsentView {
+                name,
+                cursor: stats.cursor,
+                lag: stats.lag,
+                pending_retries: stats.pending_retries,
+                dead_letters: stats.dead_letters,
+            })
+        })
+        .buffered(STATS_READS)
+        .try_collect()
+        .await?;
+    Ok((absent, total))
 }
 
 /// Query of `GET /v1/plugins`.
@@ -351,10 +406,13 @@ pub(super) async fn list_plugins(
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
+    let (absent, absent_total) = absent_plugins(&state).await?;
     Ok(Json(PluginList {
         plugins,
         total,
         next_after: next_after.flatten(),
+        absent,
+        absent_total,
     })
     .into_response())
 }
