@@ -81,6 +81,23 @@ async fn a_wait_answers_with_every_subscribed_plugins_outcome_and_what_it_emitte
     let log = host.log().await;
     assert!(log.iter().any(|e| e["event"]["id"] == emitted[0]["id"]));
 
+    // Sent again (its answer lost, say): a duplicate, answered with what happened.
+    let (status, again) = send_waiting(
+        &host,
+        "payment.completed",
+        "pay-1",
+        &payment("A-1", 9000),
+        "5s",
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    let resent = &again["accepted"][0];
+    assert_eq!(resent["duplicate"], true);
+    assert_eq!(resent["complete"], true);
+    assert_eq!(resent["sequence"], accepted["sequence"]);
+    assert_eq!(outcome(&again, "ticketing"), ticketing, "{again}");
+    assert_eq!(outcome(&again, "audit-trail")["outcome"], "ok");
+
     // The same from the command line, which prints the outcomes.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["send", "payment.completed", "--wait", "20s", "--url"])
@@ -122,6 +139,15 @@ async fn a_wait_that_ends_first_reports_the_retry_and_delivery_goes_on(backend: 
         })
         .await;
     assert_eq!(recovered, "3");
+
+    // The producer sends it again with a wait: the answer says how it ended.
+    let (status, again) =
+        send_waiting(&host, "hostile.fail-until", "slow-1", &json!({}), "5s").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["accepted"][0]["duplicate"], true);
+    let mender = outcome(&again, "mender");
+    assert_eq!(mender["outcome"], "ok", "{again}");
+    assert_eq!(mender["attempts"], 3);
 }
 
 async fn waiting_requests_over_the_limit_are_answered_503(backend: Backend) {

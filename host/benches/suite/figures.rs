@@ -366,6 +366,9 @@ impl Notices for SharedMemoryBus {
     ) -> Result<BoxStream<'static, Notice>, BusError> {
         Ok(futures_util::stream::pending().boxed())
     }
+    async fn recorded(&self, _source: &str, _id: &str) -> Result<Vec<Notice>, BusError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A plugin file loaded with the policy of `sidecar` over the default policy.

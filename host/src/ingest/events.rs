@@ -252,7 +252,7 @@ async fn append_checked(
     let fresh = appended.iter().filter(|a| !a.duplicate).count();
     state.metrics.events_ingested(fresh as u64);
     if let Some(waiting) = waiting {
-        return Ok(wait::answer(waiting, &ids, &appended).await);
+        return Ok(wait::answer(state, waiting, &ids, &appended).await);
     }
     let accepted = ids
         .iter()

@@ -6,7 +6,10 @@
 //! listens for settlement notices about its events *before* they are
 //! appended (so no notice can come first), appends exactly as without `wait`, then
 //! collects notices until every expected plugin has finished with every event or the
-//! wait ends: `200` when all did, `202` with what is known otherwise.
+//! wait ends: `200` when all did, `202` with what is known otherwise. An event that is a
+//! duplicate (sent before) starts from the notices the bus recorded about it
+//! ([`crate::bus::Notices::recorded`]), so a producer who resends after a lost answer,
+//! or after a wait that ended first, learns what happened.
 //!
 //! Invariants: a wait only observes. Delivery, retries and effects are the same whether
 //! or not anyone waits, and a wait that ends (or a client that goes away) changes
@@ -172,9 +175,35 @@ fn all_final(plugins: &[String], notices: &BTreeMap<String, Notice>) -> bool {
         .all(|p| notices.get(p).is_some_and(|n| n.outcome.is_final()))
 }
 
+/// Takes `notice` about the event at `index` into `heard` if its plugin is expected there
+/// and it is not older than what was heard of that plugin.
+fn take(
+    heard: &mut [BTreeMap<String, Notice>],
+    expected: &[Vec<String>],
+    index: usize,
+    notice: Notice,
+) {
+    let wanted = expected
+        .get(index)
+        .is_some_and(|plugins| plugins.contains(&notice.plugin));
+    if let Some(notices) = heard.get_mut(index).filter(|_| wanted) {
+        // Notices of one plugin may cross on the way, or be both recorded and heard;
+        // the latest attempt counts.
+        let newer = notices
+            .get(&notice.plugin)
+            .is_none_or(|have| have.attempt <= notice.attempt);
+        if newer {
+            notices.insert(notice.plugin.clone(), notice);
+        }
+    }
+}
+
 /// Collects notices until every expected plugin finished every event or the wait ends,
-/// then answers: `200` when complete, `202` otherwise.
+/// then answers: `200` when complete, `202` otherwise. A duplicate starts from the
+/// notices recorded about its event (it was sent before, maybe with a wait whose answer
+/// was lost), which were published before this request listened.
 pub(super) async fn answer(
+    state: &AppState,
     mut waiting: Waiting,
     events: &[(String, String)],
     appended: &[Appended],
@@ -182,6 +211,18 @@ pub(super) async fn answer(
     use axum::response::IntoResponse;
 
     let mut heard: Vec<BTreeMap<String, Notice>> = vec![BTreeMap::new(); events.len()];
+    for (index, ((id, source), appended)) in events.iter().zip(appended).enumerate() {
+        if !appended.duplicate {
+            continue;
+        }
+        let recorded = state.bus.recorded(source, id).await.unwrap_or_else(|error| {
+            tracing::warn!(event_id = %id, %error, "cannot read the recorded outcomes of a resent event");
+            Vec::new()
+        });
+        for notice in recorded {
+            take(&mut heard, &waiting.expected, index, notice);
+        }
+    }
     let finished = |heard: &[BTreeMap<String, Notice>], expected: &[Vec<String>]| {
         expected
             .iter()
@@ -194,19 +235,7 @@ pub(super) async fn answer(
         let Ok(Some((index, notice))) = next else {
             break;
         };
-        let wanted = waiting
-            .expected
-            .get(index)
-            .is_some_and(|plugins| plugins.contains(&notice.plugin));
-        if let Some(notices) = heard.get_mut(index).filter(|_| wanted) {
-            // Notices of one plugin may cross on the way; the latest attempt counts.
-            let newer = notices
-                .get(&notice.plugin)
-                .is_none_or(|have| have.attempt <= notice.attempt);
-            if newer {
-                notices.insert(notice.plugin.clone(), notice);
-            }
-        }
+        take(&mut heard, &waiting.expected, index, notice);
     }
     let complete = finished(&heard, &waiting.expected);
     let accepted: Vec<WaitedEvent> = events

@@ -68,7 +68,8 @@
 //! - `scan.rs`: reading a subject filter's messages in order (direct gets for a few, an
 //!   ordered consumer for more), for pages of the log and of dead letters;
 //! - `schemas.rs`: the schemas bucket `P-schemas`, settlement notices on
-//!   `P.notices.<key>` (core NATS, no stream) and reading the latest events of a type;
+//!   `P.notices.<key>` (core NATS, kept by the stream `P-notices`) and reading the
+//!   latest events of a type;
 //! - `controls.rs`: the plugin controls bucket `P-controls` (pause and breaker);
 //! - `kv.rs`: the plugin KV buckets, their key encoding and the [`KvSource`](crate::kv::KvSource)
 //!   reads.
@@ -210,6 +211,8 @@ struct Shared {
     controls: tokio::sync::OnceCell<jetstream::kv::Store>,
     /// Settlement notices for the publisher task (see `schemas.rs`).
     notices: tokio::sync::mpsc::Sender<(String, Bytes)>,
+    /// The stream that keeps the notices published (see `schemas.rs`).
+    recorded_notices: stream::Stream,
     /// Since when the connection to the server has been lost, if it is.
     outage: Arc<Outage>,
 }

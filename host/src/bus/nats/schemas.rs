@@ -4,10 +4,13 @@
 //!   keys are) whose value is every version of it as a JSON array. A new version is a
 //!   compare-and-set on that key's revision, so hosts registering at once cannot both
 //!   take the same number; every host follows the bucket with a watch.
-//! - Notices are core NATS messages (no stream) on `P.notices.<key>`, the key a hash of
-//!   the event's `(source, id)`: a waiter subscribes before its event is appended, on the
-//!   connection that then appends it, so the server knows the subscription before any
-//!   host can settle the event.
+//! - Notices are core NATS messages on `P.notices.<key>`, the key a hash of the event's
+//!   `(source, id)`: a waiter subscribes before its event is appended, on the connection
+//!   that then appends it, so the server knows the subscription before any host can
+//!   settle the event. The stream `P-notices` keeps them for the bus's
+//!   `duplicate_window` (at most 256 an event), where a resend with `?wait=` reads them.
+//!   Only events a producer waited for have notices, so the stream costs nothing to the
+//!   others.
 //! - The most recent events of a type are read backwards in windows of the stream, each
 //!   window read forward on the type's own subject.
 
@@ -181,6 +184,26 @@ impl Notices for NatsBus {
         Ok(subscriber
             .filter_map(|message| async move { serde_json::from_slice(&message.payload).ok() })
             .boxed())
+    }
+
+    async fn recorded(&self, source: &str, id: &str) -> Result<Vec<Notice>, BusError> {
+        let shared = &self.shared;
+        let subject = shared.notice_subject(source, id);
+        let mut notices = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = shared
+                .messages_from(&shared.recorded_notices, &subject, from)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(notices);
+            };
+            from = last.sequence + 1;
+            notices.extend(
+                page.iter()
+                    .filter_map(|message| serde_json::from_slice(&message.payload).ok()),
+            );
+        }
     }
 }
 

@@ -58,7 +58,7 @@ impl NatsBus {
         // A cluster that is still electing its JetStream leader (hosts started together
         // with it) answers setup requests with errors for a while: wait for it, bounded.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
-        let (events, dead_letters, schedules, attempts) = loop {
+        let (events, dead_letters, schedules, attempts, recorded_notices) = loop {
             match open_streams(&jetstream, &options).await {
                 Ok(opened) => break opened,
                 Err(Setup::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
@@ -85,6 +85,7 @@ impl NatsBus {
                 schemas: tokio::sync::OnceCell::new(),
                 controls: tokio::sync::OnceCell::new(),
                 notices,
+                recorded_notices,
                 outage,
             }),
         })
@@ -127,11 +128,18 @@ enum Setup {
     Fatal(BusError),
 }
 
+/// The streams and buckets every host shares: events, dead letters, schedules, attempts
+/// and recorded notices.
+type Opened = (
+    stream::Stream,
+    stream::Stream,
+    stream::Stream,
+    kv::Store,
+    stream::Stream,
+);
+
 /// Creates or checks the streams and buckets every host shares.
-async fn open_streams(
-    jetstream: &JetStream,
-    options: &NatsOptions,
-) -> Result<(stream::Stream, stream::Stream, stream::Stream, kv::Store), Setup> {
+async fn open_streams(jetstream: &JetStream, options: &NatsOptions) -> Result<Opened, Setup> {
     let prefix = &options.prefix;
     // The server refuses a dedupe window longer than the stream keeps events.
     let duplicate_window = match options.max_age {
@@ -193,8 +201,24 @@ async fn open_streams(
     let attempts = ensure_bucket(jetstream, options, &format!("{prefix}-attempts"))
         .await
         .map_err(Setup::Unavailable)?;
-    Ok((events, dead_letters, schedules, attempts))
+    // The notices of events a producer waited for, published as core messages: kept as
+    // long as a resend of the event is recognised, for a resend with `?wait=`.
+    let recorded_notices = ensure_stream(
+        jetstream,
+        stream::Config {
+            name: format!("{prefix}-notices"),
+            subjects: vec![format!("{prefix}.notices.*")],
+            max_age: duplicate_window,
+            max_messages_per_subject: MAX_NOTICES_PER_EVENT,
+            ..stream_defaults(options)
+        },
+    )
+    .await?;
+    Ok((events, dead_letters, schedules, attempts, recorded_notices))
 }
+
+/// Most notices kept of one event (a notice per plugin and attempt).
+const MAX_NOTICES_PER_EVENT: i64 = 256;
 
 /// The subjects of the event stream: events without and with a CloudEvents subject,
 /// the heads of subject streams, replays, conditional commit records and their stream

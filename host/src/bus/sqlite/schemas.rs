@@ -87,6 +87,10 @@ impl Notices for SqliteBus {
     async fn listen(&self, source: &str, id: &str) -> Result<BoxStream<'static, Notice>, BusError> {
         self.inner.notices.listen(source, id).await
     }
+
+    async fn recorded(&self, source: &str, id: &str) -> Result<Vec<Notice>, BusError> {
+        self.inner.notices.recorded(source, id).await
+    }
 }
 
 /// The most recent events of one type, newest first.
