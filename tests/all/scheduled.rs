@@ -1,12 +1,14 @@
 //! Scheduled events with the real binary, on both backends: a due event fires once and
 //! on time, a cancelled one never, one due while the host was SIGKILLed fires after the
-//! restart, once; bad schedules are refused. (Plugins scheduling and cancelling are in
+//! restart, once; bad schedules are refused; a plugin's cancellation commits with its
+//! attempt or not at all. (The saga's schedules and cancellations are in
 //! `event_sourcing.rs`; two hosts firing once in total in `distributed.rs`.)
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::support::guests::Guest;
 use crate::support::host::{Backend, Host};
 
 /// POSTs one event of type `ty`, `?delay=` or `deliverat` when given; the answer.
@@ -256,7 +258,120 @@ async fn a_listing_of_many_scheduled_events_misses_none(backend: Backend) {
     assert_eq!(scheduled_ids(&first), first_even);
 }
 
+/// POSTs an event of `ty` with `id`, its data the JSON `data`, scheduled `delay` ahead.
+async fn post(host: &Host, ty: &str, id: &str, data: &Value, delay: Option<&str>) -> u16 {
+    let query = delay.map_or(String::new(), |delay| format!("?delay={delay}"));
+    host.http
+        .post(host.url(&format!("/v1/events/{ty}{query}")))
+        .header("ce-id", id)
+        .json(data)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A plugin's cancellation commits with its attempt or not at all: an attempt whose
+/// commit conflicts (a KV value it read changed) leaves the scheduled event pending for
+/// its next run, which cancels it; an attempt whose event came due while it ran runs
+/// again and sees it fired. Never both cancelled and fired.
+async fn a_plugins_cancellation_commits_with_its_attempt_or_not_at_all(backend: Backend) {
+    let mut host = Host::on(&backend);
+    host.plugin(
+        "saga",
+        Guest::Hostile,
+        Some(
+            "subscribe = [\"hostile.cancel-slowly\", \"hostile.bump\", \"hostile.count\"]\n\
+             concurrency = 2\n[limits]\ntimeout = \"10s\"\n[config]\ncancel_ms = \"1500\"\n",
+        ),
+    );
+    host.start();
+    let outcome = |timer: &'static str| {
+        let host = &host;
+        async move {
+            host.wait_for("the cancelling call", Duration::from_secs(30), || async {
+                host.kv("saga", &format!("cancel/{timer}")).await
+            })
+            .await
+        }
+    };
+
+    // The cancelling call's commit conflicts with a bump made while it slept: the
+    // schedule it claimed goes back, and its second run cancels it.
+    assert_eq!(
+        post(&host, "hostile.count", "expiry-1", &json!({}), Some("1h")).await,
+        202
+    );
+    assert_eq!(
+        post(
+            &host,
+            "hostile.cancel-slowly",
+            "pay-1",
+            &json!("expiry-1"),
+            None
+        )
+        .await,
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        post(&host, "hostile.bump", "bump-1", &json!({}), None).await,
+        202
+    );
+    assert_eq!(outcome("expiry-1").await, "cancelled");
+    let conflicts = host
+        .metric_if_any("switchyard_deliveries_total{plugin=\"saga\",outcome=\"conflict\"}")
+        .await;
+    assert!(
+        conflicts.is_some_and(|n| n >= 1.0),
+        "the first run conflicted: {conflicts:?}"
+    );
+    let listed = host.get_json("/v1/scheduled").await;
+    assert_eq!(
+        scheduled_ids(&listed),
+        Vec::<&str>::new(),
+        "cancelled for good"
+    );
+
+    // A call that cancels an event due before its commit: it runs again and finds it fired.
+    assert_eq!(
+        post(
+            &host,
+            "hostile.count",
+            "expiry-2",
+            &json!({}),
+            Some("500ms")
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        post(
+            &host,
+            "hostile.cancel-slowly",
+            "pay-2",
+            &json!("expiry-2"),
+            None
+        )
+        .await,
+        202
+    );
+    assert_eq!(outcome("expiry-2").await, "too-late");
+    host.wait_for("the event that fired", Duration::from_secs(30), || async {
+        host.kv("saga", "seen/expiry-2").await
+    })
+    .await;
+    assert_eq!(count_in_log(&host, "expiry-2").await, 1);
+    assert_eq!(
+        host.kv("saga", "seen/expiry-1").await,
+        None,
+        "the cancelled one never fired"
+    );
+}
+
 crate::on_both_backends!(
+    a_plugins_cancellation_commits_with_its_attempt_or_not_at_all,
     a_listing_of_many_scheduled_events_misses_none,
     a_scheduled_event_fires_once_on_time_and_a_cancelled_one_never,
     an_event_due_while_the_host_was_killed_fires_after_the_restart_once,

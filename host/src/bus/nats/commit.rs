@@ -182,8 +182,47 @@ const BATCH_REPEATS_MESSAGE_ID: u64 = 10201;
 
 impl Shared {
     /// Commits an attempt's effects (see the module docs). Returns once the writes and
-    /// emits are stored; the caller acknowledges.
+    /// emits are stored; the caller acknowledges. The scheduled events the attempt
+    /// cancels are claimed first and put back if the commit does not go through (see
+    /// `schedules.rs`).
     pub(super) async fn commit_effects(
+        &self,
+        plugin: &str,
+        sequence: u64,
+        effects: Effects,
+    ) -> Result<Settled, BusError> {
+        self.check_schedule_reads(&effects).await?;
+        if effects.cancels.is_empty() {
+            return self.store_effects(plugin, sequence, effects).await;
+        }
+        self.claim_cancels(plugin, sequence, &effects.cancels)
+            .await?;
+        match self.store_effects(plugin, sequence, effects).await {
+            Ok(settled) => {
+                self.forget_claims(plugin, sequence).await;
+                Ok(settled)
+            }
+            // A commit whose answer was lost leaves its record; otherwise nothing of it
+            // was stored and the claimed schedules go back. If even that cannot be
+            // read, the next host to get the delivery does it.
+            Err(error) => match self.finish_committed(plugin, sequence).await {
+                Ok(true) => {
+                    self.forget_claims(plugin, sequence).await;
+                    Ok(Settled::default())
+                }
+                Ok(false) => {
+                    if let Err(restore) = self.release_claims(plugin, sequence).await {
+                        tracing::warn!(%plugin, sequence, error = %restore, "cannot put back the scheduled events a failed commit claimed; the delivery's next attempt does");
+                    }
+                    Err(error)
+                }
+                Err(_) => Err(error),
+            },
+        }
+    }
+
+    /// Stores an attempt's emits and KV writes, its cancellations already claimed.
+    async fn store_effects(
         &self,
         plugin: &str,
         sequence: u64,
@@ -194,7 +233,6 @@ impl Shared {
                 .emits
                 .iter()
                 .any(|e| e.extensions.contains_key(EXPECTED_VERSION));
-        self.check_schedule_reads(&effects).await?;
         if effects.kv_writes.is_empty() {
             if !effects.kv_reads.is_empty() {
                 let store = self.plugin_store(plugin).await?;
@@ -206,11 +244,8 @@ impl Shared {
                 return self.commit_conditional(plugin, sequence, &effects).await;
             }
             // Nothing to make atomic: the emits' ids make a repeat harmless, and so do
-            // the schedules' and cancellations'.
+            // the schedules'.
             let appended = self.store_events(&effects.emits, false).await?;
-            for id in &effects.cancels {
-                self.cancel(id).await?;
-            }
             return Ok(Settled::of(&appended));
         }
         if conditional {
@@ -345,9 +380,6 @@ impl Shared {
             Err(BatchError::Storage(error)) => return Err(error),
         }
         let appended = self.store_events(&effects.emits, false).await?;
-        for id in &effects.cancels {
-            self.cancel(id).await?;
-        }
         Ok(Settled::of(&appended))
     }
 
@@ -401,8 +433,8 @@ impl Shared {
     }
 
     /// Checks that the scheduled events the attempt looked at are still pending, or
-    /// still not. (Between this check and the commit, a due event may still fire: its
-    /// cancellation then finds nothing to cancel.)
+    /// still not. (Between this check and the commit, a due event may still fire: the
+    /// claim of its cancellation then finds nothing and the commit conflicts.)
     async fn check_schedule_reads(&self, effects: &Effects) -> Result<(), BusError> {
         for read in &effects.schedule_reads {
             if self.is_scheduled(&read.id).await? != read.pending {

@@ -425,12 +425,18 @@ impl NatsConsumer {
             ingested_at_us,
             event,
         };
-        if delivered > 1 && self.shared.finish_committed(&self.plugin, sequence).await? {
-            message
-                .double_ack()
-                .await
-                .map_err(storage!("acknowledging a finished commit"))?;
-            return Ok(None);
+        if delivered > 1 {
+            if self.shared.finish_committed(&self.plugin, sequence).await? {
+                self.shared.forget_claims(&self.plugin, sequence).await;
+                message
+                    .double_ack()
+                    .await
+                    .map_err(storage!("acknowledging a finished commit"))?;
+                return Ok(None);
+            }
+            // A host that died in the middle of a commit may have left scheduled events
+            // claimed for it: they go back before the event runs again.
+            self.shared.release_claims(&self.plugin, sequence).await?;
         }
         let Journal { errors, deferrals } = if delivered > 1 {
             self.shared.journal(&self.plugin, sequence).await?

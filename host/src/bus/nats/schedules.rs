@@ -23,6 +23,20 @@
 //! A cancellation purges the schedule's subject: after that the server has nothing to
 //! fire, and one that fired first leaves nothing to purge (`false`).
 //!
+//! A plugin's cancellation is part of its attempt's commit, and the commit cannot hold
+//! the purge (no batch spans two streams), so the purge comes first, as a claim
+//! ([`Shared::claim_cancels`]): each schedule the attempt cancels is read, copied into
+//! the delivery's entry `<plugin>.<sequence>.cancels` of `P-attempts`, then purged. A
+//! purge that finds nothing means the event fired since the attempt looked: the commit
+//! conflicts and the attempt runs again, seeing it fired. A commit that then does not go
+//! through publishes the copies again ([`Shared::release_claims`]), with their due
+//! times (a time already past fires at once); so does the next host to get the delivery
+//! when the one that claimed died before its commit, unless the commit record shows the
+//! commit went through. So a scheduled event is either cancelled by a committed attempt
+//! or fires, never both. (A host stalled past `ack_wait` in the middle of its commit, while
+//! another host that got the delivery publishes the copies again, can still see one fire;
+//! the commit record then cancels it again, unless it was due already.)
+//!
 //! A listing reads every pending schedule (up to [`MAX_LISTING_SCAN`]) and sorts them by
 //! due time. The stream takes no consumer beside the scheduler's (work-queue retention),
 //! so it reads them by batched direct gets, 256 a request, or one by one from a
@@ -43,8 +57,14 @@ use async_nats::jetstream::stream;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
 use super::messages::{decode_event, encode_event, header, message_id, subject_token};
-use super::{NatsBus, Shared, nats_error};
+use super::streams::wrong_last_sequence;
+use super::{MARKER_TTL, NatsBus, Shared, nats_error};
 use crate::bus::{BusError, Fired, ScheduledEvent, ScheduledQuery, Schedules};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::event::Event;
@@ -60,7 +80,146 @@ const MAX_LISTING_SCAN: usize = 100_000;
 /// into the consumer).
 const PULL_WAIT: Duration = Duration::from_millis(250);
 
+/// A pending schedule's message as an attempt's commit claimed it, to publish again if
+/// the commit does not go through.
+#[derive(Serialize, Deserialize)]
+struct ClaimedSchedule {
+    subject: String,
+    /// The payload, in base64.
+    payload: String,
+    headers: Vec<(String, String)>,
+}
+
+impl ClaimedSchedule {
+    fn of(message: &async_nats::jetstream::message::StreamMessage) -> Self {
+        let headers = message
+            .headers
+            .iter()
+            // Conditions and the dedupe id belong to the first publish, not to this one.
+            .filter(|(name, _)| {
+                let name = name.to_string();
+                name != "Nats-Msg-Id" && !name.starts_with("Nats-Expected")
+            })
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |value| (name.to_string(), value.as_str().to_owned()))
+            })
+            .collect();
+        Self {
+            subject: message.subject.to_string(),
+            payload: BASE64.encode(&message.payload),
+            headers,
+        }
+    }
+}
+
+/// The key of a delivery's claimed schedules in `P-attempts`.
+fn claims_key(plugin: &str, sequence: u64) -> String {
+    format!("{plugin}.{sequence}.cancels")
+}
+
 impl Shared {
+    /// Takes the pending scheduled events `ids` off the schedule for the commit of the
+    /// delivery `(plugin, sequence)`, keeping copies in its journal first (see the module
+    /// docs). A conflict if one is no longer pending; then nothing stays claimed.
+    pub(super) async fn claim_cancels(
+        &self,
+        plugin: &str,
+        sequence: u64,
+        ids: &[String],
+    ) -> Result<(), BusError> {
+        let mut claimed = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(message) = self.pending_schedule(id).await? else {
+                return Err(BusError::Conflict(format!(
+                    "scheduled event `{id}` (no longer pending)"
+                )));
+            };
+            claimed.push(ClaimedSchedule::of(&message));
+        }
+        let body = serde_json::to_vec(&claimed).map_err(|e| BusError::Storage(e.to_string()))?;
+        self.attempts
+            .put(claims_key(plugin, sequence), Bytes::from(body))
+            .await
+            .map_err(storage!("recording the scheduled events a commit cancels"))?;
+        for (index, id) in ids.iter().enumerate() {
+            if !self.cancel(id).await? {
+                self.restore_schedules(claimed.get(..index).unwrap_or_default())
+                    .await?;
+                self.forget_claims(plugin, sequence).await;
+                return Err(BusError::Conflict(format!(
+                    "scheduled event `{id}` (it fired first)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes again the schedules the delivery `(plugin, sequence)` claimed for a
+    /// commit that did not go through, and forgets the claim. The caller has checked that
+    /// the delivery's commit record does not exist.
+    pub(super) async fn release_claims(&self, plugin: &str, sequence: u64) -> Result<(), BusError> {
+        let Some(body) = self
+            .attempts
+            .get(claims_key(plugin, sequence))
+            .await
+            .map_err(storage!("reading the scheduled events a commit cancels"))?
+        else {
+            return Ok(());
+        };
+        let claimed: Vec<ClaimedSchedule> = serde_json::from_slice(&body).map_err(|error| {
+            BusError::Storage(format!(
+                "the claimed schedules of a delivery are unreadable: {error}"
+            ))
+        })?;
+        self.restore_schedules(&claimed).await?;
+        self.forget_claims(plugin, sequence).await;
+        Ok(())
+    }
+
+    /// Forgets the delivery's claimed schedules (its commit went through, or they are
+    /// back on the schedule).
+    pub(super) async fn forget_claims(&self, plugin: &str, sequence: u64) {
+        if let Err(error) = self
+            .attempts
+            .purge_with_ttl(claims_key(plugin, sequence), MARKER_TTL)
+            .await
+        {
+            tracing::warn!(%plugin, sequence, %error, "cannot delete the record of claimed schedules");
+        }
+    }
+
+    /// Publishes claimed schedules again, each only where nothing is pending under its id
+    /// (another event scheduled since with that id stays).
+    async fn restore_schedules(&self, claimed: &[ClaimedSchedule]) -> Result<(), BusError> {
+        for schedule in claimed {
+            let payload = BASE64.decode(&schedule.payload).map_err(|error| {
+                BusError::Storage(format!("a claimed schedule is unreadable: {error}"))
+            })?;
+            let mut headers = HeaderMap::new();
+            for (name, value) in &schedule.headers {
+                headers.append(name.as_str(), value.as_str());
+            }
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            let publish = PublishMessage::build()
+                .payload(Bytes::from(payload))
+                .headers(headers);
+            let answer = self
+                .jetstream
+                .send_publish(schedule.subject.clone(), publish)
+                .await
+                .map_err(storage!("restoring a scheduled event"))?
+                .await;
+            match answer {
+                Ok(_) => {}
+                Err(error) if wrong_last_sequence(&error) => {}
+                Err(error) => return Err(storage!("restoring a scheduled event")(error)),
+            }
+        }
+        Ok(())
+    }
+
     fn schedule_subject(&self, id: &str) -> String {
         format!("{}.schedule.{}", self.options.prefix, subject_token(id))
     }

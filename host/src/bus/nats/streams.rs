@@ -102,7 +102,7 @@ fn version_of(message: &StreamMessage) -> u64 {
 }
 
 /// Whether a publish was refused on its condition.
-fn wrong_last_sequence(error: &PublishError) -> bool {
+pub(super) fn wrong_last_sequence(error: &PublishError) -> bool {
     error.kind() == PublishErrorKind::WrongLastSequence || compare_and_set_failed(error)
 }
 

@@ -55,6 +55,7 @@ const MIB: usize = 1024 * 1024;
 /// | `hostile.mirror` | emits `hostile.mirrored` whose JSON data holds every field of the event it received (`data` as an array of bytes, `extensions` as name/value pairs) and its delivery |
 /// | `hostile.wasi-resources` | makes the data's `n` (a JSON number) WASI timers and never drops them, each an entry of the host's resource table, then succeeds |
 /// | `hostile.burn` | counts to the data's `n` (a JSON number), burning fuel in proportion, then succeeds |
+/// | `hostile.cancel-slowly` | reads `hot`, cancels the scheduled event whose id is the data (a JSON string), sleeps config `cancel_ms` (default 0) ms, then records `cancel/<that id>` = `cancelled` or, if the cancel found nothing pending, `too-late` |
 /// | `hostile.schedule-cancel` | schedules `hostile.later` an hour ahead and cancels it, then emits `hostile.after-cancel`; rejects if the cancel found nothing or the new emit got the cancelled one's id |
 /// Calls this instance has handled; a fresh instance starts from zero.
 static INSTANCE_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -256,6 +257,16 @@ fn handle(event: Event, delivery: Delivery) -> Result<(), HandlerError> {
         }
         "hostile.bump" => {
             kv::set("hot", event.id.as_bytes());
+            Ok(())
+        }
+        "hostile.cancel-slowly" => {
+            let _ = kv::get("hot");
+            let timer: String = event.json()?;
+            let cancelled = switchyard_sdk::cancel_scheduled(&timer);
+            let cancel_ms = config::get_parsed::<u64>("cancel_ms")?.unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(cancel_ms));
+            let outcome = if cancelled { "cancelled" } else { "too-late" };
+            kv::set(&format!("cancel/{timer}"), outcome.as_bytes());
             Ok(())
         }
         "hostile.schedule-cancel" => {
