@@ -19,7 +19,7 @@ use crate::config::{Config, TelemetrySection};
 use crate::effects::Effects;
 use crate::event::{self, Event};
 use crate::failure::FailureKind;
-use crate::kv::EmptyKv;
+use crate::kv::MemoryKv;
 use crate::policy::PluginDefaults;
 use crate::runtime::{Delivery, Failure, Plugin, Runtime, RuntimeConfig};
 use crate::telemetry::LogFormat;
@@ -346,7 +346,7 @@ pub enum Command {
         files: Vec<PathBuf>,
     },
     /// Run one event through a plugin file and print the outcome as JSON; nothing is
-    /// stored and KV starts empty.
+    /// stored, and KV holds only what `--kv` and `--kv-file` put there.
     Invoke {
         /// The plugin file.
         file: PathBuf,
@@ -356,6 +356,17 @@ pub enum Command {
         /// The event data, as JSON, or `@FILE` to read it from a file.
         #[arg(long, default_value = "{}")]
         data: String,
+        /// The event's subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// A KV value the plugin finds, as `KEY=VALUE` (the value stored as UTF-8 text);
+        /// may be given several times.
+        #[arg(long = "kv", value_name = "KEY=VALUE")]
+        kv: Vec<String>,
+        /// KV values the plugin finds, from a JSON object: a string is stored as its
+        /// text, any other value as its JSON.
+        #[arg(long, value_name = "FILE")]
+        kv_file: Option<PathBuf>,
         /// Attempt number to report to the handler.
         #[arg(long, default_value_t = 1)]
         attempt: u32,
@@ -542,9 +553,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             ty,
             data,
+            subject,
+            kv,
+            kv_file,
             attempt,
             fuel,
-        } => invoke(&file, ty, &data, attempt, fuel).await,
+        } => {
+            let store = seeded_kv(&kv, kv_file.as_deref())?;
+            let event = Invocation {
+                ty,
+                data: &data,
+                subject,
+                attempt,
+            };
+            invoke(&file, event, store, fuel).await
+        }
     }
 }
 
@@ -866,14 +889,58 @@ pub fn describe_plugin(file: &Path, plugin: &Plugin) -> String {
     text
 }
 
+/// The event `switchyard invoke` makes.
+struct Invocation<'a> {
+    ty: String,
+    data: &'a str,
+    subject: Option<String>,
+    attempt: u32,
+}
+
+/// The KV values of `--kv KEY=VALUE` and `--kv-file FILE`; `--kv` wins for a key in both.
+fn seeded_kv(pairs: &[String], file: Option<&Path>) -> anyhow::Result<MemoryKv> {
+    let mut values = BTreeMap::new();
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading --kv-file {}", file.display()))?;
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("--kv-file {} is not a JSON object", file.display()))?;
+        for (key, value) in object {
+            let bytes = match value {
+                serde_json::Value::String(text) => text.into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            values.insert(key, bytes);
+        }
+    }
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            anyhow::bail!("--kv `{pair}` is not KEY=VALUE");
+        };
+        values.insert(key.to_owned(), value.as_bytes().to_vec());
+    }
+    if values.contains_key("") {
+        anyhow::bail!("a KV key cannot be empty");
+    }
+    Ok(MemoryKv::new(values))
+}
+
 async fn invoke(
     file: &Path,
-    ty: String,
-    data: &str,
-    attempt: u32,
+    invocation: Invocation<'_>,
+    store: MemoryKv,
     fuel: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
+    let Invocation {
+        ty,
+        data,
+        subject,
+        attempt,
+    } = invocation;
     event::validate_event_type(&ty)?;
+    if subject.as_deref() == Some("") {
+        anyhow::bail!("--subject cannot be empty");
+    }
     let data: Cow<'_, str> = match data.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading --data from {path}"))?
@@ -888,7 +955,7 @@ async fn invoke(
         id: uuid::Uuid::now_v7().to_string(),
         source: "/switchyard/cli".to_owned(),
         ty,
-        subject: None,
+        subject,
         time: Some(crate::clock::now_rfc3339()),
         datacontenttype: Some("application/json".to_owned()),
         dataschema: None,
@@ -900,7 +967,7 @@ async fn invoke(
         max_attempts: attempt.max(1),
         sequence: 1,
     };
-    let outcome = plugin.invoke(&event, delivery, Arc::new(EmptyKv)).await;
+    let outcome = plugin.invoke(&event, delivery, Arc::new(store)).await;
     let report = InvokeReport {
         plugin: plugin.name(),
         event_id: &event.id,

@@ -91,6 +91,45 @@ pub trait KvSource: Send + Sync {
     async fn scheduled(&self, id: &str) -> Result<bool, KvError>;
 }
 
+/// A KV source holding one plugin's values in memory, whatever the plugin's name, and no
+/// streams or scheduled events: the store of a call made outside a host
+/// (`switchyard invoke`).
+#[derive(Debug, Default, Clone)]
+pub struct MemoryKv {
+    values: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl MemoryKv {
+    /// A store holding `values`.
+    pub fn new(values: std::collections::BTreeMap<String, Vec<u8>>) -> Self {
+        Self { values }
+    }
+}
+
+#[async_trait]
+impl KvSource for MemoryKv {
+    async fn get(&self, _plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.values.get(key).cloned())
+    }
+
+    async fn keys(&self, _plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        Ok(self
+            .values
+            .range(prefix.to_owned()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key.clone())
+            .collect())
+    }
+
+    async fn read_stream(&self, _: &str, _: u64, _: usize) -> Result<StreamPage, KvError> {
+        Ok(StreamPage::default())
+    }
+
+    async fn scheduled(&self, _id: &str) -> Result<bool, KvError> {
+        Ok(false)
+    }
+}
+
 /// A KV source with nothing in it, for invocations that have no store behind them.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EmptyKv;

@@ -160,6 +160,56 @@ fn invoke_with(path: &Path, ty: &str, data: &str, extra: &[&str]) -> (Output, se
     (output, report)
 }
 
+/// A handler is tried on the KV state it depends on, and on an event with a subject.
+#[test]
+fn invoke_seeds_kv_and_gives_the_event_a_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = dir.path().join("kv.json");
+    std::fs::write(
+        &seeds,
+        r#"{"count/order.created": "41", "count/order.paid": 6, "note": {"a": 1}}"#,
+    )
+    .unwrap();
+    let audit = guests::path(Guest::AuditTrail);
+    let seeded = ["--kv-file", seeds.to_str().unwrap()];
+    let (output, report) = invoke_with(&audit, "order.created", "{}", &seeded);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["result"]["kv_writes"]["count/order.created"], "42");
+    let (_, report) = invoke_with(&audit, "order.paid", "{}", &seeded);
+    assert_eq!(report["result"]["kv_writes"]["count/order.paid"], "7");
+    // `--kv` wins over the file for a key in both.
+    let both = [&seeded[..], &["--kv", "count/order.paid=99"]].concat();
+    let (_, report) = invoke_with(&audit, "order.paid", "{}", &both);
+    assert_eq!(report["result"]["kv_writes"]["count/order.paid"], "100");
+
+    let (output, report) = invoke_with(
+        &guests::path(Guest::Hostile),
+        "hostile.mirror",
+        "{}",
+        &["--subject", "order/7"],
+    );
+    assert!(output.status.success(), "{report}");
+    let mirrored = &report["result"]["emits"][0]["data"];
+    assert_eq!(mirrored["subject"], "order/7", "{report}");
+
+    for (extra, says) in [
+        (&["--kv", "no-equals-sign"][..], "is not KEY=VALUE"),
+        (&["--kv", "=empty key"][..], "a KV key cannot be empty"),
+        (&["--kv-file", "no-such-file.json"][..], "reading --kv-file"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("invoke")
+            .arg(&audit)
+            .args(["--type", "order.created"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
+}
+
 #[test]
 fn invoke_prints_the_effects_of_a_successful_call() {
     let (output, report) = invoke(

@@ -91,8 +91,8 @@ pub trait Notices: Send + Sync {
 /// How long the embedded log keeps the notices of an event a producer waited for.
 pub const RECORDED_FOR: Duration = Duration::from_secs(600);
 
-/// Most bytes of notices the embedded log keeps; the events first waited for longest ago
-/// are forgotten first.
+/// Most bytes of recorded events and their notices the embedded log keeps; the events
+/// first waited for longest ago are forgotten first.
 pub const RECORDED_BYTES: usize = 64 << 20;
 
 /// Notices one waiter may have queued and unread; more are dropped (a waiter reads as
@@ -135,14 +135,17 @@ struct Recorded {
     bytes: usize,
 }
 
+/// About the bytes an event's entry takes before its notices: its key twice, the map's
+/// and the queue's slots.
+const ENTRY_BYTES: usize = 160;
+
 impl Recorded {
     fn forget_oldest(&mut self) {
         if let Some((_, key)) = self.order.pop_front()
             && let Some(notices) = self.by_event.remove(&key)
         {
-            self.bytes = self
-                .bytes
-                .saturating_sub(notices.iter().map(notice_bytes).sum());
+            let bytes = ENTRY_BYTES + notices.iter().map(notice_bytes).sum::<usize>();
+            self.bytes = self.bytes.saturating_sub(bytes);
         }
     }
 
@@ -197,6 +200,8 @@ impl LocalNotices {
         if !recorded.by_event.contains_key(key) {
             recorded.by_event.insert(key.to_owned(), Vec::new());
             recorded.order.push_back((now, key.to_owned()));
+            recorded.bytes += ENTRY_BYTES;
+            recorded.expire(now);
         }
         self.recording
             .store(recorded.by_event.len(), Ordering::Relaxed);
@@ -340,8 +345,8 @@ mod tests {
         }
         recorded.expire(Instant::now());
         assert_eq!(recorded.by_event.len(), 2);
-        // Over by what the oldest event's notices take: that event alone goes.
-        recorded.bytes = RECORDED_BYTES + notice_bytes(&notice("old"));
+        // Over by what the oldest event takes: that event alone goes.
+        recorded.bytes = RECORDED_BYTES + ENTRY_BYTES + notice_bytes(&notice("old"));
         recorded.expire(Instant::now());
         assert!(!recorded.by_event.contains_key("old"));
         assert!(recorded.by_event.contains_key("new"));

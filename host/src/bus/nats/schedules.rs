@@ -55,11 +55,10 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream;
 use async_trait::async_trait;
-use futures_util::StreamExt;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::messages::{decode_event, encode_event, header, message_id, subject_token};
