@@ -129,9 +129,10 @@ pub struct LocalNotices {
 #[derive(Default)]
 struct Recorded {
     by_event: HashMap<String, Vec<Notice>>,
-    /// The keys in the order their events were first waited for, with when, and the
-    /// bytes their notices take so far: the oldest go first.
+    /// The keys in the order their events were first waited for, with when: the oldest
+    /// go first.
     order: VecDeque<(Instant, String)>,
+    /// About the bytes the entries and their notices take.
     bytes: usize,
 }
 
