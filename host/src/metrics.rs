@@ -192,6 +192,11 @@ struct CodeLabels {
     code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
 /// Handles of the registered families; each shares its values with the registry.
 struct Families {
     compile_cache_hits: Counter,
@@ -226,6 +231,7 @@ struct Families {
     scheduled_fired: Counter,
     scheduled_cancelled: Counter,
     scheduled_fire_lag: Durations,
+    trace_spans_dropped: Family<DropLabels, Counter>,
 }
 
 impl Families {
@@ -423,6 +429,12 @@ impl Families {
                 "scheduled_fire_lag_seconds",
                 "From a scheduled event's due time to its append to the log",
                 latency_histogram(),
+            ),
+            trace_spans_dropped: registered(
+                registry,
+                "trace_spans_dropped",
+                "Spans not exported, by reason: `queue_full` (2048 were waiting for export) or `export_failed`; only with [telemetry] otlp_endpoint",
+                Family::default(),
             ),
         }
     }
@@ -1008,6 +1020,13 @@ impl Metrics {
             .bus_reconnects
             .inner()
             .store(bus.reconnects, Ordering::Relaxed);
+        for (reason, spans) in crate::telemetry::spans_dropped() {
+            families
+                .trace_spans_dropped
+                .get_or_create(&DropLabels { reason })
+                .inner()
+                .store(spans, Ordering::Relaxed);
+        }
         // Plugins that are gone must drop out of the gauges, as they drop out of `gauges`.
         families.plugin_lag.clear();
         families.plugin_pending_retries.clear();

@@ -13,14 +13,17 @@
 //! [`traceparent_of`] names a span for the events it causes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanProcessor,
+};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer as _;
@@ -47,6 +50,27 @@ pub fn valid_tracestate(value: &str) -> bool {
 
 /// Whether spans are exported (set once, at [`init`]).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Spans waiting for export at most; more are dropped, and counted.
+const EXPORT_QUEUE: usize = 2048;
+
+/// Spans dropped because [`EXPORT_QUEUE`] spans were already waiting for export.
+static DROPPED_QUEUE_FULL: AtomicU64 = AtomicU64::new(0);
+
+/// Spans in exports that failed.
+static LOST_IN_EXPORT: AtomicU64 = AtomicU64::new(0);
+
+/// Spans not exported since the process started, by reason (`queue_full`,
+/// `export_failed`); empty without export.
+pub fn spans_dropped() -> Vec<(&'static str, u64)> {
+    if !exporting() {
+        return Vec::new();
+    }
+    vec![
+        ("queue_full", DROPPED_QUEUE_FULL.load(Ordering::Relaxed)),
+        ("export_failed", LOST_IN_EXPORT.load(Ordering::Relaxed)),
+    ]
+}
 
 /// The share of traces starting here that are recorded, as `f64` bits (set at [`init`]).
 static SAMPLE_RATIO: AtomicU64 = AtomicU64::new(0);
@@ -219,6 +243,18 @@ fn provider(export: &Export) -> Result<SdkTracerProvider, opentelemetry_otlp::Ex
     // so every root span it makes is one to record: drawn again here, the share recorded
     // would be the ratio squared.
     let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let batches = BatchSpanProcessor::builder(Reporting::new(
+        exporter,
+        &export.endpoint,
+        Arc::clone(&queued),
+    ))
+    .with_batch_config(
+        BatchConfigBuilder::default()
+            .with_max_queue_size(EXPORT_QUEUE)
+            .build(),
+    )
+    .build();
     Ok(SdkTracerProvider::builder()
         .with_resource(
             opentelemetry_sdk::Resource::builder()
@@ -226,8 +262,48 @@ fn provider(export: &Export) -> Result<SdkTracerProvider, opentelemetry_otlp::Ex
                 .build(),
         )
         .with_sampler(sampler)
-        .with_batch_exporter(Reporting::new(exporter, &export.endpoint))
+        .with_span_processor(Bounded {
+            inner: batches,
+            queued,
+        })
         .build())
+}
+
+/// The batch processor behind a count of the spans waiting for export, which drops (and
+/// counts) a span that finds [`EXPORT_QUEUE`] waiting: the SDK drops such spans too, but
+/// tells only its own internal log. A span leaves the count when its batch goes to the
+/// exporter, a little after it leaves the SDK's queue, so this drops first.
+#[derive(Debug)]
+struct Bounded {
+    inner: BatchSpanProcessor,
+    queued: Arc<AtomicUsize>,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= EXPORT_QUEUE {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// The log target of the exporter's own warnings: not one the export layer takes, so a
@@ -247,18 +323,22 @@ struct Reporting<E> {
     endpoint: String,
     /// Failed exports not reported yet, and when the last report was.
     unreported: std::sync::Mutex<(u64, u64, Option<std::time::Instant>)>,
+    /// [`Bounded`]'s count of the spans waiting, which an export takes its batch off.
+    queued: Arc<AtomicUsize>,
 }
 
 impl<E> Reporting<E> {
-    fn new(inner: E, endpoint: &str) -> Self {
+    fn new(inner: E, endpoint: &str, queued: Arc<AtomicUsize>) -> Self {
         Self {
             inner,
             endpoint: endpoint.to_owned(),
             unreported: std::sync::Mutex::new((0, 0, None)),
+            queued,
         }
     }
 
     fn report(&self, spans: usize, error: &opentelemetry_sdk::error::OTelSdkError) {
+        LOST_IN_EXPORT.fetch_add(spans as u64, Ordering::Relaxed);
         let mut unreported = self
             .unreported
             .lock()
@@ -290,6 +370,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
         batch: Vec<opentelemetry_sdk::trace::SpanData>,
     ) -> opentelemetry_sdk::error::OTelSdkResult {
         let spans = batch.len();
+        self.queued.fetch_sub(spans, Ordering::AcqRel);
         let exported = self.inner.export(batch).await;
         if let Err(error) = &exported {
             self.report(spans, error);

@@ -320,6 +320,46 @@ async fn a_failing_export_is_reported(backend: Backend) {
         })
         .await;
     assert!(warned.contains(&format!("127.0.0.1:{port}")), "{warned}");
+    let dropped = |reason: &str| {
+        let name = format!("switchyard_trace_spans_dropped_total{{reason=\"{reason}\"}}");
+        let host = &host;
+        async move { host.metric_if_any(&name).await }
+    };
+    let lost = dropped("export_failed").await;
+    assert!(lost.is_some_and(|n| n >= 1.0), "{lost:?}");
+    assert_eq!(dropped("queue_full").await, Some(0.0));
+}
+
+/// A collector that takes the connection and never answers holds each export for its
+/// timeout: spans past the 2,048 waiting are dropped and counted, and the host goes on.
+async fn spans_past_the_export_queue_are_dropped_and_counted(backend: Backend) {
+    // Connections queue in the backlog of a socket nobody accepts on.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut host = Host::on(&backend);
+    host.config(&format!(
+        "[telemetry]\notlp_endpoint = \"http://{}/v1/traces\"\n",
+        stalled.local_addr().unwrap()
+    ));
+    host.plugin("noop", Guest::Noop, Some("subscribe = [\"bench.tick\"]\n"));
+    host.start();
+    for batch in 0..20 {
+        let events: Vec<Value> = (0..100)
+            .map(|n| {
+                json!({"specversion": "1.0", "id": format!("t-{batch}-{n}"), "source": "/test",
+                       "type": "bench.tick", "data": {}})
+            })
+            .collect();
+        assert_eq!(host.send_batch(&json!(events)).await.status(), 202);
+    }
+    host.wait_caught_up("noop", Duration::from_secs(60)).await;
+    let name = "switchyard_trace_spans_dropped_total{reason=\"queue_full\"}";
+    let dropped = host
+        .wait_for("spans dropped", Duration::from_secs(30), || async {
+            host.metric_if_any(name).await.filter(|n| *n > 0.0)
+        })
+        .await;
+    assert!(dropped >= 1.0, "{dropped}");
+    drop(stalled);
 }
 
 /// With batches, each item's `dispatch.deliver` span covers the batch call it ran in,
@@ -433,4 +473,5 @@ crate::on_both_backends!(
     the_sample_ratio_is_the_share_of_traces_recorded,
     a_batch_item_s_follow_up_continues_its_own_delivery,
     a_failing_export_is_reported,
+    spans_past_the_export_queue_are_dropped_and_counted,
 );
