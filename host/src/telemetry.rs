@@ -11,6 +11,10 @@
 //! Trace context travels with events as the CloudEvents distributed-tracing extension
 //! `traceparent` (W3C trace context): [`set_parent`] continues a trace from it and
 //! [`traceparent_of`] names a span for the events it causes.
+//!
+//! Export never holds up events: at most [`EXPORT_QUEUE`] spans wait for it, and every
+//! span not exported (the queue full, or its export failed) is counted
+//! ([`spans_dropped`], `switchyard_trace_spans_dropped_total`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
