@@ -335,7 +335,7 @@ fn new_projects_build_and_pass_check_and_invoke_as_written() {
 
         let try_it = sh_blocks(&readme, "Try it");
         let lines: Vec<&str> = try_it[0].lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 2, "{readme}");
+        assert_eq!(lines.len(), 3, "{readme}");
         for line in lines {
             let args = line.strip_prefix("switchyard ").unwrap();
             let output = Command::new("sh")
@@ -368,8 +368,14 @@ fn new_projects_build_and_pass_check_and_invoke_as_written() {
                     report["result"]["emits"][0]["data"]["text"], "Hello, Ada!",
                     "{report}"
                 );
+                // The second invocation starts from the KV state it gives.
+                let count = if args.contains("--kv greeted/Ada=2") {
+                    "3"
+                } else {
+                    "1"
+                };
                 assert_eq!(
-                    report["result"]["kv_writes"]["greeted/Ada"], "1",
+                    report["result"]["kv_writes"]["greeted/Ada"], count,
                     "{report}"
                 );
                 // Every language's template rejects a request without a name alike.
