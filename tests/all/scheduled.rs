@@ -258,13 +258,12 @@ async fn a_listing_of_many_scheduled_events_misses_none(backend: Backend) {
     assert_eq!(scheduled_ids(&first), first_even);
 }
 
-/// POSTs an event of `ty` with `id`, its data the JSON `data`, scheduled `delay` ahead.
-async fn post(host: &Host, ty: &str, id: &str, data: &Value, delay: Option<&str>) -> u16 {
-    let query = delay.map_or(String::new(), |delay| format!("?delay={delay}"));
+/// POSTs an event of `ty` with `id` and empty data, scheduled `delay` ahead.
+async fn schedule_in(host: &Host, ty: &str, id: &str, delay: &str) -> u16 {
     host.http
-        .post(host.url(&format!("/v1/events/{ty}{query}")))
+        .post(host.url(&format!("/v1/events/{ty}?delay={delay}")))
         .header("ce-id", id)
-        .json(data)
+        .json(&json!({}))
         .send()
         .await
         .unwrap()
@@ -300,25 +299,16 @@ async fn a_plugins_cancellation_commits_with_its_attempt_or_not_at_all(backend: 
     // The cancelling call's commit conflicts with a bump made while it slept: the
     // schedule it claimed goes back, and its second run cancels it.
     assert_eq!(
-        post(&host, "hostile.count", "expiry-1", &json!({}), Some("1h")).await,
+        schedule_in(&host, "hostile.count", "expiry-1", "1h").await,
         202
     );
     assert_eq!(
-        post(
-            &host,
-            "hostile.cancel-slowly",
-            "pay-1",
-            &json!("expiry-1"),
-            None
-        )
-        .await,
+        host.send("hostile.cancel-slowly", "pay-1", json!("expiry-1"))
+            .await,
         202
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        post(&host, "hostile.bump", "bump-1", &json!({}), None).await,
-        202
-    );
+    assert_eq!(host.send("hostile.bump", "bump-1", json!({})).await, 202);
     assert_eq!(outcome("expiry-1").await, "cancelled");
     let conflicts = host
         .metric_if_any("switchyard_deliveries_total{plugin=\"saga\",outcome=\"conflict\"}")
@@ -336,25 +326,12 @@ async fn a_plugins_cancellation_commits_with_its_attempt_or_not_at_all(backend: 
 
     // A call that cancels an event due before its commit: it runs again and finds it fired.
     assert_eq!(
-        post(
-            &host,
-            "hostile.count",
-            "expiry-2",
-            &json!({}),
-            Some("500ms")
-        )
-        .await,
+        schedule_in(&host, "hostile.count", "expiry-2", "500ms").await,
         202
     );
     assert_eq!(
-        post(
-            &host,
-            "hostile.cancel-slowly",
-            "pay-2",
-            &json!("expiry-2"),
-            None
-        )
-        .await,
+        host.send("hostile.cancel-slowly", "pay-2", json!("expiry-2"))
+            .await,
         202
     );
     assert_eq!(outcome("expiry-2").await, "too-late");

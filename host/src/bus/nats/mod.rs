@@ -242,6 +242,30 @@ impl Shared {
         }
     }
 
+    /// Hands `take` every message whose subject matches `subject`, oldest first, until
+    /// there are none left or `limit` have been read (checked between requests of
+    /// [`Shared::messages_from`]).
+    async fn scan_subject(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        limit: usize,
+        mut take: impl FnMut(&jetstream::message::StreamMessage),
+    ) -> Result<(), BusError> {
+        let mut from = 1;
+        let mut scanned = 0;
+        while scanned < limit {
+            let messages = self.messages_from(stream, subject, from).await?;
+            let Some(last) = messages.last() else {
+                break;
+            };
+            from = last.sequence + 1;
+            scanned += messages.len();
+            messages.iter().for_each(&mut take);
+        }
+        Ok(())
+    }
+
     /// Refuses a message the server would not take (its `max_payload`, less room for
     /// headers), before anything is sent.
     fn check_size(&self, what: impl Fn() -> String, bytes: usize) -> Result<(), BusError> {

@@ -352,24 +352,16 @@ impl Schedules for NatsBus {
         let shared = &self.shared;
         let filter = format!("{}.schedule.*", shared.options.prefix);
         let mut pending = Vec::new();
-        let mut from = 1;
-        let mut scanned = 0;
-        while scanned < MAX_LISTING_SCAN {
-            let messages = shared
-                .messages_from(&shared.schedules, &filter, from)
-                .await?;
-            let Some(last) = messages.last() else {
-                break;
-            };
-            from = last.sequence + 1;
-            scanned += messages.len();
-            pending.extend(messages.iter().filter_map(listed).filter(|entry| {
-                query
-                    .event_type
-                    .as_deref()
-                    .is_none_or(|ty| entry.event.ty == ty)
-            }));
-        }
+        shared
+            .scan_subject(&shared.schedules, &filter, MAX_LISTING_SCAN, |message| {
+                pending.extend(listed(message).filter(|entry| {
+                    query
+                        .event_type
+                        .as_deref()
+                        .is_none_or(|ty| entry.event.ty == ty)
+                }));
+            })
+            .await?;
         pending.sort_by(|a, b| (a.due_at_ms, &a.event.id).cmp(&(b.due_at_ms, &b.event.id)));
         pending.truncate(query.limit.max(1));
         Ok(pending)

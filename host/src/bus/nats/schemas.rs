@@ -27,6 +27,9 @@ use super::{NatsBus, Shared, nats_error};
 use crate::bus::{BusError, Notice, Notices, SchemaStore, StoredEvent, StoredSchema, notice_key};
 use crate::clock::now_ms;
 
+/// Most notices kept of one event (a notice per plugin and attempt).
+pub(super) const MAX_NOTICES_PER_EVENT: usize = 256;
+
 /// Notices waiting for the publisher task.
 pub(super) const NOTICE_QUEUE: usize = 4096;
 
@@ -190,20 +193,15 @@ impl Notices for NatsBus {
         let shared = &self.shared;
         let subject = shared.notice_subject(source, id);
         let mut notices = Vec::new();
-        let mut from = 1;
-        loop {
-            let page = shared
-                .messages_from(&shared.recorded_notices, &subject, from)
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(notices);
-            };
-            from = last.sequence + 1;
-            notices.extend(
-                page.iter()
-                    .filter_map(|message| serde_json::from_slice(&message.payload).ok()),
-            );
-        }
+        shared
+            .scan_subject(
+                &shared.recorded_notices,
+                &subject,
+                MAX_NOTICES_PER_EVENT,
+                |message| notices.extend(serde_json::from_slice(&message.payload).ok()),
+            )
+            .await?;
+        Ok(notices)
     }
 }
 

@@ -58,7 +58,13 @@ impl NatsBus {
         // A cluster that is still electing its JetStream leader (hosts started together
         // with it) answers setup requests with errors for a while: wait for it, bounded.
         let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
-        let (events, dead_letters, schedules, attempts, recorded_notices) = loop {
+        let Opened {
+            events,
+            dead_letters,
+            schedules,
+            attempts,
+            recorded_notices,
+        } = loop {
             match open_streams(&jetstream, &options).await {
                 Ok(opened) => break opened,
                 Err(Setup::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
@@ -128,15 +134,14 @@ enum Setup {
     Fatal(BusError),
 }
 
-/// The streams and buckets every host shares: events, dead letters, schedules, attempts
-/// and recorded notices.
-type Opened = (
-    stream::Stream,
-    stream::Stream,
-    stream::Stream,
-    kv::Store,
-    stream::Stream,
-);
+/// The streams and buckets every host shares.
+struct Opened {
+    events: stream::Stream,
+    dead_letters: stream::Stream,
+    schedules: stream::Stream,
+    attempts: kv::Store,
+    recorded_notices: stream::Stream,
+}
 
 /// Creates or checks the streams and buckets every host shares.
 async fn open_streams(jetstream: &JetStream, options: &NatsOptions) -> Result<Opened, Setup> {
@@ -209,16 +214,20 @@ async fn open_streams(jetstream: &JetStream, options: &NatsOptions) -> Result<Op
             name: format!("{prefix}-notices"),
             subjects: vec![format!("{prefix}.notices.*")],
             max_age: duplicate_window,
-            max_messages_per_subject: MAX_NOTICES_PER_EVENT,
+            max_messages_per_subject: i64::try_from(super::schemas::MAX_NOTICES_PER_EVENT)
+                .unwrap_or(i64::MAX),
             ..stream_defaults(options)
         },
     )
     .await?;
-    Ok((events, dead_letters, schedules, attempts, recorded_notices))
+    Ok(Opened {
+        events,
+        dead_letters,
+        schedules,
+        attempts,
+        recorded_notices,
+    })
 }
-
-/// Most notices kept of one event (a notice per plugin and attempt).
-const MAX_NOTICES_PER_EVENT: i64 = 256;
 
 /// The subjects of the event stream: events without and with a CloudEvents subject,
 /// the heads of subject streams, replays, conditional commit records and their stream
